@@ -1,0 +1,74 @@
+"""Every shipped recipe composes and validates; bad keys fail at compose time, naming the key."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from tuner.__main__ import main
+from tuner.config import ConfigError, compose, list_recipes, validate
+
+NEEDS = {
+    "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(list_recipes()))
+def test_every_recipe_composes_and_validates(recipe, tmp_path):
+    overrides = NEEDS.get(recipe, [])
+    if recipe in ("dreambooth_lora", "prepare"):
+        overrides = overrides + [f"data.instance_dir={tmp_path}"]
+    cfg = compose(recipe, overrides)
+    validate(cfg)
+    assert cfg.recipe == recipe and cfg.stages
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_no_recipe_lists_every_recipe(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in list_recipes():
+        assert name in out
+
+
+def test_unknown_key_is_named_with_a_suggestion(capsys):
+    assert main(["recipe=quickstart", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.stepz" in err and "train.steps" in err
+
+
+def test_wrong_type_is_named(capsys):
+    assert main(["recipe=quickstart", "train.steps=many"]) == 2
+    assert "train.steps" in capsys.readouterr().err
+
+
+def test_unknown_recipe(capsys):
+    assert main(["recipe=nope"]) == 2
+    assert "quickstart" in capsys.readouterr().err
+
+
+def test_quickstart_prompts_follow_the_subject_digit():
+    cfg = compose("quickstart", ["subject.digit=4"])
+    assert cfg.data.class_prompt == "a photo of the digit four"
+    assert cfg.data.instance_prompt == "a photo of sks digit four"
+
+
+def test_prior_preservation_without_class_prompt_is_refused(tmp_path):
+    cfg = compose("dreambooth_lora", [f"data.instance_dir={tmp_path}", "data.instance_prompt=a photo of sks dog"])
+    with pytest.raises(ConfigError, match="data.class_prompt"):
+        validate(cfg)
+
+
+def test_missing_instance_dir_is_refused(tmp_path):
+    cfg = compose("prepare", [f"data.instance_dir={tmp_path / 'nothing'}"])
+    with pytest.raises(ConfigError, match="data.instance_dir"):
+        validate(cfg)
+
+
+def test_model_folder_of_wrong_kind_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    cfg = compose(
+        "dreambooth_lora",
+        [f"data.instance_dir={tmp_path}", "data.instance_prompt=x", "data.class_prompt=y", "model=sd15",
+         f"model.path={tmp_path}"],
+    )
+    with pytest.raises(ConfigError, match="FluxPipeline"):
+        validate(cfg)

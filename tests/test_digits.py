@@ -1,0 +1,44 @@
+"""The digits data, the quickstart subject and the independent classifier."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tuner.data import digits
+
+
+def test_captions_name_the_digit_in_words():
+    assert digits.caption(7) == "a photo of the digit seven"
+    assert [digits.caption(k).split()[-1] for k in range(10)] == list(digits.WORDS)
+
+
+def test_images_are_dark_ink_on_white():
+    images, labels = digits.load_images(16)
+    assert images.shape == (1797, 3, 16, 16) and labels.shape == (1797,)
+    assert images.min() >= -1 and images.max() <= 1
+    assert images[:, :, 0, :].mean() > 0.9  # top row is paper
+
+
+def test_classifier_is_accurate_on_held_out_digits():
+    from sklearn.svm import SVC
+
+    images, labels = digits.load_images(16)
+    x, y = digits.features(images), labels.numpy()
+    rng = np.random.default_rng(0).permutation(len(y))
+    train, test = rng[:1200], rng[1200:]
+    assert SVC(gamma="scale", C=10.0).fit(x[train], y[train]).score(x[test], y[test]) > 0.97
+
+
+def test_subject_images_are_real_pngs_the_classifier_tells_apart(tmp_path):
+    paths = digits.write_subject_images(tmp_path, digit=7, transform="mirror", count=5, seed=0, size=64)
+    assert len(paths) == 5
+    arrays = [np.asarray(Image.open(p)) for p in paths]
+    assert all(a.shape == (64, 64, 3) and a.dtype == np.uint8 for a in arrays)
+    subject = digits.ink_to_pixels(digits.subject_ink(7, "mirror", 5, 0), 16)
+    clf = digits.DigitClassifier(16, extra_images=subject)
+    # other mirrored sevens, never seen by the classifier, are mostly recognised as the subject
+    ink, labels = digits._raw()
+    others = [ink[i][:, ::-1] for i in np.flatnonzero(labels == 7)[20:80]]
+    assert np.mean(clf.predict(digits.ink_to_pixels(np.stack(others), 16)) == 10) > 0.5
+    sevens = digits.ink_to_pixels(ink[np.flatnonzero(labels == 7)[:60]], 16)
+    assert np.mean(clf.predict(sevens) == 7) > 0.95

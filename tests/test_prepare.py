@@ -1,0 +1,118 @@
+"""The prepare stage on a folder of real files, good and bad: every file is kept or rejected with a
+reason, kept images are standardized, and the source folder is never modified."""
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tuner.data.prepare import PrepareSettings, load_prepared, prepare
+
+
+def _png(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def messy(tmp_path) -> Path:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "red.png").write_bytes(_png())
+    (src / "red.txt").write_text("  a   red\nsquare  ")
+    (src / "copy_of_red.png").write_bytes(_png())  # exact duplicate
+    (src / "sub" / "blue.jpg").write_bytes(_jpeg_rotated())
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 0))  # fully transparent: must land on the background
+    rgba.save(src / "clear.png")
+    Image.new("P", (20, 20), 3).save(src / "palette.png")
+    Image.new("I;16", (20, 20), 40000).save(src / "sixteen.png")
+    (src / "empty.png").write_bytes(b"")
+    (src / "notes.md").write_text("not an image")
+    (src / "broken.png").write_bytes(_png((64, 64), (1, 2, 3))[:60])
+    (src / "tiny.png").write_bytes(_png((4, 4)))
+    (src / "badcap.png").write_bytes(_png((33, 33), (0, 200, 0)))
+    (src / "badcap.txt").write_bytes(b"\xff\xfe\xfa caption")
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png((50, 50), (9, 9, 9)))
+    os.symlink(outside, src / "link.png")
+    return src
+
+
+def _jpeg_rotated() -> bytes:
+    """A 40x20 JPEG whose EXIF says rotate 90 degrees: upright it is 20 wide and 40 tall."""
+    image = Image.new("RGB", (40, 20), (0, 0, 250))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", exif=exif)
+    return buf.getvalue()
+
+
+def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
+    before = _tree_digest(messy)
+    settings = PrepareSettings(resolution=16, default_caption="a photo of sks thing", min_side=8)
+    report = prepare(messy, tmp_path / "out", settings)
+    assert _tree_digest(messy) == before
+
+    assert sorted(report.kept) == ["clear.png", "palette.png", "red.png", "sixteen.png", "sub/blue.jpg"]
+    assert report.rejected == {
+        "duplicate": ["copy_of_red.png"],
+        "zero-byte file": ["empty.png"],
+        "not an image": ["notes.md"],
+        "truncated or corrupt": ["broken.png"],
+        "smaller than min_side=8": ["tiny.png"],
+        "caption not UTF-8": ["badcap.png"],
+        "outside the dataset root": ["link.png"],
+    }
+    seen = set(report.kept) | {f for files in report.rejected.values() for f in files}
+    images = {str(p.relative_to(messy)) for p in messy.rglob("*") if p.suffix != ".txt"}
+    assert seen == images
+
+    rows = {r["source"]: r for r in load_prepared(tmp_path / "out")}
+    for row in rows.values():
+        assert row["image"].size == (16, 16) and row["image"].mode == "RGB"
+    assert rows["red.png"]["caption"] == "a red square"
+    assert rows["palette.png"]["caption"] == "a photo of sks thing"
+    assert rows["sub/blue.jpg"]["original_size"] == [20, 40]  # EXIF rotation applied
+    assert np.asarray(rows["clear.png"]["image"]).min() == 255  # transparent -> white background
+    red = np.asarray(rows["red.png"]["image"]).reshape(-1, 3).mean(0)
+    assert abs(red[0] - 200) < 3 and red[1] < 15
+    assert rows["red.png"]["sha256"] == hashlib.sha256((messy / "red.png").read_bytes()).hexdigest()
+
+
+def test_rerun_with_same_inputs_does_nothing_and_change_redoes(messy, tmp_path):
+    settings = PrepareSettings(resolution=16)
+    prepare(messy, tmp_path / "out", settings)
+    arrow = next((tmp_path / "out" / "dataset").glob("*.arrow"))
+    stamp = arrow.stat().st_mtime_ns
+    prepare(messy, tmp_path / "out", settings)
+    assert arrow.stat().st_mtime_ns == stamp
+    (messy / "green.png").write_bytes(_png((30, 30), (0, 255, 0)))
+    report = prepare(messy, tmp_path / "out", settings)
+    assert "green.png" in report.kept
+
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    image = Image.new("RGB", (48, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (16, 0, 32, 16))  # white middle third
+    image.save(src / "wide.png")
+    prepare(src, tmp_path / "out", PrepareSettings(resolution=16))
+    row = load_prepared(tmp_path / "out")[0]
+    assert np.asarray(row["image"]).min() > 240
+    assert row["crop"] == [0, 16]
+
+
+def test_missing_source_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        prepare(tmp_path / "nowhere", tmp_path / "out", PrepareSettings(resolution=16))

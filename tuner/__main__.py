@@ -1,0 +1,84 @@
+"""``python -m tuner recipe=NAME key=value ...``: compose the config, check it, run the recipe's stages.
+
+With no recipe it lists the recipes. Configuration errors (unknown key, wrong type, missing
+folder) are reported before any model loads, naming the key, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+
+
+def _known_keys(cfg, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        node = cfg._get_node(key)
+        keys += _known_keys(node, f"{path}.") if isinstance(node, DictConfig) else [path]
+    return keys
+
+
+def explain(error: Exception, recipe: str) -> str:
+    """A config error as one readable message naming the key, with a suggestion where one fits."""
+    from tuner.config import compose
+
+    text = str(error)
+    match = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
+    if match:
+        key = match.group(1) or match.group(2)
+        keys = _known_keys(compose(recipe))
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        return f"unknown config key '{key}'.{hint} (python -m tuner recipe={recipe} print_config shows every key)"
+    cause = error.__cause__ or error.__context__
+    if cause is not None and "full_key" in str(cause):
+        return str(cause).strip()
+    return text.strip()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
+    overrides = [a for a in argv if not a.startswith("recipe=") and a != "print_config"]
+    from tuner.config import ConfigError, compose, list_recipes, validate
+
+    if recipe is None or "-h" in argv or "--help" in argv:
+        print("usage: python -m tuner recipe=NAME [key=value ...]\n\nrecipes:")
+        for name, line in list_recipes().items():
+            print(f"  {name:<18} {line}")
+        return 0 if recipe is None and not overrides else 2
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = compose(recipe, overrides)
+        if "print_config" in argv:
+            from omegaconf import OmegaConf
+
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        validate(cfg)
+    except ConfigError as e:
+        print(f"tuner: config error: {e}", file=sys.stderr)
+        return 2
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"tuner: config error: {explain(e, recipe)}", file=sys.stderr)
+        return 2
+
+    from tuner.run import run_recipe
+
+    try:
+        run_recipe(cfg)
+    except ConfigError as e:
+        print(f"tuner: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,242 @@
+"""The configuration schema and how a run's configuration is composed.
+
+Every key a run understands is declared here as a dataclass field, registered in Hydra's
+ConfigStore, and sits under the YAML in ``conf/`` and ``recipes/``. So a mistyped key or a wrong
+type fails at compose time, naming the key, before any model is loaded.
+
+A run is composed from ``conf/config.yaml`` (the defaults), one preset from ``recipes/`` (selected
+with ``recipe=NAME``) and the user's ``key=value`` overrides, in that order.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(os.environ.get("TUNER_CONF_DIR", ROOT / "conf"))
+RECIPES_DIR = Path(os.environ.get("TUNER_RECIPES_DIR", ROOT / "recipes"))
+
+
+@dataclass
+class ModelConfig:
+    family: str = "sd15"
+    # a local diffusers pipeline folder; null means the embedded `digits` base (built and cached)
+    path: str | None = None
+    # pixel resolution the model was trained at; the data stage resizes to it
+    resolution: int = 512
+    # epsilon | v_prediction; null reads it from the scheduler config
+    prediction_type: str | None = None
+
+
+@dataclass
+class BaseConfig:
+    """How the embedded `digits` base is trained (recipe digits_base). Changing any of it rebuilds."""
+
+    size: str = "digits"
+    seed: int = 0
+    vae_steps: int = 600
+    vae_batch_size: int = 64
+    vae_lr: float = 2e-3
+    unet_steps: int = 1500
+    unet_batch_size: int = 64
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class SubjectConfig:
+    """The quickstart's synthetic subject: a few real digits, transformed so the base cannot draw them."""
+
+    digit: int = 7
+    # mirror | flip | rot90 | rot180 | rot270 | transpose
+    transform: str = "mirror"
+    count: int = 5
+    seed: int = 0
+    # written as PNG files of this size; the prepare stage resizes them to the model's resolution
+    image_size: int = 64
+
+
+@dataclass
+class DataConfig:
+    instance_dir: str | None = None
+    instance_prompt: str | None = None
+    class_dir: str | None = None
+    class_prompt: str | None = None
+    # class images generated from the base when class_dir holds fewer than this
+    num_class_images: int = 50
+    class_seed: int = 0
+    resolution: int = "${model.resolution}"  # type: ignore[assignment]
+    # center | random | none (none squashes the whole image to the square)
+    crop: str = "center"
+    # images with a shorter side than this are rejected
+    min_side: int = 8
+    # RGBA and LA images are composited on this colour
+    background: list[int] = field(default_factory=lambda: [255, 255, 255])
+    # larger images are rejected as decompression bombs
+    max_pixels: int = 178_956_970
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "lora"
+    rank: int = 8
+    alpha: float = 8.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    init: str = "gaussian"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 4
+    learning_rate: float = 1e-3
+    # constant | constant_with_warmup | linear | cosine
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    # DreamBooth prior preservation: each batch also holds batch_size class images
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    # no | fp16 | bf16, through accelerate
+    mixed_precision: str = "no"
+    log_every: int = 50
+
+
+@dataclass
+class SampleConfig:
+    """Gallery sampling: fixed seeds so base and fine-tuned images are comparable."""
+
+    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    steps: int = 25
+    guidance_scale: float = 3.0
+    # images are upscaled (nearest) to at least this many pixels in the gallery
+    display_size: int = 64
+
+
+@dataclass
+class EvalConfig:
+    """Digit-classifier metrics for runs on the digits base."""
+
+    samples: int = 64
+    seed: int = 1000
+    steps: int = 25
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] = field(default_factory=lambda: ["diffusers"])
+
+
+@dataclass
+class TunerConfig:
+    # the name of the recipe; set by recipe=NAME
+    recipe: str = MISSING
+    # one line shown by `python -m tuner` with no recipe
+    description: str = ""
+    # the stages this recipe runs, in order
+    stages: list[str] = field(default_factory=list)
+    # where the run writes everything; null: a new folder under ./runs
+    output_dir: str | None = None
+    # where the embedded base is cached; null: $TUNER_HOME, else ~/.cache/tuner
+    home: str | None = None
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    subject: SubjectConfig = field(default_factory=SubjectConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+if not OmegaConf.has_resolver("digit_word"):
+    # recipes write prompts like "a photo of the digit ${digit_word:${subject.digit}}"
+    OmegaConf.register_new_resolver("digit_word", lambda k: DIGIT_WORDS[int(k)])
+
+
+def list_recipes() -> dict[str, str]:
+    """Recipe names with the first line of each recipe's leading comment."""
+    recipes = {}
+    for path in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        recipes[path.stem] = first.lstrip("# ").strip()
+    return recipes
+
+
+def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose the configuration of one recipe with the user's overrides.
+
+    Raises:
+        ConfigError: the recipe does not exist.
+        hydra.errors.HydraException / omegaconf errors: an unknown key or a value of the wrong type.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
+        known = ", ".join(list_recipes()) or "none"
+        raise ConfigError(f"unknown recipe {recipe!r}: {RECIPES_DIR} has {known}")
+    ConfigStore.instance().store(name="tuner_schema", node=TunerConfig)
+    # recipes/ is searched as a config root, so `recipes` is a config group of _global_ presets
+    search = f"hydra.searchpath=[file://{RECIPES_DIR.parent}]"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or []))
+    cfg.recipe = recipe
+    return cfg
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what the schema cannot, before anything heavy loads.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    from tuner.run import STAGES
+
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+    d, t = cfg.data, cfg.train
+    if d.resolution % 8:
+        raise ConfigError(f"data.resolution={d.resolution}: must be a multiple of 8 for SD-family models")
+    if d.crop not in ("center", "random", "none"):
+        raise ConfigError(f"data.crop={d.crop}: choose center, random or none")
+    if t.mixed_precision not in ("no", "fp16", "bf16"):
+        raise ConfigError(f"train.mixed_precision={t.mixed_precision}: choose no, fp16 or bf16")
+    if cfg.adapter.type != "lora":
+        raise ConfigError(f"adapter.type={cfg.adapter.type}: only lora is implemented so far")
+    if "prepare" in cfg.stages and "subject" not in cfg.stages:
+        if not d.instance_dir:
+            raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
+        if not Path(d.instance_dir).expanduser().is_dir():
+            raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
+    if "train" in cfg.stages:
+        if not d.instance_prompt:
+            raise ConfigError('data.instance_prompt is not set: pass data.instance_prompt="a photo of sks dog"')
+        if t.prior_preservation and not d.class_prompt:
+            raise ConfigError(
+                'train.prior_preservation=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
+                "or set train.prior_preservation=false"
+            )
+        if t.steps < 1 or t.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be at least 1")
+    if cfg.model.path:
+        from tuner.models import get_family
+
+        get_family(cfg.model.family).check_folder(cfg.model.path)

@@ -1,0 +1,63 @@
+"""The sample gallery: a labelled PNG grid (one row per model and prompt, one column per seed) and an
+``index.html`` beside it that shows the same images with their prompts and seeds."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from tuner.files import write_atomic
+from tuner.sampling import to_uint8
+
+LABEL_WIDTH = 260
+PAD = 4
+
+
+def _upscale(image: Image.Image, display_size: int) -> Image.Image:
+    factor = max(1, -(-display_size // max(image.size)))
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+
+
+def write_gallery(
+    folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: list[int], display_size: int = 64
+) -> Path:
+    """Write ``grid.png``, one PNG per cell and ``index.html`` into ``folder``.
+
+    Args:
+        rows: ``(label, images)`` pairs; ``images`` is (len(seeds), 3, H, W) in [-1, 1].
+    Returns:
+        The path of ``grid.png``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = [[_upscale(Image.fromarray(a.numpy()), display_size) for a in to_uint8(images)] for _, images in rows]
+    cell_w, cell_h = cells[0][0].size
+    header = 18
+    grid = Image.new("RGB", (LABEL_WIDTH + len(seeds) * (cell_w + PAD), header + len(rows) * (cell_h + PAD)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, seed in enumerate(seeds):
+        draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black")
+    table = []
+    for i, ((label, _), row) in enumerate(zip(rows, cells)):
+        y = header + i * (cell_h + PAD)
+        draw.text((4, y + cell_h // 2 - 6), label, fill="black")
+        tds = []
+        for j, cell in enumerate(row):
+            grid.paste(cell, (LABEL_WIDTH + j * (cell_w + PAD), y))
+            name = f"cells/row{i}_seed{seeds[j]}.png"
+            (folder / "cells").mkdir(exist_ok=True)
+            write_atomic(folder / name, cell)
+            tds.append(f'<td><img src="{name}" width="{cell_w}" title="seed {seeds[j]}"></td>')
+        table.append(f"<tr><th>{html.escape(label)}</th>{''.join(tds)}</tr>")
+    path = write_atomic(folder / "grid.png", grid)
+    heads = "".join(f"<th>seed {s}</th>" for s in seeds)
+    page = (
+        "<!doctype html><meta charset=utf-8><title>tuner gallery</title>"
+        "<style>body{font-family:sans-serif}img{image-rendering:pixelated}th{text-align:left}</style>"
+        f"<h1>Samples</h1><table><tr><th></th>{heads}</tr>{''.join(table)}</table>"
+        '<h2>Grid</h2><img src="grid.png">'
+    )
+    write_atomic(folder / "index.html", page)
+    return path

@@ -1,0 +1,133 @@
+"""Stable Diffusion 1.x: one CLIP text encoder, a U-Net, a KL VAE, a DDPM-type scheduler.
+
+Everything the training loop needs to know about the family lives here, so the loop itself never
+branches on the family: loading from a local diffusers folder, prompt encoding, the training
+target, the default LoRA targets, a sampling pipeline and saving LoRA weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tuner.config import ConfigError
+
+PIPELINE_CLASSES = {"StableDiffusionPipeline"}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Components:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    noise_scheduler: object
+    prediction_type: str
+
+
+def check_folder(path: str | Path) -> Path:
+    """Check that ``path`` is a local diffusers folder of this family, before anything loads.
+
+    Raises:
+        ConfigError: the folder is missing, is not a diffusers pipeline, or is of another family.
+    """
+    folder = Path(path).expanduser()
+    index = folder / "model_index.json"
+    if not folder.is_dir():
+        raise ConfigError(f"model.path={path}: no such folder. Point it at a local diffusers pipeline folder.")
+    if not index.is_file():
+        raise ConfigError(
+            f"model.path={path}: no model_index.json, so this is not a diffusers pipeline folder. "
+            "Single-file checkpoints are not supported yet: convert one with diffusers first."
+        )
+    name = json.loads(index.read_text()).get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise ConfigError(
+            f"model.path={path} holds a {name}, not a Stable Diffusion 1.x pipeline; "
+            f"choose the matching model=... family."
+        )
+    return folder
+
+
+def load(path: str | Path, prediction_type: str | None = None) -> Components:
+    """Load the components from a local diffusers folder, offline, weights from safetensors only."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = check_folder(path)
+    kwargs = {"use_safetensors": True}
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kwargs)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", **kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    prediction_type = prediction_type or scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type={prediction_type}: use epsilon or v_prediction")
+    scheduler.register_to_config(prediction_type=prediction_type)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return Components(unet, vae, text_encoder, tokenizer, scheduler, prediction_type)
+
+
+@torch.no_grad()
+def encode_prompts(c: Components, prompts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states, the U-Net's cross-attention input."""
+    tokens = c.tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=c.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    device = next(c.text_encoder.parameters()).device
+    return c.text_encoder(tokens.input_ids.to(device))[0]
+
+
+def noise_target(c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+    """What the U-Net is trained to predict at these timesteps."""
+    if c.prediction_type == "v_prediction":
+        return c.noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def pipeline(c: Components):
+    """A StableDiffusionPipeline over the in-memory components, sampling with DDIM."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=c.unet,
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer,
+        scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_lora(folder: Path, unet_lora_state: dict, lora_config: dict) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` the way diffusers itself does, config in its metadata."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=unet_lora_state,
+        unet_lora_adapter_metadata=lora_config,
+        safe_serialization=True,
+    )
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+def load_pipeline(path: str | Path):
+    """The family's diffusers pipeline loaded from a folder, for serving and tests."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(check_folder(path), use_safetensors=True)

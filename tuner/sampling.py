@@ -1,0 +1,42 @@
+"""Sampling with fixed seeds: one generator per image, so an image depends only on its prompt and
+seed, never on what else shares its batch. Used by the gallery, class images and evaluation."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    resolution: int,
+    steps: int = 25,
+    guidance_scale: float = 3.0,
+    batch_size: int = 64,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` sampled from ``seeds[i]``."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = slice(start, start + batch_size)
+        images = pipe(
+            prompts[chunk],
+            height=resolution,
+            width=resolution,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],
+            output_type="pt",
+        ).images
+        out.append(images.float().cpu() * 2 - 1)
+    return torch.cat(out)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, 3, H, W) to uint8 (N, H, W, 3)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)

@@ -1,0 +1,102 @@
+"""Train the embedded `digits` base from scratch: a tiny SD1.x pipeline on scikit-learn's digits.
+
+The VAE is trained first (reconstruction plus a small KL term), its latent scale is measured and
+written into its config (as Stable Diffusion's ``scaling_factor``), then every U-Net weight is
+trained on the cached latents with 10% empty captions for classifier-free guidance and an EMA of
+the weights, which is what gets saved. The text encoder stays frozen at its random init: a
+character-level CLIP is enough conditioning for ten captions.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from tuner.config import BaseConfig
+from tuner.data import digits
+from tuner.models import tiny
+from tuner.training.loop import LoopSettings, encode_latent_dist, train_denoiser
+
+KL_WEIGHT = 1e-4
+
+
+def train_vae(vae, images: torch.Tensor, cfg: BaseConfig) -> float:
+    """Train the VAE as an autoencoder; returns the final reconstruction MSE."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.vae_steps)
+    vae.train()
+    bar = tqdm(range(cfg.vae_steps), desc="digits base: VAE")
+    for step in bar:
+        batch = images[torch.randint(0, len(images), (cfg.vae_batch_size,), generator=generator)]
+        dist = vae.encode(batch).latent_dist
+        recon = vae.decode(dist.sample(generator)).sample
+        mse = torch.nn.functional.mse_loss(recon, batch)
+        loss = mse + KL_WEIGHT * dist.kl().mean() / batch[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 50 == 0 or step + 1 == cfg.vae_steps:
+            bar.set_postfix(mse=f"{mse.item():.4f}")
+    vae.eval().requires_grad_(False)
+    return mse.item()
+
+
+def build(cfg: BaseConfig, folder, accelerator) -> dict:
+    """Train the base and save it as a diffusers pipeline folder. Returns build statistics."""
+    size = tiny.SIZES[cfg.size]
+    components = tiny.build_components(size, seed=cfg.seed)
+    unet, vae, text_encoder = components["unet"], components["vae"], components["text_encoder"]
+    tokenizer, scheduler = components["tokenizer"], components["scheduler"]
+    images, labels = digits.load_images(size.image_size)
+
+    torch.manual_seed(cfg.seed)
+    vae_mse = train_vae(vae, images, cfg)
+    cache = encode_latent_dist(vae, images)
+    scaling_factor = 1.0 / cache.mean.std().item()
+    vae.register_to_config(scaling_factor=scaling_factor)
+    cache.scaling_factor = scaling_factor
+
+    # ten captions plus the empty one (index 10) used for caption dropout
+    text_encoder.requires_grad_(False).eval()
+    with torch.no_grad():
+        ids = tokenizer(
+            [digits.caption(k) for k in range(10)] + [""],
+            padding="max_length",
+            max_length=size.max_tokens,
+            return_tensors="pt",
+        ).input_ids
+        embeddings = text_encoder(ids)[0]
+
+    def next_batch(generator):
+        index = torch.randint(0, len(cache), (cfg.unet_batch_size,), generator=generator)
+        prompt = labels[index].clone()
+        prompt[torch.rand(len(index), generator=generator) < cfg.caption_dropout] = 10
+        weights = torch.full((len(index),), 1.0 / len(index))
+        return cache.sample(index, generator), embeddings[prompt], weights
+
+    settings = LoopSettings(
+        steps=cfg.unet_steps,
+        learning_rate=cfg.unet_lr,
+        lr_scheduler="constant_with_warmup",
+        warmup_steps=min(100, cfg.unet_steps // 10),
+        weight_decay=0.0,
+        ema_decay=cfg.ema_decay,
+    )
+    unet.requires_grad_(True)
+    result = train_denoiser(
+        accelerator,
+        unet,
+        unet.parameters(),
+        scheduler,
+        target_fn=lambda latents, noise, t: noise,
+        next_batch=next_batch,
+        settings=settings,
+        seed=cfg.seed,
+        desc="digits base: U-Net",
+    )
+    result.ema.copy_to(unet.parameters())
+    unet.requires_grad_(False)
+    tiny.save_pipeline(components, folder)
+    return {"vae_mse": vae_mse, "scaling_factor": scaling_factor, "unet_loss": result.losses[-1]}
