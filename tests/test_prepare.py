@@ -29,7 +29,7 @@ def messy(tmp_path) -> Path:
     (src / "sub").mkdir(parents=True)
     (src / "red.png").write_bytes(_png())
     (src / "red.txt").write_text("  a   red\nsquare  ")
-    (src / "copy_of_red.png").write_bytes(_png())  # exact duplicate
+    (src / "red_copy.png").write_bytes(_png())  # exact duplicate
     (src / "sub" / "blue.jpg").write_bytes(_jpeg_rotated())
     rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 0))  # fully transparent: must land on the background
     rgba.save(src / "clear.png")
@@ -65,7 +65,7 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
 
     assert sorted(report.kept) == ["clear.png", "palette.png", "red.png", "sixteen.png", "sub/blue.jpg"]
     assert report.rejected == {
-        "duplicate": ["copy_of_red.png"],
+        "duplicate": ["red_copy.png"],
         "zero-byte file": ["empty.png"],
         "not an image": ["notes.md"],
         "truncated or corrupt": ["broken.png"],
@@ -74,7 +74,7 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
         "outside the dataset root": ["link.png"],
     }
     seen = set(report.kept) | {f for files in report.rejected.values() for f in files}
-    images = {str(p.relative_to(messy)) for p in messy.rglob("*") if p.suffix != ".txt"}
+    images = {str(p.relative_to(messy)) for p in messy.rglob("*") if p.suffix != ".txt" and not p.is_dir()}
     assert seen == images
 
     rows = {r["source"]: r for r in load_prepared(tmp_path / "out")}

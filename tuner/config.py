@@ -38,10 +38,10 @@ class BaseConfig:
 
     size: str = "digits"
     seed: int = 0
-    vae_steps: int = 600
-    vae_batch_size: int = 64
+    vae_steps: int = 400
+    vae_batch_size: int = 32
     vae_lr: float = 2e-3
-    unet_steps: int = 1500
+    unet_steps: int = 1000
     unet_batch_size: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.995

@@ -304,12 +304,14 @@ def train(run: Run) -> None:
 
 @stage
 def export(run: Run) -> None:
-    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors``, LoRA config in its metadata."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors``, LoRA config in its metadata.
+
+    Keys are diffusers' native ``unet.<module>.lora_A.weight`` / ``lora_B.weight``.
+    """
     from peft.utils import get_peft_model_state_dict
 
     unet = run.accelerator.unwrap_model(run.components.unet)
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = get_peft_model_state_dict(unet)
     config = unet.peft_config["default"].to_dict()
     config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
     if run.accelerator.is_main_process:
