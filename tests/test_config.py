@@ -8,13 +8,14 @@ from tuner.config import ConfigError, compose, list_recipes, validate
 
 NEEDS = {
     "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
+    "evaluate": ["checkpoint=."],
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
 def test_every_recipe_composes_and_validates(recipe, tmp_path):
     overrides = NEEDS.get(recipe, [])
-    if recipe in ("dreambooth_lora", "prepare"):
+    if recipe in ("dreambooth_lora", "prepare", "evaluate"):
         overrides = overrides + [f"data.instance_dir={tmp_path}"]
     cfg = compose(recipe, overrides)
     validate(cfg)
@@ -67,8 +68,13 @@ def test_model_folder_of_wrong_kind_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
     cfg = compose(
         "dreambooth_lora",
-        [f"data.instance_dir={tmp_path}", "data.instance_prompt=x", "data.class_prompt=y", "model=sd15",
-         f"model.path={tmp_path}"],
+        [
+            f"data.instance_dir={tmp_path}",
+            "data.instance_prompt=x",
+            "data.class_prompt=y",
+            "model=sd15",
+            f"model.path={tmp_path}",
+        ],
     )
     with pytest.raises(ConfigError, match="FluxPipeline"):
         validate(cfg)

@@ -1,7 +1,6 @@
 """The digits data, the quickstart subject and the independent classifier."""
 
 import numpy as np
-import torch
 from PIL import Image
 
 from tuner.data import digits

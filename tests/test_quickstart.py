@@ -73,8 +73,13 @@ def test_adapter_holds_only_lora_keys_with_its_config(quickstart):
 def test_second_run_reuses_the_cached_base(quickstart):
     root, _ = quickstart
     again = run_tuner(
-        "recipe=quickstart", f"output_dir={root / 'run2'}", *SMALL, "train.steps=2", "stages=[base]",
-        home=root / "home", cwd=root,
+        "recipe=quickstart",
+        f"output_dir={root / 'run2'}",
+        *SMALL,
+        "train.steps=2",
+        "stages=[base]",
+        home=root / "home",
+        cwd=root,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "cached at" in again.stdout
@@ -91,8 +96,15 @@ def test_exported_adapter_reloads_in_diffusers_and_reproduces_the_gallery(quicks
     prompt = "a photo of sks digit seven"
 
     def sample():
-        return pipe(prompt, height=16, width=16, num_inference_steps=10, guidance_scale=3.0,
-                    generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+        return pipe(
+            prompt,
+            height=16,
+            width=16,
+            num_inference_steps=10,
+            guidance_scale=3.0,
+            generator=torch.Generator().manual_seed(1),
+            output_type="np",
+        ).images[0]
 
     before = sample()
     pipe.load_lora_weights(root / "run" / "adapter")
@@ -103,3 +115,24 @@ def test_exported_adapter_reloads_in_diffusers_and_reproduces_the_gallery(quicks
     step = cell.shape[0] // 16
     drawn = cell[::step, ::step] / 255.0
     assert np.abs(drawn - after).max() < 2 / 255 + 1e-6
+
+
+def test_evaluate_recipe_scores_the_exported_adapter_like_the_run_did(quickstart):
+    root, _ = quickstart
+    run = root / "run"
+    result = run_tuner(
+        "recipe=evaluate",
+        f"checkpoint={run / 'adapter'}",
+        f"data.instance_dir={run / 'instance_images'}",
+        f"output_dir={root / 'eval'}",
+        *SMALL,
+        home=root / "home",
+        cwd=root,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = json.loads((root / "eval" / "metrics.json").read_text())
+    in_memory = json.loads((run / "metrics.json").read_text())
+    assert set(reloaded) == set(in_memory)
+    for key, value in in_memory.items():
+        assert abs(reloaded[key] - value) <= 1 / 8 + 1e-9, key  # at most one of 8 samples differs
+    assert (root / "eval" / "gallery" / "grid.png").is_file()

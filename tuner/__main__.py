@@ -7,8 +7,14 @@ folder) are reported before any model loads, naming the key, and exit with statu
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import sys
+
+# nothing is ever fetched from a model hub; library chatter stays quiet unless asked for
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def _known_keys(cfg, prefix: str = "") -> list[str]:

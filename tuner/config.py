@@ -148,6 +148,8 @@ class TunerConfig:
     # where the embedded base is cached; null: $TUNER_HOME, else ~/.cache/tuner
     home: str | None = None
     seed: int = 0
+    # an exported adapter (folder or .safetensors file) for recipes that use one instead of training
+    checkpoint: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     subject: SubjectConfig = field(default_factory=SubjectConfig)
@@ -196,7 +198,9 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     # recipes/ is searched as a config root, so `recipes` is a config group of _global_ presets
     search = f"hydra.searchpath=[file://{RECIPES_DIR.parent}]"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or []))
+        cfg = hydra_compose(
+            "config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or [])
+        )
     cfg.recipe = recipe
     return cfg
 
@@ -236,6 +240,11 @@ def validate(cfg: DictConfig) -> None:
             )
         if t.steps < 1 or t.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be at least 1")
+    if "load_adapter" in cfg.stages:
+        if not cfg.checkpoint or not Path(cfg.checkpoint).expanduser().exists():
+            raise ConfigError(
+                f"checkpoint={cfg.checkpoint}: pass the adapter folder or file, e.g. checkpoint=runs/.../adapter"
+            )
     if cfg.model.path:
         from tuner.models import get_family
 

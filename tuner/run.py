@@ -213,8 +213,13 @@ def class_images(run: Run) -> None:
     missing = d.num_class_images - have
     if missing > 0:
         seeds = [d.class_seed + have + i for i in range(missing)]
-        images = run.sample([d.class_prompt] * missing, seeds, run.cfg.sample.steps, run.cfg.sample.guidance_scale,
-                            desc="class images")
+        images = run.sample(
+            [d.class_prompt] * missing,
+            seeds,
+            run.cfg.sample.steps,
+            run.cfg.sample.guidance_scale,
+            desc="class images",
+        )
         from PIL import Image
 
         from tuner.sampling import to_uint8
@@ -320,6 +325,15 @@ def export(run: Run) -> None:
     run.outputs["adapter"] = str(run.dir / "adapter" / "pytorch_lora_weights.safetensors")
 
 
+@stage
+def load_adapter(run: Run) -> None:
+    """Load an exported adapter (``checkpoint=PATH``, a folder or a .safetensors file) instead of training."""
+    path = Path(run.cfg.checkpoint).expanduser()
+    folder, name = (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")
+    run.pipe.load_lora_weights(folder, weight_name=name)
+    run.outputs["adapter"] = str(folder / name)
+
+
 def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     """Sample the same prompts and seeds from the base (adapter off) and the fine-tuned model."""
     unet = run.components.unet
@@ -370,10 +384,15 @@ def evaluate(run: Run) -> None:
     classifier = digits.DigitClassifier(d.resolution, extra_images=instance, extra_label=10)
     seeds = [e.seed + i for i in range(e.samples)]
     metrics = {}
-    for name, prompt, label in (("subject_fidelity", d.instance_prompt, 10), ("class_preservation", d.class_prompt, digit_in(d.class_prompt))):
+    for name, prompt, label in (
+        ("subject_fidelity", d.instance_prompt, 10),
+        ("class_preservation", d.class_prompt, digit_in(d.class_prompt)),
+    ):
         if prompt is None or label is None:
             continue
-        base_images, tuned_images = _with_and_without_adapter(run, [prompt] * e.samples, seeds, e.steps, e.guidance_scale, name)
+        base_images, tuned_images = _with_and_without_adapter(
+            run, [prompt] * e.samples, seeds, e.steps, e.guidance_scale, name
+        )
         metrics[name] = float(np.mean(classifier.predict(tuned_images) == label))
         metrics[f"{name}_base"] = float(np.mean(classifier.predict(base_images) == label))
     run.metrics.update(metrics)

@@ -21,9 +21,7 @@ def _upscale(image: Image.Image, display_size: int) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
-def write_gallery(
-    folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: list[int], display_size: int = 64
-) -> Path:
+def write_gallery(folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: list[int], display_size: int = 64) -> Path:
     """Write ``grid.png``, one PNG per cell and ``index.html`` into ``folder``.
 
     Args:

@@ -117,7 +117,13 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
         steps_offset=1,
     )
     tokenizer = char_tokenizer(size.max_tokens)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
 
 
 def save_pipeline(components: dict, folder: Path) -> Path:

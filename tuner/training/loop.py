@@ -61,7 +61,11 @@ def diffusion_loss(unet, noise_scheduler, target_fn: Callable, latents, embeds, 
     """Per-sample denoising loss at uniformly drawn timesteps (MSE against the family's target)."""
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
     timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=latents.device
+        0,
+        noise_scheduler.config.num_train_timesteps,
+        (len(latents),),
+        generator=generator,
+        device=latents.device,
     )
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample

@@ -1,0 +1,36 @@
+"""The issue's targets at full size (slow: builds the real digits base, about 7 minutes on 2 cores).
+
+Run with ``pytest -m slow``. Uses $TUNER_HOME when set, so a cached base is reused.
+"""
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import run_tuner
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return os.environ.get("TUNER_HOME") or tmp_path_factory.mktemp("home")
+
+
+def test_digits_base_draws_every_digit(home, tmp_path):
+    result = run_tuner("recipe=digits_base", f"output_dir={tmp_path / 'base'}", home=home, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "base" / "metrics.json").read_text())
+    print(json.dumps(metrics, indent=1))
+    assert metrics["min_digit_accuracy"] >= 0.9, metrics["digit_accuracy"]
+
+
+def test_quickstart_learns_the_subject_and_keeps_the_class(home, tmp_path):
+    result = run_tuner("recipe=quickstart", f"output_dir={tmp_path / 'run'}", home=home, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    print(json.dumps(metrics, indent=1))
+    assert metrics["subject_fidelity"] >= 0.8
+    assert metrics["class_preservation"] >= 0.8
+    assert metrics["subject_fidelity_base"] < 0.2  # the base could not draw it before
