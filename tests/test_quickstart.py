@@ -49,7 +49,7 @@ def test_run_folder_holds_every_artefact(quickstart):
     ):
         assert (run / name).is_file(), name
     assert len(list((run / "instance_images").glob("*.png"))) == 5
-    assert len(list((run / "class_images").glob("*.png"))) == 8
+    assert len(list((run / "class_images").glob("*/*.png"))) == 8
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["metrics"]) >= {"subject_fidelity", "class_preservation", "train_loss"}
     assert 0 <= summary["metrics"]["subject_fidelity"] <= 1

@@ -87,7 +87,9 @@ class AdapterConfig:
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] = field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+    )
     init: str = "gaussian"
 
 

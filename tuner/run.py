@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from functools import cached_property
@@ -54,8 +55,6 @@ class Run:
 
     @property
     def home(self) -> Path:
-        import os
-
         return Path(self.cfg.home or os.environ.get("TUNER_HOME") or "~/.cache/tuner").expanduser()
 
     @cached_property
@@ -167,7 +166,8 @@ def subject(run: Run) -> None:
     """Quickstart: write the synthetic subject as PNG files, the way a user's photos would arrive."""
     s = run.cfg.subject
     folder = run.dir / "instance_images"
-    digits.write_subject_images(folder, s.digit, s.transform, s.count, s.seed, s.image_size)
+    with atomic_dir(folder) as tmp:  # a rerun with other subject settings leaves no stale images
+        digits.write_subject_images(tmp, s.digit, s.transform, s.count, s.seed, s.image_size)
     run.cfg.data.instance_dir = str(folder)
     run.outputs["instance"] = str(folder)
 
@@ -203,27 +203,31 @@ STAGES["prepare"] = prepare_data
 
 @stage
 def class_images(run: Run) -> None:
-    """DreamBooth prior: generate class images from the base until the class folder holds enough."""
-    d = run.cfg.data
+    """DreamBooth prior: generate class images from the base until the class folder holds enough.
+
+    With ``data.class_dir`` every image in it counts as a class image and missing ones are added to it.
+    Without, generated images go to ``class_images/<key>`` in the run folder, the key naming the prompt,
+    base model and sampling settings, so a changed prompt never reuses another prompt's images.
+    """
+    from PIL import Image
+
+    from tuner.sampling import to_uint8
+
+    d, s = run.cfg.data, run.cfg.sample
     if not run.cfg.train.prior_preservation:
         return
-    folder = Path(d.class_dir or run.dir / "class_images").expanduser()
+    if d.class_dir:
+        folder = Path(d.class_dir).expanduser()
+    else:
+        what = [d.class_prompt, str(run.model_path), d.resolution, s.steps, s.guidance_scale, d.class_seed]
+        folder = run.dir / "class_images" / hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
     folder.mkdir(parents=True, exist_ok=True)
     have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
     missing = d.num_class_images - have
     if missing > 0:
         seeds = [d.class_seed + have + i for i in range(missing)]
-        images = run.sample(
-            [d.class_prompt] * missing,
-            seeds,
-            run.cfg.sample.steps,
-            run.cfg.sample.guidance_scale,
-            desc="class images",
-        )
-        from PIL import Image
-
-        from tuner.sampling import to_uint8
-
+        prompts = [d.class_prompt] * missing
+        images = run.sample(prompts, seeds, s.steps, s.guidance_scale, desc="class images")
         for seed, array in zip(seeds, to_uint8(images)):
             write_atomic(folder / f"class_{seed:05d}.png", Image.fromarray(array.numpy()))
     _prepare(run, str(folder), "class", d.class_prompt)
@@ -257,7 +261,7 @@ def train(run: Run) -> None:
         )
     )
     sets = [("instance", 1.0)] + ([("class", t.prior_loss_weight)] if t.prior_preservation else [])
-    caches, embeddings, prompt_index, weights = [], [], [], []
+    caches, prompt_index, weights = [], [], []
     captions: list[str] = []
     for role, weight in sets:
         dataset = load_prepared(run.dir / "data" / role)
