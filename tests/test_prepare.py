@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuner.data.prepare import PrepareSettings, load_prepared, prepare
+from tuner.data.prepare import PrepareSettings, load_prepared, prepare_folder
 
 
 def _png(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:
@@ -62,7 +62,7 @@ def _jpeg_rotated() -> bytes:
 def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
     before = _tree_digest(messy)
     settings = PrepareSettings(resolution=16, default_caption="a photo of sks thing", min_side=8)
-    report = prepare(messy, tmp_path / "out", settings)
+    report = prepare_folder(messy, tmp_path / "out", settings)
     assert _tree_digest(messy) == before
 
     assert sorted(report.kept) == ["clear.png", "palette.png", "red.png", "sixteen.png", "sub/blue.jpg"]
@@ -93,13 +93,13 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
 
 def test_rerun_with_same_inputs_does_nothing_and_change_redoes(messy, tmp_path):
     settings = PrepareSettings(resolution=16)
-    prepare(messy, tmp_path / "out", settings)
+    prepare_folder(messy, tmp_path / "out", settings)
     arrow = next((tmp_path / "out" / "dataset").glob("*.arrow"))
     stamp = arrow.stat().st_mtime_ns
-    prepare(messy, tmp_path / "out", settings)
+    prepare_folder(messy, tmp_path / "out", settings)
     assert arrow.stat().st_mtime_ns == stamp
     (messy / "green.png").write_bytes(_png((30, 30), (0, 255, 0)))
-    report = prepare(messy, tmp_path / "out", settings)
+    report = prepare_folder(messy, tmp_path / "out", settings)
     assert "green.png" in report.kept
 
 
@@ -109,7 +109,7 @@ def test_center_crop_keeps_the_middle(tmp_path):
     image = Image.new("RGB", (48, 16), (0, 0, 0))
     image.paste((255, 255, 255), (16, 0, 32, 16))  # white middle third
     image.save(src / "wide.png")
-    prepare(src, tmp_path / "out", PrepareSettings(resolution=16))
+    prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=16))
     row = load_prepared(tmp_path / "out")[0]
     assert np.asarray(row["image"]).min() > 240
     assert row["crop"] == [0, 16]
@@ -117,4 +117,4 @@ def test_center_crop_keeps_the_middle(tmp_path):
 
 def test_missing_source_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        prepare(tmp_path / "nowhere", tmp_path / "out", PrepareSettings(resolution=16))
+        prepare_folder(tmp_path / "nowhere", tmp_path / "out", PrepareSettings(resolution=16))

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         if "print_config" in argv:
             from omegaconf import OmegaConf
 
-            print(OmegaConf.to_yaml(cfg))
+            print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
         validate(cfg)
     except ConfigError as e:

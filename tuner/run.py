@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tuner.config import ConfigError
 from tuner.data import digits
-from tuner.data.prepare import PrepareSettings, load_prepared, prepare
+from tuner.data.prepare import PrepareSettings, load_prepared, prepare_folder
 from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family
 from tuner.sampling import generate
@@ -51,7 +51,6 @@ class Run:
         write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, object] = {}
-        self.trained = False
 
     @property
     def home(self) -> Path:
@@ -183,7 +182,7 @@ def _prepare(run: Run, source: str, role: str, default_caption: str) -> None:
         max_pixels=d.max_pixels,
         seed=run.cfg.seed,
     )
-    report = prepare(source, run.dir / "data" / role, settings, desc=f"prepare {role}")
+    report = prepare_folder(source, run.dir / "data" / role, settings, desc=f"prepare {role}")
     print(f"[tuner] {report.summary()}", flush=True)
     for reason, files in report.rejected.items():
         print(f"[tuner]   rejected ({reason}): {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
@@ -192,13 +191,10 @@ def _prepare(run: Run, source: str, role: str, default_caption: str) -> None:
 
 
 @stage
-def prepare_data(run: Run) -> None:
+def prepare(run: Run) -> None:
     """Validate and standardize the instance images into an Arrow dataset with a report."""
     _prepare(run, run.cfg.data.instance_dir, "instance", run.cfg.data.instance_prompt or "")
     run.outputs["dataset"] = str(run.dir / "data" / "instance")
-
-
-STAGES["prepare"] = prepare_data
 
 
 @stage
@@ -305,7 +301,6 @@ def train(run: Run) -> None:
         desc="train LoRA",
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
-    run.trained = True
 
 
 # ---------------------------------------------------------------- outputs

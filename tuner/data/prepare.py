@@ -140,7 +140,7 @@ def _fingerprint(files: list[Path], root: Path, s: PrepareSettings) -> str:
     return digest.hexdigest()
 
 
-def prepare(source: str | Path, out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
+def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
     """Standardize the images under ``source`` into ``out/dataset`` and write ``out/report.json``.
 
     Raises:

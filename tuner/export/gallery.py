@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from tuner.files import write_atomic
 from tuner.sampling import to_uint8
@@ -35,12 +35,13 @@ def write_gallery(folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: lis
     header = 18
     grid = Image.new("RGB", (LABEL_WIDTH + len(seeds) * (cell_w + PAD), header + len(rows) * (cell_h + PAD)), "white")
     draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=12)
     for j, seed in enumerate(seeds):
-        draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black")
+        draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black", font=font)
     table = []
     for i, ((label, _), row) in enumerate(zip(rows, cells)):
         y = header + i * (cell_h + PAD)
-        draw.text((4, y + cell_h // 2 - 6), label, fill="black")
+        draw.text((4, y + cell_h // 2 - 6), label, fill="black", font=font)
         tds = []
         for j, cell in enumerate(row):
             grid.paste(cell, (LABEL_WIDTH + j * (cell_w + PAD), y))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from tuner.config import BaseConfig
 from tuner.data import digits
-from tuner.models import tiny
+from tuner.models import sd15, tiny
 from tuner.training.loop import LoopSettings, encode_latent_dist, train_denoiser
 
 KL_WEIGHT = 1e-4
@@ -60,14 +60,8 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
 
     # ten captions plus the empty one (index 10) used for caption dropout
     text_encoder.requires_grad_(False).eval()
-    with torch.no_grad():
-        ids = tokenizer(
-            [digits.caption(k) for k in range(10)] + [""],
-            padding="max_length",
-            max_length=size.max_tokens,
-            return_tensors="pt",
-        ).input_ids
-        embeddings = text_encoder(ids)[0]
+    model = sd15.Components(unet, vae, text_encoder, tokenizer, scheduler, prediction_type="epsilon")
+    embeddings = sd15.encode_prompts(model, [digits.caption(k) for k in range(10)] + [""])
 
     def next_batch(generator):
         index = torch.randint(0, len(cache), (cfg.unet_batch_size,), generator=generator)
@@ -90,7 +84,7 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
         unet,
         unet.parameters(),
         scheduler,
-        target_fn=lambda latents, noise, t: noise,
+        target_fn=lambda latents, noise, t: sd15.noise_target(model, latents, noise, t),
         next_batch=next_batch,
         settings=settings,
         seed=cfg.seed,
