@@ -78,3 +78,16 @@ def test_model_folder_of_wrong_kind_is_refused(tmp_path):
     )
     with pytest.raises(ConfigError, match="FluxPipeline"):
         validate(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("subject.transform=spin", "subject.transform"),
+        ("base.size=huge", "base.size"),
+        ("data.resolution=20", "data.resolution"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        validate(compose("quickstart", [override]))

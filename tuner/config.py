@@ -41,9 +41,9 @@ class BaseConfig:
     vae_steps: int = 400
     vae_batch_size: int = 32
     vae_lr: float = 2e-3
-    unet_steps: int = 1000
+    unet_steps: int = 700
     unet_batch_size: int = 64
-    unet_lr: float = 1e-3
+    unet_lr: float = 2e-3
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
 
@@ -242,6 +242,18 @@ def validate(cfg: DictConfig) -> None:
             )
         if t.steps < 1 or t.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be at least 1")
+    if not cfg.model.path:
+        from tuner.models.tiny import SIZES
+
+        if cfg.base.size not in SIZES:
+            raise ConfigError(f"base.size={cfg.base.size}: choose one of {', '.join(SIZES)}")
+    if "subject" in cfg.stages:
+        from tuner.data.digits import TRANSFORMS
+
+        if cfg.subject.transform not in TRANSFORMS:
+            raise ConfigError(f"subject.transform={cfg.subject.transform}: choose one of {', '.join(TRANSFORMS)}")
+        if not 0 <= cfg.subject.digit <= 9 or not 1 <= cfg.subject.count <= 50:
+            raise ConfigError("subject.digit must be 0..9 and subject.count 1..50")
     if "load_adapter" in cfg.stages:
         if not cfg.checkpoint or not Path(cfg.checkpoint).expanduser().exists():
             raise ConfigError(

@@ -109,8 +109,11 @@ def format_summary(summary: dict) -> str:
 
 def digits_base_folder(run: Run) -> Path:
     """Where the base built with these ``base`` settings is cached: a new setting, a new build."""
+    from tuner.models.tiny import SIZES
+
     settings = json.dumps(OmegaConf.to_container(run.cfg.base, resolve=True), sort_keys=True)
-    key = hashlib.sha256(f"digits-v1|{settings}".encode()).hexdigest()[:12]
+    architecture = repr(SIZES.get(run.cfg.base.size))
+    key = hashlib.sha256(f"digits-v1|{settings}|{architecture}".encode()).hexdigest()[:12]
     return run.home / "bases" / f"digits-{key}"
 
 
