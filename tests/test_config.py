@@ -8,13 +8,15 @@ from tuner.config import ConfigError, compose, list_recipes, validate
 
 NEEDS = {
     "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
-    "evaluate": ["checkpoint=."],
+    "evaluate": ["checkpoint=tests"],
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
-def test_every_recipe_composes_and_validates(recipe, tmp_path):
+def test_every_recipe_composes_and_validates(recipe, tmp_path, tiny_pipeline_dir):
     overrides = NEEDS.get(recipe, [])
+    if recipe == "dreambooth_lora":
+        overrides = overrides + [f"model.path={tiny_pipeline_dir}", "data.resolution=16"]
     if recipe in ("dreambooth_lora", "prepare", "evaluate"):
         overrides = overrides + [f"data.instance_dir={tmp_path}"]
     cfg = compose(recipe, overrides)
@@ -52,8 +54,16 @@ def test_quickstart_prompts_follow_the_subject_digit():
     assert cfg.data.instance_prompt == "a photo of sks digit four"
 
 
+def test_dreambooth_lora_asks_for_the_model_folder(tmp_path):
+    cfg = compose("dreambooth_lora", NEEDS["dreambooth_lora"] + [f"data.instance_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="model.path is not set"):
+        validate(cfg)
+
+
 def test_prior_preservation_without_class_prompt_is_refused(tmp_path):
-    cfg = compose("dreambooth_lora", [f"data.instance_dir={tmp_path}", "data.instance_prompt=a photo of sks dog"])
+    cfg = compose(
+        "dreambooth_lora", ["model=digits", f"data.instance_dir={tmp_path}", "data.instance_prompt=a photo of sks dog"]
+    )
     with pytest.raises(ConfigError, match="data.class_prompt"):
         validate(cfg)
 
@@ -86,6 +96,10 @@ def test_model_folder_of_wrong_kind_is_refused(tmp_path):
         ("subject.transform=spin", "subject.transform"),
         ("base.size=huge", "base.size"),
         ("data.resolution=20", "data.resolution"),
+        ("train.lr_scheduler=cosine_restarts", "train.lr_scheduler"),
+        ("train.log_every=0", "train.log_every"),
+        ("model.prediction_type=flow", "model.prediction_type"),
+        ("data.background=[1,2]", "data.background"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override, key):

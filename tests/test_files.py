@@ -25,3 +25,17 @@ def test_write_atomic_text_bytes_and_images(tmp_path):
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     assert Image.open(tmp_path / "c.png").getpixel((2, 1)) == (1, 2, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.png"]
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        write_atomic(tmp_path / "f.txt", "x")
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "g").write_text("y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755

@@ -43,6 +43,12 @@ def messy(tmp_path) -> Path:
     (src / "tiny.png").write_bytes(_png((4, 4)))
     (src / "badcap.png").write_bytes(_png((33, 33), (0, 200, 0)))
     (src / "badcap.txt").write_bytes(b"\xff\xfe\xfa caption")
+    Image.new("I;16B", (20, 20), 0).save(src / "bigendian.tif")  # black 16-bit big-endian TIFF
+    Image.new("LA", (20, 20), (0, 0)).save(src / "clear_gray.png")
+    Image.new("CMYK", (20, 20), (0, 0, 0, 255)).save(src / "cmyk.jpg")
+    (src / ".DS_Store").write_bytes(b"\x00\x01")
+    (src / "orphan.txt").write_text("a caption with no image")
+    Image.new("RGB", (400, 10), (10, 200, 10)).save(src / "panorama.png")
     outside = tmp_path / "secret.png"
     outside.write_bytes(_png((50, 50), (9, 9, 9)))
     os.symlink(outside, src / "link.png")
@@ -65,8 +71,20 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
     report = prepare_folder(messy, tmp_path / "out", settings)
     assert _tree_digest(messy) == before
 
-    assert sorted(report.kept) == ["clear.png", "palette.png", "red.png", "sixteen.png", "sub/blue.jpg"]
+    assert sorted(report.kept) == [
+        "bigendian.tif",
+        "clear.png",
+        "clear_gray.png",
+        "cmyk.jpg",
+        "palette.png",
+        "panorama.png",
+        "red.png",
+        "sixteen.png",
+        "sub/blue.jpg",
+    ]
     assert report.rejected == {
+        "hidden file": [".DS_Store"],
+        "caption file without an image": ["orphan.txt"],
         "duplicate": ["red_copy.png"],
         "zero-byte file": ["empty.png"],
         "not an image": ["notes.md"],
@@ -76,8 +94,9 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
         "outside the dataset root": ["link.png"],
     }
     seen = set(report.kept) | {f for files in report.rejected.values() for f in files}
-    images = {str(p.relative_to(messy)) for p in messy.rglob("*") if p.suffix != ".txt" and not p.is_dir()}
-    assert seen == images
+    captions = {"red.txt", "badcap.txt"}  # read with their images
+    every_file = {str(p.relative_to(messy)) for p in messy.rglob("*") if not p.is_dir()}
+    assert seen == every_file - captions
 
     rows = {r["source"]: r for r in load_prepared(tmp_path / "out")}
     for row in rows.values():
@@ -86,6 +105,12 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
     assert rows["palette.png"]["caption"] == "a photo of sks thing"
     assert rows["sub/blue.jpg"]["original_size"] == [20, 40]  # EXIF rotation applied
     assert np.asarray(rows["clear.png"]["image"]).min() == 255  # transparent -> white background
+    assert np.asarray(rows["clear_gray.png"]["image"]).min() == 255
+    assert np.asarray(rows["bigendian.tif"]["image"]).max() == 0
+    assert np.asarray(rows["sixteen.png"]["image"]).mean() == pytest.approx(40000 / 256, abs=1.5)
+    assert np.asarray(rows["cmyk.jpg"]["image"]).max() < 40  # K=100% is black
+    assert rows["panorama.png"]["original_size"] == [400, 10] and rows["panorama.png"]["crop"] == [0, 312]
+    assert np.abs(np.asarray(rows["panorama.png"]["image"]).astype(int) - [10, 200, 10]).max() <= 2
     red = np.asarray(rows["red.png"]["image"]).reshape(-1, 3).mean(0)
     assert abs(red[0] - 200) < 3 and red[1] < 15
     assert rows["red.png"]["sha256"] == hashlib.sha256((messy / "red.png").read_bytes()).hexdigest()
@@ -118,3 +143,13 @@ def test_center_crop_keeps_the_middle(tmp_path):
 def test_missing_source_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         prepare_folder(tmp_path / "nowhere", tmp_path / "out", PrepareSettings(resolution=16))
+
+
+def test_squash_mode_keeps_the_whole_image(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    image = Image.new("RGB", (48, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 8, 16))  # white left edge, lost by a center crop
+    image.save(src / "wide.png")
+    prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=16, crop="none"))
+    assert np.asarray(load_prepared(tmp_path / "out")[0]["image"])[:, 0].min() > 200

@@ -16,16 +16,20 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF_DIR = Path(os.environ.get("TUNER_CONF_DIR", ROOT / "conf"))
-RECIPES_DIR = Path(os.environ.get("TUNER_RECIPES_DIR", ROOT / "recipes"))
+# conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
+_HERE = Path(__file__).resolve().parent
+_BASE = _HERE.parent if (_HERE.parent / "recipes").is_dir() else _HERE
+CONF_DIR = Path(os.environ.get("TUNER_CONF_DIR", _BASE / "conf"))
+RECIPES_DIR = Path(os.environ.get("TUNER_RECIPES_DIR", _BASE / "recipes"))
 
 
 @dataclass
 class ModelConfig:
     family: str = "sd15"
-    # a local diffusers pipeline folder; null means the embedded `digits` base (built and cached)
+    # a local diffusers pipeline folder
     path: str | None = None
+    # an embedded base tuner builds and caches itself when path is null: digits (or null for none)
+    builtin: str | None = None
     # pixel resolution the model was trained at; the data stage resizes to it
     resolution: int = 512
     # epsilon | v_prediction; null reads it from the scheduler config
@@ -115,6 +119,9 @@ class TrainConfig:
 class SampleConfig:
     """Gallery sampling: fixed seeds so base and fine-tuned images are comparable."""
 
+    # images per pipeline call (gallery, class images, evaluation); lower it if memory runs out
+    batch_size: int = 16
+
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 25
     guidance_scale: float = 3.0
@@ -133,16 +140,9 @@ class EvalConfig:
 
 
 @dataclass
-class ExportConfig:
-    formats: list[str] = field(default_factory=lambda: ["diffusers"])
-
-
-@dataclass
 class TunerConfig:
     # the name of the recipe; set by recipe=NAME
     recipe: str = MISSING
-    # one line shown by `python -m tuner` with no recipe
-    description: str = ""
     # the stages this recipe runs, in order
     stages: list[str] = field(default_factory=list)
     # where the run writes everything; null: a new folder under ./runs
@@ -160,13 +160,13 @@ class TunerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 if not OmegaConf.has_resolver("digit_word"):
     # recipes write prompts like "a photo of the digit ${digit_word:${subject.digit}}"
@@ -219,10 +219,25 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     d, t = cfg.data, cfg.train
+    if not cfg.model.path and cfg.model.builtin != "digits":
+        raise ConfigError(
+            "model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder "
+            "(or model=digits for the embedded base)"
+        )
     if d.resolution % 8:
         raise ConfigError(f"data.resolution={d.resolution}: must be a multiple of 8 for SD-family models")
     if d.crop not in ("center", "random", "none"):
         raise ConfigError(f"data.crop={d.crop}: choose center, random or none")
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(f"train.lr_scheduler={t.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
+    if t.log_every < 1 or cfg.sample.batch_size < 1:
+        raise ConfigError("train.log_every and sample.batch_size must be at least 1")
+    if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
+        raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}: choose epsilon or v_prediction")
+    if cfg.adapter.rank < 1 or cfg.adapter.init not in ("gaussian", "default"):
+        raise ConfigError("adapter.rank must be at least 1 and adapter.init gaussian or default")
+    if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
+        raise ConfigError(f"data.background={list(d.background)}: three values 0..255, e.g. [255,255,255]")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={t.mixed_precision}: choose no, fp16 or bf16")
     if cfg.adapter.type != "lora":
@@ -242,7 +257,7 @@ def validate(cfg: DictConfig) -> None:
             )
         if t.steps < 1 or t.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be at least 1")
-    if not cfg.model.path:
+    if not cfg.model.path and cfg.model.builtin == "digits":
         from tuner.models.tiny import SIZES
 
         if cfg.base.size not in SIZES:

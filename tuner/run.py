@@ -10,6 +10,7 @@ top to bottom to follow ``python -m tuner recipe=quickstart`` from the base mode
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -61,7 +62,9 @@ class Run:
         """The base model folder: ``model.path``, or the embedded digits base (built on first use)."""
         if self.cfg.model.path:
             return self.family.check_folder(self.cfg.model.path)
-        return ensure_digits_base(self)
+        if self.cfg.model.builtin == "digits":
+            return ensure_digits_base(self)
+        raise ConfigError("model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder")
 
     @cached_property
     def components(self):
@@ -75,7 +78,8 @@ class Run:
         return self.family.pipeline(self.components)
 
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None):
-        return generate(self.pipe, prompts, seeds, self.cfg.data.resolution, steps, guidance, desc=desc)
+        resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
+        return generate(self.pipe, prompts, seeds, resolution, steps, guidance, batch, desc=desc)
 
 
 def run_recipe(cfg: DictConfig) -> Run:
@@ -88,6 +92,7 @@ def run_recipe(cfg: DictConfig) -> Run:
         STAGES[name](run)
         run.metrics.setdefault("seconds", {})[name] = round(time.time() - t, 1)
     run.metrics["seconds"]["total"] = round(time.time() - start, 1)
+    write_atomic(run.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with what stages filled in
     summary = {"recipe": cfg.recipe, "run_dir": str(run.dir), "outputs": run.outputs, "metrics": run.metrics}
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
@@ -128,6 +133,7 @@ def ensure_digits_base(run: Run) -> Path:
     start = time.time()
     with atomic_dir(folder) as tmp:
         stats = digits_base.build(run.cfg.base, tmp, run.accelerator)
+        run.accelerator.free_memory()  # drop the base's optimizer and EMA before anything else trains
         stats["build_seconds"] = round(time.time() - start, 1)
         write_atomic(tmp / "tuner_base.json", json.dumps(stats, indent=2))
     run.metrics["base_build"] = stats
@@ -190,7 +196,7 @@ def _prepare(run: Run, source: str, role: str, default_caption: str) -> None:
     for reason, files in report.rejected.items():
         print(f"[tuner]   rejected ({reason}): {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
     if not report.kept:
-        raise ConfigError(f"data.{role}_dir={source}: no usable image (see {run.dir / 'data' / role / 'report.json'})")
+        raise ConfigError(f"{source}: no usable {role} image (see {run.dir / 'data' / role / 'report.json'})")
 
 
 @stage
@@ -224,7 +230,9 @@ def class_images(run: Run) -> None:
     have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
     missing = d.num_class_images - have
     if missing > 0:
-        seeds = [d.class_seed + have + i for i in range(missing)]
+        # the next seeds whose files are not there yet: never overwrite, always make progress
+        free = (seed for seed in itertools.count(d.class_seed) if not (folder / f"class_{seed:05d}.png").exists())
+        seeds = list(itertools.islice(free, missing))
         prompts = [d.class_prompt] * missing
         images = run.sample(prompts, seeds, s.steps, s.guidance_scale, desc="class images")
         for seed, array in zip(seeds, to_uint8(images)):
@@ -263,6 +271,8 @@ def train(run: Run) -> None:
     caches, prompt_index, weights = [], [], []
     captions: list[str] = []
     for role, weight in sets:
+        if not (run.dir / "data" / role / "dataset").is_dir():
+            raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
         caches.append(encode_latent_dist(c.vae, _pixels(dataset).float() / 127.5 - 1, desc=f"encode {role}"))
         index = []
@@ -339,6 +349,8 @@ def load_adapter(run: Run) -> None:
 def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     """Sample the same prompts and seeds from the base (adapter off) and the fine-tuned model."""
     unet = run.components.unet
+    if not getattr(unet, "peft_config", None):
+        raise ConfigError("gallery/evaluate need an adapter: put train or load_adapter (checkpoint=PATH) before them")
     unet.disable_adapters()
     base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)")
     unet.enable_adapters()
@@ -378,7 +390,7 @@ def evaluate(run: Run) -> None:
     Subject fidelity is the share of instance-prompt samples classified as the subject; class
     preservation the share of class-prompt samples still classified as the digit the prompt names.
     """
-    if run.cfg.model.path:
+    if run.cfg.model.path or run.cfg.model.builtin != "digits":
         print("[tuner] evaluate: digit metrics apply to the embedded digits base only; skipped")
         return
     d, e = run.cfg.data, run.cfg.eval

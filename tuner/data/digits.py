@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+from tuner.config import DIGIT_WORDS
+
+WORDS = DIGIT_WORDS
 TRANSFORMS = {
     "mirror": lambda a: a[:, ::-1],
     "flip": lambda a: a[::-1, :],

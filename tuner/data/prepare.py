@@ -24,6 +24,7 @@ from tuner.files import atomic_dir, write_atomic
 CAPTION_SUFFIXES = (".txt", ".caption")
 REPORT = "report.json"
 FINGERPRINT = "fingerprint"
+MAX_FILE_BYTES = 256 << 20
 
 
 @dataclass
@@ -63,7 +64,9 @@ def _to_srgb_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.
     icc = image.info.get("icc_profile")
     if image.mode == "P":
         image = image.convert("RGBA")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")
+    if image.mode == "I":
         image = image.point(lambda v: v / 256).convert("L")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
@@ -80,24 +83,30 @@ def _to_srgb_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.
 
 
 def standardize(image: Image.Image, s: PrepareSettings, rng) -> tuple[Image.Image, tuple[int, int]]:
-    """Resize the short side to the resolution and crop a square; returns the image and crop (top, left)."""
+    """Scale the short side to the resolution and crop a square; returns the image and crop (top, left).
+
+    The crop is taken from the source in one resize (``box=``), so a long panorama is never upscaled
+    whole first. The crop offset is in the scaled image's pixels, as SDXL's crop conditioning expects.
+    """
     size = s.resolution
     if s.crop == "none":
         return image.resize((size, size), Image.Resampling.LANCZOS), (0, 0)
     w, h = image.size
     scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    scaled_w, scaled_h = max(size, round(w * scale)), max(size, round(h * scale))
     if s.crop == "random":
-        top, left = rng.randint(0, new_h - size), rng.randint(0, new_w - size)
+        top, left = rng.randint(0, scaled_h - size), rng.randint(0, scaled_w - size)
     else:
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-    return image.crop((left, top, left + size, top + size)), (top, left)
+        top, left = (scaled_h - size) // 2, (scaled_w - size) // 2
+    box = (left / scale, top / scale, min(w, (left + size) / scale), min(h, (top + size) / scale))
+    return image.resize((size, size), Image.Resampling.LANCZOS, box=box), (top, left)
 
 
 def _load(path: Path, root: Path, s: PrepareSettings) -> tuple[Image.Image, bytes]:
     if not path.resolve().is_relative_to(root):
         raise Rejected("outside the dataset root")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise Rejected(f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
     data = path.read_bytes()
     if not data:
         raise Rejected("zero-byte file")
@@ -114,7 +123,7 @@ def _load(path: Path, root: Path, s: PrepareSettings) -> tuple[Image.Image, byte
         raise Rejected("not an image") from e
     except Image.DecompressionBombError as e:
         raise Rejected("decompression bomb (too many pixels)") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError) as e:
         raise Rejected("truncated or corrupt") from e
     if min(image.size) < s.min_side:
         raise Rejected(f"smaller than min_side={s.min_side}")
@@ -161,9 +170,12 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
     rng = random.Random(settings.seed)
     rows: dict[str, list] = {k: [] for k in ("image", "caption", "source", "sha256", "original_size", "crop")}
     seen: dict[str, str] = {}
+    stems = {p.with_suffix("") for p in files if p.suffix.lower() not in CAPTION_SUFFIXES}
     for path in tqdm(files, desc=desc, leave=False):
         rel = str(path.relative_to(root))
         if path.suffix.lower() in CAPTION_SUFFIXES:
+            if path.with_suffix("") not in stems:
+                report.reject(rel, "caption file without an image")
             continue  # sidecar captions are read with their image
         if path.name.startswith("."):
             report.reject(rel, "hidden file")
@@ -174,13 +186,16 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
             if sha in seen:
                 raise Rejected(f"duplicate of {seen[sha]}")
             caption = _caption(path, settings.default_caption)
+            original_size = image.size
+            image, crop = standardize(_to_srgb_rgb(image, settings.background), settings, rng)
         except Rejected as why:
             reason = str(why)
             report.reject(rel, "duplicate" if reason.startswith("duplicate") else reason)
             continue
+        except Exception as e:  # one odd file must never abort the whole dataset
+            report.reject(rel, f"unreadable ({type(e).__name__})")
+            continue
         seen[sha] = rel
-        original_size = image.size
-        image, crop = standardize(_to_srgb_rgb(image, settings.background), settings, rng)
         for key, value in zip(rows, (image, caption, rel, sha, list(original_size), list(crop))):
             rows[key].append(value)
         report.kept.append(rel)
@@ -195,6 +210,7 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
             "crop": datasets.Sequence(datasets.Value("int32"), length=2),
         }
     )
+    (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole
     with atomic_dir(out / "dataset") as tmp:
         datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp))
     write_atomic(out / REPORT, json.dumps(asdict(report), indent=2))

@@ -2,7 +2,7 @@
 
 Everything the training loop needs to know about the family lives here, so the loop itself never
 branches on the family: loading from a local diffusers folder, prompt encoding, the training
-target, the default LoRA targets, a sampling pipeline and saving LoRA weights.
+target, a sampling pipeline and saving LoRA weights.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import torch
 from tuner.config import ConfigError
 
 PIPELINE_CLASSES = {"StableDiffusionPipeline"}
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @dataclass

@@ -38,7 +38,7 @@ class LatentCache:
 
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, std = self.mean[index], self.std[index]
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return (mean + std * eps) * self.scaling_factor
 
     def __len__(self) -> int:
@@ -59,14 +59,10 @@ def encode_latent_dist(vae, images: torch.Tensor, batch_size: int = 64, desc: st
 
 def diffusion_loss(unet, noise_scheduler, target_fn: Callable, latents, embeds, generator=None) -> torch.Tensor:
     """Per-sample denoising loss at uniformly drawn timesteps (MSE against the family's target)."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype, device=latents.device)
-    timesteps = torch.randint(
-        0,
-        noise_scheduler.config.num_train_timesteps,
-        (len(latents),),
-        generator=generator,
-        device=latents.device,
-    )
+    # drawn on the CPU from the seeded generator, then moved: the same numbers on every device
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+    timesteps = timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
     target = target_fn(latents, noise, timesteps)
@@ -144,5 +140,4 @@ def train_denoiser(
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
             running = 0.0
     unet.eval()
-    accelerator.unwrap_model(unet)
     return result

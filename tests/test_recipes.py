@@ -1,0 +1,104 @@
+"""The other shipped recipes end to end on tiny models, as a user runs them."""
+
+import json
+
+import numpy as np
+from PIL import Image
+from safetensors import safe_open
+
+from tests.conftest import run_tuner
+from tests.test_quickstart import SMALL
+
+
+def _photos(folder, n=3):
+    """A few 'photos' of a subject: a red disc on grey, at a size that needs resizing."""
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = Image.new("RGB", (48 + 8 * i, 40), (128, 128, 128))
+        for y in range(40):
+            for x in range(48 + 8 * i):
+                if (x - 24) ** 2 + (y - 20) ** 2 < 100:
+                    image.putpixel((x, y), (220, 30, 30))
+        image.save(folder / f"photo_{i}.png")
+    return folder
+
+
+def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+
+    photos = _photos(tmp_path / "photos")
+    result = run_tuner(
+        "recipe=dreambooth_lora",
+        f"model.path={tiny_pipeline_dir}",
+        "data.resolution=16",
+        f"data.instance_dir={photos}",
+        "data.instance_prompt=a photo of sks ball",
+        "data.class_prompt=a photo of a ball",
+        "data.num_class_images=3",
+        "train.steps=5",
+        "train.batch_size=2",
+        "sample.seeds=[0,1]",
+        "sample.steps=3",
+        f"output_dir={tmp_path / 'run'}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    report = json.loads((run / "data" / "instance" / "report.json").read_text())
+    assert sorted(report["kept"]) == ["photo_0.png", "photo_1.png", "photo_2.png"]
+    assert (run / "gallery" / "grid.png").is_file()
+    assert not (tmp_path / "home").exists()  # a user's model: no embedded base was built
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pipe.load_lora_weights(run / "adapter")
+    with safe_open(str(run / "adapter" / "pytorch_lora_weights.safetensors"), "pt") as f:
+        n_tensors = len(list(f.keys()))
+    peft_params = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
+    assert len(peft_params) == n_tensors  # every key in the file was loaded into a LoRA layer
+
+
+def test_prepare_recipe_writes_dataset_and_report(tmp_path):
+    photos = _photos(tmp_path / "photos", n=2)
+    (photos / "notes.txt").write_text("stray")
+    result = run_tuner(
+        "recipe=prepare",
+        f"data.instance_dir={photos}",
+        "data.resolution=32",
+        f"output_dir={tmp_path / 'run'}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "data" / "instance" / "report.json").read_text())
+    assert report["rejected"] == {"caption file without an image": ["notes.txt"]}
+    assert "2 kept" in result.stdout and "caption file without an image" in result.stdout
+
+
+def test_digits_base_recipe_scores_every_digit(tmp_path):
+    result = run_tuner(
+        "recipe=digits_base",
+        *SMALL,
+        "eval.samples=3",
+        f"output_dir={tmp_path / 'run'}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["digit_accuracy"]) == {
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+    }
+    assert metrics["min_digit_accuracy"] == min(metrics["digit_accuracy"].values())
+    base = next((tmp_path / "home" / "bases").glob("digits-*"))
+    assert json.loads((base / "tuner_base.json").read_text())["build_seconds"] > 0
+    grid = np.asarray(Image.open(tmp_path / "run" / "gallery" / "grid.png"))
+    assert grid.shape[0] > 10 * 16  # ten rows, one per digit
