@@ -107,6 +107,19 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    # adamw | adamw8bit (bitsandbytes, 4x smaller optimizer state) | sgd
+    optimizer: str = "adamw"
+    # optimizer steps take this many micro-batches of batch_size each
+    gradient_accumulation_steps: int = 1
+    # multiply learning_rate by batch_size * gradient_accumulation_steps * number of processes
+    scale_lr: bool = False
+    # l2 | l1 | huber (huber_delta sets where it turns from quadratic to linear)
+    loss: str = "l2"
+    huber_delta: float = 0.1
+    # min-SNR-gamma loss weighting, e.g. 5.0; null: off
+    snr_gamma: float | None = None
+    # e.g. 0.05: lets the model learn overall brightness shifts; 0: off
+    noise_offset: float = 0.0
     # DreamBooth prior preservation: each batch also holds batch_size class images
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0
@@ -238,6 +251,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("adapter.rank must be at least 1 and adapter.init gaussian or default")
     if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
         raise ConfigError(f"data.background={list(d.background)}: three values 0..255, e.g. [255,255,255]")
+    if t.optimizer not in ("adamw", "adamw8bit", "sgd"):
+        raise ConfigError(f"train.optimizer={t.optimizer}: choose adamw, adamw8bit or sgd")
+    if t.loss not in ("l2", "l1", "huber"):
+        raise ConfigError(f"train.loss={t.loss}: choose l2, l1 or huber")
+    if t.gradient_accumulation_steps < 1 or (t.snr_gamma is not None and t.snr_gamma <= 0):
+        raise ConfigError("train.gradient_accumulation_steps must be at least 1 and train.snr_gamma positive or null")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={t.mixed_precision}: choose no, fp16 or bf16")
     if cfg.adapter.type != "lora":

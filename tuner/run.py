@@ -45,7 +45,10 @@ class Run:
 
         self.cfg = cfg
         self.family = get_family(cfg.model.family)
-        self.accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.dir = Path(cfg.output_dir or Path("runs") / f"{cfg.recipe}-{stamp}").expanduser().resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +256,7 @@ def train(run: Run) -> None:
     """DreamBooth LoRA: peft LoRA on the frozen U-Net, instance plus prior batches, one accelerate loop."""
     from peft import LoraConfig
 
-    from tuner.training.loop import LoopSettings, encode_latent_dist, train_denoiser
+    from tuner.training.loop import LoopSettings, LossSettings, encode_latent_dist, train_denoiser
 
     cfg, c = run.cfg, run.components
     a, t = cfg.adapter, cfg.train
@@ -293,14 +296,19 @@ def train(run: Run) -> None:
             w.append(torch.full((t.batch_size,), weight))
         return torch.cat(latents), torch.cat(embeds), torch.cat(w)
 
+    learning_rate = t.learning_rate
+    if t.scale_lr:
+        learning_rate *= t.batch_size * t.gradient_accumulation_steps * run.accelerator.num_processes
     settings = LoopSettings(
         steps=t.steps,
-        learning_rate=t.learning_rate,
+        learning_rate=learning_rate,
         lr_scheduler=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         log_every=t.log_every,
+        optimizer=t.optimizer,
+        loss=LossSettings(t.loss, t.huber_delta, t.snr_gamma, c.prediction_type, t.noise_offset),
     )
     result = train_denoiser(
         run.accelerator,

@@ -17,6 +17,19 @@ from tqdm.auto import tqdm
 
 
 @dataclass
+class LossSettings:
+    # l2 | l1 | huber, per element against the family's target
+    kind: str = "l2"
+    huber_delta: float = 0.1
+    # min-SNR-gamma weighting (Hang et al. 2023); None: uniform
+    snr_gamma: float | None = None
+    # epsilon | v_prediction: what the min-SNR weight divides by
+    prediction_type: str = "epsilon"
+    # adds noise_offset * N(0, 1) per sample and channel to the noise (brighter darks, darker lights)
+    noise_offset: float = 0.0
+
+
+@dataclass
 class LoopSettings:
     steps: int
     learning_rate: float
@@ -26,6 +39,9 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     log_every: int = 50
     ema_decay: float | None = None
+    # adamw | adamw8bit (bitsandbytes) | sgd
+    optimizer: str = "adamw"
+    loss: LossSettings = field(default_factory=LossSettings)
 
 
 @dataclass
@@ -57,16 +73,51 @@ def encode_latent_dist(vae, images: torch.Tensor, batch_size: int = 64, desc: st
     return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
 
 
-def diffusion_loss(unet, noise_scheduler, target_fn: Callable, latents, embeds, generator=None) -> torch.Tensor:
-    """Per-sample denoising loss at uniformly drawn timesteps (MSE against the family's target)."""
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """min-SNR-gamma loss weights: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def diffusion_loss(
+    unet, noise_scheduler, target_fn: Callable, latents, embeds, generator=None, loss: LossSettings | None = None
+) -> torch.Tensor:
+    """Per-sample denoising loss at uniformly drawn timesteps, against the family's target."""
+    loss = loss or LossSettings()
     # drawn on the CPU from the seeded generator, then moved: the same numbers on every device
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype).to(latents.device)
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    if loss.noise_offset:
+        noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
+    noise = noise.to(latents.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
     timesteps = timesteps.to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample
-    target = target_fn(latents, noise, timesteps)
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample.float()
+    target = target_fn(latents, noise, timesteps).float()
+    if loss.kind == "l1":
+        per_element = (prediction - target).abs()
+    elif loss.kind == "huber":
+        per_element = F.huber_loss(prediction, target, delta=loss.huber_delta, reduction="none")
+    else:
+        per_element = F.mse_loss(prediction, target, reduction="none")
+    per_sample = per_element.mean(dim=(1, 2, 3))
+    if loss.snr_gamma:
+        per_sample = per_sample * snr_weights(noise_scheduler, timesteps, loss.snr_gamma, loss.prediction_type)
+    return per_sample
+
+
+def make_optimizer(name: str, params: list, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (foreach), 8-bit AdamW from bitsandbytes (runs on CPU too), or SGD with momentum."""
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
 
 
 @dataclass
@@ -100,7 +151,7 @@ def train_denoiser(
     from diffusers.training_utils import EMAModel
 
     params = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
     lr_scheduler = get_scheduler(
         settings.lr_scheduler,
         optimizer=optimizer,
@@ -114,22 +165,26 @@ def train_denoiser(
     unet.train()
     running = 0.0
     bar = tqdm(range(settings.steps), desc=desc, disable=not accelerator.is_main_process)
-    for step in bar:
-        with accelerator.accumulate(unet):
-            latents, embeds, weights = next_batch(generator)
-            latents, embeds, weights = (t.to(accelerator.device) for t in (latents, embeds, weights))
-            with accelerator.autocast():
-                per_sample = diffusion_loss(unet, noise_scheduler, target_fn, latents, embeds, generator)
-            loss = (per_sample * weights).sum()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    micro_steps = accelerator.gradient_accumulation_steps
+    for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
+        for _ in range(micro_steps):
+            with accelerator.accumulate(unet):
+                latents, embeds, weights = next_batch(generator)
+                latents, embeds, weights = (t.to(accelerator.device) for t in (latents, embeds, weights))
+                with accelerator.autocast():
+                    per_sample = diffusion_loss(
+                        unet, noise_scheduler, target_fn, latents, embeds, generator, settings.loss
+                    )
+                loss = (per_sample * weights).sum()
+                accelerator.backward(loss)  # accelerate divides by the accumulation steps
+                if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                optimizer.step()  # a no-op until the last micro-batch
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            running += loss.detach() / micro_steps
         if ema is not None:
             ema.step(params)
-        running += loss.detach()
         if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             # reading the loss syncs with the device: only at log intervals
             n = (step % settings.log_every) + 1
