@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -37,6 +38,7 @@ def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
         "data.num_class_images=3",
         "train.steps=5",
         "train.batch_size=2",
+        "train.ema_decay=0.5",  # the averaged adapter must be what the gallery shows and the file holds
         "sample.seeds=[0,1]",
         "sample.steps=3",
         f"output_dir={tmp_path / 'run'}",
@@ -55,6 +57,21 @@ def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
         n_tensors = len(list(f.keys()))
     peft_params = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
     assert len(peft_params) == n_tensors  # every key in the file was loaded into a LoRA layer
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    image = pipe(
+        "a photo of sks ball",
+        height=16,
+        width=16,
+        num_inference_steps=3,
+        guidance_scale=3.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images[0]
+    cell = np.asarray(Image.open(run / "gallery" / "cells" / "row1_seed0.png").convert("RGB"))
+    step = cell.shape[0] // 16
+    assert np.abs(cell[::step, ::step] / 255.0 - image).max() < 2 / 255 + 1e-6
 
 
 def test_prepare_recipe_writes_dataset_and_report(tmp_path):

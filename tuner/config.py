@@ -120,6 +120,8 @@ class TrainConfig:
     snr_gamma: float | None = None
     # e.g. 0.05: lets the model learn overall brightness shifts; 0: off
     noise_offset: float = 0.0
+    # EMA of the trained weights (e.g. 0.999), used for the gallery, evaluation and export; null: off
+    ema_decay: float | None = None
     # DreamBooth prior preservation: each batch also holds batch_size class images
     prior_preservation: bool = True
     prior_loss_weight: float = 1.0
@@ -255,6 +257,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.optimizer={t.optimizer}: choose adamw, adamw8bit or sgd")
     if t.loss not in ("l2", "l1", "huber"):
         raise ConfigError(f"train.loss={t.loss}: choose l2, l1 or huber")
+    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={t.ema_decay}: a value between 0 and 1, e.g. 0.999, or null")
     if t.gradient_accumulation_steps < 1 or (t.snr_gamma is not None and t.snr_gamma <= 0):
         raise ConfigError("train.gradient_accumulation_steps must be at least 1 and train.snr_gamma positive or null")
     if t.mixed_precision not in ("no", "fp16", "bf16"):

@@ -309,6 +309,7 @@ def train(run: Run) -> None:
         log_every=t.log_every,
         optimizer=t.optimizer,
         loss=LossSettings(t.loss, t.huber_delta, t.snr_gamma, c.prediction_type, t.noise_offset),
+        ema_decay=t.ema_decay,
     )
     result = train_denoiser(
         run.accelerator,
@@ -322,6 +323,8 @@ def train(run: Run) -> None:
         desc="train LoRA",
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
+    if result.ema is not None:  # the gallery, evaluation and export use the averaged adapter
+        result.ema.copy_to([p for p in c.unet.parameters() if p.requires_grad])
 
 
 # ---------------------------------------------------------------- outputs
