@@ -9,15 +9,16 @@ from tuner.config import ConfigError, compose, list_recipes, validate
 NEEDS = {
     "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
     "evaluate": ["checkpoint=tests"],
+    "lora": ["sample.prompts=[a watercolour of a harbour]"],
 }
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
 def test_every_recipe_composes_and_validates(recipe, tmp_path, tiny_pipeline_dir):
     overrides = NEEDS.get(recipe, [])
-    if recipe == "dreambooth_lora":
+    if recipe in ("dreambooth_lora", "lora"):
         overrides = overrides + [f"model.path={tiny_pipeline_dir}", "data.resolution=16"]
-    if recipe in ("dreambooth_lora", "prepare", "evaluate"):
+    if recipe in ("dreambooth_lora", "lora", "prepare", "evaluate"):
         overrides = overrides + [f"data.instance_dir={tmp_path}"]
     cfg = compose(recipe, overrides)
     validate(cfg)

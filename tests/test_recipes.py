@@ -119,3 +119,31 @@ def test_digits_base_recipe_scores_every_digit(tmp_path):
     assert json.loads((base / "tuner_base.json").read_text())["build_seconds"] > 0
     grid = np.asarray(Image.open(tmp_path / "run" / "gallery" / "grid.png"))
     assert grid.shape[0] > 10 * 16  # ten rows, one per digit
+
+
+def test_lora_recipe_trains_on_captions(tmp_path, tiny_pipeline_dir):
+    photos = _photos(tmp_path / "photos", n=3)
+    for i, caption in enumerate(["a red disc", "a red ball", "a red circle"]):
+        (photos / f"photo_{i}.txt").write_text(caption)
+    result = run_tuner(
+        "recipe=lora",
+        f"model.path={tiny_pipeline_dir}",
+        "data.resolution=16",
+        f"data.instance_dir={photos}",
+        "sample.prompts=[a red disc,a blue disc]",
+        "sample.seeds=[0]",
+        "sample.steps=2",
+        "train.steps=3",
+        f"output_dir={tmp_path / 'run'}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert not (run / "class_images").exists() and not (run / "data" / "class").exists()
+    from tuner.data.prepare import load_prepared
+
+    assert sorted(load_prepared(run / "data" / "instance")["caption"]) == ["a red ball", "a red circle", "a red disc"]
+    assert len(list((run / "gallery" / "cells").glob("*.png"))) == 4  # 2 prompts x base/fine-tuned x 1 seed
+    assert "a blue disc" in (run / "gallery" / "index.html").read_text()
+    assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()

@@ -136,6 +136,8 @@ class SampleConfig:
 
     # images per pipeline call (gallery, class images, evaluation); lower it if memory runs out
     batch_size: int = 16
+    # gallery prompts; empty: the instance and class prompts
+    prompts: list[str] = field(default_factory=list)
 
     seeds: list[int] = field(default_factory=lambda: list(range(8)))
     steps: int = 25
@@ -270,8 +272,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
         if not Path(d.instance_dir).expanduser().is_dir():
             raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
+    if "gallery" in cfg.stages and not (cfg.sample.prompts or d.instance_prompt or d.class_prompt):
+        raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
     if "train" in cfg.stages:
-        if not d.instance_prompt:
+        if t.prior_preservation and not d.instance_prompt:
             raise ConfigError('data.instance_prompt is not set: pass data.instance_prompt="a photo of sks dog"')
         if t.prior_preservation and not d.class_prompt:
             raise ConfigError(

@@ -376,7 +376,7 @@ def gallery(run: Run) -> None:
 
     d, s = run.cfg.data, run.cfg.sample
     seeds = list(s.seeds)
-    prompts = [p for p in (d.instance_prompt, d.class_prompt) if p]
+    prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     rows = []
     for prompt in prompts:
         base_images, tuned_images = _with_and_without_adapter(
