@@ -27,3 +27,31 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     from tuner.models.tiny import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", size="test")
+
+
+def sample_like_the_gallery(pipe, prompt: str, seed: int, steps: int, size: int = 16):
+    """One image as tuner's gallery samples it (DDIM, guidance 3, one generator per image), in [0, 1]."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        generator=generator,
+        output_type="np",
+    ).images[0]
+
+
+def gallery_cell(path: Path, size: int = 16):
+    """A gallery cell PNG scaled back down (it is upscaled with nearest) to ``size``, in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    cell = np.asarray(Image.open(path).convert("RGB"))
+    step = cell.shape[0] // size
+    return cell[::step, ::step] / 255.0

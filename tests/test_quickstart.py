@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import run_tuner
+from tests.conftest import gallery_cell, run_tuner, sample_like_the_gallery
 
 SMALL = [
     "base.size=test",
@@ -89,33 +88,18 @@ def test_second_run_reuses_the_cached_base(quickstart):
 
 
 def test_exported_adapter_reloads_in_diffusers_and_reproduces_the_gallery(quickstart):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     root, _ = quickstart
     base = next((root / "home" / "bases").glob("digits-*"))
     pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=True)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     prompt = "a photo of sks digit seven"
-
-    def sample():
-        return pipe(
-            prompt,
-            height=16,
-            width=16,
-            num_inference_steps=10,
-            guidance_scale=3.0,
-            generator=torch.Generator().manual_seed(1),
-            output_type="np",
-        ).images[0]
-
-    before = sample()
+    before = sample_like_the_gallery(pipe, prompt, seed=1, steps=10)
     pipe.load_lora_weights(root / "run" / "adapter")
-    after = sample()
+    after = sample_like_the_gallery(pipe, prompt, seed=1, steps=10)
     assert np.abs(after - before).max() > 0.01  # the adapter changes the image (same seed: 0 otherwise)
     # and it is the same image the in-memory trained model drew into the gallery (row 1, seed 1)
-    cell = np.asarray(Image.open(root / "run" / "gallery" / "cells" / "row1_seed1.png").convert("RGB"))
-    step = cell.shape[0] // 16
-    drawn = cell[::step, ::step] / 255.0
+    drawn = gallery_cell(root / "run" / "gallery" / "cells" / "row1_seed1.png")
     assert np.abs(drawn - after).max() < 2 / 255 + 1e-6
 
 

@@ -3,11 +3,10 @@
 import json
 
 import numpy as np
-import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import run_tuner
+from tests.conftest import gallery_cell, run_tuner, sample_like_the_gallery
 from tests.test_quickstart import SMALL
 
 
@@ -57,21 +56,8 @@ def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
         n_tensors = len(list(f.keys()))
     peft_params = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
     assert len(peft_params) == n_tensors  # every key in the file was loaded into a LoRA layer
-    from diffusers import DDIMScheduler
-
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    image = pipe(
-        "a photo of sks ball",
-        height=16,
-        width=16,
-        num_inference_steps=3,
-        guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images[0]
-    cell = np.asarray(Image.open(run / "gallery" / "cells" / "row1_seed0.png").convert("RGB"))
-    step = cell.shape[0] // 16
-    assert np.abs(cell[::step, ::step] / 255.0 - image).max() < 2 / 255 + 1e-6
+    image = sample_like_the_gallery(pipe, "a photo of sks ball", seed=0, steps=3)
+    assert np.abs(gallery_cell(run / "gallery" / "cells" / "row1_seed0.png") - image).max() < 2 / 255 + 1e-6
 
 
 def test_prepare_recipe_writes_dataset_and_report(tmp_path):
