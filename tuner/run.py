@@ -248,7 +248,9 @@ def class_images(run: Run) -> None:
 
 
 def _pixels(dataset) -> torch.Tensor:
-    return torch.stack([torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1) for img in dataset["image"]])
+    """A prepared dataset's images as one float tensor (N, 3, H, W) in [-1, 1]."""
+    images = [torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1) for img in dataset["image"]]
+    return torch.stack(images).float() / 127.5 - 1
 
 
 @stage
@@ -272,20 +274,16 @@ def train(run: Run) -> None:
     )
     sets = [("instance", 1.0)] + ([("class", t.prior_loss_weight)] if t.prior_preservation else [])
     caches, prompt_index, weights = [], [], []
-    captions: list[str] = []
+    caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     for role, weight in sets:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
-        caches.append(encode_latent_dist(c.vae, _pixels(dataset).float() / 127.5 - 1, desc=f"encode {role}"))
-        index = []
-        for caption in dataset["caption"]:
-            if caption not in captions:
-                captions.append(caption)
-            index.append(captions.index(caption))
+        caches.append(encode_latent_dist(c.vae, _pixels(dataset), desc=f"encode {role}"))
+        index = [caption_ids.setdefault(caption, len(caption_ids)) for caption in dataset["caption"]]
         prompt_index.append(torch.tensor(index))
         weights.append(weight / t.batch_size)
-    embeddings = run.family.encode_prompts(c, captions).cpu()
+    embeddings = run.family.encode_prompts(c, list(caption_ids)).cpu()
 
     def next_batch(generator):
         latents, embeds, w = [], [], []
@@ -405,7 +403,7 @@ def evaluate(run: Run) -> None:
         print("[tuner] evaluate: digit metrics apply to the embedded digits base only; skipped")
         return
     d, e = run.cfg.data, run.cfg.eval
-    instance = _pixels(load_prepared(run.dir / "data" / "instance")).float() / 127.5 - 1
+    instance = _pixels(load_prepared(run.dir / "data" / "instance"))
     classifier = digits.DigitClassifier(d.resolution, extra_images=instance, extra_label=10)
     seeds = [e.seed + i for i in range(e.samples)]
     metrics = {}
