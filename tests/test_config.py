@@ -34,14 +34,14 @@ def test_no_recipe_lists_every_recipe(capsys):
 
 
 def test_unknown_key_is_named_with_a_suggestion(capsys):
-    assert main(["recipe=quickstart", "train.stepz=3"]) == 2
+    assert main(["recipe=quickstart", "train.max_stepz=3"]) == 2
     err = capsys.readouterr().err
-    assert "train.stepz" in err and "train.steps" in err
+    assert "train.max_stepz" in err and "train.max_steps" in err
 
 
 def test_wrong_type_is_named(capsys):
-    assert main(["recipe=quickstart", "train.steps=many"]) == 2
-    assert "train.steps" in capsys.readouterr().err
+    assert main(["recipe=quickstart", "train.max_steps=many"]) == 2
+    assert "train.max_steps" in capsys.readouterr().err
 
 
 def test_unknown_recipe(capsys):

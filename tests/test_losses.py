@@ -7,7 +7,7 @@ from accelerate.state import AcceleratorState, GradientState
 from peft import LoraConfig
 
 from tuner.models import sd15
-from tuner.training.loop import LoopSettings, LossSettings, diffusion_loss, snr_weights, train_denoiser
+from tuner.training.loop import Batch, LoopSettings, LossSettings, diffusion_loss, snr_weights, train_denoiser
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -67,7 +67,7 @@ def test_optimizers_and_accumulation_train_the_adapter(tiny_pipeline_dir, optimi
 
     def next_batch(generator):
         calls.append(1)
-        return (
+        return Batch(
             torch.randn(2, 4, 8, 8, generator=generator),
             torch.randn(2, 48, 16, generator=generator),
             torch.full((2,), 0.5),

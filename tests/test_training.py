@@ -5,7 +5,7 @@ from accelerate import Accelerator
 from peft import LoraConfig
 
 from tuner.models import sd15
-from tuner.training.loop import LatentCache, LoopSettings, train_denoiser
+from tuner.training.loop import Batch, LatentCache, LoopSettings, train_denoiser
 
 
 def test_lora_training_changes_only_the_adapter(tiny_pipeline_dir):
@@ -17,7 +17,7 @@ def test_lora_training_changes_only_the_adapter(tiny_pipeline_dir):
     c.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
 
     def next_batch(generator):
-        return latents, embeds, torch.full((4,), 0.25)
+        return Batch(latents, embeds, torch.full((4,), 0.25))
 
     result = train_denoiser(
         Accelerator(),

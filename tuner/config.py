@@ -71,9 +71,6 @@ class DataConfig:
     instance_prompt: str | None = None
     class_dir: str | None = None
     class_prompt: str | None = None
-    # class images generated from the base when class_dir holds fewer than this
-    num_class_images: int = 50
-    class_seed: int = 0
     resolution: int = "${model.resolution}"  # type: ignore[assignment]
     # center | random | none (none squashes the whole image to the square)
     crop: str = "center"
@@ -86,28 +83,92 @@ class DataConfig:
 
 
 @dataclass
+class PriorConfig:
+    """DreamBooth prior preservation: class images (data.class_prompt) trained beside the instance images."""
+
+    enabled: bool = False
+    # class images generated from the base when data.class_dir (or the run's cache) holds fewer than this
+    num_class_images: int = 100
+    # each batch holds train.batch_size class samples; their loss is weighted by this
+    loss_weight: float = 1.0
+    # seeds of generated class images start here
+    seed: int = 0
+    # images per pipeline call while generating class images
+    sample_batch_size: int = 16
+
+
+TARGET_PRESETS = ("attn", "attn_ff", "all_linear", "locon")
+
+
+@dataclass
+class BlockGroup:
+    # a glob over U-Net parameter names, e.g. up_blocks.*.attentions.*; the first matching group wins
+    pattern: str = MISSING
+    # null: train.learning_rate
+    lr: float | None = None
+
+
+@dataclass
 class AdapterConfig:
+    """What trains in the denoiser: a peft adapter (lora, loha, lokr), chosen blocks, all of it, or nothing."""
+
+    # lora | loha | lokr | partial_unet | full | none
     type: str = "lora"
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: list[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
-    )
+    # attn | attn_ff | all_linear | locon (all linear layers plus the resnets' convolutions)
+    targets: str = "attn_ff"
+    # explicit module names or suffixes; when set, they replace the preset
+    target_modules: list[str] = field(default_factory=list)
+    # lora: gaussian | default (kaiming, as peft) | pissa | olora | loftq ... (peft's init_lora_weights)
     init: str = "gaussian"
+    use_dora: bool = False
+    # scale by alpha / sqrt(rank) instead of alpha / rank
+    use_rslora: bool = False
+    # partial_unet: the U-Net parameters to unfreeze, by name glob, each group with its learning rate
+    blocks: list[BlockGroup] = field(default_factory=list)
+
+
+@dataclass
+class TextEncoderConfig:
+    """Training the text encoder beside the denoiser."""
+
+    # none | lora | full
+    train: str = "none"
+    # null: train.learning_rate
+    learning_rate: float | None = None
+    # the text encoder freezes after this fraction of train.max_steps (1.0: trains to the end)
+    stop_at: float = 1.0
+    # lora on these modules, with adapter.rank / alpha / dropout
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
+
+
+@dataclass
+class EmbeddingConfig:
+    """Textual inversion (alone, adapter=none) or pivotal tuning (with an adapter): new token embeddings."""
+
+    # new tokens written into prompts, e.g. ["<sks>"]; empty: off
+    tokens: list[str] = field(default_factory=list)
+    # a word per token whose embedding starts it (e.g. [dog]); empty: the mean of the vocabulary
+    init_words: list[str] = field(default_factory=list)
+    # vectors per token (diffusers' convention: <sks> <sks>_1 ... in the prompt)
+    vectors: int = 1
+    # null: train.learning_rate
+    learning_rate: float | None = None
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 400
+    max_steps: int = 400
     batch_size: int = 4
     learning_rate: float = 1e-3
-    # constant | constant_with_warmup | linear | cosine
+    # constant | constant_with_warmup | linear | cosine | one_cycle
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
-    # adamw | adamw8bit (bitsandbytes, 4x smaller optimizer state) | sgd
+    # adamw (fused where the device has it) | adamw8bit (bitsandbytes) | prodigy (set learning_rate=1) | sgd
     optimizer: str = "adamw"
     # optimizer steps take this many micro-batches of batch_size each
     gradient_accumulation_steps: int = 1
@@ -120,13 +181,24 @@ class TrainConfig:
     snr_gamma: float | None = None
     # e.g. 0.05: lets the model learn overall brightness shifts; 0: off
     noise_offset: float = 0.0
+    # e.g. 0.1: the U-Net sees slightly other noise than the target (Ning et al. 2023); 0: off
+    input_perturbation: float = 0.0
+    # timesteps are drawn from [min_timestep, max_timestep); null: the scheduler's last
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    # none | earlier | later: draw timestep_bias_portion of the range at the chosen end
+    # timestep_bias_multiplier times as often
+    timestep_bias: str = "none"
+    timestep_bias_multiplier: float = 2.0
+    timestep_bias_portion: float = 0.25
     # EMA of the trained weights (e.g. 0.999), used for the gallery, evaluation and export; null: off
     ema_decay: float | None = None
-    # DreamBooth prior preservation: each batch also holds batch_size class images
-    prior_preservation: bool = True
-    prior_loss_weight: float = 1.0
-    # no | fp16 | bf16, through accelerate
+    # no | fp16 | bf16, through accelerate: the frozen base runs in it, trained weights stay fp32
     mixed_precision: str = "no"
+    # the VAE's dtype: float32 unless asked (fp16 VAEs produce NaNs)
+    vae_dtype: str = "float32"
+    # recompute activations in the backward pass: less memory, about a third more time
+    gradient_checkpointing: bool = False
     log_every: int = 50
 
 
@@ -173,7 +245,10 @@ class TunerConfig:
     base: BaseConfig = field(default_factory=BaseConfig)
     subject: SubjectConfig = field(default_factory=SubjectConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -183,7 +258,9 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+ADAPTER_TYPES = ("lora", "loha", "lokr", "partial_unet", "full", "none")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "one_cycle")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 if not OmegaConf.has_resolver("digit_word"):
     # recipes write prompts like "a photo of the digit ${digit_word:${subject.digit}}"
@@ -251,12 +328,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.log_every and sample.batch_size must be at least 1")
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}: choose epsilon or v_prediction")
-    if cfg.adapter.rank < 1 or cfg.adapter.init not in ("gaussian", "default"):
-        raise ConfigError("adapter.rank must be at least 1 and adapter.init gaussian or default")
+    if cfg.adapter.rank < 1:
+        raise ConfigError("adapter.rank must be at least 1")
     if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
         raise ConfigError(f"data.background={list(d.background)}: three values 0..255, e.g. [255,255,255]")
-    if t.optimizer not in ("adamw", "adamw8bit", "sgd"):
-        raise ConfigError(f"train.optimizer={t.optimizer}: choose adamw, adamw8bit or sgd")
+    if t.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"train.optimizer={t.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if t.loss not in ("l2", "l1", "huber"):
         raise ConfigError(f"train.loss={t.loss}: choose l2, l1 or huber")
     if t.ema_decay is not None and not 0 < t.ema_decay < 1:
@@ -265,8 +342,48 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.gradient_accumulation_steps must be at least 1 and train.snr_gamma positive or null")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={t.mixed_precision}: choose no, fp16 or bf16")
-    if cfg.adapter.type != "lora":
-        raise ConfigError(f"adapter.type={cfg.adapter.type}: only lora is implemented so far")
+    if t.vae_dtype not in ("float32", "float16", "bfloat16"):
+        raise ConfigError(f"train.vae_dtype={t.vae_dtype}: choose float32, float16 or bfloat16")
+    if t.timestep_bias not in ("none", "earlier", "later") or not 0 < t.timestep_bias_portion <= 1:
+        raise ConfigError(
+            f"train.timestep_bias={t.timestep_bias}: choose none, earlier or later, "
+            "with train.timestep_bias_portion in (0, 1]"
+        )
+    if t.max_timestep is not None and not 0 <= t.min_timestep < t.max_timestep:
+        raise ConfigError(f"train.min_timestep={t.min_timestep} must be below train.max_timestep={t.max_timestep}")
+    a, te, emb = cfg.adapter, cfg.text_encoder, cfg.embedding
+    if a.type not in ADAPTER_TYPES:
+        raise ConfigError(f"adapter.type={a.type}: choose one of {', '.join(ADAPTER_TYPES)} (or adapter=NAME)")
+    if a.targets not in TARGET_PRESETS:
+        raise ConfigError(f"adapter.targets={a.targets}: choose one of {', '.join(TARGET_PRESETS)}")
+    if a.type == "partial_unet" and not a.blocks:
+        raise ConfigError(
+            "adapter=partial_unet needs adapter.blocks, parameter-name patterns with their learning rates, "
+            "e.g. 'adapter.blocks=[{pattern:up_blocks.*.attentions.*,lr:1e-4}]'"
+        )
+    if te.train not in ("none", "lora", "full") or not 0 < te.stop_at <= 1:
+        raise ConfigError(
+            f"text_encoder.train={te.train}: choose none, lora or full, with text_encoder.stop_at in (0, 1]"
+        )
+    if emb.init_words and len(emb.init_words) != len(emb.tokens):
+        raise ConfigError("embedding.init_words needs one word per token in embedding.tokens (or leave it empty)")
+    if te.train == "full" and a.type in ("lora", "loha", "lokr"):
+        raise ConfigError(
+            f"text_encoder.train=full with adapter={a.type}: a fully trained text encoder ships in a pipeline "
+            "folder, a U-Net adapter as an adapter file; use text_encoder.train=lora, or adapter=full/partial_unet"
+        )
+    if te.train == "lora" and a.type in ("partial_unet", "full"):
+        raise ConfigError(
+            f"text_encoder.train=lora with adapter={a.type}: use text_encoder.train=full (both ship in the "
+            "pipeline folder), or a U-Net adapter (adapter=lora)"
+        )
+    if emb.vectors < 1:
+        raise ConfigError("embedding.vectors must be at least 1")
+    if "train" in cfg.stages and a.type == "none" and te.train == "none" and not emb.tokens:
+        raise ConfigError(
+            "nothing to train: adapter=none, text_encoder.train=none and no embedding.tokens; "
+            "choose an adapter (adapter=lora), text_encoder.train=lora or embedding.tokens=[<sks>]"
+        )
     if "prepare" in cfg.stages and "subject" not in cfg.stages:
         if not d.instance_dir:
             raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
@@ -275,15 +392,15 @@ def validate(cfg: DictConfig) -> None:
     if "gallery" in cfg.stages and not (cfg.sample.prompts or d.instance_prompt or d.class_prompt):
         raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
     if "train" in cfg.stages:
-        if t.prior_preservation and not d.instance_prompt:
+        if cfg.prior.enabled and not d.instance_prompt:
             raise ConfigError('data.instance_prompt is not set: pass data.instance_prompt="a photo of sks dog"')
-        if t.prior_preservation and not d.class_prompt:
+        if cfg.prior.enabled and not d.class_prompt:
             raise ConfigError(
-                'train.prior_preservation=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
-                "or set train.prior_preservation=false"
+                'prior.enabled=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
+                "or set prior.enabled=false"
             )
-        if t.steps < 1 or t.batch_size < 1:
-            raise ConfigError("train.steps and train.batch_size must be at least 1")
+        if t.max_steps < 1 or t.batch_size < 1:
+            raise ConfigError("train.max_steps and train.batch_size must be at least 1")
     if not cfg.model.path and cfg.model.builtin == "digits":
         from tuner.models.tiny import SIZES
 

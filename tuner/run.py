@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
 from tuner.config import ConfigError
 from tuner.data import digits
@@ -55,6 +56,10 @@ class Run:
         write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, object] = {}
+        # the train or load_adapter stage changed base weights or the vocabulary (not just peft adapters),
+        # so "base" samples need a fresh copy of the base rather than adapters switched off
+        self.base_weights_changed = False
+        self.trainables = None  # set by the train stage: what trained
 
     @property
     def home(self) -> Path:
@@ -80,9 +85,10 @@ class Run:
     def pipe(self):
         return self.family.pipeline(self.components)
 
-    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None):
+    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None):
         resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
-        return generate(self.pipe, prompts, seeds, resolution, steps, guidance, batch, desc=desc)
+        pipe = pipe or self.pipe
+        return generate(pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast)
 
 
 def run_recipe(cfg: DictConfig) -> Run:
@@ -221,25 +227,28 @@ def class_images(run: Run) -> None:
 
     from tuner.sampling import to_uint8
 
-    d, s = run.cfg.data, run.cfg.sample
-    if not run.cfg.train.prior_preservation:
+    d, s, prior = run.cfg.data, run.cfg.sample, run.cfg.prior
+    if not prior.enabled:
         return
     if d.class_dir:
         folder = Path(d.class_dir).expanduser()
     else:
-        what = [d.class_prompt, str(run.model_path), d.resolution, s.steps, s.guidance_scale, d.class_seed]
+        what = [d.class_prompt, str(run.model_path), d.resolution, s.steps, s.guidance_scale, prior.seed]
         folder = run.dir / "class_images" / hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
     folder.mkdir(parents=True, exist_ok=True)
     have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
-    missing = d.num_class_images - have
-    if missing > 0:
-        # the next seeds whose files are not there yet: never overwrite, always make progress
-        free = (seed for seed in itertools.count(d.class_seed) if not (folder / f"class_{seed:05d}.png").exists())
-        seeds = list(itertools.islice(free, missing))
-        prompts = [d.class_prompt] * missing
-        images = run.sample(prompts, seeds, s.steps, s.guidance_scale, desc="class images")
-        for seed, array in zip(seeds, to_uint8(images)):
+    missing = prior.num_class_images - have
+    # the next seeds whose files are not there yet: never overwrite, always make progress
+    free = (seed for seed in itertools.count(prior.seed) if not (folder / f"class_{seed:05d}.png").exists())
+    seeds = list(itertools.islice(free, max(0, missing)))
+    bar = tqdm(total=len(seeds), desc="class images", disable=not seeds)
+    for start in range(0, len(seeds), prior.sample_batch_size):  # each batch is saved as soon as it exists
+        chunk = seeds[start : start + prior.sample_batch_size]
+        images = run.sample([d.class_prompt] * len(chunk), chunk, s.steps, s.guidance_scale)
+        for seed, array in zip(chunk, to_uint8(images)):
             write_atomic(folder / f"class_{seed:05d}.png", Image.fromarray(array.numpy()))
+        bar.update(len(chunk))
+    bar.close()
     _prepare(run, str(folder), "class", d.class_prompt)
     run.outputs["class_images"] = str(folder)
 
@@ -253,52 +262,111 @@ def _pixels(dataset) -> torch.Tensor:
     return torch.stack(images).float() / 127.5 - 1
 
 
+def _latent_masks(dataset, size: tuple[int, int]) -> torch.Tensor | None:
+    """Per-image loss masks (N, 1, h, w) in [0, 1], area-averaged to the latent grid; None when no image has one."""
+    if "mask" not in dataset.column_names or all(m is None for m in dataset["mask"]):
+        return None
+    masks = []
+    for image, mask in zip(dataset["image"], dataset["mask"]):
+        pixels = np.asarray(mask.convert("L")) / 255.0 if mask is not None else np.ones(image.size[::-1])
+        masks.append(torch.from_numpy(pixels).float()[None])
+    return torch.nn.functional.interpolate(torch.stack(masks), size=size, mode="area")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        name, getattr(torch, name, torch.float32)
+    )
+
+
 @stage
 def train(run: Run) -> None:
-    """DreamBooth LoRA: peft LoRA on the frozen U-Net, instance plus prior batches, one accelerate loop."""
-    from peft import LoraConfig
+    """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
 
-    from tuner.training.loop import LoopSettings, LossSettings, encode_latent_dist, train_denoiser
-
-    cfg, c = run.cfg, run.components
-    a, t = cfg.adapter, cfg.train
-    torch.manual_seed(cfg.seed)
-    c.unet.add_adapter(
-        LoraConfig(
-            r=a.rank,
-            lora_alpha=a.alpha,
-            lora_dropout=a.dropout,
-            init_lora_weights=a.init,
-            target_modules=list(a.target_modules),
-        )
+    Frozen work happens once, before the loop: images become latent distributions, captions become
+    embeddings (or token ids, when the text encoder runs in the step because it or a new token trains).
+    """
+    from tuner.training import trainables
+    from tuner.training.loop import (
+        Batch,
+        LoopSettings,
+        LossSettings,
+        encode_latent_dist,
+        timestep_weights,
+        train_denoiser,
     )
-    sets = [("instance", 1.0)] + ([("class", t.prior_loss_weight)] if t.prior_preservation else [])
-    caches, prompt_index, weights = [], [], []
+
+    cfg, c, accelerator = run.cfg, run.components, run.accelerator
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    what = trainables.setup(cfg, c)
+    run.base_weights_changed = cfg.adapter.type in ("partial_unet", "full") or cfg.text_encoder.train == "full"
+    run.base_weights_changed |= bool(what.new_tokens)
+    run.trainables = what
+    if t.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+        if what.text_encoder_trains:
+            c.text_encoder.gradient_checkpointing_enable()
+    trainables.cast_frozen(c, what, _dtype(accelerator.mixed_precision))
+    c.vae.to(_dtype(t.vae_dtype))
+
+    sets = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
+    caches, masks, prompt_index, weights = [], [], [], []
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     for role, weight in sets:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
         caches.append(encode_latent_dist(c.vae, _pixels(dataset), desc=f"encode {role}"))
+        masks.append(_latent_masks(dataset, tuple(caches[-1].mean.shape[-2:])))
         index = [caption_ids.setdefault(caption, len(caption_ids)) for caption in dataset["caption"]]
         prompt_index.append(torch.tensor(index))
         weights.append(weight / t.batch_size)
-    embeddings = run.family.encode_prompts(c, list(caption_ids)).cpu()
+    if any(m is not None for m in masks):  # images without a mask count everywhere
+        masks = [torch.ones_like(c.mean[:, :1]) if m is None else m for c, m in zip(caches, masks)]
+    if what.text_encoder_trains:
+        cond = run.family.tokenize(c, list(caption_ids))
+    else:
+        with accelerator.autocast():
+            cond = run.family.encode_prompts(c, list(caption_ids)).cpu()
 
-    def next_batch(generator):
-        latents, embeds, w = [], [], []
-        for cache, index, weight in zip(caches, prompt_index, weights):
+    def next_batch(generator) -> Batch:
+        """batch_size samples of each set (instance, then class), each set's loss weight on its samples."""
+        latents, conds, w, m = [], [], [], []
+        for cache, mask, index, weight in zip(caches, masks, prompt_index, weights):
             pick = torch.randint(0, len(cache), (t.batch_size,), generator=generator)
             latents.append(cache.sample(pick, generator))
-            embeds.append(embeddings[index[pick]])
+            conds.append(cond[index[pick]])
             w.append(torch.full((t.batch_size,), weight))
-        return torch.cat(latents), torch.cat(embeds), torch.cat(w)
+            m.append(None if mask is None else mask[pick])
+        mask = None if m[0] is None else torch.cat(m)
+        return Batch(torch.cat(latents), torch.cat(conds), torch.cat(w), mask)
 
     learning_rate = t.learning_rate
     if t.scale_lr:
-        learning_rate *= t.batch_size * t.gradient_accumulation_steps * run.accelerator.num_processes
+        scale = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+        learning_rate *= scale
+        for group in what.groups:
+            group["lr"] *= scale
+    loss = LossSettings(
+        kind=t.loss,
+        huber_delta=t.huber_delta,
+        snr_gamma=t.snr_gamma,
+        prediction_type=c.prediction_type,
+        noise_offset=t.noise_offset,
+        input_perturbation=t.input_perturbation,
+        min_timestep=t.min_timestep,
+        max_timestep=t.max_timestep,
+        timestep_weights=timestep_weights(
+            c.noise_scheduler.config.num_train_timesteps,
+            t.timestep_bias,
+            t.timestep_bias_multiplier,
+            t.timestep_bias_portion,
+        ),
+    )
+    stop = cfg.text_encoder.stop_at
     settings = LoopSettings(
-        steps=t.steps,
+        steps=t.max_steps,
         learning_rate=learning_rate,
         lr_scheduler=t.lr_scheduler,
         warmup_steps=t.warmup_steps,
@@ -306,63 +374,138 @@ def train(run: Run) -> None:
         max_grad_norm=t.max_grad_norm,
         log_every=t.log_every,
         optimizer=t.optimizer,
-        loss=LossSettings(t.loss, t.huber_delta, t.snr_gamma, c.prediction_type, t.noise_offset),
+        loss=loss,
         ema_decay=t.ema_decay,
+        text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
     )
     result = train_denoiser(
-        run.accelerator,
+        accelerator,
         c.unet,
-        c.unet.parameters(),
+        what.groups,
         c.noise_scheduler,
         target_fn=lambda latents, noise, steps: run.family.noise_target(c, latents, noise, steps),
         next_batch=next_batch,
         settings=settings,
         seed=cfg.seed,
-        desc="train LoRA",
+        desc=f"train {', '.join(g['name'] for g in what.groups)}",
+        text_encoder=c.text_encoder if what.text_encoder_trains else None,
+        encode=run.family.encode_ids,
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
-    if result.ema is not None:  # the gallery, evaluation and export use the averaged adapter
-        result.ema.copy_to([p for p in c.unet.parameters() if p.requires_grad])
+    run.metrics["trained_parameters"] = sum(p.numel() for p in what.params)
+    if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
+        result.ema.copy_to(what.params)
+    if t.gradient_checkpointing:
+        c.unet.disable_gradient_checkpointing()
 
 
 # ---------------------------------------------------------------- outputs
 
 
+def _peft_config_dict(module) -> dict:
+    config = module.peft_config["default"].to_dict()
+    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
 @stage
 def export(run: Run) -> None:
-    """Write the adapter as diffusers' ``pytorch_lora_weights.safetensors``, LoRA config in its metadata.
+    """Write what trained, each in the format diffusers loads unchanged, into ``adapter/`` (or ``pipeline/``).
 
-    Keys are diffusers' native ``unet.<module>.lora_A.weight`` / ``lora_B.weight``.
+    - LoRA (U-Net and/or text encoder): ``adapter/pytorch_lora_weights.safetensors``, diffusers' native
+      ``unet.<module>.lora_A.weight`` keys, the LoRA configs in the safetensors metadata;
+    - LoHa / LoKr: a peft adapter folder ``adapter/unet/`` (``adapter_config.json``, ``adapter_model.safetensors``);
+    - new token embeddings: ``adapter/embeddings/<k>.safetensors``, one per token, ``{token: vectors}``
+      as ``load_textual_inversion`` reads;
+    - partial_unet, full, text_encoder.train=full: the whole pipeline as a diffusers folder ``pipeline/``.
     """
     from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
-    unet = run.accelerator.unwrap_model(run.components.unet)
-    state = get_peft_model_state_dict(unet)
-    config = unet.peft_config["default"].to_dict()
-    config = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    c, what = run.components, run.trainables
+    if what is None:
+        raise ConfigError("export: nothing was trained in this run; put the train stage before export")
+    unet = run.accelerator.unwrap_model(c.unet)
+    text_encoder = run.accelerator.unwrap_model(c.text_encoder)
+    a = run.cfg.adapter
     if run.accelerator.is_main_process:
         with atomic_dir(run.dir / "adapter") as tmp:
-            run.family.save_lora(tmp, state, config)
-    run.outputs["adapter"] = str(run.dir / "adapter" / "pytorch_lora_weights.safetensors")
+            lora = {}
+            if a.type == "lora":
+                lora["unet"] = (get_peft_model_state_dict(unet), _peft_config_dict(unet))
+            if run.cfg.text_encoder.train == "lora":
+                lora["text_encoder"] = (get_peft_model_state_dict(text_encoder), _peft_config_dict(text_encoder))
+            if lora:
+                run.family.save_lora(tmp, lora)
+            if a.type in ("loha", "lokr"):
+                (tmp / "unet").mkdir()
+                unet.peft_config["default"].save_pretrained(tmp / "unet")
+                state = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+                save_file({k: v.contiguous() for k, v in state.items()}, tmp / "unet" / "adapter_model.safetensors")
+            if what.new_tokens:
+                (tmp / "embeddings").mkdir()
+                rows = text_encoder.get_input_embeddings().weight
+                for k, token in enumerate(run.cfg.embedding.tokens):
+                    ids = [i for name, i in what.new_tokens.items() if name == token or name.startswith(f"{token}_")]
+                    vectors = rows[ids].detach().float().cpu().clone()
+                    save_file({token: vectors}, tmp / "embeddings" / f"{k}.safetensors", metadata={"token": token})
+        if run.base_weights_changed and (a.type in ("partial_unet", "full") or run.cfg.text_encoder.train == "full"):
+            with atomic_dir(run.dir / "pipeline") as tmp:
+                run.pipe.save_pretrained(tmp, safe_serialization=True)
+            run.outputs["pipeline"] = str(run.dir / "pipeline")
+    run.outputs["adapter"] = str(run.dir / "adapter")
 
 
 @stage
 def load_adapter(run: Run) -> None:
-    """Load an exported adapter (``checkpoint=PATH``, a folder or a .safetensors file) instead of training."""
+    """Load what ``export`` wrote (``checkpoint=PATH``: an ``adapter/`` folder or a LoRA .safetensors file)."""
+    from peft import PeftConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
     path = Path(run.cfg.checkpoint).expanduser()
-    folder, name = (path.parent, path.name) if path.is_file() else (path, "pytorch_lora_weights.safetensors")
-    run.pipe.load_lora_weights(folder, weight_name=name)
-    run.outputs["adapter"] = str(folder / name)
+    if path.is_file():
+        run.pipe.load_lora_weights(path.parent, weight_name=path.name)
+        run.outputs["adapter"] = str(path)
+        return
+    loaded = []
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        run.pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors")
+        loaded.append("lora")
+    if (path / "unet" / "adapter_config.json").is_file():
+        unet = run.components.unet
+        unet.add_adapter(PeftConfig.from_pretrained(path / "unet"))
+        state = load_file(path / "unet" / "adapter_model.safetensors")
+        set_peft_model_state_dict(unet, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+        loaded.append("peft")
+    for file in sorted((path / "embeddings").glob("*.safetensors")):
+        run.pipe.load_textual_inversion(file)
+        run.base_weights_changed = True
+        loaded.append(file.name)
+    if not loaded:
+        raise ConfigError(f"checkpoint={path}: no adapter in it (pytorch_lora_weights.safetensors, unet/, embeddings/)")
+    run.outputs["adapter"] = str(path)
 
 
 def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
-    """Sample the same prompts and seeds from the base (adapter off) and the fine-tuned model."""
-    unet = run.components.unet
-    if not getattr(unet, "peft_config", None):
+    """Sample the same prompts and seeds from the base and from the fine-tuned model.
+
+    With only peft adapters trained, the base is the same model with its adapters switched off; when
+    base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed.
+    """
+    c = run.components
+    adapted = [m for m in (c.unet, c.text_encoder) if getattr(m, "peft_config", None)]
+    if not adapted and not run.base_weights_changed:
         raise ConfigError("gallery/evaluate need an adapter: put train or load_adapter (checkpoint=PATH) before them")
-    unet.disable_adapters()
-    base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)")
-    unet.enable_adapters()
+    if run.base_weights_changed:
+        base_pipe = run.family.pipeline(run.family.load(run.model_path, run.cfg.model.prediction_type))
+        base_pipe.to(run.accelerator.device)
+        base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)", pipe=base_pipe)
+        del base_pipe
+    else:
+        for module in adapted:
+            module.disable_adapters()
+        base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)")
+        for module in adapted:
+            module.enable_adapters()
     tuned_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (fine-tuned)")
     return base_images, tuned_images
 

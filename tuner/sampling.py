@@ -3,6 +3,8 @@ seed, never on what else shares its batch. Used by the gallery, class images and
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from tqdm.auto import tqdm
 
@@ -17,23 +19,31 @@ def generate(
     guidance_scale: float = 3.0,
     batch_size: int = 64,
     desc: str | None = None,
+    autocast=contextlib.nullcontext,
 ) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` sampled from ``seeds[i]``."""
+    """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` sampled from ``seeds[i]``.
+
+    The denoising runs under ``autocast`` (mixed precision); the VAE decodes outside it, in its own
+    dtype (float32 unless asked), since half-precision VAE decoding is known to produce NaNs.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     out = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = slice(start, start + batch_size)
-        images = pipe(
-            prompts[chunk],
-            height=resolution,
-            width=resolution,
-            num_inference_steps=steps,
-            guidance_scale=guidance_scale,
-            generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],
-            output_type="pt",
-        ).images
-        out.append(images.float().cpu() * 2 - 1)
+        with autocast():
+            latents = pipe(
+                prompts[chunk],
+                height=resolution,
+                width=resolution,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],
+                output_type="latent",
+            ).images
+        vae = pipe.vae
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
 

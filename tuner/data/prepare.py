@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from tuner.files import atomic_dir, write_atomic
 
 CAPTION_SUFFIXES = (".txt", ".caption")
+# photo.jpg's loss mask is photo.mask.png: white where the loss counts, black where it does not
+MASK_SUFFIX = ".mask.png"
 REPORT = "report.json"
 FINGERPRINT = "fingerprint"
 MAX_FILE_BYTES = 256 << 20
@@ -82,24 +84,47 @@ def _to_srgb_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.
     return image.convert("RGB")
 
 
-def standardize(image: Image.Image, s: PrepareSettings, rng) -> tuple[Image.Image, tuple[int, int]]:
-    """Scale the short side to the resolution and crop a square; returns the image and crop (top, left).
+def standardize(
+    image: Image.Image, s: PrepareSettings, rng, mask: Image.Image | None = None
+) -> tuple[Image.Image, tuple[int, int], Image.Image | None]:
+    """Scale the short side to the resolution and crop a square; returns the image, crop (top, left), mask.
 
     The crop is taken from the source in one resize (``box=``), so a long panorama is never upscaled
     whole first. The crop offset is in the scaled image's pixels, as SDXL's crop conditioning expects.
+    A mask gets exactly the image's resize and crop.
     """
     size = s.resolution
-    if s.crop == "none":
-        return image.resize((size, size), Image.Resampling.LANCZOS), (0, 0)
     w, h = image.size
-    scale = size / min(w, h)
-    scaled_w, scaled_h = max(size, round(w * scale)), max(size, round(h * scale))
-    if s.crop == "random":
-        top, left = rng.randint(0, scaled_h - size), rng.randint(0, scaled_w - size)
+    if s.crop == "none":
+        box, crop = (0, 0, w, h), (0, 0)
     else:
-        top, left = (scaled_h - size) // 2, (scaled_w - size) // 2
-    box = (left / scale, top / scale, min(w, (left + size) / scale), min(h, (top + size) / scale))
-    return image.resize((size, size), Image.Resampling.LANCZOS, box=box), (top, left)
+        scale = size / min(w, h)
+        scaled_w, scaled_h = max(size, round(w * scale)), max(size, round(h * scale))
+        if s.crop == "random":
+            top, left = rng.randint(0, scaled_h - size), rng.randint(0, scaled_w - size)
+        else:
+            top, left = (scaled_h - size) // 2, (scaled_w - size) // 2
+        box = (left / scale, top / scale, min(w, (left + size) / scale), min(h, (top + size) / scale))
+        crop = (top, left)
+    image = image.resize((size, size), Image.Resampling.LANCZOS, box=box)
+    if mask is not None:
+        mask = mask.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    return image, crop, mask
+
+
+def _mask(path: Path, size: tuple[int, int]) -> Image.Image | None:
+    """The image's loss mask (grayscale), if it has one."""
+    sidecar = path.with_name(path.stem + MASK_SUFFIX)
+    if not sidecar.is_file():
+        return None
+    try:
+        with Image.open(sidecar) as probe:
+            mask = ImageOps.exif_transpose(probe).convert("L")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Rejected("mask unreadable") from e
+    if mask.size != size:
+        raise Rejected(f"mask size {mask.size} differs from the image's {size}")
+    return mask
 
 
 def _load(path: Path, root: Path, s: PrepareSettings) -> tuple[Image.Image, bytes]:
@@ -168,15 +193,18 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
 
     report = Report(source=str(root))
     rng = random.Random(settings.seed)
-    rows: dict[str, list] = {k: [] for k in ("image", "caption", "source", "sha256", "original_size", "crop")}
+    columns = ("image", "caption", "source", "sha256", "original_size", "crop", "mask")
+    rows: dict[str, list] = {k: [] for k in columns}
     seen: dict[str, str] = {}
-    stems = {p.with_suffix("") for p in files if p.suffix.lower() not in CAPTION_SUFFIXES}
+    masks = [p for p in files if p.name.lower().endswith(MASK_SUFFIX)]
+    stems = {p.with_suffix("") for p in files if p.suffix.lower() not in CAPTION_SUFFIXES and p not in masks}
     for path in tqdm(files, desc=desc, leave=False):
         rel = str(path.relative_to(root))
-        if path.suffix.lower() in CAPTION_SUFFIXES:
-            if path.with_suffix("") not in stems:
-                report.reject(rel, "caption file without an image")
-            continue  # sidecar captions are read with their image
+        if path in masks or path.suffix.lower() in CAPTION_SUFFIXES:
+            stem = path.parent / path.name[: -len(MASK_SUFFIX)] if path in masks else path.with_suffix("")
+            if stem not in stems:
+                report.reject(rel, f"{'mask' if path in masks else 'caption'} file without an image")
+            continue  # sidecar captions and masks are read with their image
         if path.name.startswith("."):
             report.reject(rel, "hidden file")
             continue
@@ -187,7 +215,8 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
                 raise Rejected(f"duplicate of {seen[sha]}")
             caption = _caption(path, settings.default_caption)
             original_size = image.size
-            image, crop = standardize(_to_srgb_rgb(image, settings.background), settings, rng)
+            mask = _mask(path, image.size)
+            image, crop, mask = standardize(_to_srgb_rgb(image, settings.background), settings, rng, mask)
         except Rejected as why:
             reason = str(why)
             report.reject(rel, "duplicate" if reason.startswith("duplicate") else reason)
@@ -196,7 +225,7 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
             report.reject(rel, f"unreadable ({type(e).__name__})")
             continue
         seen[sha] = rel
-        for key, value in zip(rows, (image, caption, rel, sha, list(original_size), list(crop))):
+        for key, value in zip(columns, (image, caption, rel, sha, list(original_size), list(crop), mask)):
             rows[key].append(value)
         report.kept.append(rel)
 
@@ -208,6 +237,7 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
             "sha256": datasets.Value("string"),
             "original_size": datasets.Sequence(datasets.Value("int32"), length=2),
             "crop": datasets.Sequence(datasets.Value("int32"), length=2),
+            "mask": datasets.Image(),
         }
     )
     (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole

@@ -73,18 +73,28 @@ def load(path: str | Path, prediction_type: str | None = None) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, scheduler, prediction_type)
 
 
-@torch.no_grad()
-def encode_prompts(c: Components, prompts: list[str]) -> torch.Tensor:
-    """The text encoder's last hidden states, the U-Net's cross-attention input."""
-    tokens = c.tokenizer(
+def tokenize(c: Components, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length; multi-vector embedding tokens expanded as diffusers does."""
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    prompts = TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), c.tokenizer)
+    return c.tokenizer(
         prompts,
         padding="max_length",
         max_length=c.tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
-    )
-    device = next(c.text_encoder.parameters()).device
-    return c.text_encoder(tokens.input_ids.to(device))[0]
+    ).input_ids
+
+
+def encode_ids(text_encoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's last hidden states, the U-Net's cross-attention input (with gradients)."""
+    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]
+
+
+@torch.no_grad()
+def encode_prompts(c: Components, prompts: list[str]) -> torch.Tensor:
+    return encode_ids(c.text_encoder, tokenize(c, prompts))
 
 
 def noise_target(c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
@@ -112,16 +122,19 @@ def pipeline(c: Components):
     return pipe
 
 
-def save_lora(folder: Path, unet_lora_state: dict, lora_config: dict) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` the way diffusers itself does, config in its metadata."""
+def save_lora(folder: Path, layers: dict[str, tuple[dict, dict]]) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` the way diffusers itself does, each LoRA config in its metadata.
+
+    Args:
+        layers: ``{"unet" | "text_encoder": (peft state dict, LoraConfig as a dict)}``.
+    """
     from diffusers import StableDiffusionPipeline
 
-    StableDiffusionPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=unet_lora_state,
-        unet_lora_adapter_metadata=lora_config,
-        safe_serialization=True,
-    )
+    kwargs = {}
+    for name, (state, config) in layers.items():
+        kwargs[f"{name}_lora_layers"] = state
+        kwargs[f"{name}_lora_adapter_metadata"] = config
+    StableDiffusionPipeline.save_lora_weights(folder, safe_serialization=True, **kwargs)
     return folder / "pytorch_lora_weights.safetensors"
 
 

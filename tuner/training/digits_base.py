@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from tuner.config import BaseConfig
 from tuner.data import digits
 from tuner.models import sd15, tiny
-from tuner.training.loop import LoopSettings, encode_latent_dist, train_denoiser
+from tuner.training.loop import Batch, LoopSettings, encode_latent_dist, train_denoiser
 
 KL_WEIGHT = 1e-4
 
@@ -68,7 +68,7 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
         prompt = labels[index].clone()
         prompt[torch.rand(len(index), generator=generator) < cfg.caption_dropout] = 10
         weights = torch.full((len(index),), 1.0 / len(index))
-        return cache.sample(index, generator), embeddings[prompt], weights
+        return Batch(cache.sample(index, generator), embeddings[prompt], weights)
 
     settings = LoopSettings(
         steps=cfg.unet_steps,

@@ -27,6 +27,13 @@ class LossSettings:
     prediction_type: str = "epsilon"
     # adds noise_offset * N(0, 1) per sample and channel to the noise (brighter darks, darker lights)
     noise_offset: float = 0.0
+    # the U-Net's input is noised with noise + input_perturbation * N(0, 1); the target keeps the noise
+    input_perturbation: float = 0.0
+    # timesteps drawn from [min_timestep, max_timestep) (None: the scheduler's last), uniformly unless
+    # timestep_weights (one weight per timestep) is given
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    timestep_weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -39,9 +46,26 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     log_every: int = 50
     ema_decay: float | None = None
-    # adamw | adamw8bit (bitsandbytes) | sgd
+    # adamw | adamw8bit (bitsandbytes) | prodigy | sgd
     optimizer: str = "adamw"
     loss: LossSettings = field(default_factory=LossSettings)
+    # the text encoder (when it trains) freezes after this many steps; None: never
+    text_encoder_steps: int | None = None
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    # prompt embeddings, or token ids when the text encoder runs in the step
+    cond: torch.Tensor
+    # per-sample loss weights; the loss is sum(weights * per_sample_loss)
+    weights: torch.Tensor
+    # (B, 1, h, w) in [0, 1] at latent resolution: where the loss counts; None: everywhere
+    mask: torch.Tensor | None = None
+
+    def to(self, device) -> Batch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.latents), move(self.cond), move(self.weights), move(self.mask))
 
 
 @dataclass
@@ -82,19 +106,54 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, predicti
     return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
 
 
+def timestep_weights(num_timesteps: int, bias: str, multiplier: float, portion: float) -> torch.Tensor | None:
+    """Sampling weights that draw the earliest or latest ``portion`` of timesteps ``multiplier`` times as often."""
+    if bias == "none":
+        return None
+    weights = torch.ones(num_timesteps)
+    n = max(1, round(portion * num_timesteps))
+    if bias == "earlier":
+        weights[:n] *= multiplier
+    else:
+        weights[-n:] *= multiplier
+    return weights
+
+
+def draw_timesteps(n: int, num_timesteps: int, loss: LossSettings, generator=None) -> torch.Tensor:
+    high = loss.max_timestep or num_timesteps
+    if loss.timestep_weights is None:
+        return torch.randint(loss.min_timestep, high, (n,), generator=generator)
+    weights = loss.timestep_weights.clone()
+    weights[: loss.min_timestep] = 0
+    weights[high:] = 0
+    return torch.multinomial(weights, n, replacement=True, generator=generator)
+
+
 def diffusion_loss(
-    unet, noise_scheduler, target_fn: Callable, latents, embeds, generator=None, loss: LossSettings | None = None
+    unet,
+    noise_scheduler,
+    target_fn: Callable,
+    latents,
+    embeds,
+    generator=None,
+    loss: LossSettings | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample denoising loss at uniformly drawn timesteps, against the family's target."""
+    """Per-sample denoising loss at drawn timesteps, against the family's target.
+
+    Random numbers come from ``generator`` on the CPU, in a fixed order (noise, offset, perturbation,
+    timesteps), then move to the device: the same draws on every device.
+    """
     loss = loss or LossSettings()
-    # drawn on the CPU from the seeded generator, then moved: the same numbers on every device
     noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
     if loss.noise_offset:
         noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
-    noise = noise.to(latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-    timesteps = timesteps.to(latents.device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    input_noise = noise
+    if loss.input_perturbation:
+        input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
+    timesteps = draw_timesteps(len(latents), noise_scheduler.config.num_train_timesteps, loss, generator)
+    noise, input_noise, timesteps = (t.to(latents.device) for t in (noise, input_noise, timesteps))
+    noisy = noise_scheduler.add_noise(latents, input_noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample.float()
     target = target_fn(latents, noise, timesteps).float()
     if loss.kind == "l1":
@@ -103,21 +162,47 @@ def diffusion_loss(
         per_element = F.huber_loss(prediction, target, delta=loss.huber_delta, reduction="none")
     else:
         per_element = F.mse_loss(prediction, target, reduction="none")
-    per_sample = per_element.mean(dim=(1, 2, 3))
+    if mask is None:
+        per_sample = per_element.mean(dim=(1, 2, 3))
+    else:  # the mean over the masked area only
+        covered = (mask.sum(dim=(1, 2, 3)) * per_element.shape[1]).clamp_min(1e-6)
+        per_sample = (per_element * mask).sum(dim=(1, 2, 3)) / covered
     if loss.snr_gamma:
         per_sample = per_sample * snr_weights(noise_scheduler, timesteps, loss.snr_gamma, loss.prediction_type)
     return per_sample
 
 
-def make_optimizer(name: str, params: list, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW (foreach), 8-bit AdamW from bitsandbytes (runs on CPU too), or SGD with momentum."""
+def make_optimizer(name: str, groups: list[dict], learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW (fused), 8-bit AdamW from bitsandbytes (runs on CPU too), Prodigy, or SGD with momentum.
+
+    ``groups`` are torch parameter groups; each may carry its own ``lr`` and ``weight_decay``.
+    """
+    groups = [{k: v for k, v in g.items() if k != "name"} for g in groups]
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, lr=learning_rate, weight_decay=weight_decay)
+        return bnb.optim.AdamW8bit(groups, lr=learning_rate, weight_decay=weight_decay)
+    if name == "prodigy":
+        from prodigyopt import Prodigy
+
+        # the learning rate is a multiplier of the step size Prodigy estimates: 1.0 is its default
+        return Prodigy(groups, lr=learning_rate, weight_decay=weight_decay, safeguard_warmup=True)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    devices = {p.device.type for g in groups for p in g["params"]}
+    fused = devices <= {"cpu", "cuda", "xpu", "mps"}  # one kernel per step; foreach elsewhere
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, fused=fused)
+
+
+def make_lr_scheduler(name: str, optimizer, warmup_steps: int, steps: int):
+    """diffusers' schedulers (constant, constant_with_warmup, linear, cosine) or torch's OneCycle."""
+    if name == "one_cycle":
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        pct_start = warmup_steps / steps if warmup_steps else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps, pct_start=pct_start)
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
 
 
 @dataclass
@@ -129,36 +214,46 @@ class TrainResult:
 def train_denoiser(
     accelerator,
     unet,
-    params: Iterable[torch.nn.Parameter],
+    groups: list[dict] | Iterable[torch.nn.Parameter],
     noise_scheduler,
     target_fn: Callable,
-    next_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    next_batch: Callable[[torch.Generator], Batch],
     settings: LoopSettings,
     seed: int,
     desc: str = "train",
+    text_encoder=None,
+    encode: Callable | None = None,
 ) -> TrainResult:
-    """Train ``params`` of ``unet`` for ``settings.steps`` optimizer steps.
+    """Train the parameters in ``groups`` for ``settings.steps`` optimizer steps.
 
     Args:
-        next_batch: draws ``(latents, embeddings, weights)``; the loss is ``sum(weights * per_sample_loss)``,
-            so the caller decides how instance and prior samples are weighed.
+        groups: optimizer parameter groups (``params`` plus optional ``lr``, ``weight_decay``), or parameters.
+        next_batch: draws a ``Batch``; the caller decides how instance and prior samples are weighed.
         target_fn: ``(latents, noise, timesteps) -> target``, from the model family.
+        text_encoder, encode: when the text encoder (or an embedding in it) trains, batches carry token
+            ids and ``encode(text_encoder, ids)`` turns them into embeddings inside the step.
 
     Returns:
-        The logged losses and, when ``settings.ema_decay`` is set, the EMA of ``params``.
+        The logged losses and, when ``settings.ema_decay`` is set, the EMA of the trained parameters.
     """
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    params = [p for p in params if p.requires_grad]
-    optimizer = make_optimizer(settings.optimizer, params, settings.learning_rate, settings.weight_decay)
-    lr_scheduler = get_scheduler(
-        settings.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=settings.warmup_steps,
-        num_training_steps=settings.steps,
-    )
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    groups = list(groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+    if not params:
+        raise ValueError(f"{desc}: nothing to train (no parameter requires a gradient)")
+    optimizer = make_optimizer(settings.optimizer, groups, settings.learning_rate, settings.weight_decay)
+    lr_scheduler = make_lr_scheduler(settings.lr_scheduler, optimizer, settings.warmup_steps, settings.steps)
+    if text_encoder is None:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    else:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+        text_encoder.train()
+    text_encoder_params = {id(p) for p in text_encoder.parameters() if p.requires_grad} if text_encoder else set()
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult(ema=ema)
@@ -167,15 +262,19 @@ def train_denoiser(
     bar = tqdm(range(settings.steps), desc=desc, disable=not accelerator.is_main_process)
     micro_steps = accelerator.gradient_accumulation_steps
     for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
+        if text_encoder is not None and step == settings.text_encoder_steps:
+            for p in params:  # text_encoder.stop_at: from here on the text encoder is frozen
+                if id(p) in text_encoder_params:
+                    p.requires_grad_(False)
         for _ in range(micro_steps):
             with accelerator.accumulate(unet):
-                latents, embeds, weights = next_batch(generator)
-                latents, embeds, weights = (t.to(accelerator.device) for t in (latents, embeds, weights))
+                batch = next_batch(generator).to(accelerator.device)
                 with accelerator.autocast():
+                    embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
                     per_sample = diffusion_loss(
-                        unet, noise_scheduler, target_fn, latents, embeds, generator, settings.loss
+                        unet, noise_scheduler, target_fn, batch.latents, embeds, generator, settings.loss, batch.mask
                     )
-                loss = (per_sample * weights).sum()
+                loss = (per_sample * batch.weights).sum()
                 accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
@@ -195,4 +294,8 @@ def train_denoiser(
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
             running = 0.0
     unet.eval()
+    if text_encoder is not None:
+        text_encoder.eval()
+    for p in params:  # what was frozen mid-run trained before: leave every trained tensor as it was given
+        p.requires_grad_(True)
     return result

@@ -1,0 +1,185 @@
+"""What trains: an adapter or chosen blocks of the U-Net, the text encoder, new token embeddings.
+
+``setup`` starts from the fully frozen components the family loaded, adds or unfreezes exactly what
+the config asks for, and returns the optimizer's parameter groups, each with its learning rate.
+Every trained tensor is fp32; ``cast_frozen`` then puts the modules nobody trains whole into the
+mixed-precision dtype.
+
+    adapter.type        lora | loha | lokr (peft)  partial_unet (blocks by name)  full  none
+    text_encoder.train  none | lora | full
+    embedding.tokens    new tokens: textual inversion (adapter=none) or pivotal tuning (with an adapter)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from omegaconf import DictConfig
+
+from tuner.config import ConfigError
+
+PEFT_TYPES = ("lora", "loha", "lokr")
+UNET_PRESETS = {
+    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+}
+BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+
+
+@dataclass
+class Trainables:
+    # optimizer parameter groups: {"name", "params", "lr"[, "weight_decay"]}
+    groups: list[dict] = field(default_factory=list)
+    # the text encoder runs inside the training step (it or its embeddings train)
+    text_encoder_trains: bool = False
+    # the added embedding rows (textual inversion), by token
+    new_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups for p in g["params"]]
+
+
+def unet_target_modules(unet: torch.nn.Module, a: DictConfig) -> list[str]:
+    """``adapter.target_modules`` when given, else the modules of the ``adapter.targets`` preset."""
+    if a.target_modules:
+        return list(a.target_modules)
+    if a.targets in UNET_PRESETS:
+        return UNET_PRESETS[a.targets]
+    kinds = (torch.nn.Linear,) if a.targets == "all_linear" else (torch.nn.Linear, torch.nn.Conv2d)
+    return [name for name, m in unet.named_modules() if name.startswith(BLOCKS) and isinstance(m, kinds)]
+
+
+def peft_config(a: DictConfig, target_modules: list[str]):
+    """The peft config of ``adapter.type`` (lora, loha or lokr)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if a.type == "lora":
+        return LoraConfig(
+            r=a.rank,
+            lora_alpha=a.alpha,
+            lora_dropout=a.dropout,
+            init_lora_weights=True if a.init == "default" else a.init,
+            use_dora=a.use_dora,
+            use_rslora=a.use_rslora,
+            target_modules=target_modules,
+        )
+    kind = {"loha": LoHaConfig, "lokr": LoKrConfig}[a.type]
+    return kind(r=a.rank, alpha=a.alpha, module_dropout=a.dropout, target_modules=target_modules)
+
+
+def _trained(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _unfreeze_blocks(unet: torch.nn.Module, blocks, learning_rate: float) -> list[dict]:
+    """One group per ``adapter.blocks`` pattern; a parameter joins the first pattern it matches."""
+    groups = [{"name": f"unet {b.pattern}", "params": [], "lr": b.lr or learning_rate} for b in blocks]
+    for name, param in unet.named_parameters():
+        for block, group in zip(blocks, groups):
+            if fnmatch.fnmatchcase(name, block.pattern):
+                param.requires_grad_(True)
+                group["params"].append(param)
+                break
+    for block, group in zip(blocks, groups):
+        if not group["params"]:
+            tops = sorted({".".join(n.split(".")[:4]) for n, _ in unet.named_parameters() if n.startswith(BLOCKS)})
+            raise ConfigError(
+                f"adapter.blocks: pattern {block.pattern!r} matches no U-Net parameter; "
+                f"names look like {', '.join(tops[:6])} ..."
+            )
+    return groups
+
+
+def add_tokens(tokenizer, text_encoder, emb: DictConfig) -> dict[str, int]:
+    """Add ``embedding.tokens`` (with ``_1``, ``_2``... for extra vectors) and initialise their rows.
+
+    A token starts from the mean embedding of its init word's tokens, or of the whole vocabulary.
+    """
+    names = [f"{t}_{i}" if i else t for t in emb.tokens for i in range(emb.vectors)]
+    clash = [n for n in names if n in tokenizer.get_vocab()]
+    if clash or tokenizer.add_tokens(names) != len(names):
+        raise ConfigError(f"embedding.tokens: {clash or names} already in the tokenizer; pick a new word like <sks>")
+    ids = tokenizer.convert_tokens_to_ids(names)
+    text_encoder.resize_token_embeddings(len(tokenizer))
+    weight = text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        vocabulary_mean = weight[: min(ids)].mean(0)
+        for k in range(len(emb.tokens)):
+            start = vocabulary_mean
+            if emb.init_words:
+                word_ids = tokenizer(emb.init_words[k], add_special_tokens=False).input_ids
+                if not word_ids:
+                    raise ConfigError(f"embedding.init_words: {emb.init_words[k]!r} has no tokens")
+                start = weight[word_ids].mean(0)
+            weight[ids[k * emb.vectors : (k + 1) * emb.vectors]] = start
+    return dict(zip(names, ids))
+
+
+def setup(cfg: DictConfig, c) -> Trainables:
+    """Make exactly the configured parameters trainable on the frozen components ``c``."""
+    from peft import LoraConfig
+
+    a, te, emb, lr = cfg.adapter, cfg.text_encoder, cfg.embedding, cfg.train.learning_rate
+    out = Trainables()
+    if a.type in PEFT_TYPES:
+        c.unet.add_adapter(peft_config(a, unet_target_modules(c.unet, a)))
+        out.groups.append({"name": f"unet {a.type}", "params": _trained(c.unet), "lr": lr})
+    elif a.type == "partial_unet":
+        out.groups += _unfreeze_blocks(c.unet, a.blocks, lr)
+    elif a.type == "full":
+        out.groups.append({"name": "unet", "params": list(c.unet.requires_grad_(True).parameters()), "lr": lr})
+
+    if te.train == "lora":
+        c.text_encoder.add_adapter(
+            LoraConfig(
+                r=a.rank,
+                lora_alpha=a.alpha,
+                lora_dropout=a.dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(te.target_modules),
+            )
+        )
+    elif te.train == "full":
+        c.text_encoder.requires_grad_(True)
+    if te.train != "none":
+        group = {"name": f"text_encoder {te.train}", "params": _trained(c.text_encoder), "lr": te.learning_rate or lr}
+        out.groups.append(group)
+
+    if emb.tokens:
+        out.new_tokens = add_tokens(c.tokenizer, c.text_encoder, emb)
+        weight = c.text_encoder.get_input_embeddings().weight
+        if not weight.requires_grad:  # a fully trained text encoder already trains every row
+            keep = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
+            keep[list(out.new_tokens.values())] = 1
+            weight.requires_grad_(True)
+            weight.register_hook(lambda grad: grad * keep)  # only the new rows get a gradient
+            # no weight decay: with a zero gradient AdamW then leaves every other row exactly as it was
+            group = {"name": "embeddings", "params": [weight], "lr": emb.learning_rate or lr, "weight_decay": 0.0}
+            out.groups.append(group)
+    out.text_encoder_trains = te.train != "none" or bool(emb.tokens)
+    return out
+
+
+def cast_frozen(c, trainables: Trainables, dtype: torch.dtype) -> None:
+    """Run the U-Net and text encoder in ``dtype`` where only adapters (kept fp32) train in them.
+
+    A module with trained weights of its own (partial_unet, full, text_encoder.train=full, new
+    embeddings) stays fp32 and computes in ``dtype`` under accelerate's autocast.
+    """
+    if dtype == torch.float32:
+        return
+    trained = {id(p) for p in trainables.params}
+    for module in (c.unet, c.text_encoder):
+        named = list(module.named_parameters())
+        if any(id(p) in trained and not _in_adapter(name) for name, p in named):
+            continue
+        for _, p in named:
+            if id(p) not in trained:
+                p.data = p.data.to(dtype)
+
+
+def _in_adapter(name: str) -> bool:
+    return any(part in name for part in ("lora_", "hada_", "lokr_"))
