@@ -55,3 +55,18 @@ def gallery_cell(path: Path, size: int = 16):
     cell = np.asarray(Image.open(path).convert("RGB"))
     step = cell.shape[0] // size
     return cell[::step, ::step] / 255.0
+
+
+def make_photos(folder: Path, n: int = 3) -> Path:
+    """A few 'photos' of a subject: a red disc on grey, at sizes that need resizing."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = Image.new("RGB", (48 + 8 * i, 40), (128, 128, 128))
+        for y in range(40):
+            for x in range(48 + 8 * i):
+                if (x - 24) ** 2 + (y - 20) ** 2 < 100:
+                    image.putpixel((x, y), (220, 30, 30))
+        image.save(folder / f"photo_{i}.png")
+    return folder

@@ -6,27 +6,14 @@ import numpy as np
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import gallery_cell, run_tuner, sample_like_the_gallery
+from tests.conftest import gallery_cell, make_photos, run_tuner, sample_like_the_gallery
 from tests.test_quickstart import SMALL
-
-
-def _photos(folder, n=3):
-    """A few 'photos' of a subject: a red disc on grey, at a size that needs resizing."""
-    folder.mkdir(parents=True)
-    for i in range(n):
-        image = Image.new("RGB", (48 + 8 * i, 40), (128, 128, 128))
-        for y in range(40):
-            for x in range(48 + 8 * i):
-                if (x - 24) ** 2 + (y - 20) ** 2 < 100:
-                    image.putpixel((x, y), (220, 30, 30))
-        image.save(folder / f"photo_{i}.png")
-    return folder
 
 
 def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
-    photos = _photos(tmp_path / "photos")
+    photos = make_photos(tmp_path / "photos")
     result = run_tuner(
         "recipe=dreambooth_lora",
         f"model.path={tiny_pipeline_dir}",
@@ -61,7 +48,7 @@ def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
 
 
 def test_prepare_recipe_writes_dataset_and_report(tmp_path):
-    photos = _photos(tmp_path / "photos", n=2)
+    photos = make_photos(tmp_path / "photos", n=2)
     (photos / "notes.txt").write_text("stray")
     result = run_tuner(
         "recipe=prepare",
@@ -108,7 +95,7 @@ def test_digits_base_recipe_scores_every_digit(tmp_path):
 
 
 def test_lora_recipe_trains_on_captions(tmp_path, tiny_pipeline_dir):
-    photos = _photos(tmp_path / "photos", n=3)
+    photos = make_photos(tmp_path / "photos", n=3)
     for i, caption in enumerate(["a red disc", "a red ball", "a red circle"]):
         (photos / f"photo_{i}.txt").write_text(caption)
     result = run_tuner(

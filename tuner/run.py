@@ -288,9 +288,10 @@ def train(run: Run) -> None:
     """
     from tuner.training import trainables
     from tuner.training.loop import (
-        Batch,
         LoopSettings,
         LossSettings,
+        SampleSet,
+        draw_batch,
         encode_latent_dist,
         timestep_weights,
         train_denoiser,
@@ -310,37 +311,24 @@ def train(run: Run) -> None:
     trainables.cast_frozen(c, what, _dtype(accelerator.mixed_precision))
     c.vae.to(_dtype(t.vae_dtype))
 
-    sets = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
-    caches, masks, prompt_index, weights = [], [], [], []
+    roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
+    sets: list[SampleSet] = []
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
-    for role, weight in sets:
+    for role, weight in roles:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
-        caches.append(encode_latent_dist(c.vae, _pixels(dataset), desc=f"encode {role}"))
-        masks.append(_latent_masks(dataset, tuple(caches[-1].mean.shape[-2:])))
-        index = [caption_ids.setdefault(caption, len(caption_ids)) for caption in dataset["caption"]]
-        prompt_index.append(torch.tensor(index))
-        weights.append(weight / t.batch_size)
-    if any(m is not None for m in masks):  # images without a mask count everywhere
-        masks = [torch.ones_like(c.mean[:, :1]) if m is None else m for c, m in zip(caches, masks)]
+        latents = encode_latent_dist(c.vae, _pixels(dataset), desc=f"encode {role}")
+        captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
+        mask = _latent_masks(dataset, tuple(latents.mean.shape[-2:]))
+        sets.append(SampleSet(latents, cond=None, caption=captions, weight=weight, mask=mask))
     if what.text_encoder_trains:
         cond = run.family.tokenize(c, list(caption_ids))
     else:
         with accelerator.autocast():
             cond = run.family.encode_prompts(c, list(caption_ids)).cpu()
-
-    def next_batch(generator) -> Batch:
-        """batch_size samples of each set (instance, then class), each set's loss weight on its samples."""
-        latents, conds, w, m = [], [], [], []
-        for cache, mask, index, weight in zip(caches, masks, prompt_index, weights):
-            pick = torch.randint(0, len(cache), (t.batch_size,), generator=generator)
-            latents.append(cache.sample(pick, generator))
-            conds.append(cond[index[pick]])
-            w.append(torch.full((t.batch_size,), weight))
-            m.append(None if mask is None else mask[pick])
-        mask = None if m[0] is None else torch.cat(m)
-        return Batch(torch.cat(latents), torch.cat(conds), torch.cat(w), mask)
+    for s in sets:
+        s.cond = cond
 
     learning_rate = t.learning_rate
     if t.scale_lr:
@@ -384,7 +372,7 @@ def train(run: Run) -> None:
         what.groups,
         c.noise_scheduler,
         target_fn=lambda latents, noise, steps: run.family.noise_target(c, latents, noise, steps),
-        next_batch=next_batch,
+        next_batch=lambda generator: draw_batch(sets, t.batch_size, generator),
         settings=settings,
         seed=cfg.seed,
         desc=f"train {', '.join(g['name'] for g in what.groups)}",

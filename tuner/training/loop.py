@@ -85,6 +85,39 @@ class LatentCache:
         return len(self.mean)
 
 
+@dataclass
+class SampleSet:
+    """One set of training images (instance, or class images for the prior) and how it is drawn."""
+
+    latents: LatentCache
+    # per distinct caption: its embeddings, or its token ids when the text encoder runs in the step
+    cond: torch.Tensor
+    # per image: the row of ``cond`` holding its caption
+    caption: torch.Tensor
+    # the set's share of the loss: its samples' mean loss is multiplied by it
+    weight: float = 1.0
+    # per image: (1, h, w) loss mask at latent resolution; None: the loss counts everywhere
+    mask: torch.Tensor | None = None
+
+
+def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generator) -> Batch:
+    """``batch_size`` random images of each set, in order (instance first, then class images).
+
+    Each sample's loss weight is its set's weight over ``batch_size``, so the batch loss is
+    ``mean(instance losses) + prior_weight * mean(class losses)``, DreamBooth's prior-preserving loss.
+    """
+    latents, cond, weights, masks = [], [], [], []
+    with_masks = any(s.mask is not None for s in sets)
+    for s in sets:
+        pick = torch.randint(0, len(s.latents), (batch_size,), generator=generator)
+        latents.append(s.latents.sample(pick, generator))
+        cond.append(s.cond[s.caption[pick]])
+        weights.append(torch.full((batch_size,), s.weight / batch_size))
+        if with_masks:  # a set without masks counts everywhere
+            masks.append(s.mask[pick] if s.mask is not None else torch.ones_like(latents[-1][:, :1]))
+    return Batch(torch.cat(latents), torch.cat(cond), torch.cat(weights), torch.cat(masks) if masks else None)
+
+
 @torch.no_grad()
 def encode_latent_dist(vae, images: torch.Tensor, batch_size: int = 64, desc: str | None = None) -> LatentCache:
     """Encode images in [-1, 1] once; the VAE never runs inside the training loop."""
