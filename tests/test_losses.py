@@ -82,3 +82,138 @@ def test_optimizers_and_accumulation_train_the_adapter(tiny_pipeline_dir, optimi
     assert len(calls) == 3 * accumulation and len(result.losses) == 3
     after = c.unet.state_dict()
     assert all(not torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_v_prediction_target_is_the_velocity(tiny_pipeline_dir):
+    c = sd15.load(tiny_pipeline_dir, prediction_type="v_prediction")
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 400, 990])
+    abar = c.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    expected = abar.sqrt() * noise - (1 - abar).sqrt() * latents  # Salimans & Ho (2022)
+    got = sd15.noise_target(c, latents, noise, t)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, c.noise_scheduler.get_velocity(latents, noise, t))
+
+
+def test_masked_loss_with_input_perturbation_matches_an_independent_computation(tiny_pipeline_dir):
+    """Loss only where the mask is on; the U-Net sees perturbed noise while the target stays the noise."""
+    c = sd15.load(tiny_pipeline_dir)
+    latents, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, c.tokenizer.model_max_length, 16)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, :, :, :4] = 1  # left half of the first image
+    mask[1] = 1  # all of the second
+    settings = LossSettings(input_perturbation=0.2)
+    got = diffusion_loss(
+        c.unet, c.noise_scheduler, lambda x, n, t: n, latents, embeds, torch.Generator().manual_seed(3), settings, mask
+    )
+
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(latents.shape, generator=g)
+    perturbed = noise + 0.2 * torch.randn(latents.shape, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    abar = c.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    with torch.no_grad():
+        pred = c.unet(abar.sqrt() * latents + (1 - abar).sqrt() * perturbed, t, encoder_hidden_states=embeds).sample
+    err = (pred - noise) ** 2
+    expected = torch.stack([err[0, :, :, :4].mean(), err[1].mean()])
+    torch.testing.assert_close(got.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_timesteps_stay_in_range_and_follow_the_bias():
+    from tuner.training.loop import draw_timesteps, timestep_weights
+
+    g = torch.Generator().manual_seed(0)
+    ranged = draw_timesteps(5000, 1000, LossSettings(min_timestep=200, max_timestep=400), g)
+    assert ranged.min() >= 200 and ranged.max() < 400 and ranged.unique().numel() > 150
+    weights = timestep_weights(1000, "later", multiplier=3.0, portion=0.25)
+    later = draw_timesteps(20000, 1000, LossSettings(timestep_weights=weights), g)
+    share = (later >= 750).float().mean().item()
+    assert abs(share - 0.75 / (0.75 + 0.75)) < 0.02  # 250 timesteps at weight 3 vs 750 at weight 1
+    earlier = draw_timesteps(
+        20000, 1000, LossSettings(timestep_weights=timestep_weights(1000, "earlier", 3.0, 0.25)), g
+    )
+    assert abs((earlier < 250).float().mean().item() - 0.5) < 0.02
+
+
+def test_prior_batches_hold_both_sets_and_the_loss_is_the_weighted_sum():
+    from tuner.training.loop import LatentCache, SampleSet, draw_batch
+
+    def cache(value, n):
+        return LatentCache(torch.full((n, 4, 2, 2), value), torch.zeros(n, 4, 2, 2), scaling_factor=1.0)
+
+    cond = torch.arange(3.0).view(3, 1, 1)  # caption k embeds as the value k
+    instance = SampleSet(cache(1.0, 5), cond, caption=torch.tensor([0, 0, 0, 1, 1]), weight=1.0)
+    prior = SampleSet(cache(-1.0, 7), cond, caption=torch.full((7,), 2), weight=0.5)
+    batch = draw_batch([instance, prior], batch_size=3, generator=torch.Generator().manual_seed(0))
+    assert batch.latents[:3].eq(1).all() and batch.latents[3:].eq(-1).all()
+    assert set(batch.cond[:3].flatten().tolist()) <= {0.0, 1.0} and batch.cond[3:].eq(2).all()
+    per_sample = torch.tensor([0.3, 0.6, 0.9, 2.0, 4.0, 6.0])
+    loss = (batch.weights * per_sample).sum()
+    torch.testing.assert_close(loss, per_sample[:3].mean() + 0.5 * per_sample[3:].mean())
+    assert batch.mask is None
+
+
+def _train_on_a_fixed_batch(tiny_pipeline_dir, steps, callback=None, **settings):
+    """LoRA on one fixed batch; returns the adapter's loss at fixed noise before and after, and the result."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    c = sd15.load(tiny_pipeline_dir)
+    c.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    g = torch.Generator().manual_seed(0)
+    latents, embeds = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 48, 16, generator=g)
+
+    def fixed_loss():
+        with torch.no_grad():
+            loss = diffusion_loss(c.unet, c.noise_scheduler, lambda x, n, t: n, latents, embeds, torch.Generator())
+        return loss.mean().item()
+
+    def next_batch(generator):
+        if callback:
+            callback(c.unet)
+        return Batch(latents, embeds, torch.full((4,), 0.25))
+
+    before = fixed_loss()
+    result = train_denoiser(
+        Accelerator(),
+        c.unet,
+        c.unet.parameters(),
+        c.noise_scheduler,
+        lambda x, n, t: n,
+        next_batch,
+        LoopSettings(steps=steps, log_every=steps, **settings),
+        seed=0,
+    )
+    return before, fixed_loss(), result, c.unet
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"optimizer": "adamw8bit", "learning_rate": 1e-2},
+        {"optimizer": "prodigy", "learning_rate": 1.0},
+        {"optimizer": "adamw", "learning_rate": 1e-2, "lr_scheduler": "one_cycle"},
+    ],
+)
+def test_optimizers_lower_the_loss(tiny_pipeline_dir, settings):
+    before, after, _, _ = _train_on_a_fixed_batch(tiny_pipeline_dir, 40, **settings)
+    assert after < 0.9 * before, (before, after)
+
+
+def test_ema_equals_the_closed_form(tiny_pipeline_dir):
+    """diffusers' EMAModel: shadow = p_1 at step 1, then decay_n = min(decay, n / (n + 9)) per step n."""
+    seen = []  # the trained tensors as each step starts = after each previous optimizer step
+
+    def record(unet):
+        seen.append([p.detach().clone() for p in unet.parameters() if p.requires_grad])
+
+    _, _, result, unet = _train_on_a_fixed_batch(
+        tiny_pipeline_dir, 5, callback=record, optimizer="adamw", learning_rate=1e-2, ema_decay=0.7
+    )
+    after = [[p.detach().clone() for p in unet.parameters() if p.requires_grad]]
+    steps = (seen + after)[1:]  # the parameters after steps 1..5
+    shadow = steps[0]
+    for n, params in enumerate(steps[1:], start=2):
+        decay = min(0.7, n / (n + 9))
+        shadow = [decay * s + (1 - decay) * p for s, p in zip(shadow, params)]
+    for expected, got in zip(shadow, result.ema.shadow_params):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)

@@ -219,3 +219,17 @@ def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, tiny_pipeline_d
     a, b = get_peft_model_state_dict(plain.components.unet), get_peft_model_state_dict(checkpointed.components.unet)
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fully_masked_out_image_teaches_nothing(tmp_path, tiny_pipeline_dir):
+    """Black loss masks: zero loss, so LoRA's B stays zero; white masks: it learns."""
+    from PIL import Image
+
+    photos = make_photos(tmp_path / "photos")
+    for value, name in ((0, "black"), (255, "white")):
+        for photo in photos.glob("photo_*[0-9].png"):
+            Image.new("L", Image.open(photo).size, value).save(photo.with_name(photo.stem + ".mask.png"))
+        run = train_in_process(tmp_path, tiny_pipeline_dir, "train.weight_decay=0", name=name)
+        b = [p for n, p in run.components.unet.named_parameters() if "lora_B" in n]
+        assert (run.metrics["train_loss"]["last"] == 0) == (value == 0)
+        assert all(p.eq(0).all() for p in b) == (value == 0)

@@ -153,3 +153,31 @@ def test_squash_mode_keeps_the_whole_image(tmp_path):
     image.save(src / "wide.png")
     prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=16, crop="none"))
     assert np.asarray(load_prepared(tmp_path / "out")[0]["image"])[:, 0].min() > 200
+
+
+def test_loss_masks_are_cropped_with_their_image(tmp_path):
+    """photo.mask.png gets exactly photo.png's resize and crop; a stray mask is reported."""
+    src = tmp_path / "src"
+    src.mkdir()
+    image = Image.new("RGB", (60, 20), (0, 0, 0))
+    mask = Image.new("L", (60, 20), 0)
+    for x in range(30, 40):  # a white stripe in the middle third of both
+        for y in range(20):
+            image.putpixel((x, y), (255, 255, 255))
+            mask.putpixel((x, y), 255)
+    image.save(src / "photo.png")
+    mask.save(src / "photo.mask.png")
+    Image.new("RGB", (20, 20)).save(src / "plain.png")
+    Image.new("L", (20, 20)).save(src / "orphan.mask.png")
+    Image.new("L", (10, 10)).save(src / "wrong.mask.png")
+    Image.new("RGB", (20, 20), (9, 9, 9)).save(src / "wrong.png")
+    report = prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=20))
+    assert sorted(report.kept) == ["photo.png", "plain.png"]
+    assert report.rejected["mask file without an image"] == ["orphan.mask.png"]
+    assert any("mask size" in reason for reason in report.rejected)
+    rows = {row["source"]: row for row in load_prepared(tmp_path / "out")}
+    assert rows["plain.png"]["mask"] is None
+    pixels = np.asarray(rows["photo.png"]["image"].convert("L")) / 255.0
+    masked = np.asarray(rows["photo.png"]["mask"]) / 255.0
+    assert np.abs(pixels - masked).max() < 0.2  # same geometry: the stripe lands in the same columns
+    assert masked[:, 11:].mean() > 0.9 and masked[:, :9].max() < 0.1  # center crop: x 30..39 -> 10..19

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -120,3 +121,37 @@ def test_lora_recipe_trains_on_captions(tmp_path, tiny_pipeline_dir):
     assert len(list((run / "gallery" / "cells").glob("*.png"))) == 4  # 2 prompts x base/fine-tuned x 1 seed
     assert "a blue disc" in (run / "gallery" / "index.html").read_text()
     assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_partial_unet_and_textual_inversion_recipes(tmp_path, tiny_pipeline_dir):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    photos = make_photos(tmp_path / "photos", n=2)
+    common = [f"model.path={tiny_pipeline_dir}", "data.resolution=16", f"data.instance_dir={photos}"]
+    common += ["train.max_steps=2", "sample.seeds=[0]", "sample.steps=2"]
+    partial = run_tuner(
+        "recipe=dreambooth_partial_unet",
+        *common,
+        "data.instance_prompt=a photo of sks ball",
+        "data.class_prompt=a photo of a ball",
+        "prior.num_class_images=2",
+        f"output_dir={tmp_path / 'partial'}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+    )
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "partial" / "pipeline")
+    base = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])}
+    assert changed and all(n.startswith(("up_blocks", "mid_block")) for n in changed)
+    assert any(".attentions." in n and n.startswith("up_blocks") for n in changed)
+
+    inversion = run_tuner(
+        "recipe=textual_inversion", *common, f"output_dir={tmp_path / 'ti'}", home=tmp_path / "home", cwd=tmp_path
+    )
+    assert inversion.returncode == 0, inversion.stderr[-3000:]
+    vectors = load_file(tmp_path / "ti" / "adapter" / "embeddings" / "0.safetensors")
+    assert list(vectors) == ["<sks>"] and vectors["<sks>"].shape == (1, base.text_encoder.config.hidden_size)
+    assert (tmp_path / "ti" / "gallery" / "grid.png").is_file()
+    assert not (tmp_path / "ti" / "pipeline").exists()  # every model weight stayed frozen: nothing else to ship
