@@ -10,15 +10,17 @@ NEEDS = {
     "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
     "evaluate": ["checkpoint=tests"],
     "lora": ["sample.prompts=[a watercolour of a harbour]"],
+    "dreambooth_partial_unet": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
 }
+USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion")
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
 def test_every_recipe_composes_and_validates(recipe, tmp_path, tiny_pipeline_dir):
     overrides = NEEDS.get(recipe, [])
-    if recipe in ("dreambooth_lora", "lora"):
+    if recipe in USER_MODEL:
         overrides = overrides + [f"model.path={tiny_pipeline_dir}", "data.resolution=16"]
-    if recipe in ("dreambooth_lora", "lora", "prepare", "evaluate"):
+    if recipe in USER_MODEL + ("prepare", "evaluate"):
         overrides = overrides + [f"data.instance_dir={tmp_path}"]
     cfg = compose(recipe, overrides)
     validate(cfg)
@@ -106,3 +108,21 @@ def test_model_folder_of_wrong_kind_is_refused(tmp_path):
 def test_bad_values_are_refused_naming_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         validate(compose("quickstart", [override]))
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["adapter=lora", "text_encoder.train=full"], "text_encoder.train=full"),
+        (["adapter=full", "text_encoder.train=lora"], "text_encoder.train=lora"),
+        (["adapter=partial_unet", "adapter.blocks=[]"], "adapter.blocks"),
+        (["adapter=none"], "nothing to train"),
+        (["adapter.targets=everything"], "adapter.targets"),
+        (["train.optimizer=lion"], "train.optimizer"),
+        (["train.timestep_bias=middle"], "train.timestep_bias"),
+        (["embedding.tokens=[a,b]", "embedding.init_words=[dog]"], "embedding.init_words"),
+    ],
+)
+def test_impossible_training_choices_are_refused_by_name(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(compose("quickstart", overrides))
