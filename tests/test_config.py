@@ -126,3 +126,35 @@ def test_bad_values_are_refused_naming_the_key(override, key):
 def test_impossible_training_choices_are_refused_by_name(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose("quickstart", overrides))
+
+
+def test_the_issue_interface_composes(tmp_path, tiny_pipeline_dir):
+    """The command users and scripts rely on: these keys must keep working."""
+    cfg = compose(
+        "dreambooth_lora",
+        [
+            f"model.path={tiny_pipeline_dir}",
+            f"data.instance_dir={tmp_path}",
+            "data.instance_prompt=a photo of sks dog",
+            "data.class_prompt=a photo of a dog",
+            "prior.enabled=true",
+            "prior.num_class_images=100",
+            "prior.loss_weight=1.0",
+            "adapter=lora",
+            "adapter.rank=16",
+            "adapter.alpha=16",
+            "train.max_steps=800",
+            "train.batch_size=4",
+            "train.learning_rate=1e-4",
+            "seed=0",
+            "output_dir=runs/my_dog",
+            "data.resolution=16",
+        ],
+    )
+    validate(cfg)
+    assert (cfg.prior.num_class_images, cfg.adapter.rank, cfg.train.max_steps, cfg.output_dir) == (
+        100,
+        16,
+        800,
+        "runs/my_dog",
+    )

@@ -209,16 +209,19 @@ def test_bf16_keeps_trained_weights_fp32_and_matches_fp32_losses(tmp_path, tiny_
     assert (bf16.dir / "gallery" / "grid.png").is_file()  # sampling works on the mixed-precision model
 
 
-def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, tiny_pipeline_dir):
+def test_gradient_checkpointing_gives_the_same_adapters(tmp_path, tiny_pipeline_dir):
     from peft.utils import get_peft_model_state_dict
 
-    plain = train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=2", name="plain")
+    both = ["train.max_steps=2", "text_encoder.train=lora"]
+    plain = train_in_process(tmp_path, tiny_pipeline_dir, *both, name="plain")
     checkpointed = train_in_process(
-        tmp_path, tiny_pipeline_dir, "train.max_steps=2", "train.gradient_checkpointing=true", name="ckpt"
+        tmp_path, tiny_pipeline_dir, *both, "train.gradient_checkpointing=true", name="ckpt"
     )
-    a, b = get_peft_model_state_dict(plain.components.unet), get_peft_model_state_dict(checkpointed.components.unet)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    for module in ("unet", "text_encoder"):
+        a = get_peft_model_state_dict(getattr(plain.components, module))
+        b = get_peft_model_state_dict(getattr(checkpointed.components, module))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
 def test_a_fully_masked_out_image_teaches_nothing(tmp_path, tiny_pipeline_dir):
@@ -233,3 +236,11 @@ def test_a_fully_masked_out_image_teaches_nothing(tmp_path, tiny_pipeline_dir):
         b = [p for n, p in run.components.unet.named_parameters() if "lora_B" in n]
         assert (run.metrics["train_loss"]["last"] == 0) == (value == 0)
         assert all(p.eq(0).all() for p in b) == (value == 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on GPUs")
+def test_fp16_on_cpu_is_refused_by_name(tmp_path, tiny_pipeline_dir):
+    from tuner.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.mixed_precision=fp16"):
+        train_in_process(tmp_path, tiny_pipeline_dir, "train.mixed_precision=fp16")

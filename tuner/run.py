@@ -50,6 +50,11 @@ class Run:
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         )
+        if self.accelerator.mixed_precision != "no" and not self.accelerator.native_amp:
+            raise ConfigError(
+                f"train.mixed_precision={cfg.train.mixed_precision}: accelerate cannot autocast to it on "
+                f"{self.accelerator.device.type}; use bf16 (CPUs) or no"
+            )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         self.dir = Path(cfg.output_dir or Path("runs") / f"{cfg.recipe}-{stamp}").expanduser().resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -273,10 +278,7 @@ def _latent_masks(dataset, size: tuple[int, int]) -> torch.Tensor | None:
     return torch.nn.functional.interpolate(torch.stack(masks), size=size, mode="area")
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        name, getattr(torch, name, torch.float32)
-    )
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @stage
@@ -301,18 +303,17 @@ def train(run: Run) -> None:
     t = cfg.train
     torch.manual_seed(cfg.seed)
     what = trainables.setup(cfg, c)
-    run.base_weights_changed = cfg.adapter.type in ("partial_unet", "full") or cfg.text_encoder.train == "full"
-    run.base_weights_changed |= bool(what.new_tokens)
+    run.base_weights_changed = what.base_weights_train or bool(what.new_tokens)
     run.trainables = what
     if t.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
         if what.text_encoder_trains:
             c.text_encoder.gradient_checkpointing_enable()
-    trainables.cast_frozen(c, what, _dtype(accelerator.mixed_precision))
-    c.vae.to(_dtype(t.vae_dtype))
+    trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
+    c.vae.to(getattr(torch, t.vae_dtype))
 
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
-    sets: list[SampleSet] = []
+    loaded = []
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     for role, weight in roles:
         if not (run.dir / "data" / role / "dataset").is_dir():
@@ -320,15 +321,13 @@ def train(run: Run) -> None:
         dataset = load_prepared(run.dir / "data" / role)
         latents = encode_latent_dist(c.vae, _pixels(dataset), desc=f"encode {role}")
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
-        mask = _latent_masks(dataset, tuple(latents.mean.shape[-2:]))
-        sets.append(SampleSet(latents, cond=None, caption=captions, weight=weight, mask=mask))
+        loaded.append((latents, captions, weight, _latent_masks(dataset, tuple(latents.mean.shape[-2:]))))
     if what.text_encoder_trains:
         cond = run.family.tokenize(c, list(caption_ids))
     else:
         with accelerator.autocast():
             cond = run.family.encode_prompts(c, list(caption_ids)).cpu()
-    for s in sets:
-        s.cond = cond
+    sets = [SampleSet(latents, cond, captions, weight, mask) for latents, captions, weight, mask in loaded]
 
     learning_rate = t.learning_rate
     if t.scale_lr:
@@ -436,7 +435,7 @@ def export(run: Run) -> None:
                     ids = [i for name, i in what.new_tokens.items() if name == token or name.startswith(f"{token}_")]
                     vectors = rows[ids].detach().float().cpu().clone()
                     save_file({token: vectors}, tmp / "embeddings" / f"{k}.safetensors", metadata={"token": token})
-        if run.base_weights_changed and (a.type in ("partial_unet", "full") or run.cfg.text_encoder.train == "full"):
+        if what.base_weights_train:
             with atomic_dir(run.dir / "pipeline") as tmp:
                 run.pipe.save_pretrained(tmp, safe_serialization=True)
             run.outputs["pipeline"] = str(run.dir / "pipeline")
@@ -506,12 +505,14 @@ def gallery(run: Run) -> None:
     d, s = run.cfg.data, run.cfg.sample
     seeds = list(s.seeds)
     prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
+    every_prompt = [prompt for prompt in prompts for _ in seeds]
+    base_images, tuned_images = _with_and_without_adapter(
+        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery"
+    )
     rows = []
-    for prompt in prompts:
-        base_images, tuned_images = _with_and_without_adapter(
-            run, [prompt] * len(seeds), seeds, s.steps, s.guidance_scale, "gallery"
-        )
-        rows += [(f"base: {prompt}", base_images), (f"fine-tuned: {prompt}", tuned_images)]
+    for k, prompt in enumerate(prompts):
+        cells = slice(k * len(seeds), (k + 1) * len(seeds))
+        rows += [(f"base: {prompt}", base_images[cells]), (f"fine-tuned: {prompt}", tuned_images[cells])]
     run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds, s.display_size))
 
 
@@ -537,18 +538,23 @@ def evaluate(run: Run) -> None:
     instance = _pixels(load_prepared(run.dir / "data" / "instance"))
     classifier = digits.DigitClassifier(d.resolution, extra_images=instance, extra_label=10)
     seeds = [e.seed + i for i in range(e.samples)]
-    metrics = {}
-    for name, prompt, label in (
-        ("subject_fidelity", d.instance_prompt, 10),
-        ("class_preservation", d.class_prompt, digit_in(d.class_prompt)),
-    ):
-        if prompt is None or label is None:
-            continue
-        base_images, tuned_images = _with_and_without_adapter(
-            run, [prompt] * e.samples, seeds, e.steps, e.guidance_scale, name
+    scored = [
+        (name, prompt, label)
+        for name, prompt, label in (
+            ("subject_fidelity", d.instance_prompt, 10),
+            ("class_preservation", d.class_prompt, digit_in(d.class_prompt)),
         )
-        metrics[name] = float(np.mean(classifier.predict(tuned_images) == label))
-        metrics[f"{name}_base"] = float(np.mean(classifier.predict(base_images) == label))
+        if prompt is not None and label is not None
+    ]
+    prompts = [prompt for _, prompt, _ in scored for _ in seeds]
+    base_images, tuned_images = _with_and_without_adapter(
+        run, prompts, seeds * len(scored), e.steps, e.guidance_scale, "evaluate"
+    )
+    metrics = {}
+    for k, (name, _, label) in enumerate(scored):
+        cells = slice(k * e.samples, (k + 1) * e.samples)
+        metrics[name] = float(np.mean(classifier.predict(tuned_images[cells]) == label))
+        metrics[f"{name}_base"] = float(np.mean(classifier.predict(base_images[cells]) == label))
     run.metrics.update(metrics)
     write_atomic(run.dir / "metrics.json", json.dumps(metrics, indent=2))
     run.outputs["metrics"] = str(run.dir / "metrics.json")

@@ -34,6 +34,8 @@ class Trainables:
     groups: list[dict] = field(default_factory=list)
     # the text encoder runs inside the training step (it or its embeddings train)
     text_encoder_trains: bool = False
+    # weights of the base itself train (partial_unet, full, text_encoder.train=full): it ships as a pipeline
+    base_weights_train: bool = False
     # the added embedding rows (textual inversion), by token
     new_tokens: dict[str, int] = field(default_factory=dict)
 
@@ -160,6 +162,7 @@ def setup(cfg: DictConfig, c) -> Trainables:
             group = {"name": "embeddings", "params": [weight], "lr": emb.learning_rate or lr, "weight_decay": 0.0}
             out.groups.append(group)
     out.text_encoder_trains = te.train != "none" or bool(emb.tokens)
+    out.base_weights_train = a.type in ("partial_unet", "full") or te.train == "full"
     return out
 
 
