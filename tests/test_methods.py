@@ -244,3 +244,20 @@ def test_fp16_on_cpu_is_refused_by_name(tmp_path, tiny_pipeline_dir):
 
     with pytest.raises(ConfigError, match="train.mixed_precision=fp16"):
         train_in_process(tmp_path, tiny_pipeline_dir, "train.mixed_precision=fp16")
+
+
+@pytest.mark.parametrize("case", ["loha", "pivotal_tuning"])
+def test_load_adapter_brings_back_the_trained_model(tmp_path, tiny_pipeline_dir, case):
+    """checkpoint=RUN/adapter (as recipe=evaluate uses it) reproduces the run's own samples."""
+    trained = train_in_process(tmp_path, tiny_pipeline_dir, *CASES[case])
+    expected = image_of(trained, trained.cfg.data.instance_prompt)
+    loaded = train_in_process(
+        tmp_path,
+        tiny_pipeline_dir,
+        *CASES[case],
+        f"checkpoint={trained.dir / 'adapter'}",
+        stages="[load_adapter]",
+        name="loaded",
+    )
+    got = image_of(loaded, trained.cfg.data.instance_prompt)
+    assert np.abs(got - expected).max() < 1e-5

@@ -309,7 +309,8 @@ def train(run: Run) -> None:
         c.unet.enable_gradient_checkpointing()
         if what.text_encoder_trains:
             c.text_encoder.gradient_checkpointing_enable()
-    trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
+    if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
+        trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
     c.vae.to(getattr(torch, t.vae_dtype))
 
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])

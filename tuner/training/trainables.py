@@ -2,8 +2,8 @@
 
 ``setup`` starts from the fully frozen components the family loaded, adds or unfreezes exactly what
 the config asks for, and returns the optimizer's parameter groups, each with its learning rate.
-Every trained tensor is fp32; ``cast_frozen`` then puts the modules nobody trains whole into the
-mixed-precision dtype.
+Every trained tensor is fp32; ``cast_frozen`` then puts the frozen weights of modules in which only
+adapters train into the mixed-precision dtype.
 
     adapter.type        lora | loha | lokr (peft)  partial_unet (blocks by name)  full  none
     text_encoder.train  none | lora | full
@@ -169,8 +169,8 @@ def setup(cfg: DictConfig, c) -> Trainables:
 def cast_frozen(c, trainables: Trainables, dtype: torch.dtype) -> None:
     """Run the U-Net and text encoder in ``dtype`` where only adapters (kept fp32) train in them.
 
-    A module with trained weights of its own (partial_unet, full, text_encoder.train=full, new
-    embeddings) stays fp32 and computes in ``dtype`` under accelerate's autocast.
+    A module with trained weights of its own (new embeddings in the text encoder) stays fp32 and
+    computes in ``dtype`` under accelerate's autocast.
     """
     if dtype == torch.float32:
         return
