@@ -263,7 +263,7 @@ def class_images(run: Run) -> None:
 
 def _pixels(dataset) -> torch.Tensor:
     """A prepared dataset's images as one float tensor (N, 3, H, W) in [-1, 1]."""
-    images = [torch.from_numpy(np.asarray(img.convert("RGB"))).permute(2, 0, 1) for img in dataset["image"]]
+    images = [torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in dataset["image"]]
     return torch.stack(images).float() / 127.5 - 1
 
 
