@@ -144,13 +144,18 @@ def test_prior_batches_hold_both_sets_and_the_loss_is_the_weighted_sum():
     cond = torch.arange(3.0).view(3, 1, 1)  # caption k embeds as the value k
     instance = SampleSet(cache(1.0, 5), cond, caption=torch.tensor([0, 0, 0, 1, 1]), weight=1.0)
     prior = SampleSet(cache(-1.0, 7), cond, caption=torch.full((7,), 2), weight=0.5)
-    batch = draw_batch([instance, prior], batch_size=3, generator=torch.Generator().manual_seed(0))
-    assert batch.latents[:3].eq(1).all() and batch.latents[3:].eq(-1).all()
-    assert set(batch.cond[:3].flatten().tolist()) <= {0.0, 1.0} and batch.cond[3:].eq(2).all()
-    per_sample = torch.tensor([0.3, 0.6, 0.9, 2.0, 4.0, 6.0])
-    loss = (batch.weights * per_sample).sum()
-    torch.testing.assert_close(loss, per_sample[:3].mean() + 0.5 * per_sample[3:].mean())
-    assert batch.mask is None
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):  # two epochs of the instance set (batches of 3 and 2), and then some
+        [batch] = draw_batch([instance, prior], batch_size=3, generator=generator)
+        is_instance = batch.latents.flatten(1)[:, 0] == 1
+        n = int(is_instance.sum())
+        assert 1 <= n <= 3 and 1 <= len(batch.latents) - n <= 3
+        assert is_instance[:n].all()  # instance samples first, then class samples
+        assert set(batch.cond[:n].flatten().tolist()) <= {0.0, 1.0} and batch.cond[n:].eq(2).all()
+        per_sample = torch.rand(len(batch.latents), generator=generator)
+        loss = (batch.weights * per_sample).sum()
+        torch.testing.assert_close(loss, per_sample[:n].mean() + 0.5 * per_sample[n:].mean())
+        assert batch.mask is None
 
 
 def _train_on_a_fixed_batch(tiny_pipeline_dir, steps, callback=None, **settings):

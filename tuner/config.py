@@ -66,14 +66,52 @@ class SubjectConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One more input of the dataset, beside data.instance_dir and data.class_dir."""
+
+    path: str = MISSING
+    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
+    kind: str = "auto"
+    # instance (the subject or the captioned data) | class (prior preservation images)
+    role: str = "instance"
+    repeats: int = 1
+    # multiplies the loss of this source's images
+    weight: float = 1.0
+    image_column: str = "image"
+    # null: the first of text, caption, prompt
+    caption_column: str | None = None
+    # the caption of its images that have none; null: the role's prompt
+    caption: str | None = None
+
+
+@dataclass
 class DataConfig:
+    # a folder of images (or any kind data.sources takes, detected) and the prompt of images without a caption
     instance_dir: str | None = None
     instance_prompt: str | None = None
     class_dir: str | None = None
     class_prompt: str | None = None
+    # more inputs: [{path: DIR, kind: kohya, role: instance, repeats: 2, weight: 0.5}, ...]
+    sources: list[SourceConfig] = field(default_factory=list)
     resolution: int = "${model.resolution}"  # type: ignore[assignment]
     # center | random | none (none squashes the whole image to the square)
     crop: str = "center"
+    # aspect-ratio buckets of area resolution^2, sides multiples of bucket_step, ratio within the range
+    buckets: bool = False
+    bucket_step: int = 64
+    min_ratio: float = 0.5
+    max_ratio: float = 2.0
+    # false: images smaller than the bucket area keep their size (rounded down to the step)
+    upscale: bool = True
+    # an image without a caption: default (the role's prompt) | reject
+    caption_missing: str = "default"
+    # replaces [trigger] in captions; trigger_policy=prefix also puts it before captions lacking it
+    trigger: str | None = None
+    trigger_policy: str = "replace"
+    # reject images within this many bits (of 64) of a kept image's difference hash; 0: exact duplicates only
+    near_duplicate_bits: int = 0
+    # processes decoding and resizing images
+    workers: int = 1
     # images with a shorter side than this are rejected
     min_side: int = 8
     # RGBA and LA images are composited on this colour
@@ -258,6 +296,7 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
 
 
+SOURCE_KINDS = ("auto", "folder", "imagefolder", "kohya", "hf", "parquet")
 ADAPTER_TYPES = ("lora", "loha", "lokr", "partial_unet", "full", "none")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "one_cycle")
@@ -385,10 +424,26 @@ def validate(cfg: DictConfig) -> None:
             "choose an adapter (adapter=lora), text_encoder.train=lora or embedding.tokens=[<sks>]"
         )
     if "prepare" in cfg.stages and "subject" not in cfg.stages:
-        if not d.instance_dir:
+        if not d.instance_dir and not any(x.role == "instance" for x in d.sources):
             raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
-        if not Path(d.instance_dir).expanduser().is_dir():
+        if d.instance_dir and not Path(d.instance_dir).expanduser().exists():
             raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
+    for k, x in enumerate(d.sources):
+        if not Path(x.path).expanduser().exists():
+            raise ConfigError(f"data.sources[{k}].path={x.path}: no such folder or file")
+        if x.kind not in SOURCE_KINDS or x.role not in ("instance", "class") or x.repeats < 1:
+            raise ConfigError(
+                f"data.sources[{k}]: kind one of {', '.join(SOURCE_KINDS)}, role instance or class, repeats >= 1"
+            )
+    if d.caption_missing not in ("default", "reject") or d.trigger_policy not in ("replace", "prefix"):
+        raise ConfigError("data.caption_missing must be default or reject, data.trigger_policy replace or prefix")
+    if d.buckets and (d.bucket_step % 8 or d.bucket_step > d.resolution or not 0 < d.min_ratio <= 1 <= d.max_ratio):
+        raise ConfigError(
+            f"data.bucket_step={d.bucket_step}: a multiple of 8 up to data.resolution={d.resolution}, "
+            "with data.min_ratio <= 1 <= data.max_ratio"
+        )
+    if d.buckets and d.crop == "none":
+        raise ConfigError("data.crop=none squashes to a square: with data.buckets=true choose center or random")
     if "gallery" in cfg.stages and not (cfg.sample.prompts or d.instance_prompt or d.class_prompt):
         raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
     if "train" in cfg.stages:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from tuner.config import ConfigError
 from tuner.data import digits
-from tuner.data.prepare import PrepareSettings, load_prepared, prepare_folder
+from tuner.data.prepare import PrepareSettings, Source, load_prepared
+from tuner.data.prepare import prepare as prepare_sources
 from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family
 from tuner.sampling import generate
@@ -194,29 +195,45 @@ def subject(run: Run) -> None:
     run.outputs["instance"] = str(folder)
 
 
-def _prepare(run: Run, source: str, role: str, default_caption: str) -> None:
+def _prepare(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
+    """Prepare one role's dataset (``data/<role>``) from its folder plus the ``data.sources`` of that role."""
     d = run.cfg.data
+    sources = [Source(folder)] if folder else []
+    for x in d.sources:
+        if x.role == role:
+            sources.append(Source(**{k: v for k, v in OmegaConf.to_container(x).items() if k != "role"}))
     settings = PrepareSettings(
         resolution=d.resolution,
         crop=d.crop,
-        default_caption=default_caption,
+        default_caption=default_caption or "",
+        caption_missing=d.caption_missing,
+        trigger=d.trigger,
+        trigger_policy=d.trigger_policy,
         min_side=d.min_side,
         background=tuple(d.background),
         max_pixels=d.max_pixels,
         seed=run.cfg.seed,
+        buckets=d.buckets,
+        bucket_step=d.bucket_step,
+        min_ratio=d.min_ratio,
+        max_ratio=d.max_ratio,
+        upscale=d.upscale,
+        near_duplicate_bits=d.near_duplicate_bits,
+        workers=d.workers,
     )
-    report = prepare_folder(source, run.dir / "data" / role, settings, desc=f"prepare {role}")
+    out = run.dir / "data" / role
+    report = prepare_sources(sources, out, settings, desc=f"prepare {role}")
     print(f"[tuner] {report.summary()}", flush=True)
     for reason, files in report.rejected.items():
         print(f"[tuner]   rejected ({reason}): {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
     if not report.kept:
-        raise ConfigError(f"{source}: no usable {role} image (see {run.dir / 'data' / role / 'report.json'})")
+        raise ConfigError(f"{report.source}: no usable {role} image (see {out / 'report.json'})")
 
 
 @stage
 def prepare(run: Run) -> None:
     """Validate and standardize the instance images into an Arrow dataset with a report."""
-    _prepare(run, run.cfg.data.instance_dir, "instance", run.cfg.data.instance_prompt or "")
+    _prepare(run, "instance", run.cfg.data.instance_dir, run.cfg.data.instance_prompt)
     run.outputs["dataset"] = str(run.dir / "data" / "instance")
 
 
@@ -254,28 +271,33 @@ def class_images(run: Run) -> None:
             write_atomic(folder / f"class_{seed:05d}.png", Image.fromarray(array.numpy()))
         bar.update(len(chunk))
     bar.close()
-    _prepare(run, str(folder), "class", d.class_prompt)
+    _prepare(run, "class", str(folder), d.class_prompt)
     run.outputs["class_images"] = str(folder)
 
 
 # ---------------------------------------------------------------- training
 
 
-def _pixels(dataset) -> torch.Tensor:
-    """A prepared dataset's images as one float tensor (N, 3, H, W) in [-1, 1]."""
-    images = [torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1) for img in dataset["image"]]
-    return torch.stack(images).float() / 127.5 - 1
+def _images(dataset) -> list[torch.Tensor]:
+    """A prepared dataset's images as float tensors (3, H, W) in [-1, 1]; sizes differ with buckets."""
+    return [
+        torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for img in dataset["image"]
+    ]
 
 
-def _latent_masks(dataset, size: tuple[int, int]) -> torch.Tensor | None:
-    """Per-image loss masks (N, 1, h, w) in [0, 1], area-averaged to the latent grid; None when no image has one."""
-    if "mask" not in dataset.column_names or all(m is None for m in dataset["mask"]):
+def _latent_masks(dataset, latents) -> list[torch.Tensor] | None:
+    """Per-image loss masks (1, h, w) in [0, 1], area-averaged to each latent's grid; None when no image has one."""
+    if all(m is None for m in dataset["mask"]):
         return None
     masks = []
-    for image, mask in zip(dataset["image"], dataset["mask"]):
-        pixels = np.asarray(mask.convert("L")) / 255.0 if mask is not None else np.ones(image.size[::-1])
-        masks.append(torch.from_numpy(pixels).float()[None])
-    return torch.nn.functional.interpolate(torch.stack(masks), size=size, mode="area")
+    for i, mask in enumerate(dataset["mask"]):
+        size = latents.shape(i)[-2:]
+        if mask is None:
+            masks.append(torch.ones(1, *size))
+            continue
+        pixels = torch.from_numpy(np.array(mask.convert("L"))).float()[None, None] / 255.0
+        masks.append(torch.nn.functional.interpolate(pixels, size=size, mode="area")[0])
+    return masks
 
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -311,7 +333,8 @@ def train(run: Run) -> None:
             c.text_encoder.gradient_checkpointing_enable()
     if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
         trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
-    c.vae.to(getattr(torch, t.vae_dtype))
+    if t.vae_dtype != "float32":
+        c.vae.to(getattr(torch, t.vae_dtype))
 
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
     loaded = []
@@ -320,15 +343,19 @@ def train(run: Run) -> None:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
-        latents = encode_latent_dist(c.vae, _pixels(dataset), desc=f"encode {role}")
+        latents = encode_latent_dist(c.vae, _images(dataset), desc=f"encode {role}")
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
-        loaded.append((latents, captions, weight, _latent_masks(dataset, tuple(latents.mean.shape[-2:]))))
+        per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), _latent_masks(dataset, latents))
+        loaded.append((latents, captions, weight, *per_image))
     if what.text_encoder_trains:
         cond = run.family.tokenize(c, list(caption_ids))
     else:
         with accelerator.autocast():
             cond = run.family.encode_prompts(c, list(caption_ids)).cpu()
-    sets = [SampleSet(latents, cond, captions, weight, mask) for latents, captions, weight, mask in loaded]
+    sets = [
+        SampleSet(latents, cond, captions, weight, mask, repeats, image_weight)
+        for latents, captions, weight, repeats, image_weight, mask in loaded
+    ]
 
     learning_rate = t.learning_rate
     if t.scale_lr:
@@ -536,7 +563,7 @@ def evaluate(run: Run) -> None:
         print("[tuner] evaluate: digit metrics apply to the embedded digits base only; skipped")
         return
     d, e = run.cfg.data, run.cfg.eval
-    instance = _pixels(load_prepared(run.dir / "data" / "instance"))
+    instance = torch.stack(_images(load_prepared(run.dir / "data" / "instance")))
     classifier = digits.DigitClassifier(d.resolution, extra_images=instance, extra_label=10)
     seeds = [e.seed + i for i in range(e.samples)]
     scored = [

@@ -1,24 +1,34 @@
-"""Prepare a folder of images into a standardized dataset: every file accounted for, sources untouched.
+"""Prepare image sources into a standardized dataset: every file accounted for, sources untouched.
 
-Each file under the source folder is either kept (converted to RGB in sRGB, EXIF orientation
-applied, resized and cropped to the training resolution) or rejected with a named reason. The kept
-images are written with ``datasets`` (Arrow on disk) together with their caption, source path
-relative to the root, original size, crop and content hash; ``report.json`` lists both sides.
-Running again with the same files and settings does nothing.
+Sources: a folder of images with optional sidecar captions (``photo.jpg`` + ``photo.txt``) and loss
+masks (``photo.mask.png``); a folder with ``metadata.jsonl`` (``file_name`` plus a caption column);
+kohya-style ``N_concept`` subfolders (N repeats, the concept as default caption); a Hugging Face
+``datasets`` dataset saved on disk; a parquet file. Several sources may feed one dataset.
+
+Each input is either kept (EXIF orientation applied, converted to RGB in sRGB, scaled and cropped to
+the resolution or to its aspect-ratio bucket) or rejected with a named reason. Kept images are
+written with ``datasets`` (Arrow on disk) with caption, bucket, original size, crop, source path
+relative to its root and content hash; ``report.json`` lists every input with its status. Running
+again with the same inputs does nothing; changed inputs are the only ones processed again (a cache
+keyed by content hash and settings keeps the rest).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import random
+import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from tuner.data.buckets import BucketSettings, assign, bucket_sizes
 from tuner.files import atomic_dir, write_atomic
 
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -27,19 +37,65 @@ MASK_SUFFIX = ".mask.png"
 REPORT = "report.json"
 FINGERPRINT = "fingerprint"
 MAX_FILE_BYTES = 256 << 20
+# what PIL may decode; anything else it recognises (PSD, ICO, EPS, ...) is an unsupported format
+FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF"}
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass
+class Source:
+    """One input of a dataset."""
+
+    path: str
+    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
+    kind: str = "auto"
+    # times each image appears per epoch (kohya folders set their own)
+    repeats: int = 1
+    # multiplies each of its images' loss
+    weight: float = 1.0
+    image_column: str = "image"
+    # null: the first of text, caption, prompt
+    caption_column: str | None = None
+    # the caption of an image that has none; null: the dataset's default caption
+    caption: str | None = None
 
 
 @dataclass
 class PrepareSettings:
     resolution: int
-    # center | random | none
+    # center | random | none (none squashes the image to the square; not with buckets)
     crop: str = "center"
-    # the caption of an image with no sidecar caption file
+    # the caption of an image with no caption of its own
     default_caption: str = ""
+    # default: an image without a caption gets default_caption | reject: it is rejected
+    caption_missing: str = "default"
+    # replaces [trigger] in captions; with trigger_policy=prefix it also starts captions that lack it
+    trigger: str | None = None
+    trigger_policy: str = "replace"
     min_side: int = 8
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = 178_956_970
     seed: int = 0
+    # aspect-ratio buckets instead of one square size
+    buckets: bool = False
+    bucket_step: int = 64
+    min_ratio: float = 0.5
+    max_ratio: float = 2.0
+    upscale: bool = True
+    # reject images whose 64-bit difference hash is within this many bits of a kept one (0: off)
+    near_duplicate_bits: int = 0
+    # processes decoding and resizing images in parallel
+    workers: int = 1
+
+    def bucket_settings(self) -> BucketSettings:
+        return BucketSettings(self.resolution, self.bucket_step, self.min_ratio, self.max_ratio, self.upscale)
+
+    def image_key(self) -> str:
+        """What a processed image depends on besides its bytes."""
+        fields = ("resolution", "crop", "min_side", "background", "max_pixels", "seed", "buckets")
+        fields += ("bucket_step", "min_ratio", "max_ratio", "upscale")
+        return json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True, default=list)
 
 
 @dataclass
@@ -47,18 +103,53 @@ class Report:
     source: str
     kept: list[str] = field(default_factory=list)
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    # every input: {"file", "status": kept|rejected, "reason" | "bucket"}
+    files: list[dict] = field(default_factory=list)
+    buckets: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
 
     def reject(self, path: str, reason: str) -> None:
         self.rejected.setdefault(reason, []).append(path)
+        self.files.append({"file": path, "status": "rejected", "reason": reason})
+
+    def keep(self, path: str, bucket: tuple[int, int], original_size: tuple[int, int]) -> None:
+        self.kept.append(path)
+        self.files.append({"file": path, "status": "kept", "bucket": list(bucket)})
+        name = f"{bucket[0]}x{bucket[1]}"
+        self.buckets[name] = self.buckets.get(name, 0) + 1
+        side = min(original_size)
+        bin_ = next((f"<{b}" for b in (64, 256, 512, 1024, 2048) if side < b), ">=2048")
+        self.sizes[bin_] = self.sizes.get(bin_, 0) + 1
 
     def summary(self) -> str:
         parts = [f"{len(self.kept)} kept"]
         parts += [f"{len(files)} {reason}" for reason, files in sorted(self.rejected.items())]
-        return f"{self.source}: " + ", ".join(parts)
+        lines = [f"{self.source}: " + ", ".join(parts)]
+        if self.buckets:
+            lines.append("  buckets: " + ", ".join(f"{k} {v}" for k, v in sorted(self.buckets.items())))
+            lines.append("  shorter side: " + ", ".join(f"{k} {v}" for k, v in self.sizes.items()))
+        return "\n".join(lines)
 
 
 class Rejected(Exception):
-    """An input file that cannot be used; the message is the reason recorded in the report."""
+    """An input that cannot be used; the message is the reason recorded in the report."""
+
+
+@dataclass
+class Item:
+    """One input image, found by a source reader; decoded and standardized by ``process``."""
+
+    name: str  # how the report names it: its path relative to its root, or "row N"
+    path: Path | None = None  # the file, for file sources
+    data: bytes | None = None  # the bytes, for table sources
+    root: Path | None = None  # files must resolve inside it
+    caption: str | None = None  # a caption given by the source (metadata, table column)
+    caption_path: Path | None = None  # a sidecar caption file
+    mask_path: Path | None = None
+    repeats: int = 1
+    weight: float = 1.0
+    default_caption: str | None = None  # the source's own default (kohya folder name, source.caption)
+    rejected: str | None = None  # known before reading (hidden file, outside the root, ...)
 
 
 def _to_srgb_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -86,57 +177,68 @@ def _to_srgb_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.
 
 def standardize(
     image: Image.Image, s: PrepareSettings, rng, mask: Image.Image | None = None
-) -> tuple[Image.Image, tuple[int, int], Image.Image | None]:
-    """Scale the short side to the resolution and crop a square; returns the image, crop (top, left), mask.
+) -> tuple[Image.Image, tuple[int, int], tuple[int, int], Image.Image | None]:
+    """Scale to cover the target size and crop it; returns the image, crop (top, left), bucket, mask.
 
-    The crop is taken from the source in one resize (``box=``), so a long panorama is never upscaled
-    whole first. The crop offset is in the scaled image's pixels, as SDXL's crop conditioning expects.
-    A mask gets exactly the image's resize and crop.
+    The target is the square resolution, or with buckets the image's aspect-ratio bucket. The crop is
+    taken from the source in one resize (``box=``), so a long panorama is never upscaled whole first.
+    The crop offset is in the scaled image's pixels, as SDXL's crop conditioning expects. A mask
+    gets exactly the image's resize and crop.
     """
-    size = s.resolution
     w, h = image.size
+    if s.buckets:
+        bw, bh = assign((w, h), s.bucket_settings(), _bucket_list(s.bucket_settings()))
+    else:
+        bw = bh = s.resolution
     if s.crop == "none":
         box, crop = (0, 0, w, h), (0, 0)
     else:
-        scale = size / min(w, h)
-        scaled_w, scaled_h = max(size, round(w * scale)), max(size, round(h * scale))
+        scale = max(bw / w, bh / h)
+        scaled_w, scaled_h = max(bw, round(w * scale)), max(bh, round(h * scale))
         if s.crop == "random":
-            top, left = rng.randint(0, scaled_h - size), rng.randint(0, scaled_w - size)
+            top, left = rng.randint(0, scaled_h - bh), rng.randint(0, scaled_w - bw)
         else:
-            top, left = (scaled_h - size) // 2, (scaled_w - size) // 2
-        box = (left / scale, top / scale, min(w, (left + size) / scale), min(h, (top + size) / scale))
+            top, left = (scaled_h - bh) // 2, (scaled_w - bw) // 2
+        box = (left / scale, top / scale, min(w, (left + bw) / scale), min(h, (top + bh) / scale))
         crop = (top, left)
-    image = image.resize((size, size), Image.Resampling.LANCZOS, box=box)
+    image = image.resize((bw, bh), Image.Resampling.LANCZOS, box=box)
     if mask is not None:
-        mask = mask.resize((size, size), Image.Resampling.BILINEAR, box=box)
-    return image, crop, mask
+        mask = mask.resize((bw, bh), Image.Resampling.BILINEAR, box=box)
+    return image, crop, (bw, bh), mask
 
 
-def _mask(path: Path, size: tuple[int, int]) -> Image.Image | None:
-    """The image's loss mask (grayscale), if it has one."""
-    sidecar = path.with_name(path.stem + MASK_SUFFIX)
-    if not sidecar.is_file():
-        return None
-    try:
-        with Image.open(sidecar) as probe:
-            mask = ImageOps.exif_transpose(probe).convert("L")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Rejected("mask unreadable") from e
-    if mask.size != size:
-        raise Rejected(f"mask size {mask.size} differs from the image's {size}")
-    return mask
+_BUCKETS: dict[BucketSettings, list[tuple[int, int]]] = {}
 
 
-def _load(path: Path, root: Path, s: PrepareSettings) -> tuple[Image.Image, bytes]:
-    if not path.resolve().is_relative_to(root):
+def _bucket_list(b: BucketSettings) -> list[tuple[int, int]]:
+    if b not in _BUCKETS:
+        _BUCKETS[b] = bucket_sizes(b)
+    return _BUCKETS[b]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def _read(item: Item) -> bytes:
+    if item.path is None:
+        return item.data or b""
+    if not _inside(item.path, item.root):
         raise Rejected("outside the dataset root")
-    if path.stat().st_size > MAX_FILE_BYTES:
+    if not item.path.is_file():
+        raise Rejected("missing file")
+    if item.path.stat().st_size > MAX_FILE_BYTES:
         raise Rejected(f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
-    data = path.read_bytes()
+    return item.path.read_bytes()
+
+
+def _decode(data: bytes, s: PrepareSettings) -> Image.Image:
     if not data:
         raise Rejected("zero-byte file")
     try:
         with Image.open(io.BytesIO(data)) as probe:
+            if probe.format not in FORMATS:
+                raise Rejected(f"unsupported format ({probe.format})")
             w, h = probe.size
             if w * h > s.max_pixels:
                 raise Rejected("decompression bomb (too many pixels)")
@@ -152,92 +254,355 @@ def _load(path: Path, root: Path, s: PrepareSettings) -> tuple[Image.Image, byte
         raise Rejected("truncated or corrupt") from e
     if min(image.size) < s.min_side:
         raise Rejected(f"smaller than min_side={s.min_side}")
-    return image, data
+    return image
 
 
-def _caption(path: Path, default: str) -> str:
-    for suffix in CAPTION_SUFFIXES:
-        sidecar = path.with_suffix(suffix)
-        if sidecar.is_file():
+def _mask(item: Item, size: tuple[int, int]) -> Image.Image | None:
+    """The image's loss mask (grayscale), if it has one."""
+    if item.mask_path is None:
+        return None
+    try:
+        with Image.open(item.mask_path) as probe:
+            mask = ImageOps.exif_transpose(probe).convert("L")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Rejected("mask unreadable") from e
+    if mask.size != size:
+        raise Rejected(f"mask size {mask.size} differs from the image's {size}")
+    return mask
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def dhash(image: Image.Image) -> int:
+    """A 64-bit difference hash: near-identical pictures differ in few bits whatever their size."""
+    small = image.convert("L").resize((9, 8), Image.Resampling.BILINEAR).tobytes()
+    return sum(1 << i for i in range(64) if small[i // 8 * 9 + i % 8] > small[i // 8 * 9 + i % 8 + 1])
+
+
+def process(item: Item, s: PrepareSettings, cache: Path | None = None) -> dict:
+    """Read, check and standardize one input (runs in a worker process); never raises.
+
+    Returns ``{"name", "reason"}`` for a rejected input, else the row's fields with the image as PNG
+    bytes. A processed image is cached under ``cache`` by its content hash and the settings.
+    """
+    try:
+        if item.rejected:
+            raise Rejected(item.rejected)
+        data = _read(item)
+        sha = hashlib.sha256(data).hexdigest()
+        caption = item.caption
+        if caption is None and item.caption_path is not None:
             try:
-                return " ".join(sidecar.read_text(encoding="utf-8").split())
+                caption = item.caption_path.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise Rejected("caption not UTF-8") from e
-    return default
+        mask_sha = hashlib.sha256(item.mask_path.read_bytes()).hexdigest() if item.mask_path else ""
+        key = hashlib.sha256(f"{sha}|{mask_sha}|{s.image_key()}".encode()).hexdigest()
+        cached = cache / f"{key}.json" if cache else None
+        if cached is not None and cached.is_file():
+            row = json.loads(cached.read_text())
+            row["png"] = base64.b64decode(row["png"])
+            row["mask"] = base64.b64decode(row["mask"]) if row["mask"] else None
+        else:
+            image = _decode(data, s)
+            mask = _mask(item, image.size)
+            rng = random.Random(f"{s.seed}:{sha}")  # a random crop depends on the image, not on the order
+            original_size = image.size
+            image, crop, bucket, mask = standardize(_to_srgb_rgb(image, s.background), s, rng, mask)
+            row = {
+                "png": _png(image),
+                "mask": _png(mask) if mask is not None else None,
+                "original_size": list(original_size),
+                "crop": list(crop),
+                "bucket": list(bucket),
+                "dhash": dhash(image),
+            }
+            if cached is not None:
+                text = {**row, "png": base64.b64encode(row["png"]).decode()}
+                text["mask"] = base64.b64encode(row["mask"]).decode() if row["mask"] else None
+                write_atomic(cached, json.dumps(text))
+        return {**row, "name": item.name, "sha256": sha, "caption": caption, "key": key}
+    except Rejected as why:
+        return {"name": item.name, "reason": str(why)}
+    except Exception as e:  # one odd file must never abort the whole dataset
+        return {"name": item.name, "reason": f"unreadable ({type(e).__name__})"}
 
 
-def _fingerprint(files: list[Path], root: Path, s: PrepareSettings) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode())
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
+# ---------------------------------------------------------------- sources
 
 
-def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
-    """Standardize the images under ``source`` into ``out/dataset`` and write ``out/report.json``.
-
-    Raises:
-        FileNotFoundError: ``source`` is not a folder.
-    """
-    import datasets
-
-    root, out = Path(source).expanduser().resolve(), Path(out)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{source}: no such folder of images")
+def _folder_items(root: Path, repeats: int, default_caption: str | None, prefix: str = "") -> list[Item]:
+    """Images under ``root`` with their sidecar captions and masks; stray sidecars and hidden files rejected."""
     files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
-    fingerprint = _fingerprint([f for f in files if f.exists()], root, settings)
-    if (out / FINGERPRINT).is_file() and (out / FINGERPRINT).read_text() == fingerprint:
-        saved = json.loads((out / REPORT).read_text())
-        return Report(saved["source"], saved["kept"], saved["rejected"])
-
-    report = Report(source=str(root))
-    rng = random.Random(settings.seed)
-    columns = ("image", "caption", "source", "sha256", "original_size", "crop", "mask")
-    rows: dict[str, list] = {k: [] for k in columns}
-    seen: dict[str, str] = {}
-    masks = [p for p in files if p.name.lower().endswith(MASK_SUFFIX)]
-    stems = {p.with_suffix("") for p in files if p.suffix.lower() not in CAPTION_SUFFIXES and p not in masks}
-    for path in tqdm(files, desc=desc, leave=False):
-        rel = str(path.relative_to(root))
+    masks = {p for p in files if p.name.lower().endswith(MASK_SUFFIX)}
+    images = [p for p in files if p not in masks and p.suffix.lower() not in CAPTION_SUFFIXES]
+    stems = {p.with_suffix("") for p in images}
+    items = []
+    for path in files:
+        name = prefix + str(path.relative_to(root))
         if path in masks or path.suffix.lower() in CAPTION_SUFFIXES:
             stem = path.parent / path.name[: -len(MASK_SUFFIX)] if path in masks else path.with_suffix("")
             if stem not in stems:
-                report.reject(rel, f"{'mask' if path in masks else 'caption'} file without an image")
+                kind = "mask" if path in masks else "caption"
+                items.append(Item(name, rejected=f"{kind} file without an image"))
             continue  # sidecar captions and masks are read with their image
-        if path.name.startswith("."):
-            report.reject(rel, "hidden file")
+        caption_path = next((path.with_suffix(x) for x in CAPTION_SUFFIXES if path.with_suffix(x).is_file()), None)
+        mask_path = path.with_name(path.stem + MASK_SUFFIX)
+        items.append(
+            Item(
+                name,
+                path=path,
+                root=root,
+                caption_path=caption_path,
+                mask_path=mask_path if mask_path.is_file() else None,
+                repeats=repeats,
+                default_caption=default_caption,
+                rejected="hidden file" if path.name.startswith(".") else None,
+            )
+        )
+    return items
+
+
+def _kohya_items(root: Path, source: Source) -> list[Item]:
+    """kohya's layout: ``root/10_sks dog/*.png``: 10 repeats, "sks dog" the caption of uncaptioned images."""
+    items = []
+    for entry in sorted(root.iterdir()):
+        match = KOHYA_FOLDER.match(entry.name)
+        if entry.is_dir() and match:
+            caption = source.caption or match.group(2).replace("_", " ").strip() or None
+            items += _folder_items(entry, int(match.group(1)), caption, prefix=f"{entry.name}/")
+        elif not entry.name.startswith("."):
+            items.append(Item(entry.name, rejected="not in an N_concept folder (kohya layout)"))
+    return items
+
+
+def _imagefolder_items(root: Path, source: Source) -> list[Item]:
+    """``metadata.jsonl``: one JSON object per line with ``file_name`` and a caption column."""
+    items, listed = [], set()
+    lines = (root / "metadata.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
             continue
         try:
-            image, data = _load(path, root, settings)
-            sha = hashlib.sha256(data).hexdigest()
-            if sha in seen:
-                raise Rejected(f"duplicate of {seen[sha]}")
-            caption = _caption(path, settings.default_caption)
-            original_size = image.size
-            mask = _mask(path, image.size)
-            image, crop, mask = standardize(_to_srgb_rgb(image, settings.background), settings, rng, mask)
-        except Rejected as why:
-            reason = str(why)
-            report.reject(rel, "duplicate" if reason.startswith("duplicate") else reason)
+            record = json.loads(line)
+            file_name = str(record["file_name"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            items.append(Item(f"metadata.jsonl:{number}", rejected="metadata line without a file_name"))
             continue
-        except Exception as e:  # one odd file must never abort the whole dataset
-            report.reject(rel, f"unreadable ({type(e).__name__})")
-            continue
-        seen[sha] = rel
-        for key, value in zip(columns, (image, caption, rel, sha, list(original_size), list(crop), mask)):
-            rows[key].append(value)
-        report.kept.append(rel)
+        path = root / file_name
+        listed.add(path.resolve())
+        column = source.caption_column or next((c for c in CAPTION_COLUMNS if c in record), None)
+        caption = record.get(column) if column else None
+        escapes = Path(file_name).is_absolute() or not _inside(path, root)
+        items.append(
+            Item(
+                file_name,
+                path=path,
+                root=root,
+                caption=None if caption is None else str(caption),
+                repeats=source.repeats,
+                default_caption=source.caption,
+                rejected="outside the dataset root" if escapes else None,
+            )
+        )
+    for item in _folder_items(root, source.repeats, source.caption):
+        if item.path is not None and item.path.resolve() not in listed and item.path.name != "metadata.jsonl":
+            items.append(item)  # an image the metadata does not list: kept, without a caption of its own
+    return items
 
+
+def _table_items(source: Source, root: Path) -> list[Item]:
+    """Rows of a ``datasets`` dataset saved on disk, or of a parquet file: an image and a caption column."""
+    import datasets
+
+    if root.is_file():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(root).to_pylist()
+        base = root.parent
+    else:
+        dataset = datasets.load_from_disk(str(root))
+        if source.image_column in dataset.column_names:
+            dataset = dataset.cast_column(source.image_column, datasets.Image(decode=False))
+        rows, base = dataset, root
+    items = []
+    for number, record in enumerate(rows):
+        name = f"row {number}"
+        if source.image_column not in record:
+            raise ValueError(f"{root}: no image column {source.image_column!r} (set the source's image_column)")
+        image = record[source.image_column]
+        column = source.caption_column or next((c for c in CAPTION_COLUMNS if c in record), None)
+        caption = record.get(column) if column else None
+        item = Item(name, caption=caption, repeats=source.repeats, default_caption=source.caption)
+        if isinstance(image, dict) and image.get("bytes"):
+            item.data = image["bytes"]
+        elif isinstance(image, (bytes, bytearray)):
+            item.data = bytes(image)
+        elif isinstance(image, dict) and image.get("path"):  # a path stored in the table: only inside its folder
+            item.path, item.root = base / image["path"], base
+        else:
+            item.rejected = "no image in the row"
+        items.append(item)
+    return items
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_file():
+        return "parquet"
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return "hf"
+    if (path / "metadata.jsonl").is_file():
+        return "imagefolder"
+    folders = [p for p in path.iterdir() if p.is_dir()]
+    if folders and all(KOHYA_FOLDER.match(p.name) for p in folders):
+        return "kohya"
+    return "folder"
+
+
+def read_source(source: Source) -> list[Item]:
+    """The inputs of one source, each with its repeats and weight.
+
+    Raises:
+        FileNotFoundError: the source's path does not exist.
+    """
+    root = Path(source.path).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"{source.path}: no such folder or file of images")
+    kind = detect_kind(root) if source.kind == "auto" else source.kind
+    if kind == "kohya":
+        items = _kohya_items(root, source)
+    elif kind == "imagefolder":
+        items = _imagefolder_items(root, source)
+    elif kind in ("hf", "parquet"):
+        items = _table_items(source, root)
+    else:
+        items = _folder_items(root, source.repeats, source.caption)
+    for item in items:
+        item.weight = source.weight
+    return items
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+def _caption_text(caption: str | None, item_default: str | None, s: PrepareSettings) -> str:
+    """Whitespace normalized, the default where there is none (or rejected), the trigger word put in."""
+    text = " ".join((caption or "").split())
+    if not text:
+        if s.caption_missing == "reject":
+            raise Rejected("caption missing")
+        text = " ".join((item_default or s.default_caption or "").split())
+    if s.trigger:
+        if "[trigger]" in text:
+            text = text.replace("[trigger]", s.trigger)
+        elif s.trigger_policy == "prefix" and s.trigger not in text:
+            text = f"{s.trigger}, {text}" if text else s.trigger
+    return text
+
+
+def _fingerprint(sources: list[Source], s: PrepareSettings) -> str:
+    digest = hashlib.sha256(json.dumps([asdict(x) for x in sources] + [asdict(s)], sort_keys=True).encode())
+    for source in sources:
+        root = Path(source.path).expanduser().resolve()
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.exists())
+        for path in files:
+            stat = path.stat()
+            digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def prepare(sources: list[Source], out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
+    """Standardize every source's images into ``out/dataset`` and write ``out/report.json``.
+
+    Raises:
+        FileNotFoundError: a source does not exist.
+    """
+    import datasets
+
+    out = Path(out)
+    fingerprint = _fingerprint(sources, settings)
+    if (out / FINGERPRINT).is_file() and (out / FINGERPRINT).read_text() == fingerprint:
+        return Report(**json.loads((out / REPORT).read_text()))
+
+    items = []
+    for k, source in enumerate(sources):
+        found = read_source(source)
+        if len(sources) > 1:  # name each input by its source too
+            for item in found:
+                item.name = f"{k}:{item.name}"
+        items += found
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    if settings.workers > 1:
+        with ProcessPoolExecutor(settings.workers) as pool:
+            results = pool.map(process, items, [settings] * len(items), [cache] * len(items), chunksize=8)
+            results = list(tqdm(results, total=len(items), desc=desc, leave=False))
+    else:
+        results = [process(item, settings, cache) for item in tqdm(items, desc=desc, leave=False)]
+
+    used = {f"{r['key']}.json" for r in results if "key" in r}
+    for stale in cache.glob("*.json"):  # images no longer in the sources
+        if stale.name not in used:
+            stale.unlink()
+
+    report = Report(source=", ".join(str(Path(x.path).expanduser().resolve()) for x in sources))
+    columns = ("image", "caption", "source", "sha256", "original_size", "crop", "bucket", "mask", "repeats", "weight")
+    rows: dict[str, list] = {k: [] for k in columns}
+    seen: dict[str, str] = {}
+    kept_hashes: list[tuple[int, str]] = []
+    for item, result in zip(items, results):
+        try:
+            if "reason" in result:
+                raise Rejected(result["reason"])
+            if result["sha256"] in seen:
+                raise Rejected("duplicate")
+            if settings.near_duplicate_bits:
+                near = next(
+                    (n for h, n in kept_hashes if bin(h ^ result["dhash"]).count("1") <= settings.near_duplicate_bits),
+                    None,
+                )
+                if near is not None:
+                    raise Rejected("near-duplicate")
+            caption = _caption_text(result["caption"], item.default_caption, settings)
+        except Rejected as why:
+            report.reject(item.name, str(why))
+            continue
+        seen[result["sha256"]] = item.name
+        kept_hashes.append((result["dhash"], item.name))
+        mask = {"bytes": result["mask"], "path": None} if result["mask"] else None
+        values = (
+            {"bytes": result["png"], "path": None},
+            caption,
+            item.name,
+            result["sha256"],
+            result["original_size"],
+            result["crop"],
+            result["bucket"],
+            mask,
+            item.repeats,
+            item.weight,
+        )
+        for key, value in zip(columns, values):
+            rows[key].append(value)
+        report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]))
+
+    pair = datasets.Sequence(datasets.Value("int32"), length=2)
     features = datasets.Features(
         {
             "image": datasets.Image(),
             "caption": datasets.Value("string"),
             "source": datasets.Value("string"),
             "sha256": datasets.Value("string"),
-            "original_size": datasets.Sequence(datasets.Value("int32"), length=2),
-            "crop": datasets.Sequence(datasets.Value("int32"), length=2),
+            "original_size": pair,
+            "crop": pair,
+            "bucket": pair,
             "mask": datasets.Image(),
+            "repeats": datasets.Value("int32"),
+            "weight": datasets.Value("float32"),
         }
     )
     (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole
@@ -246,6 +611,11 @@ def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSetting
     write_atomic(out / REPORT, json.dumps(asdict(report), indent=2))
     write_atomic(out / FINGERPRINT, fingerprint)
     return report
+
+
+def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
+    """``prepare`` for one folder of images (sidecar captions and masks)."""
+    return prepare([Source(str(source), kind="folder")], out, settings, desc)
 
 
 def load_prepared(out: str | Path):

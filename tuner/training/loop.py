@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tuner.data.buckets import BucketSampler
+
 
 @dataclass
 class LossSettings:
@@ -70,16 +72,27 @@ class Batch:
 
 @dataclass
 class LatentCache:
-    """Posterior mean and std of each image; a training latent is a fresh sample of it, scaled."""
+    """Posterior mean and std of each image; a training latent is a fresh sample of it, scaled.
 
-    mean: torch.Tensor
-    std: torch.Tensor
+    ``mean`` and ``std`` are (N, C, h, w) tensors, or lists of per-image tensors when images come in
+    several sizes (aspect-ratio buckets).
+    """
+
+    mean: torch.Tensor | list[torch.Tensor]
+    std: torch.Tensor | list[torch.Tensor]
     scaling_factor: float
 
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, std = self.mean[index], self.std[index]
+        if isinstance(self.mean, torch.Tensor):
+            mean, std = self.mean[index], self.std[index]
+        else:
+            mean = torch.stack([self.mean[i] for i in index.tolist()])
+            std = torch.stack([self.std[i] for i in index.tolist()])
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return (mean + std * eps) * self.scaling_factor
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        return tuple(self.mean[i].shape)
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -96,38 +109,77 @@ class SampleSet:
     caption: torch.Tensor
     # the set's share of the loss: its samples' mean loss is multiplied by it
     weight: float = 1.0
-    # per image: (1, h, w) loss mask at latent resolution; None: the loss counts everywhere
-    mask: torch.Tensor | None = None
+    # per image: (1, h, w) loss mask at latent resolution (a tensor, or a list when sizes differ); None: none
+    mask: torch.Tensor | list[torch.Tensor] | None = None
+    # per image: times it appears per epoch (None: once) and its own loss weight (None: 1)
+    repeats: list[int] | None = None
+    image_weight: torch.Tensor | None = None
+    sampler: BucketSampler | None = None
+
+    def __post_init__(self):
+        if self.sampler is None:  # batches group images of one latent size: the aspect-ratio bucket
+            n = len(self.latents)
+            shapes = [self.latents.shape(i) for i in range(n)]
+            self.sampler = BucketSampler(shapes, self.repeats or [1] * n)
 
 
-def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generator) -> Batch:
-    """``batch_size`` random images of each set, in order (instance first, then class images).
+def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generator) -> list[Batch]:
+    """The next ``batch_size`` images of each set's epoch, instance first, then class images.
 
-    Each sample's loss weight is its set's weight over ``batch_size``, so the batch loss is
-    ``mean(instance losses) + prior_weight * mean(class losses)``, DreamBooth's prior-preserving loss.
+    Each set draws from its own shuffled epochs, one bucket per batch, so every image appears once
+    per repeat. A sample's loss weight is its set's weight times its own over the batch it came in,
+    so the loss is ``mean(instance losses) + prior_weight * mean(class losses)``, DreamBooth's
+    prior-preserving loss. Sets whose batches have the same size share one U-Net call.
     """
-    latents, cond, weights, masks = [], [], [], []
+    parts = []
     with_masks = any(s.mask is not None for s in sets)
     for s in sets:
-        pick = torch.randint(0, len(s.latents), (batch_size,), generator=generator)
-        latents.append(s.latents.sample(pick, generator))
-        cond.append(s.cond[s.caption[pick]])
-        weights.append(torch.full((batch_size,), s.weight / batch_size))
+        pick = torch.tensor(s.sampler.next(generator, batch_size))
+        latents = s.latents.sample(pick, generator)
+        weights = torch.full((len(pick),), s.weight / len(pick))
+        if s.image_weight is not None:
+            weights = weights * s.image_weight[pick]
+        mask = None
         if with_masks:  # a set without masks counts everywhere
-            masks.append(s.mask[pick] if s.mask is not None else torch.ones_like(latents[-1][:, :1]))
-    return Batch(torch.cat(latents), torch.cat(cond), torch.cat(weights), torch.cat(masks) if masks else None)
+            mask = (
+                torch.ones_like(latents[:, :1]) if s.mask is None else torch.stack([s.mask[i] for i in pick.tolist()])
+            )
+        parts.append(Batch(latents, s.cond[s.caption[pick]], weights, mask))
+    merged: list[Batch] = []
+    for part in parts:
+        same = next((m for m in merged if m.latents.shape[1:] == part.latents.shape[1:]), None)
+        if same is None:
+            merged.append(part)
+            continue
+        same.latents = torch.cat([same.latents, part.latents])
+        same.cond = torch.cat([same.cond, part.cond])
+        same.weights = torch.cat([same.weights, part.weights])
+        same.mask = None if same.mask is None else torch.cat([same.mask, part.mask])
+    return merged
 
 
 @torch.no_grad()
-def encode_latent_dist(vae, images: torch.Tensor, batch_size: int = 64, desc: str | None = None) -> LatentCache:
-    """Encode images in [-1, 1] once; the VAE never runs inside the training loop."""
-    means, stds = [], []
+def encode_latent_dist(vae, images, batch_size: int = 64, desc: str | None = None) -> LatentCache:
+    """Encode images in [-1, 1] once; the VAE never runs inside the training loop.
+
+    ``images``: an (N, 3, H, W) tensor, or a list of (3, H, W) tensors of several sizes (encoded in
+    batches of one size each).
+    """
     device = next(vae.parameters()).device
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=desc is None, leave=False):
-        dist = vae.encode(images[start : start + batch_size].to(device, vae.dtype)).latent_dist
-        means.append(dist.mean.float().cpu())
-        stds.append(dist.std.float().cpu())
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
+    images = list(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(i)
+    means, stds = [None] * len(images), [None] * len(images)
+    chunks = [ids[k : k + batch_size] for ids in by_size.values() for k in range(0, len(ids), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
+        batch = torch.stack([images[i] for i in chunk]).to(device, vae.dtype)
+        dist = vae.encode(batch).latent_dist
+        for i, mean, std in zip(chunk, dist.mean.float().cpu(), dist.std.float().cpu()):
+            means[i], stds[i] = mean, std
+    if len(by_size) == 1:  # one size: keep whole tensors
+        return LatentCache(torch.stack(means), torch.stack(stds), float(vae.config.scaling_factor))
+    return LatentCache(means, stds, float(vae.config.scaling_factor))
 
 
 def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -250,7 +302,7 @@ def train_denoiser(
     groups: list[dict] | Iterable[torch.nn.Parameter],
     noise_scheduler,
     target_fn: Callable,
-    next_batch: Callable[[torch.Generator], Batch],
+    next_batch: Callable[[torch.Generator], Batch | list[Batch]],
     settings: LoopSettings,
     seed: int,
     desc: str = "train",
@@ -261,7 +313,8 @@ def train_denoiser(
 
     Args:
         groups: optimizer parameter groups (``params`` plus optional ``lr``, ``weight_decay``), or parameters.
-        next_batch: draws a ``Batch``; the caller decides how instance and prior samples are weighed.
+        next_batch: draws a ``Batch`` or a list of them (one U-Net call each: images of different sizes);
+            the caller decides how instance and prior samples are weighed.
         target_fn: ``(latents, noise, timesteps) -> target``, from the model family.
         text_encoder, encode: when the text encoder (or an embedding in it) trains, batches carry token
             ids and ``encode(text_encoder, ids)`` turns them into embeddings inside the step.
@@ -301,13 +354,23 @@ def train_denoiser(
                     p.requires_grad_(False)
         for _ in range(micro_steps):
             with accelerator.accumulate(unet):
-                batch = next_batch(generator).to(accelerator.device)
-                with accelerator.autocast():
-                    embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
-                    per_sample = diffusion_loss(
-                        unet, noise_scheduler, target_fn, batch.latents, embeds, generator, settings.loss, batch.mask
-                    )
-                loss = (per_sample * batch.weights).sum()
+                parts = next_batch(generator)
+                loss = 0.0
+                for batch in [parts] if isinstance(parts, Batch) else parts:  # one per latent size
+                    batch = batch.to(accelerator.device)
+                    with accelerator.autocast():
+                        embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
+                        per_sample = diffusion_loss(
+                            unet,
+                            noise_scheduler,
+                            target_fn,
+                            batch.latents,
+                            embeds,
+                            generator,
+                            settings.loss,
+                            batch.mask,
+                        )
+                    loss = loss + (per_sample * batch.weights).sum()
                 accelerator.backward(loss)  # accelerate divides by the accumulation steps
                 if accelerator.sync_gradients and settings.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, settings.max_grad_norm)
