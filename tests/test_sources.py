@@ -202,3 +202,38 @@ def test_workers_and_the_cache_give_the_same_dataset_and_redo_only_changes(tmp_p
 def test_a_missing_source_is_named(tmp_path, missing):
     with pytest.raises(FileNotFoundError, match=missing):
         prepare([Source(str(tmp_path / missing))], tmp_path / "out", PrepareSettings(resolution=16))
+
+
+def test_prepare_recipe_with_extra_sources(tmp_path):
+    """`python -m tuner recipe=prepare` with a folder plus a parquet source: OUT/report.json lists every input."""
+    import datasets
+
+    from tests.conftest import make_photos, run_tuner
+
+    photos = make_photos(tmp_path / "photos", n=2)
+    pictures = [Image.new("RGB", (20, 30), (0, 40 * i, 0)) for i in range(2)]
+    datasets.Dataset.from_dict(
+        {"picture": pictures, "prompt": ["green one", "green two"]},
+        features=datasets.Features({"picture": datasets.Image(), "prompt": datasets.Value("string")}),
+    ).to_parquet(str(tmp_path / "extra.parquet"))
+    result = run_tuner(
+        "recipe=prepare",
+        f"data.instance_dir={photos}",
+        "data.resolution=16",
+        "data.instance_prompt=a red ball",
+        f'data.sources=[{{path: "{tmp_path / "extra.parquet"}", image_column: picture, repeats: 2}}]',
+        f"output_dir={tmp_path / 'out'}",
+        home=tmp_path / "home",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert sorted(f["file"] for f in report["files"]) == ["0:photo_0.png", "0:photo_1.png", "1:row 0", "1:row 1"]
+    rows = load_prepared(tmp_path / "out" / "data" / "instance")
+    assert sorted(zip(rows["caption"], rows["repeats"])) == [
+        ("a red ball", 1),
+        ("a red ball", 1),
+        ("green one", 2),
+        ("green two", 2),
+    ]
+    assert "4 kept" in result.stdout

@@ -234,7 +234,10 @@ def _prepare(run: Run, role: str, folder: str | None, default_caption: str | Non
 def prepare(run: Run) -> None:
     """Validate and standardize the instance images into an Arrow dataset with a report."""
     _prepare(run, "instance", run.cfg.data.instance_dir, run.cfg.data.instance_prompt)
+    # the run folder's report.json: every instance input with its status (the class data's is in data/class/)
+    write_atomic(run.dir / "report.json", (run.dir / "data" / "instance" / "report.json").read_text())
     run.outputs["dataset"] = str(run.dir / "data" / "instance")
+    run.outputs["report"] = str(run.dir / "report.json")
 
 
 @stage
@@ -329,8 +332,10 @@ def train(run: Run) -> None:
     run.trainables = what
     if t.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
-        if what.text_encoder_trains:
-            c.text_encoder.gradient_checkpointing_enable()
+        if what.text_encoder_trains:  # transformers 5 renamed it
+            te = c.text_encoder
+            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+            enable()
     if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
         trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
     if t.vae_dtype != "float32":
