@@ -16,6 +16,8 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from tuner.data.source import Source
+
 # conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
 _HERE = Path(__file__).resolve().parent
 _BASE = _HERE.parent if (_HERE.parent / "recipes").is_dir() else _HERE
@@ -66,22 +68,11 @@ class SubjectConfig:
 
 
 @dataclass
-class SourceConfig:
+class SourceConfig(Source):
     """One more input of the dataset, beside data.instance_dir and data.class_dir."""
 
-    path: str = MISSING
-    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
-    kind: str = "auto"
     # instance (the subject or the captioned data) | class (prior preservation images)
     role: str = "instance"
-    repeats: int = 1
-    # multiplies the loss of this source's images
-    weight: float = 1.0
-    image_column: str = "image"
-    # null: the first of text, caption, prompt
-    caption_column: str | None = None
-    # the caption of its images that have none; null: the role's prompt
-    caption: str | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ top to bottom to follow ``python -m tuner recipe=quickstart`` from the base mode
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -202,25 +203,9 @@ def _prepare(run: Run, role: str, folder: str | None, default_caption: str | Non
     for x in d.sources:
         if x.role == role:
             sources.append(Source(**{k: v for k, v in OmegaConf.to_container(x).items() if k != "role"}))
-    settings = PrepareSettings(
-        resolution=d.resolution,
-        crop=d.crop,
-        default_caption=default_caption or "",
-        caption_missing=d.caption_missing,
-        trigger=d.trigger,
-        trigger_policy=d.trigger_policy,
-        min_side=d.min_side,
-        background=tuple(d.background),
-        max_pixels=d.max_pixels,
-        seed=run.cfg.seed,
-        buckets=d.buckets,
-        bucket_step=d.bucket_step,
-        min_ratio=d.min_ratio,
-        max_ratio=d.max_ratio,
-        upscale=d.upscale,
-        near_duplicate_bits=d.near_duplicate_bits,
-        workers=d.workers,
-    )
+    known = {f.name for f in dataclasses.fields(PrepareSettings)}
+    same_names = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k in known}
+    settings = PrepareSettings(**same_names, default_caption=default_caption or "", seed=run.cfg.seed)
     out = run.dir / "data" / role
     report = prepare_sources(sources, out, settings, desc=f"prepare {role}")
     print(f"[tuner] {report.summary()}", flush=True)

@@ -29,6 +29,7 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from tuner.data.buckets import BucketSettings, assign, bucket_sizes
+from tuner.data.source import Source
 from tuner.files import atomic_dir, write_atomic
 
 CAPTION_SUFFIXES = (".txt", ".caption")
@@ -41,24 +42,6 @@ MAX_FILE_BYTES = 256 << 20
 FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF"}
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
-
-
-@dataclass
-class Source:
-    """One input of a dataset."""
-
-    path: str
-    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
-    kind: str = "auto"
-    # times each image appears per epoch (kohya folders set their own)
-    repeats: int = 1
-    # multiplies each of its images' loss
-    weight: float = 1.0
-    image_column: str = "image"
-    # null: the first of text, caption, prompt
-    caption_column: str | None = None
-    # the caption of an image that has none; null: the dataset's default caption
-    caption: str | None = None
 
 
 @dataclass
