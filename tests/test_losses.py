@@ -222,3 +222,20 @@ def test_ema_equals_the_closed_form(tiny_pipeline_dir):
         shadow = [decay * s + (1 - decay) * p for s, p in zip(shadow, params)]
     for expected, got in zip(shadow, result.ema.shadow_params):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_caption_dropout_and_tag_shuffling():
+    from tuner.training.loop import Captions
+
+    texts = ["sks dog, grass, sun, red collar", "sks dog, snow", ""]
+    rows = torch.arange(3.0).view(3, 1)
+    generator = torch.Generator().manual_seed(0)
+    dropped = Captions(texts, rows, dropout=0.25).lookup(torch.zeros(4000, dtype=torch.long), generator)
+    assert abs((dropped == 2).float().mean().item() - 0.25) < 0.03 and set(dropped.flatten().tolist()) == {0.0, 2.0}
+
+    seen = []
+    shuffling = Captions(texts, rows, shuffle=True, keep=1, tokenize=lambda batch: seen.extend(batch) or len(batch))
+    assert shuffling.lookup(torch.zeros(200, dtype=torch.long), generator) == 200
+    assert all(t.startswith("sks dog, ") for t in seen)  # the first tag stays in place
+    assert {frozenset(t.split(", ")) for t in seen} == {frozenset(texts[0].split(", "))}  # no tag lost
+    assert len(set(seen)) == 6  # all orders of the three other tags appear

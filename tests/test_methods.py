@@ -115,6 +115,7 @@ CASES = {
         "embedding.vectors=2",
         "data.instance_prompt='a photo of <sks> ball'",
     ],
+    "shuffled_captions_with_dropout": ["data.shuffle_tags=true", "data.caption_dropout=0.3", "train.max_steps=4"],
     "pivotal_tuning": [
         "embedding.tokens=['<sks>']",
         "embedding.init_words=[ball]",

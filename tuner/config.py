@@ -99,6 +99,11 @@ class DataConfig:
     # replaces [trigger] in captions; trigger_policy=prefix also puts it before captions lacking it
     trigger: str | None = None
     trigger_policy: str = "replace"
+    # while training: the share of samples trained with the empty caption (for guidance), and comma-separated
+    # tags shuffled after the first keep_tags (the text encoder then runs in every step)
+    caption_dropout: float = 0.0
+    shuffle_tags: bool = False
+    keep_tags: int = 1
     # reject images within this many bits (of 64) of a kept image's difference hash; 0: exact duplicates only
     near_duplicate_bits: int = 0
     # processes decoding and resizing images
@@ -433,6 +438,8 @@ def validate(cfg: DictConfig) -> None:
             f"data.bucket_step={d.bucket_step}: a multiple of 8 up to data.resolution={d.resolution}, "
             "with data.min_ratio <= 1 <= data.max_ratio"
         )
+    if not 0 <= d.caption_dropout < 1 or d.keep_tags < 0:
+        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: a share in [0, 1); data.keep_tags >= 0")
     if d.buckets and d.crop == "none":
         raise ConfigError("data.crop=none squashes to a square: with data.buckets=true choose center or random")
     if "gallery" in cfg.stages and not (cfg.sample.prompts or d.instance_prompt or d.class_prompt):

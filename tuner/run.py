@@ -300,6 +300,7 @@ def train(run: Run) -> None:
     """
     from tuner.training import trainables
     from tuner.training.loop import (
+        Captions,
         LoopSettings,
         LossSettings,
         SampleSet,
@@ -337,11 +338,17 @@ def train(run: Run) -> None:
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), _latent_masks(dataset, latents))
         loaded.append((latents, captions, weight, *per_image))
-    if what.text_encoder_trains:
-        cond = run.family.tokenize(c, list(caption_ids))
+    d = cfg.data
+    texts = list(caption_ids) + [""]  # the empty caption last, for caption dropout
+    in_step = what.text_encoder_trains or d.shuffle_tags  # the text encoder runs in every training step
+    if in_step:
+        rows = run.family.tokenize(c, texts)
     else:
         with accelerator.autocast():
-            cond = run.family.encode_prompts(c, list(caption_ids)).cpu()
+            rows = run.family.encode_prompts(c, texts).cpu()
+    cond = Captions(
+        texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
+    )
     sets = [
         SampleSet(latents, cond, captions, weight, mask, repeats, image_weight)
         for latents, captions, weight, repeats, image_weight, mask in loaded
@@ -393,7 +400,7 @@ def train(run: Run) -> None:
         settings=settings,
         seed=cfg.seed,
         desc=f"train {', '.join(g['name'] for g in what.groups)}",
-        text_encoder=c.text_encoder if what.text_encoder_trains else None,
+        text_encoder=c.text_encoder if in_step else None,
         encode=run.family.encode_ids,
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}

@@ -99,13 +99,44 @@ class LatentCache:
 
 
 @dataclass
+class Captions:
+    """The distinct captions of a training run and what a batch gets for them.
+
+    ``rows`` holds each caption's prompt embeddings, or its token ids when the text encoder runs in
+    the step. Caption dropout swaps a caption for the empty one (the last row) with probability
+    ``dropout``; tag shuffling reorders a caption's comma-separated tags after the first ``keep``,
+    which needs the text encoder in the step (``tokenize`` turns the new texts into ids).
+    """
+
+    texts: list[str]
+    rows: torch.Tensor
+    dropout: float = 0.0
+    shuffle: bool = False
+    keep: int = 1
+    tokenize: Callable[[list[str]], torch.Tensor] | None = None
+
+    def lookup(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.dropout:
+            dropped = torch.rand(len(index), generator=generator) < self.dropout
+            index = torch.where(dropped, torch.full_like(index, len(self.texts) - 1), index)
+        if not self.shuffle:
+            return self.rows[index]
+        return self.tokenize([self._shuffled(self.texts[i], generator) for i in index.tolist()])
+
+    def _shuffled(self, text: str, generator: torch.Generator) -> str:
+        tags = [t.strip() for t in text.split(",") if t.strip()]
+        kept, rest = tags[: self.keep], tags[self.keep :]
+        return ", ".join(kept + [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()])
+
+
+@dataclass
 class SampleSet:
     """One set of training images (instance, or class images for the prior) and how it is drawn."""
 
     latents: LatentCache
-    # per distinct caption: its embeddings, or its token ids when the text encoder runs in the step
-    cond: torch.Tensor
-    # per image: the row of ``cond`` holding its caption
+    # per distinct caption: its embeddings or token ids (a tensor, one row each), or a ``Captions``
+    cond: torch.Tensor | Captions
+    # per image: the index of its caption in ``cond``
     caption: torch.Tensor
     # the set's share of the loss: its samples' mean loss is multiplied by it
     weight: float = 1.0
@@ -144,7 +175,9 @@ def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generato
             mask = (
                 torch.ones_like(latents[:, :1]) if s.mask is None else torch.stack([s.mask[i] for i in pick.tolist()])
             )
-        parts.append(Batch(latents, s.cond[s.caption[pick]], weights, mask))
+        index = s.caption[pick]
+        cond = s.cond.lookup(index, generator) if isinstance(s.cond, Captions) else s.cond[index]
+        parts.append(Batch(latents, cond, weights, mask))
     merged: list[Batch] = []
     for part in parts:
         same = next((m for m in merged if m.latents.shape[1:] == part.latents.shape[1:]), None)
@@ -334,16 +367,21 @@ def train_denoiser(
         raise ValueError(f"{desc}: nothing to train (no parameter requires a gradient)")
     optimizer = make_optimizer(settings.optimizer, groups, settings.learning_rate, settings.weight_decay)
     lr_scheduler = make_lr_scheduler(settings.lr_scheduler, optimizer, settings.warmup_steps, settings.steps)
-    if text_encoder is None:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    else:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    # accelerate wraps (for several processes) only the modules with something to train
+    trains = [m is not None and any(p.requires_grad for p in m.parameters()) for m in (unet, text_encoder)]
+    to_wrap = [m for m, t in zip((unet, text_encoder), trains) if t]
+    wrapped = list(accelerator.prepare(*to_wrap, optimizer, lr_scheduler))
+    lr_scheduler, optimizer = wrapped.pop(), wrapped.pop()
+    unet = wrapped.pop(0) if trains[0] else unet
+    text_encoder = wrapped.pop(0) if trains[1] else text_encoder
+    trained_modules = [m for m, t in zip((unet, text_encoder), trains) if t]
+    if trains[1]:
         text_encoder.train()
     text_encoder_params = {id(p) for p in text_encoder.parameters() if p.requires_grad} if text_encoder else set()
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult(ema=ema)
-    unet.train()
+    unet.train(trains[0])
     running = 0.0
     bar = tqdm(range(settings.steps), desc=desc, disable=not accelerator.is_main_process)
     micro_steps = accelerator.gradient_accumulation_steps
@@ -353,7 +391,7 @@ def train_denoiser(
                 if id(p) in text_encoder_params:
                     p.requires_grad_(False)
         for _ in range(micro_steps):
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(*trained_modules):
                 parts = next_batch(generator)
                 loss = 0.0
                 for batch in [parts] if isinstance(parts, Batch) else parts:  # one per latent size
