@@ -4,6 +4,9 @@ reason, kept images are standardized, and the source folder is never modified.""
 import hashlib
 import io
 import os
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -49,10 +52,27 @@ def messy(tmp_path) -> Path:
     (src / ".DS_Store").write_bytes(b"\x00\x01")
     (src / "orphan.txt").write_text("a caption with no image")
     Image.new("RGB", (400, 10), (10, 200, 10)).save(src / "panorama.png")
+    (src / "bomb.png").write_bytes(_png_header(30000, 30000))  # 900 megapixels claimed by a tiny file
+    from sklearn.datasets import load_sample_images
+
+    (src / "photos").mkdir()
+    for name in load_sample_images().filenames:  # real photographs (JPEG, 640x427)
+        shutil.copy(name, src / "photos" / Path(name).name)
+    Image.new("RGB", (16, 16)).save(src / "icon.ico")
     outside = tmp_path / "secret.png"
     outside.write_bytes(_png((50, 50), (9, 9, 9)))
     os.symlink(outside, src / "link.png")
     return src
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims ``width`` x ``height`` in its header and holds no pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
 
 
 def _jpeg_rotated() -> bytes:
@@ -78,6 +98,8 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
         "cmyk.jpg",
         "palette.png",
         "panorama.png",
+        "photos/china.jpg",
+        "photos/flower.jpg",
         "red.png",
         "sixteen.png",
         "sub/blue.jpg",
@@ -92,6 +114,8 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
         "smaller than min_side=8": ["tiny.png"],
         "caption not UTF-8": ["badcap.png"],
         "outside the dataset root": ["link.png"],
+        "decompression bomb (too many pixels)": ["bomb.png"],
+        "unsupported format (ICO)": ["icon.ico"],
     }
     seen = set(report.kept) | {f for files in report.rejected.values() for f in files}
     captions = {"red.txt", "badcap.txt"}  # read with their images
