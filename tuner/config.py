@@ -348,7 +348,8 @@ def validate(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
     d, t = cfg.data, cfg.train
-    if not cfg.model.path and cfg.model.builtin != "digits":
+    needs_model = any(s not in ("subject", "prepare") for s in cfg.stages)
+    if needs_model and not cfg.model.path and cfg.model.builtin != "digits":
         raise ConfigError(
             "model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder "
             "(or model=digits for the embedded base)"
