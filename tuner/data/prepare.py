@@ -255,8 +255,9 @@ def _mask(item: Item, size: tuple[int, int]) -> Image.Image | None:
 
 
 def _png(image: Image.Image) -> bytes:
+    """Lossless, and fast: zlib level 1 encodes several times faster than the default for a few % more bytes."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG")
+    image.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
