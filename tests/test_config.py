@@ -158,3 +158,16 @@ def test_the_issue_interface_composes(tmp_path, tiny_pipeline_dir):
         800,
         "runs/my_dog",
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["adapter.init=pissa"], "adapter.init"),
+        (["adapter=none", "text_encoder.train=lora", "text_encoder.stop_at=0.5"], "stop_at"),
+        (["train.lr_scheduler=one_cycle", "train.warmup_steps=400"], "warmup_steps"),
+    ],
+)
+def test_training_settings_that_cannot_work_are_refused(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(compose("quickstart", overrides))

@@ -262,3 +262,23 @@ def test_load_adapter_brings_back_the_trained_model(tmp_path, tiny_pipeline_dir,
     )
     got = image_of(loaded, trained.cfg.data.instance_prompt)
     assert np.abs(got - expected).max() < 1e-5
+
+
+def test_trigger_word_goes_to_instance_captions_only(tmp_path, tiny_pipeline_dir):
+    from tuner.data.prepare import load_prepared
+
+    run = train_in_process(
+        tmp_path,
+        tiny_pipeline_dir,
+        "data.instance_prompt=a photo of a ball",
+        "data.class_prompt=a photo of a ball",
+        "data.trigger=sks",
+        "data.trigger_policy=prefix",
+        "prior.enabled=true",
+        "prior.num_class_images=2",
+        "sample.steps=2",
+        "train.max_steps=1",
+        stages="[prepare,class_images,train]",
+    )
+    assert set(load_prepared(run.dir / "data" / "instance")["caption"]) == {"sks, a photo of a ball"}
+    assert set(load_prepared(run.dir / "data" / "class")["caption"]) == {"a photo of a ball"}

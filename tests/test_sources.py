@@ -237,3 +237,28 @@ def test_prepare_recipe_with_extra_sources(tmp_path):
         ("green two", 2),
     ]
     assert "4 kept" in result.stdout
+
+
+def test_sidecars_obey_the_root_and_odd_layouts_are_handled(tmp_path):
+    import os
+
+    import datasets
+
+    root = tmp_path / "train"
+    (root / "3_sks cat").mkdir(parents=True)
+    (root / ".ipynb_checkpoints").mkdir()  # Colab leaves these beside kohya folders
+    (root / "3_sks cat" / "a.png").write_bytes(_png((20, 20), (1, 1, 1)))
+    (root / "3_sks cat" / "b.png").write_bytes(_png((20, 20), (2, 2, 2)))
+    (tmp_path / "secret.txt").write_text("password")
+    os.symlink(tmp_path / "secret.txt", root / "3_sks cat" / "b.txt")
+    strict = PrepareSettings(resolution=16, caption_missing="reject")
+    report = prepare([Source(str(root))], tmp_path / "out", strict)
+    assert report.kept == ["3_sks cat/a.png"]  # the folder name is its caption, even under reject
+    assert report.rejected == {"sidecar outside the dataset root or too large": ["3_sks cat/b.png"]}
+    rows = load_prepared(tmp_path / "out")
+    assert list(rows["caption"]) == ["sks cat"] and list(rows["repeats"]) == [3]
+
+    table = datasets.Dataset.from_dict({"image": [Image.new("RGB", (20, 20))], "text": [["a", "list"]]})
+    table.to_parquet(str(tmp_path / "odd.parquet"))
+    report = prepare([Source(str(tmp_path / "odd.parquet"))], tmp_path / "odd", PrepareSettings(resolution=16))
+    assert report.rejected == {"caption not text": ["row 0"]}

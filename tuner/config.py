@@ -155,7 +155,7 @@ class AdapterConfig:
     targets: str = "attn_ff"
     # explicit module names or suffixes; when set, they replace the preset
     target_modules: list[str] = field(default_factory=list)
-    # lora: gaussian | default (kaiming, as peft) | pissa | olora | loftq ... (peft's init_lora_weights)
+    # lora: gaussian | default (peft's kaiming A, zero B); inits that rewrite the base (pissa, olora) are refused
     init: str = "gaussian"
     use_dora: bool = False
     # scale by alpha / sqrt(rank) instead of alpha / rank
@@ -364,8 +364,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("train.log_every and sample.batch_size must be at least 1")
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}: choose epsilon or v_prediction")
-    if cfg.adapter.rank < 1:
-        raise ConfigError("adapter.rank must be at least 1")
+    if cfg.adapter.rank < 1 or cfg.adapter.init not in ("gaussian", "default"):
+        # peft's pissa/olora inits rewrite the base weights, which an adapter file cannot carry
+        raise ConfigError("adapter.rank must be at least 1 and adapter.init gaussian or default")
     if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
         raise ConfigError(f"data.background={list(d.background)}: three values 0..255, e.g. [255,255,255]")
     if t.optimizer not in OPTIMIZERS:
@@ -413,6 +414,12 @@ def validate(cfg: DictConfig) -> None:
             f"text_encoder.train=lora with adapter={a.type}: use text_encoder.train=full (both ship in the "
             "pipeline folder), or a U-Net adapter (adapter=lora)"
         )
+    if te.stop_at < 1 and a.type == "none":
+        raise ConfigError(
+            "text_encoder.stop_at < 1 with adapter=none: nothing would train after the stop; set stop_at=1"
+        )
+    if t.lr_scheduler == "one_cycle" and t.warmup_steps >= t.max_steps:
+        raise ConfigError("train.lr_scheduler=one_cycle: train.warmup_steps must be below train.max_steps")
     if emb.vectors < 1:
         raise ConfigError("embedding.vectors must be at least 1")
     if "train" in cfg.stages and a.type == "none" and te.train == "none" and not emb.tokens:

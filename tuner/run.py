@@ -202,9 +202,11 @@ def _prepare(run: Run, role: str, folder: str | None, default_caption: str | Non
     sources = [Source(folder)] if folder else []
     for x in d.sources:
         if x.role == role:
-            sources.append(Source(**{k: v for k, v in OmegaConf.to_container(x).items() if k != "role"}))
+            sources.append(Source(**{k: v for k, v in OmegaConf.to_container(x, resolve=True).items() if k != "role"}))
     known = {f.name for f in dataclasses.fields(PrepareSettings)}
     same_names = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k in known}
+    if role == "class":  # class images keep their class prompt: no trigger word, never rejected for no caption
+        same_names.update(trigger=None, caption_missing="default")
     settings = PrepareSettings(**same_names, default_caption=default_caption or "", seed=run.cfg.seed)
     out = run.dir / "data" / role
     report = prepare_sources(sources, out, settings, desc=f"prepare {role}")
@@ -409,6 +411,7 @@ def train(run: Run) -> None:
         result.ema.copy_to(what.params)
     if t.gradient_checkpointing:
         c.unet.disable_gradient_checkpointing()
+    accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
 
 
 # ---------------------------------------------------------------- outputs
@@ -456,9 +459,11 @@ def export(run: Run) -> None:
             if what.new_tokens:
                 (tmp / "embeddings").mkdir()
                 rows = text_encoder.get_input_embeddings().weight
+                vectors_per_token = run.cfg.embedding.vectors  # new_tokens: each token's vectors, in order
+                ids = list(what.new_tokens.values())
                 for k, token in enumerate(run.cfg.embedding.tokens):
-                    ids = [i for name, i in what.new_tokens.items() if name == token or name.startswith(f"{token}_")]
-                    vectors = rows[ids].detach().float().cpu().clone()
+                    ids_k = ids[k * vectors_per_token : (k + 1) * vectors_per_token]
+                    vectors = rows[ids_k].detach().float().cpu().clone()
                     save_file({token: vectors}, tmp / "embeddings" / f"{k}.safetensors", metadata={"token": token})
         if what.base_weights_train:
             with atomic_dir(run.dir / "pipeline") as tmp:

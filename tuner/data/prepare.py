@@ -279,6 +279,9 @@ def process(item: Item, s: PrepareSettings, cache: Path | None = None) -> dict:
         data = _read(item)
         sha = hashlib.sha256(data).hexdigest()
         caption = item.caption
+        for sidecar in (item.caption_path, item.mask_path):  # sidecars obey the same rules as images
+            if sidecar is not None and (not _inside(sidecar, item.root) or sidecar.stat().st_size > MAX_FILE_BYTES):
+                raise Rejected("sidecar outside the dataset root or too large")
         if caption is None and item.caption_path is not None:
             try:
                 caption = item.caption_path.read_text(encoding="utf-8")
@@ -380,14 +383,14 @@ def _imagefolder_items(root: Path, source: Source) -> list[Item]:
         path = root / file_name
         listed.add(path.resolve())
         column = source.caption_column or next((c for c in CAPTION_COLUMNS if c in record), None)
-        caption = record.get(column) if column else None
+        caption = record.get(column) if column else None  # a non-string caption is rejected later, by name
         escapes = Path(file_name).is_absolute() or not _inside(path, root)
         items.append(
             Item(
                 file_name,
                 path=path,
                 root=root,
-                caption=None if caption is None else str(caption),
+                caption=caption,
                 repeats=source.repeats,
                 default_caption=source.caption,
                 rejected="outside the dataset root" if escapes else None,
@@ -441,7 +444,7 @@ def detect_kind(path: Path) -> str:
         return "hf"
     if (path / "metadata.jsonl").is_file():
         return "imagefolder"
-    folders = [p for p in path.iterdir() if p.is_dir()]
+    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
     if folders and all(KOHYA_FOLDER.match(p.name) for p in folders):
         return "kohya"
     return "folder"
@@ -475,11 +478,14 @@ def read_source(source: Source) -> list[Item]:
 
 def _caption_text(caption: str | None, item_default: str | None, s: PrepareSettings) -> str:
     """Whitespace normalized, the default where there is none (or rejected), the trigger word put in."""
-    text = " ".join((caption or "").split())
+    if caption is not None and not isinstance(caption, str):
+        raise Rejected("caption not text")
+    # a source's own default (kohya folder name, source caption) counts as a caption
+    text = " ".join((caption or "").split()) or " ".join((item_default or "").split())
     if not text:
         if s.caption_missing == "reject":
             raise Rejected("caption missing")
-        text = " ".join((item_default or s.default_caption or "").split())
+        text = " ".join((s.default_caption or "").split())
     if s.trigger:
         if "[trigger]" in text:
             text = text.replace("[trigger]", s.trigger)
