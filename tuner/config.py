@@ -16,7 +16,7 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from tuner.data.source import Source
+from tuner.data.sources import Source
 
 # conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
 _HERE = Path(__file__).resolve().parent

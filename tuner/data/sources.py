@@ -1,0 +1,210 @@
+"""Dataset inputs: the ``Source`` a user names and the readers that list its images as ``Item``s.
+
+Kinds: a folder of images with sidecar captions (``photo.jpg`` + ``photo.txt``) and loss masks
+(``photo.mask.png``); a folder with ``metadata.jsonl``; kohya-style ``N_concept`` folders; a
+``datasets`` dataset saved on disk; a parquet file. A reader never decodes an image: it finds
+inputs, their captions and repeats, and rejects what it can tell from names alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+CAPTION_SUFFIXES = (".txt", ".caption")
+# photo.jpg's loss mask is photo.mask.png: white where the loss counts, black where it does not
+MASK_SUFFIX = ".mask.png"
+CAPTION_COLUMNS = ("text", "caption", "prompt")
+KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
+
+
+@dataclass
+class Source:
+    """One input of a dataset."""
+
+    path: str
+    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
+    kind: str = "auto"
+    # times each image appears per epoch (kohya folders set their own)
+    repeats: int = 1
+    # multiplies each of its images' loss
+    weight: float = 1.0
+    image_column: str = "image"
+    # null: the first of text, caption, prompt
+    caption_column: str | None = None
+    # the caption of an image that has none; null: the dataset's default caption
+    caption: str | None = None
+
+
+@dataclass
+class Item:
+    """One input image, found by a source reader; decoded and standardized by ``process``."""
+
+    name: str  # how the report names it: its path relative to its root, or "row N"
+    path: Path | None = None  # the file, for file sources
+    data: bytes | None = None  # the bytes, for table sources
+    root: Path | None = None  # files must resolve inside it
+    caption: str | None = None  # a caption given by the source (metadata, table column)
+    caption_path: Path | None = None  # a sidecar caption file
+    mask_path: Path | None = None
+    repeats: int = 1
+    weight: float = 1.0
+    default_caption: str | None = None  # the source's own default (kohya folder name, source.caption)
+    rejected: str | None = None  # known before reading (hidden file, outside the root, ...)
+
+
+def inside_root(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root)
+
+
+def _folder_items(root: Path, repeats: int, default_caption: str | None, prefix: str = "") -> list[Item]:
+    """Images under ``root`` with their sidecar captions and masks; stray sidecars and hidden files rejected."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+    masks = {p for p in files if p.name.lower().endswith(MASK_SUFFIX)}
+    images = [p for p in files if p not in masks and p.suffix.lower() not in CAPTION_SUFFIXES]
+    stems = {p.with_suffix("") for p in images}
+    items = []
+    for path in files:
+        name = prefix + str(path.relative_to(root))
+        if path in masks or path.suffix.lower() in CAPTION_SUFFIXES:
+            stem = path.parent / path.name[: -len(MASK_SUFFIX)] if path in masks else path.with_suffix("")
+            if stem not in stems:
+                kind = "mask" if path in masks else "caption"
+                items.append(Item(name, rejected=f"{kind} file without an image"))
+            continue  # sidecar captions and masks are read with their image
+        caption_path = next((path.with_suffix(x) for x in CAPTION_SUFFIXES if path.with_suffix(x).is_file()), None)
+        mask_path = path.with_name(path.stem + MASK_SUFFIX)
+        items.append(
+            Item(
+                name,
+                path=path,
+                root=root,
+                caption_path=caption_path,
+                mask_path=mask_path if mask_path.is_file() else None,
+                repeats=repeats,
+                default_caption=default_caption,
+                rejected="hidden file" if path.name.startswith(".") else None,
+            )
+        )
+    return items
+
+
+def _kohya_items(root: Path, source: Source) -> list[Item]:
+    """kohya's layout: ``root/10_sks dog/*.png``: 10 repeats, "sks dog" the caption of uncaptioned images."""
+    items = []
+    for entry in sorted(root.iterdir()):
+        match = KOHYA_FOLDER.match(entry.name)
+        if entry.is_dir() and match:
+            caption = source.caption or match.group(2).replace("_", " ").strip() or None
+            items += _folder_items(entry, int(match.group(1)), caption, prefix=f"{entry.name}/")
+        elif not entry.name.startswith("."):
+            items.append(Item(entry.name, rejected="not in an N_concept folder (kohya layout)"))
+    return items
+
+
+def _imagefolder_items(root: Path, source: Source) -> list[Item]:
+    """``metadata.jsonl``: one JSON object per line with ``file_name`` and a caption column."""
+    items, listed = [], set()
+    lines = (root / "metadata.jsonl").read_text(encoding="utf-8", errors="replace").splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            file_name = str(record["file_name"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            items.append(Item(f"metadata.jsonl:{number}", rejected="metadata line without a file_name"))
+            continue
+        path = root / file_name
+        listed.add(path.resolve())
+        column = source.caption_column or next((c for c in CAPTION_COLUMNS if c in record), None)
+        caption = record.get(column) if column else None  # a non-string caption is rejected later, by name
+        escapes = Path(file_name).is_absolute() or not inside_root(path, root)
+        items.append(
+            Item(
+                file_name,
+                path=path,
+                root=root,
+                caption=caption,
+                repeats=source.repeats,
+                default_caption=source.caption,
+                rejected="outside the dataset root" if escapes else None,
+            )
+        )
+    for item in _folder_items(root, source.repeats, source.caption):
+        if item.path is not None and item.path.resolve() not in listed and item.path.name != "metadata.jsonl":
+            items.append(item)  # an image the metadata does not list: kept, without a caption of its own
+    return items
+
+
+def _table_items(source: Source, root: Path) -> list[Item]:
+    """Rows of a ``datasets`` dataset saved on disk, or of a parquet file: an image and a caption column."""
+    import datasets
+
+    if root.is_file():
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(root).to_pylist()
+        base = root.parent
+    else:
+        dataset = datasets.load_from_disk(str(root))
+        if source.image_column in dataset.column_names:
+            dataset = dataset.cast_column(source.image_column, datasets.Image(decode=False))
+        rows, base = dataset, root
+    items = []
+    for number, record in enumerate(rows):
+        name = f"row {number}"
+        if source.image_column not in record:
+            raise ValueError(f"{root}: no image column {source.image_column!r} (set the source's image_column)")
+        image = record[source.image_column]
+        column = source.caption_column or next((c for c in CAPTION_COLUMNS if c in record), None)
+        caption = record.get(column) if column else None
+        item = Item(name, caption=caption, repeats=source.repeats, default_caption=source.caption)
+        if isinstance(image, dict) and image.get("bytes"):
+            item.data = image["bytes"]
+        elif isinstance(image, (bytes, bytearray)):
+            item.data = bytes(image)
+        elif isinstance(image, dict) and image.get("path"):  # a path stored in the table: only inside its folder
+            item.path, item.root = base / image["path"], base
+        else:
+            item.rejected = "no image in the row"
+        items.append(item)
+    return items
+
+
+def detect_kind(path: Path) -> str:
+    if path.is_file():
+        return "parquet"
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        return "hf"
+    if (path / "metadata.jsonl").is_file():
+        return "imagefolder"
+    folders = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if folders and all(KOHYA_FOLDER.match(p.name) for p in folders):
+        return "kohya"
+    return "folder"
+
+
+def read_source(source: Source) -> list[Item]:
+    """The inputs of one source, each with its repeats and weight.
+
+    Raises:
+        FileNotFoundError: the source's path does not exist.
+    """
+    root = Path(source.path).expanduser().resolve()
+    if not root.exists():
+        raise FileNotFoundError(f"{source.path}: no such folder or file of images")
+    kind = detect_kind(root) if source.kind == "auto" else source.kind
+    if kind == "kohya":
+        items = _kohya_items(root, source)
+    elif kind == "imagefolder":
+        items = _imagefolder_items(root, source)
+    elif kind in ("hf", "parquet"):
+        items = _table_items(source, root)
+    else:
+        items = _folder_items(root, source.repeats, source.caption)
+    for item in items:
+        item.weight = source.weight
+    return items
