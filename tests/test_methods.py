@@ -35,10 +35,15 @@ def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]"
             f"output_dir={tmp_path / name}",
             f"stages={stages}",
             *overrides,
+            *([] if any(o.startswith("export.formats") for o in overrides) else [FORMATS]),
         ],
     )
     validate(cfg)
     return run_recipe(cfg)
+
+
+# what train_in_process exports unless told otherwise: every method has a format that holds it
+FORMATS = "export.formats=[diffusers,peft,merged]"
 
 
 def image_of(run, prompt):
@@ -81,18 +86,16 @@ def reload(run, tiny):
     from diffusers import StableDiffusionPipeline
     from peft import PeftModel
 
-    folder = run.dir / "adapter"
-    if (run.dir / "pipeline").is_dir():
-        pipe = StableDiffusionPipeline.from_pretrained(run.dir / "pipeline")
-    else:
-        pipe = StableDiffusionPipeline.from_pretrained(tiny)
+    if run.trainables.base_weights_train:  # the whole model, fused
+        return StableDiffusionPipeline.from_pretrained(run.dir / "merged")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny)
+    folder = run.dir / "diffusers"
     if (folder / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(folder)
-    if (folder / "unet" / "adapter_config.json").is_file():
-        pipe.unet = PeftModel.from_pretrained(pipe.unet, folder / "unet")
-    if not (run.dir / "pipeline").is_dir():
-        for file in sorted((folder / "embeddings").glob("*.safetensors")):
-            pipe.load_textual_inversion(file)
+    if (run.dir / "peft" / "unet").is_dir() and not (folder / "pytorch_lora_weights.safetensors").is_file():
+        pipe.unet = PeftModel.from_pretrained(pipe.unet, run.dir / "peft" / "unet")  # LoHa, LoKr
+    for file in sorted((folder / "embeddings").glob("*.safetensors")):
+        pipe.load_textual_inversion(file)
     return pipe
 
 
@@ -249,14 +252,14 @@ def test_fp16_on_cpu_is_refused_by_name(tmp_path, tiny_pipeline_dir):
 
 @pytest.mark.parametrize("case", ["loha", "pivotal_tuning"])
 def test_load_adapter_brings_back_the_trained_model(tmp_path, tiny_pipeline_dir, case):
-    """checkpoint=RUN/adapter (as recipe=evaluate uses it) reproduces the run's own samples."""
+    """checkpoint=RUN (as recipe=evaluate uses it) reproduces the run's own samples."""
     trained = train_in_process(tmp_path, tiny_pipeline_dir, *CASES[case])
     expected = image_of(trained, trained.cfg.data.instance_prompt)
     loaded = train_in_process(
         tmp_path,
         tiny_pipeline_dir,
         *CASES[case],
-        f"checkpoint={trained.dir / 'adapter'}",
+        f"checkpoint={trained.dir}",  # a run folder: its diffusers/ export, else peft/
         stages="[load_adapter]",
         name="loaded",
     )

@@ -40,7 +40,9 @@ def test_run_folder_holds_every_artefact(quickstart):
         "config.yaml",
         "summary.json",
         "metrics.json",
-        "adapter/pytorch_lora_weights.safetensors",
+        "diffusers/pytorch_lora_weights.safetensors",
+        "kohya/run.safetensors",
+        "README.md",
         "gallery/grid.png",
         "gallery/index.html",
         "data/instance/report.json",
@@ -63,7 +65,7 @@ def test_run_folder_holds_every_artefact(quickstart):
 
 def test_adapter_holds_only_lora_keys_with_its_config(quickstart):
     root, _ = quickstart
-    path = root / "run" / "adapter" / "pytorch_lora_weights.safetensors"
+    path = root / "run" / "diffusers" / "pytorch_lora_weights.safetensors"
     with safe_open(str(path), "pt") as f:
         keys = list(f.keys())
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
@@ -95,7 +97,7 @@ def test_exported_adapter_reloads_in_diffusers_and_reproduces_the_gallery(quicks
     pipe = StableDiffusionPipeline.from_pretrained(base, use_safetensors=True)
     prompt = "a photo of sks digit seven"
     before = sample_like_the_gallery(pipe, prompt, seed=1, steps=10)
-    pipe.load_lora_weights(root / "run" / "adapter")
+    pipe.load_lora_weights(root / "run" / "diffusers")
     after = sample_like_the_gallery(pipe, prompt, seed=1, steps=10)
     assert np.abs(after - before).max() > 0.01  # the adapter changes the image (same seed: 0 otherwise)
     # and it is the same image the in-memory trained model drew into the gallery (row 1, seed 1)
@@ -108,7 +110,7 @@ def test_evaluate_recipe_scores_the_exported_adapter_like_the_run_did(quickstart
     run = root / "run"
     result = run_tuner(
         "recipe=evaluate",
-        f"checkpoint={run / 'adapter'}",
+        f"checkpoint={run}",  # a run folder: its diffusers/ export
         f"data.instance_dir={run / 'instance_images'}",
         f"output_dir={root / 'eval'}",
         *SMALL,

@@ -39,8 +39,8 @@ def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
     assert (run / "gallery" / "grid.png").is_file()
     assert not (tmp_path / "home").exists()  # a user's model: no embedded base was built
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
-    pipe.load_lora_weights(run / "adapter")
-    with safe_open(str(run / "adapter" / "pytorch_lora_weights.safetensors"), "pt") as f:
+    pipe.load_lora_weights(run / "diffusers")
+    with safe_open(str(run / "diffusers" / "pytorch_lora_weights.safetensors"), "pt") as f:
         n_tensors = len(list(f.keys()))
     peft_params = [n for n, _ in pipe.unet.named_parameters() if "lora_" in n]
     assert len(peft_params) == n_tensors  # every key in the file was loaded into a LoRA layer
@@ -120,7 +120,8 @@ def test_lora_recipe_trains_on_captions(tmp_path, tiny_pipeline_dir):
     assert sorted(load_prepared(run / "data" / "instance")["caption"]) == ["a red ball", "a red circle", "a red disc"]
     assert len(list((run / "gallery" / "cells").glob("*.png"))) == 4  # 2 prompts x base/fine-tuned x 1 seed
     assert "a blue disc" in (run / "gallery" / "index.html").read_text()
-    assert (run / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "kohya" / "run.safetensors").is_file() and (run / "README.md").is_file()
 
 
 def test_partial_unet_and_textual_inversion_recipes(tmp_path, tiny_pipeline_dir):
@@ -141,7 +142,7 @@ def test_partial_unet_and_textual_inversion_recipes(tmp_path, tiny_pipeline_dir)
         cwd=tmp_path,
     )
     assert partial.returncode == 0, partial.stderr[-3000:]
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "partial" / "pipeline")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "partial" / "merged")
     base = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     changed = {n for n, p in pipe.unet.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])}
     assert changed and all(n.startswith(("up_blocks", "mid_block")) for n in changed)
@@ -151,7 +152,8 @@ def test_partial_unet_and_textual_inversion_recipes(tmp_path, tiny_pipeline_dir)
         "recipe=textual_inversion", *common, f"output_dir={tmp_path / 'ti'}", home=tmp_path / "home", cwd=tmp_path
     )
     assert inversion.returncode == 0, inversion.stderr[-3000:]
-    vectors = load_file(tmp_path / "ti" / "adapter" / "embeddings" / "0.safetensors")
+    vectors = load_file(tmp_path / "ti" / "diffusers" / "embeddings" / "sks.safetensors")
     assert list(vectors) == ["<sks>"] and vectors["<sks>"].shape == (1, base.text_encoder.config.hidden_size)
     assert (tmp_path / "ti" / "gallery" / "grid.png").is_file()
-    assert not (tmp_path / "ti" / "pipeline").exists()  # every model weight stayed frozen: nothing else to ship
+    assert load_file(tmp_path / "ti" / "kohya" / "embeddings" / "sks.safetensors")["emb_params"].shape == (1, 16)
+    assert not (tmp_path / "ti" / "merged").exists()  # every model weight stayed frozen: nothing else to ship

@@ -263,6 +263,24 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    """What the export stage writes (see tuner/export/formats.py); each lands in a run subfolder of its name."""
+
+    # any of diffusers, kohya, peft, merged, single_file
+    formats: list[str] = field(default_factory=lambda: ["diffusers", "kohya"])
+    # file name of the kohya and single-file exports (and the model card's title); null: the run folder's name
+    name: str | None = None
+    # tensors of the adapter files (diffusers, kohya, peft): float32 | float16 | bfloat16
+    dtype: str = "float32"
+    # merged: a reduced-precision variant saved beside the fp32 weights (fp16 | bf16 | null for none)
+    variant: str | None = "fp16"
+    # single_file: float32 | float16 | bfloat16 (A1111 and ComfyUI load any)
+    single_file_dtype: str = "float32"
+    # write the base model's absolute path into metadata and the model card (default: its folder name only)
+    include_paths: bool = False
+
+
+@dataclass
 class TunerConfig:
     # the name of the recipe; set by recipe=NAME
     recipe: str = MISSING
@@ -286,6 +304,7 @@ class TunerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 class ConfigError(ValueError):
@@ -477,9 +496,46 @@ def validate(cfg: DictConfig) -> None:
     if "load_adapter" in cfg.stages:
         if not cfg.checkpoint or not Path(cfg.checkpoint).expanduser().exists():
             raise ConfigError(
-                f"checkpoint={cfg.checkpoint}: pass the adapter folder or file, e.g. checkpoint=runs/.../adapter"
+                f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
             )
+    if "export" in cfg.stages:
+        _validate_export(cfg)
     if cfg.model.path:
         from tuner.models import get_family
 
         get_family(cfg.model.family).check_folder(cfg.model.path)
+
+
+def trained_parts(cfg: DictConfig) -> set[str]:
+    """What a training run adds to its base, in the terms of tuner/export/formats.py's HOLDS."""
+    a, te = cfg.adapter, cfg.text_encoder
+    parts = set()
+    if a.type in ("lora", "loha", "lokr") or te.train == "lora":
+        parts.add("dora" if a.use_dora and a.type == "lora" else a.type if a.type in ("loha", "lokr") else "lora")
+    if a.type in ("partial_unet", "full") or te.train == "full":
+        parts.add("base_weights")
+    if cfg.embedding.tokens:
+        parts.add("tokens")
+    return parts
+
+
+def _validate_export(cfg: DictConfig) -> None:
+    from tuner.export.formats import DTYPES, FORMATS, HOLDS
+
+    e = cfg.export
+    unknown = [x for x in e.formats if x not in FORMATS]
+    if unknown or not e.formats:
+        raise ConfigError(f"export.formats={list(e.formats)}: choose from {', '.join(FORMATS)}")
+    if e.dtype not in DTYPES or e.single_file_dtype not in DTYPES or e.variant not in (None, "fp16", "bf16"):
+        raise ConfigError(
+            "export.dtype and export.single_file_dtype: float32, float16 or bfloat16; export.variant: fp16, bf16 or null"
+        )
+    if "train" in cfg.stages:
+        parts = trained_parts(cfg)
+        held = set().union(*(HOLDS[x] for x in e.formats))
+        if parts - held:
+            fits = [x for x in FORMATS if parts - held <= HOLDS[x]]
+            raise ConfigError(
+                f"export.formats={list(e.formats)} cannot hold what this run trains ({', '.join(sorted(parts - held))}); "
+                f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*e.formats, fits[0]])}]'"
+            )

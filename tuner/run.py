@@ -67,6 +67,9 @@ class Run:
         # so "base" samples need a fresh copy of the base rather than adapters switched off
         self.base_weights_changed = False
         self.trainables = None  # set by the train stage: what trained
+        self.new_tokens: list[str] = []  # tokens added to the vocabulary (trained or loaded), in order
+        self.files: dict[str, dict] = {}  # set by the export stage: every file written, with its sha256
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     @property
     def home(self) -> Path:
@@ -110,6 +113,8 @@ def run_recipe(cfg: DictConfig) -> Run:
     run.metrics["seconds"]["total"] = round(time.time() - start, 1)
     write_atomic(run.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with what stages filled in
     summary = {"recipe": cfg.recipe, "run_dir": str(run.dir), "outputs": run.outputs, "metrics": run.metrics}
+    if run.files:
+        summary["files"] = run.files
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
     print(format_summary(summary), flush=True)
     return run
@@ -122,6 +127,8 @@ def format_summary(summary: dict) -> str:
     for name, value in summary["metrics"].items():
         if name != "seconds":
             lines.append(f"{name:<12} {json.dumps(value)}")
+    for path, entry in summary.get("files", {}).items():
+        lines.append(f"{'file':<12} {path}  sha256 {entry['sha256'][:16]}  {entry['bytes']:,} bytes")
     return "\n".join(lines)
 
 
@@ -318,6 +325,7 @@ def train(run: Run) -> None:
     what = trainables.setup(cfg, c)
     run.base_weights_changed = what.base_weights_train or bool(what.new_tokens)
     run.trainables = what
+    run.new_tokens += list(cfg.embedding.tokens)
     if t.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
         if what.text_encoder_trains:  # transformers 5 renamed it
@@ -417,89 +425,232 @@ def train(run: Run) -> None:
 # ---------------------------------------------------------------- outputs
 
 
-def _peft_config_dict(module) -> dict:
-    config = module.peft_config["default"].to_dict()
-    return json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+def _live_tokens(run: Run) -> dict[str, torch.Tensor]:
+    """Each new token's vectors (``<sks>`` plus diffusers' ``<sks>_1``, ... for more vectors), fp32 on the CPU."""
+    c = run.components
+    rows = run.accelerator.unwrap_model(c.text_encoder).get_input_embeddings().weight
+    vocab = c.tokenizer.get_vocab()
+    out = {}
+    for token in run.new_tokens:
+        extra = itertools.takewhile(lambda name: name in vocab, (f"{token}_{i}" for i in itertools.count(1)))
+        ids = [vocab[token]] + [vocab[name] for name in extra]
+        out[token] = rows[ids].detach().float().cpu().clone()
+    return out
+
+
+def _fp32_base(run: Run) -> dict[str, dict[str, torch.Tensor]]:
+    """The base's fp32 weights where the live modules hold frozen ones in a lower precision (mixed precision)."""
+    c = run.components
+    low = [
+        name
+        for name in ("unet", "text_encoder", "vae")
+        if any(p.dtype != torch.float32 for p in getattr(c, name).parameters())
+    ]
+    if not low:
+        return {}
+    fresh = run.family.load(run.model_path)
+    return {name: getattr(fresh, name).state_dict() for name in low}
+
+
+def _export_info(run: Run, trained, name: str) -> dict:
+    """What the metadata and the model card say: the base, the trigger and the training settings.
+
+    Exporting a checkpoint (recipe=export), the settings come from the run folder the checkpoint sits in.
+    """
+    from importlib.metadata import version
+
+    from tuner.export.metadata import folder_hash, tag_frequency
+
+    cfg, source, source_dir = run.cfg, run.cfg, run.dir
+    if run.trainables is None:
+        source = None
+        if cfg.checkpoint:
+            path = Path(cfg.checkpoint).expanduser().resolve()
+            for folder in [path, *path.parents][:4]:
+                if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
+                    source, source_dir = OmegaConf.load(folder / "config.yaml"), folder
+                    break
+    e = cfg.export
+    print("[tuner] export: hashing the base model's weights", flush=True)
+    info = {
+        "name": name,
+        "base_name": str(run.model_path) if e.include_paths else run.model_path.name,
+        "base_hash": folder_hash(run.model_path),
+        "base_version": run.family.BASE_VERSION,
+        "architecture": f"{run.family.MODELSPEC_ARCHITECTURE}/{'lora' if trained.adapter else 'checkpoint'}",
+        "prediction_type": run.components.prediction_type,
+        "version": version("tuner"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "description": f"trained with tuner {version('tuner')}" if source is not None else None,
+        "adapter": trained.adapter,
+        "tokens": list(trained.tokens),
+    }
+    if source is not None:
+        t, d = source.train, source.data
+        info.update(
+            resolution=d.resolution,
+            steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            unet_lr=t.learning_rate,
+            text_encoder_lr=(source.text_encoder.learning_rate or t.learning_rate)
+            if source.text_encoder.train != "none"
+            else None,
+            seed=source.seed,
+            batch_size=t.batch_size,
+            optimizer=t.optimizer,
+            lr_scheduler=t.lr_scheduler,
+            mixed_precision=t.mixed_precision,
+            noise_offset=t.noise_offset or None,
+            snr_gamma=t.snr_gamma,
+            rank=source.adapter.rank if trained.adapter else None,
+            alpha=source.adapter.alpha if trained.adapter else None,
+            adapter_type=source.adapter.type,
+            text_encoder=source.text_encoder.train,
+            trigger=", ".join(trained.tokens) or d.trigger or d.instance_prompt,
+            instance_prompt=d.instance_prompt,
+            started=getattr(run, "started", None) if source is cfg else None,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z") if source is cfg else None,
+        )
+        captions = {}
+        for role in ("instance", "class"):
+            if (source_dir / "data" / role / "dataset").is_dir():
+                captions[role] = list(load_prepared(source_dir / "data" / role)["caption"])
+        if captions:
+            info["tag_frequency"] = tag_frequency(captions)
+            info["num_images"] = len(captions.get("instance", []))
+            info["num_class_images"] = len(captions.get("class", [])) or None
+    return info
 
 
 @stage
 def export(run: Run) -> None:
-    """Write what trained, each in the format diffusers loads unchanged, into ``adapter/`` (or ``pipeline/``).
+    """Write what trained (or what ``checkpoint=`` loaded) in every format of ``export.formats``.
 
-    - LoRA (U-Net and/or text encoder): ``adapter/pytorch_lora_weights.safetensors``, diffusers' native
-      ``unet.<module>.lora_A.weight`` keys, the LoRA configs in the safetensors metadata;
-    - LoHa / LoKr: a peft adapter folder ``adapter/unet/`` (``adapter_config.json``, ``adapter_model.safetensors``);
-    - new token embeddings: ``adapter/embeddings/<k>.safetensors``, one per token, ``{token: vectors}``
-      as ``load_textual_inversion`` reads;
-    - partial_unet, full, text_encoder.train=full: the whole pipeline as a diffusers folder ``pipeline/``.
+    See tuner/export/formats.py for the formats and what each holds; a format that cannot hold a
+    part (a kohya file cannot hold a DoRA adapter) says so and writes the rest. The run summary
+    lists every file written with its sha256; ``README.md`` in the run folder is the model card.
     """
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from tuner.export import formats as f
+    from tuner.export.card import write_model_card
+    from tuner.export.metadata import model_hash, sha256_file, training_metadata
 
-    c, what = run.components, run.trainables
-    if what is None:
-        raise ConfigError("export: nothing was trained in this run; put the train stage before export")
-    unet = run.accelerator.unwrap_model(c.unet)
-    text_encoder = run.accelerator.unwrap_model(c.text_encoder)
-    a = run.cfg.adapter
-    if run.accelerator.is_main_process:
-        with atomic_dir(run.dir / "adapter") as tmp:
-            lora = {}
-            if a.type == "lora":
-                lora["unet"] = (get_peft_model_state_dict(unet), _peft_config_dict(unet))
-            if run.cfg.text_encoder.train == "lora":
-                lora["text_encoder"] = (get_peft_model_state_dict(text_encoder), _peft_config_dict(text_encoder))
-            if lora:
-                run.family.save_lora(tmp, lora)
-            if a.type in ("loha", "lokr"):
-                (tmp / "unet").mkdir()
-                unet.peft_config["default"].save_pretrained(tmp / "unet")
-                state = {f"base_model.model.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
-                save_file({k: v.contiguous() for k, v in state.items()}, tmp / "unet" / "adapter_model.safetensors")
-            if what.new_tokens:
-                (tmp / "embeddings").mkdir()
-                rows = text_encoder.get_input_embeddings().weight
-                vectors_per_token = run.cfg.embedding.vectors  # new_tokens: each token's vectors, in order
-                ids = list(what.new_tokens.values())
-                for k, token in enumerate(run.cfg.embedding.tokens):
-                    ids_k = ids[k * vectors_per_token : (k + 1) * vectors_per_token]
-                    vectors = rows[ids_k].detach().float().cpu().clone()
-                    save_file({token: vectors}, tmp / "embeddings" / f"{k}.safetensors", metadata={"token": token})
-        if what.base_weights_train:
-            with atomic_dir(run.dir / "pipeline") as tmp:
-                run.pipe.save_pretrained(tmp, safe_serialization=True)
-            run.outputs["pipeline"] = str(run.dir / "pipeline")
-    run.outputs["adapter"] = str(run.dir / "adapter")
+    cfg, c, e = run.cfg, run.components, run.cfg.export
+    what = run.trainables
+    base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
+    trained = f.Trained(c, f.adapter_kind(c), _live_tokens(run), base_weights)
+    parts = trained.parts
+    if not parts:
+        raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
+    held = set().union(*(f.HOLDS[x] for x in e.formats))
+    if parts - held:
+        fits = [x for x in f.FORMATS if parts - held <= f.HOLDS[x]]
+        raise ConfigError(
+            f"export.formats={list(e.formats)} cannot hold {', '.join(sorted(parts - held))}; "
+            f"add one of {fits}, e.g. 'export.formats=[{','.join([*e.formats, fits[0]])}]'"
+        )
+    name = e.name or run.dir.name
+    info = _export_info(run, trained, name)
+    metadata = training_metadata(info)
+    dtype = f.DTYPES[e.dtype]
+    merged = None
+    if not run.accelerator.is_main_process:
+        return
+    for fmt in e.formats:
+        skipped = parts - f.HOLDS[fmt]
+        if not parts & f.HOLDS[fmt]:
+            print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
+            continue
+        if skipped:
+            print(f"[tuner] export {fmt}: without {', '.join(sorted(skipped))} (another format holds it)", flush=True)
+        folder = run.dir / fmt
+        if fmt == "diffusers":
+            f.write_diffusers(trained, folder, run.family, dtype)
+        elif fmt == "kohya":
+            f.write_kohya(trained, folder, name, run.family, dtype, metadata)
+        elif fmt == "peft":
+            f.write_peft(trained, folder, dtype)
+        else:
+            if merged is None:
+                print("[tuner] export: fusing the adapter into the base weights", flush=True)
+                merged = f.merged_components(trained, _fp32_base(run))
+            if fmt == "merged":
+                f.write_merged(merged, folder, run.family, run.model_path, c.tokenizer, e.variant)
+            else:
+                vocab = json.loads((run.model_path / "text_encoder" / "config.json").read_text())["vocab_size"]
+                path = folder / f"{name}.safetensors"
+                with atomic_dir(folder) as tmp:
+                    meta = {**metadata, "modelspec.architecture": f"{run.family.MODELSPEC_ARCHITECTURE}"}
+                    f.write_single_file(merged, tmp / path.name, run.family, vocab, f.DTYPES[e.single_file_dtype], meta)
+        run.outputs[fmt] = str(folder)
+    del merged
+    files = {}
+    for fmt in e.formats:
+        for path in sorted((run.dir / fmt).rglob("*")) if (run.dir / fmt).is_dir() else []:
+            if path.is_file():
+                entry = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+                if path.suffix == ".safetensors":
+                    entry["model_hash"] = model_hash(path)
+                files[str(path.relative_to(run.dir))] = entry
+    run.files = files
+    card = write_model_card(run.dir / "README.md", info, files, cfg, run.family)
+    run.outputs["model_card"] = str(card)
 
 
 @stage
 def load_adapter(run: Run) -> None:
-    """Load what ``export`` wrote (``checkpoint=PATH``: an ``adapter/`` folder or a LoRA .safetensors file)."""
+    """Load an adapter made by tuner or another trainer (``checkpoint=PATH``) onto the base.
+
+    PATH may be a run folder (its diffusers/ export, else peft/, else kohya/), a format folder
+    (diffusers/, kohya/, peft/), a LoRA ``.safetensors`` in diffusers' or kohya's keys, or an
+    embedding ``.safetensors`` (diffusers' ``{token: vectors}`` or A1111's ``emb_params``).
+    """
+    from safetensors import safe_open
+
+    path = Path(run.cfg.checkpoint).expanduser()
+    if path.is_dir() and (path / "summary.json").is_file():
+        path = next((path / x for x in ("diffusers", "peft", "kohya") if (path / x).is_dir()), path)
+    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*"))
+    loaded = []
+    for file in files:
+        with safe_open(file, "pt") as handle:
+            keys, meta = list(handle.keys()), handle.metadata() or {}
+        if any("lora" in k for k in keys):
+            run.pipe.load_lora_weights(file.parent, weight_name=file.name)
+        elif any(k.startswith(("hada_", "lokr_")) or ".hada_" in k or ".lokr_" in k for k in keys):
+            raise ConfigError(
+                f"checkpoint={file}: a LoHa/LoKr file in kohya's keys; diffusers cannot load it, "
+                "load the run's peft/ folder instead"
+            )
+        else:  # an embedding: diffusers' {token: vectors} or A1111's emb_params, named by its file
+            token = meta.get("token") or (keys[0] if len(keys) == 1 and keys[0] != "emb_params" else file.stem)
+            run.pipe.load_textual_inversion(file, token=token)
+            run.new_tokens.append(token)
+            run.base_weights_changed = True
+        loaded.append(file.name)
+    for component in ("unet", "text_encoder"):
+        if (path / component / "adapter_config.json").is_file():
+            _load_peft(getattr(run.components, component), path / component)
+            loaded.append(f"{component} (peft)")
+    if not loaded:
+        raise ConfigError(
+            f"checkpoint={path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
+            "folder, or a run folder)"
+        )
+    print(f"[tuner] loaded {', '.join(loaded)}", flush=True)
+    run.outputs["checkpoint"] = str(path)
+
+
+def _load_peft(module, folder: Path) -> None:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) onto ``module``."""
     from peft import PeftConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    path = Path(run.cfg.checkpoint).expanduser()
-    if path.is_file():
-        run.pipe.load_lora_weights(path.parent, weight_name=path.name)
-        run.outputs["adapter"] = str(path)
-        return
-    loaded = []
-    if (path / "pytorch_lora_weights.safetensors").is_file():
-        run.pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors")
-        loaded.append("lora")
-    if (path / "unet" / "adapter_config.json").is_file():
-        unet = run.components.unet
-        unet.add_adapter(PeftConfig.from_pretrained(path / "unet"))
-        state = load_file(path / "unet" / "adapter_model.safetensors")
-        set_peft_model_state_dict(unet, {k.removeprefix("base_model.model."): v for k, v in state.items()})
-        loaded.append("peft")
-    for file in sorted((path / "embeddings").glob("*.safetensors")):
-        run.pipe.load_textual_inversion(file)
-        run.base_weights_changed = True
-        loaded.append(file.name)
-    if not loaded:
-        raise ConfigError(f"checkpoint={path}: no adapter in it (pytorch_lora_weights.safetensors, unet/, embeddings/)")
-    run.outputs["adapter"] = str(path)
+    module.add_adapter(PeftConfig.from_pretrained(folder))
+    state = load_file(folder / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(module, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "hada_" in k or "lokr_" in k]
+    if missing:
+        raise ConfigError(f"checkpoint={folder}: {len(missing)} adapter tensors fit no module, e.g. {missing[:3]}")
 
 
 def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):

@@ -16,6 +16,10 @@ import torch
 from tuner.config import ConfigError
 
 PIPELINE_CLASSES = {"StableDiffusionPipeline"}
+# how exports name this family: kohya's key prefixes, ss_base_model_version, modelspec.architecture
+KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+BASE_VERSION = "sd_v1"
+MODELSPEC_ARCHITECTURE = "stable-diffusion-v1"
 
 
 @dataclass
@@ -143,3 +147,29 @@ def load_pipeline(path: str | Path):
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline.from_pretrained(check_folder(path), use_safetensors=True)
+
+
+def kohya_module_name(component: str, name: str) -> str:
+    """A module's name as kohya, A1111 and ComfyUI spell it for SD1.x: diffusers' U-Net names (kohya trains
+    SD1.x on the diffusers U-Net) and CLIP names under ``text_model.`` (which transformers 5 dropped)."""
+    if component == "text_encoder" and not name.startswith("text_model."):
+        return f"text_model.{name}"
+    return name
+
+
+def pipeline_with(path: str | Path, **components):
+    """The pipeline of the base folder ``path`` (its scheduler and extras) with the given modules in place."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(check_folder(path), use_safetensors=True, **components)
+
+
+def single_file_state(modules: dict, vocab_size: int) -> dict:
+    """unet, vae and text_encoder in the original single-file layout (the base's ``vocab_size`` rows only)."""
+    from tuner.models.ldm_layout import to_original
+
+    text = dict(modules["text_encoder"].state_dict())
+    key = next(k for k in text if k.endswith("token_embedding.weight"))
+    text[key] = text[key][:vocab_size]
+    unet, vae = modules["unet"], modules["vae"]
+    return to_original(unet.state_dict(), dict(unet.config), vae.state_dict(), dict(vae.config), text)

@@ -30,6 +30,8 @@ class TinySize:
     text_layers: int = 2
     max_tokens: int = 48
     image_size: int = 16
+    layers_per_block: int = 1  # ResNets per down block (up blocks have one more), U-Net and VAE
+    attention_levels: int = 1  # how many of the U-Net's levels, from the top, have cross-attention
 
 
 SIZES = {
@@ -37,6 +39,17 @@ SIZES = {
     "digits": TinySize(),
     # for unit tests: builds and runs in a blink
     "test": TinySize(unet_channels=(16, 32), vae_channels=(8, 16), text_width=16, text_layers=1),
+    # SD1.5's block structure (four levels, cross-attention on the first three, two ResNets per down
+    # block, four-level VAE) at small widths: what the original single-file layout assumes
+    "sd15": TinySize(
+        unet_channels=(16, 16, 32, 32),
+        vae_channels=(8, 8, 16, 16),
+        text_width=16,
+        text_layers=2,
+        image_size=32,
+        layers_per_block=2,
+        attention_levels=3,
+    ),
 }
 
 
@@ -73,9 +86,11 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
         in_channels=4,
         out_channels=4,
         block_out_channels=size.unet_channels,
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(size.unet_channels) - 1),
-        up_block_types=("UpBlock2D",) * (len(size.unet_channels) - 1) + ("CrossAttnUpBlock2D",),
+        layers_per_block=size.layers_per_block,
+        down_block_types=("CrossAttnDownBlock2D",) * size.attention_levels
+        + ("DownBlock2D",) * (len(size.unet_channels) - size.attention_levels),
+        up_block_types=("UpBlock2D",) * (len(size.unet_channels) - size.attention_levels)
+        + ("CrossAttnUpBlock2D",) * size.attention_levels,
         cross_attention_dim=size.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -88,7 +103,7 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
         down_block_types=("DownEncoderBlock2D",) * len(size.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(size.vae_channels),
         latent_channels=4,
-        layers_per_block=1,
+        layers_per_block=size.layers_per_block,
         norm_num_groups=8,
         sample_size=size.image_size,
     )

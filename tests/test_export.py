@@ -1,0 +1,258 @@
+"""Every export format, proven by reloading it the way a user would and drawing the run's own image.
+
+The run trains a LoRA on the U-Net and the text encoder of a tiny pipeline with SD1.5's block structure,
+with alpha (1) different from rank (4), so a loader that assumes alpha = rank draws another image.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.test_methods import PROMPT, image_of, train_in_process
+from tuner.export.metadata import model_hash, sha256_file
+
+TABLE = Path(__file__).parent / "data" / "sd15_tiny_lora_keys.tsv"
+ALL_FORMATS = "export.formats=[diffusers,kohya,peft,merged,single_file]"
+
+
+@pytest.fixture(scope="module")
+def sd15_tiny(tmp_path_factory) -> Path:
+    from tuner.models.tiny import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "pipe", size="sd15")
+
+
+def train(tmp_path, tiny, *overrides, name="run"):
+    return train_in_process(
+        tmp_path, tiny, "data.resolution=32", "adapter.rank=4", "adapter.alpha=1", *overrides, name=name
+    )
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, sd15_tiny):
+    tmp = tmp_path_factory.mktemp("lora")
+    run = train(tmp, sd15_tiny, "text_encoder.train=lora", ALL_FORMATS)
+    return run, image_of(run, PROMPT)
+
+
+def fresh(tiny):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(tiny)
+
+
+def draw(pipe):
+    """The image tuner's gallery draws for PROMPT at seed 0 (DDIM, 3 steps, guidance 3), in [0, 1]."""
+    from tests.conftest import sample_like_the_gallery
+
+    return sample_like_the_gallery(pipe, PROMPT, seed=0, steps=3, size=32)
+
+
+def peft_modules(module) -> int:
+    from tuner.export.formats import tuner_layers
+
+    return len(tuner_layers(module))
+
+
+def load_lora_checked(pipe, file: Path, caplog) -> None:
+    """``load_lora_weights`` that fails on any warning diffusers or peft logs (unloaded or unexpected keys)."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        pipe.load_lora_weights(file.parent, weight_name=file.name)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not warnings, warnings
+
+
+def test_diffusers_and_kohya_files_reload_to_the_same_image(lora_run, sd15_tiny, caplog):
+    run, expected = lora_run
+    base = draw(fresh(sd15_tiny))
+    assert np.abs(base - expected).max() > 0.02  # the adapter matters at this seed
+    for file in (run.dir / "diffusers" / "pytorch_lora_weights.safetensors", run.dir / "kohya" / "run.safetensors"):
+        pipe = fresh(sd15_tiny)
+        load_lora_checked(pipe, file, caplog)
+        with safe_open(file, "pt") as f:
+            keys = list(f.keys())
+        modules = {k.split(".lora")[0].split(".alpha")[0] for k in keys if "lora" in k}
+        assert peft_modules(pipe.unet) + peft_modules(pipe.text_encoder) == len(modules), file  # every key applied
+        np.testing.assert_allclose(draw(pipe), expected, atol=1e-3, err_msg=str(file))
+
+
+def test_kohya_keys_alpha_and_metadata(lora_run):
+    run, _ = lora_run
+    file = run.dir / "kohya" / "run.safetensors"
+    table = dict(line.split("\t") for line in TABLE.read_text().splitlines() if not line.startswith("#"))
+    with safe_open(file, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+        alphas = {k: f.get_tensor(k) for k in keys if k.endswith(".alpha")}
+        ranks = {f.get_tensor(k).shape[0] for k in keys if k.endswith("lora_down.weight")}
+    assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)  # diffusers' kohya detection needs this
+    modules = {k.split(".")[0] for k in keys}
+    assert modules <= set(table), sorted(modules - set(table))[:5]
+    # adapter.targets=attn_ff: every linear layer of the U-Net's transformers (the table's *_attentions_* rows),
+    # text_encoder.target_modules: q/k/v/out of every CLIP layer
+    expected = {m for m in table if m.startswith("lora_te_") and "self_attn" in m}
+    expected |= {m for m in table if m.startswith("lora_unet_") and "_attentions_" in m}
+    assert modules == expected
+    for module in modules:
+        for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+            assert f"{module}.{suffix}" in keys
+    assert ranks == {4} and {float(v) for v in alphas.values()} == {1.0}  # the trained alpha, not the rank
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "1.0"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_resolution"] == "(32, 32)" and meta["ss_max_train_steps"] == "3"
+    assert json.loads(meta["ss_tag_frequency"]) == {"instance": {PROMPT: 3}}
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.trigger_phrase"] == PROMPT
+    assert meta["sshs_model_hash"] == model_hash(file)  # A1111's hash: sha256 of the bytes after the header
+    assert meta["modelspec.hash_sha256"] == "0x" + model_hash(file)
+    assert meta["ss_new_sd_model_hash"] and len(meta["ss_new_sd_model_hash"]) == 64
+    assert not any(str(run.dir.parent) in v or "/tmp" in v for v in meta.values())  # no paths of this machine
+
+
+def test_peft_folders_reload_with_peft(lora_run, sd15_tiny):
+    from peft import PeftModel
+
+    run, expected = lora_run
+    pipe = fresh(sd15_tiny)
+    for component in ("unet", "text_encoder"):
+        folder = run.dir / "peft" / component
+        assert json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 1
+        setattr(pipe, component, PeftModel.from_pretrained(getattr(pipe, component), folder))
+    np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
+
+
+def test_merged_pipeline_and_its_fp16_variant(lora_run):
+    from diffusers import StableDiffusionPipeline
+
+    run, expected = lora_run
+    pipe = StableDiffusionPipeline.from_pretrained(run.dir / "merged", use_safetensors=True)
+    assert peft_modules(pipe.unet) == 0 and pipe.unet.dtype == torch.float32  # fused: plain weights
+    np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
+    half = StableDiffusionPipeline.from_pretrained(
+        run.dir / "merged", variant="fp16", use_safetensors=True, dtype=torch.float32
+    )
+    with safe_open(run.dir / "merged" / "unet" / "diffusion_pytorch_model.fp16.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    np.testing.assert_allclose(draw(half), expected, atol=3e-2)
+    # the fused weights are the base plus kohya's formula, up @ down * alpha / rank, module by module
+    base, fused = fresh_unet_state(run), pipe.unet.state_dict()
+    with safe_open(run.dir / "kohya" / "run.safetensors", "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")}
+        for module in modules:
+            down, up = f.get_tensor(f"{module}.lora_down.weight"), f.get_tensor(f"{module}.lora_up.weight")
+            delta = (up.flatten(1) @ down.flatten(1)) * float(f.get_tensor(f"{module}.alpha")) / down.shape[0]
+            name = weight_named(base, module)
+            torch.testing.assert_close(fused[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4)
+    assert len(modules) > 20
+
+
+def fresh_unet_state(run):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(Path(run.cfg.model.path) / "unet").state_dict()
+
+
+def weight_named(state, module: str) -> str:
+    """The U-Net state-dict key of a kohya module name (``lora_unet_down_blocks_0_...`` -> ``down_blocks.0....weight``)."""
+    return next(n for n in state if n.endswith(".weight") and "lora_unet_" + n[: -len(".weight")].replace(".", "_") == module)
+
+
+def test_single_file_loads_with_a_local_config(lora_run, sd15_tiny):
+    from diffusers import StableDiffusionPipeline
+
+    run, expected = lora_run
+    file = run.dir / "single_file" / "run.safetensors"
+    pipe = StableDiffusionPipeline.from_single_file(file, config=str(sd15_tiny), local_files_only=True)
+    np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
+    # the original-layout modules ComfyUI and A1111 apply LoRA keys to are all in the file
+    with safe_open(file, "pt") as f:
+        keys = set(f.keys())
+    for line in TABLE.read_text().splitlines():
+        if line.startswith("lora_unet_"):
+            assert f"model.diffusion_model.{line.split(chr(9))[1]}.weight" in keys, line
+        elif line.startswith("lora_te_"):
+            assert f"cond_stage_model.transformer.{line.split(chr(9))[1]}.weight" in keys, line
+
+
+def test_summary_lists_every_file_with_its_hash_and_the_card_says_how_to_load(lora_run):
+    run, _ = lora_run
+    summary = json.loads((run.dir / "summary.json").read_text())
+    written = {
+        str(p.relative_to(run.dir))
+        for fmt in ("diffusers", "kohya", "peft", "merged", "single_file")
+        for p in (run.dir / fmt).rglob("*")
+        if p.is_file()
+    }
+    assert set(summary["files"]) == written
+    for name, entry in summary["files"].items():
+        assert entry["sha256"] == sha256_file(run.dir / name) and entry["bytes"] == (run.dir / name).stat().st_size
+    card = (run.dir / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name:") and "base_model:" in card
+    assert f"Trigger: `{PROMPT}`" in card and "load_lora_weights" in card and "<lora:run:1>" in card
+    assert "| rank / alpha | 4 / 1.0 |" in card
+    for name in summary["files"]:
+        assert f"`{name}`" in card
+
+
+def test_textual_inversion_exports_load_in_diffusers_and_as_a1111_embeddings(tmp_path, sd15_tiny):
+    from diffusers import StableDiffusionPipeline
+
+    run = train(
+        tmp_path,
+        sd15_tiny,
+        "adapter=none",
+        "embedding.tokens=['<sks>']",
+        "embedding.vectors=2",
+        "data.instance_prompt='a photo of <sks>'",
+        "export.formats=[diffusers,kohya,merged]",
+    )
+    prompt = "a photo of <sks>"
+    expected = image_of(run, prompt)
+    with safe_open(run.dir / "kohya" / "embeddings" / "sks.safetensors", "pt") as f:
+        assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (2, 16)
+    for file in (run.dir / "diffusers" / "embeddings" / "sks.safetensors", run.dir / "kohya" / "embeddings" / "sks.safetensors"):
+        pipe = fresh(sd15_tiny)
+        pipe.load_textual_inversion(file, token="<sks>")
+        image = sample_prompt(pipe, prompt)
+        np.testing.assert_allclose(image, expected, atol=1e-3, err_msg=str(file))
+    merged = StableDiffusionPipeline.from_pretrained(run.dir / "merged")
+    np.testing.assert_allclose(sample_prompt(merged, prompt), expected, atol=1e-3)
+    assert not (run.dir / "kohya" / "run.safetensors").exists()  # no adapter trained: embeddings only
+
+
+def sample_prompt(pipe, prompt):
+    from tests.conftest import sample_like_the_gallery
+
+    return sample_like_the_gallery(pipe, prompt, seed=0, steps=3, size=32)
+
+
+def test_loha_exports_lycoris_keys_that_add_up_to_the_merged_weights(tmp_path, sd15_tiny):
+    """No diffusers loader reads LyCORIS keys, so the kohya file is checked against LyCORIS' formula:
+    delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank equals merged minus base for every module."""
+    from diffusers import StableDiffusionPipeline
+
+    run = train(tmp_path, sd15_tiny, "adapter=loha", "adapter.targets=attn", "export.formats=[kohya,peft,merged,single_file]")
+    expected = image_of(run, PROMPT)
+    merged = StableDiffusionPipeline.from_pretrained(run.dir / "merged")
+    np.testing.assert_allclose(draw(merged), expected, atol=1e-3)
+    single = StableDiffusionPipeline.from_single_file(
+        run.dir / "single_file" / "run.safetensors", config=str(sd15_tiny), local_files_only=True
+    )
+    np.testing.assert_allclose(draw(single), expected, atol=1e-3)
+    base = fresh(sd15_tiny).unet.state_dict()
+    merged_state = merged.unet.state_dict()
+    with safe_open(run.dir / "kohya" / "run.safetensors", "pt") as f:
+        keys = list(f.keys())
+        modules = {k.split(".")[0] for k in keys}
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+        for module in modules:
+            t = {s: f.get_tensor(f"{module}.{s}") for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
+            rank = t["hada_w1_b"].shape[0]
+            delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * float(t["alpha"]) / rank
+            name = weight_named(base, module)
+            torch.testing.assert_close(merged_state[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4)
+    assert len(modules) > 0 and all(k.startswith("lora_unet_") for k in keys)

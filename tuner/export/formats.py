@@ -1,0 +1,343 @@
+"""Every export format, written from the live modules of a run (trained, or loaded with ``checkpoint=``).
+
+What a run adds to its base comes in up to three parts: an adapter (peft LoRA / DoRA / LoHa / LoKr
+layers in the U-Net and text encoder), new token embeddings, and changed base weights (partial or full
+fine-tuning). Each format holds some parts (``HOLDS``); it writes those and says what it skipped:
+
+    diffusers    diffusers/pytorch_lora_weights.safetensors (+ diffusers/embeddings/<token>.safetensors)
+    kohya        kohya/<name>.safetensors, lora_unet_/lora_te_ keys with each module's alpha and ss_*/modelspec.*
+                 metadata (+ kohya/embeddings/<token>.safetensors, emb_params for A1111 and ComfyUI)
+    peft         peft/unet/ and peft/text_encoder/: adapter_config.json + adapter_model.safetensors
+    merged       merged/: the adapter fused into the base, a diffusers pipeline folder in fp32 plus a variant
+    single_file  single_file/<name>.safetensors: merged weights in the original layout A1111 and ComfyUI load
+
+Every file and folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tuner.files import atomic_dir, atomic_path
+
+FORMATS = ("diffusers", "kohya", "peft", "merged", "single_file")
+HOLDS = {
+    "diffusers": {"lora", "dora", "tokens"},
+    "kohya": {"lora", "loha", "lokr", "tokens"},
+    "peft": {"lora", "dora", "loha", "lokr"},
+    "merged": {"lora", "dora", "loha", "lokr", "tokens", "base_weights"},
+    "single_file": {"lora", "dora", "loha", "lokr", "base_weights"},
+}
+COMPONENTS = ("unet", "text_encoder")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Trained:
+    """What sits on top of the base in the live modules: the parts each format may hold."""
+
+    components: object  # the family's Components (unet, vae, text_encoder, tokenizer, ...)
+    adapter: str | None = None  # lora | dora | loha | lokr, on the U-Net and/or the text encoder
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> (vectors, width), in order
+    base_weights: bool = False  # base weights themselves changed (partial / full fine-tuning)
+
+    @property
+    def parts(self) -> set[str]:
+        return {p for p in (self.adapter, "tokens" if self.tokens else None) if p} | (
+            {"base_weights"} if self.base_weights else set()
+        )
+
+
+def tuner_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The peft layers (LoRA, LoHa, LoKr, ...) injected into ``module``, by module name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def adapter_kind(c) -> str | None:
+    """lora, dora, loha or lokr: the peft adapter in the U-Net / text encoder (one kind per run)."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
+
+    kinds = set()
+    for component in COMPONENTS:
+        for layer in tuner_layers(getattr(c, component)).values():
+            if isinstance(layer, LoraLayer):
+                kinds.add("dora" if any(layer.use_dora.get(a) for a in layer.active_adapters) else "lora")
+            elif isinstance(layer, LoHaLayer):
+                kinds.add("loha")
+            elif isinstance(layer, LoKrLayer):
+                kinds.add("lokr")
+            else:
+                kinds.add(type(layer).__name__)
+    if len(kinds) > 1:
+        kinds.discard("lora")  # a DoRA adapter on one component, LoRA on the other: DoRA rules
+    if len(kinds) > 1:
+        raise ValueError(f"export: one adapter kind per run, found {sorted(kinds)}")
+    return kinds.pop() if kinds else None
+
+
+def _active(layer) -> str:
+    names = list(layer.active_adapters)
+    if len(names) != 1:
+        raise ValueError(f"export: one active adapter per module, found {names}; export each adapter on its own")
+    return names[0]
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def lora_modules(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """``{module name: (down, up, alpha)}`` for every LoRA layer, alpha such that scale = alpha / rank.
+
+    That is what kohya's ``.alpha`` means; for rsLoRA (scale alpha / sqrt(rank)) it is scale * rank.
+    """
+    out = {}
+    for name, layer in tuner_layers(module).items():
+        adapter = _active(layer)
+        down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        out[name] = (down.detach(), up.detach(), float(layer.scaling[adapter]) * layer.r[adapter])
+    return out
+
+
+def lycoris_modules(module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name: {suffix: tensor}}`` for LoHa / LoKr layers in LyCORIS' key names, with ``alpha``.
+
+    peft and LyCORIS share the parameter names (``hada_w1_a``, ``lokr_w1``, ...) and shapes; the scale
+    alpha / rank becomes an ``alpha`` scalar the way kohya-format loaders read it.
+    """
+    out = {}
+    for name, layer in tuner_layers(module).items():
+        adapter = _active(layer)
+        tensors = {}
+        for param in layer.adapter_layer_names:
+            store = getattr(layer, param)
+            if adapter in store:
+                tensors[param] = store[adapter].detach()
+        rank = layer.r[adapter]
+        tensors["alpha"] = torch.tensor(float(layer.scaling[adapter]) * rank)
+        out[name] = tensors
+    return out
+
+
+def peft_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], object]:
+    """The active adapter's tensors and config, as ``get_peft_model_state_dict`` gives them."""
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = _active(next(iter(tuner_layers(module).values())))
+    config = module.peft_config[adapter]
+    return get_peft_model_state_dict(module, adapter_name=adapter), config
+
+
+def peft_config_dict(config) -> dict:
+    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+
+
+# ---------------------------------------------------------------- merged weights
+
+
+def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``module``'s state dict in fp32 with every peft layer fused into its base weight.
+
+    Each peft layer is merged on a copy of itself, by peft's own ``merge`` (so DoRA, LoHa and LoKr
+    merge as peft computes them), on top of ``base`` (the fp32 base weights, when the live module
+    holds them in a lower precision); the live module is left as it was.
+    """
+    layers = tuner_layers(module)
+    state = {}
+    for key, value in module.state_dict().items():
+        owner = next((n for n in layers if key.startswith(n + ".")), None)
+        if owner is None:
+            state[key] = (base or {}).get(key, value).float()
+    for name, layer in layers.items():
+        merged = copy.deepcopy(layer).float()
+        target = merged.get_base_layer()
+        for key, value in target.state_dict().items():
+            if base and f"{name}.{key}" in base:
+                getattr(target, key).data = base[f"{name}.{key}"].float().clone()
+        merged.merge(safe_merge=True, adapter_names=[_active(layer)])
+        for key, value in target.state_dict().items():
+            state[f"{name}.{key}"] = value.detach()
+    return state
+
+
+def _fresh(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new module of ``module``'s class and config holding ``state`` (built on the meta device: no copy)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        config = module.config
+        fresh = type(module).from_config(config) if hasattr(type(module), "from_config") else type(module)(config)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    return fresh.eval()
+
+
+def merged_components(trained: Trained, base_state) -> dict[str, torch.nn.Module]:
+    """unet, text_encoder and vae with everything trained fused in, fp32.
+
+    Args:
+        base_state: ``component -> fp32 state dict`` of the base, used where the live module holds
+            frozen weights in a lower precision; empty when the live weights are fp32.
+    """
+    c = trained.components
+    out = {}
+    for name in ("unet", "text_encoder", "vae"):
+        module = getattr(c, name)
+        base = base_state.get(name)
+        state = merged_state(module, base)
+        if name == "text_encoder" and trained.tokens:  # the new rows live only in the live embedding
+            key = next(k for k in state if k.endswith("token_embedding.weight"))
+            state[key] = module.get_input_embeddings().weight.detach().float()
+        out[name] = _fresh(module, state)
+    return out
+
+
+# ---------------------------------------------------------------- kohya naming and metadata
+
+
+def kohya_name(prefix: str, module_name: str) -> str:
+    return f"{prefix}_{module_name.replace('.', '_')}"
+
+
+def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter as a kohya / LyCORIS state dict: ``lora_down``/``lora_up``/``alpha`` (or ``hada_*``/``lokr_*``).
+
+    Args:
+        prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name) gives
+            the module's name as the format spells it (the family knows).
+    """
+    c, state = trained.components, {}
+    for component in COMPONENTS:
+        module = getattr(c, component)
+        if not tuner_layers(module):
+            continue
+        prefix = prefixes[component]
+        if trained.adapter == "lora":
+            for name, (down, up, alpha) in lora_modules(module).items():
+                key = kohya_name(prefix, module_name(component, name))
+                state[f"{key}.lora_down.weight"] = down.to(dtype)
+                state[f"{key}.lora_up.weight"] = up.to(dtype)
+                state[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
+        else:
+            for name, tensors in lycoris_modules(module).items():
+                key = kohya_name(prefix, module_name(component, name))
+                state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in tensors.items()})
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def token_file_name(token: str) -> str:
+    """A file name A1111 and ComfyUI users can type as the trigger (``<sks>`` -> ``sks``)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "embedding"
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    return path
+
+
+# ---------------------------------------------------------------- the writers, one per format
+
+
+def write_diffusers(trained: Trained, folder: Path, family, dtype: torch.dtype) -> None:
+    """``pytorch_lora_weights.safetensors`` through the pipeline's own ``save_lora_weights`` (LoRA configs
+    in its metadata, so loaders apply the trained alpha), and ``embeddings/<token>.safetensors``."""
+    c = trained.components
+    with atomic_dir(folder) as tmp:
+        if trained.adapter in ("lora", "dora"):
+            layers = {}
+            for component in COMPONENTS:
+                module = getattr(c, component)
+                if tuner_layers(module):
+                    state, config = peft_state(module)
+                    layers[component] = ({k: v.to(dtype) for k, v in state.items()}, peft_config_dict(config))
+            family.save_lora(tmp, layers)
+        for token, vectors in trained.tokens.items():
+            path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
+            write_safetensors(path, {token: vectors.to(dtype)}, {"token": token})
+
+
+def write_kohya(trained: Trained, folder: Path, name: str, family, dtype: torch.dtype, metadata: dict) -> None:
+    """``<name>.safetensors`` in kohya's keys with each module's ``alpha`` and ss_*/modelspec.* metadata, and
+    ``embeddings/<token>.safetensors`` as ``{"emb_params": vectors}`` (A1111 and ComfyUI embeddings)."""
+    from tuner.export.metadata import tensor_hashes
+
+    with atomic_dir(folder) as tmp:
+        if trained.adapter in ("lora", "loha", "lokr"):
+            state = kohya_state(trained, family.KOHYA_PREFIXES, family.kohya_module_name, dtype)
+            meta = {**metadata, **kohya_network_metadata(trained.adapter, state)}
+            meta.update(tensor_hashes(state, meta))
+            write_safetensors(tmp / f"{name}.safetensors", state, meta)
+        for token, vectors in trained.tokens.items():
+            meta = {
+                "modelspec.sai_model_spec": "1.0.0",
+                "modelspec.architecture": f"{family.MODELSPEC_ARCHITECTURE}/textual-inversion",
+                "modelspec.trigger_phrase": token_file_name(token),
+                "token": token,
+            }
+            path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
+            write_safetensors(path, {"emb_params": vectors.to(dtype)}, meta)
+
+
+def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """ss_network_* keys: module, rank (dim) and alpha as kohya's trainer writes them."""
+    ranks, alphas = set(), set()
+    for key, value in state.items():
+        if key.endswith((".lora_down.weight", ".hada_w1_b", ".lokr_w2_a", ".lokr_w1_a")):
+            ranks.add(value.shape[0])
+        elif key.endswith(".alpha"):
+            alphas.add(round(float(value), 6))
+    module = "networks.lora" if adapter == "lora" else "lycoris.kohya"
+    meta = {"ss_network_module": module}
+    if ranks:
+        meta["ss_network_dim"] = str(max(ranks))
+    if alphas:
+        meta["ss_network_alpha"] = str(max(alphas) if len(alphas) > 1 else alphas.pop())
+    if adapter != "lora":
+        meta["ss_network_args"] = json.dumps({"algo": {"loha": "loha", "lokr": "lokr"}[adapter]})
+    return meta
+
+
+def write_peft(trained: Trained, folder: Path, dtype: torch.dtype) -> None:
+    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` lays them out."""
+    c = trained.components
+    with atomic_dir(folder) as tmp:
+        for component in COMPONENTS:
+            module = getattr(c, component)
+            if not tuner_layers(module):
+                continue
+            state, config = peft_state(module)
+            config = copy.deepcopy(config)
+            config.base_model_name_or_path = None  # never a path of this machine
+            config.save_pretrained(tmp / component)
+            state = {f"base_model.model.{k}": v.to(dtype) for k, v in state.items()}
+            write_safetensors(tmp / component / "adapter_model.safetensors", state, {"format": "pt"})
+
+
+def write_merged(merged: dict, folder: Path, family, model_path: Path, tokenizer, variant: str | None) -> None:
+    """A diffusers pipeline folder of the base's kind with the merged modules: fp32 plus a ``variant``."""
+    with atomic_dir(folder) as tmp:
+        if variant:  # first, from copies: the configs both share (transformers records a dtype) end up fp32
+            dtype = DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[variant]]
+            half = {name: copy.deepcopy(module).to(dtype) for name, module in merged.items()}
+            family.pipeline_with(model_path, tokenizer=tokenizer, **half).save_pretrained(
+                tmp, safe_serialization=True, variant=variant
+            )
+            del half
+        family.pipeline_with(model_path, tokenizer=tokenizer, **merged).save_pretrained(tmp, safe_serialization=True)
+
+
+def write_single_file(merged: dict, path: Path, family, vocab_size: int, dtype: torch.dtype, metadata: dict) -> None:
+    """The merged weights in the original single-file layout; new tokens stay out (they ship as embeddings)."""
+    state = family.single_file_state(merged, vocab_size)
+    write_safetensors(path, {k: v.to(dtype) for k, v in state.items()}, metadata)
