@@ -157,8 +157,10 @@ def fresh_unet_state(run):
 
 
 def weight_named(state, module: str) -> str:
-    """The U-Net state-dict key of a kohya module name (``lora_unet_down_blocks_0_...`` -> ``down_blocks.0....weight``)."""
-    return next(n for n in state if n.endswith(".weight") and "lora_unet_" + n[: -len(".weight")].replace(".", "_") == module)
+    """The U-Net state-dict key of a kohya module name (``lora_unet_down_blocks_0_...`` -> ``down_blocks.0...``)."""
+    return next(
+        n for n in state if n.endswith(".weight") and "lora_unet_" + n[: -len(".weight")].replace(".", "_") == module
+    )
 
 
 def test_single_file_loads_with_a_local_config(lora_run, sd15_tiny):
@@ -214,7 +216,10 @@ def test_textual_inversion_exports_load_in_diffusers_and_as_a1111_embeddings(tmp
     expected = image_of(run, prompt)
     with safe_open(run.dir / "kohya" / "embeddings" / "sks.safetensors", "pt") as f:
         assert list(f.keys()) == ["emb_params"] and f.get_tensor("emb_params").shape == (2, 16)
-    for file in (run.dir / "diffusers" / "embeddings" / "sks.safetensors", run.dir / "kohya" / "embeddings" / "sks.safetensors"):
+    for file in (
+        run.dir / "diffusers" / "embeddings" / "sks.safetensors",
+        run.dir / "kohya" / "embeddings" / "sks.safetensors",
+    ):
         pipe = fresh(sd15_tiny)
         pipe.load_textual_inversion(file, token="<sks>")
         image = sample_prompt(pipe, prompt)
@@ -235,7 +240,9 @@ def test_loha_exports_lycoris_keys_that_add_up_to_the_merged_weights(tmp_path, s
     delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank equals merged minus base for every module."""
     from diffusers import StableDiffusionPipeline
 
-    run = train(tmp_path, sd15_tiny, "adapter=loha", "adapter.targets=attn", "export.formats=[kohya,peft,merged,single_file]")
+    run = train(
+        tmp_path, sd15_tiny, "adapter=loha", "adapter.targets=attn", "export.formats=[kohya,peft,merged,single_file]"
+    )
     expected = image_of(run, PROMPT)
     merged = StableDiffusionPipeline.from_pretrained(run.dir / "merged")
     np.testing.assert_allclose(draw(merged), expected, atol=1e-3)
@@ -250,9 +257,13 @@ def test_loha_exports_lycoris_keys_that_add_up_to_the_merged_weights(tmp_path, s
         modules = {k.split(".")[0] for k in keys}
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
         for module in modules:
-            t = {s: f.get_tensor(f"{module}.{s}") for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")}
+            t = {
+                s: f.get_tensor(f"{module}.{s}") for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
+            }
             rank = t["hada_w1_b"].shape[0]
             delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * float(t["alpha"]) / rank
             name = weight_named(base, module)
-            torch.testing.assert_close(merged_state[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(
+                merged_state[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4
+            )
     assert len(modules) > 0 and all(k.startswith("lora_unet_") for k in keys)

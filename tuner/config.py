@@ -496,7 +496,8 @@ def validate(cfg: DictConfig) -> None:
     if "load_adapter" in cfg.stages:
         if not cfg.checkpoint or not Path(cfg.checkpoint).expanduser().exists():
             raise ConfigError(
-                f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
+                f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) "
+                "or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
             )
     if "export" in cfg.stages:
         _validate_export(cfg)
@@ -528,7 +529,8 @@ def _validate_export(cfg: DictConfig) -> None:
         raise ConfigError(f"export.formats={list(e.formats)}: choose from {', '.join(FORMATS)}")
     if e.dtype not in DTYPES or e.single_file_dtype not in DTYPES or e.variant not in (None, "fp16", "bf16"):
         raise ConfigError(
-            "export.dtype and export.single_file_dtype: float32, float16 or bfloat16; export.variant: fp16, bf16 or null"
+            "export.dtype and export.single_file_dtype: float32, float16 or bfloat16; "
+            "export.variant: fp16, bf16 or null"
         )
     if "train" in cfg.stages:
         parts = trained_parts(cfg)
@@ -536,6 +538,7 @@ def _validate_export(cfg: DictConfig) -> None:
         if parts - held:
             fits = [x for x in FORMATS if parts - held <= HOLDS[x]]
             raise ConfigError(
-                f"export.formats={list(e.formats)} cannot hold what this run trains ({', '.join(sorted(parts - held))}); "
+                f"export.formats={list(e.formats)} cannot hold what this run trains "
+                f"({', '.join(sorted(parts - held))}); "
                 f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*e.formats, fits[0]])}]'"
             )

@@ -18,7 +18,10 @@ def _settings_table(info: dict) -> str:
         ("steps", info.get("steps")),
         ("batch size", info.get("batch_size")),
         ("learning rate", info.get("learning_rate")),
-        ("optimizer / schedule", f"{info.get('optimizer')} / {info.get('lr_scheduler')}" if info.get("optimizer") else None),
+        (
+            "optimizer / schedule",
+            f"{info.get('optimizer')} / {info.get('lr_scheduler')}" if info.get("optimizer") else None,
+        ),
         ("mixed precision", info.get("mixed_precision")),
         ("seed", info.get("seed")),
         ("training images", info.get("num_images")),
@@ -59,7 +62,16 @@ def _usage(info: dict, files: dict, base: str) -> str:
             out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
         out.append("")
     if any(n.startswith("peft/") for n in names):
-        out += ["### PEFT", "", "```python", "from peft import PeftModel", "", 'pipe.unet = PeftModel.from_pretrained(pipe.unet, "peft/unet")', "```", ""]
+        out += [
+            "### PEFT",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "",
+            'pipe.unet = PeftModel.from_pretrained(pipe.unet, "peft/unet")',
+            "```",
+            "",
+        ]
     if any(n.startswith("merged/") for n in names):
         out += [
             "### Merged pipeline",
@@ -103,12 +115,21 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
         "lokr": "A LoKr adapter",
         None: "A fine-tune",
     }[info.get("adapter")]
-    lines.append(f"{what} for `{base}` ({family.MODELSPEC_ARCHITECTURE}), {info.get('description') or 'exported by tuner'}.")
+    lines.append(
+        f"{what} for `{base}` ({family.MODELSPEC_ARCHITECTURE}), {info.get('description') or 'exported by tuner'}."
+    )
     lines.append("")
     if info.get("trigger"):
         lines += [f"Trigger: `{info['trigger']}`", ""]
     if "gallery" in cfg.stages or (path.parent / "gallery" / "grid.png").exists():
-        lines += ["## Samples", "", "Base model and fine-tuned, same prompts and seeds:", "", "![gallery](gallery/grid.png)", ""]
+        lines += [
+            "## Samples",
+            "",
+            "Base model and fine-tuned, same prompts and seeds:",
+            "",
+            "![gallery](gallery/grid.png)",
+            "",
+        ]
     lines += ["## How to use", "", _usage(info, files, base)]
     if info.get("steps"):
         lines += ["## Training", "", _settings_table(info), ""]

@@ -160,7 +160,7 @@ def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None =
     for name, layer in layers.items():
         merged = copy.deepcopy(layer).float()
         target = merged.get_base_layer()
-        for key, value in target.state_dict().items():
+        for key in target.state_dict():
             if base and f"{name}.{key}" in base:
                 getattr(target, key).data = base[f"{name}.{key}"].float().clone()
         merged.merge(safe_merge=True, adapter_names=[_active(layer)])
@@ -309,7 +309,7 @@ def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict
 
 
 def write_peft(trained: Trained, folder: Path, dtype: torch.dtype) -> None:
-    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, as ``PeftModel.save_pretrained`` lays them out."""
+    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, laid out as PeftModel.save_pretrained does."""
     c = trained.components
     with atomic_dir(folder) as tmp:
         for component in COMPONENTS:

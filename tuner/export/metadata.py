@@ -75,6 +75,7 @@ def training_metadata(info: dict) -> dict[str, str]:
     snr_gamma, num_images, num_class_images, tag_frequency, trigger, prediction_type, started, finished,
     version, description.
     """
+
     def put(key, value):
         if value is not None:
             meta[key] = value if isinstance(value, str) else json.dumps(value)
