@@ -12,7 +12,7 @@ NEEDS = {
     "lora": ["sample.prompts=[a watercolour of a harbour]"],
     "dreambooth_partial_unet": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
 }
-USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion")
+USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion", "export")
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
@@ -121,6 +121,10 @@ def test_bad_values_are_refused_naming_the_key(override, key):
         (["train.optimizer=lion"], "train.optimizer"),
         (["train.timestep_bias=middle"], "train.timestep_bias"),
         (["embedding.tokens=[a,b]", "embedding.init_words=[dog]"], "embedding.init_words"),
+        (["export.formats=[onnx]"], "export.formats"),
+        (["adapter=full"], "add merged or single_file"),  # the default formats hold adapters only
+        (["adapter.use_dora=true", "export.formats=[kohya]"], "dora"),
+        (["export.variant=fp8"], "export.variant"),
     ],
 )
 def test_impossible_training_choices_are_refused_by_name(overrides, key):

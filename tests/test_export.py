@@ -267,3 +267,70 @@ def test_loha_exports_lycoris_keys_that_add_up_to_the_merged_weights(tmp_path, s
                 merged_state[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4
             )
     assert len(modules) > 0 and all(k.startswith("lora_unet_") for k in keys)
+
+
+def test_export_recipe_converts_a_kohya_file_a_run_and_a_base(lora_run, sd15_tiny, tmp_path):
+    """``python -m tuner recipe=export``: the kohya file back to diffusers and a single file; a run folder
+    (its base model found in the run's config) to a merged pipeline; a bare base to one original-layout file."""
+    from diffusers import StableDiffusionPipeline
+
+    from tests.conftest import run_tuner
+
+    run, expected = lora_run
+    common = {"home": tmp_path / "home", "cwd": tmp_path}
+    result = run_tuner(
+        "recipe=export",
+        f"checkpoint={run.dir / 'kohya' / 'run.safetensors'}",
+        f"model.path={sd15_tiny}",
+        "export.formats=[diffusers,single_file]",
+        f"output_dir={tmp_path / 'from_kohya'}",
+        **common,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = fresh(sd15_tiny)
+    pipe.load_lora_weights(tmp_path / "from_kohya" / "diffusers")
+    np.testing.assert_allclose(draw(pipe), expected, atol=1e-3)
+    single = StableDiffusionPipeline.from_single_file(
+        tmp_path / "from_kohya" / "single_file" / "from_kohya.safetensors", config=str(sd15_tiny), local_files_only=True
+    )
+    np.testing.assert_allclose(draw(single), expected, atol=1e-3)
+
+    result = run_tuner(
+        "recipe=export", f"checkpoint={run.dir}", "export.formats=[merged]", f"output_dir={tmp_path / 'm'}", **common
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_allclose(
+        draw(StableDiffusionPipeline.from_pretrained(tmp_path / "m" / "merged")), expected, atol=1e-3
+    )
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "| rank / alpha | 4 / 1.0 |" in card  # the settings come from the run the checkpoint belongs to
+
+    result = run_tuner(
+        "recipe=export",
+        f"model.path={sd15_tiny}",
+        "export.formats=[single_file]",
+        f"output_dir={tmp_path / 'base'}",
+        **common,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = StableDiffusionPipeline.from_single_file(
+        tmp_path / "base" / "single_file" / "base.safetensors", config=str(sd15_tiny), local_files_only=True
+    )
+    reference = fresh(sd15_tiny)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(reference, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+    refused = run_tuner("recipe=export", f"model.path={sd15_tiny}", f"output_dir={tmp_path / 'no'}", **common)
+    assert refused.returncode == 2 and "single_file" in refused.stderr  # nothing but the base: no adapter format
+
+
+def test_a_format_that_cannot_hold_the_adapter_says_so_and_writes_nothing_wrong(tmp_path, sd15_tiny, capsys):
+    run = train(
+        tmp_path, sd15_tiny, "adapter.use_dora=true", "adapter.targets=attn", "export.formats=[diffusers,kohya]"
+    )
+    assert "export kohya: skipped" in capsys.readouterr().out
+    assert not (run.dir / "kohya").exists()  # a kohya file without DoRA's magnitudes would load as another model
+    pipe = fresh(sd15_tiny)
+    pipe.load_lora_weights(run.dir / "diffusers")
+    np.testing.assert_allclose(draw(pipe), image_of(run, PROMPT), atol=1e-3)

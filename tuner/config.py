@@ -352,7 +352,23 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
             "config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or [])
         )
     cfg.recipe = recipe
+    _inherit_model(cfg)
     return cfg
+
+
+def _inherit_model(cfg: DictConfig) -> None:
+    """With ``checkpoint=`` inside a tuner run and no model chosen, take that run's base model and resolution."""
+    if not cfg.checkpoint or cfg.model.path or cfg.model.builtin:
+        return
+    path = Path(cfg.checkpoint).expanduser().resolve()
+    for folder in [path, *path.parents][:4]:
+        if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
+            source = OmegaConf.load(folder / "config.yaml")
+            for group in ("model", "base"):
+                for key, value in source[group].items():
+                    cfg[group][key] = value
+            cfg.data.resolution = source.data.resolution
+            return
 
 
 def validate(cfg: DictConfig) -> None:

@@ -535,6 +535,8 @@ def export(run: Run) -> None:
     from tuner.export.metadata import model_hash, sha256_file, training_metadata
 
     cfg, c, e = run.cfg, run.components, run.cfg.export
+    if run.trainables is None and cfg.checkpoint and "load_adapter" not in cfg.stages:
+        load_adapter(run)  # recipe=export checkpoint=PATH
     what = run.trainables
     base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
     trained = f.Trained(c, f.adapter_kind(c), _live_tokens(run), base_weights)

@@ -61,17 +61,10 @@ def _usage(info: dict, files: dict, base: str) -> str:
         for n in embeddings:
             out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
         out.append("")
-    if any(n.startswith("peft/") for n in names):
-        out += [
-            "### PEFT",
-            "",
-            "```python",
-            "from peft import PeftModel",
-            "",
-            'pipe.unet = PeftModel.from_pretrained(pipe.unet, "peft/unet")',
-            "```",
-            "",
-        ]
+    peft = sorted({n.split("/")[1] for n in names if n.startswith("peft/")})
+    if peft:
+        lines = [f'pipe.{c} = PeftModel.from_pretrained(pipe.{c}, "peft/{c}")' for c in peft]
+        out += ["### PEFT", "", "```python", "from peft import PeftModel", "", *lines, "```", ""]
     if any(n.startswith("merged/") for n in names):
         out += [
             "### Merged pipeline",

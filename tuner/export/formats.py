@@ -309,7 +309,7 @@ def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict
 
 
 def write_peft(trained: Trained, folder: Path, dtype: torch.dtype) -> None:
-    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, laid out as PeftModel.save_pretrained does."""
+    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, as PeftModel.save_pretrained writes."""
     c = trained.components
     with atomic_dir(folder) as tmp:
         for component in COMPONENTS:
