@@ -281,6 +281,52 @@ class ExportConfig:
 
 
 @dataclass
+class AdapterRef:
+    """An adapter to generate with: a run folder, an export folder or a LoRA / embedding file, and its weight."""
+
+    path: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class PostConfig:
+    """Optional post-processing of generated images, in this order."""
+
+    # match each RGB channel's mean and spread to the init image (image-to-image only)
+    color_correct: bool = False
+    # integer upscale factor (Lanczos); 1: off
+    upscale: int = 1
+    # unsharp-mask strength (1.0 = 100 %); 0: off
+    sharpen: float = 0.0
+
+
+@dataclass
+class GenerateConfig:
+    """recipe=generate: a base plus adapters, prompts (with kohya-style per-line options), images + a page."""
+
+    adapters: list[AdapterRef] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    # one prompt per line, then options: --n negative --w width --h height --d seed --l guidance --s steps --ss sampler
+    prompt_file: str | None = None
+    negative_prompt: str = ""
+    # first seed; each image without a --d seed takes the next one
+    seed: int = 0
+    images_per_prompt: int = 1
+    steps: int = 25
+    guidance_scale: float = 7.5
+    # null: data.resolution
+    width: int | None = None
+    height: int | None = None
+    # ddim | ddpm | euler | euler_a | dpm++ | dpm++_karras | pndm
+    scheduler: str = "ddim"
+    batch_size: int = 4
+    # image-to-image: start from this image, keeping (1 - strength) of it
+    init_image: str | None = None
+    strength: float = 0.75
+    post: PostConfig = field(default_factory=PostConfig)
+
+
+@dataclass
 class TunerConfig:
     # the name of the recipe; set by recipe=NAME
     recipe: str = MISSING
@@ -305,6 +351,7 @@ class TunerConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
 class ConfigError(ValueError):
@@ -358,9 +405,10 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
 
 def _inherit_model(cfg: DictConfig) -> None:
     """With ``checkpoint=`` inside a tuner run and no model chosen, take that run's base model and resolution."""
-    if not cfg.checkpoint or cfg.model.path or cfg.model.builtin:
+    first = cfg.checkpoint or next((a.path for a in cfg.generate.adapters), None)
+    if not first or cfg.model.path or cfg.model.builtin:
         return
-    path = Path(cfg.checkpoint).expanduser().resolve()
+    path = Path(first).expanduser().resolve()
     for folder in [path, *path.parents][:4]:
         if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
             source = OmegaConf.load(folder / "config.yaml")
@@ -517,6 +565,8 @@ def validate(cfg: DictConfig) -> None:
             )
     if "export" in cfg.stages:
         _validate_export(cfg)
+    if "generate" in cfg.stages:
+        _validate_generate(cfg)
     if cfg.model.path:
         from tuner.models import get_family
 
@@ -558,3 +608,25 @@ def _validate_export(cfg: DictConfig) -> None:
                 f"({', '.join(sorted(parts - held))}); "
                 f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*e.formats, fits[0]])}]'"
             )
+
+
+def _validate_generate(cfg: DictConfig) -> None:
+    from tuner.generate import SCHEDULERS
+
+    g = cfg.generate
+    if g.scheduler not in SCHEDULERS:
+        raise ConfigError(f"generate.scheduler={g.scheduler}: choose one of {', '.join(SCHEDULERS)}")
+    if g.images_per_prompt < 1 or g.batch_size < 1 or g.steps < 1:
+        raise ConfigError("generate.images_per_prompt, generate.batch_size and generate.steps must be at least 1")
+    if not 0 < g.strength <= 1:
+        raise ConfigError(f"generate.strength={g.strength}: a share in (0, 1]")
+    if g.post.upscale < 1 or g.post.sharpen < 0:
+        raise ConfigError("generate.post.upscale must be at least 1 and generate.post.sharpen at least 0")
+    if g.post.color_correct and not g.init_image:
+        raise ConfigError("generate.post.color_correct matches colours to generate.init_image: set one, or turn it off")
+    for k, a in enumerate(g.adapters):
+        if not Path(a.path).expanduser().exists():
+            raise ConfigError(f"generate.adapters[{k}].path={a.path}: no such file or folder")
+    for key in ("prompt_file", "init_image"):
+        if g[key] and not Path(g[key]).expanduser().is_file():
+            raise ConfigError(f"generate.{key}={g[key]}: no such file")

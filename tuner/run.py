@@ -24,13 +24,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from tuner import sampling
 from tuner.config import ConfigError
 from tuner.data import digits
 from tuner.data.prepare import PrepareSettings, Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family
-from tuner.sampling import generate
 
 STAGES = {}
 
@@ -95,10 +95,22 @@ class Run:
     def pipe(self):
         return self.family.pipeline(self.components)
 
+    def sample_with(self, pipe, jobs, call: dict) -> torch.Tensor:
+        """Images for ``generate`` jobs that share their settings (one pipeline call)."""
+        first = jobs[0]
+        prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
+        negative = [j.negative for j in jobs] if any(j.negative for j in jobs) else None
+        return sampling.generate(
+            pipe, prompts, seeds, first.height, first.steps, first.guidance, len(jobs), None,
+            self.accelerator.autocast, negative_prompts=negative, width=first.width, **call,
+        )  # fmt: skip
+
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None):
         resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
         pipe = pipe or self.pipe
-        return generate(pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast)
+        return sampling.generate(
+            pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast
+        )
 
 
 def run_recipe(cfg: DictConfig) -> Run:
@@ -600,15 +612,23 @@ def export(run: Run) -> None:
 
 @stage
 def load_adapter(run: Run) -> None:
-    """Load an adapter made by tuner or another trainer (``checkpoint=PATH``) onto the base.
+    """Load an adapter made by tuner or another trainer (``checkpoint=PATH``) onto the base."""
+    path = Path(run.cfg.checkpoint).expanduser()
+    loaded = load_checkpoint(run, path)
+    print(f"[tuner] loaded {', '.join(loaded)} from {path}", flush=True)
+    run.outputs["checkpoint"] = str(path)
 
-    PATH may be a run folder (its diffusers/ export, else peft/, else kohya/), a format folder
+
+def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> list[str]:
+    """Load what ``path`` holds onto the run's pipeline; returns what was loaded.
+
+    ``path`` may be a run folder (its diffusers/ export, else peft/, else kohya/), a format folder
     (diffusers/, kohya/, peft/), a LoRA ``.safetensors`` in diffusers' or kohya's keys, or an
-    embedding ``.safetensors`` (diffusers' ``{token: vectors}`` or A1111's ``emb_params``).
+    embedding ``.safetensors`` (diffusers' ``{token: vectors}`` or A1111's ``emb_params``). Adapters
+    load under ``adapter_name`` (diffusers picks one when it is None).
     """
     from safetensors import safe_open
 
-    path = Path(run.cfg.checkpoint).expanduser()
     if path.is_dir() and (path / "summary.json").is_file():
         path = next((path / x for x in ("diffusers", "peft", "kohya") if (path / x).is_dir()), path)
     files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*"))
@@ -617,11 +637,10 @@ def load_adapter(run: Run) -> None:
         with safe_open(file, "pt") as handle:
             keys, meta = list(handle.keys()), handle.metadata() or {}
         if any("lora" in k for k in keys):
-            run.pipe.load_lora_weights(file.parent, weight_name=file.name)
+            run.pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=adapter_name)
         elif any(k.startswith(("hada_", "lokr_")) or ".hada_" in k or ".lokr_" in k for k in keys):
             raise ConfigError(
-                f"checkpoint={file}: a LoHa/LoKr file in kohya's keys; diffusers cannot load it, "
-                "load the run's peft/ folder instead"
+                f"{file}: a LoHa/LoKr file in kohya's keys; diffusers cannot load it, load the run's peft/ folder"
             )
         else:  # an embedding: diffusers' {token: vectors} or A1111's emb_params, named by its file
             token = meta.get("token") or (keys[0] if len(keys) == 1 and keys[0] != "emb_params" else file.stem)
@@ -631,25 +650,24 @@ def load_adapter(run: Run) -> None:
         loaded.append(file.name)
     for component in ("unet", "text_encoder"):
         if (path / component / "adapter_config.json").is_file():
-            _load_peft(getattr(run.components, component), path / component)
+            _load_peft(getattr(run.components, component), path / component, adapter_name or "default")
             loaded.append(f"{component} (peft)")
     if not loaded:
         raise ConfigError(
-            f"checkpoint={path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
+            f"{path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
             "folder, or a run folder)"
         )
-    print(f"[tuner] loaded {', '.join(loaded)}", flush=True)
-    run.outputs["checkpoint"] = str(path)
+    return loaded
 
 
-def _load_peft(module, folder: Path) -> None:
+def _load_peft(module, folder: Path, adapter_name: str) -> None:
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) onto ``module``."""
     from peft import PeftConfig, set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    module.add_adapter(PeftConfig.from_pretrained(folder))
-    state = load_file(folder / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(module, {k.removeprefix("base_model.model."): v for k, v in state.items()})
+    module.add_adapter(PeftConfig.from_pretrained(folder), adapter_name=adapter_name)
+    state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
+    result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "hada_" in k or "lokr_" in k]
     if missing:
         raise ConfigError(f"checkpoint={folder}: {len(missing)} adapter tensors fit no module, e.g. {missing[:3]}")
@@ -741,3 +759,72 @@ def evaluate(run: Run) -> None:
     run.metrics.update(metrics)
     write_atomic(run.dir / "metrics.json", json.dumps(metrics, indent=2))
     run.outputs["metrics"] = str(run.dir / "metrics.json")
+
+
+# ---------------------------------------------------------------- serving
+
+
+@stage
+def generate(run: Run) -> None:
+    """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
+    for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generate.py.
+
+    Writes ``images/NNNN-seedS.png`` (the settings in the PNG's ``parameters`` text, as A1111 does),
+    ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``.
+    """
+    from tuner import generate as gen
+    from tuner.export.gallery import write_image_page
+
+    cfg, g = run.cfg, run.cfg.generate
+    jobs = gen.make_jobs(g, cfg.data.resolution)
+    names, weights = [], []
+    for k, a in enumerate(g.adapters):
+        name = f"adapter{k}"
+        loaded = load_checkpoint(run, Path(a.path).expanduser(), adapter_name=name)
+        print(f"[tuner] {name} = {a.path} at weight {a.weight}: {', '.join(loaded)}", flush=True)
+        if any(name in adapters for adapters in run.pipe.get_list_adapters().values()):  # not only embeddings
+            names.append(name)
+            weights.append(a.weight)
+    if names:
+        run.pipe.set_adapters(names, weights)
+    pipe = run.family.img2img(run.pipe) if g.init_image else run.pipe
+    folder, entries = run.dir / "images", []
+    bar = tqdm(total=len(jobs), desc="generate")
+    for batch in gen.batches(jobs, g.batch_size):
+        first = batch[0][1]
+        pipe.scheduler = gen.scheduler(first.scheduler, run.components.noise_scheduler.config)
+        init, call = None, {}
+        if g.init_image:
+            init = gen.load_init_image(g.init_image, first.width, first.height)
+            call = {"image": init, "strength": g.strength}
+        images = run.sample_with(pipe, [j for _, j in batch], call)
+        for (i, job), image in zip(batch, gen.to_pil(images)):
+            image = gen.post_process(image, g.post, init)
+            settings = {**dataclasses.asdict(job), "adapters": [dict(a) for a in g.adapters]}
+            if g.init_image:
+                settings.update(init_image=Path(g.init_image).name, strength=g.strength)
+            name = f"{i:04d}-seed{job.seed}.png"
+            write_atomic(folder / name, _png_with_parameters(image, job))
+            entries.append({"file": name, **settings})
+        bar.update(len(batch))
+    bar.close()
+    write_atomic(folder / "images.jsonl", "".join(json.dumps(e) + "\n" for e in entries))
+    run.outputs["images"] = str(write_image_page(folder, entries))
+
+
+def _png_with_parameters(image, job) -> bytes:
+    """PNG bytes with A1111's ``parameters`` text chunk, so the settings travel with the image."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    text = job.prompt + (f"\nNegative prompt: {job.negative}" if job.negative else "")
+    text += (
+        f"\nSteps: {job.steps}, Sampler: {job.scheduler}, CFG scale: {job.guidance}, Seed: {job.seed}, "
+        f"Size: {job.width}x{job.height}"
+    )
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

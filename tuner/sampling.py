@@ -20,9 +20,14 @@ def generate(
     batch_size: int = 64,
     desc: str | None = None,
     autocast=contextlib.nullcontext,
+    negative_prompts: list[str] | None = None,
+    width: int | None = None,
+    **call,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` sampled from ``seeds[i]``.
 
+    ``resolution`` is the height (and the width unless ``width`` is given); ``call`` goes to the
+    pipeline as is (an image-to-image pipeline's ``image`` and ``strength``, which take no size).
     The denoising runs under ``autocast`` (mixed precision); the VAE decodes outside it, in its own
     dtype (float32 unless asked), since half-precision VAE decoding is known to produce NaNs.
     """
@@ -32,14 +37,17 @@ def generate(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = slice(start, start + batch_size)
         with autocast():
+            size = {} if "image" in call else {"height": resolution, "width": width or resolution}
+            negative = {"negative_prompt": negative_prompts[chunk]} if negative_prompts else {}
             latents = pipe(
                 prompts[chunk],
-                height=resolution,
-                width=resolution,
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],
                 output_type="latent",
+                **size,
+                **negative,
+                **call,
             ).images
         vae = pipe.vae
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample

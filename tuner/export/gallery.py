@@ -60,3 +60,29 @@ def write_gallery(folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: lis
     )
     write_atomic(folder / "index.html", page)
     return path
+
+
+def write_image_page(folder: Path, entries: list[dict]) -> Path:
+    """``index.html`` beside generated images: each image with the prompt, seed and settings it was drawn with."""
+    rows = []
+    for e in entries:
+        details = ", ".join(
+            f"{k} {html.escape(str(v))}"
+            for k, v in e.items()
+            if k not in ("file", "prompt", "negative", "adapters") and v not in (None, "")
+        )
+        adapters = ", ".join(f"{html.escape(Path(a['path']).name)} x {a['weight']}" for a in e.get("adapters", []))
+        rows.append(
+            f'<tr><td><img src="{html.escape(e["file"])}" alt="{html.escape(e["prompt"])}"></td>'
+            f"<td><b>{html.escape(e['prompt'])}</b>"
+            + (f"<br>negative: {html.escape(e['negative'])}" if e.get("negative") else "")
+            + f"<br><small>{details}</small>"
+            + (f"<br><small>adapters: {adapters}</small>" if adapters else "")
+            + "</td></tr>"
+        )
+    page = (
+        "<!doctype html><meta charset=utf-8><title>tuner images</title>"
+        "<style>body{font-family:sans-serif}img{image-rendering:pixelated;min-width:128px}td{padding:4px}</style>"
+        f"<h1>Images</h1><table>{''.join(rows)}</table>"
+    )
+    return write_atomic(folder / "index.html", page)

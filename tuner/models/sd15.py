@@ -142,6 +142,13 @@ def save_lora(folder: Path, layers: dict[str, tuple[dict, dict]]) -> Path:
     return folder / "pytorch_lora_weights.safetensors"
 
 
+def img2img(pipe):
+    """The image-to-image pipeline over the same modules."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+
+
 def load_pipeline(path: str | Path):
     """The family's diffusers pipeline loaded from a folder, for serving and tests."""
     from diffusers import StableDiffusionPipeline

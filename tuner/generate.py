@@ -1,0 +1,173 @@
+"""``recipe=generate``: images from a base plus adapters, for serving and for looking at what was learned.
+
+Prompts come from ``generate.prompts`` and from a prompt file in kohya's sample-prompt format, one
+prompt per line with options after it (``#`` starts a comment line)::
+
+    a photo of sks dog on a beach --n blurry, lowres --w 512 --h 768 --d 42 --l 6.5 --s 30 --ss euler_a
+
+``--n`` negative prompt, ``--w``/``--h`` size, ``--d`` seed, ``--l`` guidance scale, ``--s`` steps,
+``--ss`` scheduler. Unset options take the ``generate.*`` defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from tuner.config import ConfigError
+
+SCHEDULERS = {
+    # name -> (diffusers class, extra config)
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "pndm": ("PNDMScheduler", {}),
+}
+OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps", "ss": "scheduler"}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to draw, with every setting it is drawn with."""
+
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    seed: int
+    guidance: float
+    steps: int
+    scheduler: str
+
+    def settings(self) -> tuple:
+        """What images must share to go through the pipeline in one batch."""
+        return (self.width, self.height, self.guidance, self.steps, self.scheduler)
+
+
+def parse_prompt_line(line: str, where: str) -> tuple[str, dict]:
+    """``prompt --key value ...`` -> (prompt, {option name: text}); unknown options raise naming ``where``."""
+    parts = re.split(r"(?:^|\s)--(\w+)\s*", line)
+    prompt, options = parts[0].strip(), {}
+    for key, value in zip(parts[1::2], parts[2::2]):
+        if key not in OPTIONS:
+            raise ConfigError(f"{where}: unknown option --{key}; known: {', '.join('--' + k for k in OPTIONS)}")
+        options[OPTIONS[key]] = value.strip()
+    return prompt, options
+
+
+def read_prompt_file(path: Path) -> list[tuple[str, dict, str]]:
+    """Every prompt line of a kohya-style prompt file as (prompt, options, "file:line")."""
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            where = f"{path}:{number}"
+            out.append((*parse_prompt_line(line, where), where))
+    return out
+
+
+def make_jobs(g, resolution: int) -> list[Job]:
+    """The images ``generate.*`` asks for, in order: each prompt ``images_per_prompt`` times.
+
+    Seeds: a line's ``--d`` and the ones after it for its further images; otherwise ``generate.seed``
+    counting up over every image without its own seed, so each image has a seed of its own.
+    """
+    lines = [(p, {}, f"generate.prompts[{i}]") for i, p in enumerate(g.prompts)]
+    if g.prompt_file:
+        path = Path(g.prompt_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"generate.prompt_file={g.prompt_file}: no such file")
+        lines += read_prompt_file(path)
+    if not lines:
+        raise ConfigError('generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file')
+    default = Job(
+        "", g.negative_prompt, g.width or resolution, g.height or resolution, 0, g.guidance_scale, g.steps, g.scheduler
+    )
+    jobs, next_seed = [], g.seed
+    for prompt, options, where in lines:
+        try:
+            values = {
+                "negative": options.get("negative", default.negative),
+                "width": int(options.get("width", default.width)),
+                "height": int(options.get("height", default.height)),
+                "guidance": float(options.get("guidance", default.guidance)),
+                "steps": int(options.get("steps", default.steps)),
+                "scheduler": options.get("scheduler", default.scheduler),
+            }
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if values["scheduler"] not in SCHEDULERS:
+            raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
+        if values["width"] % 8 or values["height"] % 8 or values["steps"] < 1:
+            raise ConfigError(f"{where}: width and height must be multiples of 8 and steps at least 1")
+        for k in range(g.images_per_prompt):
+            if "seed" in options:
+                seed = int(options["seed"]) + k
+            else:
+                seed, next_seed = next_seed, next_seed + 1
+            jobs.append(replace(default, prompt=prompt, seed=seed, **values))
+    return jobs
+
+
+def batches(jobs: list[Job], size: int) -> list[list[tuple[int, Job]]]:
+    """Runs of consecutive jobs with the same settings, at most ``size`` each, with their indices."""
+    out: list[list[tuple[int, Job]]] = []
+    for i, job in enumerate(jobs):
+        if out and len(out[-1]) < size and out[-1][-1][1].settings() == job.settings():
+            out[-1].append((i, job))
+        else:
+            out.append([(i, job)])
+    return out
+
+
+def scheduler(name: str, config):
+    """A diffusers scheduler by tuner's short name, from the base's scheduler config."""
+    import diffusers
+
+    cls, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls).from_config(config, **extra)
+
+
+def post_process(image: Image.Image, post, reference: Image.Image | None) -> Image.Image:
+    """Optional steps after sampling, in this order: colour correction, upscale, sharpen.
+
+    - colour correction: each RGB channel's mean and spread matched to ``reference`` (the init image);
+    - upscale: Lanczos by an integer factor;
+    - sharpen: an unsharp mask of that strength (1.0 = 100 %).
+    """
+    if post.color_correct and reference is not None:
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+        target = np.asarray(reference.convert("RGB").resize(image.size, Image.Resampling.LANCZOS), dtype=np.float32)
+        mean, std = pixels.mean((0, 1)), pixels.std((0, 1)) + 1e-6
+        pixels = (pixels - mean) / std * target.std((0, 1)) + target.mean((0, 1))
+        image = Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8))
+    if post.upscale > 1:
+        image = image.resize((image.width * post.upscale, image.height * post.upscale), Image.Resampling.LANCZOS)
+    if post.sharpen > 0:
+        image = image.filter(ImageFilter.UnsharpMask(radius=2, percent=round(post.sharpen * 100), threshold=0))
+    return image
+
+
+def load_init_image(path: str, width: int, height: int) -> Image.Image:
+    """The image-to-image start, read without modifying the file, resized to the output size."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"generate.init_image={path}: no such file")
+    try:
+        with Image.open(file) as image:
+            return image.convert("RGB").resize((width, height), Image.Resampling.LANCZOS)
+    except OSError as e:
+        raise ConfigError(f"generate.init_image={path}: not an image PIL can read ({e})") from None
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    from tuner.sampling import to_uint8
+
+    return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
