@@ -11,8 +11,9 @@ NEEDS = {
     "evaluate": ["checkpoint=tests"],
     "lora": ["sample.prompts=[a watercolour of a harbour]"],
     "dreambooth_partial_unet": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
+    "generate": ["generate.prompts=[a photo of a dog]"],
 }
-USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion", "export")
+USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion", "export", "generate")
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))

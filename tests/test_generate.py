@@ -177,9 +177,10 @@ def test_image_to_image_strength_and_post_processing(tiny_pipeline_dir, tmp_path
 def test_bad_generate_settings_are_refused_by_name(tiny_pipeline_dir, tmp_path):
     for override, key in [
         ("generate.scheduler=heun9", "generate.scheduler"),
+        ("generate.prompts=[]", "generate.prompts"),
         ("generate.strength=1.5", "generate.strength"),
         ("generate.post.color_correct=true", "generate.init_image"),
         (f"generate.adapters=[{{path:{tmp_path / 'nope'},weight:1}}]", r"generate.adapters\[0\].path"),
     ]:
         with pytest.raises(ConfigError, match=key):
-            validate(compose("generate", [f"model.path={tiny_pipeline_dir}", override]))
+            validate(compose("generate", [f"model.path={tiny_pipeline_dir}", "generate.prompts=[a ball]", override]))

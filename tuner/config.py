@@ -614,6 +614,10 @@ def _validate_generate(cfg: DictConfig) -> None:
     from tuner.generate import SCHEDULERS
 
     g = cfg.generate
+    if not g.prompts and not g.prompt_file:
+        raise ConfigError(
+            'generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file=FILE'
+        )
     if g.scheduler not in SCHEDULERS:
         raise ConfigError(f"generate.scheduler={g.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     if g.images_per_prompt < 1 or g.batch_size < 1 or g.steps < 1:
