@@ -408,15 +408,22 @@ def _inherit_model(cfg: DictConfig) -> None:
     first = cfg.checkpoint or next((a.path for a in cfg.generate.adapters), None)
     if not first or cfg.model.path or cfg.model.builtin:
         return
-    path = Path(first).expanduser().resolve()
+    folder = run_folder_of(first)
+    if folder is not None:
+        source = OmegaConf.load(folder / "config.yaml")
+        for group in ("model", "base"):
+            for key, value in source[group].items():
+                cfg[group][key] = value
+        cfg.data.resolution = source.data.resolution
+
+
+def run_folder_of(path: str | Path) -> Path | None:
+    """The tuner run folder ``path`` is (or lies in, up to three levels down), recognised by its config and summary."""
+    path = Path(path).expanduser().resolve()
     for folder in [path, *path.parents][:4]:
         if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
-            source = OmegaConf.load(folder / "config.yaml")
-            for group in ("model", "base"):
-                for key, value in source[group].items():
-                    cfg[group][key] = value
-            cfg.data.resolution = source.data.resolution
-            return
+            return folder
+    return None
 
 
 def validate(cfg: DictConfig) -> None:

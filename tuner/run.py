@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tuner import sampling
-from tuner.config import ConfigError
+from tuner.config import ConfigError, run_folder_of
 from tuner.data import digits
 from tuner.data.prepare import PrepareSettings, Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
@@ -476,12 +476,9 @@ def _export_info(run: Run, trained, name: str) -> dict:
     cfg, source, source_dir = run.cfg, run.cfg, run.dir
     if run.trainables is None:
         source = None
-        if cfg.checkpoint:
-            path = Path(cfg.checkpoint).expanduser().resolve()
-            for folder in [path, *path.parents][:4]:
-                if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
-                    source, source_dir = OmegaConf.load(folder / "config.yaml"), folder
-                    break
+        folder = run_folder_of(cfg.checkpoint) if cfg.checkpoint else None
+        if folder is not None:
+            source, source_dir = OmegaConf.load(folder / "config.yaml"), folder
     e = cfg.export
     print("[tuner] export: hashing the base model's weights", flush=True)
     info = {
