@@ -126,6 +126,7 @@ def test_bad_values_are_refused_naming_the_key(override, key):
         (["adapter=full"], "add merged or single_file"),  # the default formats hold adapters only
         (["adapter.use_dora=true", "export.formats=[kohya]"], "dora"),
         (["export.variant=fp8"], "export.variant"),
+        (["export.name=../up"], "export.name"),
     ],
 )
 def test_impossible_training_choices_are_refused_by_name(overrides, key):

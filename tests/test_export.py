@@ -65,6 +65,14 @@ def load_lora_checked(pipe, file: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         pipe.load_lora_weights(file.parent, weight_name=file.name)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    with safe_open(file, "pt") as f:
+        has = {
+            "CLIPTextModel": any(k.startswith(("lora_te", "text_encoder.")) for k in f.keys()),
+            "UNet2DConditionModel": any(k.startswith(("lora_unet", "unet.")) for k in f.keys()),
+        }
+    for model, present in has.items():  # diffusers notes that a file has nothing for a component: true
+        if not present:
+            warnings = [w for w in warnings if not w.startswith(f"No LoRA keys associated to {model}")]
     assert not warnings, warnings
 
 
@@ -144,7 +152,9 @@ def test_merged_pipeline_and_its_fp16_variant(lora_run):
         modules = {k.split(".")[0] for k in f.keys() if k.startswith("lora_unet_")}
         for module in modules:
             down, up = f.get_tensor(f"{module}.lora_down.weight"), f.get_tensor(f"{module}.lora_up.weight")
-            delta = (up.flatten(1) @ down.flatten(1)) * float(f.get_tensor(f"{module}.alpha")) / down.shape[0]
+            delta = kohya_delta(
+                {"lora_down.weight": down, "lora_up.weight": up, "alpha": f.get_tensor(f"{module}.alpha")}
+            )
             name = weight_named(base, module)
             torch.testing.assert_close(fused[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4)
     assert len(modules) > 20
@@ -157,10 +167,11 @@ def fresh_unet_state(run):
 
 
 def weight_named(state, module: str) -> str:
-    """The U-Net state-dict key of a kohya module name (``lora_unet_down_blocks_0_...`` -> ``down_blocks.0...``)."""
-    return next(
-        n for n in state if n.endswith(".weight") and "lora_unet_" + n[: -len(".weight")].replace(".", "_") == module
-    )
+    """The state-dict key of a kohya module name: ``lora_unet_down_blocks_0_...`` -> ``down_blocks.0....weight``,
+    ``lora_te_text_model_encoder_...`` -> ``encoder....weight`` (transformers 5 has no ``text_model.`` level)."""
+    prefix, _, rest = module.partition("_unet_") if "_unet_" in module else module.partition("_te_")
+    rest = rest.removeprefix("text_model_")
+    return next(n for n in state if n.endswith(".weight") and n[: -len(".weight")].replace(".", "_") == rest)
 
 
 def test_single_file_loads_with_a_local_config(lora_run, sd15_tiny):
@@ -235,14 +246,46 @@ def sample_prompt(pipe, prompt):
     return sample_like_the_gallery(pipe, prompt, seed=0, steps=3, size=32)
 
 
-def test_loha_exports_lycoris_keys_that_add_up_to_the_merged_weights(tmp_path, sd15_tiny):
-    """No diffusers loader reads LyCORIS keys, so the kohya file is checked against LyCORIS' formula:
-    delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / rank equals merged minus base for every module."""
+def kohya_delta(t: dict) -> torch.Tensor:
+    """A module's weight change from its kohya-format tensors, computed the way ComfyUI's loader does:
+    LoRA up @ down, LoHa (w1_a @ w1_b) * (w2_a @ w2_b), LoKr kron(w1, w2) with either factor possibly
+    split in two; scaled by alpha / rank where there is an alpha and a rank (the inner size of a split
+    factor), by 1 otherwise."""
+    if "lora_down.weight" in t:
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        return (up.flatten(1) @ down.flatten(1)) * float(t["alpha"]) / down.shape[0]
+    if "hada_w1_a" in t:
+        weight, rank = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]), t["hada_w1_b"].shape[0]
+    else:
+        rank = None
+        factors = []
+        for w in ("lokr_w1", "lokr_w2"):
+            if w in t:
+                factors.append(t[w])
+            else:
+                factors.append(t[f"{w}_a"] @ t[f"{w}_b"])
+                rank = t[f"{w}_b"].shape[0]
+        w1, w2 = factors
+        if w2.dim() == 4:  # a convolution: the first factor spans channels only
+            w1 = w1[:, :, None, None]
+        weight = torch.kron(w1, w2)
+    return weight * (float(t["alpha"]) / rank if "alpha" in t and rank else 1.0)
+
+
+LYCORIS = {
+    "loha_with_text_encoder_lora": ["adapter=loha", "text_encoder.train=lora"],
+    "lokr_full_factors": ["adapter=lokr"],  # rank 4 >= half the factor sizes: peft keeps both factors whole
+    "lokr_split_factor": ["adapter=lokr", "adapter.rank=2"],
+}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS))
+def test_lycoris_kohya_files_add_up_to_the_merged_weights(tmp_path, sd15_tiny, case):
+    """No diffusers loader reads LyCORIS keys, so the kohya file is checked against ComfyUI's formulas: each
+    module's change equals merged minus base; merged and single-file exports draw the run's own image."""
     from diffusers import StableDiffusionPipeline
 
-    run = train(
-        tmp_path, sd15_tiny, "adapter=loha", "adapter.targets=attn", "export.formats=[kohya,peft,merged,single_file]"
-    )
+    run = train(tmp_path, sd15_tiny, *LYCORIS[case], "adapter.alpha=2", "export.formats=[kohya,merged,single_file]")
     expected = image_of(run, PROMPT)
     merged = StableDiffusionPipeline.from_pretrained(run.dir / "merged")
     np.testing.assert_allclose(draw(merged), expected, atol=1e-3)
@@ -250,23 +293,19 @@ def test_loha_exports_lycoris_keys_that_add_up_to_the_merged_weights(tmp_path, s
         run.dir / "single_file" / "run.safetensors", config=str(sd15_tiny), local_files_only=True
     )
     np.testing.assert_allclose(draw(single), expected, atol=1e-3)
-    base = fresh(sd15_tiny).unet.state_dict()
-    merged_state = merged.unet.state_dict()
+    reference = fresh(sd15_tiny)
     with safe_open(run.dir / "kohya" / "run.safetensors", "pt") as f:
-        keys = list(f.keys())
-        modules = {k.split(".")[0] for k in keys}
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+        modules = {k.split(".")[0] for k in f.keys()}
         for module in modules:
-            t = {
-                s: f.get_tensor(f"{module}.{s}") for s in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha")
-            }
-            rank = t["hada_w1_b"].shape[0]
-            delta = (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * float(t["alpha"]) / rank
+            tensors = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.split(".")[0] == module}
+            component = "unet" if module.startswith("lora_unet_") else "text_encoder"
+            base, fused = getattr(reference, component).state_dict(), getattr(merged, component).state_dict()
             name = weight_named(base, module)
-            torch.testing.assert_close(
-                merged_state[name] - base[name], delta.reshape(base[name].shape), atol=1e-6, rtol=1e-4
-            )
-    assert len(modules) > 0 and all(k.startswith("lora_unet_") for k in keys)
+            delta = kohya_delta(tensors).reshape(base[name].shape)
+            torch.testing.assert_close(fused[name] - base[name], delta, atol=1e-6, rtol=1e-4)
+    assert any(m.startswith("lora_unet_") for m in modules)
+    assert any(m.startswith("lora_te_") for m in modules) == ("text_encoder" in case)
 
 
 def test_export_recipe_converts_a_kohya_file_a_run_and_a_base(lora_run, sd15_tiny, tmp_path):
@@ -334,3 +373,60 @@ def test_a_format_that_cannot_hold_the_adapter_says_so_and_writes_nothing_wrong(
     pipe = fresh(sd15_tiny)
     pipe.load_lora_weights(run.dir / "diffusers")
     np.testing.assert_allclose(draw(pipe), image_of(run, PROMPT), atol=1e-3)
+
+
+KOHYA_CASES = {
+    "rslora": ["adapter.use_rslora=true", "adapter.alpha=8"],  # scale alpha / sqrt(rank): kohya's alpha = scale * rank
+    "locon_convolutions": ["adapter.targets=locon"],  # conv LoRA: 4-D down and up weights
+    "text_encoder_only": ["adapter=none", "text_encoder.train=lora"],
+}
+
+
+@pytest.mark.parametrize("case", list(KOHYA_CASES))
+def test_kohya_file_reloads_for_each_lora_variant(tmp_path, sd15_tiny, case, caplog):
+    run = train(tmp_path, sd15_tiny, *KOHYA_CASES[case], "export.formats=[kohya]")
+    file = run.dir / "kohya" / "run.safetensors"
+    pipe = fresh(sd15_tiny)
+    load_lora_checked(pipe, file, caplog)
+    with safe_open(file, "pt") as f:
+        modules = {k.split(".")[0] for k in f.keys()}
+        kernels = {f.get_tensor(k).shape[-1] for k in f.keys() if k.endswith("lora_down.weight")}
+    assert peft_modules(pipe.unet) + peft_modules(pipe.text_encoder) == len(modules)
+    assert (3 in kernels) == (case == "locon_convolutions")  # the resnets' 3x3 convolutions
+    np.testing.assert_allclose(draw(pipe), image_of(run, PROMPT), atol=1e-3)
+
+
+def test_bf16_training_exports_merged_weights_on_the_fp32_base(tmp_path, sd15_tiny):
+    """Mixed precision stores the frozen U-Net in bf16; the merged export must fuse onto the fp32 base."""
+    from diffusers import StableDiffusionPipeline
+
+    run = train(tmp_path, sd15_tiny, "train.mixed_precision=bf16", "export.formats=[kohya,merged]")
+    assert {p.dtype for n, p in run.components.unet.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    base, fused = fresh_unet_state(run), StableDiffusionPipeline.from_pretrained(run.dir / "merged").unet.state_dict()
+    with safe_open(run.dir / "kohya" / "run.safetensors", "pt") as f:
+        adapted = {}
+        for module in {k.split(".")[0] for k in f.keys()}:
+            tensors = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.split(".")[0] == module}
+            adapted[weight_named(base, module)] = kohya_delta(tensors)
+    for name, value in base.items():
+        if name in adapted:
+            torch.testing.assert_close(fused[name] - value, adapted[name].reshape(value.shape), atol=1e-6, rtol=1e-4)
+        else:
+            assert torch.equal(fused[name], value), name  # untouched and never rounded through bf16
+
+
+def test_no_export_names_a_path_of_this_machine(lora_run, sd15_tiny):
+    run, _ = lora_run
+    paths = [str(sd15_tiny), str(run.dir), str(Path(sd15_tiny).parent)]
+    for file in [run.dir / "README.md"] + [
+        p
+        for fmt in ("diffusers", "kohya", "peft", "merged", "single_file")
+        for p in (run.dir / fmt).rglob("*")
+        if p.is_file()
+    ]:
+        if file.suffix == ".safetensors":
+            with safe_open(file, "pt") as f:
+                text = json.dumps(f.metadata() or {})
+        else:
+            text = file.read_text()
+        assert not any(p in text for p in paths), file

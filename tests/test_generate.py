@@ -143,9 +143,14 @@ def test_prompt_file_options_are_honoured(tiny_pipeline_dir, tmp_path):
     close(pixels(folder / first["file"]), expected)
     close(pixels(folder / entries[1]["file"]), reference(pipe, "a photo of a ball", 3))
 
-    prompts.write_text(f"{PROMPT} --x 3\n")
-    with pytest.raises(ConfigError, match=r"prompts\.txt:1: unknown option --x"):
-        generate(tmp_path, tiny_pipeline_dir, f"generate.prompt_file={prompts}", name="bad")
+    for line, message in [
+        ("--x 3", r"prompts\.txt:1: unknown option --x"),
+        ("--d abc", r"prompts\.txt:1: invalid"),
+        ("--w 0", r"prompts\.txt:1: width and height"),
+    ]:
+        prompts.write_text(f"{PROMPT} {line}\n")
+        with pytest.raises(ConfigError, match=message):
+            generate(tmp_path, tiny_pipeline_dir, f"generate.prompt_file={prompts}", name="bad")
 
 
 def test_image_to_image_strength_and_post_processing(tiny_pipeline_dir, tmp_path):

@@ -250,15 +250,23 @@ def test_fp16_on_cpu_is_refused_by_name(tmp_path, tiny_pipeline_dir):
         train_in_process(tmp_path, tiny_pipeline_dir, "train.mixed_precision=fp16")
 
 
-@pytest.mark.parametrize("case", ["loha", "pivotal_tuning"])
+LOAD_CASES = {
+    "loha": CASES["loha"],
+    "pivotal_tuning": CASES["pivotal_tuning"],
+    # the embeddings are in diffusers/, the LoHa in peft/: a run folder loads both
+    "loha_with_new_token": ["adapter=loha", *CASES["pivotal_tuning"]],
+}
+
+
+@pytest.mark.parametrize("case", list(LOAD_CASES))
 def test_load_adapter_brings_back_the_trained_model(tmp_path, tiny_pipeline_dir, case):
     """checkpoint=RUN (as recipe=evaluate uses it) reproduces the run's own samples."""
-    trained = train_in_process(tmp_path, tiny_pipeline_dir, *CASES[case])
+    trained = train_in_process(tmp_path, tiny_pipeline_dir, *LOAD_CASES[case])
     expected = image_of(trained, trained.cfg.data.instance_prompt)
     loaded = train_in_process(
         tmp_path,
         tiny_pipeline_dir,
-        *CASES[case],
+        *LOAD_CASES[case],
         f"checkpoint={trained.dir}",  # a run folder: its diffusers/ export, else peft/
         stages="[load_adapter]",
         name="loaded",

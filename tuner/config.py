@@ -11,6 +11,7 @@ with ``recipe=NAME``) and the user's ``key=value`` overrides, in that order.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -399,22 +400,26 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
             "config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or [])
         )
     cfg.recipe = recipe
-    _inherit_model(cfg)
+    _inherit_model(cfg, list(overrides or []))
     return cfg
 
 
-def _inherit_model(cfg: DictConfig) -> None:
-    """With ``checkpoint=`` inside a tuner run and no model chosen, take that run's base model and resolution."""
+def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
+    """With ``checkpoint=`` (or a generate adapter) inside a tuner run and no model chosen, take that run's
+    base model and resolution; keys the user set stay as set."""
     first = cfg.checkpoint or next((a.path for a in cfg.generate.adapters), None)
     if not first or cfg.model.path or cfg.model.builtin:
         return
     folder = run_folder_of(first)
     if folder is not None:
         source = OmegaConf.load(folder / "config.yaml")
+        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
         for group in ("model", "base"):
             for key, value in source[group].items():
-                cfg[group][key] = value
-        cfg.data.resolution = source.data.resolution
+                if f"{group}.{key}" not in given:
+                    cfg[group][key] = value
+        if "data.resolution" not in given:
+            cfg.data.resolution = source.data.resolution
 
 
 def run_folder_of(path: str | Path) -> Path | None:
@@ -594,7 +599,7 @@ def trained_parts(cfg: DictConfig) -> set[str]:
 
 
 def _validate_export(cfg: DictConfig) -> None:
-    from tuner.export.formats import DTYPES, FORMATS, HOLDS
+    from tuner.export.formats import DTYPES, FORMATS, check_held
 
     e = cfg.export
     unknown = [x for x in e.formats if x not in FORMATS]
@@ -606,15 +611,9 @@ def _validate_export(cfg: DictConfig) -> None:
             "export.variant: fp16, bf16 or null"
         )
     if "train" in cfg.stages:
-        parts = trained_parts(cfg)
-        held = set().union(*(HOLDS[x] for x in e.formats))
-        if parts - held:
-            fits = [x for x in FORMATS if parts - held <= HOLDS[x]]
-            raise ConfigError(
-                f"export.formats={list(e.formats)} cannot hold what this run trains "
-                f"({', '.join(sorted(parts - held))}); "
-                f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*e.formats, fits[0]])}]'"
-            )
+        check_held(trained_parts(cfg), e.formats)
+    if e.name is not None and not re.fullmatch(r"[\w.+-]+", e.name):
+        raise ConfigError(f"export.name={e.name}: letters, digits, '.', '_', '+' and '-' only (it names files)")
 
 
 def _validate_generate(cfg: DictConfig) -> None:
@@ -631,6 +630,9 @@ def _validate_generate(cfg: DictConfig) -> None:
         raise ConfigError("generate.images_per_prompt, generate.batch_size and generate.steps must be at least 1")
     if not 0 < g.strength <= 1:
         raise ConfigError(f"generate.strength={g.strength}: a share in (0, 1]")
+    for key in ("width", "height"):
+        if g[key] is not None and (g[key] < 8 or g[key] % 8):
+            raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")
     if g.post.upscale < 1 or g.post.sharpen < 0:
         raise ConfigError("generate.post.upscale must be at least 1 and generate.post.sharpen at least 0")
     if g.post.color_correct and not g.init_image:

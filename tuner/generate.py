@@ -93,6 +93,7 @@ def make_jobs(g, resolution: int) -> list[Job]:
     jobs, next_seed = [], g.seed
     for prompt, options, where in lines:
         try:
+            first_seed = int(options["seed"]) if "seed" in options else None
             values = {
                 "negative": options.get("negative", default.negative),
                 "width": int(options.get("width", default.width)),
@@ -105,11 +106,13 @@ def make_jobs(g, resolution: int) -> list[Job]:
             raise ConfigError(f"{where}: {e}") from None
         if values["scheduler"] not in SCHEDULERS:
             raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
-        if values["width"] % 8 or values["height"] % 8 or values["steps"] < 1:
-            raise ConfigError(f"{where}: width and height must be multiples of 8 and steps at least 1")
+        if min(values["width"], values["height"]) < 8 or values["width"] % 8 or values["height"] % 8:
+            raise ConfigError(f"{where}: width and height must be positive multiples of 8")
+        if values["steps"] < 1 or (g.init_image and int(values["steps"] * g.strength) < 1):
+            raise ConfigError(f"{where}: steps must be at least 1, and steps x generate.strength at least 1")
         for k in range(g.images_per_prompt):
-            if "seed" in options:
-                seed = int(options["seed"]) + k
+            if first_seed is not None:
+                seed = first_seed + k
             else:
                 seed, next_seed = next_seed, next_seed + 1
             jobs.append(replace(default, prompt=prompt, seed=seed, **values))

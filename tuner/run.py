@@ -476,9 +476,16 @@ def _export_info(run: Run, trained, name: str) -> dict:
     cfg, source, source_dir = run.cfg, run.cfg, run.dir
     if run.trainables is None:
         source = None
-        folder = run_folder_of(cfg.checkpoint) if cfg.checkpoint else None
-        if folder is not None:
-            source, source_dir = OmegaConf.load(folder / "config.yaml"), folder
+        checkpoint = cfg.checkpoint
+        for _ in range(4):  # an export of an export: follow the checkpoints back to the run that trained
+            folder = run_folder_of(checkpoint) if checkpoint else None
+            if folder is None:
+                break
+            config = OmegaConf.load(folder / "config.yaml")
+            if "train" in config.stages:
+                source, source_dir = config, folder
+                break
+            checkpoint = config.checkpoint
     e = cfg.export
     print("[tuner] export: hashing the base model's weights", flush=True)
     info = {
@@ -539,69 +546,64 @@ def export(run: Run) -> None:
     part (a kohya file cannot hold a DoRA adapter) says so and writes the rest. The run summary
     lists every file written with its sha256; ``README.md`` in the run folder is the model card.
     """
-    from tuner.export import formats as f
+    import shutil
+
+    from tuner.export import formats
     from tuner.export.card import write_model_card
-    from tuner.export.metadata import model_hash, sha256_file, training_metadata
+    from tuner.export.metadata import file_hashes, training_metadata
 
     cfg, c, e = run.cfg, run.components, run.cfg.export
     if run.trainables is None and cfg.checkpoint and "load_adapter" not in cfg.stages:
         load_adapter(run)  # recipe=export checkpoint=PATH
     what = run.trainables
     base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
-    trained = f.Trained(c, f.adapter_kind(c), _live_tokens(run), base_weights)
+    trained = formats.Trained(c, formats.adapter_kind(c), _live_tokens(run), base_weights)
     parts = trained.parts
     if not parts:
         raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
-    held = set().union(*(f.HOLDS[x] for x in e.formats))
-    if parts - held:
-        fits = [x for x in f.FORMATS if parts - held <= f.HOLDS[x]]
-        raise ConfigError(
-            f"export.formats={list(e.formats)} cannot hold {', '.join(sorted(parts - held))}; "
-            f"add one of {fits}, e.g. 'export.formats=[{','.join([*e.formats, fits[0]])}]'"
-        )
+    formats.check_held(parts, e.formats)
+    if not run.accelerator.is_main_process:
+        return
     name = e.name or run.dir.name
     info = _export_info(run, trained, name)
     metadata = training_metadata(info)
-    dtype = f.DTYPES[e.dtype]
-    merged = None
-    if not run.accelerator.is_main_process:
-        return
+    dtype = formats.DTYPES[e.dtype]
+    merged, written = None, []
     for fmt in e.formats:
-        skipped = parts - f.HOLDS[fmt]
-        if not parts & f.HOLDS[fmt]:
-            print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
-            continue
-        if skipped:
-            print(f"[tuner] export {fmt}: without {', '.join(sorted(skipped))} (another format holds it)", flush=True)
         folder = run.dir / fmt
+        held = parts & formats.HOLDS[fmt]
+        if not held:
+            print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
+            if folder.is_dir():  # an earlier run's files in this folder must not pass for this run's
+                shutil.rmtree(folder)
+            continue
+        if parts - held:
+            print(f"[tuner] export {fmt}: without {', '.join(sorted(parts - held))} (another format holds it)")
         if fmt == "diffusers":
-            f.write_diffusers(trained, folder, run.family, dtype)
+            formats.write_diffusers(trained, folder, run.family, dtype)
         elif fmt == "kohya":
-            f.write_kohya(trained, folder, name, run.family, dtype, metadata)
+            formats.write_kohya(trained, folder, name, run.family, dtype, metadata)
         elif fmt == "peft":
-            f.write_peft(trained, folder, dtype)
+            formats.write_peft(trained, folder, dtype)
         else:
             if merged is None:
                 print("[tuner] export: fusing the adapter into the base weights", flush=True)
-                merged = f.merged_components(trained, _fp32_base(run))
+                merged = formats.merged_components(trained, _fp32_base(run))
             if fmt == "merged":
-                f.write_merged(merged, folder, run.family, run.model_path, c.tokenizer, e.variant)
+                formats.write_merged(merged, folder, run.family, run.model_path, c.tokenizer, e.variant)
             else:
                 vocab = json.loads((run.model_path / "text_encoder" / "config.json").read_text())["vocab_size"]
-                path = folder / f"{name}.safetensors"
-                with atomic_dir(folder) as tmp:
-                    meta = {**metadata, "modelspec.architecture": f"{run.family.MODELSPEC_ARCHITECTURE}"}
-                    f.write_single_file(merged, tmp / path.name, run.family, vocab, f.DTYPES[e.single_file_dtype], meta)
+                single_dtype = formats.DTYPES[e.single_file_dtype]
+                formats.write_single_file(merged, folder, name, run.family, vocab, single_dtype, metadata)
+        written.append(folder)
         run.outputs[fmt] = str(folder)
     del merged
     files = {}
-    for fmt in e.formats:
-        for path in sorted((run.dir / fmt).rglob("*")) if (run.dir / fmt).is_dir() else []:
-            if path.is_file():
-                entry = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
-                if path.suffix == ".safetensors":
-                    entry["model_hash"] = model_hash(path)
-                files[str(path.relative_to(run.dir))] = entry
+    for path in sorted(p for folder in written for p in folder.rglob("*") if p.is_file()):
+        sha256, model_hash = file_hashes(path)
+        files[str(path.relative_to(run.dir))] = {"bytes": path.stat().st_size, "sha256": sha256} | (
+            {"model_hash": model_hash} if model_hash else {}
+        )
     run.files = files
     card = write_model_card(run.dir / "README.md", info, files, cfg, run.family)
     run.outputs["model_card"] = str(card)
@@ -624,16 +626,38 @@ def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> li
     embedding ``.safetensors`` (diffusers' ``{token: vectors}`` or A1111's ``emb_params``). Adapters
     load under ``adapter_name`` (diffusers picks one when it is None).
     """
+
+    folders = [path]
+    if path.is_dir() and (path / "summary.json").is_file():  # a run: its diffusers/ export, with peft/ for
+        folders = [path / x for x in ("diffusers", "peft") if (path / x).is_dir()]  # what diffusers cannot hold
+        if (path / "diffusers" / "pytorch_lora_weights.safetensors").is_file():
+            folders = [path / "diffusers"]
+        folders = folders or [path / "kohya"]
+    loaded = []
+    for folder in folders:
+        loaded += _load_folder(run, folder, adapter_name)
+    if not loaded:
+        raise ConfigError(
+            f"{path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
+            "folder, or a run folder)"
+        )
+    return loaded
+
+
+LORA_KEYS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
+
+
+def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
     from safetensors import safe_open
 
-    if path.is_dir() and (path / "summary.json").is_file():
-        path = next((path / x for x in ("diffusers", "peft", "kohya") if (path / x).is_dir()), path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*"))
+    files = (
+        [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*.safetensors"))
+    )
     loaded = []
     for file in files:
         with safe_open(file, "pt") as handle:
             keys, meta = list(handle.keys()), handle.metadata() or {}
-        if any("lora" in k for k in keys):
+        if any(k.endswith(LORA_KEYS) for k in keys):
             run.pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=adapter_name)
         elif any(k.startswith(("hada_", "lokr_")) or ".hada_" in k or ".lokr_" in k for k in keys):
             raise ConfigError(
@@ -641,6 +665,8 @@ def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> li
             )
         else:  # an embedding: diffusers' {token: vectors} or A1111's emb_params, named by its file
             token = meta.get("token") or (keys[0] if len(keys) == 1 and keys[0] != "emb_params" else file.stem)
+            if token in run.pipe.tokenizer.get_vocab():
+                raise ConfigError(f"{file}: its token {token} is in the vocabulary already (another adapter's?)")
             run.pipe.load_textual_inversion(file, token=token)
             run.new_tokens.append(token)
             run.base_weights_changed = True
@@ -649,11 +675,6 @@ def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> li
         if (path / component / "adapter_config.json").is_file():
             _load_peft(getattr(run.components, component), path / component, adapter_name or "default")
             loaded.append(f"{component} (peft)")
-    if not loaded:
-        raise ConfigError(
-            f"{path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
-            "folder, or a run folder)"
-        )
     return loaded
 
 
@@ -665,9 +686,9 @@ def _load_peft(module, folder: Path, adapter_name: str) -> None:
     module.add_adapter(PeftConfig.from_pretrained(folder), adapter_name=adapter_name)
     state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
     result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "hada_" in k or "lokr_" in k]
-    if missing:
-        raise ConfigError(f"checkpoint={folder}: {len(missing)} adapter tensors fit no module, e.g. {missing[:3]}")
+    unused = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "hada_" in k or "lokr_" in k]
+    if unused:
+        raise ConfigError(f"checkpoint={folder}: {len(unused)} adapter tensors fit no module, e.g. {unused[:3]}")
 
 
 def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
@@ -786,6 +807,10 @@ def generate(run: Run) -> None:
         run.pipe.set_adapters(names, weights)
     pipe = run.family.img2img(run.pipe) if g.init_image else run.pipe
     folder, entries = run.dir / "images", []
+    if folder.is_dir():  # an earlier run's images in this run folder would mix with these
+        import shutil
+
+        shutil.rmtree(folder)
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]
@@ -801,7 +826,7 @@ def generate(run: Run) -> None:
             if g.init_image:
                 settings.update(init_image=Path(g.init_image).name, strength=g.strength)
             name = f"{i:04d}-seed{job.seed}.png"
-            write_atomic(folder / name, _png_with_parameters(image, job))
+            write_atomic(folder / name, _png_with_parameters(image, job, g.post.upscale))
             entries.append({"file": name, **settings})
         bar.update(len(batch))
     bar.close()
@@ -809,7 +834,18 @@ def generate(run: Run) -> None:
     run.outputs["images"] = str(write_image_page(folder, entries))
 
 
-def _png_with_parameters(image, job) -> bytes:
+A1111_SAMPLERS = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpm++": "DPM++ 2M",
+    "dpm++_karras": "DPM++ 2M Karras",
+    "pndm": "PLMS",
+}
+
+
+def _png_with_parameters(image, job, upscale: int) -> bytes:
     """PNG bytes with A1111's ``parameters`` text chunk, so the settings travel with the image."""
     import io
 
@@ -818,8 +854,8 @@ def _png_with_parameters(image, job) -> bytes:
     info = PngInfo()
     text = job.prompt + (f"\nNegative prompt: {job.negative}" if job.negative else "")
     text += (
-        f"\nSteps: {job.steps}, Sampler: {job.scheduler}, CFG scale: {job.guidance}, Seed: {job.seed}, "
-        f"Size: {job.width}x{job.height}"
+        f"\nSteps: {job.steps}, Sampler: {A1111_SAMPLERS[job.scheduler]}, CFG scale: {job.guidance}, "
+        f"Seed: {job.seed}, Size: {job.width}x{job.height}" + (f", Upscale: {upscale}" if upscale > 1 else "")
     )
     info.add_text("parameters", text)
     buffer = io.BytesIO()

@@ -64,7 +64,15 @@ def _usage(info: dict, files: dict, base: str) -> str:
     peft = sorted({n.split("/")[1] for n in names if n.startswith("peft/")})
     if peft:
         lines = [f'pipe.{c} = PeftModel.from_pretrained(pipe.{c}, "peft/{c}")' for c in peft]
-        out += ["### PEFT", "", "```python", "from peft import PeftModel", "", *lines, "```", ""]
+        out += [
+            "### PEFT",
+            "",
+            "```python",
+            "from diffusers import StableDiffusionPipeline",
+            "from peft import PeftModel",
+            "",
+        ]
+        out += [f'pipe = StableDiffusionPipeline.from_pretrained("{base}")', *lines, "```", ""]
     if any(n.startswith("merged/") for n in names):
         out += [
             "### Merged pipeline",
@@ -94,7 +102,7 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
     base = info.get("base_name") or "BASE_MODEL"
     tags = ["text-to-image", "stable-diffusion", "diffusers", "tuner"]
     if info.get("adapter"):
-        tags.append("lora")
+        tags.append({"lora": "lora", "dora": "dora", "loha": "lycoris", "lokr": "lycoris"}[info["adapter"]])
     if info.get("tokens"):
         tags.append("textual-inversion")
     front = {"library_name": "diffusers", "base_model": base, "tags": tags}
@@ -106,7 +114,7 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
         "dora": "A DoRA adapter",
         "loha": "A LoHa adapter",
         "lokr": "A LoKr adapter",
-        None: "A fine-tune",
+        None: "A fine-tune" if info.get("steps") else "A checkpoint",
     }[info.get("adapter")]
     lines.append(
         f"{what} for `{base}` ({family.MODELSPEC_ARCHITECTURE}), {info.get('description') or 'exported by tuner'}."

@@ -54,6 +54,19 @@ class Trained:
         )
 
 
+def check_held(parts: set[str], chosen) -> None:
+    """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
+    from tuner.config import ConfigError
+
+    missing = parts - set().union(*(HOLDS[x] for x in chosen))
+    if missing:
+        fits = [x for x in FORMATS if missing <= HOLDS[x]]
+        raise ConfigError(
+            f"export.formats={list(chosen)} cannot hold {', '.join(sorted(missing))} (what this run trains); "
+            f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*chosen, fits[0]])}]'"
+        )
+
+
 def tuner_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """The peft layers (LoRA, LoHa, LoKr, ...) injected into ``module``, by module name."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -95,37 +108,37 @@ def _active(layer) -> str:
 # ---------------------------------------------------------------- adapters
 
 
-def lora_modules(module: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """``{module name: (down, up, alpha)}`` for every LoRA layer, alpha such that scale = alpha / rank.
+def kohya_tensors(layer) -> dict[str, torch.Tensor]:
+    """One peft layer's tensors under the key suffixes kohya-format loaders (A1111, ComfyUI, diffusers) read.
 
-    That is what kohya's ``.alpha`` means; for rsLoRA (scale alpha / sqrt(rank)) it is scale * rank.
+    - LoRA: ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` such that scale = alpha / rank, which is
+      what kohya's ``.alpha`` means (for rsLoRA, scale alpha / sqrt(rank), that is scale * rank);
+    - LoHa / LoKr: LyCORIS' names, which peft shares (``hada_w1_a``, ``lokr_w1``, ...), with ``alpha`` the
+      same way. A LoKr layer with neither factor decomposed has no rank a loader could divide by, so
+      loaders apply it at scale 1: its scale is folded into ``lokr_w2`` and no ``alpha`` is written.
     """
-    out = {}
-    for name, layer in tuner_layers(module).items():
-        adapter = _active(layer)
-        down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        out[name] = (down.detach(), up.detach(), float(layer.scaling[adapter]) * layer.r[adapter])
-    return out
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
 
-
-def lycoris_modules(module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """``{module name: {suffix: tensor}}`` for LoHa / LoKr layers in LyCORIS' key names, with ``alpha``.
-
-    peft and LyCORIS share the parameter names (``hada_w1_a``, ``lokr_w1``, ...) and shapes; the scale
-    alpha / rank becomes an ``alpha`` scalar the way kohya-format loaders read it.
-    """
-    out = {}
-    for name, layer in tuner_layers(module).items():
-        adapter = _active(layer)
-        tensors = {}
-        for param in layer.adapter_layer_names:
-            store = getattr(layer, param)
-            if adapter in store:
-                tensors[param] = store[adapter].detach()
+    adapter = _active(layer)
+    scale = float(layer.scaling[adapter])
+    if isinstance(layer, LoraLayer):
         rank = layer.r[adapter]
-        tensors["alpha"] = torch.tensor(float(layer.scaling[adapter]) * rank)
-        out[name] = tensors
-    return out
+        return {
+            "lora_down.weight": layer.lora_A[adapter].weight.detach(),
+            "lora_up.weight": layer.lora_B[adapter].weight.detach(),
+            "alpha": torch.tensor(scale * rank),
+        }
+    tensors = {}
+    for param in layer.adapter_layer_names:
+        store = getattr(layer, param)
+        if adapter in store:
+            tensors[param] = store[adapter].detach()
+    if isinstance(layer, LoKrLayer) and "lokr_w1_b" not in tensors and "lokr_w2_b" not in tensors:
+        tensors["lokr_w2"] = tensors["lokr_w2"] * scale
+    else:
+        tensors["alpha"] = torch.tensor(scale * layer.r[adapter])
+    return tensors
 
 
 def peft_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], object]:
@@ -138,7 +151,10 @@ def peft_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], object
 
 
 def peft_config_dict(config) -> dict:
-    return json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    """A peft config as plain JSON values, without where the base was loaded from (a path of this machine)."""
+    config = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    config["base_model_name_or_path"] = None
+    return config
 
 
 # ---------------------------------------------------------------- merged weights
@@ -151,19 +167,24 @@ def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None =
     merge as peft computes them), on top of ``base`` (the fp32 base weights, when the live module
     holds them in a lower precision); the live module is left as it was.
     """
+    base = base or {}
+
+    def full(key: str, value: torch.Tensor) -> torch.Tensor:  # a frozen weight stored in low precision
+        return base[key].float() if value.dtype != torch.float32 and key in base else value.float()
+
     layers = tuner_layers(module)
     state = {}
     for key, value in module.state_dict().items():
-        owner = next((n for n in layers if key.startswith(n + ".")), None)
-        if owner is None:
-            state[key] = (base or {}).get(key, value).float()
+        if not any(key.startswith(n + ".") for n in layers):
+            state[key] = full(key, value)
     for name, layer in layers.items():
-        merged = copy.deepcopy(layer).float()
+        if layer.merged:
+            raise ValueError(f"export: {name} has its adapter merged already; unmerge it first")
+        merged = copy.deepcopy(layer)
         target = merged.get_base_layer()
-        for key in target.state_dict():
-            if base and f"{name}.{key}" in base:
-                getattr(target, key).data = base[f"{name}.{key}"].float().clone()
-        merged.merge(safe_merge=True, adapter_names=[_active(layer)])
+        for key, value in target.state_dict().items():
+            getattr(target, key).data = full(f"{name}.{key}", value).clone()
+        merged.float().merge(safe_merge=True, adapter_names=[_active(layer)])
         for key, value in target.state_dict().items():
             state[f"{name}.{key}"] = value.detach()
     return state
@@ -208,28 +229,18 @@ def kohya_name(prefix: str, module_name: str) -> str:
 
 
 def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapter as a kohya / LyCORIS state dict: ``lora_down``/``lora_up``/``alpha`` (or ``hada_*``/``lokr_*``).
+    """The adapter as a kohya / LyCORIS state dict, ``<prefix>_<module>.<suffix>`` (see ``kohya_tensors``).
 
     Args:
         prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name) gives
             the module's name as the format spells it (the family knows).
     """
-    c, state = trained.components, {}
+    state = {}
     for component in COMPONENTS:
-        module = getattr(c, component)
-        if not tuner_layers(module):
-            continue
         prefix = prefixes[component]
-        if trained.adapter == "lora":
-            for name, (down, up, alpha) in lora_modules(module).items():
-                key = kohya_name(prefix, module_name(component, name))
-                state[f"{key}.lora_down.weight"] = down.to(dtype)
-                state[f"{key}.lora_up.weight"] = up.to(dtype)
-                state[f"{key}.alpha"] = torch.tensor(alpha, dtype=dtype)
-        else:
-            for name, tensors in lycoris_modules(module).items():
-                key = kohya_name(prefix, module_name(component, name))
-                state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in tensors.items()})
+        for name, layer in tuner_layers(getattr(trained.components, component)).items():
+            key = kohya_name(prefix, module_name(component, name))
+            state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in kohya_tensors(layer).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
 
 
@@ -293,11 +304,11 @@ def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict
     """ss_network_* keys: module, rank (dim) and alpha as kohya's trainer writes them."""
     ranks, alphas = set(), set()
     for key, value in state.items():
-        if key.endswith((".lora_down.weight", ".hada_w1_b", ".lokr_w2_a", ".lokr_w1_a")):
+        if key.endswith((".lora_down.weight", ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")):
             ranks.add(value.shape[0])
         elif key.endswith(".alpha"):
             alphas.add(round(float(value), 6))
-    module = "networks.lora" if adapter == "lora" else "lycoris.kohya"
+    module = "lycoris.kohya" if adapter in ("loha", "lokr") else "networks.lora"
     meta = {"ss_network_module": module}
     if ranks:
         meta["ss_network_dim"] = str(max(ranks))
@@ -335,9 +346,21 @@ def write_merged(merged: dict, folder: Path, family, model_path: Path, tokenizer
             )
             del half
         family.pipeline_with(model_path, tokenizer=tokenizer, **merged).save_pretrained(tmp, safe_serialization=True)
+        for config in tmp.rglob("*.json"):  # where the base was loaded from: a path of this machine
+            data = json.loads(config.read_text())
+            if isinstance(data, dict) and "_name_or_path" in data:
+                data.pop("_name_or_path")
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_single_file(merged: dict, path: Path, family, vocab_size: int, dtype: torch.dtype, metadata: dict) -> None:
-    """The merged weights in the original single-file layout; new tokens stay out (they ship as embeddings)."""
+def write_single_file(
+    merged: dict, folder: Path, name: str, family, vocab_size: int, dtype: torch.dtype, metadata: dict
+) -> None:
+    """``<name>.safetensors``: the merged weights in the original single-file layout A1111 and ComfyUI load.
+
+    New tokens stay out (the base's ``vocab_size`` rows only): they ship as embeddings beside it.
+    """
     state = family.single_file_state(merged, vocab_size)
-    write_safetensors(path, {k: v.to(dtype) for k, v in state.items()}, metadata)
+    meta = {**metadata, "modelspec.architecture": family.MODELSPEC_ARCHITECTURE}
+    with atomic_dir(folder) as tmp:
+        write_safetensors(tmp / f"{name}.safetensors", {k: v.to(dtype) for k, v in state.items()}, meta)

@@ -36,6 +36,20 @@ def model_hash(path: Path) -> str:
     return sha256_file(path, safetensors_data_offset(path))
 
 
+def file_hashes(path: Path) -> tuple[str, str | None]:
+    """(sha256 of the file, its model hash if it is a safetensors file), reading it once."""
+    whole, data = hashlib.sha256(), hashlib.sha256()
+    start = safetensors_data_offset(path) if path.suffix == ".safetensors" else None
+    seen = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            whole.update(block)
+            if start is not None and seen + len(block) > start:
+                data.update(block[max(0, start - seen) :])
+            seen += len(block)
+    return whole.hexdigest(), data.hexdigest() if start is not None else None
+
+
 def tensor_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """``sshs_model_hash`` and ``modelspec.hash_sha256`` of the file ``state`` will be written as."""
     from safetensors.torch import save
