@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 import sys
 
 # nothing is ever fetched from a model hub; library chatter stays quiet unless asked for
@@ -76,13 +77,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tuner: config error: {explain(e, recipe)}", file=sys.stderr)
         return 2
 
+    import signal
+
     from tuner.run import run_recipe
+    from tuner.training.checkpoints import Stopped
 
     try:
         run_recipe(cfg)
     except ConfigError as e:
         print(f"tuner: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        run_dir = e.path.parent.parent
+        kept = [a for a in argv if not a.startswith(("output_dir=", "resume=", "recipe="))]
+        command = "python -m tuner " + shlex.join([f"recipe={recipe}", *kept, f"output_dir={run_dir}", "resume=auto"])
+        print(f"tuner: {e}\nresume with:\n  {command}", file=sys.stderr, flush=True)
+        return 0 if e.signum == signal.SIGTERM else 130
     return 0
 
 

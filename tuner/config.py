@@ -282,6 +282,16 @@ class ExportConfig:
 
 
 @dataclass
+class CheckpointsConfig:
+    """Training checkpoints in RUN/checkpoints/step-N/ (trained tensors, optimizer, scheduler, EMA, RNG, data order)."""
+
+    # save every N optimizer steps and at the end; 0: only when stopped by SIGTERM / SIGINT
+    every: int = 0
+    # how many to keep (the newest)
+    keep: int = 2
+
+
+@dataclass
 class AdapterRef:
     """An adapter to generate with: a run folder, an export folder or a LoRA / embedding file, and its weight."""
 
@@ -340,6 +350,9 @@ class TunerConfig:
     seed: int = 0
     # an exported adapter (folder or .safetensors file) for recipes that use one instead of training
     checkpoint: str | None = None
+    # continue a training run: auto (the newest checkpoint in output_dir, if any) or a checkpoint folder
+    resume: str | None = None
+    checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     subject: SubjectConfig = field(default_factory=SubjectConfig)
@@ -575,6 +588,12 @@ def validate(cfg: DictConfig) -> None:
                 f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) "
                 "or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
             )
+    if cfg.resume is not None:
+        _validate_resume(cfg)
+    if cfg.checkpoints.every < 0 or cfg.checkpoints.keep < 1:
+        raise ConfigError(
+            "checkpoints.every must be at least 0 (0: only on a stop signal) and checkpoints.keep at least 1"
+        )
     if "export" in cfg.stages:
         _validate_export(cfg)
     if "generate" in cfg.stages:
@@ -643,3 +662,18 @@ def _validate_generate(cfg: DictConfig) -> None:
     for key in ("prompt_file", "init_image"):
         if g[key] and not Path(g[key]).expanduser().is_file():
             raise ConfigError(f"generate.{key}={g[key]}: no such file")
+
+
+def _validate_resume(cfg: DictConfig) -> None:
+    """resume=auto needs the run folder (output_dir); resume=PATH must be a complete checkpoint, and names it."""
+    if "train" not in cfg.stages:
+        raise ConfigError(f"resume={cfg.resume}: recipe {cfg.recipe} does not train")
+    if cfg.resume == "auto":
+        if not cfg.output_dir:
+            raise ConfigError("resume=auto continues the run in output_dir: pass output_dir=RUN_FOLDER too")
+        return
+    path = Path(cfg.resume).expanduser()
+    if not (path / "state.pt").is_file() or not (path / "trained.safetensors").is_file():
+        raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (RUN/checkpoints/step-N with state.pt)")
+    if not cfg.output_dir:  # the checkpoint's own run folder
+        cfg.output_dir = str(path.resolve().parent.parent)

@@ -309,6 +309,20 @@ def _latent_masks(dataset, latents) -> list[torch.Tensor] | None:
     return masks
 
 
+def _resume_from(run: Run) -> Path | None:
+    """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
+    from tuner.training import checkpoints
+
+    if run.cfg.resume is None:
+        return None
+    if run.cfg.resume != "auto":
+        return Path(run.cfg.resume).expanduser()
+    found = checkpoints.find(run.dir / "checkpoints")
+    if not found:
+        print(f"[tuner] resume=auto: no checkpoint in {run.dir / 'checkpoints'} yet; starting at step 0", flush=True)
+    return found[-1] if found else None
+
+
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -320,6 +334,7 @@ def train(run: Run) -> None:
     embeddings (or token ids, when the text encoder runs in the step because it or a new token trains).
     """
     from tuner.training import trainables
+    from tuner.training.checkpoints import Checkpointing
     from tuner.training.loop import (
         Captions,
         LoopSettings,
@@ -399,6 +414,14 @@ def train(run: Run) -> None:
         ),
     )
     stop = cfg.text_encoder.stop_at
+    checkpointing = Checkpointing(
+        folder=run.dir / "checkpoints",
+        every=cfg.checkpoints.every,
+        keep=cfg.checkpoints.keep,
+        resume=_resume_from(run),
+        data_state=lambda: [s.sampler.pending for s in sets],
+        set_data_state=lambda state: [setattr(s.sampler, "pending", p) for s, p in zip(sets, state)],
+    )
     settings = LoopSettings(
         steps=t.max_steps,
         learning_rate=learning_rate,
@@ -424,6 +447,7 @@ def train(run: Run) -> None:
         desc=f"train {', '.join(g['name'] for g in what.groups)}",
         text_encoder=c.text_encoder if in_step else None,
         encode=run.family.encode_ids,
+        checkpointing=checkpointing,
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
     run.metrics["trained_parameters"] = sum(p.numel() for p in what.params)

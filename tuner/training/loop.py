@@ -7,9 +7,11 @@ samples latents, adds noise, runs the denoiser forward and backward, and steps t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -341,6 +343,7 @@ def train_denoiser(
     desc: str = "train",
     text_encoder=None,
     encode: Callable | None = None,
+    checkpointing=None,
 ) -> TrainResult:
     """Train the parameters in ``groups`` for ``settings.steps`` optimizer steps.
 
@@ -351,11 +354,20 @@ def train_denoiser(
         target_fn: ``(latents, noise, timesteps) -> target``, from the model family.
         text_encoder, encode: when the text encoder (or an embedding in it) trains, batches carry token
             ids and ``encode(text_encoder, ids)`` turns them into embeddings inside the step.
+        checkpointing: where and how often to save, and a checkpoint to resume from
+            (``tuner.training.checkpoints.Checkpointing``); a resumed run ends as the uninterrupted one.
+
+    Raises:
+        checkpoints.Stopped: SIGTERM or SIGINT arrived; a checkpoint of the last whole step was saved.
 
     Returns:
         The logged losses and, when ``settings.ema_decay`` is set, the EMA of the trained parameters.
     """
     from diffusers.training_utils import EMAModel
+
+    from tuner.training import checkpoints
+
+    ck = checkpointing or checkpoints.Checkpointing()
 
     groups = list(groups)
     if groups and not isinstance(groups[0], dict):
@@ -381,52 +393,88 @@ def train_denoiser(
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
     generator = torch.Generator().manual_seed(seed)
     result = TrainResult(ema=ema)
-    unet.train(trains[0])
-    running = 0.0
-    bar = tqdm(range(settings.steps), desc=desc, disable=not accelerator.is_main_process)
-    micro_steps = accelerator.gradient_accumulation_steps
-    for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
-        if text_encoder is not None and step == settings.text_encoder_steps:
-            for p in params:  # text_encoder.stop_at: from here on the text encoder is frozen
-                if id(p) in text_encoder_params:
-                    p.requires_grad_(False)
-        for _ in range(micro_steps):
-            with accelerator.accumulate(*trained_modules):
-                parts = next_batch(generator)
-                loss = 0.0
-                for batch in [parts] if isinstance(parts, Batch) else parts:  # one per latent size
-                    batch = batch.to(accelerator.device)
-                    with accelerator.autocast():
-                        embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
-                        per_sample = diffusion_loss(
-                            unet,
-                            noise_scheduler,
-                            target_fn,
-                            batch.latents,
-                            embeds,
-                            generator,
-                            settings.loss,
-                            batch.mask,
-                        )
-                    loss = loss + (per_sample * batch.weights).sum()
-                accelerator.backward(loss)  # accelerate divides by the accumulation steps
-                if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-                optimizer.step()  # a no-op until the last micro-batch
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            running += loss.detach() / micro_steps
+    start = 0
+    if ck.resume is not None:
+        state = checkpoints.load(ck.resume, params)
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
         if ema is not None:
-            ema.step(params)
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-            # reading the loss syncs with the device: only at log intervals
-            n = (step % settings.log_every) + 1
-            value = float(running) / n
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
-            result.losses.append(value)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
-            running = 0.0
+            ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        ck.set_data_state(state["data"])
+        start, result.losses, resumed_running = state["step"], list(state["losses"]), state["running"]
+        print(f"[tuner] resumed from {ck.resume} at step {start} of {settings.steps}", flush=True)
+
+    def save(step: int, running) -> Path:
+        state = {
+            "running": torch.as_tensor(running).detach().cpu(),
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": result.losses,
+        }
+        return checkpoints.save(ck, step, params, state)
+
+    unet.train(trains[0])
+    running = resumed_running if ck.resume is not None else 0.0
+    bar = tqdm(range(start, settings.steps), desc=desc, disable=not accelerator.is_main_process, initial=start)
+    bar.total = settings.steps
+    micro_steps = accelerator.gradient_accumulation_steps
+    signals = checkpoints.StopSignals() if ck.folder is not None else contextlib.nullcontext()
+    te_stop = settings.text_encoder_steps
+    with signals:
+        for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
+            if text_encoder is not None and te_stop is not None and step == max(start, te_stop):
+                for p in params:  # text_encoder.stop_at: from here on the text encoder is frozen
+                    if id(p) in text_encoder_params:
+                        p.requires_grad_(False)
+            for _ in range(micro_steps):
+                with accelerator.accumulate(*trained_modules):
+                    parts = next_batch(generator)
+                    loss = 0.0
+                    for batch in [parts] if isinstance(parts, Batch) else parts:  # one per latent size
+                        batch = batch.to(accelerator.device)
+                        with accelerator.autocast():
+                            embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
+                            per_sample = diffusion_loss(
+                                unet,
+                                noise_scheduler,
+                                target_fn,
+                                batch.latents,
+                                embeds,
+                                generator,
+                                settings.loss,
+                                batch.mask,
+                            )
+                        loss = loss + (per_sample * batch.weights).sum()
+                    accelerator.backward(loss)  # accelerate divides by the accumulation steps
+                    if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                    optimizer.step()  # a no-op until the last micro-batch
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                running += loss.detach() / micro_steps
+            if ema is not None:
+                ema.step(params)
+            if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+                # reading the loss syncs with the device: only at log intervals
+                n = (step % settings.log_every) + 1
+                value = float(running) / n
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
+                result.losses.append(value)
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
+                running = 0.0
+            done = step + 1
+            if ck.folder is None:
+                continue
+            if signals.signum is not None:  # SIGTERM / SIGINT: save this step and stop
+                raise checkpoints.Stopped(done, save(done, running), signals.signum)
+            if ck.every and (done % ck.every == 0 or done == settings.steps):
+                save(done, running)
     unet.eval()
     if text_encoder is not None:
         text_encoder.eval()

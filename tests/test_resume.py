@@ -1,0 +1,157 @@
+"""Checkpoints and resume: a run stopped anywhere and resumed ends with the same adapter, bit for bit."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import make_photos
+from tests.test_methods import train_in_process
+from tuner.config import ConfigError, compose, validate
+
+# LoRA on the U-Net and text encoder, EMA, caption dropout, cosine schedule: every piece of state matters
+SETTINGS = [
+    "text_encoder.train=lora",
+    "train.ema_decay=0.9",
+    "data.caption_dropout=0.3",
+    "train.lr_scheduler=cosine",
+    "train.warmup_steps=2",
+    "train.batch_size=2",
+]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "diffusers" / "pytorch_lora_weights.safetensors")
+
+
+def assert_same(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path, tiny_pipeline_dir):
+    whole = train_in_process(
+        tmp_path,
+        tiny_pipeline_dir,
+        *SETTINGS,
+        "train.max_steps=6",
+        "checkpoints.every=2",
+        "checkpoints.keep=3",
+        name="whole",
+    )
+    saved = sorted(p.name for p in (whole.dir / "checkpoints").iterdir())
+    assert saved == ["step-0000002", "step-0000004", "step-0000006"]
+    resumed = train_in_process(
+        tmp_path,
+        tiny_pipeline_dir,
+        *SETTINGS,
+        "train.max_steps=6",
+        f"resume={whole.dir / 'checkpoints' / 'step-0000002'}",
+        name="resumed",
+    )
+    assert_same(adapter(whole.dir), adapter(resumed.dir))
+    assert resumed.metrics["train_loss"] == whole.metrics["train_loss"]
+
+
+def tuner(args, home, cwd):
+    env = {**os.environ, "TUNER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuner", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(path: Path, process, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, tiny_pipeline_dir):
+    tmp = tmp_path_factory.mktemp("cli")
+    photos = make_photos(tmp / "photos")
+    args = [
+        "recipe=lora",
+        f"model.path={tiny_pipeline_dir}",
+        "data.resolution=16",
+        f"data.instance_dir={photos}",
+        "data.instance_prompt=a photo of sks ball",
+        "train.max_steps=60",
+        "train.learning_rate=1e-2",
+        "stages=[prepare,train,export]",
+        *SETTINGS,
+    ]
+    whole = tuner([*args, f"output_dir={tmp / 'whole'}"], tmp / "home", tmp)
+    out, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+    return tmp, args, adapter(tmp / "whole")
+
+
+def test_sigkill_at_a_random_step_then_resume_auto_three_times(cli_runs):
+    """Killed with SIGKILL after a random checkpoint, three times, each resumed with resume=auto: the
+    final adapter is the uninterrupted run's, and the step count never goes back."""
+    tmp, args, expected = cli_runs
+    run = tmp / "killed"
+    every = ["checkpoints.every=5", f"output_dir={run}", "resume=auto"]
+    resumed_at = []
+    for kill_after in (10, 25, 40):
+        process = tuner([*args, *every], tmp / "home", tmp)
+        wait_for(run / "checkpoints" / f"step-{kill_after:07d}" / "state.pt", process)
+        time.sleep(0.05 * (kill_after % 7))  # somewhere in the steps after it
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        from tuner.training.checkpoints import find
+
+        resumed_at.append(int(find(run / "checkpoints")[-1].name.split("-")[1]))
+    assert resumed_at == sorted(resumed_at) and resumed_at[0] >= 10
+    final = tuner([*args, *every], tmp / "home", tmp)
+    out, err = final.communicate(timeout=600)
+    assert final.returncode == 0, err[-3000:]
+    assert f"resumed from {run / 'checkpoints'}" in out + err
+    assert_same(adapter(run), expected)
+
+
+def test_sigterm_saves_exits_zero_and_prints_the_resume_command(cli_runs):
+    tmp, args, expected = cli_runs
+    run = tmp / "termed"
+    process = tuner([*args, f"output_dir={run}", "checkpoints.every=10"], tmp / "home", tmp)
+    wait_for(run / "checkpoints" / "step-0000010" / "state.pt", process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert "resume with:" in err and "resume=auto" in err and f"output_dir={run}" in err
+    from tuner.training.checkpoints import find
+
+    last = find(run / "checkpoints")[-1]
+    assert int(last.name.split("-")[1]) >= 10 and not (run / "diffusers").exists()
+    command = shlex.split(err.split("resume with:\n")[1].strip())
+    assert command[:3] == ["python", "-m", "tuner"]
+    again = tuner(command[3:], tmp / "home", tmp)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-3000:]
+    assert_same(adapter(run), expected)
+
+
+def test_resume_settings_are_checked_before_anything_loads(tmp_path, tiny_pipeline_dir):
+    common = [f"model.path={tiny_pipeline_dir}", f"data.instance_dir={tmp_path}", "stages=[prepare,train,export]"]
+    with pytest.raises(ConfigError, match="output_dir"):
+        validate(compose("lora", [*common, "resume=auto"]))
+    with pytest.raises(ConfigError, match="not a checkpoint"):
+        validate(compose("lora", [*common, f"resume={tmp_path}"]))
+    with pytest.raises(ConfigError, match="checkpoints.keep"):
+        validate(compose("lora", [*common, "checkpoints.keep=0"]))
