@@ -155,3 +155,62 @@ def test_resume_settings_are_checked_before_anything_loads(tmp_path, tiny_pipeli
         validate(compose("lora", [*common, f"resume={tmp_path}"]))
     with pytest.raises(ConfigError, match="checkpoints.keep"):
         validate(compose("lora", [*common, "checkpoints.keep=0"]))
+
+
+def checkpoint_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_checkpoints(tmp_path, tiny_pipeline_dir):
+    first = train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=3", "checkpoints.every=1", name="nan")
+    before = checkpoint_bytes(first.dir / "checkpoints")
+    with pytest.raises(FloatingPointError, match="at step 4"):
+        train_in_process(
+            tmp_path,
+            tiny_pipeline_dir,
+            "train.max_steps=5",
+            "checkpoints.every=1",
+            "train.input_perturbation=nan",  # from step 4 on, every loss is NaN
+            "resume=auto",
+            name="nan",
+        )
+    assert checkpoint_bytes(first.dir / "checkpoints") == before  # nothing of the bad step was saved
+
+
+def test_nonfinite_skip_goes_on_without_applying_those_steps(tmp_path, tiny_pipeline_dir):
+    run = train_in_process(
+        tmp_path, tiny_pipeline_dir, "train.max_steps=2", "train.input_perturbation=nan", "train.nonfinite=skip"
+    )
+    assert run.metrics["skipped_steps"] == 2
+    lora_b = {k: v for k, v in adapter(run.dir).items() if "lora_B" in k}
+    assert lora_b and all(torch.count_nonzero(v) == 0 for v in lora_b.values())  # as initialised: never updated
+
+
+def test_a_failed_checkpoint_write_says_so_and_keeps_the_previous(tmp_path, tiny_pipeline_dir, monkeypatch):
+    import safetensors.torch
+
+    from tuner.training.checkpoints import SaveError
+
+    real, calls = safetensors.torch.save_file, []
+
+    def disk_full_on_the_second(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_on_the_second)
+    with pytest.raises(
+        SaveError, match=r"step-0000002: No space left on device; the checkpoint .*step-0000001 is intact"
+    ):
+        train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=3", "checkpoints.every=1")
+    folder = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == ["step-0000001"]  # no half-written folder left behind
+    assert load_file(folder / "step-0000001" / "trained.safetensors")
+
+
+def test_an_output_folder_holding_a_run_is_not_written_over(tmp_path, tiny_pipeline_dir):
+    train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", name="taken")
+    with pytest.raises(ConfigError, match="holds another run"):
+        train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", name="taken")
+    train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", "overwrite=true", name="taken")

@@ -80,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from tuner.run import run_recipe
-    from tuner.training.checkpoints import Stopped
+    from tuner.training.checkpoints import SaveError, Stopped
 
     try:
         run_recipe(cfg)
     except ConfigError as e:
         print(f"tuner: error: {e}", file=sys.stderr)
         return 2
+    except (FloatingPointError, SaveError) as e:
+        print(f"tuner: training stopped: {e}", file=sys.stderr)
+        return 1
     except Stopped as e:
         run_dir = e.path.parent.parent
         kept = [a for a in argv if not a.startswith(("output_dir=", "resume=", "recipe="))]

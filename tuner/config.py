@@ -235,6 +235,8 @@ class TrainConfig:
     # recompute activations in the backward pass: less memory, about a third more time
     gradient_checkpointing: bool = False
     log_every: int = 50
+    # a step whose loss is NaN or infinite: stop (the last checkpoint stays as it was) or skip it
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -352,6 +354,8 @@ class TunerConfig:
     checkpoint: str | None = None
     # continue a training run: auto (the newest checkpoint in output_dir, if any) or a checkpoint folder
     resume: str | None = None
+    # write into an output_dir that holds an earlier run (its files may be replaced)
+    overwrite: bool = False
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
@@ -588,8 +592,15 @@ def validate(cfg: DictConfig) -> None:
                 f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) "
                 "or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
             )
+    if t.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={t.nonfinite}: choose stop or skip")
     if cfg.resume is not None:
         _validate_resume(cfg)
+    elif cfg.output_dir and not cfg.overwrite and (Path(cfg.output_dir).expanduser() / "config.yaml").is_file():
+        raise ConfigError(
+            f"output_dir={cfg.output_dir} holds another run already; choose a new folder, continue it with "
+            "resume=auto, or pass overwrite=true to write over it"
+        )
     if cfg.checkpoints.every < 0 or cfg.checkpoints.keep < 1:
         raise ConfigError(
             "checkpoints.every must be at least 0 (0: only on a stop signal) and checkpoints.keep at least 1"
@@ -662,6 +673,9 @@ def _validate_generate(cfg: DictConfig) -> None:
     for key in ("prompt_file", "init_image"):
         if g[key] and not Path(g[key]).expanduser().is_file():
             raise ConfigError(f"generate.{key}={g[key]}: no such file")
+    from tuner.generate import make_jobs
+
+    make_jobs(g, cfg.data.resolution)  # every prompt line checked before anything loads
 
 
 def _validate_resume(cfg: DictConfig) -> None:

@@ -434,6 +434,7 @@ def train(run: Run) -> None:
         loss=loss,
         ema_decay=t.ema_decay,
         text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
+        nonfinite=t.nonfinite,
     )
     result = train_denoiser(
         accelerator,
@@ -451,6 +452,9 @@ def train(run: Run) -> None:
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
     run.metrics["trained_parameters"] = sum(p.numel() for p in what.params)
+    if result.skipped:
+        run.metrics["skipped_steps"] = result.skipped
+        print(f"[tuner] train: skipped {result.skipped} micro-batches with a non-finite loss", flush=True)
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
         result.ema.copy_to(what.params)
     if t.gradient_checkpointing:

@@ -40,6 +40,10 @@ class Checkpointing:
     set_data_state: Callable[[object], None] = lambda state: None
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); earlier ones are intact."""
+
+
 class Stopped(Exception):
     """Training stopped early on a signal, after saving a checkpoint at a step boundary."""
 
@@ -61,9 +65,15 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
     from safetensors.torch import save_file
 
     path = ck.folder / f"step-{step:07d}"
-    with atomic_dir(path) as tmp:
-        save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}, tmp / "trained.safetensors")
-        torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
+    try:
+        with atomic_dir(path) as tmp:
+            tensors = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}
+            save_file(tensors, tmp / "trained.safetensors")
+            torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
+    except OSError as e:  # disk full, permission denied: say so; the earlier checkpoints are untouched
+        earlier = [p for p in find(ck.folder) if p != path]
+        kept = f"the checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
+        raise SaveError(f"could not write the checkpoint {path}: {e.strerror or e}; {kept}") from e
     for old in find(ck.folder)[: -ck.keep] if ck.keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return path

@@ -55,6 +55,8 @@ class LoopSettings:
     loss: LossSettings = field(default_factory=LossSettings)
     # the text encoder (when it trains) freezes after this many steps; None: never
     text_encoder_steps: int | None = None
+    # a NaN or infinite loss: stop (raise) or skip the step (no update)
+    nonfinite: str = "stop"
 
 
 @dataclass
@@ -328,6 +330,8 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, steps: int):
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
+    # steps skipped for a non-finite loss (train.nonfinite=skip)
+    skipped: int = 0
     ema: object | None = None
 
 
@@ -450,6 +454,17 @@ def train_denoiser(
                                 batch.mask,
                             )
                         loss = loss + (per_sample * batch.weights).sum()
+                    if not torch.isfinite(loss):  # one sync per micro-batch: a bad step never reaches the weights
+                        if settings.nonfinite == "stop":
+                            raise FloatingPointError(
+                                f"{desc}: the loss is {float(loss)} at step {step + 1}; nothing of that step was "
+                                "applied (train.nonfinite=skip skips such steps; a lower learning rate may help)"
+                            )
+                        # skip: this step's gradients so far are dropped, the LR schedule moves on
+                        result.skipped += 1
+                        optimizer.zero_grad(set_to_none=True)
+                        lr_scheduler.step()
+                        continue
                     accelerator.backward(loss)  # accelerate divides by the accumulation steps
                     if accelerator.sync_gradients and settings.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(params, settings.max_grad_norm)
