@@ -59,6 +59,8 @@ def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path, tiny_pipeline_dir
     )
     assert_same(adapter(whole.dir), adapter(resumed.dir))
     assert resumed.metrics["train_loss"] == whole.metrics["train_loss"]
+    assert resumed.metrics["epochs"] == whole.metrics["epochs"] == 3  # 3 images, batches of 2: 2 steps an epoch
+    assert (whole.dir / "checkpoints" / "step-0000004" / "config.yaml").read_text().count("max_steps: 6") == 1
 
 
 def tuner(args, home, cwd):

@@ -419,8 +419,9 @@ def train(run: Run) -> None:
         every=cfg.checkpoints.every,
         keep=cfg.checkpoints.keep,
         resume=_resume_from(run),
-        data_state=lambda: [s.sampler.pending for s in sets],
-        set_data_state=lambda state: [setattr(s.sampler, "pending", p) for s, p in zip(sets, state)],
+        data_state=lambda: [{"pending": s.sampler.pending, "epochs": s.sampler.epochs} for s in sets],
+        set_data_state=lambda state: [s.sampler.__dict__.update(x) for s, x in zip(sets, state)],
+        config=OmegaConf.to_yaml(cfg, resolve=True),
     )
     settings = LoopSettings(
         steps=t.max_steps,
@@ -452,6 +453,7 @@ def train(run: Run) -> None:
     )
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
     run.metrics["trained_parameters"] = sum(p.numel() for p in what.params)
+    run.metrics["epochs"] = sets[0].sampler.epochs  # of the instance images (started, counting the last)
     if result.skipped:
         run.metrics["skipped_steps"] = result.skipped
         print(f"[tuner] train: skipped {result.skipped} micro-batches with a non-finite loss", flush=True)

@@ -69,6 +69,7 @@ class BucketSampler:
         for index, (bucket, r) in enumerate(zip(buckets, repeats)):
             self.by_bucket[tuple(bucket)] += [index] * r
         self.pending: list[list[int]] = []
+        self.epochs = 0  # epochs started so far
 
     def epoch(self, generator: torch.Generator, batch_size: int) -> list[list[int]]:
         """One epoch: every image ``repeats`` times, in shuffled batches of one bucket each."""
@@ -83,4 +84,5 @@ class BucketSampler:
         """The next batch of indices; a new shuffled epoch starts when one runs out."""
         if not self.pending:
             self.pending = self.epoch(generator, batch_size)
+            self.epochs += 1
         return self.pending.pop(0)

@@ -4,9 +4,12 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` in the run folder, writte
 (a temp folder renamed into place), holding:
 
 - ``trained.safetensors``: every trained tensor, in the order the optimizer holds them;
-- ``state.pt``: optimizer, LR scheduler, EMA, the loop's random generator, torch's RNG, the data
-  order still to come, the step and the losses logged so far. Read back with ``weights_only=True``:
-  tensors and plain containers only, nothing else is ever unpickled.
+- ``state.pt``: optimizer, LR scheduler, EMA, loss scaler (fp16), the loop's random generator,
+  torch's RNG, the data order still to come and the epochs started, the step and the losses so far;
+- ``config.yaml``: the run's resolved configuration.
+
+``state.pt`` is read back with ``weights_only=True``: tensors and plain containers only, nothing else
+is ever unpickled.
 
 Only the trained tensors are saved (a LoRA's few megabytes, not the frozen base), which is why this
 is not accelerate's ``save_state``: that writes every prepared model whole.
@@ -38,6 +41,7 @@ class Checkpointing:
     resume: Path | None = None  # a checkpoint folder to continue from
     data_state: Callable[[], object] = lambda: None
     set_data_state: Callable[[object], None] = lambda state: None
+    config: str = ""  # the run's resolved config, saved beside each checkpoint
 
 
 class SaveError(RuntimeError):
@@ -70,6 +74,8 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
             tensors = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}
             save_file(tensors, tmp / "trained.safetensors")
             torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
+            if ck.config:
+                (tmp / "config.yaml").write_text(ck.config)
     except OSError as e:  # disk full, permission denied: say so; the earlier checkpoints are untouched
         earlier = [p for p in find(ck.folder) if p != path]
         kept = f"the checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"

@@ -405,6 +405,8 @@ def train_denoiser(
         if ema is not None:
             ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["torch_rng"])
         ck.set_data_state(state["data"])
         start, result.losses, resumed_running = state["step"], list(state["losses"]), state["running"]
@@ -417,6 +419,7 @@ def train_denoiser(
             "lr_scheduler": lr_scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "generator": generator.get_state(),
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "torch_rng": torch.get_rng_state(),
             "losses": result.losses,
         }
