@@ -75,3 +75,22 @@ def test_wrong_folders_are_refused_by_name(tmp_path):
         sd15.check_folder(tmp_path)
     with pytest.raises(ConfigError, match="model.family"):
         get_family("sd99")
+
+
+def test_pickled_weights_load_only_when_allowed(tmp_path, tiny_pipeline_dir):
+    """A folder with .bin weights is refused by name; model.allow_pickle=true reads them (weights_only)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ConfigError, match=r"unet/ has no \.safetensors weights.*model\.allow_pickle=true"):
+        sd15.load(folder)
+    loaded = sd15.load(folder, allow_pickle=True)
+    reference = sd15.load(tiny_pipeline_dir)
+    for name, value in reference.unet.state_dict().items():
+        assert torch.equal(loaded.unet.state_dict()[name], value), name

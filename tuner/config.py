@@ -37,6 +37,8 @@ class ModelConfig:
     resolution: int = 512
     # epsilon | v_prediction; null reads it from the scheduler config
     prediction_type: str | None = None
+    # also load pickled .bin weights where a folder has no .safetensors (read with torch's weights_only=True)
+    allow_pickle: bool = False
 
 
 @dataclass
@@ -612,7 +614,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.path:
         from tuner.models import get_family
 
-        get_family(cfg.model.family).check_folder(cfg.model.path)
+        get_family(cfg.model.family).check_folder(cfg.model.path, cfg.model.allow_pickle)
 
 
 def trained_parts(cfg: DictConfig) -> set[str]:

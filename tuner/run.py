@@ -79,14 +79,14 @@ class Run:
     def model_path(self) -> Path:
         """The base model folder: ``model.path``, or the embedded digits base (built on first use)."""
         if self.cfg.model.path:
-            return self.family.check_folder(self.cfg.model.path)
+            return self.family.check_folder(self.cfg.model.path, self.cfg.model.allow_pickle)
         if self.cfg.model.builtin == "digits":
             return ensure_digits_base(self)
         raise ConfigError("model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder")
 
     @cached_property
     def components(self):
-        c = self.family.load(self.model_path, self.cfg.model.prediction_type)
+        c = self.family.load(self.model_path, self.cfg.model.prediction_type, self.cfg.model.allow_pickle)
         for module in (c.unet, c.vae, c.text_encoder):
             module.to(self.accelerator.device)
         return c
@@ -490,7 +490,7 @@ def _fp32_base(run: Run) -> dict[str, dict[str, torch.Tensor]]:
     ]
     if not low:
         return {}
-    fresh = run.family.load(run.model_path)
+    fresh = run.family.load(run.model_path, allow_pickle=run.cfg.model.allow_pickle)
     return {name: getattr(fresh, name).state_dict() for name in low}
 
 
@@ -732,7 +732,8 @@ def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     if not adapted and not run.base_weights_changed:
         raise ConfigError("gallery/evaluate need an adapter: put train or load_adapter (checkpoint=PATH) before them")
     if run.base_weights_changed:
-        base_pipe = run.family.pipeline(run.family.load(run.model_path, run.cfg.model.prediction_type))
+        base = run.family.load(run.model_path, run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
+        base_pipe = run.family.pipeline(base)
         base_pipe.to(run.accelerator.device)
         base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)", pipe=base_pipe)
         del base_pipe

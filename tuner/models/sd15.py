@@ -32,11 +32,12 @@ class Components:
     prediction_type: str
 
 
-def check_folder(path: str | Path) -> Path:
+def check_folder(path: str | Path, allow_pickle: bool = False) -> Path:
     """Check that ``path`` is a local diffusers folder of this family, before anything loads.
 
     Raises:
-        ConfigError: the folder is missing, is not a diffusers pipeline, or is of another family.
+        ConfigError: the folder is missing, is not a diffusers pipeline, is of another family, or
+            holds a component only as pickled ``.bin`` weights (unless ``allow_pickle``).
     """
     folder = Path(path).expanduser()
     index = folder / "model_index.json"
@@ -53,16 +54,25 @@ def check_folder(path: str | Path) -> Path:
             f"model.path={path} holds a {name}, not a Stable Diffusion 1.x pipeline; "
             f"choose the matching model=... family."
         )
+    for component in ("unet", "vae", "text_encoder"):
+        files = list((folder / component).glob("*.safetensors"))
+        if not files and not allow_pickle:
+            raise ConfigError(
+                f"model.path={path}: {component}/ has no .safetensors weights. tuner never unpickles a file you did "
+                "not allow: convert it to safetensors, or pass model.allow_pickle=true (read with weights_only=True)"
+            )
     return folder
 
 
-def load(path: str | Path, prediction_type: str | None = None) -> Components:
-    """Load the components from a local diffusers folder, offline, weights from safetensors only."""
+def load(path: str | Path, prediction_type: str | None = None, allow_pickle: bool = False) -> Components:
+    """Load the components from a local diffusers folder, offline, weights from safetensors only
+    (``allow_pickle``: .bin where there is no .safetensors, which diffusers and transformers read with
+    ``torch.load(weights_only=True)``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    folder = check_folder(path)
-    kwargs = {"use_safetensors": True}
+    folder = check_folder(path, allow_pickle)
+    kwargs = {"use_safetensors": None if allow_pickle else True}
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", **kwargs)
     vae = AutoencoderKL.from_pretrained(folder / "vae", **kwargs)
     text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **kwargs)
