@@ -119,7 +119,11 @@ def test_sigkill_at_a_random_step_then_resume_auto_three_times(cli_runs):
         process.communicate()
         from tuner.training.checkpoints import find
 
-        resumed_at.append(int(find(run / "checkpoints")[-1].name.split("-")[1]))
+        newest = find(run / "checkpoints")[-1]
+        resumed_at.append(int(newest.name.split("-")[1]))
+        state = torch.load(newest / "state.pt", weights_only=True)
+        # the step count and the LR schedule's position agree in every checkpoint
+        assert state["step"] == resumed_at[-1] == state["lr_scheduler"]["last_epoch"]
     assert resumed_at == sorted(resumed_at) and resumed_at[0] >= 10
     final = tuner([*args, *every], tmp / "home", tmp)
     out, err = final.communicate(timeout=600)
@@ -212,7 +216,9 @@ def test_a_failed_checkpoint_write_says_so_and_keeps_the_previous(tmp_path, tiny
 
 
 def test_an_output_folder_holding_a_run_is_not_written_over(tmp_path, tiny_pipeline_dir):
-    train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", name="taken")
+    first = train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", name="taken")
+    before = checkpoint_bytes(first.dir)
     with pytest.raises(ConfigError, match="holds another run"):
         train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", name="taken")
+    assert checkpoint_bytes(first.dir) == before  # refused before anything was written
     train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=1", "overwrite=true", name="taken")
