@@ -63,16 +63,38 @@ def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path, tiny_pipeline_dir
     assert (whole.dir / "checkpoints" / "step-0000004" / "config.yaml").read_text().count("max_steps: 6") == 1
 
 
+class Tuner:
+    """``python -m tuner`` in a child process, its output going to files (a pipe nobody reads could fill up
+    and stall the child before it reaches the step a test waits for)."""
+
+    count = 0
+
+    def __init__(self, args, home, cwd):
+        Tuner.count += 1
+        self.out, self.err = Path(cwd) / f"out{Tuner.count}.txt", Path(cwd) / f"err{Tuner.count}.txt"
+        env = {**os.environ, "TUNER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tuner", *args], cwd=cwd, env=env, stdout=out, stderr=err
+            )
+
+    def poll(self):
+        return self.process.poll()
+
+    def send_signal(self, signum):
+        self.process.send_signal(signum)
+
+    @property
+    def returncode(self):
+        return self.process.returncode
+
+    def communicate(self, timeout=None):
+        self.process.wait(timeout=timeout)
+        return self.out.read_text(), self.err.read_text()
+
+
 def tuner(args, home, cwd):
-    env = {**os.environ, "TUNER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tuner", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return Tuner(args, home, cwd)
 
 
 def wait_for(path: Path, process, timeout=300):
