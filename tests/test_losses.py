@@ -136,7 +136,7 @@ def test_timesteps_stay_in_range_and_follow_the_bias():
 
 
 def test_prior_batches_hold_both_sets_and_the_loss_is_the_weighted_sum():
-    from tuner.training.loop import LatentCache, SampleSet, draw_batch
+    from tuner.training.loop import LatentCache, SampleSet, draw_batch, merge_by_shape
 
     def cache(value, n):
         return LatentCache(torch.full((n, 4, 2, 2), value), torch.zeros(n, 4, 2, 2), scaling_factor=1.0)
@@ -146,7 +146,7 @@ def test_prior_batches_hold_both_sets_and_the_loss_is_the_weighted_sum():
     prior = SampleSet(cache(-1.0, 7), cond, caption=torch.full((7,), 2), weight=0.5)
     generator = torch.Generator().manual_seed(0)
     for _ in range(6):  # two epochs of the instance set (batches of 3 and 2), and then some
-        [batch] = draw_batch([instance, prior], batch_size=3, generator=generator)
+        [batch] = merge_by_shape(draw_batch([instance, prior], batch_size=3, generator=generator))
         is_instance = batch.latents.flatten(1)[:, 0] == 1
         n = int(is_instance.sum())
         assert 1 <= n <= 3 and 1 <= len(batch.latents) - n <= 3

@@ -79,23 +79,38 @@ def main(argv: list[str] | None = None) -> int:
 
     import signal
 
+    from tuner.distributed import end
     from tuner.run import run_recipe
     from tuner.training.checkpoints import SaveError, Stopped
+
+    rank = int(os.environ.get("RANK", "0"))  # several processes: rank 0 speaks for all of them
+
+    def report(message: str, error: Exception) -> None:
+        if not getattr(error, "told_by_rank0", False):
+            print(f"tuner: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr, flush=True)
 
     try:
         run_recipe(cfg)
     except ConfigError as e:
-        print(f"tuner: error: {e}", file=sys.stderr)
+        report(f"error: {e}", e)
         return 2
     except (FloatingPointError, SaveError) as e:
-        print(f"tuner: training stopped: {e}", file=sys.stderr)
+        report(f"training stopped: {e}", e)
         return 1
     except Stopped as e:
+        code = 130 if e.signum == signal.SIGINT else 0
+        if rank:
+            print(f"tuner: rank {rank}: {e}; exit {code}", file=sys.stderr, flush=True)
+            return code
         run_dir = e.path.parent.parent
         kept = [a for a in argv if not a.startswith(("output_dir=", "resume=", "recipe="))]
         command = "python -m tuner " + shlex.join([f"recipe={recipe}", *kept, f"output_dir={run_dir}", "resume=auto"])
-        print(f"tuner: {e}\nresume with:\n  {command}", file=sys.stderr, flush=True)
-        return 0 if e.signum == signal.SIGTERM else 130
+        world = os.environ.get("WORLD_SIZE", "1")
+        launcher = f"\n(run by {world} processes: start them the same way, torchrun or accelerate launch)"
+        print(f"tuner: {e}\nresume with:\n  {command}{launcher if world != '1' else ''}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        end()
     return 0
 
 

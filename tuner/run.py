@@ -33,34 +33,40 @@ from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family
 
 STAGES = {}
+MAIN_ONLY = set()  # stages rank 0 runs alone (several processes): sampling for people, and exports
 
 
-def stage(fn):
-    STAGES[fn.__name__] = fn
-    return fn
+def stage(fn=None, *, main_only: bool = False):
+    def register(fn):
+        STAGES[fn.__name__] = fn
+        if main_only:
+            MAIN_ONLY.add(fn.__name__)
+        return fn
+
+    return register(fn) if fn is not None else register
 
 
 class Run:
     """The state one recipe's stages share: config, run folder, accelerator, loaded model."""
 
     def __init__(self, cfg: DictConfig):
-        from accelerate import Accelerator
+        from tuner import distributed
 
         self.cfg = cfg
         self.family = get_family(cfg.model.family)
-        self.accelerator = Accelerator(
-            mixed_precision=cfg.train.mixed_precision,
-            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        )
+        t = cfg.train
+        self.accelerator = distributed.make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
         if self.accelerator.mixed_precision != "no" and not self.accelerator.native_amp:
             raise ConfigError(
                 f"train.mixed_precision={cfg.train.mixed_precision}: accelerate cannot autocast to it on "
                 f"{self.accelerator.device.type}; use bf16 (CPUs) or no"
             )
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        self.dir = Path(cfg.output_dir or Path("runs") / f"{cfg.recipe}-{stamp}").expanduser().resolve()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        # the run folder is rank 0's: a timestamp (or ${now:...} in output_dir) differs from rank to rank
+        self.dir = Path(distributed.decide(self.accelerator, lambda: self._new_folder(cfg)))
+        if self.dir != Path(cfg.output_dir or self.dir).expanduser().resolve():
+            print(f"[tuner] output_dir resolved differently on this rank; using rank 0's {self.dir}", flush=True)
+        cfg.output_dir = str(self.dir)
+        distributed.check_visible(self.accelerator, self.dir / "config.yaml", "the run folder's config")
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, object] = {}
         # the train or load_adapter stage changed base weights or the vocabulary (not just peft adapters),
@@ -70,6 +76,25 @@ class Run:
         self.new_tokens: list[str] = []  # tokens added to the vocabulary (trained or loaded), in order
         self.files: dict[str, dict] = {}  # set by the export stage: every file written, with its sha256
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    @staticmethod
+    def _new_folder(cfg: DictConfig) -> str:
+        """Rank 0 names and creates the run folder and writes its config."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        folder = Path(cfg.output_dir or Path("runs") / f"{cfg.recipe}-{stamp}").expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        return str(folder)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def wait(self) -> None:
+        """Every rank waits here for the others (rank 0 has written what they read next)."""
+        from tuner.distributed import barrier
+
+        barrier(self.accelerator)
 
     @property
     def home(self) -> Path:
@@ -114,17 +139,38 @@ class Run:
 
 
 def run_recipe(cfg: DictConfig) -> Run:
-    """Run every stage of ``cfg.stages`` in order and print the summary."""
+    """Run every stage of ``cfg.stages`` in order and print the summary.
+
+    With several processes every rank runs the stages that need them all (base, data, class images,
+    training); rank 0 alone runs the others (export, gallery, evaluate, generate). Once no stage
+    left needs them, the other ranks are done and exit.
+    """
     run = Run(cfg)
     start = time.time()
-    for name in cfg.stages:
+    stages = list(cfg.stages)
+    last_shared = max((i for i, name in enumerate(stages) if name not in MAIN_ONLY), default=-1)
+    for i, name in enumerate(stages):
+        if not run.is_main and i > last_shared:
+            print(f"[tuner] rank {run.accelerator.process_index}: done; rank 0 goes on with {', '.join(stages[i:])}")
+            return run
         t = time.time()
-        print(f"[tuner] stage {name}", flush=True)
-        STAGES[name](run)
+        if run.is_main:
+            print(f"[tuner] stage {name}", flush=True)
+        if name in MAIN_ONLY:
+            if run.is_main:
+                STAGES[name](run)
+            if i < last_shared:  # a later stage on every rank may read what this one wrote
+                run.wait()
+        else:
+            STAGES[name](run)
         run.metrics.setdefault("seconds", {})[name] = round(time.time() - t, 1)
+    if not run.is_main:
+        return run
     run.metrics["seconds"]["total"] = round(time.time() - start, 1)
     write_atomic(run.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with what stages filled in
     summary = {"recipe": cfg.recipe, "run_dir": str(run.dir), "outputs": run.outputs, "metrics": run.metrics}
+    if run.accelerator.num_processes > 1:
+        summary["processes"] = run.accelerator.num_processes
     if run.files:
         summary["files"] = run.files
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
@@ -158,19 +204,27 @@ def digits_base_folder(run: Run) -> Path:
 
 
 def ensure_digits_base(run: Run) -> Path:
+    """The cached digits base, built first if missing: by every rank together, saved by rank 0."""
+    from tuner import distributed
     from tuner.training import digits_base
 
     folder = digits_base_folder(run)
-    if (folder / "model_index.json").is_file():
+    if distributed.decide(run.accelerator, lambda: (folder / "model_index.json").is_file()):
         print(f"[tuner] digits base: cached at {folder}", flush=True)
+        distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
         return folder
     print(f"[tuner] digits base: training it once, into {folder}", flush=True)
     start = time.time()
-    with atomic_dir(folder) as tmp:
-        stats = digits_base.build(run.cfg.base, tmp, run.accelerator)
-        run.accelerator.free_memory()  # drop the base's optimizer and EMA before anything else trains
-        stats["build_seconds"] = round(time.time() - start, 1)
-        write_atomic(tmp / "tuner_base.json", json.dumps(stats, indent=2))
+    if run.is_main:
+        with atomic_dir(folder) as tmp:
+            stats = digits_base.build(run.cfg.base, tmp, run.accelerator)
+            stats["build_seconds"] = round(time.time() - start, 1)
+            write_atomic(tmp / "tuner_base.json", json.dumps(stats, indent=2))
+    else:  # the same training, its slice of every batch; rank 0 saves
+        stats = digits_base.build(run.cfg.base, None, run.accelerator)
+    run.accelerator.free_memory()  # drop the base's optimizer and EMA before anything else trains
+    run.wait()
+    distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
     run.metrics["base_build"] = stats
     return folder
 
@@ -181,7 +235,7 @@ def base(run: Run) -> None:
     run.outputs["base"] = str(run.model_path)
 
 
-@stage
+@stage(main_only=True)
 def evaluate_base(run: Run) -> None:
     """Digits base: per-digit share of samples an independent SVC classifies as the prompted digit."""
     from tuner.export.gallery import write_gallery
@@ -209,14 +263,25 @@ def subject(run: Run) -> None:
     """Quickstart: write the synthetic subject as PNG files, the way a user's photos would arrive."""
     s = run.cfg.subject
     folder = run.dir / "instance_images"
-    with atomic_dir(folder) as tmp:  # a rerun with other subject settings leaves no stale images
-        digits.write_subject_images(tmp, s.digit, s.transform, s.count, s.seed, s.image_size)
+    if run.is_main:
+        with atomic_dir(folder) as tmp:  # a rerun with other subject settings leaves no stale images
+            digits.write_subject_images(tmp, s.digit, s.transform, s.count, s.seed, s.image_size)
+    run.wait()
     run.cfg.data.instance_dir = str(folder)
     run.outputs["instance"] = str(folder)
 
 
 def _prepare(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
-    """Prepare one role's dataset (``data/<role>``) from its folder plus the ``data.sources`` of that role."""
+    """Prepare one role's dataset (``data/<role>``) from its folder plus the ``data.sources`` of that role.
+
+    Rank 0 prepares; the other ranks wait, then read the same dataset (a ConfigError reaches them all).
+    """
+    from tuner.distributed import decide
+
+    decide(run.accelerator, lambda: _prepare_here(run, role, folder, default_caption))
+
+
+def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
     d = run.cfg.data
     sources = [Source(folder)] if folder else []
     for x in d.sources:
@@ -241,7 +306,8 @@ def prepare(run: Run) -> None:
     """Validate and standardize the instance images into an Arrow dataset with a report."""
     _prepare(run, "instance", run.cfg.data.instance_dir, run.cfg.data.instance_prompt)
     # the run folder's report.json: every instance input with its status (the class data's is in data/class/)
-    write_atomic(run.dir / "report.json", (run.dir / "data" / "instance" / "report.json").read_text())
+    if run.is_main:
+        write_atomic(run.dir / "report.json", (run.dir / "data" / "instance" / "report.json").read_text())
     run.outputs["dataset"] = str(run.dir / "data" / "instance")
     run.outputs["report"] = str(run.dir / "report.json")
 
@@ -256,6 +322,7 @@ def class_images(run: Run) -> None:
     """
     from PIL import Image
 
+    from tuner.distributed import decide
     from tuner.sampling import to_uint8
 
     d, s, prior = run.cfg.data, run.cfg.sample, run.cfg.prior
@@ -266,13 +333,18 @@ def class_images(run: Run) -> None:
     else:
         what = [d.class_prompt, str(run.model_path), d.resolution, s.steps, s.guidance_scale, prior.seed]
         folder = run.dir / "class_images" / hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
-    folder.mkdir(parents=True, exist_ok=True)
-    have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
-    missing = prior.num_class_images - have
-    # the next seeds whose files are not there yet: never overwrite, always make progress
-    free = (seed for seed in itertools.count(prior.seed) if not (folder / f"class_{seed:05d}.png").exists())
-    seeds = list(itertools.islice(free, max(0, missing)))
-    bar = tqdm(total=len(seeds), desc="class images", disable=not seeds)
+
+    def missing_seeds() -> list[int]:
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
+        # the next seeds whose files are not there yet: never overwrite, always make progress
+        free = (seed for seed in itertools.count(prior.seed) if not (folder / f"class_{seed:05d}.png").exists())
+        return list(itertools.islice(free, max(0, prior.num_class_images - have)))
+
+    # several processes: each generates its share of the seeds (files named by seed, so none collide)
+    a = run.accelerator
+    seeds = decide(a, missing_seeds)[a.process_index :: a.num_processes]
+    bar = tqdm(total=len(seeds), desc="class images", disable=not seeds or not run.is_main)
     for start in range(0, len(seeds), prior.sample_batch_size):  # each batch is saved as soon as it exists
         chunk = seeds[start : start + prior.sample_batch_size]
         images = run.sample([d.class_prompt] * len(chunk), chunk, s.steps, s.guidance_scale)
@@ -280,6 +352,7 @@ def class_images(run: Run) -> None:
             write_atomic(folder / f"class_{seed:05d}.png", Image.fromarray(array.numpy()))
         bar.update(len(chunk))
     bar.close()
+    run.wait()
     _prepare(run, "class", str(folder), d.class_prompt)
     run.outputs["class_images"] = str(folder)
 
@@ -323,6 +396,10 @@ def _resume_from(run: Run) -> Path | None:
     return found[-1] if found else None
 
 
+def _key(*parts: str) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -333,10 +410,13 @@ def train(run: Run) -> None:
     Frozen work happens once, before the loop: images become latent distributions, captions become
     embeddings (or token ids, when the text encoder runs in the step because it or a new token trains).
     """
+    from tuner.distributed import decide
     from tuner.training import trainables
+    from tuner.training.cache import shared as shared_cache
     from tuner.training.checkpoints import Checkpointing
     from tuner.training.loop import (
         Captions,
+        LatentCache,
         LoopSettings,
         LossSettings,
         SampleSet,
@@ -367,11 +447,23 @@ def train(run: Run) -> None:
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
     loaded = []
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
+    # frozen outputs are cached in the run folder, keyed by what they depend on (see tuner/training/cache.py)
+    depends = [str(run.model_path), accelerator.mixed_precision, t.vae_dtype]
     for role, weight in roles:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
-        latents = encode_latent_dist(c.vae, _images(dataset), desc=f"encode {role}")
+        data_key = (run.dir / "data" / role / "fingerprint").read_text()
+        images, desc = _images(dataset), f"encode {role}" if run.is_main else None
+        latents = LatentCache.from_items(
+            shared_cache(
+                run.dir / "cache" / f"latents-{role}-{_key(data_key, *depends)}",
+                len(images),
+                lambda ids: encode_latent_dist(c.vae, [images[i] for i in ids], desc=desc).items(),  # noqa: B023
+                accelerator,
+            ),
+            c.vae.config.scaling_factor,
+        )
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), _latent_masks(dataset, latents))
         loaded.append((latents, captions, weight, *per_image))
@@ -381,8 +473,14 @@ def train(run: Run) -> None:
     if in_step:
         rows = run.family.tokenize(c, texts)
     else:
-        with accelerator.autocast():
-            rows = run.family.encode_prompts(c, texts).cpu()
+
+        def encode_rows(ids):
+            with accelerator.autocast():
+                rows = run.family.encode_prompts(c, [texts[i] for i in ids]).cpu()
+            return [{"embeds": row} for row in rows]
+
+        folder = run.dir / "cache" / f"prompts-{_key(*texts, *depends)}"
+        rows = torch.stack([item["embeds"] for item in shared_cache(folder, len(texts), encode_rows, accelerator)])
     cond = Captions(
         texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
     )
@@ -418,7 +516,7 @@ def train(run: Run) -> None:
         folder=run.dir / "checkpoints",
         every=cfg.checkpoints.every,
         keep=cfg.checkpoints.keep,
-        resume=_resume_from(run),
+        resume=decide(accelerator, lambda: _resume_from(run)),
         data_state=lambda: [{"pending": s.sampler.pending, "epochs": s.sampler.epochs} for s in sets],
         set_data_state=lambda state: [s.sampler.__dict__.update(x) for s, x in zip(sets, state)],
         config=OmegaConf.to_yaml(cfg, resolve=True),
@@ -443,7 +541,8 @@ def train(run: Run) -> None:
         what.groups,
         c.noise_scheduler,
         target_fn=lambda latents, noise, steps: run.family.noise_target(c, latents, noise, steps),
-        next_batch=lambda generator: draw_batch(sets, t.batch_size, generator),
+        # train.batch_size is each process's: every rank draws the global batch and trains on its slice
+        next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
         settings=settings,
         seed=cfg.seed,
         desc=f"train {', '.join(g['name'] for g in what.groups)}",
@@ -568,7 +667,7 @@ def _export_info(run: Run, trained, name: str) -> dict:
     return info
 
 
-@stage
+@stage(main_only=True)
 def export(run: Run) -> None:
     """Write what trained (or what ``checkpoint=`` loaded) in every format of ``export.formats``.
 
@@ -592,8 +691,6 @@ def export(run: Run) -> None:
     if not parts:
         raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
     formats.check_held(parts, e.formats)
-    if not run.accelerator.is_main_process:
-        return
     name = e.name or run.dir.name
     info = _export_info(run, trained, name)
     metadata = training_metadata(info)
@@ -639,7 +736,7 @@ def export(run: Run) -> None:
     run.outputs["model_card"] = str(card)
 
 
-@stage
+@stage(main_only=True)
 def load_adapter(run: Run) -> None:
     """Load an adapter made by tuner or another trainer (``checkpoint=PATH``) onto the base."""
     path = Path(run.cfg.checkpoint).expanduser()
@@ -747,7 +844,7 @@ def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     return base_images, tuned_images
 
 
-@stage
+@stage(main_only=True)
 def gallery(run: Run) -> None:
     """Base vs fine-tuned, for the instance prompt and the class prompt, at fixed seeds."""
     from tuner.export.gallery import write_gallery
@@ -773,7 +870,7 @@ def digit_in(prompt: str | None) -> int | None:
     return found[-1] if found else None
 
 
-@stage
+@stage(main_only=True)
 def evaluate(run: Run) -> None:
     """Digits base: subject fidelity and class preservation, scored by an independent classifier.
 
@@ -813,7 +910,7 @@ def evaluate(run: Run) -> None:
 # ---------------------------------------------------------------- serving
 
 
-@stage
+@stage(main_only=True)
 def generate(run: Run) -> None:
     """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
     for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generate.py.

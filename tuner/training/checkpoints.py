@@ -4,8 +4,9 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` in the run folder, writte
 (a temp folder renamed into place), holding:
 
 - ``trained.safetensors``: every trained tensor, in the order the optimizer holds them;
-- ``state.pt``: optimizer, LR scheduler, EMA, loss scaler (fp16), the loop's random generator,
-  torch's RNG, the data order still to come and the epochs started, the step and the losses so far;
+- ``state.pt``: optimizer, LR scheduler, EMA, loss scaler (fp16), the loop's random generator (the
+  same on every rank), each rank's torch RNG and running loss, the data order still to come and the
+  epochs started, the step and the losses so far;
 - ``config.yaml``: the run's resolved configuration.
 
 ``state.pt`` is read back with ``weights_only=True``: tensors and plain containers only, nothing else
@@ -102,14 +103,16 @@ def load(path: Path, params: list[torch.nn.Parameter]) -> dict:
 
 
 class StopSignals:
-    """Within the block, SIGTERM and SIGINT only set ``.signum``: the loop saves and stops at the next step."""
+    """Within the block, SIGTERM, SIGINT and SIGUSR1 (SLURM's warning before a time limit) only set
+    ``.signum``: the loop saves and stops at the end of the step (with several processes, every rank at
+    the same step)."""
 
     def __init__(self):
         self.signum: int | None = None
         self._old = {}
 
     def __enter__(self):
-        for s in (signal.SIGTERM, signal.SIGINT):
+        for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             try:
                 self._old[s] = signal.signal(s, self._note)
             except ValueError:  # not the main thread: signals stay as they were

@@ -44,7 +44,11 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseConfig) -> float:
 
 
 def build(cfg: BaseConfig, folder, accelerator) -> dict:
-    """Train the base and save it as a diffusers pipeline folder. Returns build statistics."""
+    """Train the base and save it as a diffusers pipeline folder (None: do not save). Returns build statistics.
+
+    ``unet_batch_size`` is the global batch: with several processes each trains on its slice, and the
+    base is the one a single process builds.
+    """
     size = tiny.SIZES[cfg.size]
     components = tiny.build_components(size, seed=cfg.seed)
     unet, vae, text_encoder = components["unet"], components["vae"], components["text_encoder"]
@@ -53,6 +57,11 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
 
     torch.manual_seed(cfg.seed)
     vae_mse = train_vae(vae, images, cfg)
+    if accelerator.num_processes > 1:  # every rank trained the same VAE; take rank 0's, bit for bit
+        from accelerate.utils import broadcast
+
+        for p in vae.parameters():
+            p.data.copy_(broadcast(p.data.to(accelerator.device)).to(p.device))
     cache = encode_latent_dist(vae, images)
     scaling_factor = 1.0 / cache.mean.std().item()
     vae.register_to_config(scaling_factor=scaling_factor)
@@ -92,5 +101,6 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
     )
     result.ema.copy_to(unet.parameters())
     unet.requires_grad_(False)
-    tiny.save_pipeline(components, folder)
+    if folder is not None:  # several processes: rank 0 saves
+        tiny.save_pipeline(components, folder)
     return {"vae_mse": vae_mse, "scaling_factor": scaling_factor, "unet_loss": result.losses[-1]}

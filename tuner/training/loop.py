@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tuner.data.buckets import BucketSampler
+from tuner.distributed import any_rank
 
 
 @dataclass
@@ -68,10 +70,59 @@ class Batch:
     weights: torch.Tensor
     # (B, 1, h, w) in [0, 1] at latent resolution: where the loss counts; None: everywhere
     mask: torch.Tensor | None = None
+    # the step's random draws (``draw_noise``), made for the whole global batch before it is sharded
+    noise: torch.Tensor | None = None
+    input_noise: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
+    FIELDS = ("latents", "cond", "weights", "mask", "noise", "input_noise", "timesteps")
+
+    def _map(self, fn) -> Batch:
+        return Batch(**{k: None if getattr(self, k) is None else fn(getattr(self, k)) for k in self.FIELDS})
 
     def to(self, device) -> Batch:
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.latents), move(self.cond), move(self.weights), move(self.mask))
+        return self._map(lambda t: t.to(device))
+
+    def with_noise(self, generator: torch.Generator, loss: LossSettings, num_timesteps: int) -> Batch:
+        """This batch with its noise and timesteps drawn (``draw_noise``), unless it has them already."""
+        if self.noise is not None:
+            return self
+        noise, input_noise, timesteps = draw_noise(self.latents, generator, loss, num_timesteps)
+        return Batch(self.latents, self.cond, self.weights, self.mask, noise, input_noise, timesteps)
+
+    def shard(self, rank: int, world: int) -> Batch:
+        """This rank's contiguous slice of a global batch, its loss weights times ``world``.
+
+        DistributedDataParallel averages the ranks' gradients, so with the weights scaled the update is
+        the gradient of the whole global batch's weighted loss: N processes train as one process with
+        the N times larger batch. A rank left with no sample (a global batch smaller than the world)
+        gets the first one at weight 0, so every rank still runs the step the others run.
+        """
+        if world == 1:
+            return self
+        n = len(self.latents)
+        start, stop = rank * n // world, (rank + 1) * n // world
+        part = self._map(lambda t: t[start:stop] if stop > start else t[:1])
+        part.weights = part.weights * world if stop > start else torch.zeros_like(part.weights)
+        return part
+
+
+def merge_by_shape(parts: list[Batch]) -> list[Batch]:
+    """Batches of the same latent size joined into one (one denoiser call each)."""
+    merged: list[Batch] = []
+    for part in parts:
+        same = next((m for m in merged if m.latents.shape[1:] == part.latents.shape[1:]), None)
+        if same is None:
+            merged.append(part)
+            continue
+        i = merged.index(same)
+        merged[i] = Batch(
+            **{
+                k: None if getattr(same, k) is None else torch.cat([getattr(same, k), getattr(part, k)])
+                for k in Batch.FIELDS
+            }
+        )
+    return merged
 
 
 @dataclass
@@ -97,6 +148,17 @@ class LatentCache:
 
     def shape(self, i: int) -> tuple[int, ...]:
         return tuple(self.mean[i].shape)
+
+    def items(self) -> list[dict[str, torch.Tensor]]:
+        """Per image: {"mean", "std"} (to store, see tuner/training/cache.py)."""
+        return [{"mean": self.mean[i], "std": self.std[i]} for i in range(len(self))]
+
+    @classmethod
+    def from_items(cls, items: list[dict[str, torch.Tensor]], scaling_factor: float) -> LatentCache:
+        means, stds = [x["mean"] for x in items], [x["std"] for x in items]
+        if len({tuple(m.shape) for m in means}) == 1:  # one size: whole tensors
+            return cls(torch.stack(means), torch.stack(stds), float(scaling_factor))
+        return cls(means, stds, float(scaling_factor))
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -159,12 +221,13 @@ class SampleSet:
 
 
 def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generator) -> list[Batch]:
-    """The next ``batch_size`` images of each set's epoch, instance first, then class images.
+    """The next ``batch_size`` images of each set's epoch: one ``Batch`` per set, instance first.
 
     Each set draws from its own shuffled epochs, one bucket per batch, so every image appears once
     per repeat. A sample's loss weight is its set's weight times its own over the batch it came in,
     so the loss is ``mean(instance losses) + prior_weight * mean(class losses)``, DreamBooth's
-    prior-preserving loss. Sets whose batches have the same size share one U-Net call.
+    prior-preserving loss. With several processes ``batch_size`` is the global batch (every rank draws
+    the same, then trains on its slice); ``merge_by_shape`` joins sets of one size for one U-Net call.
     """
     parts = []
     with_masks = any(s.mask is not None for s in sets)
@@ -182,17 +245,7 @@ def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generato
         index = s.caption[pick]
         cond = s.cond.lookup(index, generator) if isinstance(s.cond, Captions) else s.cond[index]
         parts.append(Batch(latents, cond, weights, mask))
-    merged: list[Batch] = []
-    for part in parts:
-        same = next((m for m in merged if m.latents.shape[1:] == part.latents.shape[1:]), None)
-        if same is None:
-            merged.append(part)
-            continue
-        same.latents = torch.cat([same.latents, part.latents])
-        same.cond = torch.cat([same.cond, part.cond])
-        same.weights = torch.cat([same.weights, part.weights])
-        same.mask = None if same.mask is None else torch.cat([same.mask, part.mask])
-    return merged
+    return parts
 
 
 @torch.no_grad()
@@ -251,6 +304,22 @@ def draw_timesteps(n: int, num_timesteps: int, loss: LossSettings, generator=Non
     return torch.multinomial(weights, n, replacement=True, generator=generator)
 
 
+def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, num_timesteps: int):
+    """A step's random draws for ``latents``, on the CPU from ``generator`` in a fixed order (noise, offset,
+    perturbation, timesteps): the same draws on every device and, for a global batch, on every rank.
+
+    Returns (noise, input_noise, timesteps): the target uses ``noise``, the U-Net's input ``input_noise``.
+    """
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    if loss.noise_offset:
+        noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
+    input_noise = noise
+    if loss.input_perturbation:
+        input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
+    timesteps = draw_timesteps(len(latents), num_timesteps, loss, generator)
+    return noise, input_noise, timesteps
+
+
 def diffusion_loss(
     unet,
     noise_scheduler,
@@ -260,21 +329,16 @@ def diffusion_loss(
     generator=None,
     loss: LossSettings | None = None,
     mask: torch.Tensor | None = None,
+    draws: tuple | None = None,
 ) -> torch.Tensor:
     """Per-sample denoising loss at drawn timesteps, against the family's target.
 
-    Random numbers come from ``generator`` on the CPU, in a fixed order (noise, offset, perturbation,
-    timesteps), then move to the device: the same draws on every device.
+    ``draws``: (noise, input_noise, timesteps) from ``draw_noise``; drawn here from ``generator`` when None.
     """
     loss = loss or LossSettings()
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-    if loss.noise_offset:
-        noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
-    input_noise = noise
-    if loss.input_perturbation:
-        input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
-    timesteps = draw_timesteps(len(latents), noise_scheduler.config.num_train_timesteps, loss, generator)
-    noise, input_noise, timesteps = (t.to(latents.device) for t in (noise, input_noise, timesteps))
+    if draws is None:
+        draws = draw_noise(latents, generator, loss, noise_scheduler.config.num_train_timesteps)
+    noise, input_noise, timesteps = (t.to(latents.device) for t in draws)
     noisy = noise_scheduler.add_noise(latents, input_noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample.float()
     target = target_fn(latents, noise, timesteps).float()
@@ -395,7 +459,8 @@ def train_denoiser(
         text_encoder.train()
     text_encoder_params = {id(p) for p in text_encoder.parameters() if p.requires_grad} if text_encoder else set()
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the same on every rank: they draw the same global batches
+    rank, world = accelerator.process_index, accelerator.num_processes
     result = TrainResult(ema=ema)
     start = 0
     if ck.resume is not None:
@@ -407,31 +472,39 @@ def train_denoiser(
         generator.set_state(state["generator"])
         if accelerator.scaler is not None and state.get("scaler"):
             accelerator.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
+        ranks = state["ranks"]  # each rank's torch RNG and running loss; a new world size starts from rank 0's
+        mine = ranks[rank] if len(ranks) == world else ranks[0]
+        torch.set_rng_state(mine["torch_rng"])
         ck.set_data_state(state["data"])
-        start, result.losses, resumed_running = state["step"], list(state["losses"]), state["running"]
-        print(f"[tuner] resumed from {ck.resume} at step {start} of {settings.steps}", flush=True)
+        start, result.losses, resumed_running = state["step"], list(state["losses"]), mine["running"]
+        if accelerator.is_main_process:
+            print(f"[tuner] resumed from {ck.resume} at step {start} of {settings.steps}", flush=True)
 
     def save(step: int, running) -> Path:
+        """Every rank calls it (their RNG states are gathered); rank 0 writes."""
+        from tuner.distributed import decide, gather
+
+        ranks = gather(accelerator, {"torch_rng": torch.get_rng_state(), "running": torch.as_tensor(running).cpu()})
         state = {
-            "running": torch.as_tensor(running).detach().cpu(),
             "optimizer": optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "generator": generator.get_state(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "torch_rng": torch.get_rng_state(),
+            "ranks": ranks,
             "losses": result.losses,
         }
-        return checkpoints.save(ck, step, params, state)
+        return Path(decide(accelerator, lambda: str(checkpoints.save(ck, step, params, state))))
 
     unet.train(trains[0])
     running = resumed_running if ck.resume is not None else 0.0
     bar = tqdm(range(start, settings.steps), desc=desc, disable=not accelerator.is_main_process, initial=start)
     bar.total = settings.steps
     micro_steps = accelerator.gradient_accumulation_steps
+    num_timesteps = noise_scheduler.config.num_train_timesteps
     signals = checkpoints.StopSignals() if ck.folder is not None else contextlib.nullcontext()
     te_stop = settings.text_encoder_steps
+    stop_asked = False
     with signals:
         for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
             if text_encoder is not None and te_stop is not None and step == max(start, te_stop):
@@ -440,9 +513,11 @@ def train_denoiser(
                         p.requires_grad_(False)
             for _ in range(micro_steps):
                 with accelerator.accumulate(*trained_modules):
-                    parts = next_batch(generator)
+                    parts = next_batch(generator)  # the global batch: every rank draws the same
+                    parts = [parts] if isinstance(parts, Batch) else parts
+                    parts = [p.with_noise(generator, settings.loss, num_timesteps).shard(rank, world) for p in parts]
                     loss = 0.0
-                    for batch in [parts] if isinstance(parts, Batch) else parts:  # one per latent size
+                    for batch in merge_by_shape(parts):  # one denoiser call per latent size
                         batch = batch.to(accelerator.device)
                         with accelerator.autocast():
                             embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
@@ -452,16 +527,24 @@ def train_denoiser(
                                 target_fn,
                                 batch.latents,
                                 embeds,
-                                generator,
-                                settings.loss,
-                                batch.mask,
+                                loss=settings.loss,
+                                mask=batch.mask,
+                                draws=(batch.noise, batch.input_noise, batch.timesteps),
                             )
                         loss = loss + (per_sample * batch.weights).sum()
-                    if not torch.isfinite(loss):  # one sync per micro-batch: a bad step never reaches the weights
+                    # one sync per micro-batch (one small all-reduce with several processes): a bad step never
+                    # reaches the weights, and a stop signal on any rank reaches every rank at the same step
+                    signalled = ck.folder is not None and signals.signum is not None
+                    nonfinite, signalled = any_rank(accelerator, not torch.isfinite(loss), signalled)
+                    stop_asked = stop_asked or signalled
+                    if nonfinite:
                         if settings.nonfinite == "stop":
+                            value = float(loss.detach()) if not torch.isfinite(loss) else float("nan")
                             raise FloatingPointError(
-                                f"{desc}: the loss is {float(loss)} at step {step + 1}; nothing of that step was "
-                                "applied (train.nonfinite=skip skips such steps; a lower learning rate may help)"
+                                f"{desc}: the loss is {value} at step {step + 1}"
+                                + (" (on another rank)" if torch.isfinite(loss) else "")
+                                + "; nothing of that step was applied (train.nonfinite=skip skips such steps; "
+                                "a lower learning rate may help)"
                             )
                         # skip: this step's gradients so far are dropped, the LR schedule moves on
                         result.skipped += 1
@@ -478,9 +561,10 @@ def train_denoiser(
             if ema is not None:
                 ema.step(params)
             if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
-                # reading the loss syncs with the device: only at log intervals
+                # reading the loss syncs with the device: only at log intervals. With several processes
+                # the mean of the ranks' losses is the global batch's loss (see Batch.shard)
                 n = (step % settings.log_every) + 1
-                value = float(running) / n
+                value = float(accelerator.reduce(torch.as_tensor(running, device=accelerator.device), "mean")) / n
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
                 result.losses.append(value)
@@ -489,8 +573,8 @@ def train_denoiser(
             done = step + 1
             if ck.folder is None:
                 continue
-            if signals.signum is not None:  # SIGTERM / SIGINT: save this step and stop
-                raise checkpoints.Stopped(done, save(done, running), signals.signum)
+            if stop_asked:  # SIGTERM / SIGINT / SIGUSR1 on any rank: every rank saves this step and stops
+                raise checkpoints.Stopped(done, save(done, running), signals.signum or signal.SIGTERM)
             if ck.every and (done % ck.every == 0 or done == settings.steps):
                 save(done, running)
     unet.eval()

@@ -1,0 +1,138 @@
+"""Several processes (``torchrun``, ``accelerate launch``): what a run adds on top of accelerate.
+
+accelerate is the engine: it starts the process group (gloo on CPUs, NCCL on GPUs), wraps the trained
+modules in DistributedDataParallel and averages their gradients. This module holds the few rules a
+run follows on top of it, so that N processes behave as one:
+
+- one rank decides (the run folder, whether a cached base exists, which checkpoint to resume) and the
+  others take its answer, errors included (``decide``);
+- rank 0 alone writes the run's outputs; the others wait at ``barrier`` when they need what it wrote;
+- every rank draws the same global batch from the same generator and trains on its own slice of it
+  (``Batch.shard`` in tuner/training/loop.py), so N processes with batch B train exactly as one
+  process with batch N x B;
+- a stop signal or a non-finite loss on any rank stops every rank at the same step (``any_rank``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher (torchrun, accelerate launch, mpirun) started, from its variables."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return 1
+
+
+def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int):
+    """accelerate's Accelerator, on the CPUs with gloo when several processes run on a machine with no GPU.
+
+    accelerate only picks its multi-CPU mode when asked (``accelerate launch --cpu``); under plain
+    torchrun on a CPU machine it would silently give each process a world of its own. So a launched
+    world with no GPU asks for it, and a world accelerate did not join is refused.
+    """
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    world = launched_world_size()
+    cpu = world > 1 and not torch.cuda.is_available()
+    # rank 0 alone writes galleries and exports while the others wait: give barriers time
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("TUNER_BARRIER_TIMEOUT", 7200))))
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        kwargs_handlers=[timeout],
+    )
+    if accelerator.num_processes != world:
+        raise RuntimeError(
+            f"the launcher started {world} processes but accelerate joined {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); check the launcher's settings (accelerate config)"
+        )
+    return accelerator
+
+
+def decide(accelerator, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0, its result taken by every rank; an error there is raised on every rank.
+
+    The other ranks wait here until rank 0 is done, so it doubles as a barrier after rank 0's writes.
+    """
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    answer, error = [None], None
+    if accelerator.is_main_process:
+        try:
+            answer = [("ok", fn())]
+        except Exception as e:  # every rank must hear of it, or they would wait for rank 0 forever
+            error = e
+            answer = [("error", (type(e), str(e)))]
+    broadcast_object_list(answer, from_process=0)
+    kind, value = answer[0]
+    if error is not None:
+        raise error
+    if kind == "error":
+        cls, message = value
+        try:
+            raised = cls(message)
+        except Exception:
+            raised = RuntimeError(message)
+        raised.told_by_rank0 = True  # rank 0 reports it; the others need not repeat it
+        raise raised
+    return value
+
+
+def barrier(accelerator) -> None:
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+
+
+def any_rank(accelerator, *flags: bool) -> list[bool]:
+    """Each flag, true if it is true on any rank (one small all-reduce; no communication in one process)."""
+    if accelerator.num_processes == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=accelerator.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def gather(accelerator, value):
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if accelerator.num_processes == 1:
+        return [value]
+    out = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def check_visible(accelerator, path: Path, what: str) -> None:
+    """After rank 0 wrote ``path`` and a barrier: every rank must see it (the run needs a shared filesystem)."""
+    seen = gather(accelerator, Path(path).exists())
+    if not all(seen):
+        hosts = gather(accelerator, socket.gethostname())
+        blind = sorted({hosts[r] for r, s in enumerate(seen) if not s})
+        from tuner.config import ConfigError
+
+        raise ConfigError(
+            f"{what} {path} was written by rank 0 but is not visible on {', '.join(blind)}: with several "
+            "machines, output_dir (and TUNER_HOME, model.path) must be on a filesystem every machine mounts"
+        )
+
+
+def end() -> None:
+    """Destroy the process group, if one was started, so every rank exits cleanly (no hang, no warning)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
