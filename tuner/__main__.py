@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         command = "python -m tuner " + shlex.join([f"recipe={recipe}", *kept, f"output_dir={run_dir}", "resume=auto"])
         world = os.environ.get("WORLD_SIZE", "1")
         launcher = f"\n(run by {world} processes: start them the same way, torchrun or accelerate launch)"
-        print(f"tuner: {e}\nresume with:\n  {command}{launcher if world != '1' else ''}", file=sys.stderr, flush=True)
+        many = world != "1"
+        print(f"tuner: {'rank 0: ' if many else ''}{e}{f'; exit {code}' if many else ''}", file=sys.stderr)
+        print(f"resume with:\n  {command}{launcher if many else ''}", file=sys.stderr, flush=True)
         return code
     finally:
         end()

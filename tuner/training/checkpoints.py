@@ -120,8 +120,12 @@ class StopSignals:
         return self
 
     def _note(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            # a second Ctrl-C stops at once; a repeated SIGTERM is not asked twice (a cluster may signal
+            # both the launcher, which passes it on, and the worker itself)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         print(f"\n[tuner] {signal.Signals(signum).name}: saving at the end of this step, then stopping", flush=True)
 
