@@ -56,12 +56,37 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int):
         gradient_accumulation_steps=gradient_accumulation_steps,
         kwargs_handlers=[timeout],
     )
+    check_engine(accelerator.distributed_type)
     if accelerator.num_processes != world:
         raise RuntimeError(
             f"the launcher started {world} processes but accelerate joined {accelerator.num_processes} "
             f"({accelerator.distributed_type}); check the launcher's settings (accelerate config)"
         )
     return accelerator
+
+
+# accelerate's engines and how tuner trains with each (README "Several GPUs and machines" shows this table)
+ENGINES = {
+    "DDP (MULTI_GPU, MULTI_CPU)": "every adapter type, full and partial U-Net, textual inversion; no | fp16 | bf16",
+    "DeepSpeed": "refused: ZeRO shards the optimizer state over the ranks, and tuner's checkpoints keep rank 0's",
+    "FSDP": "refused: it shards the parameters, and tuner's checkpoints and exports read whole modules",
+}
+
+
+def check_engine(distributed_type) -> None:
+    """Refuse, before anything loads, an engine whose sharded state tuner's checkpoints cannot hold."""
+    from accelerate.utils import DistributedType
+
+    from tuner.config import ConfigError
+
+    if distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        name = "DeepSpeed" if distributed_type == DistributedType.DEEPSPEED else "FSDP"
+        raise ConfigError(
+            f"accelerate is set up for {name} ({ENGINES[name].removeprefix('refused: ')}), which tuner does not "
+            "support yet. Adapters train well with plain data parallelism: launch with an accelerate config "
+            "of distributed_type MULTI_GPU (tools/launch/accelerate_multi_gpu.yaml) or torchrun; to save memory "
+            "use train.gradient_checkpointing=true, train.optimizer=adamw8bit and train.mixed_precision=bf16"
+        )
 
 
 def decide(accelerator, fn: Callable[[], T]) -> T:

@@ -1,0 +1,134 @@
+"""Benchmark data-parallel training: samples/s with 1 and 2 (or more) processes, and the all-reduce per step.
+
+    python tools/bench_distributed.py                      # 1 and 2 processes, 40 steps, batch 4 each
+    python tools/bench_distributed.py --procs 1 2 4 --steps 60 --batch 2 --size sd15 --resolution 64
+
+Each case starts ``torchrun --nproc_per_node N`` on this script's worker, which builds a tiny pipeline
+of the real classes (SD1.5's block structure by default), puts a LoRA on its U-Net and trains it with
+tuner's own loop (``train_denoiser``, DistributedDataParallel through accelerate: gloo on CPUs, NCCL
+on GPUs) on random latents. Per process the batch is ``--batch``, so N processes train N times the
+samples per step. The table gives, after ``--warmup`` steps:
+
+    step ms          median wall time of one optimizer step
+    samples/s        global batch / step time
+    all-reduce ms    one all-reduce of the LoRA's gradients (same size and dtype), timed alone
+    speed-up         samples/s over the 1-process case's
+
+On a machine with fewer cores than processes times threads the processes share the cores: the
+speed-up there measures the overhead, not the scaling a machine with one GPU per process gets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def worker(args) -> None:
+    import torch
+    from peft import LoraConfig
+
+    from tuner import distributed
+    from tuner.models import sd15
+    from tuner.models.tiny import make_tiny_pipeline
+    from tuner.training.loop import Batch, LoopSettings, train_denoiser
+
+    accelerator = distributed.make_accelerator("no", 1)
+    folder = Path(args.tmp) / "pipe"
+    if accelerator.is_main_process and not (folder / "model_index.json").exists():
+        make_tiny_pipeline(folder, size=args.size)
+    distributed.barrier(accelerator)
+    c = sd15.load(folder)
+    for m in (c.unet, c.vae, c.text_encoder):
+        m.requires_grad_(False).to(accelerator.device)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    c.unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=targets))
+    latent = args.resolution // 8
+    world = accelerator.num_processes
+    embeds = sd15.encode_prompts(c, ["a photo"])
+    stamps = []
+
+    def next_batch(generator):
+        stamps.append(time.perf_counter())
+        n = args.batch * world  # the global batch: every rank draws it, each trains its slice
+        latents = torch.randn(n, 4, latent, latent, generator=generator)
+        return Batch(latents, embeds.cpu().expand(n, -1, -1), torch.full((n,), 1.0 / n))
+
+    settings = LoopSettings(steps=args.steps, learning_rate=1e-4, log_every=args.steps)
+    train_denoiser(accelerator, c.unet, c.unet.parameters(), c.noise_scheduler, lambda x, n, t: n, next_batch,
+                   settings, seed=0)  # fmt: skip
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup :]
+    trained = [p for p in c.unet.parameters() if p.requires_grad]
+    grads = torch.zeros(sum(p.numel() for p in trained), device=accelerator.device)
+    reduce_ms = 0.0
+    if world > 1:
+        for _ in range(3):
+            torch.distributed.all_reduce(grads)
+        if grads.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            torch.distributed.all_reduce(grads)
+        if grads.is_cuda:
+            torch.cuda.synchronize()
+        reduce_ms = (time.perf_counter() - start) / 20 * 1000
+    if accelerator.is_main_process:
+        step = statistics.median(steps)
+        row = {
+            "procs": world,
+            "step_ms": step * 1000,
+            "samples_per_s": args.batch * world / step,
+            "allreduce_ms": reduce_ms,
+            "grad_mb": grads.numel() * 4 / 1e6,
+            "device": str(accelerator.device),
+        }
+        Path(args.out).write_text(json.dumps(row))
+    distributed.end()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4, help="per process")
+    parser.add_argument("--size", default="sd15", help="tiny pipeline size (tuner/models/tiny.py)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.procs:
+            out = Path(tmp) / f"{n}.json"
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                       __file__, "--worker", f"--tmp={tmp}", f"--out={out}", f"--steps={args.steps}",
+                       f"--warmup={args.warmup}", f"--batch={args.batch}", f"--size={args.size}",
+                       f"--resolution={args.resolution}", f"--rank={args.rank}"]  # fmt: skip
+            env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            rows.append(json.loads(out.read_text()))
+    base = rows[0]["samples_per_s"]
+    print(f"tiny {args.size} U-Net + LoRA r{args.rank}, {args.resolution} px, batch {args.batch} per process, "
+          f"{args.steps} steps ({args.warmup} warm-up), {rows[0]['device']}, {os.cpu_count()} cores")  # fmt: skip
+    print(f"{'processes':>9}  {'step ms':>8}  {'samples/s':>9}  {'all-reduce ms':>13}  {'grad MB':>7}  {'speed-up':>8}")
+    for r in rows:
+        print(f"{r['procs']:>9}  {r['step_ms']:>8.1f}  {r['samples_per_s']:>9.1f}  {r['allreduce_ms']:>13.2f}  "
+              f"{r['grad_mb']:>7.2f}  {r['samples_per_s'] / base:>7.2f}x")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
