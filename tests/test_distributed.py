@@ -190,6 +190,34 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint_
     assert {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")} == caches  # read, not redone
 
 
+def test_accelerate_launch_with_the_multi_gpu_config_runs_the_same_training(runs):
+    """``accelerate launch --config_file tools/launch/accelerate_multi_gpu.yaml`` (its 8 processes cut to 2
+    here, on the CPUs); the config's bf16 is only a default: train.mixed_precision (no) wins."""
+    tmp, args, _ = runs
+    config = Path(__file__).resolve().parent.parent / "tools" / "launch" / "accelerate_multi_gpu.yaml"
+    env = {**os.environ, "TUNER_HOME": str(tmp / "home"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
+         "-m", "tuner", *args, "train.batch_size=2", f"output_dir={tmp / 'accelerate'}"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_close(adapter(tmp / "accelerate"), adapter(tmp / "two"), atol=1e-6)
+
+
+def test_deepspeed_and_fsdp_are_refused_naming_what_to_use_instead():
+    from accelerate.utils import DistributedType
+
+    from tuner.config import ConfigError
+    from tuner.distributed import check_engine
+
+    for engine, name in ((DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")):
+        with pytest.raises(ConfigError, match=f"set up for {name}.*MULTI_GPU"):
+            check_engine(engine)
+    check_engine(DistributedType.MULTI_CPU)
+    check_engine(DistributedType.MULTI_GPU)
+
+
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_shards_of_a_global_batch_sum_to_its_loss_and_no_rank_is_left_without_a_sample(world):
     generator = torch.Generator().manual_seed(world)
