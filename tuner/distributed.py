@@ -25,6 +25,18 @@ import torch
 
 T = TypeVar("T")
 
+# set on rank 0 once the other ranks have left (no stage left needs them): from then on it acts alone
+_alone = False
+
+
+def go_alone() -> None:
+    global _alone
+    _alone = True
+
+
+def _solo(accelerator) -> bool:
+    return accelerator.num_processes == 1 or _alone
+
 
 def launched_world_size() -> int:
     """The number of processes the launcher (torchrun, accelerate launch, mpirun) started, from its variables."""
@@ -94,7 +106,7 @@ def decide(accelerator, fn: Callable[[], T]) -> T:
 
     The other ranks wait here until rank 0 is done, so it doubles as a barrier after rank 0's writes.
     """
-    if accelerator.num_processes == 1:
+    if _solo(accelerator):
         return fn()
     from accelerate.utils import broadcast_object_list
 
@@ -121,13 +133,13 @@ def decide(accelerator, fn: Callable[[], T]) -> T:
 
 
 def barrier(accelerator) -> None:
-    if accelerator.num_processes > 1:
+    if not _solo(accelerator):
         accelerator.wait_for_everyone()
 
 
 def any_rank(accelerator, *flags: bool) -> list[bool]:
     """Each flag, true if it is true on any rank (one small all-reduce; no communication in one process)."""
-    if accelerator.num_processes == 1:
+    if _solo(accelerator):
         return list(flags)
     t = torch.tensor([float(f) for f in flags], device=accelerator.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -136,7 +148,7 @@ def any_rank(accelerator, *flags: bool) -> list[bool]:
 
 def gather(accelerator, value):
     """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
-    if accelerator.num_processes == 1:
+    if _solo(accelerator):
         return [value]
     out = [None] * accelerator.num_processes
     torch.distributed.all_gather_object(out, value)

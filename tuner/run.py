@@ -145,14 +145,19 @@ def run_recipe(cfg: DictConfig) -> Run:
     training); rank 0 alone runs the others (export, gallery, evaluate, generate). Once no stage
     left needs them, the other ranks are done and exit.
     """
+    from tuner import distributed
+
     run = Run(cfg)
     start = time.time()
     stages = list(cfg.stages)
     last_shared = max((i for i, name in enumerate(stages) if name not in MAIN_ONLY), default=-1)
     for i, name in enumerate(stages):
-        if not run.is_main and i > last_shared:
-            print(f"[tuner] rank {run.accelerator.process_index}: done; rank 0 goes on with {', '.join(stages[i:])}")
-            return run
+        if i > last_shared and run.accelerator.num_processes > 1:
+            if not run.is_main:
+                rest = ", ".join(stages[i:])
+                print(f"[tuner] rank {run.accelerator.process_index}: done; rank 0 goes on with {rest}", flush=True)
+                return run
+            distributed.go_alone()  # what is left runs on rank 0 only: no collective may wait for the others
         t = time.time()
         if run.is_main:
             print(f"[tuner] stage {name}", flush=True)
