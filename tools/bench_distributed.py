@@ -1,6 +1,6 @@
 """Benchmark data-parallel training: samples/s with 1 and 2 (or more) processes, and the all-reduce per step.
 
-    python tools/bench_distributed.py                      # 1 and 2 processes, 40 steps, batch 4 each
+    python tools/bench_distributed.py                      # 1 and 2 processes, 40 steps, batch 4 each, 3 runs
     python tools/bench_distributed.py --procs 1 2 4 --steps 60 --batch 2 --size sd15 --resolution 64
 
 Each case starts ``torchrun --nproc_per_node N`` on this script's worker, which builds a tiny pipeline
@@ -104,15 +104,16 @@ def main() -> None:
     parser.add_argument("--size", default="sd15", help="tiny pipeline size (tuner/models/tiny.py)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each case, interleaved; the median is shown")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    rows = []
+    runs: dict[int, list[dict]] = {n: [] for n in args.procs}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.procs:
+        for n in [n for _ in range(args.repeat) for n in args.procs]:  # interleaved: drift hits every case alike
             out = Path(tmp) / f"{n}.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                        __file__, "--worker", f"--tmp={tmp}", f"--out={out}", f"--steps={args.steps}",
@@ -120,10 +121,14 @@ def main() -> None:
                        f"--resolution={args.resolution}", f"--rank={args.rank}"]  # fmt: skip
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
             subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            rows.append(json.loads(out.read_text()))
+            runs[n].append(json.loads(out.read_text()))
+    rows = []
+    for results in runs.values():  # the run of median samples/s of each case
+        rows.append(sorted(results, key=lambda r: r["samples_per_s"])[len(results) // 2])
     base = rows[0]["samples_per_s"]
     print(f"tiny {args.size} U-Net + LoRA r{args.rank}, {args.resolution} px, batch {args.batch} per process, "
-          f"{args.steps} steps ({args.warmup} warm-up), {rows[0]['device']}, {os.cpu_count()} cores")  # fmt: skip
+          f"{args.steps} steps ({args.warmup} warm-up), median of {args.repeat} interleaved runs, "
+          f"{rows[0]['device']}, {os.cpu_count()} cores")  # fmt: skip
     print(f"{'processes':>9}  {'step ms':>8}  {'samples/s':>9}  {'all-reduce ms':>13}  {'grad MB':>7}  {'speed-up':>8}")
     for r in rows:
         print(f"{r['procs']:>9}  {r['step_ms']:>8.1f}  {r['samples_per_s']:>9.1f}  {r['allreduce_ms']:>13.2f}  "
