@@ -6,18 +6,20 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from peft import LoraConfig
 
-from tuner.models import sd15
-from tuner.training.loop import Batch, LoopSettings, LossSettings, diffusion_loss, snr_weights, train_denoiser
+from tuner.models import get_family
+from tuner.training.loop import Batch, LoopSettings, LossSettings, diffusion_loss, train_denoiser
+
+sd15 = get_family("sd15")
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weights_match_the_formula(tiny_pipeline_dir, prediction_type):
-    c = sd15.load(tiny_pipeline_dir)
+    c = sd15.load(tiny_pipeline_dir, prediction_type=prediction_type)
     t = torch.tensor([0, 50, 300, 700, 999])
     abar = c.noise_scheduler.alphas_cumprod[t].double()
     snr = abar / (1 - abar)
     expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
-    got = snr_weights(c.noise_scheduler, t, 5.0, prediction_type)
+    got = sd15.objective(c).weights(t, LossSettings(snr_gamma=5.0))
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
     assert got[0] < 0.1 and got.max() <= 1 + 1e-6  # low-noise steps are down-weighted, none up-weighted
 
@@ -28,9 +30,7 @@ def test_min_snr_weights_match_the_formula(tiny_pipeline_dir, prediction_type):
 def test_loss_options_match_an_independent_computation(tiny_pipeline_dir, loss):
     c = sd15.load(tiny_pipeline_dir)
     latents, embeds = torch.randn(3, 4, 8, 8), torch.randn(3, c.tokenizer.model_max_length, 16)
-    got = diffusion_loss(
-        c.unet, c.noise_scheduler, lambda x, n, t: n, latents, embeds, torch.Generator().manual_seed(7), loss
-    )
+    got = diffusion_loss(c.unet, sd15.objective(c), latents, embeds, torch.Generator().manual_seed(7), loss)
 
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(latents.shape, generator=g)
@@ -74,9 +74,7 @@ def test_optimizers_and_accumulation_train_the_adapter(tiny_pipeline_dir, optimi
         )
 
     settings = LoopSettings(steps=3, learning_rate=1e-2, lr_scheduler="linear", log_every=1, optimizer=optimizer)
-    result = train_denoiser(
-        accelerator, c.unet, c.unet.parameters(), c.noise_scheduler, lambda x, n, t: n, next_batch, settings, seed=0
-    )
+    result = train_denoiser(accelerator, c.unet, c.unet.parameters(), sd15.objective(c), next_batch, settings, seed=0)
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     assert len(calls) == 3 * accumulation and len(result.losses) == 3
@@ -103,9 +101,7 @@ def test_masked_loss_with_input_perturbation_matches_an_independent_computation(
     mask[0, :, :, :4] = 1  # left half of the first image
     mask[1] = 1  # all of the second
     settings = LossSettings(input_perturbation=0.2)
-    got = diffusion_loss(
-        c.unet, c.noise_scheduler, lambda x, n, t: n, latents, embeds, torch.Generator().manual_seed(3), settings, mask
-    )
+    got = diffusion_loss(c.unet, sd15.objective(c), latents, embeds, torch.Generator().manual_seed(3), settings, mask)
 
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=g)
@@ -120,18 +116,21 @@ def test_masked_loss_with_input_perturbation_matches_an_independent_computation(
 
 
 def test_timesteps_stay_in_range_and_follow_the_bias():
-    from tuner.training.loop import draw_timesteps, timestep_weights
+    from diffusers import DDPMScheduler
+
+    from tuner.training.loop import timestep_weights
+    from tuner.training.objectives import NoiseObjective
+
+    draw_timesteps = NoiseObjective(DDPMScheduler(), "epsilon", None).draw
 
     g = torch.Generator().manual_seed(0)
-    ranged = draw_timesteps(5000, 1000, LossSettings(min_timestep=200, max_timestep=400), g)
+    ranged = draw_timesteps(5000, LossSettings(min_timestep=200, max_timestep=400), g)
     assert ranged.min() >= 200 and ranged.max() < 400 and ranged.unique().numel() > 150
     weights = timestep_weights(1000, "later", multiplier=3.0, portion=0.25)
-    later = draw_timesteps(20000, 1000, LossSettings(timestep_weights=weights), g)
+    later = draw_timesteps(20000, LossSettings(timestep_weights=weights), g)
     share = (later >= 750).float().mean().item()
     assert abs(share - 0.75 / (0.75 + 0.75)) < 0.02  # 250 timesteps at weight 3 vs 750 at weight 1
-    earlier = draw_timesteps(
-        20000, 1000, LossSettings(timestep_weights=timestep_weights(1000, "earlier", 3.0, 0.25)), g
-    )
+    earlier = draw_timesteps(20000, LossSettings(timestep_weights=timestep_weights(1000, "earlier", 3.0, 0.25)), g)
     assert abs((earlier < 250).float().mean().item() - 0.5) < 0.02
 
 
@@ -169,7 +168,7 @@ def _train_on_a_fixed_batch(tiny_pipeline_dir, steps, callback=None, **settings)
 
     def fixed_loss():
         with torch.no_grad():
-            loss = diffusion_loss(c.unet, c.noise_scheduler, lambda x, n, t: n, latents, embeds, torch.Generator())
+            loss = diffusion_loss(c.unet, sd15.objective(c), latents, embeds, torch.Generator())
         return loss.mean().item()
 
     def next_batch(generator):
@@ -182,8 +181,7 @@ def _train_on_a_fixed_batch(tiny_pipeline_dir, steps, callback=None, **settings)
         Accelerator(),
         c.unet,
         c.unet.parameters(),
-        c.noise_scheduler,
-        lambda x, n, t: n,
+        sd15.objective(c),
         next_batch,
         LoopSettings(steps=steps, log_every=steps, **settings),
         seed=0,

@@ -8,8 +8,10 @@ from accelerate.state import AcceleratorState, GradientState
 
 from tests.conftest import make_photos, sample_like_the_gallery
 from tuner.config import compose, validate
-from tuner.models import sd15
+from tuner.models import get_family
 from tuner.run import run_recipe
+
+sd15 = get_family("sd15")
 
 PROMPT = "a photo of sks ball"
 

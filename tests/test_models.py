@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from tuner.config import ConfigError
-from tuner.models import get_family, sd15
+from tuner.models import get_family
 from tuner.models.tiny import char_tokenizer
 from tuner.training.loop import diffusion_loss
+
+sd15 = get_family("sd15")
 
 
 def test_tiny_pipeline_loads_through_diffusers(tiny_pipeline_dir):
@@ -52,9 +54,7 @@ def test_v_prediction_target_is_the_velocity_formula(tiny_pipeline_dir):
 def test_epsilon_loss_matches_an_independent_computation(tiny_pipeline_dir):
     c = sd15.load(tiny_pipeline_dir)
     latents, embeds = torch.randn(2, 4, 8, 8), torch.randn(2, c.tokenizer.model_max_length, 16)
-    loss = diffusion_loss(
-        c.unet, c.noise_scheduler, lambda x, n, t: n, latents, embeds, torch.Generator().manual_seed(3)
-    )
+    loss = diffusion_loss(c.unet, sd15.objective(c), latents, embeds, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(latents.shape, generator=g)
     t = torch.randint(0, 1000, (2,), generator=g)

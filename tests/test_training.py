@@ -4,8 +4,10 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig
 
-from tuner.models import sd15
+from tuner.models import get_family
 from tuner.training.loop import Batch, LatentCache, LoopSettings, train_denoiser
+
+sd15 = get_family("sd15")
 
 
 def test_lora_training_changes_only_the_adapter(tiny_pipeline_dir):
@@ -23,8 +25,7 @@ def test_lora_training_changes_only_the_adapter(tiny_pipeline_dir):
         Accelerator(),
         c.unet,
         c.unet.parameters(),
-        c.noise_scheduler,
-        target_fn=lambda x, n, t: n,
+        sd15.objective(c),
         next_batch=next_batch,
         settings=LoopSettings(steps=6, learning_rate=1e-2, log_every=3),
         seed=0,

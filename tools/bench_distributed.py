@@ -38,7 +38,7 @@ def worker(args) -> None:
     from peft import LoraConfig
 
     from tuner import distributed
-    from tuner.models import sd15
+    from tuner.models import get_family
     from tuner.models.tiny import make_tiny_pipeline
     from tuner.training.loop import Batch, LoopSettings, train_denoiser
 
@@ -47,6 +47,7 @@ def worker(args) -> None:
     if accelerator.is_main_process and not (folder / "model_index.json").exists():
         make_tiny_pipeline(folder, size=args.size)
     distributed.barrier(accelerator)
+    sd15 = get_family("sd15")
     c = sd15.load(folder)
     for m in (c.unet, c.vae, c.text_encoder):
         m.requires_grad_(False).to(accelerator.device)
@@ -64,7 +65,7 @@ def worker(args) -> None:
         return Batch(latents, embeds.cpu().expand(n, -1, -1), torch.full((n,), 1.0 / n))
 
     settings = LoopSettings(steps=args.steps, learning_rate=1e-4, log_every=args.steps)
-    train_denoiser(accelerator, c.unet, c.unet.parameters(), c.noise_scheduler, lambda x, n, t: n, next_batch,
+    train_denoiser(accelerator, c.unet, c.unet.parameters(), sd15.objective(c), next_batch,
                    settings, seed=0)  # fmt: skip
     steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup :]
     trained = [p for p in c.unet.parameters() if p.requires_grad]

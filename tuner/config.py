@@ -28,9 +28,13 @@ RECIPES_DIR = Path(os.environ.get("TUNER_RECIPES_DIR", _BASE / "recipes"))
 
 @dataclass
 class ModelConfig:
+    # sd15 | sd2 | sdxl | flux | sd3 (tuner/models/)
     family: str = "sd15"
-    # a local diffusers pipeline folder
+    # a local diffusers pipeline folder, or a single-file .safetensors checkpoint (with config)
     path: str | None = None
+    # for a single-file path: a local diffusers folder of the same family whose configs and tokenizers
+    # describe it (its weights are not read); the file is converted once, under $TUNER_HOME/single_file/
+    config: str | None = None
     # an embedded base tuner builds and caches itself when path is null: digits (or null for none)
     builtin: str | None = None
     # pixel resolution the model was trained at; the data stage resizes to it
@@ -39,6 +43,19 @@ class ModelConfig:
     prediction_type: str | None = None
     # also load pickled .bin weights where a folder has no .safetensors (read with torch's weights_only=True)
     allow_pickle: bool = False
+    # sd2 (v-prediction): rescale the schedule to zero terminal SNR, sample with trailing timesteps
+    zero_terminal_snr: bool = False
+    # flux, sd3: shift of the training sigmas (null: the scheduler's); the guidance Flux-dev is trained
+    # with (its guidance embedding); the T5 prompt length (null: the pipeline's default, 512 / 256)
+    timestep_shift: float | None = None
+    guidance: float = 1.0
+    max_sequence_length: int | None = None
+    # flux, sd3: how training timesteps are drawn and losses weighed (diffusers' SD3 schemes):
+    # none (uniform) | logit_normal | mode | sigma_sqrt | cosmap
+    weighting_scheme: str = "none"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
 
 
 @dataclass
@@ -616,10 +633,64 @@ def validate(cfg: DictConfig) -> None:
         _validate_export(cfg)
     if "generate" in cfg.stages:
         _validate_generate(cfg)
-    if cfg.model.path:
-        from tuner.models import get_family
+    _validate_family(cfg)
 
-        get_family(cfg.model.family).check_folder(cfg.model.path, cfg.model.allow_pickle)
+
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
+
+
+def _validate_family(cfg: DictConfig) -> None:
+    """The model family exists, its path is one of its folders (or a single file with a config folder),
+    and what the run asks for is something this family does."""
+    from tuner.models import get_family
+
+    m, t = cfg.model, cfg.train
+    family = get_family(m.family, m)
+    if m.path and Path(m.path).expanduser().is_file():
+        if not str(m.path).endswith(".safetensors"):
+            raise ConfigError(
+                f"model.path={m.path}: tuner reads single-file checkpoints only as .safetensors (a .ckpt is a "
+                "pickle, which tuner never loads); convert it, or give a diffusers folder"
+            )
+        if not m.config:
+            raise ConfigError(
+                f"model.path={m.path} is a single-file checkpoint: set model.config=FOLDER, a local diffusers "
+                f"folder of the same family ({family.PIPELINE}) whose configs and tokenizers describe it "
+                "(its weights are not read; nothing is fetched from a hub)"
+            )
+        family.check_config_folder(m.config)
+    elif m.path:
+        family.check_folder(m.path, m.allow_pickle)
+    if m.weighting_scheme not in WEIGHTING_SCHEMES:
+        raise ConfigError(f"model.weighting_scheme={m.weighting_scheme}: choose one of {', '.join(WEIGHTING_SCHEMES)}")
+    flow = family.TRAINING_SCHEDULER == "FlowMatchEulerDiscreteScheduler"
+    if flow and (t.snr_gamma or t.timestep_bias != "none" or t.min_timestep or t.max_timestep is not None):
+        raise ConfigError(
+            f"model={m.family} trains by flow matching: train.snr_gamma, timestep_bias, min_timestep and "
+            "max_timestep are for DDPM schedules; use model.weighting_scheme (logit_normal, mode, sigma_sqrt, cosmap)"
+        )
+    if not flow and (m.weighting_scheme != "none" or m.timestep_shift is not None):
+        raise ConfigError(
+            f"model.weighting_scheme / model.timestep_shift are for flow-matching families (flux, sd3), not {m.family}"
+        )
+    if m.zero_terminal_snr and m.family != "sd2":
+        raise ConfigError("model.zero_terminal_snr is an sd2 (v-prediction) option")
+    if cfg.embedding.tokens and len(family.TEXT_ENCODERS) > 1:
+        raise ConfigError(
+            f"embedding.tokens: textual inversion is implemented for one-text-encoder families (sd15, sd2), "
+            f"not {m.family}; train a LoRA with a rare trigger word instead"
+        )
+    if "export" in cfg.stages:
+        refused = [x for x in cfg.export.formats if x not in family.EXPORTS]
+        if refused:
+            raise ConfigError(
+                f"export.formats={list(cfg.export.formats)}: model={m.family} exports {', '.join(family.EXPORTS)}; "
+                f"remove {', '.join(refused)}"
+            )
+    if cfg.data.resolution % family.RESOLUTION_MULTIPLE:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution}: model={m.family} needs a multiple of {family.RESOLUTION_MULTIPLE}"
+        )
 
 
 def trained_parts(cfg: DictConfig) -> set[str]:

@@ -44,15 +44,11 @@ def _live_tokens(run: Run) -> dict[str, torch.Tensor]:
 def _fp32_base(run: Run) -> dict[str, dict[str, torch.Tensor]]:
     """The base's fp32 weights where the live modules hold frozen ones in a lower precision (mixed precision)."""
     c = run.components
-    low = [
-        name
-        for name in ("unet", "text_encoder", "vae")
-        if any(p.dtype != torch.float32 for p in getattr(c, name).parameters())
-    ]
+    low = [name for name, m in c.modules().items() if any(p.dtype != torch.float32 for p in m.parameters())]
     if not low:
         return {}
-    fresh = run.family.load(run.model_path, allow_pickle=run.cfg.model.allow_pickle)
-    return {name: getattr(fresh, name).state_dict() for name in low}
+    fresh = run.family.load(run.model_path, allow_pickle=run.cfg.model.allow_pickle).modules()
+    return {name: fresh[name].state_dict() for name in low}
 
 
 def _export_info(run: Run, trained, name: str) -> dict:
@@ -179,9 +175,12 @@ def export(run: Run) -> None:
                 print("[tuner] export: fusing the adapter into the base weights", flush=True)
                 merged = formats.merged_components(trained, _fp32_base(run))
             if fmt == "merged":
-                formats.write_merged(merged, folder, run.family, run.model_path, c.tokenizer, e.variant)
+                formats.write_merged(merged, folder, run.family, run.model_path, c.tokenizers, e.variant)
             else:
-                vocab = json.loads((run.model_path / "text_encoder" / "config.json").read_text())["vocab_size"]
+                vocab = {
+                    te: json.loads((run.model_path / te / "config.json").read_text())["vocab_size"]
+                    for te in c.text_encoders
+                }
                 single_dtype = formats.DTYPES[e.single_file_dtype]
                 formats.write_single_file(merged, folder, name, run.family, vocab, single_dtype, metadata)
         written.append(folder)
@@ -260,9 +259,9 @@ def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
             run.new_tokens.append(token)
             run.base_weights_changed = True
         loaded.append(file.name)
-    for component in ("unet", "text_encoder"):
+    for component, module in run.components.trainable().items():
         if (path / component / "adapter_config.json").is_file():
-            _load_peft(getattr(run.components, component), path / component, adapter_name or "default")
+            _load_peft(module, path / component, adapter_name or "default")
             loaded.append(f"{component} (peft)")
     return loaded
 
@@ -287,7 +286,7 @@ def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed.
     """
     c = run.components
-    adapted = [m for m in (c.unet, c.text_encoder) if getattr(m, "peft_config", None)]
+    adapted = [m for m in c.trainable().values() if getattr(m, "peft_config", None)]
     if not adapted and not run.base_weights_changed:
         raise ConfigError("gallery/evaluate need an adapter: put train or load_adapter (checkpoint=PATH) before them")
     if run.base_weights_changed:

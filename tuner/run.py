@@ -32,6 +32,7 @@ from tuner.data.prepare import PrepareSettings, Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family
+from tuner.models.base import tree_map
 
 STAGES = {}
 MAIN_ONLY = set()  # stages rank 0 runs alone (several processes): sampling for people, and exports
@@ -54,7 +55,7 @@ class Run:
         from tuner import distributed
 
         self.cfg = cfg
-        self.family = get_family(cfg.model.family)
+        self.family = get_family(cfg.model.family, cfg.model)
         t = cfg.train
         self.accelerator = distributed.make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
         if self.accelerator.mixed_precision != "no" and not self.accelerator.native_amp:
@@ -103,7 +104,12 @@ class Run:
 
     @cached_property
     def model_path(self) -> Path:
-        """The base model folder: ``model.path``, or the embedded digits base (built on first use)."""
+        """The base model folder: ``model.path`` (a single file converted once), or the embedded digits
+        base (built on first use)."""
+        if self.cfg.model.path and Path(self.cfg.model.path).expanduser().is_file():
+            from tuner.distributed import decide
+
+            return Path(decide(self.accelerator, lambda: str(single_file_base(self))))
         if self.cfg.model.path:
             return self.family.check_folder(self.cfg.model.path, self.cfg.model.allow_pickle)
         if self.cfg.model.builtin == "digits":
@@ -113,7 +119,7 @@ class Run:
     @cached_property
     def components(self):
         c = self.family.load(self.model_path, self.cfg.model.prediction_type, self.cfg.model.allow_pickle)
-        for module in (c.unet, c.vae, c.text_encoder):
+        for module in c.modules().values():
             module.to(self.accelerator.device)
         return c
 
@@ -128,15 +134,17 @@ class Run:
         negative = [j.negative for j in jobs] if any(j.negative for j in jobs) else None
         return sampling.generate(
             pipe, prompts, seeds, first.height, first.steps, first.guidance, len(jobs), None,
-            self.accelerator.autocast, negative_prompts=negative, width=first.width, **call,
+            self.accelerator.autocast, negative_prompts=negative, width=first.width, decode=self.family.decode,
+            **self.family.call_kwargs(), **call,
         )  # fmt: skip
 
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None):
         resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
         pipe = pipe or self.pipe
         return sampling.generate(
-            pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast
-        )
+            pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast,
+            decode=self.family.decode, **self.family.call_kwargs(),
+        )  # fmt: skip
 
 
 def run_recipe(cfg: DictConfig) -> Run:
@@ -196,7 +204,25 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- the embedded base
+# ---------------------------------------------------------------- the base
+def single_file_base(run: Run) -> Path:
+    """``model.path`` is a single-file checkpoint: its diffusers folder, converted once by diffusers'
+    own loader (with ``model.config``'s configs and tokenizers) and kept under $TUNER_HOME/single_file/,
+    named by the file's path, size and modification time and by the config folder."""
+    from tuner.files import atomic_dir
+
+    m = run.cfg.model
+    file = Path(m.path).expanduser().resolve()
+    stat = file.stat()
+    key = _key(str(file), str(stat.st_size), str(stat.st_mtime_ns), str(Path(m.config).expanduser().resolve()))
+    folder = run.home / "single_file" / f"{file.stem}-{key}"
+    if (folder / "model_index.json").is_file():
+        print(f"[tuner] base: {file.name} as converted before, {folder}", flush=True)
+        return folder
+    print(f"[tuner] base: converting the single file {file} to a diffusers folder {folder}", flush=True)
+    with atomic_dir(folder) as tmp:
+        run.family.from_single_file(file, run.family.check_config_folder(m.config), tmp)
+    return folder
 
 
 def digits_base_folder(run: Run) -> Path:
@@ -435,14 +461,13 @@ def train(run: Run) -> None:
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    what = trainables.setup(cfg, c)
+    what = trainables.setup(cfg, c, run.family)
     run.base_weights_changed = what.base_weights_train or bool(what.new_tokens)
     run.trainables = what
     run.new_tokens += list(cfg.embedding.tokens)
     if t.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
-        if what.text_encoder_trains:  # transformers 5 renamed it
-            te = c.text_encoder
+        c.denoiser.enable_gradient_checkpointing()
+        for te in c.text_encoders.values() if what.text_encoder_trains else ():  # transformers 5 renamed it
             enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
             enable()
     if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
@@ -469,10 +494,11 @@ def train(run: Run) -> None:
                 accelerator,
             ),
             c.vae.config.scaling_factor,
+            c.vae.config.get("shift_factor") or 0.0,
         )
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), _latent_masks(dataset, latents))
-        loaded.append((latents, captions, weight, *per_image))
+        loaded.append((latents, captions, weight, *per_image, run.family.image_cond(dataset)))
     d = cfg.data
     texts = list(caption_ids) + [""]  # the empty caption last, for caption dropout
     in_step = what.text_encoder_trains or d.shuffle_tags  # the text encoder runs in every training step
@@ -482,17 +508,21 @@ def train(run: Run) -> None:
 
         def encode_rows(ids):
             with accelerator.autocast():
-                rows = run.family.encode_prompts(c, [texts[i] for i in ids]).cpu()
-            return [{"embeds": row} for row in rows]
+                rows = tree_map(lambda x: x.cpu(), run.family.encode_prompts(c, [texts[i] for i in ids]))
+            if isinstance(rows, torch.Tensor):
+                return [{"embeds": row} for row in rows]
+            return [{k: v[i] for k, v in rows.items()} for i in range(len(ids))]
 
         folder = run.dir / "cache" / f"prompts-{_key(*texts, *depends)}"
-        rows = torch.stack([item["embeds"] for item in shared_cache(folder, len(texts), encode_rows, accelerator)])
+        items = shared_cache(folder, len(texts), encode_rows, accelerator)
+        rows = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+        rows = rows["embeds"] if list(rows) == ["embeds"] else rows
     cond = Captions(
         texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
     )
     sets = [
-        SampleSet(latents, cond, captions, weight, mask, repeats, image_weight)
-        for latents, captions, weight, repeats, image_weight, mask in loaded
+        SampleSet(latents, cond, captions, weight, mask, repeats, image_weight, image_cond=image_cond)
+        for latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
     ]
 
     learning_rate = t.learning_rate
@@ -505,7 +535,6 @@ def train(run: Run) -> None:
         kind=t.loss,
         huber_delta=t.huber_delta,
         snr_gamma=t.snr_gamma,
-        prediction_type=c.prediction_type,
         noise_offset=t.noise_offset,
         input_perturbation=t.input_perturbation,
         min_timestep=t.min_timestep,
@@ -543,16 +572,15 @@ def train(run: Run) -> None:
     )
     result = train_denoiser(
         accelerator,
-        c.unet,
+        c.denoiser,
         what.groups,
-        c.noise_scheduler,
-        target_fn=lambda latents, noise, steps: run.family.noise_target(c, latents, noise, steps),
+        run.family.objective(c),
         # train.batch_size is each process's: every rank draws the global batch and trains on its slice
         next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
         settings=settings,
         seed=cfg.seed,
         desc=f"train {', '.join(g['name'] for g in what.groups)}",
-        text_encoder=c.text_encoder if in_step else None,
+        text_encoders=c.text_encoders if in_step else None,
         encode=run.family.encode_ids,
         checkpointing=checkpointing,
     )
@@ -565,7 +593,7 @@ def train(run: Run) -> None:
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
         result.ema.copy_to(what.params)
     if t.gradient_checkpointing:
-        c.unet.disable_gradient_checkpointing()
+        c.denoiser.disable_gradient_checkpointing()
     accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
 
 

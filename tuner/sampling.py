@@ -22,6 +22,7 @@ def generate(
     autocast=contextlib.nullcontext,
     negative_prompts: list[str] | None = None,
     width: int | None = None,
+    decode=None,
     **call,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` sampled from ``seeds[i]``.
@@ -30,7 +31,11 @@ def generate(
     pipeline as is (an image-to-image pipeline's ``image`` and ``strength``, which take no size).
     The denoising runs under ``autocast`` (mixed precision); the VAE decodes outside it, in its own
     dtype (float32 unless asked), since half-precision VAE decoding is known to produce NaNs.
+    ``decode(pipe, latents, height, width)``: the family's (``Family.decode``: Flux's latents come packed).
     """
+    from tuner.models.base import Family
+
+    decode = decode or Family().decode
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     out = []
@@ -49,8 +54,11 @@ def generate(
                 **negative,
                 **call,
             ).images
-        vae = pipe.vae
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        if "image" in call:  # image-to-image: the size of the given image
+            height, width_ = call["image"].shape[-2:] if hasattr(call["image"], "shape") else call["image"].size[::-1]
+        else:
+            height, width_ = resolution, width or resolution
+        images = decode(pipe, latents, height, width_)
         out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 

@@ -32,7 +32,7 @@ def _settings_table(info: dict) -> str:
     return "\n".join(lines)
 
 
-def _usage(info: dict, files: dict, base: str) -> str:
+def _usage(info: dict, files: dict, base: str, pipeline: str = "StableDiffusionPipeline") -> str:
     """How to load each export that was written, in diffusers and in A1111 / ComfyUI."""
     names = set(files)
     trigger = info.get("trigger") or "your prompt"
@@ -40,9 +40,9 @@ def _usage(info: dict, files: dict, base: str) -> str:
     if any(n.startswith("diffusers/") for n in names):
         lines = [
             "```python",
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline}",
             "",
-            f'pipe = StableDiffusionPipeline.from_pretrained("{base}")',
+            f'pipe = {pipeline}.from_pretrained("{base}")',
         ]
         if "diffusers/pytorch_lora_weights.safetensors" in names:
             lines.append('pipe.load_lora_weights("diffusers", weight_name="pytorch_lora_weights.safetensors")')
@@ -68,17 +68,17 @@ def _usage(info: dict, files: dict, base: str) -> str:
             "### PEFT",
             "",
             "```python",
-            "from diffusers import StableDiffusionPipeline",
+            f"from diffusers import {pipeline}",
             "from peft import PeftModel",
             "",
         ]
-        out += [f'pipe = StableDiffusionPipeline.from_pretrained("{base}")', *lines, "```", ""]
+        out += [f'pipe = {pipeline}.from_pretrained("{base}")', *lines, "```", ""]
     if any(n.startswith("merged/") for n in names):
         out += [
             "### Merged pipeline",
             "",
             "```python",
-            'pipe = StableDiffusionPipeline.from_pretrained("merged")  # or variant="fp16", torch_dtype=torch.float16',
+            f'pipe = {pipeline}.from_pretrained("merged")  # or variant="fp16", torch_dtype=torch.float16',
             "```",
             "",
         ]
@@ -90,7 +90,7 @@ def _usage(info: dict, files: dict, base: str) -> str:
             f"`{n}` goes into A1111's `models/Stable-diffusion` or ComfyUI's `models/checkpoints`; in diffusers:",
             "",
             "```python",
-            f'pipe = StableDiffusionPipeline.from_single_file("{n}", config="{base}", local_files_only=True)',
+            f'pipe = {pipeline}.from_single_file("{n}", config="{base}", local_files_only=True)',
             "```",
             "",
         ]
@@ -131,7 +131,7 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
             "![gallery](gallery/grid.png)",
             "",
         ]
-    lines += ["## How to use", "", _usage(info, files, base)]
+    lines += ["## How to use", "", _usage(info, files, base, family.PIPELINE)]
     if info.get("steps"):
         lines += ["## Training", "", _settings_table(info), ""]
     lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]

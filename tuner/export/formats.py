@@ -34,7 +34,6 @@ HOLDS = {
     "merged": {"lora", "dora", "loha", "lokr", "tokens", "base_weights"},
     "single_file": {"lora", "dora", "loha", "lokr", "base_weights"},
 }
-COMPONENTS = ("unet", "text_encoder")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -81,8 +80,8 @@ def adapter_kind(c) -> str | None:
     from peft.tuners.lora import LoraLayer
 
     kinds = set()
-    for component in COMPONENTS:
-        for layer in tuner_layers(getattr(c, component)).values():
+    for module in c.trainable().values():
+        for layer in tuner_layers(module).values():
             if isinstance(layer, LoraLayer):
                 kinds.add("dora" if any(layer.use_dora.get(a) for a in layer.active_adapters) else "lora")
             elif isinstance(layer, LoHaLayer):
@@ -202,7 +201,7 @@ def _fresh(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.
 
 
 def merged_components(trained: Trained, base_state) -> dict[str, torch.nn.Module]:
-    """unet, text_encoder and vae with everything trained fused in, fp32.
+    """The denoiser, text encoders and VAE with everything trained fused in, fp32, by component name.
 
     Args:
         base_state: ``component -> fp32 state dict`` of the base, used where the live module holds
@@ -210,8 +209,7 @@ def merged_components(trained: Trained, base_state) -> dict[str, torch.nn.Module
     """
     c = trained.components
     out = {}
-    for name in ("unet", "text_encoder", "vae"):
-        module = getattr(c, name)
+    for name, module in c.modules().items():
         base = base_state.get(name)
         state = merged_state(module, base)
         if name == "text_encoder" and trained.tokens:  # the new rows live only in the live embedding
@@ -236,9 +234,12 @@ def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: 
             the module's name as the format spells it (the family knows).
     """
     state = {}
-    for component in COMPONENTS:
-        prefix = prefixes[component]
-        for name, layer in tuner_layers(getattr(trained.components, component)).items():
+    for component, module in trained.components.trainable().items():
+        layers = tuner_layers(module)
+        if layers and component not in prefixes:
+            raise ValueError(f"export kohya: no kohya prefix for {component}")
+        for name, layer in layers.items():
+            prefix = prefixes[component]
             key = kohya_name(prefix, module_name(component, name))
             state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in kohya_tensors(layer).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
@@ -267,8 +268,7 @@ def write_diffusers(trained: Trained, folder: Path, family, dtype: torch.dtype) 
     with atomic_dir(folder) as tmp:
         if trained.adapter in ("lora", "dora"):
             layers = {}
-            for component in COMPONENTS:
-                module = getattr(c, component)
+            for component, module in c.trainable().items():
                 if tuner_layers(module):
                     state, config = peft_state(module)
                     layers[component] = ({k: v.to(dtype) for k, v in state.items()}, peft_config_dict(config))
@@ -323,8 +323,7 @@ def write_peft(trained: Trained, folder: Path, dtype: torch.dtype) -> None:
     """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, as PeftModel.save_pretrained writes."""
     c = trained.components
     with atomic_dir(folder) as tmp:
-        for component in COMPONENTS:
-            module = getattr(c, component)
+        for component, module in c.trainable().items():
             if not tuner_layers(module):
                 continue
             state, config = peft_state(module)
@@ -335,17 +334,17 @@ def write_peft(trained: Trained, folder: Path, dtype: torch.dtype) -> None:
             write_safetensors(tmp / component / "adapter_model.safetensors", state, {"format": "pt"})
 
 
-def write_merged(merged: dict, folder: Path, family, model_path: Path, tokenizer, variant: str | None) -> None:
+def write_merged(merged: dict, folder: Path, family, model_path: Path, tokenizers: dict, variant: str | None) -> None:
     """A diffusers pipeline folder of the base's kind with the merged modules: fp32 plus a ``variant``."""
     with atomic_dir(folder) as tmp:
         if variant:  # first, from copies: the configs both share (transformers records a dtype) end up fp32
             dtype = DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[variant]]
             half = {name: copy.deepcopy(module).to(dtype) for name, module in merged.items()}
-            family.pipeline_with(model_path, tokenizer=tokenizer, **half).save_pretrained(
+            family.pipeline_with(model_path, **tokenizers, **half).save_pretrained(
                 tmp, safe_serialization=True, variant=variant
             )
             del half
-        family.pipeline_with(model_path, tokenizer=tokenizer, **merged).save_pretrained(tmp, safe_serialization=True)
+        family.pipeline_with(model_path, **tokenizers, **merged).save_pretrained(tmp, safe_serialization=True)
         for config in tmp.rglob("*.json"):  # where the base was loaded from: a path of this machine
             data = json.loads(config.read_text())
             if isinstance(data, dict) and "_name_or_path" in data:
@@ -354,13 +353,13 @@ def write_merged(merged: dict, folder: Path, family, model_path: Path, tokenizer
 
 
 def write_single_file(
-    merged: dict, folder: Path, name: str, family, vocab_size: int, dtype: torch.dtype, metadata: dict
+    merged: dict, folder: Path, name: str, family, vocab_sizes: dict[str, int], dtype: torch.dtype, metadata: dict
 ) -> None:
     """``<name>.safetensors``: the merged weights in the original single-file layout A1111 and ComfyUI load.
 
-    New tokens stay out (the base's ``vocab_size`` rows only): they ship as embeddings beside it.
+    New tokens stay out (each text encoder's base ``vocab_sizes`` rows only): they ship as embeddings beside it.
     """
-    state = family.single_file_state(merged, vocab_size)
+    state = family.single_file_state(merged, vocab_sizes)
     meta = {**metadata, "modelspec.architecture": family.MODELSPEC_ARCHITECTURE}
     with atomic_dir(folder) as tmp:
         write_safetensors(tmp / f"{name}.safetensors", {k: v.to(dtype) for k, v in state.items()}, meta)

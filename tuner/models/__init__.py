@@ -1,17 +1,32 @@
-"""Model families behind one interface: each module provides check_folder, load, encode_prompts,
-noise_target, pipeline, save_lora and load_pipeline (see sd15.py for the contract)."""
+"""Model families behind one interface (``tuner.models.base.Family``), one module each."""
 
-from types import ModuleType
+from __future__ import annotations
+
+import importlib
 
 from tuner.config import ConfigError
 
-FAMILIES = ("sd15",)
+# model.family -> (module, class)
+FAMILIES = {
+    "sd15": ("sd15", "SD15"),
+    "sd2": ("sd2", "SD2"),
+    "sdxl": ("sdxl", "SDXL"),
+    "flux": ("flux", "Flux"),
+    "sd3": ("sd3", "SD3"),
+}
 
 
-def get_family(name: str) -> ModuleType:
-    """The module of a model family by its config name (``model.family``)."""
-    if name == "sd15":
-        from tuner.models import sd15
+def get_family(name: str, options=None):
+    """The family object of a config name (``model.family``), with the model config's ``options``."""
+    if name not in FAMILIES:
+        raise ConfigError(f"model.family={name}: unknown family; tuner supports {', '.join(FAMILIES)}")
+    module, cls = FAMILIES[name]
+    return getattr(importlib.import_module(f"tuner.models.{module}"), cls)(options)
 
-        return sd15
-    raise ConfigError(f"model.family={name}: unknown family; tuner supports {', '.join(FAMILIES)}")
+
+def family_of_pipeline(pipeline_class: str | None) -> str | None:
+    """The first family whose pipeline class is ``pipeline_class`` (sd15 and sd2 share one)."""
+    for name in FAMILIES:
+        if get_family(name).PIPELINE == pipeline_class:
+            return name
+    return None

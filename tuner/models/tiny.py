@@ -1,9 +1,13 @@
-"""Tiny Stable Diffusion 1.x pipelines built from the real diffusers and transformers classes.
+"""Tiny pipelines of every model family, built from the real diffusers and transformers classes.
 
 They are saved with ``save_pretrained`` and loaded back through exactly the code path a user's
-SD1.5 checkpoint takes, so tests and the embedded ``digits`` base exercise the real loaders.
-The text side is a frozen CLIP text encoder over a character-level vocabulary that tuner writes
-itself: any lower-case prompt can be tokenized, and no tokenizer files come from a hub.
+checkpoint takes, so tests and the embedded ``digits`` base exercise the real loaders. The text side
+is frozen text encoders over a character-level vocabulary that tuner writes itself: any lower-case
+prompt can be tokenized, and no tokenizer files come from a hub.
+
+    sd15  the SD1.x shapes (SIZES: digits, test, sd15)     sdxl  two CLIP encoders, added time ids
+    sd2   SD1.x's classes, linear projections, v-pred       flux  FluxTransformer2DModel, CLIP + T5
+    sd3   SD3Transformer2DModel, two CLIP + T5
 """
 
 from __future__ import annotations
@@ -74,8 +78,9 @@ def char_tokenizer(max_tokens: int):
         return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_components(size: TinySize, seed: int = 0) -> dict:
-    """Build freshly initialised SD1.x pipeline components of the given size (deterministic for a seed)."""
+def build_components(size: TinySize, seed: int = 0, sd2: bool = False) -> dict:
+    """Build freshly initialised SD1.x pipeline components of the given size (deterministic for a seed);
+    ``sd2``: SD2.x's variant (linear projections in the transformers, GELU text encoder, v-prediction)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -94,6 +99,7 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
         cross_attention_dim=size.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
+        use_linear_projection=sd2,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -119,6 +125,7 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
+            hidden_act="gelu" if sd2 else "quick_gelu",
         )
     )
     # Stable Diffusion's own schedule; clip_sample=False matters for latent diffusion
@@ -128,7 +135,7 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
         beta_end=0.012,
         num_train_timesteps=1000,
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type="v_prediction" if sd2 else "epsilon",
         steps_offset=1,
     )
     tokenizer = char_tokenizer(size.max_tokens)
@@ -141,20 +148,222 @@ def build_components(size: TinySize, seed: int = 0) -> dict:
     }
 
 
-def save_pipeline(components: dict, folder: Path) -> Path:
-    """Save components as a diffusers StableDiffusionPipeline folder (safetensors weights)."""
-    from diffusers import StableDiffusionPipeline
+def _clip(cls, width: int, layers: int, max_tokens: int, **extra):
+    from transformers import CLIPTextConfig
 
-    pipe = StableDiffusionPipeline(
-        **components,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    config = CLIPTextConfig(
+        vocab_size=2 + 2 * len(CHARACTERS),
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=max_tokens,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        **extra,
     )
+    return cls(config)
+
+
+def _vae(channels=(8, 16), latent_channels=4, **extra):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+        **extra,
+    )
+
+
+def build_sdxl(seed: int = 0) -> dict:
+    """A tiny SDXL: SDXL's U-Net layout (no attention at the top level, two ResNets per block, deeper
+    transformers lower down, linear projections, text_time added embedding) over two CLIP encoders."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(16, 32),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae()
+    torch.manual_seed(seed + 2)
+    text_encoder = _clip(CLIPTextModel, 16, 2, 32)
+    text_encoder_2 = _clip(CLIPTextModelWithProjection, 16, 2, 32, projection_dim=16, hidden_act="gelu")
+    scheduler = EulerDiscreteScheduler(  # SDXL's own
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": char_tokenizer(32),
+        "tokenizer_2": char_tokenizer(32),
+        "scheduler": scheduler,
+    }
+
+
+def t5_tokenizer(max_tokens: int = 32):
+    """A T5Tokenizer (the class Flux and SD3 pipelines name) over single characters: a unigram model with
+    SentencePiece's word-start marker, built with the tokenizers library, nothing downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -1.0) for c in CHARACTERS] + [("\u2581" + c, -1.0) for c in CHARACTERS]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5Tokenizer(
+        tokenizer_object=backend,
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=max_tokens,
+    )
+
+
+def _t5(width: int = 32, layers: int = 1):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=4 + 2 * len(CHARACTERS),
+        d_model=width,
+        d_kv=8,
+        d_ff=width * 2,
+        num_layers=layers,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config)
+
+
+def build_flux(seed: int = 0, guidance: bool = True) -> dict:
+    """A tiny Flux.1: one double-stream and one single-stream block over 2x2-packed latents of a
+    4-channel VAE, CLIP (pooled) + T5 (sequence) text encoders, Flux's scheduler settings.
+    ``guidance``: dev's guidance embedding (False: schnell's shape)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=guidance,
+        axes_dims_rope=(2, 2, 4),
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+    torch.manual_seed(seed + 2)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": _clip(CLIPTextModel, 16, 2, 32),
+        "text_encoder_2": _t5(32),
+        "tokenizer": char_tokenizer(32),
+        "tokenizer_2": t5_tokenizer(32),
+        "scheduler": scheduler,
+    }
+
+
+def build_sd3(seed: int = 0) -> dict:
+    """A tiny SD3: an MMDiT of two joint blocks, two CLIP encoders with projections and a T5 (whose width
+    is at least the CLIPs' together: SD3 pads their hidden states to it), shift 3 flow matching."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=32,
+    )
+    torch.manual_seed(seed + 1)
+    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    torch.manual_seed(seed + 2)
+    clip = {"projection_dim": 16, "hidden_act": "gelu"}
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": _clip(CLIPTextModelWithProjection, 16, 2, 32, **clip),
+        "text_encoder_2": _clip(CLIPTextModelWithProjection, 16, 2, 32, **clip),
+        "text_encoder_3": _t5(32),
+        "tokenizer": char_tokenizer(32),
+        "tokenizer_2": char_tokenizer(32),
+        "tokenizer_3": t5_tokenizer(32),
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+    }
+
+
+def save_pipeline(components: dict, folder: Path, family: str = "sd15") -> Path:
+    """Save components as a diffusers pipeline folder of ``family`` (safetensors weights)."""
+    from tuner.models import get_family
+
+    f = get_family(family)
+    pipe = f.pipeline_class()(**components, **f.pipeline_extras())
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
 
-def make_tiny_pipeline(folder: Path, size: str = "test", seed: int = 0) -> Path:
-    """Build a tiny randomly initialised SD1.x pipeline and save it to ``folder``."""
-    return save_pipeline(build_components(SIZES[size], seed), Path(folder))
+BUILDERS = {
+    "sd15": lambda size, seed: build_components(SIZES[size], seed),
+    "sd2": lambda size, seed: build_components(SIZES[size], seed, sd2=True),
+    "sdxl": lambda size, seed: build_sdxl(seed),
+    "flux": lambda size, seed: build_flux(seed, guidance=size != "schnell"),
+    "sd3": lambda size, seed: build_sd3(seed),
+}
+
+
+def make_tiny_pipeline(folder: Path, size: str = "test", seed: int = 0, family: str = "sd15") -> Path:
+    """Build a tiny randomly initialised pipeline of ``family`` and save it to ``folder``.
+
+    ``size`` picks one of SIZES for sd15 and sd2; flux takes ``schnell`` for the shape without the
+    guidance embedding; the other families have one tiny shape."""
+    return save_pipeline(BUILDERS[family](size, seed), Path(folder), family)

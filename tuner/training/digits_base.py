@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from tuner.config import BaseConfig
 from tuner.data import digits
-from tuner.models import sd15, tiny
+from tuner.models import get_family, tiny
+from tuner.models.base import Components
 from tuner.training.loop import Batch, LoopSettings, encode_latent_dist, train_denoiser
 
 KL_WEIGHT = 1e-4
@@ -69,7 +70,8 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
 
     # ten captions plus the empty one (index 10) used for caption dropout
     text_encoder.requires_grad_(False).eval()
-    model = sd15.Components(unet, vae, text_encoder, tokenizer, scheduler, prediction_type="epsilon")
+    sd15 = get_family("sd15")
+    model = Components(unet, vae, {"text_encoder": text_encoder}, {"tokenizer": tokenizer}, scheduler, "epsilon")
     embeddings = sd15.encode_prompts(model, [digits.caption(k) for k in range(10)] + [""])
 
     def next_batch(generator):
@@ -92,8 +94,7 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
         accelerator,
         unet,
         unet.parameters(),
-        scheduler,
-        target_fn=lambda latents, noise, t: sd15.noise_target(model, latents, noise, t),
+        sd15.objective(model),
         next_batch=next_batch,
         settings=settings,
         seed=cfg.seed,

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from tuner.data.buckets import BucketSampler
 from tuner.distributed import any_rank
+from tuner.models.base import Cond, tree_cat, tree_map
 
 
 @dataclass
@@ -29,8 +30,6 @@ class LossSettings:
     huber_delta: float = 0.1
     # min-SNR-gamma weighting (Hang et al. 2023); None: uniform
     snr_gamma: float | None = None
-    # epsilon | v_prediction: what the min-SNR weight divides by
-    prediction_type: str = "epsilon"
     # adds noise_offset * N(0, 1) per sample and channel to the noise (brighter darks, darker lights)
     noise_offset: float = 0.0
     # the U-Net's input is noised with noise + input_perturbation * N(0, 1); the target keeps the noise
@@ -64,8 +63,8 @@ class LoopSettings:
 @dataclass
 class Batch:
     latents: torch.Tensor
-    # prompt embeddings, or token ids when the text encoder runs in the step
-    cond: torch.Tensor
+    # prompt conditioning (a tensor or named tensors), or token ids when the text encoder runs in the step
+    cond: Cond
     # per-sample loss weights; the loss is sum(weights * per_sample_loss)
     weights: torch.Tensor
     # (B, 1, h, w) in [0, 1] at latent resolution: where the loss counts; None: everywhere
@@ -78,16 +77,14 @@ class Batch:
     FIELDS = ("latents", "cond", "weights", "mask", "noise", "input_noise", "timesteps")
 
     def _map(self, fn) -> Batch:
-        return Batch(**{k: None if getattr(self, k) is None else fn(getattr(self, k)) for k in self.FIELDS})
+        return Batch(**{k: tree_map(fn, getattr(self, k)) for k in self.FIELDS})
 
     def to(self, device) -> Batch:
         return self._map(lambda t: t.to(device))
 
-    def with_noise(self, generator: torch.Generator, loss: LossSettings, num_timesteps: int) -> Batch:
-        """This batch with its noise and timesteps drawn (``draw_noise``), unless it has them already."""
-        if self.noise is not None:
-            return self
-        noise, input_noise, timesteps = draw_noise(self.latents, generator, loss, num_timesteps)
+    def with_noise(self, generator: torch.Generator, loss: LossSettings, objective) -> Batch:
+        """This batch with its noise and timesteps drawn (``draw_noise``)."""
+        noise, input_noise, timesteps = draw_noise(self.latents, generator, loss, objective)
         return Batch(self.latents, self.cond, self.weights, self.mask, noise, input_noise, timesteps)
 
     def shard(self, rank: int, world: int) -> Batch:
@@ -116,12 +113,7 @@ def merge_by_shape(parts: list[Batch]) -> list[Batch]:
             merged.append(part)
             continue
         i = merged.index(same)
-        merged[i] = Batch(
-            **{
-                k: None if getattr(same, k) is None else torch.cat([getattr(same, k), getattr(part, k)])
-                for k in Batch.FIELDS
-            }
-        )
+        merged[i] = Batch(**{k: tree_cat([getattr(same, k), getattr(part, k)]) for k in Batch.FIELDS})
     return merged
 
 
@@ -136,6 +128,7 @@ class LatentCache:
     mean: torch.Tensor | list[torch.Tensor]
     std: torch.Tensor | list[torch.Tensor]
     scaling_factor: float
+    shift_factor: float = 0.0  # the VAE's (Flux, SD3): latents are (sample - shift) * scale
 
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if isinstance(self.mean, torch.Tensor):
@@ -144,7 +137,7 @@ class LatentCache:
             mean = torch.stack([self.mean[i] for i in index.tolist()])
             std = torch.stack([self.std[i] for i in index.tolist()])
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return (mean + std * eps) * self.scaling_factor
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor
 
     def shape(self, i: int) -> tuple[int, ...]:
         return tuple(self.mean[i].shape)
@@ -154,11 +147,11 @@ class LatentCache:
         return [{"mean": self.mean[i], "std": self.std[i]} for i in range(len(self))]
 
     @classmethod
-    def from_items(cls, items: list[dict[str, torch.Tensor]], scaling_factor: float) -> LatentCache:
+    def from_items(cls, items: list[dict[str, torch.Tensor]], scaling_factor: float, shift_factor: float = 0.0):
         means, stds = [x["mean"] for x in items], [x["std"] for x in items]
         if len({tuple(m.shape) for m in means}) == 1:  # one size: whole tensors
-            return cls(torch.stack(means), torch.stack(stds), float(scaling_factor))
-        return cls(means, stds, float(scaling_factor))
+            return cls(torch.stack(means), torch.stack(stds), float(scaling_factor), float(shift_factor))
+        return cls(means, stds, float(scaling_factor), float(shift_factor))
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -175,7 +168,7 @@ class Captions:
     """
 
     texts: list[str]
-    rows: torch.Tensor
+    rows: Cond
     dropout: float = 0.0
     shuffle: bool = False
     keep: int = 1
@@ -186,7 +179,7 @@ class Captions:
             dropped = torch.rand(len(index), generator=generator) < self.dropout
             index = torch.where(dropped, torch.full_like(index, len(self.texts) - 1), index)
         if not self.shuffle:
-            return self.rows[index]
+            return tree_map(lambda rows: rows[index], self.rows)
         return self.tokenize([self._shuffled(self.texts[i], generator) for i in index.tolist()])
 
     def _shuffled(self, text: str, generator: torch.Generator) -> str:
@@ -200,8 +193,8 @@ class SampleSet:
     """One set of training images (instance, or class images for the prior) and how it is drawn."""
 
     latents: LatentCache
-    # per distinct caption: its embeddings or token ids (a tensor, one row each), or a ``Captions``
-    cond: torch.Tensor | Captions
+    # per distinct caption: its conditioning or token ids (one row each), or a ``Captions``
+    cond: Cond | Captions
     # per image: the index of its caption in ``cond``
     caption: torch.Tensor
     # the set's share of the loss: its samples' mean loss is multiplied by it
@@ -212,6 +205,8 @@ class SampleSet:
     repeats: list[int] | None = None
     image_weight: torch.Tensor | None = None
     sampler: BucketSampler | None = None
+    # per image: conditioning of its own, joined to its caption's (SDXL's sizes and crop); None: none
+    image_cond: dict[str, torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.sampler is None:  # batches group images of one latent size: the aspect-ratio bucket
@@ -243,7 +238,12 @@ def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generato
                 torch.ones_like(latents[:, :1]) if s.mask is None else torch.stack([s.mask[i] for i in pick.tolist()])
             )
         index = s.caption[pick]
-        cond = s.cond.lookup(index, generator) if isinstance(s.cond, Captions) else s.cond[index]
+        if isinstance(s.cond, Captions):
+            cond = s.cond.lookup(index, generator)
+        else:
+            cond = tree_map(lambda rows, index=index: rows[index], s.cond)
+        if s.image_cond is not None:
+            cond = {**cond, **{k: v[pick] for k, v in s.image_cond.items()}}
         parts.append(Batch(latents, cond, weights, mask))
     return parts
 
@@ -272,15 +272,6 @@ def encode_latent_dist(vae, images, batch_size: int = 64, desc: str | None = Non
     return LatentCache(means, stds, float(vae.config.scaling_factor))
 
 
-def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """min-SNR-gamma loss weights: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
-
-
 def timestep_weights(num_timesteps: int, bias: str, multiplier: float, portion: float) -> torch.Tensor | None:
     """Sampling weights that draw the earliest or latest ``portion`` of timesteps ``multiplier`` times as often."""
     if bias == "none":
@@ -294,17 +285,7 @@ def timestep_weights(num_timesteps: int, bias: str, multiplier: float, portion: 
     return weights
 
 
-def draw_timesteps(n: int, num_timesteps: int, loss: LossSettings, generator=None) -> torch.Tensor:
-    high = loss.max_timestep or num_timesteps
-    if loss.timestep_weights is None:
-        return torch.randint(loss.min_timestep, high, (n,), generator=generator)
-    weights = loss.timestep_weights.clone()
-    weights[: loss.min_timestep] = 0
-    weights[high:] = 0
-    return torch.multinomial(weights, n, replacement=True, generator=generator)
-
-
-def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, num_timesteps: int):
+def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, objective):
     """A step's random draws for ``latents``, on the CPU from ``generator`` in a fixed order (noise, offset,
     perturbation, timesteps): the same draws on every device and, for a global batch, on every rank.
 
@@ -316,32 +297,32 @@ def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, num_timeste
     input_noise = noise
     if loss.input_perturbation:
         input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
-    timesteps = draw_timesteps(len(latents), num_timesteps, loss, generator)
+    timesteps = objective.draw(len(latents), loss, generator)
     return noise, input_noise, timesteps
 
 
 def diffusion_loss(
-    unet,
-    noise_scheduler,
-    target_fn: Callable,
+    denoiser,
+    objective,
     latents,
-    embeds,
+    cond: Cond,
     generator=None,
     loss: LossSettings | None = None,
     mask: torch.Tensor | None = None,
     draws: tuple | None = None,
 ) -> torch.Tensor:
-    """Per-sample denoising loss at drawn timesteps, against the family's target.
+    """Per-sample denoising loss at drawn timesteps, against the objective's target
+    (``tuner.training.objectives``; ``objective.predict`` calls the family's denoiser).
 
     ``draws``: (noise, input_noise, timesteps) from ``draw_noise``; drawn here from ``generator`` when None.
     """
     loss = loss or LossSettings()
     if draws is None:
-        draws = draw_noise(latents, generator, loss, noise_scheduler.config.num_train_timesteps)
+        draws = draw_noise(latents, generator, loss, objective)
     noise, input_noise, timesteps = (t.to(latents.device) for t in draws)
-    noisy = noise_scheduler.add_noise(latents, input_noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=embeds).sample.float()
-    target = target_fn(latents, noise, timesteps).float()
+    noisy = objective.noisy(latents, input_noise, timesteps)
+    prediction = objective.predict(denoiser, noisy, objective.model_timesteps(timesteps), cond).float()
+    target = objective.target(latents, noise, timesteps).float()
     if loss.kind == "l1":
         per_element = (prediction - target).abs()
     elif loss.kind == "huber":
@@ -353,8 +334,9 @@ def diffusion_loss(
     else:  # the mean over the masked area only
         covered = (mask.sum(dim=(1, 2, 3)) * per_element.shape[1]).clamp_min(1e-6)
         per_sample = (per_element * mask).sum(dim=(1, 2, 3)) / covered
-    if loss.snr_gamma:
-        per_sample = per_sample * snr_weights(noise_scheduler, timesteps, loss.snr_gamma, loss.prediction_type)
+    weights = objective.weights(timesteps, loss)
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample.device)
     return per_sample
 
 
@@ -401,15 +383,14 @@ class TrainResult:
 
 def train_denoiser(
     accelerator,
-    unet,
+    denoiser,
     groups: list[dict] | Iterable[torch.nn.Parameter],
-    noise_scheduler,
-    target_fn: Callable,
+    objective,
     next_batch: Callable[[torch.Generator], Batch | list[Batch]],
     settings: LoopSettings,
     seed: int,
     desc: str = "train",
-    text_encoder=None,
+    text_encoders: dict[str, torch.nn.Module] | None = None,
     encode: Callable | None = None,
     checkpointing=None,
 ) -> TrainResult:
@@ -417,11 +398,12 @@ def train_denoiser(
 
     Args:
         groups: optimizer parameter groups (``params`` plus optional ``lr``, ``weight_decay``), or parameters.
-        next_batch: draws a ``Batch`` or a list of them (one U-Net call each: images of different sizes);
+        objective: noising, target, loss weights and the denoiser call (``tuner.training.objectives``).
+        next_batch: draws a ``Batch`` or a list of them (one denoiser call each: images of different sizes);
             the caller decides how instance and prior samples are weighed.
-        target_fn: ``(latents, noise, timesteps) -> target``, from the model family.
-        text_encoder, encode: when the text encoder (or an embedding in it) trains, batches carry token
-            ids and ``encode(text_encoder, ids)`` turns them into embeddings inside the step.
+        text_encoders, encode: when a text encoder (or an embedding in one) trains, batches carry token
+            ids and ``encode(text_encoders, ids)`` (the family's ``encode_ids``) turns them into the
+            conditioning inside the step.
         checkpointing: where and how often to save, and a checkpoint to resume from
             (``tuner.training.checkpoints.Checkpointing``); a resumed run ends as the uninterrupted one.
 
@@ -448,16 +430,19 @@ def train_denoiser(
     optimizer = make_optimizer(settings.optimizer, groups, settings.learning_rate, settings.weight_decay)
     lr_scheduler = make_lr_scheduler(settings.lr_scheduler, optimizer, settings.warmup_steps, settings.steps)
     # accelerate wraps (for several processes) only the modules with something to train
-    trains = [m is not None and any(p.requires_grad for p in m.parameters()) for m in (unet, text_encoder)]
-    to_wrap = [m for m, t in zip((unet, text_encoder), trains) if t]
-    wrapped = list(accelerator.prepare(*to_wrap, optimizer, lr_scheduler))
+    modules = {"denoiser": denoiser, **(text_encoders or {})}
+    trains = {name: any(p.requires_grad for p in m.parameters()) for name, m in modules.items()}
+    names = [name for name in modules if trains[name]]
+    wrapped = list(accelerator.prepare(*[modules[name] for name in names], optimizer, lr_scheduler))
     lr_scheduler, optimizer = wrapped.pop(), wrapped.pop()
-    unet = wrapped.pop(0) if trains[0] else unet
-    text_encoder = wrapped.pop(0) if trains[1] else text_encoder
-    trained_modules = [m for m, t in zip((unet, text_encoder), trains) if t]
-    if trains[1]:
-        text_encoder.train()
-    text_encoder_params = {id(p) for p in text_encoder.parameters() if p.requires_grad} if text_encoder else set()
+    modules.update(zip(names, wrapped))
+    denoiser = modules.pop("denoiser")
+    text_encoders = modules if text_encoders is not None else None
+    trained_modules = [denoiser] * trains["denoiser"] + [m for name, m in modules.items() if trains[name]]
+    text_encoder_params = set()
+    for name, module in modules.items():
+        module.train(trains[name])
+        text_encoder_params |= {id(p) for p in module.parameters() if p.requires_grad}
     ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
     generator = torch.Generator().manual_seed(seed)  # the same on every rank: they draw the same global batches
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -496,18 +481,17 @@ def train_denoiser(
         }
         return Path(decide(accelerator, lambda: str(checkpoints.save(ck, step, params, state))))
 
-    unet.train(trains[0])
+    denoiser.train(trains["denoiser"])
     running = resumed_running if ck.resume is not None else 0.0
     bar = tqdm(range(start, settings.steps), desc=desc, disable=not accelerator.is_main_process, initial=start)
     bar.total = settings.steps
     micro_steps = accelerator.gradient_accumulation_steps
-    num_timesteps = noise_scheduler.config.num_train_timesteps
     signals = checkpoints.StopSignals() if ck.folder is not None else contextlib.nullcontext()
     te_stop = settings.text_encoder_steps
     stop_asked = False
     with signals:
         for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
-            if text_encoder is not None and te_stop is not None and step == max(start, te_stop):
+            if text_encoders is not None and te_stop is not None and step == max(start, te_stop):
                 for p in params:  # text_encoder.stop_at: from here on the text encoder is frozen
                     if id(p) in text_encoder_params:
                         p.requires_grad_(False)
@@ -515,18 +499,17 @@ def train_denoiser(
                 with accelerator.accumulate(*trained_modules):
                     parts = next_batch(generator)  # the global batch: every rank draws the same
                     parts = [parts] if isinstance(parts, Batch) else parts
-                    parts = [p.with_noise(generator, settings.loss, num_timesteps).shard(rank, world) for p in parts]
+                    parts = [p.with_noise(generator, settings.loss, objective).shard(rank, world) for p in parts]
                     loss = 0.0
                     for batch in merge_by_shape(parts):  # one denoiser call per latent size
                         batch = batch.to(accelerator.device)
                         with accelerator.autocast():
-                            embeds = batch.cond if text_encoder is None else encode(text_encoder, batch.cond)
+                            cond = batch.cond if text_encoders is None else encode(text_encoders, batch.cond)
                             per_sample = diffusion_loss(
-                                unet,
-                                noise_scheduler,
-                                target_fn,
+                                denoiser,
+                                objective,
                                 batch.latents,
-                                embeds,
+                                cond,
                                 loss=settings.loss,
                                 mask=batch.mask,
                                 draws=(batch.noise, batch.input_noise, batch.timesteps),
@@ -577,9 +560,9 @@ def train_denoiser(
                 raise checkpoints.Stopped(done, save(done, running), signals.signum or signal.SIGTERM)
             if ck.every and (done % ck.every == 0 or done == settings.steps):
                 save(done, running)
-    unet.eval()
-    if text_encoder is not None:
-        text_encoder.eval()
+    denoiser.eval()
+    for module in (text_encoders or {}).values():
+        module.eval()
     for p in params:  # what was frozen mid-run trained before: leave every trained tensor as it was given
         p.requires_grad_(True)
     return result

@@ -21,11 +21,6 @@ from omegaconf import DictConfig
 from tuner.config import ConfigError
 
 PEFT_TYPES = ("lora", "loha", "lokr")
-UNET_PRESETS = {
-    "attn": ["to_q", "to_k", "to_v", "to_out.0"],
-    "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
-}
-BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
 
 
 @dataclass
@@ -44,14 +39,14 @@ class Trainables:
         return [p for g in self.groups for p in g["params"]]
 
 
-def unet_target_modules(unet: torch.nn.Module, a: DictConfig) -> list[str]:
-    """``adapter.target_modules`` when given, else the modules of the ``adapter.targets`` preset."""
+def denoiser_target_modules(denoiser: torch.nn.Module, a: DictConfig, family) -> list[str]:
+    """``adapter.target_modules`` when given, else the modules of the family's ``adapter.targets`` preset."""
     if a.target_modules:
         return list(a.target_modules)
-    if a.targets in UNET_PRESETS:
-        return UNET_PRESETS[a.targets]
+    if a.targets in family.TARGETS:
+        return family.TARGETS[a.targets]
     kinds = (torch.nn.Linear,) if a.targets == "all_linear" else (torch.nn.Linear, torch.nn.Conv2d)
-    return [name for name, m in unet.named_modules() if name.startswith(BLOCKS) and isinstance(m, kinds)]
+    return [name for name, m in denoiser.named_modules() if name.startswith(family.BLOCKS) and isinstance(m, kinds)]
 
 
 def peft_config(a: DictConfig, target_modules: list[str]):
@@ -76,9 +71,9 @@ def _trained(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def _unfreeze_blocks(unet: torch.nn.Module, blocks, learning_rate: float) -> list[dict]:
+def _unfreeze_blocks(unet: torch.nn.Module, blocks, learning_rate: float, family) -> list[dict]:
     """One group per ``adapter.blocks`` pattern; a parameter joins the first pattern it matches."""
-    groups = [{"name": f"unet {b.pattern}", "params": [], "lr": b.lr or learning_rate} for b in blocks]
+    groups = [{"name": f"{family.DENOISER} {b.pattern}", "params": [], "lr": b.lr or learning_rate} for b in blocks]
     for name, param in unet.named_parameters():
         for block, group in zip(blocks, groups):
             if fnmatch.fnmatchcase(name, block.pattern):
@@ -87,9 +82,11 @@ def _unfreeze_blocks(unet: torch.nn.Module, blocks, learning_rate: float) -> lis
                 break
     for block, group in zip(blocks, groups):
         if not group["params"]:
-            tops = sorted({".".join(n.split(".")[:4]) for n, _ in unet.named_parameters() if n.startswith(BLOCKS)})
+            tops = sorted(
+                {".".join(n.split(".")[:4]) for n, _ in unet.named_parameters() if n.startswith(family.BLOCKS)}
+            )
             raise ConfigError(
-                f"adapter.blocks: pattern {block.pattern!r} matches no U-Net parameter; "
+                f"adapter.blocks: pattern {block.pattern!r} matches no {family.DENOISER} parameter; "
                 f"names look like {', '.join(tops[:6])} ..."
             )
     return groups
@@ -120,34 +117,36 @@ def add_tokens(tokenizer, text_encoder, emb: DictConfig) -> dict[str, int]:
     return dict(zip(names, ids))
 
 
-def setup(cfg: DictConfig, c) -> Trainables:
-    """Make exactly the configured parameters trainable on the frozen components ``c``."""
+def setup(cfg: DictConfig, c, family) -> Trainables:
+    """Make exactly the configured parameters trainable on the frozen components ``c`` of ``family``."""
     from peft import LoraConfig
 
     a, te, emb, lr = cfg.adapter, cfg.text_encoder, cfg.embedding, cfg.train.learning_rate
     out = Trainables()
+    denoiser, name = c.denoiser, c.denoiser_name
     if a.type in PEFT_TYPES:
-        c.unet.add_adapter(peft_config(a, unet_target_modules(c.unet, a)))
-        out.groups.append({"name": f"unet {a.type}", "params": _trained(c.unet), "lr": lr})
+        denoiser.add_adapter(peft_config(a, denoiser_target_modules(denoiser, a, family)))
+        out.groups.append({"name": f"{name} {a.type}", "params": _trained(denoiser), "lr": lr})
     elif a.type == "partial_unet":
-        out.groups += _unfreeze_blocks(c.unet, a.blocks, lr)
+        out.groups += _unfreeze_blocks(denoiser, a.blocks, lr, family)
     elif a.type == "full":
-        out.groups.append({"name": "unet", "params": list(c.unet.requires_grad_(True).parameters()), "lr": lr})
+        out.groups.append({"name": name, "params": list(denoiser.requires_grad_(True).parameters()), "lr": lr})
 
-    if te.train == "lora":
-        c.text_encoder.add_adapter(
-            LoraConfig(
-                r=a.rank,
-                lora_alpha=a.alpha,
-                lora_dropout=a.dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(te.target_modules),
+    for name in family.LORA_TEXT_ENCODERS if te.train != "none" else ():
+        encoder = c.text_encoders[name]
+        if te.train == "lora":
+            encoder.add_adapter(
+                LoraConfig(
+                    r=a.rank,
+                    lora_alpha=a.alpha,
+                    lora_dropout=a.dropout,
+                    init_lora_weights="gaussian",
+                    target_modules=list(te.target_modules),
+                )
             )
-        )
-    elif te.train == "full":
-        c.text_encoder.requires_grad_(True)
-    if te.train != "none":
-        group = {"name": f"text_encoder {te.train}", "params": _trained(c.text_encoder), "lr": te.learning_rate or lr}
+        else:
+            encoder.requires_grad_(True)
+        group = {"name": f"{name} {te.train}", "params": _trained(encoder), "lr": te.learning_rate or lr}
         out.groups.append(group)
 
     if emb.tokens:
@@ -175,7 +174,7 @@ def cast_frozen(c, trainables: Trainables, dtype: torch.dtype) -> None:
     if dtype == torch.float32:
         return
     trained = {id(p) for p in trainables.params}
-    for module in (c.unet, c.text_encoder):
+    for module in c.trainable().values():
         named = list(module.named_parameters())
         if any(id(p) in trained and not _in_adapter(name) for name, p in named):
             continue

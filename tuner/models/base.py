@@ -1,0 +1,356 @@
+"""What every model family provides, and the parts most of them share.
+
+A family is a ``Family`` subclass in its own module (sd15.py, sd2.py, sdxl.py, flux.py, sd3.py): the
+names of its diffusers classes, how it encodes prompts, how its denoiser is called, and its training
+objective. The training loop, the trainables and the exports only ever talk to this interface, so
+adding a family is one module, one ``conf/model/`` file and one tiny configuration in tiny.py.
+
+The components are loaded from a local diffusers folder, each with the class its ``model_index.json``
+names, weights from safetensors only (``allow_pickle``: ``.bin`` where there is no ``.safetensors``,
+which diffusers and transformers read with ``torch.load(weights_only=True)``). A single-file
+checkpoint is turned into such a folder once (see ``from_single_file``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tuner.config import ConfigError
+
+Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
+
+
+@dataclass
+class Components:
+    """A loaded pipeline's modules, by their diffusers component names."""
+
+    denoiser: torch.nn.Module  # the U-Net or the transformer
+    vae: torch.nn.Module
+    text_encoders: dict[str, torch.nn.Module]  # text_encoder, text_encoder_2, ...
+    tokenizers: dict[str, object]  # tokenizer, tokenizer_2, ... (in the text encoders' order)
+    noise_scheduler: object  # the training scheduler
+    prediction_type: str  # epsilon | v_prediction | flow
+    denoiser_name: str = "unet"  # unet | transformer: its name in the pipeline and in LoRA files
+    extra: dict = field(default_factory=dict)  # family settings (e.g. Flux's guidance for training)
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.denoiser
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        return self.text_encoders["text_encoder"]
+
+    @property
+    def tokenizer(self):
+        return self.tokenizers["tokenizer"]
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        """The modules an adapter can go into: the denoiser, then the text encoders."""
+        return {self.denoiser_name: self.denoiser, **self.text_encoders}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {**self.trainable(), "vae": self.vae}
+
+
+def tree_map(fn, x):
+    """``fn`` on a tensor, on each tensor of a dict of tensors, or None for None."""
+    if x is None:
+        return None
+    if isinstance(x, dict):
+        return {k: fn(v) for k, v in x.items()}
+    return fn(x)
+
+
+def tree_cat(parts: list):
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], dict):
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return torch.cat(parts)
+
+
+def _class(library: str, name: str):
+    return getattr(importlib.import_module(library), name)
+
+
+class Family:
+    """The interface, with what the UNet-and-CLIP families share. Subclasses set the class attributes."""
+
+    NAME = ""
+    PIPELINE = "StableDiffusionPipeline"  # the diffusers pipeline class: loading, sampling and LoRA files
+    IMG2IMG: str | None = "StableDiffusionImg2ImgPipeline"
+    DENOISER = "unet"
+    TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
+    LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
+    TRAINING_SCHEDULER = "DDPMScheduler"
+    # the denoiser's blocks (for the locon / all_linear presets) and its LoRA target presets
+    BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+    TARGETS = {
+        "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+        "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+    }
+    EXPORTS = ("diffusers", "peft", "merged")  # export formats this family can write
+    # how exports name the family: kohya's key prefixes, ss_base_model_version, modelspec.architecture
+    KOHYA_PREFIXES: dict[str, str] = {}
+    BASE_VERSION = ""
+    MODELSPEC_ARCHITECTURE = ""
+    DEFAULT_RESOLUTION = 512
+    RESOLUTION_MULTIPLE = 8  # pixel sizes the VAE and the denoiser's patches divide
+
+    def __init__(self, options=None):
+        # the model config (model.*): zero_terminal_snr, timestep_shift, guidance, max_sequence_length, ...
+        self.options = dict(options or {})
+
+    # --- loading -------------------------------------------------------------------------------
+    def check_folder(self, path: str | Path, allow_pickle: bool = False) -> Path:
+        """Check that ``path`` is a local diffusers folder of this family, before anything loads.
+
+        Raises:
+            ConfigError: the folder is missing, is not a diffusers pipeline, is of another family, or
+                holds a component only as pickled ``.bin`` weights (unless ``allow_pickle``).
+        """
+        folder = Path(path).expanduser()
+        if folder.is_file():
+            raise ConfigError(
+                f"model.path={path} is a file: a single-file checkpoint is converted to a diffusers folder "
+                "first (model.path=FILE works in a run, with model.config=FOLDER)"
+            )
+        if not folder.is_dir():
+            raise ConfigError(f"model.path={path}: no such folder. Point it at a local diffusers pipeline folder.")
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ConfigError(
+                f"model.path={path}: no model_index.json, so this is not a diffusers pipeline folder "
+                "(a single .safetensors checkpoint goes in model.path directly, with model.config)"
+            )
+        name = json.loads(index.read_text()).get("_class_name")
+        if name != self.PIPELINE:
+            from tuner.models import family_of_pipeline
+
+            other = family_of_pipeline(name)
+            raise ConfigError(
+                f"model.path={path} holds a {name}, not a {self.PIPELINE} (model={self.NAME}); "
+                + (f"use model={other}" if other else "choose the matching model=... family")
+            )
+        for component in (self.DENOISER, "vae", *self.TEXT_ENCODERS):
+            files = list((folder / component).glob("*.safetensors"))
+            if not files and not allow_pickle:
+                raise ConfigError(
+                    f"model.path={path}: {component}/ has no .safetensors weights. tuner never unpickles a file you "
+                    "did not allow: convert it to safetensors, or pass model.allow_pickle=true (read with "
+                    "weights_only=True)"
+                )
+        return folder
+
+    def check_config_folder(self, path: str | Path) -> Path:
+        """A folder that describes a single-file checkpoint: this family's model_index.json and configs."""
+        folder = Path(path).expanduser()
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ConfigError(f"model.config={path}: no model_index.json; give a local diffusers folder of this family")
+        name = json.loads(index.read_text()).get("_class_name")
+        if name != self.PIPELINE:
+            raise ConfigError(f"model.config={path} describes a {name}, not a {self.PIPELINE} (model={self.NAME})")
+        return folder
+
+    def load(self, path: str | Path, prediction_type: str | None = None, allow_pickle: bool = False) -> Components:
+        """The components of a local diffusers folder, frozen, in eval mode, offline."""
+        folder = self.check_folder(path, allow_pickle)
+        index = json.loads((folder / "model_index.json").read_text())
+        kwargs = {"use_safetensors": None if allow_pickle else True}
+
+        def component(name: str):
+            library, cls = index[name]
+            return _class(library, cls).from_pretrained(folder / name, **kwargs)
+
+        denoiser = component(self.DENOISER)
+        vae = component("vae")
+        encoders = {name: component(name) for name in self.TEXT_ENCODERS}
+        tokenizers = {}
+        for i in range(len(self.TEXT_ENCODERS)):
+            name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
+            library, cls = index[name]
+            tokenizers[name] = _class(library, cls).from_pretrained(folder / name)
+        scheduler = _class("diffusers", self.TRAINING_SCHEDULER).from_pretrained(folder / "scheduler")
+        for module in (denoiser, vae, *encoders.values()):
+            module.requires_grad_(False).eval()
+        c = Components(denoiser, vae, encoders, tokenizers, scheduler, "", self.DENOISER)
+        # the pipeline's own settings (SDXL's force_zeros_for_empty_prompt, ...), for pipelines built in memory
+        c.extra["pipeline_config"] = {
+            k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)
+        }
+        c.prediction_type = self.prediction(c, prediction_type)
+        return c
+
+    def prediction(self, c: Components, override: str | None) -> str:
+        """epsilon | v_prediction: from the scheduler config unless overridden (model.prediction_type)."""
+        prediction_type = override or c.noise_scheduler.config.prediction_type
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"model.prediction_type={prediction_type}: use epsilon or v_prediction")
+        c.noise_scheduler.register_to_config(prediction_type=prediction_type)
+        return prediction_type
+
+    def pipeline_class(self):
+        return _class("diffusers", self.PIPELINE)
+
+    def load_pipeline(self, path: str | Path):
+        """The family's diffusers pipeline loaded from a folder, for serving and tests."""
+        return self.pipeline_with(path)
+
+    def pipeline_with(self, path: str | Path, **components):
+        """The pipeline of the base folder ``path`` (its scheduler and extras) with the given modules in place."""
+        return self.pipeline_class().from_pretrained(self.check_folder(path), use_safetensors=True, **components)
+
+    def from_single_file(self, file: Path, config: Path, out: Path) -> Path:
+        """Convert a single-file checkpoint to a diffusers folder ``out`` with diffusers' own loader.
+
+        ``config`` is a local diffusers folder of the same family: its configs and tokenizers (weights
+        are not read), so nothing comes from a hub.
+        """
+        if not hasattr(self.pipeline_class(), "from_single_file"):
+            raise ConfigError(f"model={self.NAME}: diffusers cannot load this family from a single file")
+        pipe = self.pipeline_class().from_single_file(str(file), config=str(config), local_files_only=True)
+        pipe.save_pretrained(out, safe_serialization=True)
+        return out
+
+    # --- prompts -------------------------------------------------------------------------------
+    def tokenize(self, c: Components, prompts: list[str]) -> Cond:
+        """Token ids padded to the tokenizer's length; multi-vector embedding tokens expanded as diffusers does."""
+        from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+        prompts = TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), c.tokenizer)
+        return _ids(c.tokenizer, prompts, c.tokenizer.model_max_length)
+
+    def encode_ids(self, text_encoders: dict, ids: Cond) -> Cond:
+        """The denoiser's prompt conditioning from token ids (with gradients, for text encoder training)."""
+        encoder = text_encoders["text_encoder"]
+        return encoder(ids.to(next(encoder.parameters()).device))[0]
+
+    @torch.no_grad()
+    def encode_prompts(self, c: Components, prompts: list[str]) -> Cond:
+        return self.encode_ids(c.text_encoders, self.tokenize(c, prompts))
+
+    def image_cond(self, dataset) -> dict[str, torch.Tensor] | None:
+        """Per-image conditioning from the prepared dataset (SDXL's size and crop); None: none."""
+        return None
+
+    # --- training ------------------------------------------------------------------------------
+    def predict(self, denoiser, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The denoiser's output for noisy latents at ``timesteps`` under the prompt conditioning."""
+        return denoiser(noisy, timesteps, encoder_hidden_states=cond).sample
+
+    def objective(self, c: Components):
+        """Noising, target and loss weights of this family's training (``tuner.training.objectives``)."""
+        from tuner.training.objectives import NoiseObjective
+
+        return NoiseObjective(c.noise_scheduler, c.prediction_type, self.predict)
+
+    def noise_target(self, c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+        """What the denoiser is trained to predict at these timesteps (the objective's target)."""
+        return self.objective(c).target(latents, noise, timesteps)
+
+    # --- sampling ------------------------------------------------------------------------------
+    def pipeline(self, c: Components):
+        """The family's pipeline over the in-memory components, sampling with its scheduler for inference."""
+        settings = {**c.extra.get("pipeline_config", {}), **self.pipeline_extras()}
+        pipe = self.pipeline_class()(**self.pipeline_modules(c), scheduler=self.sampling_scheduler(c), **settings)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_modules(self, c: Components) -> dict:
+        return {c.denoiser_name: c.denoiser, "vae": c.vae, **c.text_encoders, **c.tokenizers}
+
+    def pipeline_extras(self) -> dict:
+        """Constructor arguments of the pipeline class beyond its modules (no safety checker, ...)."""
+        return {}
+
+    def sampling_scheduler(self, c: Components):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(c.noise_scheduler.config)
+
+    def call_kwargs(self) -> dict:
+        """Extra keyword arguments of every pipeline call (the gallery's and the tests')."""
+        return {}
+
+    def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Images in [-1, 1] from the latents a pipeline returns with ``output_type="latent"``."""
+        vae = pipe.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.get("shift_factor") or 0.0)
+        return vae.decode(latents).sample
+
+    def img2img(self, pipe):
+        """The image-to-image pipeline over the same modules."""
+        if self.IMG2IMG is None:
+            raise ConfigError(f"generate.init_image: model={self.NAME} has no image-to-image pipeline in tuner")
+        return _class("diffusers", self.IMG2IMG)(**pipe.components)
+
+    # --- exports -------------------------------------------------------------------------------
+    def save_lora(self, folder: Path, layers: dict[str, tuple[dict, dict]]) -> Path:
+        """Write ``pytorch_lora_weights.safetensors`` the way diffusers itself does, each LoRA config in its metadata.
+
+        Args:
+            layers: ``{component name: (peft state dict, LoraConfig as a dict)}``.
+        """
+        kwargs = {}
+        for name, (state, config) in layers.items():
+            kwargs[f"{name}_lora_layers"] = state
+            kwargs[f"{name}_lora_adapter_metadata"] = config
+        self.pipeline_class().save_lora_weights(folder, safe_serialization=True, **kwargs)
+        return folder / "pytorch_lora_weights.safetensors"
+
+    def kohya_module_name(self, component: str, name: str) -> str:
+        return name
+
+    def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
+        raise ConfigError(f"export.formats: single_file is not written for model={self.NAME}")
+
+
+def _ids(tokenizer, prompts: list[str], length: int) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+class FlowFamily(Family):
+    """What the flow-matching transformer families (Flux, SD3) share."""
+
+    DENOISER = "transformer"
+    TRAINING_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+    EXPORTS = ("diffusers", "peft", "merged")
+    RESOLUTION_MULTIPLE = 16
+    DEFAULT_RESOLUTION = 1024
+    MAX_SEQUENCE_LENGTH = 512  # the pipeline's default T5 prompt length
+
+    def prediction(self, c: Components, override: str | None) -> str:
+        if override not in (None, "flow"):
+            raise ConfigError(f"model.prediction_type={override}: model={self.NAME} trains by flow matching")
+        return "flow"
+
+    def objective(self, c: Components):
+        from tuner.training.objectives import FlowObjective
+
+        o = self.options
+        return FlowObjective(
+            c.noise_scheduler,
+            self.predict,
+            weighting=o.get("weighting_scheme") or "none",
+            logit_mean=o.get("logit_mean", 0.0),
+            logit_std=o.get("logit_std", 1.0),
+            mode_scale=o.get("mode_scale", 1.29),
+            shift=o.get("timestep_shift"),
+        )
+
+    def sampling_scheduler(self, c: Components):
+        return type(c.noise_scheduler).from_config(c.noise_scheduler.config)
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.options.get("max_sequence_length") or self.MAX_SEQUENCE_LENGTH
+
+    def call_kwargs(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length}

@@ -1,0 +1,75 @@
+"""Flux.1 (dev and schnell): a rectified-flow transformer over 2x2-packed latents.
+
+Prompts: CLIP's pooled output and T5's hidden states (``max_sequence_length`` tokens, 512 unless
+``model.max_sequence_length`` says otherwise). The transformer reads timesteps in [0, 1], the
+sequence positions of the text (zeros) and of the latent patches, and, in the dev shape, the guidance
+it was distilled with (``model.guidance`` during training; the gallery's guidance_scale at sampling).
+The VAE's latents are shifted and scaled, ``(z - shift_factor) * scaling_factor``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuner.models.base import Components, FlowFamily, _ids
+
+
+class Flux(FlowFamily):
+    NAME = "flux"
+    PIPELINE = "FluxPipeline"
+    IMG2IMG = "FluxImg2ImgPipeline"
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP, T5
+    LORA_TEXT_ENCODERS = ("text_encoder",)  # as diffusers' Flux scripts: T5 stays frozen
+    BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+    TARGETS = {
+        "attn": ["to_q", "to_k", "to_v", "to_out.0"],
+        "attn_ff": [
+            "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+            "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+        ],
+    }  # fmt: skip
+    BASE_VERSION = "flux1"
+    MODELSPEC_ARCHITECTURE = "flux-1-dev"
+
+    def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        clip = c.tokenizers["tokenizer"]
+        return {
+            "text_encoder": _ids(clip, list(prompts), clip.model_max_length),
+            "text_encoder_2": _ids(c.tokenizers["tokenizer_2"], list(prompts), self.max_sequence_length),
+        }
+
+    def encode_ids(self, text_encoders: dict, ids: dict) -> dict[str, torch.Tensor]:
+        """As ``FluxPipeline.encode_prompt``: CLIP's pooled output, T5's last hidden states."""
+        clip, t5 = text_encoders["text_encoder"], text_encoders["text_encoder_2"]
+        device = next(clip.parameters()).device
+        pooled = clip(ids["text_encoder"].to(device), output_hidden_states=False).pooler_output
+        hidden = t5(ids["text_encoder_2"].to(device), output_hidden_states=False)[0]
+        rest = {k: v for k, v in ids.items() if k not in self.TEXT_ENCODERS}
+        return {**rest, "prompt_embeds": hidden, "pooled": pooled}
+
+    def predict(self, denoiser, noisy, timesteps, cond):
+        from diffusers import FluxPipeline
+
+        b, ch, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, ch, h, w)
+        image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        text = cond["prompt_embeds"]
+        text_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        config = getattr(denoiser, "module", denoiser).config  # DistributedDataParallel wraps it
+        guidance = None
+        if config.guidance_embeds:
+            guidance = torch.full((b,), float(self.options.get("guidance", 1.0)), device=noisy.device)
+        out = denoiser(
+            hidden_states=packed,
+            timestep=timesteps.to(noisy.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=cond["pooled"],
+            encoder_hidden_states=text,
+            txt_ids=text_ids,
+            img_ids=image_ids,
+            return_dict=False,
+        )[0]
+        return FluxPipeline._unpack_latents(out, h, w, 1)  # (latent h, w) with a scale factor of 1
+
+    def decode(self, pipe, latents, height, width):
+        return super().decode(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), height, width)

@@ -1,0 +1,43 @@
+"""Stable Diffusion 2.x: SD1.x's pipeline with an OpenCLIP text encoder, trained at 768 px with
+v-prediction (read from the scheduler config; ``model.prediction_type`` overrides it).
+
+``model.zero_terminal_snr=true`` rescales the noise schedule so its last timestep is pure noise
+(Lin et al. 2024, diffusers' ``rescale_betas_zero_snr``), for training and for sampling, whose
+timesteps then start at the last one (``timestep_spacing="trailing"``); it needs v-prediction.
+"""
+
+from __future__ import annotations
+
+from tuner.config import ConfigError
+from tuner.models.sd15 import SD15
+
+
+class SD2(SD15):
+    NAME = "sd2"
+    EXPORTS = ("diffusers", "kohya", "peft", "merged")  # SD2's single-file text encoder is OpenCLIP's layout
+    BASE_VERSION = "sd_v2"
+    MODELSPEC_ARCHITECTURE = "stable-diffusion-v2-768-v"
+    DEFAULT_RESOLUTION = 768
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.options.get("zero_terminal_snr"))
+
+    def load(self, path, prediction_type=None, allow_pickle=False):
+        c = super().load(path, prediction_type, allow_pickle)
+        if self.zero_terminal_snr:
+            if c.prediction_type != "v_prediction":
+                raise ConfigError(
+                    "model.zero_terminal_snr=true needs v-prediction (epsilon cannot be predicted from pure noise); "
+                    "set model.prediction_type=v_prediction"
+                )
+            c.noise_scheduler = type(c.noise_scheduler).from_config(
+                c.noise_scheduler.config, rescale_betas_zero_snr=True
+            )
+        return c
+
+    def sampling_scheduler(self, c):
+        scheduler = super().sampling_scheduler(c)
+        if self.zero_terminal_snr:
+            return type(scheduler).from_config(scheduler.config, timestep_spacing="trailing")
+        return scheduler

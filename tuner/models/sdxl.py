@@ -1,0 +1,69 @@
+"""Stable Diffusion XL: two CLIP text encoders and a U-Net with added conditioning.
+
+The U-Net reads the penultimate hidden states of both encoders side by side, the second encoder's
+pooled (projected) output, and six "time ids" per image: its original size, the top-left corner of
+the crop and the target size, (h, w, top, left, h, w). tuner takes them from the prepare stage
+(``original_size``, ``crop`` and ``bucket`` columns), as SDXL was trained; the pipeline computes the
+same numbers at sampling time (``image_cond`` and the test against ``_get_add_time_ids``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tuner.models.base import Components, Family, _ids
+
+
+class SDXL(Family):
+    NAME = "sdxl"
+    PIPELINE = "StableDiffusionXLPipeline"
+    IMG2IMG = "StableDiffusionXLImg2ImgPipeline"
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+    LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+    EXPORTS = ("diffusers", "peft", "merged", "single_file")
+    KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    BASE_VERSION = "sdxl_base_v1-0"
+    MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+    DEFAULT_RESOLUTION = 1024
+
+    def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {
+            name: _ids(c.tokenizers[tok], list(prompts), c.tokenizers[tok].model_max_length)
+            for name, tok in zip(self.TEXT_ENCODERS, ("tokenizer", "tokenizer_2"))
+        }
+
+    def encode_ids(self, text_encoders: dict, ids: dict) -> dict[str, torch.Tensor]:
+        """As ``StableDiffusionXLPipeline.encode_prompt``: penultimate hidden states of both encoders,
+        concatenated, and the last encoder's pooled output. Other entries (time ids) pass through."""
+        hidden = []
+        for name in self.TEXT_ENCODERS:
+            encoder = text_encoders[name]
+            out = encoder(ids[name].to(next(encoder.parameters()).device), output_hidden_states=True)
+            pooled = out[0]  # CLIPTextModelWithProjection's text_embeds (the last encoder's)
+            hidden.append(out.hidden_states[-2])
+        rest = {k: v for k, v in ids.items() if k not in self.TEXT_ENCODERS}
+        return {**rest, "prompt_embeds": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def image_cond(self, dataset) -> dict[str, torch.Tensor]:
+        """Per image (original h, w, crop top, left, target h, w): PIL sizes are (w, h), crops (top, left)."""
+        rows = [
+            [size[1], size[0], crop[0], crop[1], bucket[1], bucket[0]]
+            for size, crop, bucket in zip(dataset["original_size"], dataset["crop"], dataset["bucket"])
+        ]
+        return {"time_ids": torch.tensor(rows, dtype=torch.float32)}
+
+    def predict(self, denoiser, noisy, timesteps, cond):
+        added = {"text_embeds": cond["pooled"], "time_ids": cond["time_ids"].to(cond["pooled"].dtype)}
+        return denoiser(noisy, timesteps, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added).sample
+
+    def pipeline_extras(self) -> dict:
+        return {"add_watermarker": False}
+
+    def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
+        """The four modules in the original (SGM) single-file layout of SDXL (tuner/models/sgm_layout.py)."""
+        from tuner.models.sd15 import base_vocabulary
+        from tuner.models.sgm_layout import to_original
+
+        unet, vae = modules["unet"], modules["vae"]
+        texts = [base_vocabulary(modules[name], vocab_sizes[name]) for name in self.TEXT_ENCODERS]
+        return to_original(unet.state_dict(), dict(unet.config), vae.state_dict(), dict(vae.config), *texts)
