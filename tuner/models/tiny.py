@@ -197,17 +197,18 @@ def build_sdxl(seed: int = 0) -> dict:
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        cross_attention_dim=32,
+        cross_attention_dim=16 + 24,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 16,
+        projection_class_embeddings_input_dim=6 * 8 + 24,
         norm_num_groups=8,
     )
     torch.manual_seed(seed + 1)
     vae = _vae()
     torch.manual_seed(seed + 2)
     text_encoder = _clip(CLIPTextModel, 16, 2, 32)
-    text_encoder_2 = _clip(CLIPTextModelWithProjection, 16, 2, 32, projection_dim=16, hidden_act="gelu")
+    # the widths differ, as in SDXL: diffusers' single-file loader tells the two encoders apart by width
+    text_encoder_2 = _clip(CLIPTextModelWithProjection, 24, 2, 32, projection_dim=24, hidden_act="gelu")
     scheduler = EulerDiscreteScheduler(  # SDXL's own
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
     )
@@ -259,6 +260,7 @@ def _t5(width: int = 32, layers: int = 1):
         is_encoder_decoder=False,
         pad_token_id=0,
         eos_token_id=1,
+        dropout_rate=0.0,
     )
     return T5EncoderModel(config)
 
@@ -347,6 +349,9 @@ def save_pipeline(components: dict, folder: Path, family: str = "sd15") -> Path:
     from tuner.models import get_family
 
     f = get_family(family)
+    for module in components.values():  # built modules start in train mode (dropout): save them as loaded
+        if isinstance(module, torch.nn.Module):
+            module.eval()
     pipe = f.pipeline_class()(**components, **f.pipeline_extras())
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
