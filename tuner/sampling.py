@@ -54,10 +54,8 @@ def generate(
                 **negative,
                 **call,
             ).images
-        if "image" in call:  # image-to-image: the size of the given image
-            height, width_ = call["image"].shape[-2:] if hasattr(call["image"], "shape") else call["image"].size[::-1]
-        else:
-            height, width_ = resolution, width or resolution
+        # image-to-image: the size of the given (PIL) image
+        height, width_ = call["image"].size[::-1] if "image" in call else (resolution, width or resolution)
         images = decode(pipe, latents, height, width_)
         out.append(images.float().clamp(-1, 1).cpu())
     return torch.cat(out)
