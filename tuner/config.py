@@ -256,6 +256,9 @@ class TrainConfig:
     log_every: int = 50
     # a step whose loss is NaN or infinite: stop (the last checkpoint stays as it was) or skip it
     nonfinite: str = "stop"
+    # time each phase of the steps (summary.json's step_phases); on a GPU it waits for the device at each
+    # phase's end, so it slows training: for benchmarks (on a CPU phases are always timed, at no cost)
+    profile: bool = False
 
 
 @dataclass
@@ -272,6 +275,31 @@ class SampleConfig:
     guidance_scale: float = 3.0
     # images are upscaled (nearest) to at least this many pixels in the gallery
     display_size: int = 64
+
+
+@dataclass
+class LogConfig:
+    """Training logs: TensorBoard in RUN/logs (``tensorboard --logdir runs``), Weights & Biases optionally."""
+
+    tensorboard: bool = True
+    # needs the wandb package (pip install wandb); WANDB_MODE=offline keeps the run on this machine
+    wandb: bool = False
+    wandb_project: str = "tuner"
+
+
+@dataclass
+class ValidationConfig:
+    """Samples every ``every`` steps (0: never) at fixed prompts and seeds, into RUN/validation/: a grid PNG per
+    step and an index.html with one row per step, growing while the run trains."""
+
+    every: int = 0
+    # default: sample.prompts, else the instance (and class) prompt
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    # default: sample.steps
+    steps: int | None = None
+    # default: sample.guidance_scale
+    guidance_scale: float | None = None
 
 
 @dataclass
@@ -387,6 +415,8 @@ class TunerConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
@@ -467,6 +497,20 @@ def run_folder_of(path: str | Path) -> Path | None:
     return None
 
 
+def _validate_logging(cfg: DictConfig) -> None:
+    v = cfg.validation
+    if v.every < 0 or not v.seeds or (v.steps is not None and v.steps < 1):
+        raise ConfigError("validation.every must be 0 (never) or more, validation.seeds not empty, steps >= 1")
+    if v.every and "train" in cfg.stages and not (v.prompts or cfg.sample.prompts or cfg.data.instance_prompt):
+        raise ConfigError("validation.every is set but there is no prompt: set validation.prompts=[...]")
+    import importlib.util
+
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)")
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check what the schema cannot, before anything heavy loads.
 
@@ -493,6 +537,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.lr_scheduler={t.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
     if t.log_every < 1 or cfg.sample.batch_size < 1:
         raise ConfigError("train.log_every and sample.batch_size must be at least 1")
+    _validate_logging(cfg)
     if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
         raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}: choose epsilon or v_prediction")
     if cfg.adapter.rank < 1 or cfg.adapter.init not in ("gaussian", "default"):

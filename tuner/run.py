@@ -457,6 +457,7 @@ def train(run: Run) -> None:
         timestep_weights,
         train_denoiser,
     )
+    from tuner.training.monitor import start as start_monitor
 
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     t = cfg.train
@@ -569,7 +570,9 @@ def train(run: Run) -> None:
         ema_decay=t.ema_decay,
         text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
         nonfinite=t.nonfinite,
+        profile=t.profile,
     )
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()])
     result = train_denoiser(
         accelerator,
         c.denoiser,
@@ -583,7 +586,15 @@ def train(run: Run) -> None:
         text_encoders=c.text_encoders if in_step else None,
         encode=run.family.encode_ids,
         checkpointing=checkpointing,
+        monitor=monitor,
     )
+    monitor.finish()
+    if result.steps_run:
+        per_step = result.step_seconds / result.steps_run
+        run.metrics["step_seconds"] = round(per_step, 4)
+        run.metrics["samples_per_s"] = round(t.batch_size * accelerator.num_processes / per_step, 2)
+    if result.phases:  # the share of the steps' time each phase took
+        run.metrics["step_phases"] = {k: round(v / result.step_seconds, 3) for k, v in result.phases.items()}
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
     run.metrics["trained_parameters"] = sum(p.numel() for p in what.params)
     run.metrics["epochs"] = sets[0].sampler.epochs  # of the instance images (started, counting the last)

@@ -54,6 +54,18 @@ SIZES = {
         layers_per_block=2,
         attention_levels=3,
     ),
+    # tools/bench.py: SD1.5's block structure at 64 px (8x8 latents) and widths at which the U-Net, the
+    # VAE and the text encoder cost about what they cost relative to each other in SD1.5 at 512 px
+    "bench": TinySize(
+        unet_channels=(32, 64, 128, 128),
+        vae_channels=(16, 32, 64, 64),
+        text_width=64,
+        text_layers=4,
+        max_tokens=77,
+        image_size=64,
+        layers_per_block=2,
+        attention_levels=3,
+    ),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,8 @@ class LoopSettings:
     text_encoder_steps: int | None = None
     # a NaN or infinite loss: stop (raise) or skip the step (no update)
     nonfinite: str = "stop"
+    # time each phase of the step; on a GPU this waits for the device at each phase's end (slower)
+    profile: bool = False
 
 
 @dataclass
@@ -373,12 +376,41 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, steps: int):
     return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
 
 
+class PhaseTimer:
+    """Seconds spent in each phase of the training steps (data, text_encoder, forward, backward, optimizer).
+
+    On a CPU the clock reads true times at no cost. A GPU runs ahead of the host, so there a phase's
+    time is only true when ``sync`` waits for the device at its end: only when profiling.
+    """
+
+    def __init__(self, device: torch.device, sync: bool):
+        self.sync = sync and device.type == "cuda"
+        self.enabled = device.type == "cpu" or self.sync
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if not self.enabled:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
     # steps skipped for a non-finite loss (train.nonfinite=skip)
     skipped: int = 0
     ema: object | None = None
+    # seconds per phase of the steps (see PhaseTimer); empty on a GPU unless profiling
+    phases: dict[str, float] = field(default_factory=dict)
+    # seconds of the steps themselves (from the first step's start to the last's end) and how many ran
+    step_seconds: float = 0.0
+    steps_run: int = 0
 
 
 def train_denoiser(
@@ -393,6 +425,7 @@ def train_denoiser(
     text_encoders: dict[str, torch.nn.Module] | None = None,
     encode: Callable | None = None,
     checkpointing=None,
+    monitor=None,
 ) -> TrainResult:
     """Train the parameters in ``groups`` for ``settings.steps`` optimizer steps.
 
@@ -406,6 +439,8 @@ def train_denoiser(
             conditioning inside the step.
         checkpointing: where and how often to save, and a checkpoint to resume from
             (``tuner.training.checkpoints.Checkpointing``); a resumed run ends as the uninterrupted one.
+        monitor: receives the logged values (loss, lr, grad norm, samples/s) and samples validation images
+            on its schedule (``tuner.training.monitor.Monitor``); the training itself is the same without it.
 
     Raises:
         checkpoints.Stopped: SIGTERM or SIGINT arrived; a checkpoint of the last whole step was saved.
@@ -489,6 +524,12 @@ def train_denoiser(
     signals = checkpoints.StopSignals() if ck.folder is not None else contextlib.nullcontext()
     te_stop = settings.text_encoder_steps
     stop_asked = False
+    timer = PhaseTimer(accelerator.device, settings.profile)
+    grad_norm = None  # the last clipped step's gradient norm, a device tensor: read at log intervals only
+    samples = 0  # images trained on (all ranks) since the last log
+    if monitor is not None and start == 0:
+        monitor.validate(0)  # the row of the untrained model
+    began = logged_at = time.perf_counter()
     with signals:
         for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
             if text_encoders is not None and te_stop is not None and step == max(start, te_stop):
@@ -497,23 +538,29 @@ def train_denoiser(
                         p.requires_grad_(False)
             for _ in range(micro_steps):
                 with accelerator.accumulate(*trained_modules):
-                    parts = next_batch(generator)  # the global batch: every rank draws the same
-                    parts = [parts] if isinstance(parts, Batch) else parts
-                    parts = [p.with_noise(generator, settings.loss, objective).shard(rank, world) for p in parts]
+                    with timer("data"):
+                        parts = next_batch(generator)  # the global batch: every rank draws the same
+                        parts = [parts] if isinstance(parts, Batch) else parts
+                        samples += sum(len(p.latents) for p in parts)
+                        parts = [p.with_noise(generator, settings.loss, objective).shard(rank, world) for p in parts]
+                        batches = [batch.to(accelerator.device) for batch in merge_by_shape(parts)]
                     loss = 0.0
-                    for batch in merge_by_shape(parts):  # one denoiser call per latent size
-                        batch = batch.to(accelerator.device)
+                    for batch in batches:  # one denoiser call per latent size
                         with accelerator.autocast():
-                            cond = batch.cond if text_encoders is None else encode(text_encoders, batch.cond)
-                            per_sample = diffusion_loss(
-                                denoiser,
-                                objective,
-                                batch.latents,
-                                cond,
-                                loss=settings.loss,
-                                mask=batch.mask,
-                                draws=(batch.noise, batch.input_noise, batch.timesteps),
-                            )
+                            cond = batch.cond
+                            if text_encoders is not None:
+                                with timer("text_encoder"):
+                                    cond = encode(text_encoders, batch.cond)
+                            with timer("forward"):
+                                per_sample = diffusion_loss(
+                                    denoiser,
+                                    objective,
+                                    batch.latents,
+                                    cond,
+                                    loss=settings.loss,
+                                    mask=batch.mask,
+                                    draws=(batch.noise, batch.input_noise, batch.timesteps),
+                                )
                         loss = loss + (per_sample * batch.weights).sum()
                     # one sync per micro-batch (one small all-reduce with several processes): a bad step never
                     # reaches the weights, and a stop signal on any rank reaches every rank at the same step
@@ -534,32 +581,50 @@ def train_denoiser(
                         optimizer.zero_grad(set_to_none=True)
                         lr_scheduler.step()
                         continue
-                    accelerator.backward(loss)  # accelerate divides by the accumulation steps
-                    if accelerator.sync_gradients and settings.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, settings.max_grad_norm)
-                    optimizer.step()  # a no-op until the last micro-batch
-                    lr_scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    with timer("backward"):
+                        accelerator.backward(loss)  # accelerate divides by the accumulation steps
+                    with timer("optimizer"):
+                        if accelerator.sync_gradients and settings.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                        optimizer.step()  # a no-op until the last micro-batch
+                        lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
                 running += loss.detach() / micro_steps
             if ema is not None:
-                ema.step(params)
-            if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+                with timer("optimizer"):
+                    ema.step(params)
+            done = step + 1
+            if done % settings.log_every == 0 or done == settings.steps:
                 # reading the loss syncs with the device: only at log intervals. With several processes
                 # the mean of the ranks' losses is the global batch's loss (see Batch.shard)
                 n = (step % settings.log_every) + 1
                 value = float(accelerator.reduce(torch.as_tensor(running, device=accelerator.device), "mean")) / n
                 if not math.isfinite(value):
-                    raise FloatingPointError(f"{desc}: loss became {value} at step {step + 1}")
+                    raise FloatingPointError(f"{desc}: loss became {value} at step {done}")
                 result.losses.append(value)
-                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.1e}")
-                running = 0.0
-            done = step + 1
+                lr = lr_scheduler.get_last_lr()[0]
+                bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}")
+                now = time.perf_counter()
+                if monitor is not None:
+                    values = {"train/loss": value, "train/lr": lr, "train/samples_per_s": samples / (now - logged_at)}
+                    if grad_norm is not None:
+                        values["train/grad_norm"] = float(grad_norm)
+                    monitor.log(done, values)
+                running, samples, logged_at = 0.0, 0, now
+            if monitor is not None and monitor.due(done, settings.steps):
+                paused = time.perf_counter()
+                monitor.validate(done)  # rank 0 samples with the weights of this step; training goes on as if not
+                pause = time.perf_counter() - paused
+                began, logged_at = began + pause, logged_at + pause
+            result.steps_run += 1
             if ck.folder is None:
                 continue
             if stop_asked:  # SIGTERM / SIGINT / SIGUSR1 on any rank: every rank saves this step and stops
                 raise checkpoints.Stopped(done, save(done, running), signals.signum or signal.SIGTERM)
             if ck.every and (done % ck.every == 0 or done == settings.steps):
                 save(done, running)
+    result.step_seconds = time.perf_counter() - began
+    result.phases = {k: round(v, 4) for k, v in timer.seconds.items()}
     denoiser.eval()
     for module in (text_encoders or {}).values():
         module.eval()

@@ -1,0 +1,224 @@
+"""Time a tuner recipe on a tiny model, optionally beside a reference trainer on the same model and data.
+
+    python tools/bench.py                                          # tuner alone, one run
+    python tools/bench.py --reference PATH/train_dreambooth_lora.py --repeats 3
+
+The model is a randomly initialised SD1.x pipeline with SD1.5's block structure (``tiny.SIZES["bench"]``,
+64 px); the data is ``--images`` handwritten digits from scikit-learn at 64 px. Both programs train a LoRA of
+the same rank on the same attention layers, at the same batch size, learning rate and number of steps, and
+save the adapter. Runs are interleaved (tuner, reference, tuner, ...) and the table gives medians:
+
+    wall              process start to exit, start-up and saving included
+    first step        process start to the end of the first training step
+    steps/s, samples/s  the steady rate, from the progress bar: after the first fifth of the steps to the last
+    peak RSS          the process tree's largest resident memory (sampled every 20 ms, and the kernel's peak)
+    phases            tuner's share of step time per phase (from its summary.json)
+
+The reference's progress bar is read from its output (a tqdm bar whose total is the step count, by default
+the one named ``Steps``); its other numbers come from the outside, as tuner's do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+BAR = re.compile(r"(?P<desc>[^\r\n|]*?):?\s*\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+) \[")
+
+
+def make_inputs(work: Path, images: int, resolution: int) -> tuple[Path, Path]:
+    """The tiny model and ``images`` digit images (one digit, so a class), built once in ``work``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from tuner.models.tiny import make_tiny_pipeline
+
+    model = work / "model"
+    if not (model / "model_index.json").is_file():
+        make_tiny_pipeline(model, size="bench", family="sd15")
+    data = work / f"images-{images}-{resolution}"
+    if not data.is_dir():
+        digits = load_digits()
+        picked = digits.images[digits.target == 3][:images]
+        data.mkdir(parents=True)
+        for i, array in enumerate(picked):
+            gray = (255 - array / 16 * 255).astype(np.uint8)
+            image = Image.fromarray(gray).resize((resolution, resolution), Image.Resampling.BICUBIC)
+            image.convert("RGB").save(data / f"{i:03d}.png")
+    return model, data
+
+
+def measure(command: list[str], bar_name: str, steps: int, env: dict, log: Path) -> dict:
+    """Run ``command``; return its wall time, first-step time, steady rate and peak RSS."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    peak = 0
+    done = threading.Event()
+
+    def sample_rss() -> None:
+        nonlocal peak
+        root = psutil.Process(process.pid)
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree))
+            except psutil.Error:
+                pass
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    sampler.start()
+    seen: dict[int, float] = {}  # progress-bar count -> when it was first printed
+    output = []
+    pending = b""
+    while chunk := process.stdout.read1(65536):
+        now = time.perf_counter() - start
+        output.append(chunk)
+        pieces = re.split(rb"[\r\n]", pending + chunk)
+        pending = pieces.pop()
+        for piece in pieces:
+            match = BAR.search(piece.decode(errors="replace"))
+            if match and int(match["total"]) == steps and re.search(bar_name, match["desc"]):
+                seen.setdefault(int(match["n"]), now)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    log.write_bytes(b"".join(output))
+    if status != 0:
+        raise RuntimeError(f"exit status {status >> 8}: {shlex.join(command)}\n(output: {log})")
+    counts = sorted(n for n in seen if n >= 1)
+    if not counts:
+        raise RuntimeError(f"no progress bar matching {bar_name!r} with total {steps} in the output ({log})")
+    after = [n for n in counts if n >= max(1, steps // 5)]
+    first, last = after[0], counts[-1]
+    rate = (last - first) / (seen[last] - seen[first]) if last > first else float("nan")
+    peak = max(peak, usage.ru_maxrss * 1024)  # the kernel's peak of the main process
+    return {"wall": wall, "first_step": seen[counts[0]], "steps_per_s": rate, "peak_rss": peak}
+
+
+def tuner_command(args, model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "tuner", f"recipe={args.recipe}", "model=sd15", f"model.path={model}",
+        f"data.instance_dir={data}", f"data.instance_prompt={args.prompt}", f"data.resolution={args.resolution}",
+        "prior.enabled=false", "stages=[prepare,train,export]", f"train.max_steps={args.steps}",
+        f"train.batch_size={args.batch}", f"train.learning_rate={args.lr}", f"adapter.rank={args.rank}",
+        f"adapter.alpha={args.rank}", "adapter.targets=attn", "export.formats=[diffusers]",
+        f"train.log_every={max(1, args.steps // 5)}", f"output_dir={out}", *args.tuner_args,
+    ]  # fmt: skip
+
+
+def reference_command(args, model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        args.reference_python, str(args.reference), f"--pretrained_model_name_or_path={model}",
+        f"--instance_data_dir={data}", f"--instance_prompt={args.prompt}", f"--resolution={args.resolution}",
+        f"--train_batch_size={args.batch}", f"--max_train_steps={args.steps}", f"--learning_rate={args.lr}",
+        f"--rank={args.rank}", f"--output_dir={out}", "--seed=0", *args.reference_args,
+    ]  # fmt: skip
+
+
+def phases(run_dir: Path) -> dict[str, float]:
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return summary["metrics"].get("step_phases", {})
+
+
+def table(results: dict[str, list[dict]], batch: int, targets: dict[str, tuple[str, float]]) -> str:
+    names = list(results)
+    median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
+    for m in median.values():
+        m["samples_per_s"] = m["steps_per_s"] * batch
+    rows = [
+        ("wall (s)", "wall", "{:.1f}"),
+        ("first step (s)", "first_step", "{:.1f}"),
+        ("steady steps/s", "steps_per_s", "{:.2f}"),
+        ("steady samples/s", "samples_per_s", "{:.1f}"),
+        ("peak RSS (MiB)", "peak_rss", "{:.0f}"),
+    ]
+    head = ["metric", *names] + (["ratio", "target"] if len(names) == 2 else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, key, fmt in rows:
+        scale = 1 / 2**20 if key == "peak_rss" else 1
+        cells = [label, *(fmt.format(median[n][key] * scale) for n in names)]
+        if len(names) == 2:
+            ratio = median[names[0]][key] / median[names[1]][key]
+            want = targets.get(key)
+            ok = "" if want is None else (" ok" if (ratio >= want[1] if want[0] == ">=" else ratio <= want[1]) else " MISSED")
+            cells += [f"{ratio:.2f}x", f"{want[0]} {want[1]}x{ok}" if want else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--images", type=int, default=8, help="instance images (a multiple of --batch is fair)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--recipe", default="dreambooth_lora")
+    parser.add_argument("--prompt", default="a photo of sks digit")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "tuner-bench")
+    parser.add_argument("--reference", type=Path, help="another trainer's script, run with the same inputs")
+    parser.add_argument("--reference-python", default=sys.executable, help="the Python that runs --reference")
+    parser.add_argument("--reference-bar", default=r"^Steps", help="regex: the desc of its training progress bar")
+    parser.add_argument("--reference-args", nargs="*", default=[], help="more arguments for the reference")
+    parser.add_argument("--tuner-args", nargs="*", default=[], help="more key=value overrides for tuner")
+    args = parser.parse_args()
+    if args.images % args.batch:
+        print(f"note: {args.images} images at batch {args.batch}: some batches of an epoch are partial", flush=True)
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    model, data = make_inputs(args.work, args.images, args.resolution)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNER_HOME": str(args.work / "home")}
+    programs = {"tuner": (tuner_command, r"^train")}
+    if args.reference:
+        programs["reference"] = (reference_command, args.reference_bar)
+    results: dict[str, list[dict]] = {name: [] for name in programs}
+    tuner_phases = []
+    for repeat in range(args.repeats):
+        for name, (command_of, bar) in programs.items():
+            out = args.work / "runs" / f"{name}-{repeat}"
+            subprocess.run(["rm", "-rf", str(out)], check=True)
+            command = command_of(args, model, data, out)
+            if repeat == 0:
+                print(f"{name}: {shlex.join(command)}", flush=True)
+            result = measure(command, bar, args.steps, env, args.work / f"{name}-{repeat}.log")
+            results[name].append(result)
+            if name == "tuner":
+                tuner_phases.append(phases(out))
+            print(
+                f"  {name} run {repeat + 1}/{args.repeats}: wall {result['wall']:.1f} s, "
+                f"{result['steps_per_s']:.2f} steps/s, peak {result['peak_rss'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+    targets = {"steps_per_s": (">=", 1.5), "samples_per_s": (">=", 1.5), "wall": ("<=", 0.6), "peak_rss": ("<=", 0.8)}
+    print(f"\n{args.steps} steps, batch {args.batch}, {args.images} images at {args.resolution} px, "
+          f"LoRA rank {args.rank}; medians of {args.repeats} interleaved run(s)\n")  # fmt: skip
+    print(table(results, args.batch, targets))
+    if tuner_phases and tuner_phases[0]:
+        keys = ["data", "vae", "text_encoder", "forward", "backward", "optimizer"]
+        shares = {k: statistics.median(p.get(k, 0.0) for p in tuner_phases) for k in keys}
+        shares["other"] = max(0.0, 1 - sum(shares.values()))
+        print("\ntuner, share of step time: " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items()))
+        print("(vae and text_encoder are 0 when their outputs are cached before the loop, the default)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Validation galleries: samples at fixed prompts and seeds every N training steps, gathered into a page that grows
+during the run, and a comparison page across the runs of a Hydra multirun sweep."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+from urllib.parse import quote
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from tuner.export.gallery import LABEL_WIDTH, PAD, _upscale
+from tuner.files import write_atomic
+from tuner.sampling import to_uint8
+
+STYLE = (
+    "<style>body{font-family:sans-serif}img{image-rendering:pixelated}th{text-align:left;vertical-align:top}"
+    "td,th{padding:2px 4px}</style>"
+)
+
+
+def _src(path: str) -> str:
+    """A relative file path as an HTML attribute value (URL-quoted, then escaped)."""
+    return html.escape(quote(Path(path).as_posix()))
+
+
+def _img(path: str, alt: str) -> str:
+    return f'<img src="{_src(path)}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
+
+
+def _header(prompts: list[str], seeds: list[int], lead: list[str], last: str) -> str:
+    """Two header rows: each prompt over its seeds' columns, then ``seed N`` per column."""
+    heads = "".join(f'<th rowspan="2">{h}</th>' for h in lead)
+    tops = "".join(f'<th colspan="{len(seeds)}">{html.escape(p)}</th>' for p in prompts)
+    seed_row = "".join(f"<th>seed {s}</th>" for _ in prompts for s in seeds)
+    return f'<tr>{heads}{tops}<th rowspan="2">{last}</th></tr><tr>{seed_row}</tr>'
+
+
+class ValidationGallery:
+    """Validation samples taken every N training steps at fixed prompts and seeds; grows during the run."""
+
+    def __init__(self, folder: Path, prompts: list[str], seeds: list[int], display_size: int = 64):
+        self.folder, self.prompts, self.seeds, self.display_size = (
+            Path(folder),
+            list(prompts),
+            list(seeds),
+            display_size,
+        )
+        self._entries: list[dict] = []
+        record = self.folder / "steps.json"
+        if record.exists():  # a resumed run continues its page (if it samples the same prompts and seeds)
+            data = json.loads(record.read_text())
+            if data.get("prompts") == self.prompts and data.get("seeds") == self.seeds:
+                self._entries = data["steps"]
+
+    @property
+    def steps(self) -> list[int]:
+        return [e["step"] for e in self._entries]
+
+    def add(self, step: int, images: torch.Tensor) -> Path:
+        """Save step ``step``'s samples (prompt-major, (len(prompts) * len(seeds), 3, H, W) in [-1, 1]) as a labelled
+        grid and one PNG per cell, record them in ``steps.json`` and rewrite ``index.html``. Returns the grid path."""
+        n = len(self.seeds)
+        if images.shape[0] != len(self.prompts) * n:
+            raise ValueError(f"expected {len(self.prompts) * n} images, got {images.shape[0]}")
+        cells = [_upscale(Image.fromarray(a.numpy()), self.display_size) for a in to_uint8(images.detach().cpu())]
+        cell_w, cell_h = cells[0].size
+        header = 18
+        grid = Image.new(
+            "RGB", (LABEL_WIDTH + n * (cell_w + PAD), header + len(self.prompts) * (cell_h + PAD)), "white"
+        )
+        draw = ImageDraw.Draw(grid)
+        font = ImageFont.load_default(size=12)
+        for j, seed in enumerate(self.seeds):
+            draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black", font=font)
+        names = []
+        for k, prompt in enumerate(self.prompts):
+            y = header + k * (cell_h + PAD)
+            draw.text((4, y + cell_h // 2 - 6), prompt, fill="black", font=font)
+            row = []
+            for j, seed in enumerate(self.seeds):
+                grid.paste(cells[k * n + j], (LABEL_WIDTH + j * (cell_w + PAD), y))
+                row.append(f"cells/step_{step:06d}_p{k}_s{seed}.png")
+                write_atomic(self.folder / row[-1], cells[k * n + j])
+            names.append(row)
+        entry = {"step": step, "grid": f"step_{step:06d}.png", "cells": names}
+        path = write_atomic(self.folder / entry["grid"], grid)
+        dropped = [e for e in self._entries if e["step"] >= step]  # a resumed run re-samples these steps
+        self._entries = [e for e in self._entries if e["step"] < step] + [entry]
+        record = {"prompts": self.prompts, "seeds": self.seeds, "steps": self._entries}
+        write_atomic(self.folder / "steps.json", json.dumps(record, indent=2))
+        write_atomic(self.folder / "index.html", self._page())
+        keep = {entry["grid"], *(c for row in names for c in row)}
+        for old in dropped:  # files of replaced steps that this step did not overwrite
+            for name in [old["grid"], *(c for row in old["cells"] for c in row)]:
+                if name not in keep:
+                    (self.folder / name).unlink(missing_ok=True)
+        return path
+
+    def _page(self) -> str:
+        rows = []
+        for e in self._entries:
+            step = e["step"]
+            tds = "".join(
+                f"<td>{_img(cell, f'step {step}, {prompt}, seed {seed}')}</td>"
+                for prompt, row in zip(self.prompts, e["cells"])
+                for seed, cell in zip(self.seeds, row)
+            )
+            rows.append(f'<tr><th>{step}</th>{tds}<td><a href="{_src(e["grid"])}">grid</a></td></tr>')
+        return (
+            f"<!doctype html><meta charset=utf-8><title>tuner validation</title>{STYLE}"
+            f"<h1>Validation samples</h1><table>{_header(self.prompts, self.seeds, ['step'], 'grid')}"
+            f"{''.join(rows)}</table>"
+        )
+
+
+def write_sweep_gallery(folder: Path, runs: list[tuple[str, Path]]) -> Path:
+    """A Hydra multirun's comparison page: ``folder/index.html`` with one row per run (labelled with its overrides),
+    showing its last validation step's cells (from ``RUN/validation/steps.json``) and its final gallery
+    (``RUN/gallery/grid.png``) if present. Image paths are relative to ``folder``. Returns the page path."""
+    folder = Path(folder)
+    records = []
+    for _, run in runs:
+        record = Path(run) / "validation" / "steps.json"
+        data = json.loads(record.read_text()) if record.exists() else {}
+        records.append(data if data.get("steps") else None)
+    first = next((d for d in records if d), {"prompts": [], "seeds": []})
+    prompts, seeds = first["prompts"], first["seeds"]
+    width = max([len(d["prompts"]) * len(d["seeds"]) for d in records if d] + [0])
+    rows = []
+    for (label, run), data in zip(runs, records):
+        run = Path(run)
+        if data is None:
+            cells = f'<td colspan="{width + 1}"><i>no validation samples</i></td>'
+        else:
+            step, names = data["steps"][-1]["step"], data["steps"][-1]["cells"]
+            shown = [
+                _img(os.path.relpath(run / "validation" / c, folder), f"{label}, step {step}, {p}, seed {s}")
+                for p, row in zip(data["prompts"], names)
+                for s, c in zip(data["seeds"], row)
+            ]
+            cells = f"<td>{step}</td>" + "".join(f"<td>{i}</td>" for i in shown) + "<td></td>" * (width - len(shown))
+        grid = run / "gallery" / "grid.png"
+        final = _img(os.path.relpath(grid, folder), f"{label}, final gallery") if grid.exists() else "<i>none</i>"
+        rows.append(f"<tr><th>{html.escape(label)}</th>{cells}<td>{final}</td></tr>")
+    head = _header(prompts, seeds, ["run", "step"], "final gallery")
+    page = (
+        f"<!doctype html><meta charset=utf-8><title>tuner sweep</title>{STYLE}"
+        f"<h1>Sweep: last validation step per run</h1><table>{head}{''.join(rows)}</table>"
+    )
+    return write_atomic(folder / "index.html", page)
