@@ -157,7 +157,8 @@ def table(results: dict[str, list[dict]], batch: int, targets: dict[str, tuple[s
         if len(names) == 2:
             ratio = median[names[0]][key] / median[names[1]][key]
             want = targets.get(key)
-            ok = "" if want is None else (" ok" if (ratio >= want[1] if want[0] == ">=" else ratio <= want[1]) else " MISSED")
+            met = want is not None and (ratio >= want[1] if want[0] == ">=" else ratio <= want[1])
+            ok = "" if want is None else (" ok" if met else " MISSED")
             cells += [f"{ratio:.2f}x", f"{want[0]} {want[1]}x{ok}" if want else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

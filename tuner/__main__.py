@@ -73,12 +73,16 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    argv = [a for a in argv if a not in ("-m", "--multirun")]
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
     overrides = [a for a in argv if not a.startswith("recipe=") and a != "print_config"]
     from tuner.config import ConfigError, compose, list_recipes, validate
 
     if recipe is None or "-h" in argv or "--help" in argv:
-        print("usage: python -m tuner recipe=NAME [key=value ...]\n\nrecipes:")
+        print("usage: python -m tuner [-m] recipe=NAME [key=value ...]")
+        print("  -m: a sweep, one run per combination (adapter.rank=4,8,16 train.learning_rate=1e-4,1e-3) and a comparison page")
+        print("\nrecipes:")
         for name, line in list_recipes().items():
             print(f"  {name:<18} {line}")
         return 0 if recipe is None and not overrides else 2
@@ -86,6 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    if multirun:
+        from tuner.sweep import sweep
+
+        try:
+            sweep(recipe, overrides)
+        except ConfigError as e:
+            print(f"tuner: config error: {e}", file=sys.stderr)
+            return 2
+        except (HydraException, OmegaConfBaseException) as e:
+            print(f"tuner: config error: {explain(e, recipe)}", file=sys.stderr)
+            return 2
+        return 0
     try:
         cfg = compose(recipe, overrides)
         _hide_unused_integrations(cfg)

@@ -74,7 +74,6 @@ def _export_info(run: Run, trained, name: str) -> dict:
                 break
             checkpoint = config.checkpoint
     e = cfg.export
-    print("[tuner] export: hashing the base model's weights", flush=True)
     info = {
         "name": name,
         "base_name": str(run.model_path) if e.include_paths else run.model_path.name,
@@ -154,7 +153,7 @@ def export(run: Run) -> None:
     metadata = training_metadata(info)
     dtype = formats.DTYPES[e.dtype]
     merged, written = None, []
-    for fmt in e.formats:
+    for fmt in tqdm(e.formats, desc="export", leave=False):
         folder = run.dir / fmt
         held = parts & formats.HOLDS[fmt]
         if not held:

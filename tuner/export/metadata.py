@@ -16,12 +16,15 @@ import torch
 CHUNK = 1 << 20
 
 
-def sha256_file(path: Path, offset: int = 0) -> str:
+def sha256_file(path: Path, offset: int = 0, bar=None) -> str:
+    """The file's sha256 from ``offset``; ``bar`` (a tqdm in bytes) advances as it reads."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         f.seek(offset)
         while block := f.read(CHUNK):
             h.update(block)
+            if bar is not None:
+                bar.update(len(block))
     return h.hexdigest()
 
 
@@ -61,11 +64,15 @@ def tensor_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> d
 
 def folder_hash(folder: Path) -> str:
     """One sha256 for a diffusers pipeline folder: over each weight file's relative path and sha256, sorted."""
+    from tqdm.auto import tqdm
+
     h = hashlib.sha256()
-    for path in sorted(folder.rglob("*.safetensors")):
-        if ".fp16." in path.name or ".bf16." in path.name:
-            continue  # a variant holds the same weights
-        h.update(f"{path.relative_to(folder)}:{sha256_file(path)}\n".encode())
+    # a variant holds the same weights
+    paths = [p for p in sorted(folder.rglob("*.safetensors")) if ".fp16." not in p.name and ".bf16." not in p.name]
+    total = sum(p.stat().st_size for p in paths)
+    with tqdm(total=total, desc="hash base weights", unit="B", unit_scale=True, leave=False) as bar:
+        for path in paths:
+            h.update(f"{path.relative_to(folder)}:{sha256_file(path, bar=bar)}\n".encode())
     return h.hexdigest()
 
 
