@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if recipe is None or "-h" in argv or "--help" in argv:
         print("usage: python -m tuner [-m] recipe=NAME [key=value ...]")
-        print("  -m: a sweep, one run per combination (adapter.rank=4,8,16 train.learning_rate=1e-4,1e-3) and a comparison page")
+        print("  -m: a sweep, one run per combination (adapter.rank=4,8,16 train.learning_rate=1e-4,1e-3),")
+        print("      then a page comparing them")
         print("\nrecipes:")
         for name, line in list_recipes().items():
             print(f"  {name:<18} {line}")
