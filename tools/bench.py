@@ -91,7 +91,7 @@ def measure(command: list[str], bar_name: str, steps: int, env: dict, log: Path)
         pending = pieces.pop()
         for piece in pieces:
             match = BAR.search(piece.decode(errors="replace"))
-            if match and int(match["total"]) == steps and re.search(bar_name, match["desc"]):
+            if match and bar_name and int(match["total"]) == steps and re.search(bar_name, match["desc"]):
                 seen.setdefault(int(match["n"]), now)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
@@ -100,13 +100,15 @@ def measure(command: list[str], bar_name: str, steps: int, env: dict, log: Path)
     log.write_bytes(b"".join(output))
     if status != 0:
         raise RuntimeError(f"exit status {status >> 8}: {shlex.join(command)}\n(output: {log})")
+    peak = max(peak, usage.ru_maxrss * 1024)  # the kernel's peak of the main process
+    if bar_name is None:  # no training: the import floor
+        return {"wall": wall, "first_step": float("nan"), "steps_per_s": float("nan"), "peak_rss": peak}
     counts = sorted(n for n in seen if n >= 1)
     if not counts:
         raise RuntimeError(f"no progress bar matching {bar_name!r} with total {steps} in the output ({log})")
     after = [n for n in counts if n >= max(1, steps // 5)]
     first, last = after[0], counts[-1]
     rate = (last - first) / (seen[last] - seen[first]) if last > first else float("nan")
-    peak = max(peak, usage.ru_maxrss * 1024)  # the kernel's peak of the main process
     return {"wall": wall, "first_step": seen[counts[0]], "steps_per_s": rate, "peak_rss": peak}
 
 
@@ -117,7 +119,7 @@ def tuner_command(args, model: Path, data: Path, out: Path) -> list[str]:
         "prior.enabled=false", "stages=[prepare,train,export]", f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch}", f"train.learning_rate={args.lr}", f"adapter.rank={args.rank}",
         f"adapter.alpha={args.rank}", "adapter.targets=attn", "export.formats=[diffusers]",
-        f"train.log_every={max(1, args.steps // 5)}", f"output_dir={out}", *args.tuner_args,
+        f"train.log_every={max(1, args.steps // 5)}", "validation.every=0", f"output_dir={out}", *args.tuner_args,
     ]  # fmt: skip
 
 
@@ -130,6 +132,17 @@ def reference_command(args, model: Path, data: Path, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+# what both programs import before they can train: the floor under their wall time and memory
+FLOOR = (
+    "import torch, accelerate, peft, transformers; from diffusers import AutoencoderKL, UNet2DConditionModel; "
+    "from transformers import CLIPTextModel"
+)
+
+
+def floor_command(args, model: Path, data: Path, out: Path) -> list[str]:
+    return [sys.executable, "-c", FLOOR]
+
+
 def phases(run_dir: Path) -> dict[str, float]:
     import json
 
@@ -138,7 +151,8 @@ def phases(run_dir: Path) -> dict[str, float]:
 
 
 def table(results: dict[str, list[dict]], batch: int, targets: dict[str, tuple[str, float]]) -> str:
-    names = list(results)
+    """Medians per program; with a reference, tuner / reference and the target; with the import floor, the
+    same ratio for what lies above it (wall and memory the programs themselves add)."""
     median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]} for name, runs in results.items()}
     for m in median.values():
         m["samples_per_s"] = m["steps_per_s"] * batch
@@ -149,17 +163,23 @@ def table(results: dict[str, list[dict]], batch: int, targets: dict[str, tuple[s
         ("steady samples/s", "samples_per_s", "{:.1f}"),
         ("peak RSS (MiB)", "peak_rss", "{:.0f}"),
     ]
-    head = ["metric", *names] + (["ratio", "target"] if len(names) == 2 else [])
+    compare = "reference" in median
+    floor = median.get("imports only")
+    head = ["metric", *median] + (["tuner / reference", "target"] if compare else [])
+    head += ["above the floor: tuner / reference"] if compare and floor else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, key, fmt in rows:
         scale = 1 / 2**20 if key == "peak_rss" else 1
-        cells = [label, *(fmt.format(median[n][key] * scale) for n in names)]
-        if len(names) == 2:
-            ratio = median[names[0]][key] / median[names[1]][key]
+        cells = [label, *("" if m[key] != m[key] else fmt.format(m[key] * scale) for m in median.values())]
+        if compare:
+            ratio = median["tuner"][key] / median["reference"][key]
             want = targets.get(key)
             met = want is not None and (ratio >= want[1] if want[0] == ">=" else ratio <= want[1])
-            ok = "" if want is None else (" ok" if met else " MISSED")
-            cells += [f"{ratio:.2f}x", f"{want[0]} {want[1]}x{ok}" if want else ""]
+            cells += [f"{ratio:.2f}x", "" if want is None else f"{want[0]} {want[1]}x {'ok' if met else 'MISSED'}"]
+            if floor:
+                above = floor[key] == floor[key] and key in ("wall", "peak_rss")
+                tuner, reference = median["tuner"][key], median["reference"][key]
+                cells += [f"{(tuner - floor[key]) / (reference - floor[key]):.2f}x" if above else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -181,6 +201,7 @@ def main() -> None:
     parser.add_argument("--reference-bar", default=r"^Steps", help="regex: the desc of its training progress bar")
     parser.add_argument("--reference-args", nargs="*", default=[], help="more arguments for the reference")
     parser.add_argument("--tuner-args", nargs="*", default=[], help="more key=value overrides for tuner")
+    parser.add_argument("--floor", action="store_true", help="also time a process that only imports the libraries")
     args = parser.parse_args()
     if args.images % args.batch:
         print(f"note: {args.images} images at batch {args.batch}: some batches of an epoch are partial", flush=True)
@@ -191,6 +212,8 @@ def main() -> None:
     programs = {"tuner": (tuner_command, r"^train")}
     if args.reference:
         programs["reference"] = (reference_command, args.reference_bar)
+    if args.floor:
+        programs["imports only"] = (floor_command, None)
     results: dict[str, list[dict]] = {name: [] for name in programs}
     tuner_phases = []
     for repeat in range(args.repeats):
@@ -204,6 +227,9 @@ def main() -> None:
             results[name].append(result)
             if name == "tuner":
                 tuner_phases.append(phases(out))
+            if name == "imports only":
+                print(f"  imports only: wall {result['wall']:.1f} s, peak {result['peak_rss'] / 2**20:.0f} MiB")
+                continue
             print(
                 f"  {name} run {repeat + 1}/{args.repeats}: wall {result['wall']:.1f} s, "
                 f"{result['steps_per_s']:.2f} steps/s, peak {result['peak_rss'] / 2**20:.0f} MiB",

@@ -259,6 +259,9 @@ class TrainConfig:
     # time each phase of the steps (summary.json's step_phases); on a GPU it waits for the device at each
     # phase's end, so it slows training: for benchmarks (on a CPU phases are always timed, at no cost)
     profile: bool = False
+    # the denoiser in channels-last layout (on a CPU: PyTorch's own convolution kernels). null: on a CPU
+    # training in float32, where it measured faster here (tools/bench.py); elsewhere off
+    channels_last: bool | None = None
 
 
 @dataclass

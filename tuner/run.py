@@ -571,6 +571,9 @@ def train(run: Run) -> None:
         text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
         nonfinite=t.nonfinite,
         profile=t.profile,
+        channels_last=t.channels_last
+        if t.channels_last is not None
+        else accelerator.device.type == "cpu" and accelerator.mixed_precision == "no",
     )
     monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()])
     result = train_denoiser(

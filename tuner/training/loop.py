@@ -61,6 +61,9 @@ class LoopSettings:
     nonfinite: str = "stop"
     # time each phase of the step; on a GPU this waits for the device at each phase's end (slower)
     profile: bool = False
+    # the denoiser's convolutions in channels-last layout; on a CPU they then run on PyTorch's own kernels,
+    # not oneDNN's (about 1.2x faster for the small latents of CPU runs here, the same for large ones)
+    channels_last: bool = False
 
 
 @dataclass
@@ -464,6 +467,8 @@ def train_denoiser(
         raise ValueError(f"{desc}: nothing to train (no parameter requires a gradient)")
     optimizer = make_optimizer(settings.optimizer, groups, settings.learning_rate, settings.weight_decay)
     lr_scheduler = make_lr_scheduler(settings.lr_scheduler, optimizer, settings.warmup_steps, settings.steps)
+    if settings.channels_last:  # before DDP wraps it: its gradient buckets follow the parameters' layout
+        denoiser.to(memory_format=torch.channels_last)
     # accelerate wraps (for several processes) only the modules with something to train
     modules = {"denoiser": denoiser, **(text_encoders or {})}
     trains = {name: any(p.requires_grad for p in m.parameters()) for name, m in modules.items()}
@@ -517,6 +522,8 @@ def train_denoiser(
         return Path(decide(accelerator, lambda: str(checkpoints.save(ck, step, params, state))))
 
     denoiser.train(trains["denoiser"])
+    native_convs = settings.channels_last and accelerator.device.type == "cpu"
+    kernels = (lambda: torch.backends.mkldnn.flags(enabled=False)) if native_convs else contextlib.nullcontext
     running = resumed_running if ck.resume is not None else 0.0
     bar = tqdm(range(start, settings.steps), desc=desc, disable=not accelerator.is_main_process, initial=start)
     bar.total = settings.steps
@@ -546,7 +553,7 @@ def train_denoiser(
                         batches = [batch.to(accelerator.device) for batch in merge_by_shape(parts)]
                     loss = 0.0
                     for batch in batches:  # one denoiser call per latent size
-                        with accelerator.autocast():
+                        with accelerator.autocast(), kernels():
                             cond = batch.cond
                             if text_encoders is not None:
                                 with timer("text_encoder"):
@@ -581,7 +588,7 @@ def train_denoiser(
                         optimizer.zero_grad(set_to_none=True)
                         lr_scheduler.step()
                         continue
-                    with timer("backward"):
+                    with timer("backward"), kernels():
                         accelerator.backward(loss)  # accelerate divides by the accumulation steps
                     with timer("optimizer"):
                         if accelerator.sync_gradients and settings.max_grad_norm > 0:
@@ -624,6 +631,8 @@ def train_denoiser(
             if ck.every and (done % ck.every == 0 or done == settings.steps):
                 save(done, running)
     result.step_seconds = time.perf_counter() - began
+    if settings.channels_last:
+        denoiser.to(memory_format=torch.contiguous_format)
     result.phases = {k: round(v, 4) for k, v in timer.seconds.items()}
     denoiser.eval()
     for module in (text_encoders or {}).values():
