@@ -296,7 +296,7 @@ class ValidationConfig:
     step and an index.html with one row per step, growing while the run trains."""
 
     every: int = 0
-    # default: sample.prompts, else the instance (and class) prompt
+    # default: sample.prompts, else the instance (and class) prompt, else the first two training captions
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     # default: sample.steps
@@ -504,8 +504,6 @@ def _validate_logging(cfg: DictConfig) -> None:
     v = cfg.validation
     if v.every < 0 or not v.seeds or (v.steps is not None and v.steps < 1):
         raise ConfigError("validation.every must be 0 (never) or more, validation.seeds not empty, steps >= 1")
-    if v.every and "train" in cfg.stages and not (v.prompts or cfg.sample.prompts or cfg.data.instance_prompt):
-        raise ConfigError("validation.every is set but there is no prompt: set validation.prompts=[...]")
     import importlib.util
 
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:

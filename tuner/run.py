@@ -575,7 +575,7 @@ def train(run: Run) -> None:
         if t.channels_last is not None
         else accelerator.device.type == "cpu" and accelerator.mixed_precision == "no",
     )
-    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()])
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
     result = train_denoiser(
         accelerator,
         c.denoiser,

@@ -406,7 +406,7 @@ class PhaseTimer:
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)
-    # steps skipped for a non-finite loss (train.nonfinite=skip)
+    # steps (or, checked on the host, micro-batches) skipped for a non-finite loss (train.nonfinite=skip)
     skipped: int = 0
     ema: object | None = None
     # seconds per phase of the steps (see PhaseTimer); empty on a GPU unless profiling
@@ -533,6 +533,30 @@ def train_denoiser(
     stop_asked = False
     timer = PhaseTimer(accelerator.device, settings.profile)
     grad_norm = None  # the last clipped step's gradient norm, a device tensor: read at log intervals only
+    # One process with the fused AdamW: a non-finite loss is caught on the device. The fused step skips the
+    # update (its found_inf), and the host reads the count with the loss at log intervals, before a
+    # checkpoint and at the end, so the step never waits for the device. Otherwise each micro-batch checks
+    # on the host (one small all-reduce with several processes; free on a CPU).
+    inner = getattr(optimizer, "optimizer", optimizer)
+    on_device = world == 1 and accelerator.scaler is None and getattr(inner, "defaults", {}).get("fused") is True
+    device = accelerator.device
+    step_bad = torch.zeros((), dtype=torch.bool, device=device)
+    bad_steps = torch.zeros((), dtype=torch.int64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def read_device_flags(at: int) -> None:
+        """What the device counted (this syncs): stop on a non-finite loss, or count the skipped steps."""
+        if not on_device:
+            return
+        skipped, first = int(bad_steps), int(first_bad)
+        if skipped and settings.nonfinite == "stop":
+            more = f" (and {skipped - 1} more step(s) up to step {at})" if skipped > 1 else ""
+            raise FloatingPointError(
+                f"{desc}: the loss is not finite at step {first}{more}; nothing of that step was applied "
+                "(train.nonfinite=skip skips such steps; a lower learning rate may help)"
+            )
+        result.skipped = skipped
+
     samples = 0  # images trained on (all ranks) since the last log
     if monitor is not None and start == 0:
         monitor.validate(0)  # the row of the untrained model
@@ -569,11 +593,15 @@ def train_denoiser(
                                     draws=(batch.noise, batch.input_noise, batch.timesteps),
                                 )
                         loss = loss + (per_sample * batch.weights).sum()
-                    # one sync per micro-batch (one small all-reduce with several processes): a bad step never
-                    # reaches the weights, and a stop signal on any rank reaches every rank at the same step
                     signalled = ck.folder is not None and signals.signum is not None
-                    nonfinite, signalled = any_rank(accelerator, not torch.isfinite(loss), signalled)
-                    stop_asked = stop_asked or signalled
+                    if on_device:
+                        bad = ~torch.isfinite(loss.detach())
+                        step_bad |= bad
+                        stop_asked = stop_asked or signalled
+                        nonfinite = False
+                    else:  # a bad step never reaches the weights; a stop signal reaches every rank at one step
+                        nonfinite, signalled = any_rank(accelerator, not torch.isfinite(loss), signalled)
+                        stop_asked = stop_asked or signalled
                     if nonfinite:
                         if settings.nonfinite == "stop":
                             value = float(loss.detach()) if not torch.isfinite(loss) else float("nan")
@@ -593,10 +621,16 @@ def train_denoiser(
                     with timer("optimizer"):
                         if accelerator.sync_gradients and settings.max_grad_norm > 0:
                             grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+                        if on_device:
+                            inner.found_inf = step_bad.float()  # 1: the fused step leaves everything as it was
                         optimizer.step()  # a no-op until the last micro-batch
                         lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                running += loss.detach() / micro_steps
+                        if on_device and accelerator.sync_gradients:
+                            first_bad = torch.where(step_bad & (first_bad < 0), step + 1, first_bad)
+                            bad_steps += step_bad
+                            step_bad = torch.zeros_like(step_bad)
+                running += (torch.where(bad, 0.0, loss.detach()) if on_device else loss.detach()) / micro_steps
             if ema is not None:
                 with timer("optimizer"):
                     ema.step(params)
@@ -604,6 +638,7 @@ def train_denoiser(
             if done % settings.log_every == 0 or done == settings.steps:
                 # reading the loss syncs with the device: only at log intervals. With several processes
                 # the mean of the ranks' losses is the global batch's loss (see Batch.shard)
+                read_device_flags(done)
                 n = (step % settings.log_every) + 1
                 value = float(accelerator.reduce(torch.as_tensor(running, device=accelerator.device), "mean")) / n
                 if not math.isfinite(value):
@@ -626,10 +661,13 @@ def train_denoiser(
             result.steps_run += 1
             if ck.folder is None:
                 continue
+            if stop_asked or (ck.every and (done % ck.every == 0 or done == settings.steps)):
+                read_device_flags(done)  # a checkpoint never holds a step that should have stopped the run
             if stop_asked:  # SIGTERM / SIGINT / SIGUSR1 on any rank: every rank saves this step and stops
                 raise checkpoints.Stopped(done, save(done, running), signals.signum or signal.SIGTERM)
             if ck.every and (done % ck.every == 0 or done == settings.steps):
                 save(done, running)
+    read_device_flags(settings.steps)
     result.step_seconds = time.perf_counter() - began
     if settings.channels_last:
         denoiser.to(memory_format=torch.contiguous_format)

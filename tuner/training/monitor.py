@@ -107,8 +107,9 @@ def start_trackers(cfg, run_dir: Path, accelerator) -> list:
     return trackers
 
 
-def start(run, modules: list[torch.nn.Module]) -> Monitor:
-    """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks."""
+def start(run, modules: list[torch.nn.Module], captions: list[str]) -> Monitor:
+    """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks
+    (``captions``: the training captions, the prompts when no other is given)."""
     from tuner.export.validation import ValidationGallery
 
     cfg = run.cfg
@@ -118,6 +119,10 @@ def start(run, modules: list[torch.nn.Module]) -> Monitor:
         return Monitor(run.accelerator, trackers)
     d, s = cfg.data, cfg.sample
     prompts = list(v.prompts) or list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
+    prompts = prompts or [c for c in captions if c][:2]
+    if not prompts:
+        print("[tuner] validation: no prompt (every caption is empty); set validation.prompts=[...]", flush=True)
+        return Monitor(run.accelerator, trackers)
     seeds = list(v.seeds)
     steps = v.steps or s.steps
     guidance = s.guidance_scale if v.guidance_scale is None else v.guidance_scale
