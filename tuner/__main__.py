@@ -91,19 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if multirun:
-        from tuner.sweep import sweep
-
-        try:
-            sweep(recipe, overrides)
-        except ConfigError as e:
-            print(f"tuner: config error: {e}", file=sys.stderr)
-            return 2
-        except (HydraException, OmegaConfBaseException) as e:
-            print(f"tuner: config error: {explain(e, recipe)}", file=sys.stderr)
-            return 2
-        return 0
     try:
+        if multirun:
+            from tuner.sweep import sweep
+
+            sweep(recipe, overrides)
+            return 0
         cfg = compose(recipe, overrides)
         _hide_unused_integrations(cfg)
         if "print_config" in argv:

@@ -435,6 +435,16 @@ def _key(*parts: str) -> str:
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _channels_last_pays(cfg, accelerator, trained) -> bool:
+    """train.channels_last=null: on for float32 LoRA training on a CPU (faster there, see tools/bench.py)
+    when no convolution weight trains; not under peft's DoRA, LoHa and LoKr, whose convolution code
+    assumes the default layout."""
+    a = cfg.adapter
+    convs_train = any(p.dim() == 4 for p in trained)
+    layout_safe = a.type == "lora" and not a.use_dora and not convs_train
+    return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
+
+
 @stage
 def train(run: Run) -> None:
     """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
@@ -571,9 +581,9 @@ def train(run: Run) -> None:
         text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
         nonfinite=t.nonfinite,
         profile=t.profile,
-        channels_last=t.channels_last
-        if t.channels_last is not None
-        else accelerator.device.type == "cpu" and accelerator.mixed_precision == "no",
+        channels_last=_channels_last_pays(cfg, accelerator, what.params)
+        if t.channels_last is None
+        else t.channels_last,
     )
     monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
     result = train_denoiser(

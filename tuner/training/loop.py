@@ -61,8 +61,8 @@ class LoopSettings:
     nonfinite: str = "stop"
     # time each phase of the step; on a GPU this waits for the device at each phase's end (slower)
     profile: bool = False
-    # the denoiser's convolutions in channels-last layout; on a CPU they then run on PyTorch's own kernels,
-    # not oneDNN's (about 1.2x faster for the small latents of CPU runs here, the same for large ones)
+    # the denoiser's convolutions in channels-last layout; on a CPU, when no convolution weight trains, they
+    # then run on PyTorch's own kernels, not oneDNN's (about 1.2x faster for small latents here)
     channels_last: bool = False
 
 
@@ -522,7 +522,9 @@ def train_denoiser(
         return Path(decide(accelerator, lambda: str(checkpoints.save(ck, step, params, state))))
 
     denoiser.train(trains["denoiser"])
-    native_convs = settings.channels_last and accelerator.device.type == "cpu"
+    # PyTorch's own channels-last kernels crashed computing convolution weight gradients here: only for
+    # frozen convolutions (adapters on linear layers)
+    native_convs = settings.channels_last and accelerator.device.type == "cpu" and all(p.dim() != 4 for p in params)
     kernels = (lambda: torch.backends.mkldnn.flags(enabled=False)) if native_convs else contextlib.nullcontext
     running = resumed_running if ck.resume is not None else 0.0
     bar = tqdm(range(start, settings.steps), desc=desc, disable=not accelerator.is_main_process, initial=start)
