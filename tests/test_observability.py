@@ -39,7 +39,7 @@ def runs(tmp_path_factory, tiny_pipeline_dir):
     done = {}
     for name, extra in {
         "validated": ["validation.every=2", "validation.seeds=[0,1]", "validation.steps=2"],
-        "plain": ["log.tensorboard=false"],
+        "plain": ["log.tensorboard=false", "validation.every=0"],
     }.items():
         out = tmp / name
         result = run_tuner(*train_args(photos, out, f"model.path={tiny_pipeline_dir}", *extra), home=tmp, cwd=tmp)
@@ -117,3 +117,20 @@ def test_multirun_sweep_writes_a_comparison_page(tmp_path, tiny_pipeline_dir, br
     with serve(sweep) as base:
         found, _ = images(browser, f"{base}/index.html")
     assert len(found) == 2 and broken(found) == []
+
+
+def test_logging_settings_are_checked_before_anything_loads(tmp_path, tiny_pipeline_dir):
+    import importlib.util
+
+    from tuner.config import ConfigError, compose, validate
+
+    common = [f"model.path={tiny_pipeline_dir}", f"data.instance_dir={tmp_path}", f"data.instance_prompt={PROMPT}"]
+    common.append("prior.enabled=false")
+    with pytest.raises(ConfigError, match="validation.every"):
+        validate(compose("dreambooth_lora", [*common, "validation.every=-1"]))
+    with pytest.raises(ConfigError, match="validation.seeds"):
+        validate(compose("dreambooth_lora", [*common, "validation.seeds=[]"]))
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ConfigError, match="pip install wandb"):
+            validate(compose("dreambooth_lora", [*common, "log.wandb=true"]))
+    validate(compose("dreambooth_lora", [*common, "validation.every=10"]))  # a good config passes

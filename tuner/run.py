@@ -586,26 +586,27 @@ def train(run: Run) -> None:
         else t.channels_last,
     )
     monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
-    result = train_denoiser(
-        accelerator,
-        c.denoiser,
-        what.groups,
-        run.family.objective(c),
-        # train.batch_size is each process's: every rank draws the global batch and trains on its slice
-        next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
-        settings=settings,
-        seed=cfg.seed,
-        desc=f"train {', '.join(g['name'] for g in what.groups)}",
-        text_encoders=c.text_encoders if in_step else None,
-        encode=run.family.encode_ids,
-        checkpointing=checkpointing,
-        monitor=monitor,
-    )
-    monitor.finish()
+    try:
+        result = train_denoiser(
+            accelerator,
+            c.denoiser,
+            what.groups,
+            run.family.objective(c),
+            # train.batch_size is each process's: every rank draws the global batch and trains on its slice
+            next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
+            settings=settings,
+            seed=cfg.seed,
+            desc=f"train {', '.join(g['name'] for g in what.groups)}",
+            text_encoders=c.text_encoders if in_step else None,
+            encode=run.family.encode_ids,
+            checkpointing=checkpointing,
+            monitor=monitor,
+        )
+    finally:  # also when training stops: the logs so far are complete
+        monitor.finish()
     if result.steps_run:
-        per_step = result.step_seconds / result.steps_run
-        run.metrics["step_seconds"] = round(per_step, 4)
-        run.metrics["samples_per_s"] = round(t.batch_size * accelerator.num_processes / per_step, 2)
+        run.metrics["step_seconds"] = round(result.step_seconds / result.steps_run, 4)
+        run.metrics["samples_per_s"] = round(result.samples / result.step_seconds, 2)
     if result.phases:  # the share of the steps' time each phase took
         run.metrics["step_phases"] = {k: round(v / result.step_seconds, 3) for k, v in result.phases.items()}
     run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}

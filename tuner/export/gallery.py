@@ -21,6 +21,28 @@ def _upscale(image: Image.Image, display_size: int) -> Image.Image:
     return image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
 
 
+def labelled_grid(labels: list[str], rows: list[list[Image.Image]], seeds: list[int]) -> Image.Image:
+    """One image of ``rows`` of cells under ``seed N`` headers, each row's label at its left."""
+    cell_w, cell_h = rows[0][0].size
+    header = 18
+    grid = Image.new("RGB", (LABEL_WIDTH + len(seeds) * (cell_w + PAD), header + len(rows) * (cell_h + PAD)), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=12)
+    for j, seed in enumerate(seeds):
+        draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black", font=font)
+    for i, (label, row) in enumerate(zip(labels, rows)):
+        y = header + i * (cell_h + PAD)
+        draw.text((4, y + cell_h // 2 - 6), label, fill="black", font=font)
+        for j, cell in enumerate(row):
+            grid.paste(cell, (LABEL_WIDTH + j * (cell_w + PAD), y))
+    return grid
+
+
+def cells_of(images: torch.Tensor, display_size: int) -> list[Image.Image]:
+    """(N, 3, H, W) images in [-1, 1] as PIL images, small ones upscaled (nearest) to ``display_size``."""
+    return [_upscale(Image.fromarray(a.numpy()), display_size) for a in to_uint8(images.detach().cpu())]
+
+
 def write_gallery(folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: list[int], display_size: int = 64) -> Path:
     """Write ``grid.png``, one PNG per cell and ``index.html`` into ``folder``.
 
@@ -30,27 +52,18 @@ def write_gallery(folder: Path, rows: list[tuple[str, torch.Tensor]], seeds: lis
         The path of ``grid.png``.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    cells = [[_upscale(Image.fromarray(a.numpy()), display_size) for a in to_uint8(images)] for _, images in rows]
-    cell_w, cell_h = cells[0][0].size
-    header = 18
-    grid = Image.new("RGB", (LABEL_WIDTH + len(seeds) * (cell_w + PAD), header + len(rows) * (cell_h + PAD)), "white")
-    draw = ImageDraw.Draw(grid)
-    font = ImageFont.load_default(size=12)
-    for j, seed in enumerate(seeds):
-        draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black", font=font)
+    cells = [cells_of(images, display_size) for _, images in rows]
+    cell_w = cells[0][0].size[0]
     table = []
     for i, ((label, _), row) in enumerate(zip(rows, cells)):
-        y = header + i * (cell_h + PAD)
-        draw.text((4, y + cell_h // 2 - 6), label, fill="black", font=font)
         tds = []
         for j, cell in enumerate(row):
-            grid.paste(cell, (LABEL_WIDTH + j * (cell_w + PAD), y))
             name = f"cells/row{i}_seed{seeds[j]}.png"
             (folder / "cells").mkdir(exist_ok=True)
             write_atomic(folder / name, cell)
             tds.append(f'<td><img src="{name}" width="{cell_w}" title="seed {seeds[j]}"></td>')
         table.append(f"<tr><th>{html.escape(label)}</th>{''.join(tds)}</tr>")
-    path = write_atomic(folder / "grid.png", grid)
+    path = write_atomic(folder / "grid.png", labelled_grid([label for label, _ in rows], cells, seeds))
     heads = "".join(f"<th>seed {s}</th>" for s in seeds)
     page = (
         "<!doctype html><meta charset=utf-8><title>tuner gallery</title>"

@@ -10,11 +10,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from tuner.export.gallery import LABEL_WIDTH, PAD, _upscale
+from tuner.export.gallery import cells_of, labelled_grid
 from tuner.files import write_atomic
-from tuner.sampling import to_uint8
 
 STYLE = (
     "<style>body{font-family:sans-serif}img{image-rendering:pixelated}th{text-align:left;vertical-align:top}"
@@ -66,26 +64,13 @@ class ValidationGallery:
         n = len(self.seeds)
         if images.shape[0] != len(self.prompts) * n:
             raise ValueError(f"expected {len(self.prompts) * n} images, got {images.shape[0]}")
-        cells = [_upscale(Image.fromarray(a.numpy()), self.display_size) for a in to_uint8(images.detach().cpu())]
-        cell_w, cell_h = cells[0].size
-        header = 18
-        grid = Image.new(
-            "RGB", (LABEL_WIDTH + n * (cell_w + PAD), header + len(self.prompts) * (cell_h + PAD)), "white"
-        )
-        draw = ImageDraw.Draw(grid)
-        font = ImageFont.load_default(size=12)
-        for j, seed in enumerate(self.seeds):
-            draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), f"seed {seed}", fill="black", font=font)
-        names = []
-        for k, prompt in enumerate(self.prompts):
-            y = header + k * (cell_h + PAD)
-            draw.text((4, y + cell_h // 2 - 6), prompt, fill="black", font=font)
-            row = []
-            for j, seed in enumerate(self.seeds):
-                grid.paste(cells[k * n + j], (LABEL_WIDTH + j * (cell_w + PAD), y))
-                row.append(f"cells/step_{step:06d}_p{k}_s{seed}.png")
-                write_atomic(self.folder / row[-1], cells[k * n + j])
-            names.append(row)
+        cells = cells_of(images, self.display_size)
+        rows = [cells[k * n : (k + 1) * n] for k in range(len(self.prompts))]
+        names = [[f"cells/step_{step:06d}_p{k}_s{seed}.png" for seed in self.seeds] for k in range(len(rows))]
+        for row, row_names in zip(rows, names):
+            for cell, name in zip(row, row_names):
+                write_atomic(self.folder / name, cell)
+        grid = labelled_grid(self.prompts, rows, self.seeds)
         entry = {"step": step, "grid": f"step_{step:06d}.png", "cells": names}
         path = write_atomic(self.folder / entry["grid"], grid)
         dropped = [e for e in self._entries if e["step"] >= step]  # a resumed run re-samples these steps

@@ -414,6 +414,7 @@ class TrainResult:
     # seconds of the steps themselves (from the first step's start to the last's end) and how many ran
     step_seconds: float = 0.0
     steps_run: int = 0
+    samples: int = 0  # images trained on, all sets (instance and prior) and all ranks
 
 
 def train_denoiser(
@@ -574,7 +575,8 @@ def train_denoiser(
                     with timer("data"):
                         parts = next_batch(generator)  # the global batch: every rank draws the same
                         parts = [parts] if isinstance(parts, Batch) else parts
-                        samples += sum(len(p.latents) for p in parts)
+                        drawn = sum(len(p.latents) for p in parts)
+                        samples, result.samples = samples + drawn, result.samples + drawn
                         parts = [p.with_noise(generator, settings.loss, objective).shard(rank, world) for p in parts]
                         batches = [batch.to(accelerator.device) for batch in merge_by_shape(parts)]
                     loss = 0.0
