@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import make_photos
+from tuner.training.batches import Batch, merge_by_shape
 from tuner.training.checkpoints import find
-from tuner.training.loop import Batch, merge_by_shape
 
 
 def free_port() -> int:

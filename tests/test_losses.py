@@ -7,7 +7,8 @@ from accelerate.state import AcceleratorState, GradientState
 from peft import LoraConfig
 
 from tuner.models import get_family
-from tuner.training.loop import Batch, LoopSettings, LossSettings, diffusion_loss, train_denoiser
+from tuner.training.batches import Batch
+from tuner.training.loop import LoopSettings, LossSettings, diffusion_loss, train_denoiser
 
 sd15 = get_family("sd15")
 
@@ -135,7 +136,7 @@ def test_timesteps_stay_in_range_and_follow_the_bias():
 
 
 def test_prior_batches_hold_both_sets_and_the_loss_is_the_weighted_sum():
-    from tuner.training.loop import LatentCache, SampleSet, draw_batch, merge_by_shape
+    from tuner.training.batches import LatentCache, SampleSet, draw_batch, merge_by_shape
 
     def cache(value, n):
         return LatentCache(torch.full((n, 4, 2, 2), value), torch.zeros(n, 4, 2, 2), scaling_factor=1.0)
@@ -223,7 +224,7 @@ def test_ema_equals_the_closed_form(tiny_pipeline_dir):
 
 
 def test_caption_dropout_and_tag_shuffling():
-    from tuner.training.loop import Captions
+    from tuner.training.batches import Captions
 
     texts = ["sks dog, grass, sun, red collar", "sks dog, snow", ""]
     rows = torch.arange(3.0).view(3, 1)

@@ -5,7 +5,8 @@ from accelerate import Accelerator
 from peft import LoraConfig
 
 from tuner.models import get_family
-from tuner.training.loop import Batch, LatentCache, LoopSettings, train_denoiser
+from tuner.training.batches import Batch, LatentCache
+from tuner.training.loop import LoopSettings, train_denoiser
 
 sd15 = get_family("sd15")
 

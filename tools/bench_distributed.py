@@ -40,7 +40,8 @@ def worker(args) -> None:
     from tuner import distributed
     from tuner.models import get_family
     from tuner.models.tiny import make_tiny_pipeline
-    from tuner.training.loop import Batch, LoopSettings, train_denoiser
+    from tuner.training.batches import Batch
+    from tuner.training.loop import LoopSettings, train_denoiser
 
     accelerator = distributed.make_accelerator("no", 1)
     folder = Path(args.tmp) / "pipe"

@@ -8,7 +8,7 @@ run follows on top of it, so that N processes behave as one:
   others take its answer, errors included (``decide``);
 - rank 0 alone writes the run's outputs; the others wait at ``barrier`` when they need what it wrote;
 - every rank draws the same global batch from the same generator and trains on its own slice of it
-  (``Batch.shard`` in tuner/training/loop.py), so N processes with batch B train exactly as one
+  (``Batch.shard`` in tuner/training/batches.py), so N processes with batch B train exactly as one
   process with batch N x B;
 - a stop signal or a non-finite loss on any rank stops every rank at the same step (``any_rank``).
 """

@@ -454,19 +454,10 @@ def train(run: Run) -> None:
     """
     from tuner.distributed import decide
     from tuner.training import trainables
+    from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
     from tuner.training.cache import shared as shared_cache
     from tuner.training.checkpoints import Checkpointing
-    from tuner.training.loop import (
-        Captions,
-        LatentCache,
-        LoopSettings,
-        LossSettings,
-        SampleSet,
-        draw_batch,
-        encode_latent_dist,
-        timestep_weights,
-        train_denoiser,
-    )
+    from tuner.training.loop import LoopSettings, LossSettings, timestep_weights, train_denoiser
     from tuner.training.monitor import start as start_monitor
 
     cfg, c, accelerator = run.cfg, run.components, run.accelerator

@@ -16,7 +16,8 @@ from tuner.config import BaseConfig
 from tuner.data import digits
 from tuner.models import get_family, tiny
 from tuner.models.base import Components
-from tuner.training.loop import Batch, LoopSettings, encode_latent_dist, train_denoiser
+from tuner.training.batches import Batch, encode_latent_dist
+from tuner.training.loop import LoopSettings, train_denoiser
 
 KL_WEIGHT = 1e-4
 

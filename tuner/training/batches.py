@@ -1,0 +1,250 @@
+"""What a training step is made of, drawn from what was computed once before the loop.
+
+Images are encoded to latent distributions once (``encode_latent_dist``) and captions to
+conditioning once (the family's ``encode_prompts``); a ``SampleSet`` holds them with how its images
+are drawn, and ``draw_batch`` makes a step's ``Batch``es from them, with the step's random draws
+(``draw_noise``) made on the CPU from one generator, so every device and rank draws the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from tuner.data.buckets import BucketSampler
+from tuner.models.base import Cond, tree_cat, tree_map
+
+if TYPE_CHECKING:
+    from tuner.training.loop import LossSettings
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    # prompt conditioning (a tensor or named tensors), or token ids when the text encoder runs in the step
+    cond: Cond
+    # per-sample loss weights; the loss is sum(weights * per_sample_loss)
+    weights: torch.Tensor
+    # (B, 1, h, w) in [0, 1] at latent resolution: where the loss counts; None: everywhere
+    mask: torch.Tensor | None = None
+    # the step's random draws (``draw_noise``), made for the whole global batch before it is sharded
+    noise: torch.Tensor | None = None
+    input_noise: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
+
+    FIELDS = ("latents", "cond", "weights", "mask", "noise", "input_noise", "timesteps")
+
+    def _map(self, fn) -> Batch:
+        return Batch(**{k: tree_map(fn, getattr(self, k)) for k in self.FIELDS})
+
+    def to(self, device) -> Batch:
+        return self._map(lambda t: t.to(device))
+
+    def with_noise(self, generator: torch.Generator, loss: LossSettings, objective) -> Batch:
+        """This batch with its noise and timesteps drawn (``draw_noise``)."""
+        noise, input_noise, timesteps = draw_noise(self.latents, generator, loss, objective)
+        return Batch(self.latents, self.cond, self.weights, self.mask, noise, input_noise, timesteps)
+
+    def shard(self, rank: int, world: int) -> Batch:
+        """This rank's contiguous slice of a global batch, its loss weights times ``world``.
+
+        DistributedDataParallel averages the ranks' gradients, so with the weights scaled the update is
+        the gradient of the whole global batch's weighted loss: N processes train as one process with
+        the N times larger batch. A rank left with no sample (a global batch smaller than the world)
+        gets the first one at weight 0, so every rank still runs the step the others run.
+        """
+        if world == 1:
+            return self
+        n = len(self.latents)
+        start, stop = rank * n // world, (rank + 1) * n // world
+        part = self._map(lambda t: t[start:stop] if stop > start else t[:1])
+        part.weights = part.weights * world if stop > start else torch.zeros_like(part.weights)
+        return part
+
+
+def merge_by_shape(parts: list[Batch]) -> list[Batch]:
+    """Batches of the same latent size joined into one (one denoiser call each)."""
+    merged: list[Batch] = []
+    for part in parts:
+        same = next((m for m in merged if m.latents.shape[1:] == part.latents.shape[1:]), None)
+        if same is None:
+            merged.append(part)
+            continue
+        i = merged.index(same)
+        merged[i] = Batch(**{k: tree_cat([getattr(same, k), getattr(part, k)]) for k in Batch.FIELDS})
+    return merged
+
+
+@dataclass
+class LatentCache:
+    """Posterior mean and std of each image; a training latent is a fresh sample of it, scaled.
+
+    ``mean`` and ``std`` are (N, C, h, w) tensors, or lists of per-image tensors when images come in
+    several sizes (aspect-ratio buckets).
+    """
+
+    mean: torch.Tensor | list[torch.Tensor]
+    std: torch.Tensor | list[torch.Tensor]
+    scaling_factor: float
+    shift_factor: float = 0.0  # the VAE's (Flux, SD3): latents are (sample - shift) * scale
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if isinstance(self.mean, torch.Tensor):
+            mean, std = self.mean[index], self.std[index]
+        else:
+            mean = torch.stack([self.mean[i] for i in index.tolist()])
+            std = torch.stack([self.std[i] for i in index.tolist()])
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        return (mean + std * eps - self.shift_factor) * self.scaling_factor
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        return tuple(self.mean[i].shape)
+
+    def items(self) -> list[dict[str, torch.Tensor]]:
+        """Per image: {"mean", "std"} (to store, see tuner/training/cache.py)."""
+        return [{"mean": self.mean[i], "std": self.std[i]} for i in range(len(self))]
+
+    @classmethod
+    def from_items(cls, items: list[dict[str, torch.Tensor]], scaling_factor: float, shift_factor: float = 0.0):
+        means, stds = [x["mean"] for x in items], [x["std"] for x in items]
+        if len({tuple(m.shape) for m in means}) == 1:  # one size: whole tensors
+            return cls(torch.stack(means), torch.stack(stds), float(scaling_factor), float(shift_factor))
+        return cls(means, stds, float(scaling_factor), float(shift_factor))
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+
+@dataclass
+class Captions:
+    """The distinct captions of a training run and what a batch gets for them.
+
+    ``rows`` holds each caption's prompt embeddings, or its token ids when the text encoder runs in
+    the step. Caption dropout swaps a caption for the empty one (the last row) with probability
+    ``dropout``; tag shuffling reorders a caption's comma-separated tags after the first ``keep``,
+    which needs the text encoder in the step (``tokenize`` turns the new texts into ids).
+    """
+
+    texts: list[str]
+    rows: Cond
+    dropout: float = 0.0
+    shuffle: bool = False
+    keep: int = 1
+    tokenize: Callable[[list[str]], torch.Tensor] | None = None
+
+    def lookup(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.dropout:
+            dropped = torch.rand(len(index), generator=generator) < self.dropout
+            index = torch.where(dropped, torch.full_like(index, len(self.texts) - 1), index)
+        if not self.shuffle:
+            return tree_map(lambda rows: rows[index], self.rows)
+        return self.tokenize([self._shuffled(self.texts[i], generator) for i in index.tolist()])
+
+    def _shuffled(self, text: str, generator: torch.Generator) -> str:
+        tags = [t.strip() for t in text.split(",") if t.strip()]
+        kept, rest = tags[: self.keep], tags[self.keep :]
+        return ", ".join(kept + [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()])
+
+
+@dataclass
+class SampleSet:
+    """One set of training images (instance, or class images for the prior) and how it is drawn."""
+
+    latents: LatentCache
+    # per distinct caption: its conditioning or token ids (one row each), or a ``Captions``
+    cond: Cond | Captions
+    # per image: the index of its caption in ``cond``
+    caption: torch.Tensor
+    # the set's share of the loss: its samples' mean loss is multiplied by it
+    weight: float = 1.0
+    # per image: (1, h, w) loss mask at latent resolution (a tensor, or a list when sizes differ); None: none
+    mask: torch.Tensor | list[torch.Tensor] | None = None
+    # per image: times it appears per epoch (None: once) and its own loss weight (None: 1)
+    repeats: list[int] | None = None
+    image_weight: torch.Tensor | None = None
+    sampler: BucketSampler | None = None
+    # per image: conditioning of its own, joined to its caption's (SDXL's sizes and crop); None: none
+    image_cond: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.sampler is None:  # batches group images of one latent size: the aspect-ratio bucket
+            n = len(self.latents)
+            shapes = [self.latents.shape(i) for i in range(n)]
+            self.sampler = BucketSampler(shapes, self.repeats or [1] * n)
+
+
+def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generator) -> list[Batch]:
+    """The next ``batch_size`` images of each set's epoch: one ``Batch`` per set, instance first.
+
+    Each set draws from its own shuffled epochs, one bucket per batch, so every image appears once
+    per repeat. A sample's loss weight is its set's weight times its own over the batch it came in,
+    so the loss is ``mean(instance losses) + prior_weight * mean(class losses)``, DreamBooth's
+    prior-preserving loss. With several processes ``batch_size`` is the global batch (every rank draws
+    the same, then trains on its slice); ``merge_by_shape`` joins sets of one size for one U-Net call.
+    """
+    parts = []
+    with_masks = any(s.mask is not None for s in sets)
+    for s in sets:
+        pick = torch.tensor(s.sampler.next(generator, batch_size))
+        latents = s.latents.sample(pick, generator)
+        weights = torch.full((len(pick),), s.weight / len(pick))
+        if s.image_weight is not None:
+            weights = weights * s.image_weight[pick]
+        mask = None
+        if with_masks:  # a set without masks counts everywhere
+            mask = (
+                torch.ones_like(latents[:, :1]) if s.mask is None else torch.stack([s.mask[i] for i in pick.tolist()])
+            )
+        index = s.caption[pick]
+        if isinstance(s.cond, Captions):
+            cond = s.cond.lookup(index, generator)
+        else:
+            cond = tree_map(lambda rows, index=index: rows[index], s.cond)
+        if s.image_cond is not None:
+            cond = {**cond, **{k: v[pick] for k, v in s.image_cond.items()}}
+        parts.append(Batch(latents, cond, weights, mask))
+    return parts
+
+
+@torch.no_grad()
+def encode_latent_dist(vae, images, batch_size: int = 64, desc: str | None = None) -> LatentCache:
+    """Encode images in [-1, 1] once; the VAE never runs inside the training loop.
+
+    ``images``: an (N, 3, H, W) tensor, or a list of (3, H, W) tensors of several sizes (encoded in
+    batches of one size each).
+    """
+    device = next(vae.parameters()).device
+    images = list(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(i)
+    means, stds = [None] * len(images), [None] * len(images)
+    chunks = [ids[k : k + batch_size] for ids in by_size.values() for k in range(0, len(ids), batch_size)]
+    for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
+        batch = torch.stack([images[i] for i in chunk]).to(device, vae.dtype)
+        dist = vae.encode(batch).latent_dist
+        for i, mean, std in zip(chunk, dist.mean.float().cpu(), dist.std.float().cpu()):
+            means[i], stds[i] = mean, std
+    if len(by_size) == 1:  # one size: keep whole tensors
+        return LatentCache(torch.stack(means), torch.stack(stds), float(vae.config.scaling_factor))
+    return LatentCache(means, stds, float(vae.config.scaling_factor))
+
+
+def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, objective):
+    """A step's random draws for ``latents``, on the CPU from ``generator`` in a fixed order (noise, offset,
+    perturbation, timesteps): the same draws on every device and, for a global batch, on every rank.
+
+    Returns (noise, input_noise, timesteps): the target uses ``noise``, the U-Net's input ``input_noise``.
+    """
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    if loss.noise_offset:
+        noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
+    input_noise = noise
+    if loss.input_perturbation:
+        input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
+    timesteps = objective.draw(len(latents), loss, generator)
+    return noise, input_noise, timesteps
