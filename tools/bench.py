@@ -24,6 +24,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name, (command_of, bar) in programs.items():
             out = args.work / "runs" / f"{name}-{repeat}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            shutil.rmtree(out, ignore_errors=True)
             command = command_of(args, model, data, out)
             if repeat == 0:
                 print(f"{name}: {shlex.join(command)}", flush=True)

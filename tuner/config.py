@@ -259,8 +259,8 @@ class TrainConfig:
     # time each phase of the steps (summary.json's step_phases); on a GPU it waits for the device at each
     # phase's end, so it slows training: for benchmarks (on a CPU phases are always timed, at no cost)
     profile: bool = False
-    # the denoiser in channels-last layout (on a CPU: PyTorch's own convolution kernels). null: on a CPU
-    # training in float32, where it measured faster here (tools/bench.py); elsewhere off
+    # the denoiser in channels-last layout (on a CPU: PyTorch's own convolution kernels). null: on for float32
+    # LoRA training on a CPU when no convolution weight trains and not DoRA (faster here, tools/bench.py)
     channels_last: bool | None = None
 
 

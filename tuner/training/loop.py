@@ -373,11 +373,10 @@ def train_denoiser(
                     if on_device:
                         bad = ~torch.isfinite(loss.detach())
                         step_bad |= bad
-                        stop_asked = stop_asked or signalled
                         nonfinite = False
                     else:  # a bad step never reaches the weights; a stop signal reaches every rank at one step
                         nonfinite, signalled = any_rank(accelerator, not torch.isfinite(loss), signalled)
-                        stop_asked = stop_asked or signalled
+                    stop_asked = stop_asked or signalled
                     if nonfinite:
                         if settings.nonfinite == "stop":
                             value = float(loss.detach()) if not torch.isfinite(loss) else float("nan")
