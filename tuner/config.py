@@ -661,16 +661,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.nonfinite={t.nonfinite}: choose stop or skip")
     if cfg.resume is not None:
         _validate_resume(cfg)
-    elif (
-        cfg.output_dir
-        and not cfg.overwrite
-        and os.environ.get("RANK", "0") == "0"  # several processes: rank 0's check, before it writes the folder
-        and (Path(cfg.output_dir).expanduser() / "config.yaml").is_file()
-    ):
-        raise ConfigError(
-            f"output_dir={cfg.output_dir} holds another run already; choose a new folder, continue it with "
-            "resume=auto, or pass overwrite=true to write over it"
-        )
+    if os.environ.get("RANK", "0") == "0":  # several processes: rank 0's check, before it writes the folder
+        from tuner.run_folder import check_output_dir
+
+        check_output_dir(cfg)
     if cfg.checkpoints.every < 0 or cfg.checkpoints.keep < 1:
         raise ConfigError(
             "checkpoints.every must be at least 0 (0: only on a stop signal) and checkpoints.keep at least 1"

@@ -422,10 +422,7 @@ def _resume_from(run: Run) -> Path | None:
         return None
     if run.cfg.resume != "auto":
         return Path(run.cfg.resume).expanduser()
-    found = checkpoints.find(run.dir / "checkpoints")
-    if not found:
-        print(f"[tuner] resume=auto: no checkpoint in {run.dir / 'checkpoints'} yet; starting at step 0", flush=True)
-    return found[-1] if found else None
+    return checkpoints.newest_intact(run.dir / "checkpoints")
 
 
 def _key(*parts: str) -> str:

@@ -65,6 +65,14 @@ def find(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name)[1]))
 
 
+def newest_intact(folder: Path) -> Path | None:
+    """resume=auto: the newest complete checkpoint in ``folder``, or None (training starts at step 0)."""
+    found = find(folder)
+    if not found:
+        print(f"[tuner] resume=auto: no checkpoint in {folder} yet; starting at step 0", flush=True)
+    return found[-1] if found else None
+
+
 def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: dict) -> Path:
     """Write the checkpoint of ``step`` (steps done) and drop the oldest beyond ``keep``."""
     from safetensors.torch import save_file
