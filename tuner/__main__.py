@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except (FloatingPointError, SaveError) as e:
         report(f"training stopped: {e}", e)
         return 1
+    except OSError as e:  # the machine, not the input: a full disk, a read-only or missing folder
+        where = f"{e.filename}: " if e.filename else ""
+        report(f"error: {where}{e.strerror or e}; what was written before is intact", e)
+        return 1
     except Stopped as e:
         code = 130 if e.signum == signal.SIGINT else 0
         if rank:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,6 +18,24 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _write_error(error: BaseException, path: Path, tmp: Path | None = None) -> OSError | None:
+    """A failed write (disk full, no permission, a read-only or missing folder) as an OSError naming ``path``,
+    whichever writer failed: Python's own, safetensors' (``I/O error: ... (os error 28)``) or torch.save's.
+    A file inside the temp folder ``tmp`` is named by where it was going to be."""
+    if isinstance(error, OSError):
+        where = Path(error.filename or path)
+        if tmp is not None and where.is_relative_to(tmp):
+            where = path / where.relative_to(tmp)
+        return OSError(error.errno, error.strerror or str(error), str(where))
+    text = str(error)
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        return OSError(int(found[1]), os.strerror(int(found[1])), str(path))
+    if "PytorchStreamWriter failed" in text or "file write failed" in text:
+        return OSError(errno.EIO, "the write failed (is the disk full?)", str(path))
+    return None
 
 
 def write_atomic(path: Path, content: str | bytes | Image.Image) -> Path:
@@ -33,11 +53,24 @@ def write_atomic(path: Path, content: str | bytes | Image.Image) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; give them the usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        failed = _write_error(e, path)
+        if failed is None:
+            raise
+        raise failed from e
     return path
+
+
+def _usual_modes(folder: Path) -> None:
+    """Files and folders as the user's umask makes them: some writers (safetensors) create files private."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 @contextlib.contextmanager
@@ -53,6 +86,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _usual_modes(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
@@ -60,9 +94,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        failed = _write_error(e, path, tmp)
+        if failed is None:
+            raise
+        raise failed from e
 
 
 @contextlib.contextmanager
@@ -76,7 +113,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        raise
+        failed = _write_error(e, path)
+        if failed is None:
+            raise
+        raise failed from e

@@ -9,6 +9,7 @@ They register themselves with ``tuner.run.stage`` like the stages in tuner/run.p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -21,9 +22,11 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from tuner import run_folder
 from tuner.config import ConfigError, run_folder_of
 from tuner.data import digits
 from tuner.data.prepare import load_prepared
+from tuner.export.formats import FORMATS
 from tuner.files import write_atomic
 from tuner.run import Run, _images, stage
 
@@ -124,7 +127,7 @@ def _export_info(run: Run, trained, name: str) -> dict:
     return info
 
 
-@stage(main_only=True)
+@stage(main_only=True, writes=(*FORMATS, "README.md"))
 def export(run: Run) -> None:
     """Write what trained (or what ``checkpoint=`` loaded) in every format of ``export.formats``.
 
@@ -132,8 +135,6 @@ def export(run: Run) -> None:
     part (a kohya file cannot hold a DoRA adapter) says so and writes the rest. The run summary
     lists every file written with its sha256; ``README.md`` in the run folder is the model card.
     """
-    import shutil
-
     from tuner.export import formats
     from tuner.export.card import write_model_card
     from tuner.export.metadata import file_hashes, training_metadata
@@ -148,6 +149,7 @@ def export(run: Run) -> None:
     if not parts:
         raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
     formats.check_held(parts, e.formats)
+    formats.check_finite(trained)
     name = e.name or run.dir.name
     info = _export_info(run, trained, name)
     metadata = training_metadata(info)
@@ -158,8 +160,7 @@ def export(run: Run) -> None:
         held = parts & formats.HOLDS[fmt]
         if not held:
             print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
-            if folder.is_dir():  # an earlier run's files in this folder must not pass for this run's
-                shutil.rmtree(folder)
+            run_folder.remove(run.dir, fmt)  # an earlier run's files in this folder must not pass for this run's
             continue
         if parts - held:
             print(f"[tuner] export {fmt}: without {', '.join(sorted(parts - held))} (another format holds it)")
@@ -231,30 +232,38 @@ def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> li
     return loaded
 
 
-LORA_KEYS = (".lora_down.weight", ".lora_up.weight", ".lora_A.weight", ".lora_B.weight")
+def _candidates(path: Path) -> list[Path]:
+    """The adapter and embedding files of a folder (or the file itself): its .safetensors, else any file
+    that may hold tensors under another name (a safetensors named .bin loads; a pickle is refused)."""
+    from tuner.export.reading import PICKLE_SUFFIXES
+
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*.safetensors"))
+    return files or sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
 def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
-    from safetensors import safe_open
+    from tuner.export import reading
 
-    files = (
-        [path] if path.is_file() else sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*.safetensors"))
-    )
     loaded = []
-    for file in files:
-        with safe_open(file, "pt") as handle:
-            keys, meta = list(handle.keys()), handle.metadata() or {}
-        if any(k.endswith(LORA_KEYS) for k in keys):
-            run.pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=adapter_name)
+    for file in _candidates(path):
+        tensors, meta = reading.read_tensors(file)
+        keys = list(tensors)
+        if reading.lora_modules(tensors) or any(k.endswith(up) for _, up in reading.LORA_PAIRS for k in keys):
+            _load_lora(run, file, reading.check_lora(file, tensors, meta), adapter_name)
         elif any(k.startswith(("hada_", "lokr_")) or ".hada_" in k or ".lokr_" in k for k in keys):
             raise ConfigError(
                 f"{file}: a LoHa/LoKr file in kohya's keys; diffusers cannot load it, load the run's peft/ folder"
             )
         else:  # an embedding: diffusers' {token: vectors} or A1111's emb_params, named by its file
+            widths = [te.get_input_embeddings().weight.shape[1] for te in run.components.text_encoders.values()]
+            reading.check_embedding(file, tensors, widths)
             token = meta.get("token") or (keys[0] if len(keys) == 1 and keys[0] != "emb_params" else file.stem)
             if token in run.pipe.tokenizer.get_vocab():
                 raise ConfigError(f"{file}: its token {token} is in the vocabulary already (another adapter's?)")
-            run.pipe.load_textual_inversion(file, token=token)
+            with _named_failures(file, "an embedding"):
+                run.pipe.load_textual_inversion(file, token=token)
             run.new_tokens.append(token)
             run.base_weights_changed = True
         loaded.append(file.name)
@@ -265,17 +274,96 @@ def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
     return loaded
 
 
+@contextlib.contextmanager
+def _named_failures(file: Path, what: str):
+    """A loader's failure on a file that passed the checks (a shape that fits no module of this base, ...)
+    as one line naming the file."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{file}: does not load as {what} onto this base ({reason[:300]})") from None
+
+
+def _adapter_layers(run: Run) -> int:
+    """How many (module, adapter) pairs of LoRA layers the run's modules hold."""
+    from tuner.export.formats import tuner_layers
+
+    return sum(
+        len(getattr(layer, "lora_A", {}))
+        for module in run.components.trainable().values()
+        for layer in tuner_layers(module).values()
+    )
+
+
+def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> None:
+    """Load a LoRA file through the pipeline's own ``load_lora_weights``; every module of the file must land.
+
+    Raises:
+        ConfigError: the file does not load, or some of its modules name modules this base does not have
+            (a LoRA for another model), listing them.
+    """
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    before, keep = _adapter_layers(run), Keep()
+    watched = [logging.getLogger(name) for name in ("diffusers", "peft")]
+    levels = [logger.level for logger in watched]
+    for logger in watched:  # diffusers names the keys it could not place only in a warning
+        logger.addHandler(keep)
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        with _named_failures(file, "a LoRA"):
+            run.pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=adapter_name)
+    finally:
+        for logger, level in zip(watched, levels):
+            logger.removeHandler(keep)
+            logger.setLevel(level)
+    landed = _adapter_layers(run) - before
+    if landed < modules:
+        from tuner.export.reading import unexpected_keys
+
+        keys = unexpected_keys(keep.messages)
+        shown = f": {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" if keys else ""
+        raise ConfigError(
+            f"{file}: {modules - landed} of its {modules} LoRA modules name modules this base does not have"
+            f"{shown}; is it a LoRA for another model (model.path={run.cfg.model.path or 'the digits base'})?"
+        )
+
+
 def _load_peft(module, folder: Path, adapter_name: str) -> None:
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) onto ``module``."""
     from peft import PeftConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
-    module.add_adapter(PeftConfig.from_pretrained(folder), adapter_name=adapter_name)
-    state = {k.removeprefix("base_model.model."): v for k, v in load_file(folder / "adapter_model.safetensors").items()}
-    result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
+    from tuner.export import reading
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [p for p in folder.iterdir() if p.suffix in reading.PICKLE_SUFFIXES]
+        if pickled and reading.is_pickle(pickled[0]):
+            reading.refuse_pickle(pickled[0])
+        if not pickled:
+            raise ConfigError(f"{folder}: adapter_config.json without adapter_model.safetensors beside it")
+        weights = pickled[0]  # a safetensors file under a .bin name
+    tensors, _ = reading.read_tensors(weights)
+    try:
+        config = PeftConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{folder / 'adapter_config.json'}: not a peft adapter config ({e})") from None
+    state = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+    with _named_failures(weights, "a peft adapter"):
+        module.add_adapter(config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
     unused = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "hada_" in k or "lokr_" in k]
     if unused:
-        raise ConfigError(f"checkpoint={folder}: {len(unused)} adapter tensors fit no module, e.g. {unused[:3]}")
+        raise ConfigError(f"{weights}: {len(unused)} adapter tensors fit no module, e.g. {unused[:3]}")
 
 
 def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
@@ -304,7 +392,7 @@ def _with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     return base_images, tuned_images
 
 
-@stage(main_only=True)
+@stage(main_only=True, writes=("gallery",))
 def gallery(run: Run) -> None:
     """Base vs fine-tuned, for the instance prompt and the class prompt, at fixed seeds."""
     from tuner.export.gallery import write_gallery
@@ -330,7 +418,7 @@ def digit_in(prompt: str | None) -> int | None:
     return found[-1] if found else None
 
 
-@stage(main_only=True)
+@stage(main_only=True, writes=("metrics.json",))
 def evaluate(run: Run) -> None:
     """Digits base: subject fidelity and class preservation, scored by an independent classifier.
 
@@ -370,7 +458,7 @@ def evaluate(run: Run) -> None:
 # ---------------------------------------------------------------- serving
 
 
-@stage(main_only=True)
+@stage(main_only=True, writes=("images",))
 def generate(run: Run) -> None:
     """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
     for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generate.py.
@@ -395,10 +483,7 @@ def generate(run: Run) -> None:
         run.pipe.set_adapters(names, weights)
     pipe = run.family.img2img(run.pipe) if g.init_image else run.pipe
     folder, entries = run.dir / "images", []
-    if folder.is_dir():  # an earlier run's images in this run folder would mix with these
-        import shutil
-
-        shutil.rmtree(folder)
+    run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from tuner import sampling
+from tuner import run_folder, sampling
 from tuner.config import ConfigError
 from tuner.data import digits
 from tuner.data.prepare import PrepareSettings, Source, load_prepared
@@ -36,16 +36,23 @@ from tuner.models.base import tree_map
 
 STAGES = {}
 MAIN_ONLY = set()  # stages rank 0 runs alone (several processes): sampling for people, and exports
+WRITES: dict[str, tuple[str, ...]] = {}  # the entries of the run folder each stage writes (see run_folder.py)
 
 
-def stage(fn=None, *, main_only: bool = False):
+def stage(fn=None, *, main_only: bool = False, writes: tuple[str, ...] = ()):
     def register(fn):
         STAGES[fn.__name__] = fn
+        WRITES[fn.__name__] = tuple(writes)
         if main_only:
             MAIN_ONLY.add(fn.__name__)
         return fn
 
     return register(fn) if fn is not None else register
+
+
+def entries(cfg: DictConfig) -> tuple[str, ...]:
+    """Every entry of the run folder that the stages of ``cfg`` may write (the manifest lists them)."""
+    return tuple(sorted({name for s in cfg.stages for name in WRITES.get(s, ())}))
 
 
 class Run:
@@ -81,10 +88,14 @@ class Run:
 
     @staticmethod
     def _new_folder(cfg: DictConfig) -> str:
-        """Rank 0 names and creates the run folder and writes its config."""
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        folder = Path(cfg.output_dir or Path("runs") / f"{cfg.recipe}-{stamp}").expanduser().resolve()
-        folder.mkdir(parents=True, exist_ok=True)
+        """Rank 0 names and claims the run folder (see tuner/run_folder.py) and writes its config."""
+        if cfg.output_dir:
+            folder = Path(cfg.output_dir).expanduser().resolve()
+        else:  # a new folder: never one that exists (two runs started in the same second)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            names = (f"{cfg.recipe}-{stamp}{f'-{k}' if k else ''}" for k in itertools.count())
+            folder = next(f for f in (Path("runs").resolve() / n for n in names) if not f.exists())
+        run_folder.claim(folder, cfg, entries(cfg))
         write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         return str(folder)
 
@@ -188,6 +199,7 @@ def run_recipe(cfg: DictConfig) -> Run:
     if run.files:
         summary["files"] = run.files
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
+    run_folder.finish(run.dir)
     print(format_summary(summary), flush=True)
     return run
 
@@ -267,7 +279,7 @@ def base(run: Run) -> None:
     run.outputs["base"] = str(run.model_path)
 
 
-@stage(main_only=True)
+@stage(main_only=True, writes=("gallery", "metrics.json"))
 def evaluate_base(run: Run) -> None:
     """Digits base: per-digit share of samples an independent SVC classifies as the prompted digit."""
     from tuner.export.gallery import write_gallery
@@ -290,7 +302,7 @@ def evaluate_base(run: Run) -> None:
 # ---------------------------------------------------------------- data
 
 
-@stage
+@stage(writes=("instance_images",))
 def subject(run: Run) -> None:
     """Quickstart: write the synthetic subject as PNG files, the way a user's photos would arrive."""
     s = run.cfg.subject
@@ -333,7 +345,7 @@ def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str 
         raise ConfigError(f"{report.source}: no usable {role} image (see {out / 'report.json'})")
 
 
-@stage
+@stage(writes=("data", "report.json"))
 def prepare(run: Run) -> None:
     """Validate and standardize the instance images into an Arrow dataset with a report."""
     _prepare(run, "instance", run.cfg.data.instance_dir, run.cfg.data.instance_prompt)
@@ -344,7 +356,7 @@ def prepare(run: Run) -> None:
     run.outputs["report"] = str(run.dir / "report.json")
 
 
-@stage
+@stage(writes=("class_images", "data"))
 def class_images(run: Run) -> None:
     """DreamBooth prior: generate class images from the base until the class folder holds enough.
 
@@ -442,7 +454,7 @@ def _channels_last_pays(cfg, accelerator, trained) -> bool:
     return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
 
 
-@stage
+@stage(writes=("cache", "checkpoints", "logs", "validation"))
 def train(run: Run) -> None:
     """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
 

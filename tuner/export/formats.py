@@ -53,6 +53,28 @@ class Trained:
         )
 
 
+def check_finite(trained: Trained) -> None:
+    """Refuse to export NaN or infinite weights (a diverged run), naming the first such tensor.
+
+    Raises:
+        ConfigError: naming the module and tensor; nothing has been written.
+    """
+    from tuner.config import ConfigError
+
+    named = {f"token {token}": vectors for token, vectors in trained.tokens.items()}
+    for component, module in trained.components.trainable().items():
+        if trained.base_weights:
+            named.update({f"{component}.{n}": p for n, p in module.named_parameters()})
+        for name, layer in tuner_layers(module).items():
+            named.update({f"{component}.{name}.{n}": p for n, p in layer.named_parameters() if "base_layer" not in n})
+    for name, tensor in named.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ConfigError(
+                f"export: {name} holds NaN or infinite values, so nothing was exported; the training diverged "
+                "(lower train.learning_rate, or keep train.nonfinite=stop to stop at the first such step)"
+            )
+
+
 def check_held(parts: set[str], chosen) -> None:
     """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
     from tuner.config import ConfigError
