@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from omegaconf import OmegaConf
 
 from tests.conftest import make_photos, sample_like_the_gallery
 from tuner.config import compose, validate
@@ -16,8 +17,10 @@ sd15 = get_family("sd15")
 PROMPT = "a photo of sks ball"
 
 
-def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]", name="run"):
-    """The lora recipe on the tiny pipeline, in this process (3 steps), with the given overrides."""
+def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]", name="run", unchecked=None):
+    """The lora recipe on the tiny pipeline, in this process (3 steps), with the given overrides.
+
+    ``unchecked``: {dotted key: value} set after ``validate``, for values it refuses (the loop's own guards)."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     photos = tmp_path / "photos"
@@ -41,6 +44,8 @@ def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]"
         ],
     )
     validate(cfg)
+    for key, value in (unchecked or {}).items():
+        OmegaConf.update(cfg, key, value)
     return run_recipe(cfg)
 
 

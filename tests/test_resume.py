@@ -198,16 +198,20 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_leaves_the_checkpoints(tmp_p
             tiny_pipeline_dir,
             "train.max_steps=5",
             "checkpoints.every=1",
-            "train.input_perturbation=nan",  # from step 4 on, every loss is NaN
             "resume=auto",
             name="nan",
+            unchecked={"train.input_perturbation": float("nan")},  # from step 4 on, every loss is NaN
         )
     assert checkpoint_bytes(first.dir / "checkpoints") == before  # nothing of the bad step was saved
 
 
 def test_nonfinite_skip_goes_on_without_applying_those_steps(tmp_path, tiny_pipeline_dir):
     run = train_in_process(
-        tmp_path, tiny_pipeline_dir, "train.max_steps=2", "train.input_perturbation=nan", "train.nonfinite=skip"
+        tmp_path,
+        tiny_pipeline_dir,
+        "train.max_steps=2",
+        "train.nonfinite=skip",
+        unchecked={"train.input_perturbation": float("nan")},
     )
     assert run.metrics["skipped_steps"] == 2
     lora_b = {k: v for k, v in adapter(run.dir).items() if "lora_B" in k}

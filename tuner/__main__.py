@@ -43,15 +43,22 @@ def explain(error: Exception, recipe: str) -> str:
         return f"unknown config key '{key}'.{hint} (python -m tuner recipe={recipe} print_config shows every key)"
     cause = error.__cause__ or error.__context__
     if cause is not None and "full_key" in str(cause):
-        return str(cause).strip()
-    return text.strip()
+        text = str(cause)
+    # one line: OmegaConf puts the key and the schema's class on lines of their own
+    key = re.search(r"full_key: (\S+)", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return f"{key[1]}: {first}" if key and key[1] not in first else first
 
 
 def _hide_unused_integrations(cfg) -> None:
     """diffusers and peft import bitsandbytes as they start when it is installed (about 1 s and 50 MB here,
     with part of torch's compiler), though only train.optimizer=adamw8bit uses it: unless this run asks for
     it, they find it missing. (A module that is None in ``sys.modules`` counts as not installed.)"""
-    if cfg.train.optimizer != "adamw8bit" and "bitsandbytes" not in sys.modules:
+    from omegaconf import OmegaConf
+
+    # an interpolation that does not resolve reads as None here: validate() reports it, by its key
+    optimizer = OmegaConf.select(cfg, "train.optimizer", throw_on_resolution_failure=False)
+    if optimizer != "adamw8bit" and "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None
 
 
@@ -98,12 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             sweep(recipe, overrides)
             return 0
         cfg = compose(recipe, overrides)
-        _hide_unused_integrations(cfg)
         if "print_config" in argv:
             from omegaconf import OmegaConf
 
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
+        _hide_unused_integrations(cfg)
         validate(cfg)
     except ConfigError as e:
         print(f"tuner: config error: {e}", file=sys.stderr)

@@ -10,8 +10,10 @@ with ``recipe=NAME``) and the user's ``key=value`` overrides, in that order.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -433,9 +435,17 @@ ADAPTER_TYPES = ("lora", "loha", "lokr", "partial_unet", "full", "none")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "one_cycle")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _digit_word(k) -> str:
+    if str(k) not in [str(d) for d in range(10)]:
+        raise ValueError(f"${{digit_word:{k}}}: subject.digit must be 0..9")
+    return DIGIT_WORDS[int(k)]
+
+
 if not OmegaConf.has_resolver("digit_word"):
     # recipes write prompts like "a photo of the digit ${digit_word:${subject.digit}}"
-    OmegaConf.register_new_resolver("digit_word", lambda k: DIGIT_WORDS[int(k)])
+    OmegaConf.register_new_resolver("digit_word", _digit_word)
 
 
 def list_recipes() -> dict[str, str]:
@@ -512,6 +522,157 @@ def _validate_logging(cfg: DictConfig) -> None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
 
 
+# seeds go to torch.Generator.manual_seed (which takes 0 .. 2**64 - 1) and numpy's default_rng (no negatives)
+SEED_MAX = 2**63 - 1
+SEED_FIX = f"a seed from 0 to {SEED_MAX}, e.g. 0"
+LR_OR_NULL = "a positive finite learning rate, e.g. 1e-4, or null for train.learning_rate"
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _at_least(low: float) -> Callable[[float], bool]:
+    return lambda v: v >= low
+
+
+def _share(v) -> bool:
+    return 0 <= v < 1
+
+
+def _or_null(test: Callable) -> Callable:
+    return lambda v: v is None or test(v)
+
+
+def _multiple_of_8(v) -> bool:
+    return v >= 8 and v % 8 == 0
+
+
+def _seed(v) -> bool:
+    return 0 <= v <= SEED_MAX
+
+
+# What the schema's types cannot say about a number: (keys, test, the fix the message gives). A key's
+# [*] stands for every item of its list. Values are finite here (NaN and inf are refused first, by
+# _check_finite, with the same fix), so a test need not repeat that.
+NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
+    (("model.resolution", "data.resolution"), _multiple_of_8, "a positive multiple of 8, e.g. 512"),
+    (("model.guidance",), _at_least(0), "0 or more, the guidance Flux-dev is trained with, e.g. 1.0"),
+    (("model.max_sequence_length",), _or_null(_positive), "a positive token count, or null for the pipeline's"),
+    (("model.timestep_shift",), _or_null(_positive), "a positive shift, e.g. 3.0, or null for the scheduler's"),
+    (("model.logit_std",), _at_least(0), "a standard deviation, 0 or more, e.g. 1.0"),
+    (("model.logit_mean", "model.mode_scale"), math.isfinite, "a finite number"),
+    (("data.bucket_step",), _positive, "a positive multiple of 8, e.g. 64"),
+    (("data.near_duplicate_bits",), lambda v: 0 <= v <= 64, "bits of the 64-bit hash, 0..64 (0: exact duplicates)"),
+    (("data.workers",), _at_least(0), "a process count, e.g. 4 (0 or 1: decode in this process)"),
+    (("data.min_side",), _at_least(0), "a side in pixels, 0 or more, e.g. 8"),
+    (("data.max_pixels",), _positive, "a positive pixel count, e.g. 178956970"),
+    (("data.sources[*].weight",), _at_least(0), "a loss multiplier, 0 or more, e.g. 1.0"),
+    (("subject.image_size",), _at_least(8), "a size in pixels, at least 8 (data.min_side), e.g. 64"),
+    (("prior.num_class_images",), _at_least(0), "0 or more, e.g. 100 (0: only the images in data.class_dir)"),
+    (("prior.loss_weight",), _at_least(0), "0 or more, e.g. 1.0"),
+    (("prior.sample_batch_size",), _at_least(1), "at least 1, e.g. 16"),
+    (("train.learning_rate",), _positive, "a positive finite number, e.g. 1e-4"),
+    (("train.warmup_steps",), _at_least(0), "0 or more steps (0: no warmup)"),
+    (("train.weight_decay",), _at_least(0), "0 or more, e.g. 1e-2 (0: none)"),
+    # the training loop clips only when max_grad_norm > 0: 0 is its documented off
+    (("train.max_grad_norm",), _at_least(0), "a positive norm to clip gradients to, e.g. 1.0, or 0 for no clipping"),
+    (("train.huber_delta",), _positive, "a positive number, e.g. 0.1"),
+    (("train.noise_offset",), _at_least(0), "0 (off) or a small positive number, e.g. 0.05"),
+    (("train.input_perturbation",), _at_least(0), "0 (off) or a small positive number, e.g. 0.1"),
+    (("train.min_timestep",), _at_least(0), "0 or more, below train.max_timestep"),
+    (("train.timestep_bias_multiplier",), _positive, "a positive factor, e.g. 2.0"),
+    (("train.snr_gamma",), _or_null(_positive), "a positive number, e.g. 5.0, or null for off"),
+    (("train.ema_decay",), _or_null(lambda v: 0 < v < 1), "a value between 0 and 1, e.g. 0.999, or null"),
+    (("adapter.alpha",), _positive, "a positive number, e.g. the rank (8)"),
+    (("adapter.dropout",), _share, "a share in [0, 1), e.g. 0.1 (0: none)"),
+    (
+        ("adapter.blocks[*].lr", "text_encoder.learning_rate", "embedding.learning_rate"),
+        _or_null(_positive),
+        LR_OR_NULL,
+    ),
+    (("text_encoder.stop_at",), lambda v: 0 < v <= 1, "a share of train.max_steps in (0, 1], e.g. 1.0"),
+    (("sample.steps", "eval.steps"), _at_least(1), "at least 1, e.g. 25"),
+    (("eval.samples",), _at_least(1), "at least 1, e.g. 64"),
+    (("sample.display_size",), _at_least(1), "a size in pixels, e.g. 64"),
+    (("sample.guidance_scale", "eval.guidance_scale", "generate.guidance_scale"), math.isfinite, "a number, e.g. 7.5"),
+    (("validation.guidance_scale",), _or_null(math.isfinite), "a number, e.g. 7.5, or null for sample.guidance_scale"),
+    (("generate.adapters[*].weight",), math.isfinite, "a number, e.g. 1.0"),
+    (("generate.strength",), lambda v: 0 < v <= 1, "a share in (0, 1], e.g. 0.75"),
+    (("base.vae_steps", "base.unet_steps", "base.vae_batch_size", "base.unet_batch_size"), _at_least(1), "at least 1"),
+    (("base.vae_lr", "base.unet_lr"), _positive, "a positive finite number, e.g. 2e-3"),
+    (("base.ema_decay",), lambda v: 0 < v < 1, "a value between 0 and 1, e.g. 0.995"),
+    (("base.caption_dropout", "data.caption_dropout"), _share, "a share in [0, 1), e.g. 0.1"),
+    (("checkpoints.every",), _at_least(0), "0 or more steps (0: only on a stop signal), e.g. 500"),
+    (("checkpoints.keep",), _at_least(1), "at least 1 (the newest are kept), e.g. 2"),
+    (("seed", "base.seed", "subject.seed", "prior.seed", "eval.seed", "generate.seed"), _seed, SEED_FIX),
+    (("sample.seeds[*]", "validation.seeds[*]"), _seed, SEED_FIX),
+)
+
+
+def _items(cfg: DictConfig, key: str) -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of ``key``, one per list item where it has a [*]."""
+    head, star, rest = key.partition("[*]")
+    if not star:
+        yield key, OmegaConf.select(cfg, key)
+        return
+    for k in range(len(OmegaConf.select(cfg, head) or [])):
+        yield from _items(cfg, f"{head}[{k}]{rest}")
+
+
+def _as_written(cfg: DictConfig, key: str):
+    """The value of a dotted key (``sample.prompts[0]``) with its ${...} unresolved."""
+    value = OmegaConf.to_container(cfg, resolve=False)
+    for part in re.findall(r"[^.\[\]]+", key):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def _resolve(cfg: DictConfig) -> dict:
+    """The whole config with every ${...} resolved; one that does not resolve is refused by its key."""
+    from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = e.full_key or "config"
+        raw = _as_written(cfg, e.full_key) if e.full_key else "?"
+        why = str(e.msg).splitlines()[0].removeprefix("ValueError raised while resolving interpolation: ")
+        if isinstance(e, InterpolationKeyError):
+            why += "; to write a literal ${ in a value, escape it as \\${"
+        raise ConfigError(f"{key}={raw}: {why}") from None
+
+
+def _nonfinite(node, key: str = "") -> Iterator[tuple[str, float]]:
+    """(dotted key, value) of every NaN or infinite float in a resolved config."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _nonfinite(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for k, v in enumerate(node):
+            yield from _nonfinite(v, f"{key}[{k}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        yield key, node
+
+
+def _check_finite(resolved: dict) -> None:
+    """No float anywhere is NaN or infinite: they would train to NaN, draw black images or switch things off."""
+    fixes = {key: fix for keys, _, fix in NUMBER_RULES for key in keys}
+    for key, value in _nonfinite(resolved):
+        fix = fixes.get(re.sub(r"\[\d+\]", "[*]", key), "a finite number")
+        raise ConfigError(f"{key}={value}: {fix} (not nan or inf)")
+
+
+def _validate_numbers(cfg: DictConfig) -> None:
+    """Every ${...} resolves, no float is NaN or infinite, and every number in NUMBER_RULES is in its range."""
+    _check_finite(_resolve(cfg))
+    for keys, test, fix in NUMBER_RULES:
+        for key in keys:
+            for name, value in _items(cfg, key):
+                if not test(value):
+                    raise ConfigError(f"{name}={value}: {fix}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check what the schema cannot, before anything heavy loads.
 
@@ -520,6 +681,7 @@ def validate(cfg: DictConfig) -> None:
     """
     from tuner.run import STAGES
 
+    _validate_numbers(cfg)
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
@@ -530,8 +692,6 @@ def validate(cfg: DictConfig) -> None:
             "model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder "
             "(or model=digits for the embedded base)"
         )
-    if d.resolution % 8:
-        raise ConfigError(f"data.resolution={d.resolution}: must be a multiple of 8 for SD-family models")
     if d.crop not in ("center", "random", "none"):
         raise ConfigError(f"data.crop={d.crop}: choose center, random or none")
     if t.lr_scheduler not in LR_SCHEDULERS:
@@ -550,10 +710,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.optimizer={t.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
     if t.loss not in ("l2", "l1", "huber"):
         raise ConfigError(f"train.loss={t.loss}: choose l2, l1 or huber")
-    if t.ema_decay is not None and not 0 < t.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay={t.ema_decay}: a value between 0 and 1, e.g. 0.999, or null")
-    if t.gradient_accumulation_steps < 1 or (t.snr_gamma is not None and t.snr_gamma <= 0):
-        raise ConfigError("train.gradient_accumulation_steps must be at least 1 and train.snr_gamma positive or null")
+    if t.gradient_accumulation_steps < 1:
+        raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps}: at least 1")
     if t.mixed_precision not in ("no", "fp16", "bf16"):
         raise ConfigError(f"train.mixed_precision={t.mixed_precision}: choose no, fp16 or bf16")
     if t.vae_dtype not in ("float32", "float16", "bfloat16"):
@@ -665,10 +823,6 @@ def validate(cfg: DictConfig) -> None:
         from tuner.run_folder import check_output_dir
 
         check_output_dir(cfg)
-    if cfg.checkpoints.every < 0 or cfg.checkpoints.keep < 1:
-        raise ConfigError(
-            "checkpoints.every must be at least 0 (0: only on a stop signal) and checkpoints.keep at least 1"
-        )
     if "export" in cfg.stages:
         _validate_export(cfg)
     if "generate" in cfg.stages:
@@ -776,8 +930,6 @@ def _validate_generate(cfg: DictConfig) -> None:
         raise ConfigError(f"generate.scheduler={g.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     if g.images_per_prompt < 1 or g.batch_size < 1 or g.steps < 1:
         raise ConfigError("generate.images_per_prompt, generate.batch_size and generate.steps must be at least 1")
-    if not 0 < g.strength <= 1:
-        raise ConfigError(f"generate.strength={g.strength}: a share in (0, 1]")
     for key in ("width", "height"):
         if g[key] is not None and (g[key] < 8 or g[key] % 8):
             raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")

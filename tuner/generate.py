@@ -11,6 +11,7 @@ prompt per line with options after it (``#`` starts a comment line)::
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from tuner.config import ConfigError
+from tuner.config import SEED_MAX, ConfigError
 
 SCHEDULERS = {
     # name -> (diffusers class, extra config)
@@ -64,9 +65,20 @@ def parse_prompt_line(line: str, where: str) -> tuple[str, dict]:
 
 
 def read_prompt_file(path: Path) -> list[tuple[str, dict, str]]:
-    """Every prompt line of a kohya-style prompt file as (prompt, options, "file:line")."""
+    """Every prompt line of a kohya-style prompt file as (prompt, options, "file:line"); the file must be UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"generate.prompt_file={path}: cannot read it ({e.strerror})") from None
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark some editors write is not part of the prompt
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"generate.prompt_file={path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        ) from None
     out = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip() and not line.lstrip().startswith("#"):
             where = f"{path}:{number}"
             out.append((*parse_prompt_line(line, where), where))
@@ -110,6 +122,17 @@ def make_jobs(g, resolution: int) -> list[Job]:
             raise ConfigError(f"{where}: width and height must be positive multiples of 8")
         if values["steps"] < 1 or (g.init_image and int(values["steps"] * g.strength) < 1):
             raise ConfigError(f"{where}: steps must be at least 1, and steps x generate.strength at least 1")
+        if not math.isfinite(values["guidance"]):
+            name = (
+                f"{where}: --l {options['guidance']}"
+                if "guidance" in options
+                else f"generate.guidance_scale={g.guidance_scale}"
+            )
+            raise ConfigError(f"{name}: a finite guidance scale, e.g. 7.5")
+        if first_seed is not None:
+            _check_seeds(first_seed, g.images_per_prompt, f"{where}: --d {first_seed}")
+        else:
+            _check_seeds(next_seed, g.images_per_prompt, f"generate.seed={g.seed} (counting up to {where})")
         for k in range(g.images_per_prompt):
             if first_seed is not None:
                 seed = first_seed + k
@@ -117,6 +140,14 @@ def make_jobs(g, resolution: int) -> list[Job]:
                 seed, next_seed = next_seed, next_seed + 1
             jobs.append(replace(default, prompt=prompt, seed=seed, **values))
     return jobs
+
+
+def _check_seeds(first: int, count: int, name: str) -> None:
+    """Each of a prompt's ``count`` images takes the next seed from ``first``: all must lie in 0..SEED_MAX.
+    ``name``: what set ``first`` (a line's --d, or generate.seed), for the message."""
+    if not 0 <= first <= SEED_MAX - count + 1:
+        per_image = f"; its {count} images (generate.images_per_prompt) take seeds up to {first + count - 1}"
+        raise ConfigError(f"{name}: a seed from 0 to {SEED_MAX - count + 1}{per_image if count > 1 else ''}")
 
 
 def batches(jobs: list[Job], size: int) -> list[list[tuple[int, Job]]]:

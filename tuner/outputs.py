@@ -315,17 +315,17 @@ def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> 
 
     before, keep = _adapter_layers(run), Keep()
     watched = [logging.getLogger(name) for name in ("diffusers", "peft")]
-    levels = [logger.level for logger in watched]
-    for logger in watched:  # diffusers names the keys it could not place only in a warning
-        logger.addHandler(keep)
-        logger.setLevel(min(logger.getEffectiveLevel(), logging.WARNING))
+    saved = [(logger.level, logger.handlers, logger.propagate) for logger in watched]
+    for logger in watched:  # diffusers names the keys it could not place only in a warning: kept, not printed
+        logger.setLevel(logging.WARNING)
+        logger.handlers, logger.propagate = [keep], False
     try:
         with _named_failures(file, "a LoRA"):
             run.pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=adapter_name)
     finally:
-        for logger, level in zip(watched, levels):
-            logger.removeHandler(keep)
+        for logger, (level, handlers, propagate) in zip(watched, saved):
             logger.setLevel(level)
+            logger.handlers, logger.propagate = handlers, propagate
     landed = _adapter_layers(run) - before
     if landed < modules:
         from tuner.export.reading import unexpected_keys

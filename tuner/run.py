@@ -231,6 +231,9 @@ def single_file_base(run: Run) -> Path:
     if (folder / "model_index.json").is_file():
         print(f"[tuner] base: {file.name} as converted before, {folder}", flush=True)
         return folder
+    from tuner.export.reading import check_header
+
+    check_header(file, "a base model")
     print(f"[tuner] base: converting the single file {file} to a diffusers folder {folder}", flush=True)
     with atomic_dir(folder) as tmp:
         run.family.from_single_file(file, run.family.check_config_folder(m.config), tmp)

@@ -146,8 +146,6 @@ def check_output_dir(cfg: DictConfig) -> None:
 def claim(folder: Path, cfg: DictConfig, declared: tuple[str, ...]) -> None:
     """Make ``folder`` this run's (rank 0, after ``check_output_dir``): clear the previous run's entries when
     overwriting, remove tuner's stale temporary files, and list what this run writes in the manifest."""
-    from importlib.metadata import version
-
     folder.mkdir(parents=True, exist_ok=True)
     before = read_manifest(folder)
     kept = list(before["entries"]) if before else []
@@ -156,8 +154,15 @@ def claim(folder: Path, cfg: DictConfig, declared: tuple[str, ...]) -> None:
             _remove(folder / name)
         kept = []
     remove_stale_temps(folder, [*kept, *declared])
-    entries = sorted(set(kept) | set(ALWAYS) | set(declared))
-    manifest = {"tuner": version("tuner"), "recipe": cfg.recipe, "finished": False, "entries": entries}
+    write_manifest(folder, cfg.recipe, [*kept, *ALWAYS, *declared])
+
+
+def write_manifest(folder: Path, recipe: str, entries: list[str]) -> None:
+    """List ``entries`` as what tuner writes in ``folder``, the run unfinished."""
+    from importlib.metadata import version
+
+    entries = sorted(set(entries))
+    manifest = {"tuner": version("tuner"), "recipe": recipe, "finished": False, "entries": entries}
     write_atomic(folder / MANIFEST, json.dumps(manifest, indent=2))
 
 

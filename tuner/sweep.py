@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+from tuner import run_folder
 from tuner.config import ConfigError, compose, validate
 from tuner.files import write_atomic
 
@@ -39,6 +40,11 @@ def sweep(recipe: str, overrides: list[str]) -> Path:
     given = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
     folder = Path(given or Path("runs") / f"multirun-{recipe}-{time.strftime('%Y%m%d-%H%M%S')}").expanduser()
     folder = folder.resolve()
+    if folder.is_dir() and any(folder.iterdir()) and run_folder.read_manifest(folder) is None:
+        raise ConfigError(
+            f"output_dir={folder}: a folder tuner did not write holds files already; a sweep writes only into a "
+            "new or empty folder or one of its own sweeps: choose another output_dir"
+        )
     configs = []
     for i, job in enumerate(combos):  # every job's config is checked before the first one runs
         extra = [] if any(o.startswith("validation.every=") for o in job) else ["validation.every=${train.max_steps}"]
@@ -47,6 +53,9 @@ def sweep(recipe: str, overrides: list[str]) -> Path:
         label = ", ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
         configs.append((label, cfg))
     print(f"[tuner] multirun: {len(configs)} runs into {folder}", flush=True)
+    before = run_folder.read_manifest(folder)
+    names = ["index.html", "multirun.json", *(str(i) for i in range(len(configs))), *(before or {}).get("entries", [])]
+    run_folder.write_manifest(folder, f"multirun {recipe}", names)
     runs, record = [], []
     for i, (label, cfg) in enumerate(configs):
         print(f"[tuner] multirun {i + 1}/{len(configs)}: {label}", flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -98,8 +99,10 @@ def training_metadata(info: dict) -> dict[str, str]:
     """
 
     def put(key, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return  # JSON has no NaN: a reader would choke on the whole metadata
         if value is not None:
-            meta[key] = value if isinstance(value, str) else json.dumps(value)
+            meta[key] = value if isinstance(value, str) else json.dumps(value, allow_nan=False)
 
     meta: dict[str, str] = {}
     resolution = info.get("resolution")

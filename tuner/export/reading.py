@@ -41,6 +41,33 @@ def refuse_pickle(path: Path, what: str = "an adapter") -> None:
     )
 
 
+def _unreadable(path: Path, error: Exception) -> ConfigError:
+    reason = str(error).removeprefix("Error while deserializing header: ")
+    return ConfigError(f"{path}: not a readable safetensors file ({reason}); is it truncated or damaged?")
+
+
+def check_header(path: Path, what: str = "an adapter") -> None:
+    """A cheap look at a safetensors file, its header only: refuse a pickle, a damaged file or an empty one.
+
+    Raises:
+        ConfigError: naming the file and what is wrong with it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    if path.stat().st_size and is_pickle(path):
+        refuse_pickle(path, what)
+    try:
+        with safe_open(path, "pt") as handle:
+            empty = not list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise _unreadable(path, e) from None
+    if empty:
+        raise ConfigError(f"{path}: holds no tensors")
+
+
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor and the metadata of a safetensors file, checked.
 
@@ -51,21 +78,13 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    if path.stat().st_size and is_pickle(path):
-        refuse_pickle(path)
+    check_header(path)
     try:
         with safe_open(path, "pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        reason = str(e).removeprefix("Error while deserializing header: ")
-        raise ConfigError(
-            f"{path}: not a readable safetensors file ({reason}); it may be truncated or damaged"
-        ) from None
-    if not tensors:
-        raise ConfigError(f"{path}: holds no tensors")
+        raise _unreadable(path, e) from None
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ConfigError(f"{path}: {key} holds NaN or infinite values; refusing to load it")
@@ -112,7 +131,7 @@ def check_lora(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         except ValueError:
             configs = None
         if not isinstance(configs, dict):
-            raise ConfigError(f"{path}: its lora_adapter_metadata is not the JSON object of LoRA settings diffusers writes")
+            raise ConfigError(f"{path}: its lora_adapter_metadata is not the JSON object of LoRA settings (diffusers')")
     return len(modules)
 
 
