@@ -228,7 +228,7 @@ def corpus(trained: Path, folder: Path) -> dict[str, tuple[Path, str]]:
     ranks = dict(kstate)
     ranks[down] = ranks[down][:-1].clone()
     tensors("kohya_ranks.safetensors", ranks, down.removesuffix(".lora_down.weight"))
-    a_key = next(k for k in state if k.endswith("lora_A.weight") and k.startswith("unet."))
+    a_key = next(k for k in state if k.endswith("to_q.lora_A.weight") and k.startswith("unet."))
     wide = dict(state)
     wide[a_key] = torch.zeros(wide[a_key].shape[0], wide[a_key].shape[1] + 3)
     tensors("wrong_width.safetensors", wide, "does not load as a LoRA", meta)
@@ -361,11 +361,12 @@ def test_the_same_command_finishes_an_export_killed_midway(trained, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "tuner", *command], cwd=tmp_path, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and not (out.is_dir() and any(p.name.endswith(".tmp") for p in out.iterdir())):
+    exporting = re.compile(r"\.(diffusers|kohya|peft|merged)\..*\.tmp")  # a format half written
+    while time.time() < deadline and not (out.is_dir() and any(exporting.fullmatch(p.name) for p in out.iterdir())):
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert any(p.name.endswith(".tmp") for p in out.iterdir()), "the kill came too late to test anything"
+    assert any(exporting.fullmatch(p.name) for p in out.iterdir()), "the kill came too late to test anything"
     r = _tuner(*command, home=tmp_path, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert re.search(r"removed \d+ temporary file", r.stdout), r.stdout

@@ -14,6 +14,7 @@ import dataclasses
 import itertools
 import json
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -280,7 +281,7 @@ def _named_failures(file: Path, what: str):
     as one line naming the file."""
     try:
         yield
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{file}: does not load as {what} onto this base ({reason[:300]})") from None
 
@@ -320,8 +321,12 @@ def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> 
         logger.setLevel(logging.WARNING)
         logger.handlers, logger.propagate = [keep], False
     try:
-        with _named_failures(file, "a LoRA"):
-            run.pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=adapter_name)
+        with _named_failures(file, "a LoRA"), tempfile.TemporaryDirectory() as named:
+            source = file
+            if file.suffix != ".safetensors":  # diffusers picks its reader by the name: a link named as it is
+                source = Path(named) / "lora.safetensors"
+                source.symlink_to(file.resolve())
+            run.pipe.load_lora_weights(source.parent, weight_name=source.name, adapter_name=adapter_name)
     finally:
         for logger, (level, handlers, propagate) in zip(watched, saved):
             logger.setLevel(level)

@@ -53,6 +53,12 @@ def _inputs(cfg: DictConfig) -> list[tuple[str, str]]:
     return [(key, value) for key, value in found if value]
 
 
+def _own_temp(name: str) -> bool:
+    """A temporary file of what every run writes first (the manifest, the config)."""
+    match = TEMP.fullmatch(name)
+    return bool(match) and match["name"] in (MANIFEST, *ALWAYS)
+
+
 def _describe(folder: Path, names: list[str]) -> str:
     if (folder / "model_index.json").is_file():
         return "a diffusers model folder"
@@ -97,6 +103,7 @@ def check_output_dir(cfg: DictConfig) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output_dir={cfg.output_dir} is a file; choose a folder (new or empty)")
     names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    names = [n for n in names if not _own_temp(n)]  # killed as it started: only its first temp file is there
     if not names:
         return
     manifest = read_manifest(folder)
@@ -153,7 +160,7 @@ def claim(folder: Path, cfg: DictConfig, declared: tuple[str, ...]) -> None:
         for name in kept:
             _remove(folder / name)
         kept = []
-    remove_stale_temps(folder, [*kept, *declared])
+    remove_stale_temps(folder, [*kept, *declared, *ALWAYS, MANIFEST])
     write_manifest(folder, cfg.recipe, [*kept, *ALWAYS, *declared])
 
 

@@ -12,21 +12,32 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` in the run folder, writte
 ``state.pt`` is read back with ``weights_only=True``: tensors and plain containers only, nothing else
 is ever unpickled.
 
+A checkpoint is resumed from only when it is whole and was made with the settings of this run (see
+``check_resume``): a truncated or unreadable file, a checkpoint of another adapter or optimizer, or one
+past ``train.max_steps`` is refused with a ``ConfigError`` naming the file or the settings. ``resume=auto``
+skips damaged checkpoints (saying so) and takes the newest intact one; nothing damaged is ever deleted.
+
 Only the trained tensors are saved (a LoRA's few megabytes, not the frozen base), which is why this
 is not accelerate's ``save_state``: that writes every prepared model whole.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
 import shutil
 import signal
+import struct
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tuner.config import ConfigError
 from tuner.files import atomic_dir
 
 PATTERN = re.compile(r"step-(\d+)")
@@ -57,20 +68,139 @@ class Stopped(Exception):
         self.step, self.path, self.signum = step, path, signum
 
 
-def find(folder: Path) -> list[Path]:
-    """The complete checkpoints in ``folder``, oldest first (temp folders of an interrupted save are not)."""
+def _steps(folder: Path) -> list[Path]:
+    """Every checkpoint folder in ``folder`` (whole or not), oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if PATTERN.fullmatch(p.name) and (p / "state.pt").is_file()]
+    found = [p for p in folder.iterdir() if PATTERN.fullmatch(p.name) and p.is_dir()]
     return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name)[1]))
 
 
+def find(folder: Path) -> list[Path]:
+    """The intact checkpoints in ``folder``, oldest first: not the temp folders of an interrupted save, nor
+    a checkpoint with a missing, truncated or unreadable file (see ``damage``)."""
+    return [p for p in _steps(folder) if damage(p) is None]
+
+
 def newest_intact(folder: Path) -> Path | None:
-    """resume=auto: the newest complete checkpoint in ``folder``, or None (training starts at step 0)."""
-    found = find(folder)
+    """resume=auto: the newest intact checkpoint in ``folder``, or None when there is none yet (training
+    starts at step 0). Damaged ones are skipped, each with a line saying why, and left as they are.
+
+    Raises:
+        ConfigError: checkpoints exist but none is intact (starting over would throw their steps away).
+    """
+    found = _steps(folder)
     if not found:
         print(f"[tuner] resume=auto: no checkpoint in {folder} yet; starting at step 0", flush=True)
-    return found[-1] if found else None
+        return None
+    skipped = []
+    for path in reversed(found):
+        problem = damage(path, thorough=True)
+        if problem is None:
+            return path
+        why = f"{problem[0].name} {problem[1]}"
+        skipped.append(f"{path.name} ({why})")
+        print(f"[tuner] resume=auto: skipping the damaged checkpoint {path}: {why}", flush=True)
+    raise ConfigError(
+        f"resume=auto: no intact checkpoint in {folder}: {'; '.join(skipped)}. Restore one from a backup, or start "
+        "the run over without resume= in a new output_dir (these are left as they are)"
+    )
+
+
+# bytes per element of the safetensors dtypes
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
+_DTYPE_BYTES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+# what every state.pt holds (``ema`` and ``scaler`` may be None)
+_STATE_KEYS = ("step", "optimizer", "lr_scheduler", "generator", "ranks", "losses", "data")
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The tensors a safetensors file holds ({name: {dtype, shape, data_offsets}}), read from its header alone.
+
+    Raises:
+        ValueError: the file is shorter or longer than its header says, or the header does not parse.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"is truncated ({size} bytes, not even a header)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:  # safetensors' own limit: the first bytes are not a header's length
+            raise ValueError("is not a safetensors file (its header does not parse)")
+        if n > size - 8:
+            raise ValueError(f"is truncated ({size:,} bytes; its header alone says {n + 8:,})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError("is not a safetensors file (its header does not parse)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 0
+    for name, t in tensors.items():
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            count = math.prod(int(d) for d in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"is not a safetensors file (its header's entry {name!r} does not parse)") from None
+        width = _DTYPE_BYTES.get(t.get("dtype"))
+        if not 0 <= begin <= stop or (width is not None and stop - begin != count * width):
+            raise ValueError(f"is damaged (its header's entry {name!r} is inconsistent)")
+        end = max(end, stop)
+    if size - 8 - n != end:
+        short = size - 8 - n < end
+        raise ValueError(f"is {'truncated' if short else 'damaged'} ({size:,} bytes; its header says {8 + n + end:,})")
+    return tensors
+
+
+def _state_header(path: Path, thorough: bool = False) -> dict:
+    """``state.pt`` read without its tensors' data (memory-mapped): the zip's directory and the pickle checked;
+    ``thorough``: every byte too, against the checksums torch.save wrote (one read of the file).
+
+    Raises:
+        ValueError: the file is empty, truncated, altered, not a torch file, or not a tuner checkpoint's state.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("is empty (0 bytes)")
+    try:
+        with zipfile.ZipFile(path) as z:  # the directory sits at the end: a truncated file has none
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise ValueError(f"is truncated ({size:,} bytes)")
+            bad = z.testzip() if thorough else None
+        if bad is not None:
+            raise ValueError(f"is damaged (its record {bad} fails its checksum)")
+    except (zipfile.BadZipFile, OSError, EOFError):
+        raise ValueError(f"is truncated or not a torch file ({size:,} bytes, no readable zip directory)") from None
+    try:
+        state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as e:  # any unpickling error: the file is damaged
+        raise ValueError(f"is damaged (torch.load: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
+    if missing:
+        raise ValueError(f"is not a tuner checkpoint's state (it lacks {', '.join(missing)})")
+    return state
+
+
+def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
+    """Why checkpoint ``path`` cannot be resumed from, as (file, reason), or None when it is intact.
+
+    Cheap: the safetensors header against the file's size, ``state.pt``'s zip directory and pickle (its
+    tensors memory-mapped, not read). ``thorough`` (the checkpoint about to be resumed) also reads ``state.pt``
+    against its checksums. Bytes of ``trained.safetensors`` altered in place have no checksum to fail.
+    """
+    for name, read in (("trained.safetensors", _safetensors_header), ("state.pt", _state_header)):
+        file = path / name
+        if not file.is_file():
+            return file, "is missing"
+        try:
+            read(file, thorough) if name == "state.pt" else read(file)
+        except ValueError as e:
+            return file, str(e)
+        except OSError as e:
+            return file, f"cannot be read ({e.strerror or e})"
+    return None
 
 
 def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: dict) -> Path:
@@ -78,6 +208,14 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
     from safetensors.torch import save_file
 
     path = ck.folder / f"step-{step:07d}"
+    if path.is_dir() and damage(path) is not None:  # kept beside, never written over
+        aside = path.with_name(f"{path.name}.damaged")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"{path.name}.damaged-{n}")
+        os.replace(path, aside)
+        print(f"[tuner] the damaged checkpoint {path} is kept as {aside.name}; saving step {step} anew", flush=True)
     try:
         with atomic_dir(path) as tmp:
             tensors = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}
@@ -94,20 +232,182 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
     return path
 
 
+def _show(value) -> str:
+    """A setting's value as it is written on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_show(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def _get(cfg: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(cfg, dict) or part not in cfg:
+            return KeyError
+        cfg = cfg[part]
+    return cfg
+
+
+def _same_path(a, b) -> bool:
+    if a == b or a is None or b is None:
+        return a == b
+    return Path(str(a)).expanduser().resolve() == Path(str(b)).expanduser().resolve()
+
+
+def _resume_keys(cfg: dict) -> list[str]:
+    """The settings of ``cfg`` that the trained tensors (their number, shapes and meaning) and the optimizer,
+    scheduler and EMA state depend on. The optimizer's learning rate and weight decay are part of its state:
+    a resumed optimizer would keep the checkpoint's, whatever the run asks for."""
+    a, te, emb = cfg.get("adapter", {}), cfg.get("text_encoder", {}), cfg.get("embedding", {})
+    keys = ["model.family", "model.path", "model.builtin", "adapter.type", "text_encoder.train", "embedding.tokens"]
+    if not _get(cfg, "model.path") and _get(cfg, "model.builtin"):  # the embedded base, built from these
+        keys += [f"base.{k}" for k in cfg.get("base", {})]
+    if a.get("type") in ("lora", "loha", "lokr") or te.get("train") == "lora":
+        keys += ["adapter.rank", "adapter.alpha"]
+    if a.get("type") in ("lora", "loha", "lokr"):
+        keys += ["adapter.target_modules"] + (["adapter.targets"] if not a.get("target_modules") else [])
+    if a.get("type") == "lora":
+        keys += ["adapter.use_dora", "adapter.use_rslora"]
+    if a.get("type") == "partial_unet":
+        keys += ["adapter.blocks"]
+    if te.get("train") == "lora":
+        keys += ["text_encoder.target_modules"]
+    if te.get("train") not in (None, "none"):
+        keys += ["text_encoder.learning_rate"]
+    if emb.get("tokens"):
+        keys += ["embedding.vectors", "embedding.learning_rate"]
+    keys += ["train.optimizer", "train.learning_rate", "train.weight_decay", "train.scale_lr"]
+    keys += ["train.lr_scheduler", "train.ema_decay"]
+    if _get(cfg, "train.lr_scheduler") == "one_cycle":  # its length is part of its state
+        keys += ["train.max_steps"]
+    return keys
+
+
+def config_differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, the checkpoint's value, this run's) for each setting resuming needs unchanged (``_resume_keys``)."""
+    keys = [k for k in _resume_keys(current) if k in _resume_keys(saved)]
+    out = []
+    for key in keys:
+        old, new = _get(saved, key), _get(current, key)
+        if old is KeyError or new is KeyError:  # a setting the checkpoint's version did not have
+            continue
+        if old != new and not (key == "model.path" and _same_path(old, new)):
+            out.append((key, old, new))
+    return out
+
+
+def _refuse(path: Path, what: str) -> ConfigError:
+    return ConfigError(f"resume={path}: {what}; resume with the same settings, or start a new run without resume=")
+
+
+def check_resume(
+    path: Path, params: list[torch.nn.Parameter], steps: int, config: str = "", optimizer=None, ema: bool = False
+) -> None:
+    """Refuse, before anything is loaded, a checkpoint this run cannot continue from: a damaged one, one
+    made under settings that shape the trained tensors or the optimizer state differently (from its
+    ``config.yaml``, else from the tensors' shapes and the state itself), or one past ``steps``.
+
+    Raises:
+        ConfigError: naming the damaged file, or each differing setting with both values, and the fix.
+    """
+    import yaml
+
+    problem = damage(path, thorough=True)
+    if problem is not None:
+        file, reason = problem
+        earlier = [p for p in find(path.parent) if p != path and _step(p) < _step(path)]
+        hint = f", or name an earlier one: resume={earlier[-1]}" if earlier else ""
+        raise ConfigError(
+            f"resume={path}: the checkpoint is damaged: {file} {reason}. resume=auto (with output_dir=RUN) takes "
+            f"the newest intact checkpoint{hint}"
+        )
+    saved_config = path / "config.yaml"
+    if config and saved_config.is_file():
+        try:
+            saved = yaml.safe_load(saved_config.read_text())
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            saved = None
+            print(f"[tuner] resume: {saved_config} does not parse; checking the trained tensors only", flush=True)
+        if isinstance(saved, dict):
+            differ = config_differences(saved, yaml.safe_load(config))
+            if differ:
+                was = " and ".join(f"{k}={_show(old)}" for k, old, _ in differ)
+                now = " and ".join(f"{k}={_show(new)}" for k, _, new in differ)
+                raise _refuse(path, f"the checkpoint was trained with {was}, this run has {now}")
+    file = path / "trained.safetensors"
+    tensors = _safetensors_header(file)
+    if len(tensors) != len(params) or any(str(i) not in tensors for i in range(len(params))):
+        raise _refuse(path, f"{file} holds {len(tensors)} trained tensors, this run trains {len(params)}")
+    for i, p in enumerate(params):
+        shape = tuple(int(d) for d in tensors[str(i)]["shape"])
+        if shape != tuple(p.shape):
+            raise _refuse(path, f"{file}: trained tensor {i} has the shape {shape}, this run's {tuple(p.shape)}")
+    file = path / "state.pt"
+    state = _state_header(file)
+    if optimizer is not None:
+        saved_groups, groups = state["optimizer"].get("param_groups", []), optimizer.param_groups
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
+            raise _refuse(path, f"{file} holds the optimizer state of other trained parameter groups")
+        kind = [sorted(k for k in ("betas", "momentum", "d", "optim_bits") if k in g) for g in saved_groups]
+        if kind != [sorted(k for k in ("betas", "momentum", "d", "optim_bits") if k in g) for g in groups]:
+            raise _refuse(path, f"{file} holds the state of another optimizer (train.optimizer)")
+    if (state.get("ema") is not None) != ema:
+        had, has = ("no", "one") if ema else ("an", "none")
+        raise _refuse(path, f"{file} holds {had} EMA of the trained weights, this run keeps {has} (train.ema_decay)")
+    step = int(state["step"])
+    if step > steps:
+        raise ConfigError(
+            f"resume={path}: the checkpoint is at step {step}, past train.max_steps={steps}; raise train.max_steps "
+            f"to {step} or more to continue it, or start a new run without resume="
+        )
+
+
+def _step(path: Path) -> int:
+    return int(PATTERN.fullmatch(path.name)[1])
+
+
 def load(path: Path, params: list[torch.nn.Parameter]) -> dict:
-    """Copy the trained tensors of checkpoint ``path`` into ``params``; returns its state (step, optimizer, ...)."""
+    """Copy the trained tensors of checkpoint ``path`` into ``params``; returns its state (step, optimizer, ...).
+
+    ``check_resume`` has vetted it (on rank 0); a file that changed since, or tensor bytes of
+    ``trained.safetensors`` altered in place where safetensors sees it, are refused here too.
+
+    Raises:
+        ConfigError: a file of the checkpoint cannot be read, or its tensors do not fit ``params``.
+    """
     from safetensors.torch import load_file
 
-    tensors = load_file(path / "trained.safetensors")
-    if len(tensors) != len(params):
-        raise ValueError(f"{path}: holds {len(tensors)} trained tensors, this run trains {len(params)}")
+    def damaged(file: Path, e: Exception) -> ConfigError:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return ConfigError(
+            f"resume={path}: the checkpoint is damaged: {file} cannot be read ({reason}). resume=auto (with "
+            "output_dir=RUN) takes the newest intact checkpoint, or name an earlier step-N folder"
+        )
+
+    file = path / "trained.safetensors"
+    try:
+        tensors = load_file(file)
+    except Exception as e:  # safetensors' own errors are not one type
+        raise damaged(file, e) from e
+    if len(tensors) != len(params) or any(str(i) not in tensors for i in range(len(params))):
+        raise _refuse(path, f"{file} holds {len(tensors)} trained tensors, this run trains {len(params)}")
+    for i, p in enumerate(params):
+        if tensors[str(i)].shape != p.shape:
+            shape = tuple(tensors[str(i)].shape)
+            raise _refuse(path, f"{file}: trained tensor {i} has the shape {shape}, this run's {tuple(p.shape)}")
     with torch.no_grad():
         for i, p in enumerate(params):
-            saved = tensors[str(i)]
-            if saved.shape != p.shape:
-                raise ValueError(f"{path}: tensor {i} has shape {tuple(saved.shape)}, this run's {tuple(p.shape)}")
-            p.copy_(saved)
-    return torch.load(path / "state.pt", weights_only=True)
+            p.copy_(tensors[str(i)])
+    file = path / "state.pt"
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # a corrupt zip member, an unpickling error
+        raise damaged(file, e) from e
 
 
 class StopSignals:

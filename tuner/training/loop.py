@@ -262,6 +262,16 @@ def train_denoiser(
     result = TrainResult(ema=ema)
     start = 0
     if ck.resume is not None:
+        from tuner.distributed import decide
+
+        # rank 0 vets the checkpoint (whole, made with this run's settings, not past its steps); a refusal
+        # reaches every rank
+        decide(
+            accelerator,
+            lambda: checkpoints.check_resume(
+                ck.resume, params, settings.steps, ck.config, optimizer, ema=ema is not None
+            ),
+        )
         state = checkpoints.load(ck.resume, params)
         optimizer.load_state_dict(state["optimizer"])
         lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -277,6 +287,12 @@ def train_denoiser(
         start, result.losses, resumed_running = state["step"], list(state["losses"]), mine["running"]
         if accelerator.is_main_process:
             print(f"[tuner] resumed from {ck.resume} at step {start} of {settings.steps}", flush=True)
+            if start == settings.steps:  # e.g. stopped in the export after the last step: the later stages run
+                print(
+                    f"[tuner] training is already complete (step {start} = train.max_steps); the stages after it "
+                    "run on the checkpoint's weights (raise train.max_steps to train on)",
+                    flush=True,
+                )
 
     def save(step: int, running) -> Path:
         """Every rank calls it (their RNG states are gathered); rank 0 writes."""
