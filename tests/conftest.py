@@ -70,3 +70,28 @@ def make_photos(folder: Path, n: int = 3) -> Path:
                     image.putpixel((x, y), (220, 30, 30))
         image.save(folder / f"photo_{i}.png")
     return folder
+
+
+# the quickstart at a small setting: the tiny base trained briefly, few steps, few samples
+SMALL = [
+    "base.size=test",
+    "base.vae_steps=60",
+    "base.unet_steps=60",
+    "base.unet_batch_size=16",
+    "train.max_steps=30",
+    "train.learning_rate=5e-3",
+    "prior.num_class_images=8",
+    "eval.samples=8",
+    "sample.seeds=[0,1,2]",
+    "sample.steps=10",
+    "eval.steps=10",
+]
+
+
+@pytest.fixture(scope="session")
+def quickstart(tmp_path_factory):
+    """`python -m tuner recipe=quickstart` at the SMALL setting, once per session: (its root, the result)."""
+    root = tmp_path_factory.mktemp("quickstart")
+    result = run_tuner("recipe=quickstart", f"output_dir={root / 'run'}", *SMALL, home=root / "home", cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root, result

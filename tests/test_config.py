@@ -47,6 +47,22 @@ def test_wrong_type_is_named(capsys):
     assert "train.max_steps" in capsys.readouterr().err
 
 
+def test_a_value_written_as_a_section_names_the_section_meant(capsys):
+    assert main(["recipe=lora", "checkpoint.every=10"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "tuner: config error: checkpoint.every: checkpoint is a single value, not a section with keys. "
+        "Did you mean checkpoints.every or checkpoints.keep?"
+    )
+
+
+def test_a_section_written_as_a_value_names_its_keys(capsys):
+    assert main(["recipe=lora", "train=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tuner: config error: train is a section, not a value: set its keys, e.g. train.")
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
 def test_unknown_recipe(capsys):
     assert main(["recipe=nope"]) == 2
     assert "quickstart" in capsys.readouterr().err

@@ -8,30 +8,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import gallery_cell, run_tuner, sample_like_the_gallery
-
-SMALL = [
-    "base.size=test",
-    "base.vae_steps=60",
-    "base.unet_steps=60",
-    "base.unet_batch_size=16",
-    "train.max_steps=30",
-    "train.learning_rate=5e-3",
-    "prior.num_class_images=8",
-    "eval.samples=8",
-    "sample.seeds=[0,1,2]",
-    "sample.steps=10",
-    "eval.steps=10",
-]
-
-
-@pytest.fixture(scope="module")
-def quickstart(tmp_path_factory):
-    root = tmp_path_factory.mktemp("quickstart")
-    result = run_tuner("recipe=quickstart", f"output_dir={root / 'run'}", *SMALL, home=root / "home", cwd=root)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return root, result
-
+from tests.conftest import SMALL, gallery_cell, run_tuner, sample_like_the_gallery
 
 def test_run_folder_holds_every_artefact(quickstart):
     root, result = quickstart

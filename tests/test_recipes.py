@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import gallery_cell, make_photos, run_tuner, sample_like_the_gallery
-from tests.test_quickstart import SMALL
+from tests.conftest import SMALL, gallery_cell, make_photos, run_tuner, sample_like_the_gallery
+
 
 
 def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
