@@ -3,7 +3,7 @@
 A few methods train 3 steps on the tiny pipeline (in this process) and export; the quickstart runs at its
 small setting. For each, ``tests/data/golden.json`` holds the first and last training loss, and for every
 exported tensor file its keys, shapes and dtypes (exactly; a digest of them for a merged model), the float64 sum and absolute sum of its values
-(to 1e-5 relative: the last bits of a float may differ between CPUs, a changed computation moves far more),
+(to 1e-4 relative: the last bits of a float may differ between CPUs, a changed computation moves far more),
 and its metadata that does not hold a date, a hash or a version.
 
 A change that moves any of these numbers on purpose rewrites the file with
@@ -26,7 +26,7 @@ from tests.test_methods import train_in_process
 
 GOLDEN = Path(__file__).parent / "data" / "golden.json"
 WRITE = os.environ.get("TUNER_WRITE_GOLDEN") == "1"
-RTOL = 1e-5
+RTOL = 1e-4
 # metadata that changes with the clock, the exact float bits, or the installed packages' versions
 VOLATILE = re.compile(r"date|_at$|hash|version|comment|description|lora_adapter_metadata")
 
