@@ -4,7 +4,11 @@ import re
 import subprocess
 import sys
 
-from tests.conftest import ROOT
+import pytest
+
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 
 # a stand-in for another trainer: it sleeps through --max_train_steps steps under a tqdm bar named "Steps"
 REFERENCE = """

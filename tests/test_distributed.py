@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_photos
+from tests.helpers import make_photos
 from tuner.training.batches import Batch, merge_by_shape
 from tuner.training.checkpoints import find
+
+pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 
 
 def free_port() -> int:

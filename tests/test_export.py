@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.test_methods import PROMPT, image_of, train_in_process
+from tests.helpers import PROMPT, image_of, train_in_process
 from tuner.export.metadata import model_hash, sha256_file
 
 TABLE = Path(__file__).parent / "data" / "sd15_tiny_lora_keys.tsv"
@@ -48,7 +48,7 @@ def fresh(tiny):
 
 def draw(pipe):
     """The image tuner's gallery draws for PROMPT at seed 0 (DDIM, 3 steps, guidance 3), in [0, 1]."""
-    from tests.conftest import sample_like_the_gallery
+    from tests.helpers import sample_like_the_gallery
 
     return sample_like_the_gallery(pipe, PROMPT, seed=0, steps=3, size=32)
 
@@ -241,7 +241,7 @@ def test_textual_inversion_exports_load_in_diffusers_and_as_a1111_embeddings(tmp
 
 
 def sample_prompt(pipe, prompt):
-    from tests.conftest import sample_like_the_gallery
+    from tests.helpers import sample_like_the_gallery
 
     return sample_like_the_gallery(pipe, prompt, seed=0, steps=3, size=32)
 
@@ -279,6 +279,7 @@ LYCORIS = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(LYCORIS))
 def test_lycoris_kohya_files_add_up_to_the_merged_weights(tmp_path, sd15_tiny, case):
     """No diffusers loader reads LyCORIS keys, so the kohya file is checked against ComfyUI's formulas: each
@@ -308,12 +309,13 @@ def test_lycoris_kohya_files_add_up_to_the_merged_weights(tmp_path, sd15_tiny, c
     assert any(m.startswith("lora_te_") for m in modules) == ("text_encoder" in case)
 
 
+@pytest.mark.e2e
 def test_export_recipe_converts_a_kohya_file_a_run_and_a_base(lora_run, sd15_tiny, tmp_path):
     """``python -m tuner recipe=export``: the kohya file back to diffusers and a single file; a run folder
     (its base model found in the run's config) to a merged pipeline; a bare base to one original-layout file."""
     from diffusers import StableDiffusionPipeline
 
-    from tests.conftest import run_tuner
+    from tests.helpers import run_tuner
 
     run, expected = lora_run
     common = {"home": tmp_path / "home", "cwd": tmp_path}
@@ -382,6 +384,7 @@ KOHYA_CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(KOHYA_CASES))
 def test_kohya_file_reloads_for_each_lora_variant(tmp_path, sd15_tiny, case, caplog):
     run = train(tmp_path, sd15_tiny, *KOHYA_CASES[case], "export.formats=[kohya]")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.test_methods import PROMPT, image_of, train_in_process
+from tests.helpers import PROMPT, image_of, train_in_process
 from tuner.models import get_family
 from tuner.models.tiny import make_tiny_pipeline
 

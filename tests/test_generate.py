@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from tests.test_methods import PROMPT, train_in_process
+from tests.helpers import PROMPT, train_in_process
 from tuner.config import ConfigError, compose, validate
 from tuner.run import run_recipe
 
@@ -156,7 +156,7 @@ def test_prompt_file_options_are_honoured(tiny_pipeline_dir, tmp_path):
 def test_image_to_image_strength_and_post_processing(tiny_pipeline_dir, tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from tests.conftest import make_photos
+    from tests.helpers import make_photos
 
     photo = make_photos(tmp_path / "photos", n=1) / "photo_0.png"
     before = photo.read_bytes()

@@ -2,9 +2,9 @@
 
 A few methods train 3 steps on the tiny pipeline (in this process) and export; the quickstart runs at its
 small setting. For each, ``tests/data/golden.json`` holds the first and last training loss, and for every
-exported tensor file its keys, shapes and dtypes (exactly; a digest of them for a merged model), the float64 sum and absolute sum of its values
-(to 1e-4 relative: the last bits of a float may differ between CPUs, a changed computation moves far more),
-and its metadata that does not hold a date, a hash or a version.
+exported tensor file: its keys, shapes and dtypes, exactly (a digest of them for a merged model); the
+float64 sum and absolute sum of its values, to 1e-4 relative (the last bits of a float may differ between
+CPUs, a changed computation moves far more); and its metadata that holds no date, hash or version.
 
 A change that moves any of these numbers on purpose rewrites the file with
 ``TUNER_WRITE_GOLDEN=1 pytest tests/test_golden.py`` and says why in its commit; the test then fails
@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.test_methods import train_in_process
+from tests.helpers import train_in_process
 
 GOLDEN = Path(__file__).parent / "data" / "golden.json"
 WRITE = os.environ.get("TUNER_WRITE_GOLDEN") == "1"
@@ -128,6 +128,7 @@ def test_methods_compute_the_golden_numbers(tmp_path, tiny_pipeline_dir, case):
     check(case, observe(run.dir))
 
 
+@pytest.mark.e2e
 def test_quickstart_computes_the_golden_numbers(quickstart):
     root, _ = quickstart
     check("quickstart_small", observe(root / "run"))

@@ -22,8 +22,7 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import ROOT, make_photos
-from tests.test_methods import train_in_process
+from tests.helpers import ROOT, make_photos, train_in_process
 from tuner.__main__ import main
 
 
@@ -334,6 +333,7 @@ def _tuner(*args, home, cwd, **kw):
                           timeout=300, **kw)  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_a_full_disk_during_export_is_one_line_and_leaves_no_half_file(trained, tmp_path):
     before = tree(trained)
     out = tmp_path / "out"
@@ -353,6 +353,7 @@ def test_an_unwritable_tuner_home_is_one_line(tmp_path):
     assert r.returncode == 1 and str(blocker / "tuner") in line and "Not a directory" in line, line
 
 
+@pytest.mark.e2e
 def test_the_same_command_finishes_an_export_killed_midway(trained, tmp_path):
     out = tmp_path / "out"
     command = ("recipe=export", f"checkpoint={trained}", "export.formats=[diffusers,kohya,peft,merged]",

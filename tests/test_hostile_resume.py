@@ -17,7 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
-from tests.test_methods import PROMPT, train_in_process
+from tests.helpers import PROMPT, train_in_process
 from tuner.__main__ import main
 from tuner.training import checkpoints
 

@@ -3,7 +3,7 @@ stderr (``tuner: config error: KEY=VALUE: the fix``), exit status 2, no tracebac
 
 import pytest
 
-from tests.conftest import make_photos
+from tests.helpers import make_photos
 from tuner.__main__ import main
 from tuner.config import SEED_MAX, compose, validate
 

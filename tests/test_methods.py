@@ -4,59 +4,11 @@ is exported reloads through diffusers (or peft) into the same images the run its
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
-from omegaconf import OmegaConf
 
-from tests.conftest import make_photos, sample_like_the_gallery
-from tuner.config import compose, validate
+from tests.helpers import PROMPT, image_of, make_photos, sample_like_the_gallery, train_in_process
 from tuner.models import get_family
-from tuner.run import run_recipe
 
 sd15 = get_family("sd15")
-
-PROMPT = "a photo of sks ball"
-
-
-def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]", name="run", unchecked=None):
-    """The lora recipe on the tiny pipeline, in this process (3 steps), with the given overrides.
-
-    ``unchecked``: {dotted key: value} set after ``validate``, for values it refuses (the loop's own guards)."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    photos = tmp_path / "photos"
-    if not photos.exists():
-        make_photos(photos)
-    cfg = compose(
-        "lora",
-        [
-            f"model.path={tiny}",
-            "data.resolution=16",
-            f"data.instance_dir={photos}",
-            f"data.instance_prompt={PROMPT}",
-            "train.max_steps=3",
-            "train.batch_size=2",
-            "train.learning_rate=1e-2",
-            "train.log_every=1",
-            f"output_dir={tmp_path / name}",
-            f"stages={stages}",
-            *overrides,
-            *([] if any(o.startswith("export.formats") for o in overrides) else [FORMATS]),
-        ],
-    )
-    validate(cfg)
-    for key, value in (unchecked or {}).items():
-        OmegaConf.update(cfg, key, value)
-    return run_recipe(cfg)
-
-
-# what train_in_process exports unless told otherwise: every method has a format that holds it
-FORMATS = "export.formats=[diffusers,peft,merged]"
-
-
-def image_of(run, prompt):
-    """The run's own sample (in memory), as the gallery makes it, in [0, 1] (H, W, 3)."""
-    image = run.sample([prompt], [0], steps=3, guidance=3.0)[0]
-    return ((image + 1) / 2).permute(1, 2, 0).numpy()
 
 
 def assert_only_trained_changed(run, tiny, new_rows=()):
@@ -134,6 +86,7 @@ CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_method_trains_only_its_parameters_and_reloads(tmp_path, tiny_pipeline_dir, case):
     run = train_in_process(tmp_path, tiny_pipeline_dir, *CASES[case])
@@ -265,6 +218,7 @@ LOAD_CASES = {
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("case", list(LOAD_CASES))
 def test_load_adapter_brings_back_the_trained_model(tmp_path, tiny_pipeline_dir, case):
     """checkpoint=RUN (as recipe=evaluate uses it) reproduces the run's own samples."""

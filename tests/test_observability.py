@@ -2,13 +2,15 @@
 against diffusers sampling the exported adapter, and in Chromium), training unchanged by it, and a sweep."""
 
 import json
+import re
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import gallery_cell, make_photos, run_tuner, sample_like_the_gallery
-from tests.test_validation_gallery import broken, browser, images, serve  # noqa: F401  (browser: a fixture)
+from tests.helpers import broken, gallery_cell, images, make_photos, run_tuner, sample_like_the_gallery, serve
+
+pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 
 PROMPT = "a photo of sks ball"
 
@@ -92,19 +94,26 @@ def test_tensorboard_logs(runs):
     assert set(summary["metrics"]["step_phases"]) >= {"data", "forward", "backward", "optimizer"}
 
 
-def test_validation_page_loads_in_chromium(runs, browser):  # noqa: F811
+def test_validation_page_loads_in_chromium(runs, browser):
     with serve(runs["validated"]) as base:
         found, _ = images(browser, f"{base}/validation/index.html")
     assert len(found) == 3 * 2 and broken(found) == []
 
 
-def test_multirun_sweep_writes_a_comparison_page(tmp_path, tiny_pipeline_dir, browser):  # noqa: F811
-    photos = make_photos(tmp_path / "photos")
-    sweep = tmp_path / "sweep"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, tiny_pipeline_dir):
+    """`python -m tuner -m ... adapter.rank=2,4`: two runs of 2 steps and the page comparing them."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    photos = make_photos(tmp / "photos")
+    sweep = tmp / "sweep"
     args = train_args(photos, sweep, f"model.path={tiny_pipeline_dir}", "validation.seeds=[0]", "validation.steps=2")
     result = run_tuner("-m", *[a for a in args if not a.startswith("train.max_steps")], "train.max_steps=2",
-                       "adapter.rank=2,4", home=tmp_path, cwd=tmp_path)  # fmt: skip
+                       "adapter.rank=2,4", home=tmp, cwd=tmp)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def test_multirun_sweep_writes_a_comparison_page(sweep):
     record = json.loads((sweep / "multirun.json").read_text())
     assert [r["label"] for r in record] == ["adapter.rank=2", "adapter.rank=4"]
     for i, rank in enumerate((2, 4)):  # each run is its own, with its own rank
@@ -114,6 +123,11 @@ def test_multirun_sweep_writes_a_comparison_page(tmp_path, tiny_pipeline_dir, br
         assert [s["step"] for s in steps] == [0, 2]  # a sweep samples each run's start and end by default
     page = (sweep / "index.html").read_text()
     assert "adapter.rank=2" in page and "adapter.rank=4" in page
+    for src in re.findall(r'src="([^"]+)"', page):  # every image the page shows is there
+        assert (sweep / src).is_file(), src
+
+
+def test_the_sweep_page_loads_in_chromium(sweep, browser):
     with serve(sweep) as base:
         found, _ = images(browser, f"{base}/index.html")
     assert len(found) == 2 and broken(found) == []

@@ -8,7 +8,10 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import SMALL, gallery_cell, run_tuner, sample_like_the_gallery
+from tests.helpers import SMALL, gallery_cell, run_tuner, sample_like_the_gallery
+
+pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
+
 
 def test_run_folder_holds_every_artefact(quickstart):
     root, result = quickstart

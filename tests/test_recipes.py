@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import SMALL, gallery_cell, make_photos, run_tuner, sample_like_the_gallery
+from tests.helpers import SMALL, gallery_cell, make_photos, run_tuner, sample_like_the_gallery
 
+pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 
 
 def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):

@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import make_photos
-from tests.test_methods import train_in_process
+from tests.helpers import make_photos, train_in_process
 from tuner.config import ConfigError, compose, validate
 
 # LoRA on the U-Net and text encoder, EMA, caption dropout, cosine schedule: every piece of state matters
@@ -126,6 +125,7 @@ def cli_runs(tmp_path_factory, tiny_pipeline_dir):
     return tmp, args, adapter(tmp / "whole")
 
 
+@pytest.mark.e2e
 def test_sigkill_at_a_random_step_then_resume_auto_three_times(cli_runs):
     """Killed with SIGKILL after a random checkpoint, three times, each resumed with resume=auto: the
     final adapter is the uninterrupted run's, and the step count never goes back."""
@@ -154,6 +154,7 @@ def test_sigkill_at_a_random_step_then_resume_auto_three_times(cli_runs):
     assert_same(adapter(run), expected)
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_exits_zero_and_prints_the_resume_command(cli_runs):
     tmp, args, expected = cli_runs
     run = tmp / "termed"

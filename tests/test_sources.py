@@ -149,7 +149,7 @@ def test_every_image_is_in_one_bucket_and_each_epoch_shows_it_once_per_repeat():
 
 def test_bucketed_prepare_and_training_end_to_end(tmp_path, tiny_pipeline_dir):
     """Mixed aspect ratios land in their buckets and a LoRA trains on them through the CLI path."""
-    from tests.test_methods import train_in_process
+    from tests.helpers import train_in_process
 
     src = tmp_path / "photos"
     src.mkdir()
@@ -208,7 +208,7 @@ def test_prepare_recipe_with_extra_sources(tmp_path):
     """`python -m tuner recipe=prepare` with a folder plus a parquet source: OUT/report.json lists every input."""
     import datasets
 
-    from tests.conftest import make_photos, run_tuner
+    from tests.helpers import make_photos, run_tuner
 
     photos = make_photos(tmp_path / "photos", n=2)
     pictures = [Image.new("RGB", (20, 30), (0, 40 * i, 0)) for i in range(2)]

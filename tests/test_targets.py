@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from tests.conftest import run_tuner
+from tests.helpers import run_tuner
 
 pytestmark = pytest.mark.slow
 

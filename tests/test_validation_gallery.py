@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import http.server
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,23 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import broken, images, serve
 from tuner.export.gallery import LABEL_WIDTH, PAD, write_gallery
 from tuner.export.validation import ValidationGallery, write_sweep_gallery
 from tuner.sampling import to_uint8
 
 PROMPTS = ['a "red" <circle> & square', "the digit 7"]
 SEEDS = [0, 1, 5]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-IMAGES_JS = "() => [...document.images].map(i => ({src: i.src, complete: i.complete, width: i.naturalWidth}))"
 
 
 def colours(step: int) -> torch.Tensor:
@@ -88,50 +74,6 @@ def test_files_and_resume(tmp_path):
 def test_wrong_image_count(tmp_path):
     with pytest.raises(ValueError, match="expected 6 images"):
         ValidationGallery(tmp_path, PROMPTS, SEEDS).add(1, colours(1)[:5])
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip("playwright is not installed (pip install playwright; no `playwright install` needed)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@contextlib.contextmanager
-def serve(root: Path):
-    """Serve ``root`` over HTTP on 127.0.0.1 from a thread; yields the base URL."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def images(browser, url: str) -> tuple[list[dict], list[str]]:
-    """Every <img> on the page (src, complete, naturalWidth) and its alt text; a fresh context, so nothing is cached."""
-    context = browser.new_context()
-    try:
-        page = context.new_page()
-        page.goto(url, wait_until="load")
-        return page.evaluate(IMAGES_JS), page.eval_on_selector_all("img", "all => all.map(i => i.alt)")
-    finally:
-        context.close()
-
-
-def broken(found: list[dict]) -> list[str]:
-    return [i["src"] for i in found if not (i["complete"] and i["width"] > 0)]
 
 
 def test_validation_page_in_chromium(tmp_path, browser):

@@ -1,0 +1,184 @@
+"""What the tests share: running tuner as a user does, small inputs, the in-process training run, and
+reading pages in a browser. Fixtures are in conftest.py; test modules import from here, never each other."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_tuner(*args: str, home: Path, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m tuner ...`` as a user would, in a fresh process."""
+    env = {**os.environ, "TUNER_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "tuner", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def sample_like_the_gallery(pipe, prompt: str, seed: int, steps: int, size: int = 16):
+    """One image as tuner's gallery samples it (DDIM, guidance 3, one generator per image), in [0, 1]."""
+    import torch
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        generator=generator,
+        output_type="np",
+    ).images[0]
+
+
+def gallery_cell(path: Path, size: int = 16):
+    """A gallery cell PNG scaled back down (it is upscaled with nearest) to ``size``, in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+
+    cell = np.asarray(Image.open(path).convert("RGB"))
+    step = cell.shape[0] // size
+    return cell[::step, ::step] / 255.0
+
+
+def make_photos(folder: Path, n: int = 3) -> Path:
+    """A few 'photos' of a subject: a red disc on grey, at sizes that need resizing."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = Image.new("RGB", (48 + 8 * i, 40), (128, 128, 128))
+        for y in range(40):
+            for x in range(48 + 8 * i):
+                if (x - 24) ** 2 + (y - 20) ** 2 < 100:
+                    image.putpixel((x, y), (220, 30, 30))
+        image.save(folder / f"photo_{i}.png")
+    return folder
+
+
+# the quickstart at a small setting: the tiny base trained briefly, few steps, few samples
+SMALL = [
+    "base.size=test",
+    "base.vae_steps=60",
+    "base.unet_steps=60",
+    "base.unet_batch_size=16",
+    "train.max_steps=30",
+    "train.learning_rate=5e-3",
+    "prior.num_class_images=8",
+    "eval.samples=8",
+    "sample.seeds=[0,1,2]",
+    "sample.steps=10",
+    "eval.steps=10",
+]
+
+
+PROMPT = "a photo of sks ball"
+
+
+def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]", name="run", unchecked=None):
+    """The lora recipe on the tiny pipeline, in this process (3 steps, no validation samples, no TensorBoard),
+    with the given overrides.
+
+    ``unchecked``: {dotted key: value} set after ``validate``, for values it refuses (the loop's own guards)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from omegaconf import OmegaConf
+
+    from tuner.config import compose, validate
+    from tuner.run import run_recipe
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    photos = tmp_path / "photos"
+    if not photos.exists():
+        make_photos(photos)
+    cfg = compose(
+        "lora",
+        [
+            f"model.path={tiny}",
+            "data.resolution=16",
+            f"data.instance_dir={photos}",
+            f"data.instance_prompt={PROMPT}",
+            "train.max_steps=3",
+            "train.batch_size=2",
+            "train.learning_rate=1e-2",
+            "train.log_every=1",
+            "validation.every=0",  # sampling and TensorBoard have tests of their own (test_observability)
+            "log.tensorboard=false",
+            f"output_dir={tmp_path / name}",
+            f"stages={stages}",
+            *overrides,
+            *([] if any(o.startswith("export.formats") for o in overrides) else [FORMATS]),
+        ],
+    )
+    validate(cfg)
+    for key, value in (unchecked or {}).items():
+        OmegaConf.update(cfg, key, value)
+    return run_recipe(cfg)
+
+
+# what train_in_process exports unless told otherwise: every method has a format that holds it
+FORMATS = "export.formats=[diffusers,peft,merged]"
+
+
+def image_of(run, prompt):
+    """The run's own sample (in memory), as the gallery makes it, in [0, 1] (H, W, 3)."""
+    image = run.sample([prompt], [0], steps=3, guidance=3.0)[0]
+    return ((image + 1) / 2).permute(1, 2, 0).numpy()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+IMAGES_JS = "() => [...document.images].map(i => ({src: i.src, complete: i.complete, width: i.naturalWidth}))"
+
+
+@contextlib.contextmanager
+def serve(root: Path):
+    """Serve ``root`` over HTTP on 127.0.0.1 from a thread; yields the base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def images(browser, url: str) -> tuple[list[dict], list[str]]:
+    """Every <img> on the page (src, complete, naturalWidth) and its alt text; a fresh context, so nothing is cached."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(url, wait_until="load")
+        return page.evaluate(IMAGES_JS), page.eval_on_selector_all("img", "all => all.map(i => i.alt)")
+    finally:
+        context.close()
+
+
+def broken(found: list[dict]) -> list[str]:
+    return [i["src"] for i in found if not (i["complete"] and i["width"] > 0)]
