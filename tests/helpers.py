@@ -98,7 +98,8 @@ def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]"
     from accelerate.state import AcceleratorState, GradientState
     from omegaconf import OmegaConf
 
-    from tuner.config import compose, validate
+    from tuner.checks import validate
+    from tuner.config import compose
     from tuner.run import run_recipe
 
     AcceleratorState._reset_state(True)

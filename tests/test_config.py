@@ -4,7 +4,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tuner.__main__ import main
-from tuner.config import ConfigError, compose, list_recipes, validate
+from tuner.checks import validate
+from tuner.config import ConfigError, compose, list_recipes
 
 NEEDS = {
     "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],

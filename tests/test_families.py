@@ -102,7 +102,7 @@ def test_sd2_reads_v_prediction_from_its_scheduler_and_its_target_is_the_velocit
 def test_flow_target_is_noise_minus_latents_at_the_scheduler_sigmas(tiny, name, weighting):
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-    from tuner.training.loop import LossSettings
+    from tuner.training.objectives import LossSettings
 
     family = get_family(name, {"weighting_scheme": weighting})
     c = family.load(tiny(name))
@@ -161,7 +161,8 @@ def test_sdxl_time_ids_are_the_pipelines(tiny):
 def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images(tmp_path, tiny, name):
     from safetensors.torch import save_file
 
-    from tuner.config import compose, validate
+    from tuner.checks import validate
+    from tuner.config import compose
     from tuner.run import Run
 
     folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="sd15") if name == "sd15" else tiny(name)

@@ -10,7 +10,8 @@ from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
 from tests.helpers import PROMPT, train_in_process
-from tuner.config import ConfigError, compose, validate
+from tuner.checks import validate
+from tuner.config import ConfigError, compose
 from tuner.run import run_recipe
 
 SIZE = 16

@@ -299,7 +299,8 @@ def test_a_safetensors_file_named_bin_loads(capsys, trained, tiny_pipeline_dir, 
 
 
 def test_a_diverged_adapter_is_not_exported(trained, tiny_pipeline_dir, tmp_path):
-    from tuner.config import ConfigError, compose, validate
+    from tuner.checks import validate
+    from tuner.config import ConfigError, compose
     from tuner.outputs import export, load_adapter
     from tuner.run import Run
 

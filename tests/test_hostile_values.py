@@ -5,7 +5,8 @@ import pytest
 
 from tests.helpers import make_photos
 from tuner.__main__ import main
-from tuner.config import SEED_MAX, compose, validate
+from tuner.checks import validate
+from tuner.config import SEED_MAX, compose
 
 PROMPT = "a photo of sks ball"
 

@@ -8,7 +8,8 @@ from peft import LoraConfig
 
 from tuner.models import get_family
 from tuner.training.batches import Batch
-from tuner.training.loop import LoopSettings, LossSettings, diffusion_loss, train_denoiser
+from tuner.training.loop import LoopSettings, diffusion_loss, train_denoiser
+from tuner.training.objectives import LossSettings
 
 sd15 = get_family("sd15")
 

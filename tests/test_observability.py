@@ -136,7 +136,8 @@ def test_the_sweep_page_loads_in_chromium(sweep, browser):
 def test_logging_settings_are_checked_before_anything_loads(tmp_path, tiny_pipeline_dir):
     import importlib.util
 
-    from tuner.config import ConfigError, compose, validate
+    from tuner.checks import validate
+    from tuner.config import ConfigError, compose
 
     common = [f"model.path={tiny_pipeline_dir}", f"data.instance_dir={tmp_path}", f"data.instance_prompt={PROMPT}"]
     common.append("prior.enabled=false")

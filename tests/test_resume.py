@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import make_photos, train_in_process
-from tuner.config import ConfigError, compose, validate
+from tuner.checks import validate
+from tuner.config import ConfigError, compose
 
 # LoRA on the U-Net and text encoder, EMA, caption dropout, cosine schedule: every piece of state matters
 SETTINGS = [

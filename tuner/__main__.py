@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a not in ("-m", "--multirun")]
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
     overrides = [a for a in argv if not a.startswith("recipe=") and a != "print_config"]
-    from tuner.config import ConfigError, compose, list_recipes, validate
+    from tuner.checks import validate
+    from tuner.config import ConfigError, compose, list_recipes
 
     if recipe is None or "-h" in argv or "--help" in argv:
         print("usage: python -m tuner [-m] recipe=NAME [key=value ...]")

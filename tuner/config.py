@@ -10,16 +10,13 @@ with ``recipe=NAME``) and the user's ``key=value`` overrides, in that order.
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from tuner.data.sources import Source
+from tuner.errors import ConfigError
 
 # conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
 _HERE = Path(__file__).resolve().parent
@@ -87,6 +84,24 @@ class SubjectConfig:
     seed: int = 0
     # written as PNG files of this size; the prepare stage resizes them to the model's resolution
     image_size: int = 64
+
+
+@dataclass
+class Source:
+    """One input of a dataset (read by ``tuner.data.sources``)."""
+
+    path: str
+    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
+    kind: str = "auto"
+    # times each image appears per epoch (kohya folders set their own)
+    repeats: int = 1
+    # multiplies each of its images' loss
+    weight: float = 1.0
+    image_column: str = "image"
+    # null: the first of text, caption, prompt
+    caption_column: str | None = None
+    # the caption of an image that has none; null: the dataset's default caption
+    caption: str | None = None
 
 
 @dataclass
@@ -426,10 +441,6 @@ class TunerConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
-
-
 SOURCE_KINDS = ("auto", "folder", "imagefolder", "kohya", "hf", "parquet")
 ADAPTER_TYPES = ("lora", "loha", "lokr", "partial_unet", "full", "none")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
@@ -510,454 +521,5 @@ def run_folder_of(path: str | Path) -> Path | None:
     return None
 
 
-def _validate_logging(cfg: DictConfig) -> None:
-    v = cfg.validation
-    if v.every < 0 or not v.seeds or (v.steps is not None and v.steps < 1):
-        raise ConfigError("validation.every must be 0 (never) or more, validation.seeds not empty, steps >= 1")
-    import importlib.util
-
-    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)")
-    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
-
-
-# seeds go to torch.Generator.manual_seed (which takes 0 .. 2**64 - 1) and numpy's default_rng (no negatives)
+# the largest seed torch.Generator.manual_seed takes
 SEED_MAX = 2**63 - 1
-SEED_FIX = f"a seed from 0 to {SEED_MAX}, e.g. 0"
-LR_OR_NULL = "a positive finite learning rate, e.g. 1e-4, or null for train.learning_rate"
-
-
-def _positive(v) -> bool:
-    return v > 0
-
-
-def _at_least(low: float) -> Callable[[float], bool]:
-    return lambda v: v >= low
-
-
-def _share(v) -> bool:
-    return 0 <= v < 1
-
-
-def _or_null(test: Callable) -> Callable:
-    return lambda v: v is None or test(v)
-
-
-def _multiple_of_8(v) -> bool:
-    return v >= 8 and v % 8 == 0
-
-
-def _seed(v) -> bool:
-    return 0 <= v <= SEED_MAX
-
-
-# What the schema's types cannot say about a number: (keys, test, the fix the message gives). A key's
-# [*] stands for every item of its list. Values are finite here (NaN and inf are refused first, by
-# _check_finite, with the same fix), so a test need not repeat that.
-NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
-    (("model.resolution", "data.resolution"), _multiple_of_8, "a positive multiple of 8, e.g. 512"),
-    (("model.guidance",), _at_least(0), "0 or more, the guidance Flux-dev is trained with, e.g. 1.0"),
-    (("model.max_sequence_length",), _or_null(_positive), "a positive token count, or null for the pipeline's"),
-    (("model.timestep_shift",), _or_null(_positive), "a positive shift, e.g. 3.0, or null for the scheduler's"),
-    (("model.logit_std",), _at_least(0), "a standard deviation, 0 or more, e.g. 1.0"),
-    (("model.logit_mean", "model.mode_scale"), math.isfinite, "a finite number"),
-    (("data.bucket_step",), _positive, "a positive multiple of 8, e.g. 64"),
-    (("data.near_duplicate_bits",), lambda v: 0 <= v <= 64, "bits of the 64-bit hash, 0..64 (0: exact duplicates)"),
-    (("data.workers",), _at_least(0), "a process count, e.g. 4 (0 or 1: decode in this process)"),
-    (("data.min_side",), _at_least(0), "a side in pixels, 0 or more, e.g. 8"),
-    (("data.max_pixels",), _positive, "a positive pixel count, e.g. 178956970"),
-    (("data.sources[*].weight",), _at_least(0), "a loss multiplier, 0 or more, e.g. 1.0"),
-    (("subject.image_size",), _at_least(8), "a size in pixels, at least 8 (data.min_side), e.g. 64"),
-    (("prior.num_class_images",), _at_least(0), "0 or more, e.g. 100 (0: only the images in data.class_dir)"),
-    (("prior.loss_weight",), _at_least(0), "0 or more, e.g. 1.0"),
-    (("prior.sample_batch_size",), _at_least(1), "at least 1, e.g. 16"),
-    (("train.learning_rate",), _positive, "a positive finite number, e.g. 1e-4"),
-    (("train.warmup_steps",), _at_least(0), "0 or more steps (0: no warmup)"),
-    (("train.weight_decay",), _at_least(0), "0 or more, e.g. 1e-2 (0: none)"),
-    # the training loop clips only when max_grad_norm > 0: 0 is its documented off
-    (("train.max_grad_norm",), _at_least(0), "a positive norm to clip gradients to, e.g. 1.0, or 0 for no clipping"),
-    (("train.huber_delta",), _positive, "a positive number, e.g. 0.1"),
-    (("train.noise_offset",), _at_least(0), "0 (off) or a small positive number, e.g. 0.05"),
-    (("train.input_perturbation",), _at_least(0), "0 (off) or a small positive number, e.g. 0.1"),
-    (("train.min_timestep",), _at_least(0), "0 or more, below train.max_timestep"),
-    (("train.timestep_bias_multiplier",), _positive, "a positive factor, e.g. 2.0"),
-    (("train.snr_gamma",), _or_null(_positive), "a positive number, e.g. 5.0, or null for off"),
-    (("train.ema_decay",), _or_null(lambda v: 0 < v < 1), "a value between 0 and 1, e.g. 0.999, or null"),
-    (("adapter.alpha",), _positive, "a positive number, e.g. the rank (8)"),
-    (("adapter.dropout",), _share, "a share in [0, 1), e.g. 0.1 (0: none)"),
-    (
-        ("adapter.blocks[*].lr", "text_encoder.learning_rate", "embedding.learning_rate"),
-        _or_null(_positive),
-        LR_OR_NULL,
-    ),
-    (("text_encoder.stop_at",), lambda v: 0 < v <= 1, "a share of train.max_steps in (0, 1], e.g. 1.0"),
-    (("sample.steps", "eval.steps"), _at_least(1), "at least 1, e.g. 25"),
-    (("eval.samples",), _at_least(1), "at least 1, e.g. 64"),
-    (("sample.display_size",), _at_least(1), "a size in pixels, e.g. 64"),
-    (("sample.guidance_scale", "eval.guidance_scale", "generate.guidance_scale"), math.isfinite, "a number, e.g. 7.5"),
-    (("validation.guidance_scale",), _or_null(math.isfinite), "a number, e.g. 7.5, or null for sample.guidance_scale"),
-    (("generate.adapters[*].weight",), math.isfinite, "a number, e.g. 1.0"),
-    (("generate.strength",), lambda v: 0 < v <= 1, "a share in (0, 1], e.g. 0.75"),
-    (("base.vae_steps", "base.unet_steps", "base.vae_batch_size", "base.unet_batch_size"), _at_least(1), "at least 1"),
-    (("base.vae_lr", "base.unet_lr"), _positive, "a positive finite number, e.g. 2e-3"),
-    (("base.ema_decay",), lambda v: 0 < v < 1, "a value between 0 and 1, e.g. 0.995"),
-    (("base.caption_dropout", "data.caption_dropout"), _share, "a share in [0, 1), e.g. 0.1"),
-    (("checkpoints.every",), _at_least(0), "0 or more steps (0: only on a stop signal), e.g. 500"),
-    (("checkpoints.keep",), _at_least(1), "at least 1 (the newest are kept), e.g. 2"),
-    (("seed", "base.seed", "subject.seed", "prior.seed", "eval.seed", "generate.seed"), _seed, SEED_FIX),
-    (("sample.seeds[*]", "validation.seeds[*]"), _seed, SEED_FIX),
-)
-
-
-def _items(cfg: DictConfig, key: str) -> Iterator[tuple[str, object]]:
-    """(dotted key, value) of ``key``, one per list item where it has a [*]."""
-    head, star, rest = key.partition("[*]")
-    if not star:
-        yield key, OmegaConf.select(cfg, key)
-        return
-    for k in range(len(OmegaConf.select(cfg, head) or [])):
-        yield from _items(cfg, f"{head}[{k}]{rest}")
-
-
-def _as_written(cfg: DictConfig, key: str):
-    """The value of a dotted key (``sample.prompts[0]``) with its ${...} unresolved."""
-    value = OmegaConf.to_container(cfg, resolve=False)
-    for part in re.findall(r"[^.\[\]]+", key):
-        value = value[int(part)] if isinstance(value, list) else value[part]
-    return value
-
-
-def _resolve(cfg: DictConfig) -> dict:
-    """The whole config with every ${...} resolved; one that does not resolve is refused by its key."""
-    from omegaconf.errors import InterpolationKeyError, OmegaConfBaseException
-
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except OmegaConfBaseException as e:
-        key = e.full_key or "config"
-        raw = _as_written(cfg, e.full_key) if e.full_key else "?"
-        why = str(e.msg).splitlines()[0].removeprefix("ValueError raised while resolving interpolation: ")
-        if isinstance(e, InterpolationKeyError):
-            why += "; to write a literal ${ in a value, escape it as \\${"
-        raise ConfigError(f"{key}={raw}: {why}") from None
-
-
-def _nonfinite(node, key: str = "") -> Iterator[tuple[str, float]]:
-    """(dotted key, value) of every NaN or infinite float in a resolved config."""
-    if isinstance(node, dict):
-        for k, v in node.items():
-            yield from _nonfinite(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(node, list):
-        for k, v in enumerate(node):
-            yield from _nonfinite(v, f"{key}[{k}]")
-    elif isinstance(node, float) and not math.isfinite(node):
-        yield key, node
-
-
-def _check_finite(resolved: dict) -> None:
-    """No float anywhere is NaN or infinite: they would train to NaN, draw black images or switch things off."""
-    fixes = {key: fix for keys, _, fix in NUMBER_RULES for key in keys}
-    for key, value in _nonfinite(resolved):
-        fix = fixes.get(re.sub(r"\[\d+\]", "[*]", key), "a finite number")
-        raise ConfigError(f"{key}={value}: {fix} (not nan or inf)")
-
-
-def _validate_numbers(cfg: DictConfig) -> None:
-    """Every ${...} resolves, no float is NaN or infinite, and every number in NUMBER_RULES is in its range."""
-    _check_finite(_resolve(cfg))
-    for keys, test, fix in NUMBER_RULES:
-        for key in keys:
-            for name, value in _items(cfg, key):
-                if not test(value):
-                    raise ConfigError(f"{name}={value}: {fix}")
-
-
-def validate(cfg: DictConfig) -> None:
-    """Check what the schema cannot, before anything heavy loads.
-
-    Raises:
-        ConfigError: naming the key and the fix.
-    """
-    from tuner.run import STAGES
-
-    _validate_numbers(cfg)
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
-    d, t = cfg.data, cfg.train
-    needs_model = any(s not in ("subject", "prepare") for s in cfg.stages)
-    if needs_model and not cfg.model.path and cfg.model.builtin != "digits":
-        raise ConfigError(
-            "model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder "
-            "(or model=digits for the embedded base)"
-        )
-    if d.crop not in ("center", "random", "none"):
-        raise ConfigError(f"data.crop={d.crop}: choose center, random or none")
-    if t.lr_scheduler not in LR_SCHEDULERS:
-        raise ConfigError(f"train.lr_scheduler={t.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
-    if t.log_every < 1 or cfg.sample.batch_size < 1:
-        raise ConfigError("train.log_every and sample.batch_size must be at least 1")
-    _validate_logging(cfg)
-    if cfg.model.prediction_type not in (None, "epsilon", "v_prediction"):
-        raise ConfigError(f"model.prediction_type={cfg.model.prediction_type}: choose epsilon or v_prediction")
-    if cfg.adapter.rank < 1 or cfg.adapter.init not in ("gaussian", "default"):
-        # peft's pissa/olora inits rewrite the base weights, which an adapter file cannot carry
-        raise ConfigError("adapter.rank must be at least 1 and adapter.init gaussian or default")
-    if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
-        raise ConfigError(f"data.background={list(d.background)}: three values 0..255, e.g. [255,255,255]")
-    if t.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"train.optimizer={t.optimizer}: choose one of {', '.join(OPTIMIZERS)}")
-    if t.loss not in ("l2", "l1", "huber"):
-        raise ConfigError(f"train.loss={t.loss}: choose l2, l1 or huber")
-    if t.gradient_accumulation_steps < 1:
-        raise ConfigError(f"train.gradient_accumulation_steps={t.gradient_accumulation_steps}: at least 1")
-    if t.mixed_precision not in ("no", "fp16", "bf16"):
-        raise ConfigError(f"train.mixed_precision={t.mixed_precision}: choose no, fp16 or bf16")
-    if t.vae_dtype not in ("float32", "float16", "bfloat16"):
-        raise ConfigError(f"train.vae_dtype={t.vae_dtype}: choose float32, float16 or bfloat16")
-    if t.timestep_bias not in ("none", "earlier", "later") or not 0 < t.timestep_bias_portion <= 1:
-        raise ConfigError(
-            f"train.timestep_bias={t.timestep_bias}: choose none, earlier or later, "
-            "with train.timestep_bias_portion in (0, 1]"
-        )
-    if t.max_timestep is not None and not 0 <= t.min_timestep < t.max_timestep:
-        raise ConfigError(f"train.min_timestep={t.min_timestep} must be below train.max_timestep={t.max_timestep}")
-    a, te, emb = cfg.adapter, cfg.text_encoder, cfg.embedding
-    if a.type not in ADAPTER_TYPES:
-        raise ConfigError(f"adapter.type={a.type}: choose one of {', '.join(ADAPTER_TYPES)} (or adapter=NAME)")
-    if a.targets not in TARGET_PRESETS:
-        raise ConfigError(f"adapter.targets={a.targets}: choose one of {', '.join(TARGET_PRESETS)}")
-    if a.type == "partial_unet" and not a.blocks:
-        raise ConfigError(
-            "adapter=partial_unet needs adapter.blocks, parameter-name patterns with their learning rates, "
-            "e.g. 'adapter.blocks=[{pattern:up_blocks.*.attentions.*,lr:1e-4}]'"
-        )
-    if te.train not in ("none", "lora", "full") or not 0 < te.stop_at <= 1:
-        raise ConfigError(
-            f"text_encoder.train={te.train}: choose none, lora or full, with text_encoder.stop_at in (0, 1]"
-        )
-    if emb.init_words and len(emb.init_words) != len(emb.tokens):
-        raise ConfigError("embedding.init_words needs one word per token in embedding.tokens (or leave it empty)")
-    if te.train == "full" and a.type in ("lora", "loha", "lokr"):
-        raise ConfigError(
-            f"text_encoder.train=full with adapter={a.type}: a fully trained text encoder ships in a pipeline "
-            "folder, a U-Net adapter as an adapter file; use text_encoder.train=lora, or adapter=full/partial_unet"
-        )
-    if te.train == "lora" and a.type in ("partial_unet", "full"):
-        raise ConfigError(
-            f"text_encoder.train=lora with adapter={a.type}: use text_encoder.train=full (both ship in the "
-            "pipeline folder), or a U-Net adapter (adapter=lora)"
-        )
-    if te.stop_at < 1 and a.type == "none":
-        raise ConfigError(
-            "text_encoder.stop_at < 1 with adapter=none: nothing would train after the stop; set stop_at=1"
-        )
-    if t.lr_scheduler == "one_cycle" and t.warmup_steps >= t.max_steps:
-        raise ConfigError("train.lr_scheduler=one_cycle: train.warmup_steps must be below train.max_steps")
-    if emb.vectors < 1:
-        raise ConfigError("embedding.vectors must be at least 1")
-    if "train" in cfg.stages and a.type == "none" and te.train == "none" and not emb.tokens:
-        raise ConfigError(
-            "nothing to train: adapter=none, text_encoder.train=none and no embedding.tokens; "
-            "choose an adapter (adapter=lora), text_encoder.train=lora or embedding.tokens=[<sks>]"
-        )
-    if "prepare" in cfg.stages and "subject" not in cfg.stages:
-        if not d.instance_dir and not any(x.role == "instance" for x in d.sources):
-            raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
-        if d.instance_dir and not Path(d.instance_dir).expanduser().exists():
-            raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
-    for k, x in enumerate(d.sources):
-        if not Path(x.path).expanduser().exists():
-            raise ConfigError(f"data.sources[{k}].path={x.path}: no such folder or file")
-        if x.kind not in SOURCE_KINDS or x.role not in ("instance", "class") or x.repeats < 1:
-            raise ConfigError(
-                f"data.sources[{k}]: kind one of {', '.join(SOURCE_KINDS)}, role instance or class, repeats >= 1"
-            )
-    if d.caption_missing not in ("default", "reject") or d.trigger_policy not in ("replace", "prefix"):
-        raise ConfigError("data.caption_missing must be default or reject, data.trigger_policy replace or prefix")
-    if d.buckets and (d.bucket_step % 8 or d.bucket_step > d.resolution or not 0 < d.min_ratio <= 1 <= d.max_ratio):
-        raise ConfigError(
-            f"data.bucket_step={d.bucket_step}: a multiple of 8 up to data.resolution={d.resolution}, "
-            "with data.min_ratio <= 1 <= data.max_ratio"
-        )
-    if not 0 <= d.caption_dropout < 1 or d.keep_tags < 0:
-        raise ConfigError(f"data.caption_dropout={d.caption_dropout}: a share in [0, 1); data.keep_tags >= 0")
-    if d.buckets and d.crop == "none":
-        raise ConfigError("data.crop=none squashes to a square: with data.buckets=true choose center or random")
-    if "gallery" in cfg.stages and not (cfg.sample.prompts or d.instance_prompt or d.class_prompt):
-        raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
-    if "train" in cfg.stages:
-        if cfg.prior.enabled and not d.instance_prompt:
-            raise ConfigError('data.instance_prompt is not set: pass data.instance_prompt="a photo of sks dog"')
-        if cfg.prior.enabled and not d.class_prompt:
-            raise ConfigError(
-                'prior.enabled=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
-                "or set prior.enabled=false"
-            )
-        if t.max_steps < 1 or t.batch_size < 1:
-            raise ConfigError("train.max_steps and train.batch_size must be at least 1")
-    if not cfg.model.path and cfg.model.builtin == "digits":
-        from tuner.models.tiny import SIZES
-
-        if cfg.base.size not in SIZES:
-            raise ConfigError(f"base.size={cfg.base.size}: choose one of {', '.join(SIZES)}")
-    if "subject" in cfg.stages:
-        from tuner.data.digits import TRANSFORMS
-
-        if cfg.subject.transform not in TRANSFORMS:
-            raise ConfigError(f"subject.transform={cfg.subject.transform}: choose one of {', '.join(TRANSFORMS)}")
-        if not 0 <= cfg.subject.digit <= 9 or not 1 <= cfg.subject.count <= 50:
-            raise ConfigError("subject.digit must be 0..9 and subject.count 1..50")
-    if "load_adapter" in cfg.stages:
-        if not cfg.checkpoint or not Path(cfg.checkpoint).expanduser().exists():
-            raise ConfigError(
-                f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) "
-                "or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
-            )
-    if t.nonfinite not in ("stop", "skip"):
-        raise ConfigError(f"train.nonfinite={t.nonfinite}: choose stop or skip")
-    if cfg.resume is not None:
-        _validate_resume(cfg)
-    if os.environ.get("RANK", "0") == "0":  # several processes: rank 0's check, before it writes the folder
-        from tuner.run_folder import check_output_dir
-
-        check_output_dir(cfg)
-    if "export" in cfg.stages:
-        _validate_export(cfg)
-    if "generate" in cfg.stages:
-        _validate_generate(cfg)
-    _validate_family(cfg)
-
-
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
-
-
-def _validate_family(cfg: DictConfig) -> None:
-    """The model family exists, its path is one of its folders (or a single file with a config folder),
-    and what the run asks for is something this family does."""
-    from tuner.models import get_family
-
-    m, t = cfg.model, cfg.train
-    family = get_family(m.family, m)
-    if m.path and Path(m.path).expanduser().is_file():
-        if not str(m.path).endswith(".safetensors"):
-            raise ConfigError(
-                f"model.path={m.path}: tuner reads single-file checkpoints only as .safetensors (a .ckpt is a "
-                "pickle, which tuner never loads); convert it, or give a diffusers folder"
-            )
-        if not m.config:
-            raise ConfigError(
-                f"model.path={m.path} is a single-file checkpoint: set model.config=FOLDER, a local diffusers "
-                f"folder of the same family ({family.PIPELINE}) whose configs and tokenizers describe it "
-                "(its weights are not read; nothing is fetched from a hub)"
-            )
-        family.check_config_folder(m.config)
-    elif m.path:
-        family.check_folder(m.path, m.allow_pickle)
-    if m.weighting_scheme not in WEIGHTING_SCHEMES:
-        raise ConfigError(f"model.weighting_scheme={m.weighting_scheme}: choose one of {', '.join(WEIGHTING_SCHEMES)}")
-    flow = family.TRAINING_SCHEDULER == "FlowMatchEulerDiscreteScheduler"
-    if flow and (t.snr_gamma or t.timestep_bias != "none" or t.min_timestep or t.max_timestep is not None):
-        raise ConfigError(
-            f"model={m.family} trains by flow matching: train.snr_gamma, timestep_bias, min_timestep and "
-            "max_timestep are for DDPM schedules; use model.weighting_scheme (logit_normal, mode, sigma_sqrt, cosmap)"
-        )
-    if not flow and (m.weighting_scheme != "none" or m.timestep_shift is not None):
-        raise ConfigError(
-            f"model.weighting_scheme / model.timestep_shift are for flow-matching families (flux, sd3), not {m.family}"
-        )
-    if m.zero_terminal_snr and m.family != "sd2":
-        raise ConfigError("model.zero_terminal_snr is an sd2 (v-prediction) option")
-    if cfg.embedding.tokens and len(family.TEXT_ENCODERS) > 1:
-        raise ConfigError(
-            f"embedding.tokens: textual inversion is implemented for one-text-encoder families (sd15, sd2), "
-            f"not {m.family}; train a LoRA with a rare trigger word instead"
-        )
-    if "export" in cfg.stages:
-        refused = [x for x in cfg.export.formats if x not in family.EXPORTS]
-        if refused:
-            raise ConfigError(
-                f"export.formats={list(cfg.export.formats)}: model={m.family} exports {', '.join(family.EXPORTS)}; "
-                f"remove {', '.join(refused)}"
-            )
-    if cfg.data.resolution % family.RESOLUTION_MULTIPLE:
-        raise ConfigError(
-            f"data.resolution={cfg.data.resolution}: model={m.family} needs a multiple of {family.RESOLUTION_MULTIPLE}"
-        )
-
-
-def trained_parts(cfg: DictConfig) -> set[str]:
-    """What a training run adds to its base, in the terms of tuner/export/formats.py's HOLDS."""
-    a, te = cfg.adapter, cfg.text_encoder
-    parts = set()
-    if a.type in ("lora", "loha", "lokr") or te.train == "lora":
-        parts.add("dora" if a.use_dora and a.type == "lora" else a.type if a.type in ("loha", "lokr") else "lora")
-    if a.type in ("partial_unet", "full") or te.train == "full":
-        parts.add("base_weights")
-    if cfg.embedding.tokens:
-        parts.add("tokens")
-    return parts
-
-
-def _validate_export(cfg: DictConfig) -> None:
-    from tuner.export.formats import DTYPES, FORMATS, check_held
-
-    e = cfg.export
-    unknown = [x for x in e.formats if x not in FORMATS]
-    if unknown or not e.formats:
-        raise ConfigError(f"export.formats={list(e.formats)}: choose from {', '.join(FORMATS)}")
-    if e.dtype not in DTYPES or e.single_file_dtype not in DTYPES or e.variant not in (None, "fp16", "bf16"):
-        raise ConfigError(
-            "export.dtype and export.single_file_dtype: float32, float16 or bfloat16; "
-            "export.variant: fp16, bf16 or null"
-        )
-    if "train" in cfg.stages:
-        check_held(trained_parts(cfg), e.formats)
-    if e.name is not None and not re.fullmatch(r"[\w.+-]+", e.name):
-        raise ConfigError(f"export.name={e.name}: letters, digits, '.', '_', '+' and '-' only (it names files)")
-
-
-def _validate_generate(cfg: DictConfig) -> None:
-    from tuner.generate import SCHEDULERS
-
-    g = cfg.generate
-    if not g.prompts and not g.prompt_file:
-        raise ConfigError(
-            'generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file=FILE'
-        )
-    if g.scheduler not in SCHEDULERS:
-        raise ConfigError(f"generate.scheduler={g.scheduler}: choose one of {', '.join(SCHEDULERS)}")
-    if g.images_per_prompt < 1 or g.batch_size < 1 or g.steps < 1:
-        raise ConfigError("generate.images_per_prompt, generate.batch_size and generate.steps must be at least 1")
-    for key in ("width", "height"):
-        if g[key] is not None and (g[key] < 8 or g[key] % 8):
-            raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")
-    if g.post.upscale < 1 or g.post.sharpen < 0:
-        raise ConfigError("generate.post.upscale must be at least 1 and generate.post.sharpen at least 0")
-    if g.post.color_correct and not g.init_image:
-        raise ConfigError("generate.post.color_correct matches colours to generate.init_image: set one, or turn it off")
-    for k, a in enumerate(g.adapters):
-        if not Path(a.path).expanduser().exists():
-            raise ConfigError(f"generate.adapters[{k}].path={a.path}: no such file or folder")
-    for key in ("prompt_file", "init_image"):
-        if g[key] and not Path(g[key]).expanduser().is_file():
-            raise ConfigError(f"generate.{key}={g[key]}: no such file")
-    from tuner.generate import make_jobs
-
-    make_jobs(g, cfg.data.resolution)  # every prompt line checked before anything loads
-
-
-def _validate_resume(cfg: DictConfig) -> None:
-    """resume=auto needs the run folder (output_dir); resume=PATH must be a complete checkpoint, and names it."""
-    if "train" not in cfg.stages:
-        raise ConfigError(f"resume={cfg.resume}: recipe {cfg.recipe} does not train")
-    if cfg.resume == "auto":
-        if not cfg.output_dir:
-            raise ConfigError("resume=auto continues the run in output_dir: pass output_dir=RUN_FOLDER too")
-        return
-    path = Path(cfg.resume).expanduser()
-    if not (path / "state.pt").is_file() or not (path / "trained.safetensors").is_file():
-        raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (RUN/checkpoints/step-N with state.pt)")
-    if not cfg.output_dir:  # the checkpoint's own run folder
-        cfg.output_dir = str(path.resolve().parent.parent)

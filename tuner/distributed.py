@@ -23,6 +23,8 @@ from typing import TypeVar
 
 import torch
 
+from tuner.errors import ConfigError
+
 T = TypeVar("T")
 
 # set on rank 0 once the other ranks have left (no stage left needs them): from then on it acts alone
@@ -88,8 +90,6 @@ ENGINES = {
 def check_engine(distributed_type) -> None:
     """Refuse, before anything loads, an engine whose sharded state tuner's checkpoints cannot hold."""
     from accelerate.utils import DistributedType
-
-    from tuner.config import ConfigError
 
     if distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         name = "DeepSpeed" if distributed_type == DistributedType.DEEPSPEED else "FSDP"
@@ -161,8 +161,6 @@ def check_visible(accelerator, path: Path, what: str) -> None:
     if not all(seen):
         hosts = gather(accelerator, socket.gethostname())
         blind = sorted({hosts[r] for r, s in enumerate(seen) if not s})
-        from tuner.config import ConfigError
-
         raise ConfigError(
             f"{what} {path} was written by rank 0 but is not visible on {', '.join(blind)}: with several "
             "machines, output_dir (and TUNER_HOME, model.path) must be on a filesystem every machine mounts"

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from tuner.config import SEED_MAX, ConfigError
+from tuner.config import SEED_MAX
+from tuner.errors import ConfigError
 
 SCHEDULERS = {
     # name -> (diffusers class, extra config)

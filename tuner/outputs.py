@@ -24,9 +24,10 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from tuner import run_folder
-from tuner.config import ConfigError, run_folder_of
+from tuner.config import run_folder_of
 from tuner.data import digits
 from tuner.data.prepare import load_prepared
+from tuner.errors import ConfigError
 from tuner.export.formats import FORMATS
 from tuner.files import write_atomic
 from tuner.run import Run, _images, stage

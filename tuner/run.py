@@ -26,10 +26,10 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tuner import run_folder, sampling
-from tuner.config import ConfigError
 from tuner.data import digits
 from tuner.data.prepare import PrepareSettings, Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
+from tuner.errors import ConfigError
 from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family
 from tuner.models.base import tree_map
@@ -469,8 +469,9 @@ def train(run: Run) -> None:
     from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
     from tuner.training.cache import shared as shared_cache
     from tuner.training.checkpoints import Checkpointing
-    from tuner.training.loop import LoopSettings, LossSettings, timestep_weights, train_denoiser
+    from tuner.training.loop import LoopSettings, timestep_weights, train_denoiser
     from tuner.training.monitor import start as start_monitor
+    from tuner.training.objectives import LossSettings
 
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     t = cfg.train

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from tuner.errors import ConfigError
 from tuner.files import write_atomic
 
 MANIFEST = "tuner-run.json"
@@ -81,15 +82,16 @@ def _same_config(cfg: DictConfig, folder: Path) -> bool:
     return before == _comparable(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def check_output_dir(cfg: DictConfig) -> None:
+def check_output_dir(cfg: DictConfig, declared: list[str]) -> None:
     """Refuse an ``output_dir`` tuner must not write into, naming it and the way out, before anything runs.
+
+    Args:
+        declared: the entries this run writes (``run.entries(cfg)``), so foreign files at those names are found.
 
     Raises:
         ConfigError: the folder is a file, lies inside one of the run's inputs, holds files tuner did not
             write, or holds another run (without ``resume`` or ``overwrite=true``).
     """
-    from tuner.config import ConfigError
-
     if not cfg.output_dir:
         return
     folder = Path(cfg.output_dir).expanduser().resolve()
@@ -114,9 +116,6 @@ def check_output_dir(cfg: DictConfig) -> None:
             "tuner writes only into a new or empty folder or one of its own runs (overwrite=true does not change "
             "that): choose another output_dir"
         )
-    from tuner.run import entries
-
-    declared = entries(cfg)
     ours = set(manifest["entries"]) | {MANIFEST}
     clash = sorted(set(declared) & (set(names) - ours) - {n for n in names if TEMP.fullmatch(n)})
     if clash:

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 from tuner import run_folder
-from tuner.config import ConfigError, compose, validate
+from tuner.checks import validate
+from tuner.config import compose
+from tuner.errors import ConfigError
 from tuner.files import write_atomic
 
 

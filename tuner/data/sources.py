@@ -13,29 +13,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from tuner.config import Source
+
 CAPTION_SUFFIXES = (".txt", ".caption")
 # photo.jpg's loss mask is photo.mask.png: white where the loss counts, black where it does not
 MASK_SUFFIX = ".mask.png"
 CAPTION_COLUMNS = ("text", "caption", "prompt")
 KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")
-
-
-@dataclass
-class Source:
-    """One input of a dataset."""
-
-    path: str
-    # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
-    kind: str = "auto"
-    # times each image appears per epoch (kohya folders set their own)
-    repeats: int = 1
-    # multiplies each of its images' loss
-    weight: float = 1.0
-    image_column: str = "image"
-    # null: the first of text, caption, prompt
-    caption_column: str | None = None
-    # the caption of an image that has none; null: the dataset's default caption
-    caption: str | None = None
 
 
 @dataclass

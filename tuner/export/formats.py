@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from tuner.errors import ConfigError
 from tuner.files import atomic_dir, atomic_path
 
 FORMATS = ("diffusers", "kohya", "peft", "merged", "single_file")
@@ -59,8 +60,6 @@ def check_finite(trained: Trained) -> None:
     Raises:
         ConfigError: naming the module and tensor; nothing has been written.
     """
-    from tuner.config import ConfigError
-
     named = {f"token {token}": vectors for token, vectors in trained.tokens.items()}
     for component, module in trained.components.trainable().items():
         if trained.base_weights:
@@ -77,8 +76,6 @@ def check_finite(trained: Trained) -> None:
 
 def check_held(parts: set[str], chosen) -> None:
     """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
-    from tuner.config import ConfigError
-
     missing = parts - set().union(*(HOLDS[x] for x in chosen))
     if missing:
         fits = [x for x in FORMATS if missing <= HOLDS[x]]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # a LoRA module's down (A) and up (B) halves, in the key styles loaders meet: kohya, peft / diffusers, and

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 
 # model.family -> (module, class)
 FAMILIES = {

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 
 Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
 

@@ -8,7 +8,7 @@ timesteps then start at the last one (``timestep_spacing="trailing"``); it needs
 
 from __future__ import annotations
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 from tuner.models.sd15 import SD15
 
 

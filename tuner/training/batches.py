@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
 from tuner.data.buckets import BucketSampler
 from tuner.models.base import Cond, tree_cat, tree_map
-
-if TYPE_CHECKING:
-    from tuner.training.loop import LossSettings
+from tuner.training.objectives import LossSettings, draw_noise
 
 
 @dataclass
@@ -232,19 +229,3 @@ def encode_latent_dist(vae, images, batch_size: int = 64, desc: str | None = Non
     if len(by_size) == 1:  # one size: keep whole tensors
         return LatentCache(torch.stack(means), torch.stack(stds), float(vae.config.scaling_factor))
     return LatentCache(means, stds, float(vae.config.scaling_factor))
-
-
-def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, objective):
-    """A step's random draws for ``latents``, on the CPU from ``generator`` in a fixed order (noise, offset,
-    perturbation, timesteps): the same draws on every device and, for a global batch, on every rank.
-
-    Returns (noise, input_noise, timesteps): the target uses ``noise``, the U-Net's input ``input_noise``.
-    """
-    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
-    if loss.noise_offset:
-        noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
-    input_noise = noise
-    if loss.input_perturbation:
-        input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
-    timesteps = objective.draw(len(latents), loss, generator)
-    return noise, input_noise, timesteps

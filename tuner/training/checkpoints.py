@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 from tuner.files import atomic_dir
 
 PATTERN = re.compile(r"step-(\d+)")

@@ -21,25 +21,8 @@ from tqdm.auto import tqdm
 
 from tuner.distributed import any_rank
 from tuner.models.base import Cond
-from tuner.training.batches import Batch, draw_noise, merge_by_shape
-
-
-@dataclass
-class LossSettings:
-    # l2 | l1 | huber, per element against the family's target
-    kind: str = "l2"
-    huber_delta: float = 0.1
-    # min-SNR-gamma weighting (Hang et al. 2023); None: uniform
-    snr_gamma: float | None = None
-    # adds noise_offset * N(0, 1) per sample and channel to the noise (brighter darks, darker lights)
-    noise_offset: float = 0.0
-    # the U-Net's input is noised with noise + input_perturbation * N(0, 1); the target keeps the noise
-    input_perturbation: float = 0.0
-    # timesteps drawn from [min_timestep, max_timestep) (None: the scheduler's last), uniformly unless
-    # timestep_weights (one weight per timestep) is given
-    min_timestep: int = 0
-    max_timestep: int | None = None
-    timestep_weights: torch.Tensor | None = None
+from tuner.training.batches import Batch, merge_by_shape
+from tuner.training.objectives import LossSettings, draw_noise
 
 
 @dataclass

@@ -14,8 +14,43 @@ its denoiser (``Family.predict``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class LossSettings:
+    # l2 | l1 | huber, per element against the family's target
+    kind: str = "l2"
+    huber_delta: float = 0.1
+    # min-SNR-gamma weighting (Hang et al. 2023); None: uniform
+    snr_gamma: float | None = None
+    # adds noise_offset * N(0, 1) per sample and channel to the noise (brighter darks, darker lights)
+    noise_offset: float = 0.0
+    # the U-Net's input is noised with noise + input_perturbation * N(0, 1); the target keeps the noise
+    input_perturbation: float = 0.0
+    # timesteps drawn from [min_timestep, max_timestep) (None: the scheduler's last), uniformly unless
+    # timestep_weights (one weight per timestep) is given
+    min_timestep: int = 0
+    max_timestep: int | None = None
+    timestep_weights: torch.Tensor | None = None
+
+
+def draw_noise(latents: torch.Tensor, generator, loss: LossSettings, objective):
+    """A step's random draws for ``latents``, on the CPU from ``generator`` in a fixed order (noise, offset,
+    perturbation, timesteps): the same draws on every device and, for a global batch, on every rank.
+
+    Returns (noise, input_noise, timesteps): the target uses ``noise``, the U-Net's input ``input_noise``.
+    """
+    noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype)
+    if loss.noise_offset:
+        noise += loss.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=generator, dtype=noise.dtype)
+    input_noise = noise
+    if loss.input_perturbation:
+        input_noise = noise + loss.input_perturbation * torch.randn(latents.shape, generator=generator)
+    timesteps = objective.draw(len(latents), loss, generator)
+    return noise, input_noise, timesteps
 
 
 class NoiseObjective:

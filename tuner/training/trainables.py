@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 
 PEFT_TYPES = ("lora", "loha", "lokr")
 
