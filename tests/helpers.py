@@ -100,7 +100,7 @@ def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]"
 
     from tuner.checks import validate
     from tuner.config import compose
-    from tuner.run import run_recipe
+    from tuner.runner import run_recipe
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -102,7 +102,7 @@ def test_sd2_reads_v_prediction_from_its_scheduler_and_its_target_is_the_velocit
 def test_flow_target_is_noise_minus_latents_at_the_scheduler_sigmas(tiny, name, weighting):
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-    from tuner.training.objectives import LossSettings
+    from tuner.models.objectives import LossSettings
 
     family = get_family(name, {"weighting_scheme": weighting})
     c = family.load(tiny(name))
@@ -163,7 +163,8 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
 
     from tuner.checks import validate
     from tuner.config import compose
-    from tuner.run import Run
+    from tuner.stages import entries
+    from tuner.stages.context import Run
 
     folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="sd15") if name == "sd15" else tiny(name)
     family = get_family(name)
@@ -178,7 +179,7 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
             [f"model={name}", "data.resolution=32", f"home={tmp_path / 'home'}", "generate.prompts=[x]", *overrides],
         )
         validate(cfg)
-        return Run(cfg)
+        return Run(cfg, entries(cfg))
 
     with pytest.raises(Exception, match="model.config"):
         run_of(f"model.path={file}", f"output_dir={tmp_path / 'x'}")

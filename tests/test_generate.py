@@ -12,7 +12,7 @@ from PIL import Image
 from tests.helpers import PROMPT, train_in_process
 from tuner.checks import validate
 from tuner.config import ConfigError, compose
-from tuner.run import run_recipe
+from tuner.runner import run_recipe
 
 SIZE = 16
 

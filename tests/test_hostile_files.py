@@ -301,14 +301,16 @@ def test_a_safetensors_file_named_bin_loads(capsys, trained, tiny_pipeline_dir, 
 def test_a_diverged_adapter_is_not_exported(trained, tiny_pipeline_dir, tmp_path):
     from tuner.checks import validate
     from tuner.config import ConfigError, compose
-    from tuner.outputs import export, load_adapter
-    from tuner.run import Run
+    from tuner.stages import entries
+    from tuner.stages.adapters import load_adapter
+    from tuner.stages.context import Run
+    from tuner.stages.export import export
 
     AcceleratorState._reset_state(True)
     cfg = compose("export", [f"model.path={tiny_pipeline_dir}", f"checkpoint={trained}", f"output_dir={tmp_path / 'o'}",
                              "export.formats=[diffusers,kohya]", "stages=[load_adapter,export]"])  # fmt: skip
     validate(cfg)
-    run = Run(cfg)
+    run = Run(cfg, entries(cfg))
     load_adapter(run)
     with torch.no_grad():
         layer = next(m for n, m in run.components.unet.named_modules() if n.endswith("to_q") and hasattr(m, "lora_B"))

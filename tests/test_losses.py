@@ -7,9 +7,9 @@ from accelerate.state import AcceleratorState, GradientState
 from peft import LoraConfig
 
 from tuner.models import get_family
+from tuner.models.objectives import LossSettings
 from tuner.training.batches import Batch
 from tuner.training.loop import LoopSettings, diffusion_loss, train_denoiser
-from tuner.training.objectives import LossSettings
 
 sd15 = get_family("sd15")
 
@@ -120,8 +120,8 @@ def test_masked_loss_with_input_perturbation_matches_an_independent_computation(
 def test_timesteps_stay_in_range_and_follow_the_bias():
     from diffusers import DDPMScheduler
 
+    from tuner.models.objectives import NoiseObjective
     from tuner.training.loop import timestep_weights
-    from tuner.training.objectives import NoiseObjective
 
     draw_timesteps = NoiseObjective(DDPMScheduler(), "epsilon", None).draw
 

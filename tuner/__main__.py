@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     from tuner.distributed import end
-    from tuner.run import run_recipe
+    from tuner.runner import run_recipe
     from tuner.training.checkpoints import SaveError, Stopped
 
     rank = int(os.environ.get("RANK", "0"))  # several processes: rank 0 speaks for all of them

@@ -24,8 +24,8 @@ from tuner.export.formats import DTYPES, FORMATS, check_held
 from tuner.generate import SCHEDULERS, make_jobs
 from tuner.models import get_family
 from tuner.models.tiny import SIZES
-from tuner.run import STAGES, entries
 from tuner.run_folder import check_output_dir
+from tuner.stages import STAGES, entries
 
 
 def _validate_logging(cfg: DictConfig) -> None:

@@ -34,7 +34,7 @@ def sweep(recipe: str, overrides: list[str]) -> Path:
     when one of the jobs' configs is invalid."""
     from tuner.distributed import launched_world_size
     from tuner.export.validation import write_sweep_gallery
-    from tuner.run import run_recipe
+    from tuner.runner import run_recipe
 
     if launched_world_size() > 1:
         raise ConfigError("a multirun (-m) runs its jobs one after another in one process: launch it without torchrun")

@@ -246,8 +246,8 @@ class Family:
         return denoiser(noisy, timesteps, encoder_hidden_states=cond).sample
 
     def objective(self, c: Components):
-        """Noising, target and loss weights of this family's training (``tuner.training.objectives``)."""
-        from tuner.training.objectives import NoiseObjective
+        """Noising, target and loss weights of this family's training (``tuner.models.objectives``)."""
+        from tuner.models.objectives import NoiseObjective
 
         return NoiseObjective(c.noise_scheduler, c.prediction_type, self.predict)
 
@@ -332,7 +332,7 @@ class FlowFamily(Family):
         return "flow"
 
     def objective(self, c: Components):
-        from tuner.training.objectives import FlowObjective
+        from tuner.models.objectives import FlowObjective
 
         o = self.options
         return FlowObjective(

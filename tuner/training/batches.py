@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tuner.data.buckets import BucketSampler
 from tuner.models.base import Cond, tree_cat, tree_map
-from tuner.training.objectives import LossSettings, draw_noise
+from tuner.models.objectives import LossSettings, draw_noise
 
 
 @dataclass

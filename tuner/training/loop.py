@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from tuner.distributed import any_rank
 from tuner.models.base import Cond
+from tuner.models.objectives import LossSettings, draw_noise
 from tuner.training.batches import Batch, merge_by_shape
-from tuner.training.objectives import LossSettings, draw_noise
 
 
 @dataclass
@@ -73,7 +73,7 @@ def diffusion_loss(
     draws: tuple | None = None,
 ) -> torch.Tensor:
     """Per-sample denoising loss at drawn timesteps, against the objective's target
-    (``tuner.training.objectives``; ``objective.predict`` calls the family's denoiser).
+    (``tuner.models.objectives``; ``objective.predict`` calls the family's denoiser).
 
     ``draws``: (noise, input_noise, timesteps) from ``draw_noise``; drawn here from ``generator`` when None.
     """
@@ -190,7 +190,7 @@ def train_denoiser(
 
     Args:
         groups: optimizer parameter groups (``params`` plus optional ``lr``, ``weight_decay``), or parameters.
-        objective: noising, target, loss weights and the denoiser call (``tuner.training.objectives``).
+        objective: noising, target, loss weights and the denoiser call (``tuner.models.objectives``).
         next_batch: draws a ``Batch`` or a list of them (one denoiser call each: images of different sizes);
             the caller decides how instance and prior samples are weighed.
         text_encoders, encode: when a text encoder (or an embedding in one) trains, batches carry token

@@ -1,0 +1,146 @@
+"""The package's imports point down only: each module of ``tuner/`` sits in a layer, and may import its own
+layer or the ones below, never above, and no chain of imports comes back to where it started. Imports
+inside functions count the same as those at the top of a file.
+
+    6  tuner.__main__, tuner.sweep, tuner.checks     the command line, sweeps, the checks of a whole config
+    5  tuner.runner                                   runs a recipe's stages in order
+    4  tuner.stages                                   one module per stage, listed in tuner/stages/__init__.py
+    3  tuner.training, tuner.export, tuner.generate   the loop, export formats and reports, generation
+    2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder
+    1  tuner.errors, tuner.files, tuner.config        errors, atomic files, the config schema
+
+A new module must be placed in the table: one that is not fails the test, naming it.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tuner"
+
+LAYERS = {
+    "tuner.errors": 1,
+    "tuner.files": 1,
+    "tuner.config": 1,
+    "tuner.data": 2,
+    "tuner.models": 2,
+    "tuner.distributed": 2,
+    "tuner.sampling": 2,
+    "tuner.run_folder": 2,
+    "tuner.training": 3,
+    "tuner.export": 3,
+    "tuner.generate": 3,
+    "tuner.stages": 4,
+    "tuner.runner": 5,
+    "tuner.checks": 6,
+    "tuner.sweep": 6,
+    "tuner.__main__": 6,
+    "tuner": 6,  # the package's __init__
+}
+
+
+def modules(root: Path = PACKAGE) -> dict[str, Path]:
+    found = {}
+    for file in sorted(root.rglob("*.py")):
+        parts = list(file.relative_to(root.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        found[".".join(parts)] = file
+    return found
+
+
+def imports(file: Path, known: dict[str, Path]) -> set[str]:
+    """The modules of tuner that ``file`` imports, anywhere in it (``from tuner.x import y`` is tuner.x.y
+    when that is a module, else tuner.x)."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "tuner":
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in known else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "tuner"}
+    return found
+
+
+def layer(module: str) -> int | None:
+    """The layer of the longest prefix of ``module`` in LAYERS."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in LAYERS:
+            return LAYERS[".".join(parts[:n])]
+    return None
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imports(file, known) - {name} for name, file in known.items()}
+
+
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})" for a in edges for b in edges[a] if layer(b) > layer(a)
+    )
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Each set of modules that import one another round a loop (Tarjan's strongly connected components)."""
+    index, low, on, stack, found, counter = {}, {}, set(), [], [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in edges.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while not group or group[-1] != v:
+                group.append(stack.pop())
+                on.discard(group[-1])
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for v in sorted(edges):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in modules() if layer(m) is None] == []
+
+
+def test_imports_point_down():
+    assert upward(graph()) == []
+
+
+def test_no_import_cycles():
+    assert cycles(graph()) == []
+
+
+@pytest.mark.parametrize(
+    "edges, problem",
+    [
+        ({"tuner.config": {"tuner.stages.train"}, "tuner.stages.train": set()}, "upward"),
+        ({"tuner.data.a": {"tuner.data.b"}, "tuner.data.b": {"tuner.data.a"}}, "cycle"),
+    ],
+)
+def test_the_checks_find_what_they_look_for(edges, problem):
+    """The checks can fail: an upward import and a loop within one layer are each found."""
+    if problem == "upward":
+        assert upward(edges) == ["tuner.config (layer 1) imports tuner.stages.train (layer 4)"]
+    else:
+        assert cycles(edges) == [["tuner.data.a", "tuner.data.b"]]
+
+
+def test_function_level_imports_count(tmp_path):
+    file = tmp_path / "m.py"
+    file.write_text("def f():\n    from tuner.runner import run_recipe\n")
+    assert imports(file, {"tuner.runner": file}) == {"tuner.runner"}

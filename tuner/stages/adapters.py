@@ -1,0 +1,185 @@
+"""The load_adapter stage (``checkpoint=``, recipe=evaluate and generate's adapters): a run folder, a
+diffusers/kohya/peft file or folder, or an embedding, read whole and checked before it is applied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+
+from tuner.errors import ConfigError
+from tuner.stages.context import Run, stage
+
+
+@stage(main_only=True)
+def load_adapter(run: Run) -> None:
+    """Load an adapter made by tuner or another trainer (``checkpoint=PATH``) onto the base."""
+    path = Path(run.cfg.checkpoint).expanduser()
+    loaded = load_checkpoint(run, path)
+    print(f"[tuner] loaded {', '.join(loaded)} from {path}", flush=True)
+    run.outputs["checkpoint"] = str(path)
+
+
+def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> list[str]:
+    """Load what ``path`` holds onto the run's pipeline; returns what was loaded.
+
+    ``path`` may be a run folder (its diffusers/ export, else peft/, else kohya/), a format folder
+    (diffusers/, kohya/, peft/), a LoRA ``.safetensors`` in diffusers' or kohya's keys, or an
+    embedding ``.safetensors`` (diffusers' ``{token: vectors}`` or A1111's ``emb_params``). Adapters
+    load under ``adapter_name`` (diffusers picks one when it is None).
+    """
+
+    folders = [path]
+    if path.is_dir() and (path / "summary.json").is_file():  # a run: its diffusers/ export, with peft/ for
+        folders = [path / x for x in ("diffusers", "peft") if (path / x).is_dir()]  # what diffusers cannot hold
+        if (path / "diffusers" / "pytorch_lora_weights.safetensors").is_file():
+            folders = [path / "diffusers"]
+        folders = folders or [path / "kohya"]
+    loaded = []
+    for folder in folders:
+        loaded += _load_folder(run, folder, adapter_name)
+    if not loaded:
+        raise ConfigError(
+            f"{path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
+            "folder, or a run folder)"
+        )
+    return loaded
+
+
+def _candidates(path: Path) -> list[Path]:
+    """The adapter and embedding files of a folder (or the file itself): its .safetensors, else any file
+    that may hold tensors under another name (a safetensors named .bin loads; a pickle is refused)."""
+    from tuner.export.reading import PICKLE_SUFFIXES
+
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("embeddings/*.safetensors"))
+    return files or sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
+
+
+def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
+    from tuner.export import reading
+
+    loaded = []
+    for file in _candidates(path):
+        tensors, meta = reading.read_tensors(file)
+        keys = list(tensors)
+        if reading.lora_modules(tensors) or any(k.endswith(up) for _, up in reading.LORA_PAIRS for k in keys):
+            _load_lora(run, file, reading.check_lora(file, tensors, meta), adapter_name)
+        elif any(k.startswith(("hada_", "lokr_")) or ".hada_" in k or ".lokr_" in k for k in keys):
+            raise ConfigError(
+                f"{file}: a LoHa/LoKr file in kohya's keys; diffusers cannot load it, load the run's peft/ folder"
+            )
+        else:  # an embedding: diffusers' {token: vectors} or A1111's emb_params, named by its file
+            widths = [te.get_input_embeddings().weight.shape[1] for te in run.components.text_encoders.values()]
+            reading.check_embedding(file, tensors, widths)
+            token = meta.get("token") or (keys[0] if len(keys) == 1 and keys[0] != "emb_params" else file.stem)
+            if token in run.pipe.tokenizer.get_vocab():
+                raise ConfigError(f"{file}: its token {token} is in the vocabulary already (another adapter's?)")
+            with _named_failures(file, "an embedding"):
+                run.pipe.load_textual_inversion(file, token=token)
+            run.new_tokens.append(token)
+            run.base_weights_changed = True
+        loaded.append(file.name)
+    for component, module in run.components.trainable().items():
+        if (path / component / "adapter_config.json").is_file():
+            _load_peft(module, path / component, adapter_name or "default")
+            loaded.append(f"{component} (peft)")
+    return loaded
+
+
+@contextlib.contextmanager
+def _named_failures(file: Path, what: str):
+    """A loader's failure on a file that passed the checks (a shape that fits no module of this base, ...)
+    as one line naming the file."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{file}: does not load as {what} onto this base ({reason[:300]})") from None
+
+
+def _adapter_layers(run: Run) -> int:
+    """How many (module, adapter) pairs of LoRA layers the run's modules hold."""
+    from tuner.export.formats import tuner_layers
+
+    return sum(
+        len(getattr(layer, "lora_A", {}))
+        for module in run.components.trainable().values()
+        for layer in tuner_layers(module).values()
+    )
+
+
+def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> None:
+    """Load a LoRA file through the pipeline's own ``load_lora_weights``; every module of the file must land.
+
+    Raises:
+        ConfigError: the file does not load, or some of its modules name modules this base does not have
+            (a LoRA for another model), listing them.
+    """
+    import logging
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    before, keep = _adapter_layers(run), Keep()
+    watched = [logging.getLogger(name) for name in ("diffusers", "peft")]
+    saved = [(logger.level, logger.handlers, logger.propagate) for logger in watched]
+    for logger in watched:  # diffusers names the keys it could not place only in a warning: kept, not printed
+        logger.setLevel(logging.WARNING)
+        logger.handlers, logger.propagate = [keep], False
+    try:
+        with _named_failures(file, "a LoRA"), tempfile.TemporaryDirectory() as named:
+            source = file
+            if file.suffix != ".safetensors":  # diffusers picks its reader by the name: a link named as it is
+                source = Path(named) / "lora.safetensors"
+                source.symlink_to(file.resolve())
+            run.pipe.load_lora_weights(source.parent, weight_name=source.name, adapter_name=adapter_name)
+    finally:
+        for logger, (level, handlers, propagate) in zip(watched, saved):
+            logger.setLevel(level)
+            logger.handlers, logger.propagate = handlers, propagate
+    landed = _adapter_layers(run) - before
+    if landed < modules:
+        from tuner.export.reading import unexpected_keys
+
+        keys = unexpected_keys(keep.messages)
+        shown = f": {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" if keys else ""
+        raise ConfigError(
+            f"{file}: {modules - landed} of its {modules} LoRA modules name modules this base does not have"
+            f"{shown}; is it a LoRA for another model (model.path={run.cfg.model.path or 'the digits base'})?"
+        )
+
+
+def _load_peft(module, folder: Path, adapter_name: str) -> None:
+    """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) onto ``module``."""
+    from peft import PeftConfig, set_peft_model_state_dict
+
+    from tuner.export import reading
+
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        pickled = [p for p in folder.iterdir() if p.suffix in reading.PICKLE_SUFFIXES]
+        if pickled and reading.is_pickle(pickled[0]):
+            reading.refuse_pickle(pickled[0])
+        if not pickled:
+            raise ConfigError(f"{folder}: adapter_config.json without adapter_model.safetensors beside it")
+        weights = pickled[0]  # a safetensors file under a .bin name
+    tensors, _ = reading.read_tensors(weights)
+    try:
+        config = PeftConfig.from_pretrained(folder)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"{folder / 'adapter_config.json'}: not a peft adapter config ({e})") from None
+    state = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
+    with _named_failures(weights, "a peft adapter"):
+        module.add_adapter(config, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(module, state, adapter_name=adapter_name)
+    unused = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "hada_" in k or "lokr_" in k]
+    if unused:
+        raise ConfigError(f"{weights}: {len(unused)} adapter tensors fit no module, e.g. {unused[:3]}")

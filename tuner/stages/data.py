@@ -1,0 +1,144 @@
+"""The data stages: the quickstart's synthetic subject, the prepared datasets (``data/<role>``), and the
+class images generated from the base for prior preservation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from tuner.data import digits
+from tuner.data.prepare import PrepareSettings, Source
+from tuner.data.prepare import prepare as prepare_sources
+from tuner.errors import ConfigError
+from tuner.files import atomic_dir, write_atomic
+from tuner.stages.context import Run, stage
+
+
+@stage(writes=("instance_images",))
+def subject(run: Run) -> None:
+    """Quickstart: write the synthetic subject as PNG files, the way a user's photos would arrive."""
+    s = run.cfg.subject
+    folder = run.dir / "instance_images"
+    if run.is_main:
+        with atomic_dir(folder) as tmp:  # a rerun with other subject settings leaves no stale images
+            digits.write_subject_images(tmp, s.digit, s.transform, s.count, s.seed, s.image_size)
+    run.wait()
+    run.cfg.data.instance_dir = str(folder)
+    run.outputs["instance"] = str(folder)
+
+
+def _prepare(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
+    """Prepare one role's dataset (``data/<role>``) from its folder plus the ``data.sources`` of that role.
+
+    Rank 0 prepares; the other ranks wait, then read the same dataset (a ConfigError reaches them all).
+    """
+    from tuner.distributed import decide
+
+    decide(run.accelerator, lambda: _prepare_here(run, role, folder, default_caption))
+
+
+def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
+    d = run.cfg.data
+    sources = [Source(folder)] if folder else []
+    for x in d.sources:
+        if x.role == role:
+            sources.append(Source(**{k: v for k, v in OmegaConf.to_container(x, resolve=True).items() if k != "role"}))
+    known = {f.name for f in dataclasses.fields(PrepareSettings)}
+    same_names = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k in known}
+    if role == "class":  # class images keep their class prompt: no trigger word, never rejected for no caption
+        same_names.update(trigger=None, caption_missing="default")
+    settings = PrepareSettings(**same_names, default_caption=default_caption or "", seed=run.cfg.seed)
+    out = run.dir / "data" / role
+    report = prepare_sources(sources, out, settings, desc=f"prepare {role}")
+    print(f"[tuner] {report.summary()}", flush=True)
+    for reason, files in report.rejected.items():
+        print(f"[tuner]   rejected ({reason}): {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
+    if not report.kept:
+        raise ConfigError(f"{report.source}: no usable {role} image (see {out / 'report.json'})")
+
+
+@stage(writes=("data", "report.json"))
+def prepare(run: Run) -> None:
+    """Validate and standardize the instance images into an Arrow dataset with a report."""
+    _prepare(run, "instance", run.cfg.data.instance_dir, run.cfg.data.instance_prompt)
+    # the run folder's report.json: every instance input with its status (the class data's is in data/class/)
+    if run.is_main:
+        write_atomic(run.dir / "report.json", (run.dir / "data" / "instance" / "report.json").read_text())
+    run.outputs["dataset"] = str(run.dir / "data" / "instance")
+    run.outputs["report"] = str(run.dir / "report.json")
+
+
+@stage(writes=("class_images", "data"))
+def class_images(run: Run) -> None:
+    """DreamBooth prior: generate class images from the base until the class folder holds enough.
+
+    With ``data.class_dir`` every image in it counts as a class image and missing ones are added to it.
+    Without, generated images go to ``class_images/<key>`` in the run folder, the key naming the prompt,
+    base model and sampling settings, so a changed prompt never reuses another prompt's images.
+    """
+    from PIL import Image
+
+    from tuner.distributed import decide
+    from tuner.sampling import to_uint8
+
+    d, s, prior = run.cfg.data, run.cfg.sample, run.cfg.prior
+    if not prior.enabled:
+        return
+    if d.class_dir:
+        folder = Path(d.class_dir).expanduser()
+    else:
+        what = [d.class_prompt, str(run.model_path), d.resolution, s.steps, s.guidance_scale, prior.seed]
+        folder = run.dir / "class_images" / hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
+
+    def missing_seeds() -> list[int]:
+        folder.mkdir(parents=True, exist_ok=True)
+        have = len([p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")])
+        # the next seeds whose files are not there yet: never overwrite, always make progress
+        free = (seed for seed in itertools.count(prior.seed) if not (folder / f"class_{seed:05d}.png").exists())
+        return list(itertools.islice(free, max(0, prior.num_class_images - have)))
+
+    # several processes: each generates its share of the seeds (files named by seed, so none collide)
+    a = run.accelerator
+    seeds = decide(a, missing_seeds)[a.process_index :: a.num_processes]
+    bar = tqdm(total=len(seeds), desc="class images", disable=not seeds or not run.is_main)
+    for start in range(0, len(seeds), prior.sample_batch_size):  # each batch is saved as soon as it exists
+        chunk = seeds[start : start + prior.sample_batch_size]
+        images = run.sample([d.class_prompt] * len(chunk), chunk, s.steps, s.guidance_scale)
+        for seed, array in zip(chunk, to_uint8(images)):
+            write_atomic(folder / f"class_{seed:05d}.png", Image.fromarray(array.numpy()))
+        bar.update(len(chunk))
+    bar.close()
+    run.wait()
+    _prepare(run, "class", str(folder), d.class_prompt)
+    run.outputs["class_images"] = str(folder)
+
+
+def images_of(dataset) -> list[torch.Tensor]:
+    """A prepared dataset's images as float tensors (3, H, W) in [-1, 1]; sizes differ with buckets."""
+    return [
+        torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for img in dataset["image"]
+    ]
+
+
+def latent_masks(dataset, latents) -> list[torch.Tensor] | None:
+    """Per-image loss masks (1, h, w) in [0, 1], area-averaged to each latent's grid; None when no image has one."""
+    if all(m is None for m in dataset["mask"]):
+        return None
+    masks = []
+    for i, mask in enumerate(dataset["mask"]):
+        size = latents.shape(i)[-2:]
+        if mask is None:
+            masks.append(torch.ones(1, *size))
+            continue
+        pixels = torch.from_numpy(np.array(mask.convert("L"))).float()[None, None] / 255.0
+        masks.append(torch.nn.functional.interpolate(pixels, size=size, mode="area")[0])
+    return masks

@@ -1,0 +1,187 @@
+"""The export stage (rank 0): the trained tensors, checked finite, written in every format of
+``export.formats`` (tuner/export/formats.py), with the model card and each file's sha256.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+
+import torch
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from tuner import run_folder
+from tuner.config import run_folder_of
+from tuner.data.prepare import load_prepared
+from tuner.errors import ConfigError
+from tuner.export.formats import FORMATS
+from tuner.stages.adapters import load_adapter
+from tuner.stages.context import Run, stage
+
+
+def _live_tokens(run: Run) -> dict[str, torch.Tensor]:
+    """Each new token's vectors (``<sks>`` plus diffusers' ``<sks>_1``, ... for more vectors), fp32 on the CPU."""
+    c = run.components
+    rows = run.accelerator.unwrap_model(c.text_encoder).get_input_embeddings().weight
+    vocab = c.tokenizer.get_vocab()
+    out = {}
+    for token in run.new_tokens:
+        extra = itertools.takewhile(lambda name: name in vocab, (f"{token}_{i}" for i in itertools.count(1)))
+        ids = [vocab[token]] + [vocab[name] for name in extra]
+        out[token] = rows[ids].detach().float().cpu().clone()
+    return out
+
+
+def _fp32_base(run: Run) -> dict[str, dict[str, torch.Tensor]]:
+    """The base's fp32 weights where the live modules hold frozen ones in a lower precision (mixed precision)."""
+    c = run.components
+    low = [name for name, m in c.modules().items() if any(p.dtype != torch.float32 for p in m.parameters())]
+    if not low:
+        return {}
+    fresh = run.family.load(run.model_path, allow_pickle=run.cfg.model.allow_pickle).modules()
+    return {name: fresh[name].state_dict() for name in low}
+
+
+def _export_info(run: Run, trained, name: str) -> dict:
+    """What the metadata and the model card say: the base, the trigger and the training settings.
+
+    Exporting a checkpoint (recipe=export), the settings come from the run folder the checkpoint sits in.
+    """
+    from importlib.metadata import version
+
+    from tuner.export.metadata import folder_hash, tag_frequency
+
+    cfg, source, source_dir = run.cfg, run.cfg, run.dir
+    if run.trainables is None:
+        source = None
+        checkpoint = cfg.checkpoint
+        for _ in range(4):  # an export of an export: follow the checkpoints back to the run that trained
+            folder = run_folder_of(checkpoint) if checkpoint else None
+            if folder is None:
+                break
+            config = OmegaConf.load(folder / "config.yaml")
+            if "train" in config.stages:
+                source, source_dir = config, folder
+                break
+            checkpoint = config.checkpoint
+    e = cfg.export
+    info = {
+        "name": name,
+        "base_name": str(run.model_path) if e.include_paths else run.model_path.name,
+        "base_hash": folder_hash(run.model_path),
+        "base_version": run.family.BASE_VERSION,
+        "architecture": f"{run.family.MODELSPEC_ARCHITECTURE}/{'lora' if trained.adapter else 'checkpoint'}",
+        "prediction_type": run.components.prediction_type,
+        "version": version("tuner"),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "description": f"trained with tuner {version('tuner')}" if source is not None else None,
+        "adapter": trained.adapter,
+        "tokens": list(trained.tokens),
+    }
+    if source is not None:
+        t, d = source.train, source.data
+        info.update(
+            resolution=d.resolution,
+            steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            unet_lr=t.learning_rate,
+            text_encoder_lr=(source.text_encoder.learning_rate or t.learning_rate)
+            if source.text_encoder.train != "none"
+            else None,
+            seed=source.seed,
+            batch_size=t.batch_size,
+            optimizer=t.optimizer,
+            lr_scheduler=t.lr_scheduler,
+            mixed_precision=t.mixed_precision,
+            noise_offset=t.noise_offset or None,
+            snr_gamma=t.snr_gamma,
+            rank=source.adapter.rank if trained.adapter else None,
+            alpha=source.adapter.alpha if trained.adapter else None,
+            adapter_type=source.adapter.type,
+            text_encoder=source.text_encoder.train,
+            trigger=", ".join(trained.tokens) or d.trigger or d.instance_prompt,
+            instance_prompt=d.instance_prompt,
+            started=getattr(run, "started", None) if source is cfg else None,
+            finished=time.strftime("%Y-%m-%dT%H:%M:%S%z") if source is cfg else None,
+        )
+        captions = {}
+        for role in ("instance", "class"):
+            if (source_dir / "data" / role / "dataset").is_dir():
+                captions[role] = list(load_prepared(source_dir / "data" / role)["caption"])
+        if captions:
+            info["tag_frequency"] = tag_frequency(captions)
+            info["num_images"] = len(captions.get("instance", []))
+            info["num_class_images"] = len(captions.get("class", [])) or None
+    return info
+
+
+@stage(main_only=True, writes=(*FORMATS, "README.md"))
+def export(run: Run) -> None:
+    """Write what trained (or what ``checkpoint=`` loaded) in every format of ``export.formats``.
+
+    See tuner/export/formats.py for the formats and what each holds; a format that cannot hold a
+    part (a kohya file cannot hold a DoRA adapter) says so and writes the rest. The run summary
+    lists every file written with its sha256; ``README.md`` in the run folder is the model card.
+    """
+    from tuner.export import formats
+    from tuner.export.card import write_model_card
+    from tuner.export.metadata import file_hashes, training_metadata
+
+    cfg, c, e = run.cfg, run.components, run.cfg.export
+    if run.trainables is None and cfg.checkpoint and "load_adapter" not in cfg.stages:
+        load_adapter(run)  # recipe=export checkpoint=PATH
+    what = run.trainables
+    base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
+    trained = formats.Trained(c, formats.adapter_kind(c), _live_tokens(run), base_weights)
+    parts = trained.parts
+    if not parts:
+        raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
+    formats.check_held(parts, e.formats)
+    formats.check_finite(trained)
+    name = e.name or run.dir.name
+    info = _export_info(run, trained, name)
+    metadata = training_metadata(info)
+    dtype = formats.DTYPES[e.dtype]
+    merged, written = None, []
+    for fmt in tqdm(e.formats, desc="export", leave=False):
+        folder = run.dir / fmt
+        held = parts & formats.HOLDS[fmt]
+        if not held:
+            print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
+            run_folder.remove(run.dir, fmt)  # an earlier run's files in this folder must not pass for this run's
+            continue
+        if parts - held:
+            print(f"[tuner] export {fmt}: without {', '.join(sorted(parts - held))} (another format holds it)")
+        if fmt == "diffusers":
+            formats.write_diffusers(trained, folder, run.family, dtype)
+        elif fmt == "kohya":
+            formats.write_kohya(trained, folder, name, run.family, dtype, metadata)
+        elif fmt == "peft":
+            formats.write_peft(trained, folder, dtype)
+        else:
+            if merged is None:
+                print("[tuner] export: fusing the adapter into the base weights", flush=True)
+                merged = formats.merged_components(trained, _fp32_base(run))
+            if fmt == "merged":
+                formats.write_merged(merged, folder, run.family, run.model_path, c.tokenizers, e.variant)
+            else:
+                vocab = {
+                    te: json.loads((run.model_path / te / "config.json").read_text())["vocab_size"]
+                    for te in c.text_encoders
+                }
+                single_dtype = formats.DTYPES[e.single_file_dtype]
+                formats.write_single_file(merged, folder, name, run.family, vocab, single_dtype, metadata)
+        written.append(folder)
+        run.outputs[fmt] = str(folder)
+    del merged
+    files = {}
+    for path in sorted(p for folder in written for p in folder.rglob("*") if p.is_file()):
+        sha256, model_hash = file_hashes(path)
+        files[str(path.relative_to(run.dir))] = {"bytes": path.stat().st_size, "sha256": sha256} | (
+            {"model_hash": model_hash} if model_hash else {}
+        )
+    run.files = files
+    card = write_model_card(run.dir / "README.md", info, files, cfg, run.family)
+    run.outputs["model_card"] = str(card)

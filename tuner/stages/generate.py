@@ -1,0 +1,94 @@
+"""The generate stage (recipe=generate): prompt-file jobs drawn with the base and its adapters, written as
+PNG files with A1111-style parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from tuner import run_folder
+from tuner.files import write_atomic
+from tuner.stages.adapters import load_checkpoint
+from tuner.stages.context import Run, stage
+
+
+@stage(main_only=True, writes=("images",))
+def generate(run: Run) -> None:
+    """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
+    for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generate.py.
+
+    Writes ``images/NNNN-seedS.png`` (the settings in the PNG's ``parameters`` text, as A1111 does),
+    ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``.
+    """
+    from tuner import generate as gen
+    from tuner.export.gallery import write_image_page
+
+    cfg, g = run.cfg, run.cfg.generate
+    jobs = gen.make_jobs(g, cfg.data.resolution)
+    names, weights = [], []
+    for k, a in enumerate(g.adapters):
+        name = f"adapter{k}"
+        loaded = load_checkpoint(run, Path(a.path).expanduser(), adapter_name=name)
+        print(f"[tuner] {name} = {a.path} at weight {a.weight}: {', '.join(loaded)}", flush=True)
+        if any(name in adapters for adapters in run.pipe.get_list_adapters().values()):  # not only embeddings
+            names.append(name)
+            weights.append(a.weight)
+    if names:
+        run.pipe.set_adapters(names, weights)
+    pipe = run.family.img2img(run.pipe) if g.init_image else run.pipe
+    folder, entries = run.dir / "images", []
+    run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
+    bar = tqdm(total=len(jobs), desc="generate")
+    for batch in gen.batches(jobs, g.batch_size):
+        first = batch[0][1]
+        pipe.scheduler = gen.scheduler(first.scheduler, run.components.noise_scheduler.config)
+        init, call = None, {}
+        if g.init_image:
+            init = gen.load_init_image(g.init_image, first.width, first.height)
+            call = {"image": init, "strength": g.strength}
+        images = run.sample_with(pipe, [j for _, j in batch], call)
+        for (i, job), image in zip(batch, gen.to_pil(images)):
+            image = gen.post_process(image, g.post, init)
+            settings = {**dataclasses.asdict(job), "adapters": [dict(a) for a in g.adapters]}
+            if g.init_image:
+                settings.update(init_image=Path(g.init_image).name, strength=g.strength)
+            name = f"{i:04d}-seed{job.seed}.png"
+            write_atomic(folder / name, _png_with_parameters(image, job, g.post.upscale))
+            entries.append({"file": name, **settings})
+        bar.update(len(batch))
+    bar.close()
+    write_atomic(folder / "images.jsonl", "".join(json.dumps(e) + "\n" for e in entries))
+    run.outputs["images"] = str(write_image_page(folder, entries))
+
+
+A1111_SAMPLERS = {
+    "ddim": "DDIM",
+    "ddpm": "DDPM",
+    "euler": "Euler",
+    "euler_a": "Euler a",
+    "dpm++": "DPM++ 2M",
+    "dpm++_karras": "DPM++ 2M Karras",
+    "pndm": "PLMS",
+}
+
+
+def _png_with_parameters(image, job, upscale: int) -> bytes:
+    """PNG bytes with A1111's ``parameters`` text chunk, so the settings travel with the image."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    text = job.prompt + (f"\nNegative prompt: {job.negative}" if job.negative else "")
+    text += (
+        f"\nSteps: {job.steps}, Sampler: {A1111_SAMPLERS[job.scheduler]}, CFG scale: {job.guidance}, "
+        f"Seed: {job.seed}, Size: {job.width}x{job.height}" + (f", Upscale: {upscale}" if upscale > 1 else "")
+    )
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -1,0 +1,209 @@
+"""The train stage: what trains (tuner/training/trainables.py), the frozen work done once (latents,
+caption embeddings), then the loop (tuner/training/loop.py), checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from tuner.data.prepare import load_prepared
+from tuner.errors import ConfigError
+from tuner.models.base import tree_map
+from tuner.stages.context import Run, cache_key, stage
+from tuner.stages.data import images_of, latent_masks
+
+
+def _resume_from(run: Run) -> Path | None:
+    """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
+    from tuner.training import checkpoints
+
+    if run.cfg.resume is None:
+        return None
+    if run.cfg.resume != "auto":
+        return Path(run.cfg.resume).expanduser()
+    return checkpoints.newest_intact(run.dir / "checkpoints")
+
+
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _channels_last_pays(cfg, accelerator, trained) -> bool:
+    """train.channels_last=null: on for float32 LoRA training on a CPU (faster there, see tools/bench.py)
+    when no convolution weight trains; not under peft's DoRA, LoHa and LoKr, whose convolution code
+    assumes the default layout."""
+    a = cfg.adapter
+    convs_train = any(p.dim() == 4 for p in trained)
+    layout_safe = a.type == "lora" and not a.use_dora and not convs_train
+    return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
+
+
+@stage(writes=("cache", "checkpoints", "logs", "validation"))
+def train(run: Run) -> None:
+    """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
+
+    Frozen work happens once, before the loop: images become latent distributions, captions become
+    embeddings (or token ids, when the text encoder runs in the step because it or a new token trains).
+    """
+    from tuner.distributed import decide
+    from tuner.models.objectives import LossSettings
+    from tuner.training import trainables
+    from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
+    from tuner.training.cache import shared as shared_cache
+    from tuner.training.checkpoints import Checkpointing
+    from tuner.training.loop import LoopSettings, timestep_weights, train_denoiser
+    from tuner.training.monitor import start as start_monitor
+
+    cfg, c, accelerator = run.cfg, run.components, run.accelerator
+    t = cfg.train
+    torch.manual_seed(cfg.seed)
+    what = trainables.setup(cfg, c, run.family)
+    run.base_weights_changed = what.base_weights_train or bool(what.new_tokens)
+    run.trainables = what
+    run.new_tokens += list(cfg.embedding.tokens)
+    if t.gradient_checkpointing:
+        c.denoiser.enable_gradient_checkpointing()
+        for te in c.text_encoders.values() if what.text_encoder_trains else ():  # transformers 5 renamed it
+            enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
+            enable()
+    if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
+        trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
+    if t.vae_dtype != "float32":
+        c.vae.to(getattr(torch, t.vae_dtype))
+
+    roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
+    loaded = []
+    caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
+    # frozen outputs are cached in the run folder, keyed by what they depend on (see tuner/training/cache.py)
+    depends = [str(run.model_path), accelerator.mixed_precision, t.vae_dtype]
+    for role, weight in roles:
+        if not (run.dir / "data" / role / "dataset").is_dir():
+            raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
+        dataset = load_prepared(run.dir / "data" / role)
+        data_key = (run.dir / "data" / role / "fingerprint").read_text()
+        images, desc = images_of(dataset), f"encode {role}" if run.is_main else None
+        latents = LatentCache.from_items(
+            shared_cache(
+                run.dir / "cache" / f"latents-{role}-{cache_key(data_key, *depends)}",
+                len(images),
+                lambda ids: encode_latent_dist(c.vae, [images[i] for i in ids], desc=desc).items(),  # noqa: B023
+                accelerator,
+            ),
+            c.vae.config.scaling_factor,
+            c.vae.config.get("shift_factor") or 0.0,
+        )
+        captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
+        per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), latent_masks(dataset, latents))
+        loaded.append((latents, captions, weight, *per_image, run.family.image_cond(dataset)))
+    d = cfg.data
+    texts = list(caption_ids) + [""]  # the empty caption last, for caption dropout
+    in_step = what.text_encoder_trains or d.shuffle_tags  # the text encoder runs in every training step
+    if in_step:
+        rows = run.family.tokenize(c, texts)
+    else:
+
+        def encode_rows(ids):
+            with accelerator.autocast():
+                rows = tree_map(lambda x: x.cpu(), run.family.encode_prompts(c, [texts[i] for i in ids]))
+            if isinstance(rows, torch.Tensor):
+                return [{"embeds": row} for row in rows]
+            return [{k: v[i] for k, v in rows.items()} for i in range(len(ids))]
+
+        folder = run.dir / "cache" / f"prompts-{cache_key(*texts, *depends)}"
+        items = shared_cache(folder, len(texts), encode_rows, accelerator)
+        rows = {k: torch.stack([item[k] for item in items]) for k in items[0]}
+        rows = rows["embeds"] if list(rows) == ["embeds"] else rows
+    cond = Captions(
+        texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
+    )
+    sets = [
+        SampleSet(latents, cond, captions, weight, mask, repeats, image_weight, image_cond=image_cond)
+        for latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
+    ]
+
+    learning_rate = t.learning_rate
+    if t.scale_lr:
+        scale = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+        learning_rate *= scale
+        for group in what.groups:
+            group["lr"] *= scale
+    loss = LossSettings(
+        kind=t.loss,
+        huber_delta=t.huber_delta,
+        snr_gamma=t.snr_gamma,
+        noise_offset=t.noise_offset,
+        input_perturbation=t.input_perturbation,
+        min_timestep=t.min_timestep,
+        max_timestep=t.max_timestep,
+        timestep_weights=timestep_weights(
+            c.noise_scheduler.config.num_train_timesteps,
+            t.timestep_bias,
+            t.timestep_bias_multiplier,
+            t.timestep_bias_portion,
+        ),
+    )
+    stop = cfg.text_encoder.stop_at
+    checkpointing = Checkpointing(
+        folder=run.dir / "checkpoints",
+        every=cfg.checkpoints.every,
+        keep=cfg.checkpoints.keep,
+        resume=decide(accelerator, lambda: _resume_from(run)),
+        data_state=lambda: [{"pending": s.sampler.pending, "epochs": s.sampler.epochs} for s in sets],
+        set_data_state=lambda state: [s.sampler.__dict__.update(x) for s, x in zip(sets, state)],
+        config=OmegaConf.to_yaml(cfg, resolve=True),
+    )
+    settings = LoopSettings(
+        steps=t.max_steps,
+        learning_rate=learning_rate,
+        lr_scheduler=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        log_every=t.log_every,
+        optimizer=t.optimizer,
+        loss=loss,
+        ema_decay=t.ema_decay,
+        text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
+        nonfinite=t.nonfinite,
+        profile=t.profile,
+        channels_last=_channels_last_pays(cfg, accelerator, what.params)
+        if t.channels_last is None
+        else t.channels_last,
+    )
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
+    try:
+        result = train_denoiser(
+            accelerator,
+            c.denoiser,
+            what.groups,
+            run.family.objective(c),
+            # train.batch_size is each process's: every rank draws the global batch and trains on its slice
+            next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
+            settings=settings,
+            seed=cfg.seed,
+            desc=f"train {', '.join(g['name'] for g in what.groups)}",
+            text_encoders=c.text_encoders if in_step else None,
+            encode=run.family.encode_ids,
+            checkpointing=checkpointing,
+            monitor=monitor,
+        )
+    finally:  # also when training stops: the logs so far are complete
+        monitor.finish()
+    if result.steps_run:
+        run.metrics["step_seconds"] = round(result.step_seconds / result.steps_run, 4)
+        run.metrics["samples_per_s"] = round(result.samples / result.step_seconds, 2)
+    if result.phases:  # the share of the steps' time each phase took
+        run.metrics["step_phases"] = {k: round(v / result.step_seconds, 3) for k, v in result.phases.items()}
+    run.metrics["train_loss"] = {"first": round(result.losses[0], 5), "last": round(result.losses[-1], 5)}
+    run.metrics["trained_parameters"] = sum(p.numel() for p in what.params)
+    run.metrics["epochs"] = sets[0].sampler.epochs  # of the instance images (started, counting the last)
+    if result.skipped:
+        run.metrics["skipped_steps"] = result.skipped
+        print(f"[tuner] train: skipped {result.skipped} micro-batches with a non-finite loss", flush=True)
+    if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
+        result.ema.copy_to(what.params)
+    if t.gradient_checkpointing:
+        c.denoiser.disable_gradient_checkpointing()
+    accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
