@@ -22,7 +22,7 @@ def quickstart(tmp_path_factory):
     return root, result
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """Chromium through playwright (the system one; never `playwright install`), or a skip saying why."""
     from tests.helpers import CHROMIUM, CHROMIUM_ARGS
