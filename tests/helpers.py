@@ -99,7 +99,7 @@ def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]"
     from omegaconf import OmegaConf
 
     from tuner.checks import validate
-    from tuner.config import compose
+    from tuner.compose import compose
     from tuner.runner import run_recipe
 
     AcceleratorState._reset_state(True)

@@ -5,7 +5,8 @@ from omegaconf import OmegaConf
 
 from tuner.__main__ import main
 from tuner.checks import validate
-from tuner.config import ConfigError, compose, list_recipes
+from tuner.compose import compose, list_recipes
+from tuner.errors import ConfigError
 
 NEEDS = {
     "dreambooth_lora": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],

@@ -210,8 +210,8 @@ def test_accelerate_launch_with_the_multi_gpu_config_runs_the_same_training(runs
 def test_deepspeed_and_fsdp_are_refused_naming_what_to_use_instead():
     from accelerate.utils import DistributedType
 
-    from tuner.config import ConfigError
     from tuner.distributed import check_engine
+    from tuner.errors import ConfigError
 
     for engine, name in ((DistributedType.DEEPSPEED, "DeepSpeed"), (DistributedType.FSDP, "FSDP")):
         with pytest.raises(ConfigError, match=f"set up for {name}.*MULTI_GPU"):

@@ -162,7 +162,7 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
     from safetensors.torch import save_file
 
     from tuner.checks import validate
-    from tuner.config import compose
+    from tuner.compose import compose
     from tuner.stages import entries
     from tuner.stages.context import Run
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from tests.helpers import PROMPT, train_in_process
 from tuner.checks import validate
-from tuner.config import ConfigError, compose
+from tuner.compose import compose
+from tuner.errors import ConfigError
 from tuner.runner import run_recipe
 
 SIZE = 16

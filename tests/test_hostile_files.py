@@ -300,7 +300,8 @@ def test_a_safetensors_file_named_bin_loads(capsys, trained, tiny_pipeline_dir, 
 
 def test_a_diverged_adapter_is_not_exported(trained, tiny_pipeline_dir, tmp_path):
     from tuner.checks import validate
-    from tuner.config import ConfigError, compose
+    from tuner.compose import compose
+    from tuner.errors import ConfigError
     from tuner.stages import entries
     from tuner.stages.adapters import load_adapter
     from tuner.stages.context import Run

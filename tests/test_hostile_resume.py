@@ -308,7 +308,7 @@ def test_config_differences_count_only_what_the_state_depends_on(tmp_path, monke
     import yaml
     from omegaconf import OmegaConf
 
-    from tuner.config import compose
+    from tuner.compose import compose
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "model").mkdir()

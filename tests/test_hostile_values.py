@@ -6,7 +6,8 @@ import pytest
 from tests.helpers import make_photos
 from tuner.__main__ import main
 from tuner.checks import validate
-from tuner.config import SEED_MAX, compose
+from tuner.compose import compose
+from tuner.config import SEED_MAX
 
 PROMPT = "a photo of sks ball"
 

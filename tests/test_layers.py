@@ -7,7 +7,8 @@ inside functions count the same as those at the top of a file.
     4  tuner.stages                                   one module per stage, listed in tuner/stages/__init__.py
     3  tuner.training, tuner.export, tuner.generate   the loop, export formats and reports, generation
     2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder
-    1  tuner.errors, tuner.files, tuner.config        errors, atomic files, the config schema
+    1  tuner.errors, tuner.files, tuner.config,       errors, atomic files, the config schema and
+       tuner.compose, tuner.numbers                   its composition, the rule table of its numbers
 
 A new module must be placed in the table: one that is not fails the test, naming it.
 """
@@ -23,6 +24,8 @@ LAYERS = {
     "tuner.errors": 1,
     "tuner.files": 1,
     "tuner.config": 1,
+    "tuner.compose": 1,
+    "tuner.numbers": 1,
     "tuner.data": 2,
     "tuner.models": 2,
     "tuner.distributed": 2,

@@ -147,7 +147,7 @@ def test_partial_unet_groups_carry_their_learning_rates(tmp_path, tiny_pipeline_
 
 
 def test_a_block_pattern_that_matches_nothing_is_named(tmp_path, tiny_pipeline_dir):
-    from tuner.config import ConfigError
+    from tuner.errors import ConfigError
 
     with pytest.raises(ConfigError, match="upblocks"):
         train_in_process(tmp_path, tiny_pipeline_dir, "adapter=partial_unet", "adapter.blocks=[{pattern:upblocks.*}]")
@@ -204,7 +204,7 @@ def test_a_fully_masked_out_image_teaches_nothing(tmp_path, tiny_pipeline_dir):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 autocast exists on GPUs")
 def test_fp16_on_cpu_is_refused_by_name(tmp_path, tiny_pipeline_dir):
-    from tuner.config import ConfigError
+    from tuner.errors import ConfigError
 
     with pytest.raises(ConfigError, match="train.mixed_precision=fp16"):
         train_in_process(tmp_path, tiny_pipeline_dir, "train.mixed_precision=fp16")

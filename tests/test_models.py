@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tuner.config import ConfigError
+from tuner.errors import ConfigError
 from tuner.models import get_family
 from tuner.models.tiny import char_tokenizer
 from tuner.training.loop import diffusion_loss

@@ -137,7 +137,8 @@ def test_logging_settings_are_checked_before_anything_loads(tmp_path, tiny_pipel
     import importlib.util
 
     from tuner.checks import validate
-    from tuner.config import ConfigError, compose
+    from tuner.compose import compose
+    from tuner.errors import ConfigError
 
     common = [f"model.path={tiny_pipeline_dir}", f"data.instance_dir={tmp_path}", f"data.instance_prompt={PROMPT}"]
     common.append("prior.enabled=false")

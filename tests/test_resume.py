@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from tests.helpers import make_photos, train_in_process
 from tuner.checks import validate
-from tuner.config import ConfigError, compose
+from tuner.compose import compose
+from tuner.errors import ConfigError
 
 # LoRA on the U-Net and text encoder, EMA, caption dropout, cosine schedule: every piece of state matters
 SETTINGS = [

@@ -31,7 +31,7 @@ def _known_keys(cfg, prefix: str = "") -> list[str]:
 
 def explain(error: Exception, recipe: str, overrides: list[str] = ()) -> str:
     """A config error as one readable message naming the key, with a suggestion where one fits."""
-    from tuner.config import compose
+    from tuner.compose import compose
 
     text = str(error)
     match = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
     overrides = [a for a in argv if not a.startswith("recipe=") and a != "print_config"]
     from tuner.checks import validate
-    from tuner.config import ConfigError, compose, list_recipes
+    from tuner.compose import compose, list_recipes
+    from tuner.errors import ConfigError
 
     if recipe is None or "-h" in argv or "--help" in argv:
         print("usage: python -m tuner [-m] recipe=NAME [key=value ...]")

@@ -10,19 +10,11 @@ with ``recipe=NAME``) and the user's ``key=value`` overrides, in that order.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-
-from tuner.errors import ConfigError
+from omegaconf import MISSING
 
 # conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
-_HERE = Path(__file__).resolve().parent
-_BASE = _HERE.parent if (_HERE.parent / "recipes").is_dir() else _HERE
-CONF_DIR = Path(os.environ.get("TUNER_CONF_DIR", _BASE / "conf"))
-RECIPES_DIR = Path(os.environ.get("TUNER_RECIPES_DIR", _BASE / "recipes"))
 
 
 @dataclass
@@ -446,79 +438,6 @@ ADAPTER_TYPES = ("lora", "loha", "lokr", "partial_unet", "full", "none")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "one_cycle")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-
-
-def _digit_word(k) -> str:
-    if str(k) not in [str(d) for d in range(10)]:
-        raise ValueError(f"${{digit_word:{k}}}: subject.digit must be 0..9")
-    return DIGIT_WORDS[int(k)]
-
-
-if not OmegaConf.has_resolver("digit_word"):
-    # recipes write prompts like "a photo of the digit ${digit_word:${subject.digit}}"
-    OmegaConf.register_new_resolver("digit_word", _digit_word)
-
-
-def list_recipes() -> dict[str, str]:
-    """Recipe names with the first line of each recipe's leading comment."""
-    recipes = {}
-    for path in sorted(RECIPES_DIR.glob("*.yaml")):
-        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
-        recipes[path.stem] = first.lstrip("# ").strip()
-    return recipes
-
-
-def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
-    """Compose the configuration of one recipe with the user's overrides.
-
-    Raises:
-        ConfigError: the recipe does not exist.
-        hydra.errors.HydraException / omegaconf errors: an unknown key or a value of the wrong type.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.config_store import ConfigStore
-
-    if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
-        known = ", ".join(list_recipes()) or "none"
-        raise ConfigError(f"unknown recipe {recipe!r}: {RECIPES_DIR} has {known}")
-    ConfigStore.instance().store(name="tuner_schema", node=TunerConfig)
-    # recipes/ is searched as a config root, so `recipes` is a config group of _global_ presets
-    search = f"hydra.searchpath=[file://{RECIPES_DIR.parent}]"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            "config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or [])
-        )
-    cfg.recipe = recipe
-    _inherit_model(cfg, list(overrides or []))
-    return cfg
-
-
-def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
-    """With ``checkpoint=`` (or a generate adapter) inside a tuner run and no model chosen, take that run's
-    base model and resolution; keys the user set stay as set."""
-    first = cfg.checkpoint or next((a.path for a in cfg.generate.adapters), None)
-    if not first or cfg.model.path or cfg.model.builtin:
-        return
-    folder = run_folder_of(first)
-    if folder is not None:
-        source = OmegaConf.load(folder / "config.yaml")
-        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
-        for group in ("model", "base"):
-            for key, value in source[group].items():
-                if f"{group}.{key}" not in given:
-                    cfg[group][key] = value
-        if "data.resolution" not in given:
-            cfg.data.resolution = source.data.resolution
-
-
-def run_folder_of(path: str | Path) -> Path | None:
-    """The tuner run folder ``path`` is (or lies in, up to three levels down), recognised by its config and summary."""
-    path = Path(path).expanduser().resolve()
-    for folder in [path, *path.parents][:4]:
-        if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
-            return folder
-    return None
 
 
 # the largest seed torch.Generator.manual_seed takes

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tuner import run_folder
 from tuner.checks import validate
-from tuner.config import compose
+from tuner.compose import compose
 from tuner.errors import ConfigError
 from tuner.files import write_atomic
 

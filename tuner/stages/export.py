@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from tuner import run_folder
-from tuner.config import run_folder_of
+from tuner.compose import run_folder_of
 from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
 from tuner.export.formats import FORMATS
