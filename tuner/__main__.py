@@ -97,7 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a not in ("-m", "--multirun")]
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
     overrides = [a for a in argv if not a.startswith("recipe=") and a != "print_config"]
-    from tuner.checks import validate
     from tuner.compose import compose, list_recipes
     from tuner.errors import ConfigError
 
@@ -126,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             print(OmegaConf.to_yaml(cfg, resolve=True))
             return 0
         _hide_unused_integrations(cfg)
+        from tuner.checks import validate  # imports the stages (torch, diffusers): only for a run
+
         validate(cfg)
     except ConfigError as e:
         print(f"tuner: config error: {e}", file=sys.stderr)
