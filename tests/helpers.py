@@ -90,7 +90,7 @@ SMALL = [
 PROMPT = "a photo of sks ball"
 
 
-def train_in_process(tmp_path, tiny, *overrides, stages="[prepare,train,export]", name="run", unchecked=None):
+def train_in_process(tmp_path, tiny, *overrides, stages="[base,prepare,train,export]", name="run", unchecked=None):
     """The lora recipe on the tiny pipeline, in this process (3 steps, no validation samples, no TensorBoard),
     with the given overrides.
 

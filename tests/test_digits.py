@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from tuner.data import digits
+from tuner.digits import data as digits
 
 
 def test_captions_name_the_digit_in_words():

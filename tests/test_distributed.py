@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import make_photos
 from tuner.training.batches import Batch, merge_by_shape
-from tuner.training.checkpoints import find
+from tuner.training.checkpoint_files import find
 
 pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 
@@ -92,7 +92,7 @@ def runs(tmp_path_factory, tiny_pipeline_dir):
         "train.learning_rate=5e-2",
         "train.max_steps=30",
         "train.log_every=5",
-        "stages=[prepare,class_images,train,export]",
+        "stages=[base,prepare,class_images,train,export]",
         "export.formats=[diffusers]",
     ]
     two = torchrun([*args, "train.batch_size=2", f"output_dir={tmp / 'two'}"], tmp, "two")

@@ -58,7 +58,7 @@ def test_dreambooth_lora_exports_reload_through_the_family_pipeline(tmp_path, ti
         "train.learning_rate=5e-2",
         "export.formats=[diffusers]",
         *(["model.max_sequence_length=32"] if name in ("flux", "sd3") else []),
-        stages="[prepare,train,export]",
+        stages="[base,prepare,train,export]",
     )
     family = run.family
     assert type(family).__name__.lower() == name.replace("sd2", "sd2")
@@ -163,7 +163,7 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
 
     from tuner.checks import validate
     from tuner.compose import compose
-    from tuner.stages import entries
+    from tuner.runner import BUILTINS, entries, run_stage
     from tuner.stages.context import Run
 
     folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="sd15") if name == "sd15" else tiny(name)
@@ -179,16 +179,18 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
             [f"model={name}", "data.resolution=32", f"home={tmp_path / 'home'}", "generate.prompts=[x]", *overrides],
         )
         validate(cfg)
-        return Run(cfg, entries(cfg))
+        run = Run(cfg, entries(cfg), BUILTINS)
+        run_stage(run, "base")
+        return run
 
     with pytest.raises(Exception, match="model.config"):
         run_of(f"model.path={file}", f"output_dir={tmp_path / 'x'}")
     from_file = run_of(f"model.path={file}", f"model.config={folder}", f"output_dir={tmp_path / 'a'}")
-    assert from_file.model_path.parent == tmp_path / "home" / "single_file"
+    assert from_file.base.parent == tmp_path / "home" / "single_file"
     from_folder = run_of(f"model.path={folder}", f"output_dir={tmp_path / 'b'}")
     a = from_file.sample([PROMPT], [0], steps=3, guidance=3.0)
     b = from_folder.sample([PROMPT], [0], steps=3, guidance=3.0)
     assert a.std() > 0.01
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     again = run_of(f"model.path={file}", f"model.config={folder}", f"output_dir={tmp_path / 'c'}")
-    assert again.model_path == from_file.model_path  # converted once
+    assert again.base == from_file.base  # converted once

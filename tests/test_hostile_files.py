@@ -302,22 +302,21 @@ def test_a_diverged_adapter_is_not_exported(trained, tiny_pipeline_dir, tmp_path
     from tuner.checks import validate
     from tuner.compose import compose
     from tuner.errors import ConfigError
-    from tuner.stages import entries
-    from tuner.stages.adapters import load_adapter
+    from tuner.runner import entries, run_stage
     from tuner.stages.context import Run
-    from tuner.stages.export import export
 
     AcceleratorState._reset_state(True)
     cfg = compose("export", [f"model.path={tiny_pipeline_dir}", f"checkpoint={trained}", f"output_dir={tmp_path / 'o'}",
-                             "export.formats=[diffusers,kohya]", "stages=[load_adapter,export]"])  # fmt: skip
+                             "export.formats=[diffusers,kohya]", "stages=[base,load_adapter,export]"])  # fmt: skip
     validate(cfg)
     run = Run(cfg, entries(cfg))
-    load_adapter(run)
+    run_stage(run, "base")
+    run_stage(run, "load_adapter")
     with torch.no_grad():
         layer = next(m for n, m in run.components.unet.named_modules() if n.endswith("to_q") and hasattr(m, "lora_B"))
         next(iter(layer.lora_B.values())).weight[0, 0] = float("nan")
     with pytest.raises(ConfigError, match=r"unet\..*to_q.*lora_B.* NaN or infinite"):
-        export(run)
+        run_stage(run, "export")
     assert not (run.dir / "diffusers").exists() and not (run.dir / "kohya").exists()
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import PROMPT, train_in_process
 from tuner.__main__ import main
-from tuner.training import checkpoints
+from tuner.training import checkpoint_files, checkpoints
 
 SETTINGS = [
     "adapter.rank=4",
@@ -37,7 +37,7 @@ def trained(tmp_path_factory, tiny_pipeline_dir):
     """The run folder of 6 steps with checkpoints at 2, 4 and 6, and the arguments that made it."""
     tmp = tmp_path_factory.mktemp("hostile")
     run = train_in_process(tmp, tiny_pipeline_dir, *SETTINGS, "checkpoints.every=2", "checkpoints.keep=3")
-    assert [p.name for p in checkpoints.find(run.dir / "checkpoints")] == [
+    assert [p.name for p in checkpoint_files.find(run.dir / "checkpoints")] == [
         "step-0000002",
         "step-0000004",
         "step-0000006",
@@ -51,7 +51,7 @@ def trained(tmp_path_factory, tiny_pipeline_dir):
         "train.batch_size=2",
         "train.learning_rate=1e-2",
         "train.log_every=1",
-        "stages=[prepare,train,export]",
+        "stages=[base,prepare,train,export]",
         *SETTINGS,
         "checkpoints.every=2",
         "checkpoints.keep=3",
@@ -168,7 +168,7 @@ def test_settings_that_may_change_on_resume_are_not_refused(trained, copy):
     )
     assert code == 0, err[-3000:]
     assert f"resumed from {step(folder, 4)} at step 4 of 8" in out
-    assert checkpoints.find(folder / "checkpoints")[-1].name == "step-0000008"
+    assert checkpoint_files.find(folder / "checkpoints")[-1].name == "step-0000008"
     assert torch.load(step(folder, 8) / "state.pt", weights_only=True)["step"] == 8
 
 
@@ -232,7 +232,7 @@ def test_auto_skips_a_damaged_newest_checkpoint_and_keeps_it(trained, copy):
     assert f"resumed from {step(folder, 4)} at step 4 of 6" in out
     kept = damaged.with_name("step-0000006.damaged")
     assert digest(kept) == before  # never deleted, never written over
-    assert [p.name for p in checkpoints.find(folder / "checkpoints")] == [f"step-000000{n}" for n in (2, 4, 6)]
+    assert [p.name for p in checkpoint_files.find(folder / "checkpoints")] == [f"step-000000{n}" for n in (2, 4, 6)]
     losses = [json.loads((f / "summary.json").read_text())["metrics"]["train_loss"] for f in (folder, source)]
     assert losses[0] == losses[1]
     resumed = load_file(folder / "diffusers" / "pytorch_lora_weights.safetensors")
@@ -298,10 +298,10 @@ def test_damage_finds_bytes_appended_to_the_tensors_file(trained, tmp_path):
     source, _ = trained
     checkpoint = tmp_path / "step-0000004"
     shutil.copytree(step(source, 4), checkpoint)
-    assert checkpoints.damage(checkpoint) is None
+    assert checkpoint_files.damage(checkpoint) is None
     file = checkpoint / "trained.safetensors"
     file.write_bytes(file.read_bytes() + b"\0")
-    assert checkpoints.damage(checkpoint)[1].startswith("is damaged")
+    assert checkpoint_files.damage(checkpoint)[1].startswith("is damaged")
 
 
 def test_config_differences_count_only_what_the_state_depends_on(tmp_path, monkeypatch):

@@ -3,8 +3,8 @@ layer or the ones below, never above, and no chain of imports comes back to wher
 inside functions count the same as those at the top of a file.
 
     6  tuner.__main__, tuner.sweep, tuner.checks     the command line, sweeps, the checks of a whole config
-    5  tuner.runner                                   runs a recipe's stages in order
-    4  tuner.stages                                   one module per stage, listed in tuner/stages/__init__.py
+    5  tuner.runner                                   the registry of stages; runs a recipe's stages in order
+    4  tuner.stages, tuner.digits                     one module per stage; the embedded digits demo's wing
     3  tuner.training, tuner.export, tuner.generate   the loop, export formats and reports, generation
     2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder
     1  tuner.errors, tuner.files, tuner.config,       errors, atomic files, the config schema and
@@ -35,6 +35,7 @@ LAYERS = {
     "tuner.export": 3,
     "tuner.generate": 3,
     "tuner.stages": 4,
+    "tuner.digits": 4,
     "tuner.runner": 5,
     "tuner.checks": 6,
     "tuner.sweep": 6,
@@ -147,3 +148,10 @@ def test_function_level_imports_count(tmp_path):
     file = tmp_path / "m.py"
     file.write_text("def f():\n    from tuner.runner import run_recipe\n")
     assert imports(file, {"tuner.runner": file}) == {"tuner.runner"}
+
+
+def test_the_core_does_not_know_the_digits_demo():
+    """The embedded digits demo is one wing: only the runner's registry imports it (its stages, its base)."""
+    outside = {m: edges for m, edges in graph().items() if not m.startswith("tuner.digits")}
+    knowing = sorted(m for m, edges in outside.items() if any(e.startswith("tuner.digits") for e in edges))
+    assert knowing == ["tuner.runner"]

@@ -14,7 +14,7 @@ sd15 = get_family("sd15")
 def assert_only_trained_changed(run, tiny, new_rows=()):
     """Every tensor the run did not train is bit-identical to the base on disk; each group trained something."""
     base = sd15.load(tiny)
-    trained = {id(p) for p in run.trainables.params}
+    trained = {id(p) for p in run.adapted.trainables.params}
     for module in ("unet", "text_encoder", "vae"):
         reference = dict(getattr(base, module).named_parameters())
         for name, param in getattr(run.components, module).named_parameters():
@@ -22,7 +22,7 @@ def assert_only_trained_changed(run, tiny, new_rows=()):
                 continue
             assert torch.equal(param, reference[name.replace(".base_layer", "")]), f"{module}.{name} changed"
     fresh = dict(base.unet.named_parameters()) | {f"te.{k}": v for k, v in base.text_encoder.named_parameters()}
-    for group in run.trainables.groups:
+    for group in run.adapted.trainables.groups:
         names = {id(p): n for n, p in run.components.unet.named_parameters()}
         names |= {id(p): f"te.{n}" for n, p in run.components.text_encoder.named_parameters()}
         changed = [
@@ -45,7 +45,7 @@ def reload(run, tiny):
     from diffusers import StableDiffusionPipeline
     from peft import PeftModel
 
-    if run.trainables.base_weights_train:  # the whole model, fused
+    if run.adapted.trainables.base_weights_train:  # the whole model, fused
         return StableDiffusionPipeline.from_pretrained(run.dir / "merged")
     pipe = StableDiffusionPipeline.from_pretrained(tiny)
     folder = run.dir / "diffusers"
@@ -137,12 +137,12 @@ def test_partial_unet_groups_carry_their_learning_rates(tmp_path, tiny_pipeline_
         "adapter.blocks=[{pattern:up_blocks.*.attentions.*,lr:2e-3},{pattern:mid_block.*}]",
         "train.max_steps=1",
     )
-    groups = {g["name"]: g for g in run.trainables.groups}
+    groups = {g["name"]: g for g in run.adapted.trainables.groups}
     assert groups["unet up_blocks.*.attentions.*"]["lr"] == 2e-3
     assert groups["unet mid_block.*"]["lr"] == 1e-2  # null: train.learning_rate
     names = {id(p): n for n, p in run.components.unet.named_parameters()}
     assert all(".attentions." in names[id(p)] for p in groups["unet up_blocks.*.attentions.*"]["params"])
-    trained = {names[id(p)] for g in run.trainables.groups for p in g["params"]}
+    trained = {names[id(p)] for g in run.adapted.trainables.groups for p in g["params"]}
     assert trained and all(n.startswith(("up_blocks", "mid_block")) for n in trained)
 
 
@@ -162,7 +162,7 @@ def test_bf16_keeps_trained_weights_fp32_and_matches_fp32_losses(tmp_path, tiny_
         "train.max_steps=2",
         "train.mixed_precision=bf16",
         name="bf16",
-        stages="[prepare,train,export,gallery]",
+        stages="[base,prepare,train,export,gallery]",
     )
     unet = bf16.components.unet
     dtypes = {("lora_" in n, p.dtype) for n, p in unet.named_parameters()}
@@ -229,7 +229,7 @@ def test_load_adapter_brings_back_the_trained_model(tmp_path, tiny_pipeline_dir,
         tiny_pipeline_dir,
         *LOAD_CASES[case],
         f"checkpoint={trained.dir}",  # a run folder: its diffusers/ export, else peft/
-        stages="[load_adapter]",
+        stages="[base,load_adapter]",
         name="loaded",
     )
     got = image_of(loaded, trained.cfg.data.instance_prompt)
@@ -250,7 +250,7 @@ def test_trigger_word_goes_to_instance_captions_only(tmp_path, tiny_pipeline_dir
         "prior.num_class_images=2",
         "sample.steps=2",
         "train.max_steps=1",
-        stages="[prepare,class_images,train]",
+        stages="[base,prepare,class_images,train]",
     )
     assert set(load_prepared(run.dir / "data" / "instance")["caption"]) == {"sks, a photo of a ball"}
     assert set(load_prepared(run.dir / "data" / "class")["caption"]) == {"a photo of a ball"}

@@ -22,7 +22,7 @@ def train_args(photos, out, *extra):
         f"data.instance_dir={photos}",
         f"data.instance_prompt={PROMPT}",
         "prior.enabled=false",
-        "stages=[prepare,train,export]",
+        "stages=[base,prepare,train,export]",
         "export.formats=[diffusers]",
         "train.max_steps=4",
         "train.batch_size=2",

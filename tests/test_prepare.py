@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuner.data.prepare import PrepareSettings, load_prepared, prepare_folder
+from tuner.data.images import PrepareSettings
+from tuner.data.prepare import load_prepared, prepare_folder
 
 
 def _png(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:

@@ -118,7 +118,7 @@ def cli_runs(tmp_path_factory, tiny_pipeline_dir):
         "data.instance_prompt=a photo of sks ball",
         "train.max_steps=60",
         "train.learning_rate=1e-2",
-        "stages=[prepare,train,export]",
+        "stages=[base,prepare,train,export]",
         *SETTINGS,
     ]
     whole = tuner([*args, f"output_dir={tmp / 'whole'}"], tmp / "home", tmp)
@@ -141,7 +141,7 @@ def test_sigkill_at_a_random_step_then_resume_auto_three_times(cli_runs):
         time.sleep(0.05 * (kill_after % 7))  # somewhere in the steps after it
         process.send_signal(signal.SIGKILL)
         process.communicate()
-        from tuner.training.checkpoints import find
+        from tuner.training.checkpoint_files import find
 
         newest = find(run / "checkpoints")[-1]
         resumed_at.append(int(newest.name.split("-")[1]))
@@ -166,7 +166,7 @@ def test_sigterm_saves_exits_zero_and_prints_the_resume_command(cli_runs):
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-3000:]
     assert "resume with:" in err and "resume=auto" in err and f"output_dir={run}" in err
-    from tuner.training.checkpoints import find
+    from tuner.training.checkpoint_files import find
 
     last = find(run / "checkpoints")[-1]
     assert int(last.name.split("-")[1]) >= 10 and not (run / "diffusers").exists()
@@ -179,7 +179,7 @@ def test_sigterm_saves_exits_zero_and_prints_the_resume_command(cli_runs):
 
 
 def test_resume_settings_are_checked_before_anything_loads(tmp_path, tiny_pipeline_dir):
-    common = [f"model.path={tiny_pipeline_dir}", f"data.instance_dir={tmp_path}", "stages=[prepare,train,export]"]
+    common = [f"model.path={tiny_pipeline_dir}", f"data.instance_dir={tmp_path}", "stages=[base,prepare,train,export]"]
     with pytest.raises(ConfigError, match="output_dir"):
         validate(compose("lora", [*common, "resume=auto"]))
     with pytest.raises(ConfigError, match="not a checkpoint"):

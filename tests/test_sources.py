@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from tuner.data.buckets import BucketSampler, BucketSettings, assign, bucket_sizes
-from tuner.data.prepare import PrepareSettings, Source, load_prepared, prepare
+from tuner.data.images import PrepareSettings
+from tuner.data.prepare import Source, load_prepared, prepare
 
 
 def _png(size, color=(200, 10, 10)) -> bytes:

@@ -117,7 +117,7 @@ def tuner_command(args, model: Path, data: Path, out: Path) -> list[str]:
     return [
         sys.executable, "-m", "tuner", f"recipe={args.recipe}", "model=sd15", f"model.path={model}",
         f"data.instance_dir={data}", f"data.instance_prompt={args.prompt}", f"data.resolution={args.resolution}",
-        "prior.enabled=false", "stages=[prepare,train,export]", f"train.max_steps={args.steps}",
+        "prior.enabled=false", "stages=[base,prepare,train,export]", f"train.max_steps={args.steps}",
         f"train.batch_size={args.batch}", f"train.learning_rate={args.lr}", f"adapter.rank={args.rank}",
         f"adapter.alpha={args.rank}", "adapter.targets=attn", "export.formats=[diffusers]",
         f"train.log_every={max(1, args.steps // 5)}", "validation.every=0", f"output_dir={out}", *args.tuner_args,

@@ -63,6 +63,10 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
         )
     cfg.recipe = recipe
     _inherit_model(cfg, list(overrides or []))
+    if cfg.resume not in (None, "auto") and not cfg.output_dir:  # resume=PATH: the checkpoint's own run folder
+        checkpoint = Path(cfg.resume).expanduser().resolve()
+        if (checkpoint / "state.pt").is_file():
+            cfg.output_dir = str(checkpoint.parent.parent)
     return cfg
 
 

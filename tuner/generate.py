@@ -86,6 +86,31 @@ def read_prompt_file(path: Path) -> list[tuple[str, dict, str]]:
     return out
 
 
+def check(cfg) -> None:
+    """``generate``'s settings, before anything loads: prompts, sizes, files, and every prompt line.
+
+    Raises:
+        ConfigError: naming the key (or the prompt file's line) and the fix.
+    """
+    g = cfg.generate
+    if not g.prompts and not g.prompt_file:
+        raise ConfigError(
+            'generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file=FILE'
+        )
+    for key in ("width", "height"):
+        if g[key] is not None and (g[key] < 8 or g[key] % 8):
+            raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")
+    if g.post.color_correct and not g.init_image:
+        raise ConfigError("generate.post.color_correct matches colours to generate.init_image: set one, or turn it off")
+    for k, a in enumerate(g.adapters):
+        if not Path(a.path).expanduser().exists():
+            raise ConfigError(f"generate.adapters[{k}].path={a.path}: no such file or folder")
+    for key in ("prompt_file", "init_image"):
+        if g[key] and not Path(g[key]).expanduser().is_file():
+            raise ConfigError(f"generate.{key}={g[key]}: no such file")
+    make_jobs(g, cfg.data.resolution)  # every prompt line checked before anything loads
+
+
 def make_jobs(g, resolution: int) -> list[Job]:
     """The images ``generate.*`` asks for, in order: each prompt ``images_per_prompt`` times.
 

@@ -1,7 +1,8 @@
 """A run: one folder, the stages of one recipe, in order.
 
-A recipe (``recipes/NAME.yaml``) lists its ``stages``; ``tuner/stages/__init__.py`` names each. With several
-processes every rank runs the stages that need them all; rank 0 alone runs the others.
+A recipe (``recipes/NAME.yaml``) lists its ``stages``; ``STAGES`` below names every stage it may list, in
+the order a training recipe runs them. With several processes every rank runs the stages that need them
+all; rank 0 alone runs the others.
 """
 
 from __future__ import annotations
@@ -9,12 +10,39 @@ from __future__ import annotations
 import json
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tuner import run_folder
+from tuner import distributed, run_folder
+from tuner.digits import base as digits_base
+from tuner.digits import stages as digits
 from tuner.files import write_atomic
-from tuner.stages import STAGES, entries
-from tuner.stages.context import Run
+from tuner.stages import adapters, base, data, export, gallery, generate, train
+from tuner.stages.context import Builtin, Exported, Run
+
+STAGES = {
+    fn.__name__: fn
+    for fn in (
+        base.base,
+        digits.subject,  # the quickstart's synthetic subject
+        data.prepare,
+        data.class_images,
+        train.train,
+        adapters.load_adapter,
+        export.export,
+        gallery.gallery,
+        digits.evaluate,  # the digits base: subject fidelity, class preservation
+        digits.evaluate_base,  # recipe=digits_base: the base's own per-digit score
+        generate.generate,
+    )
+}
+
+# the embedded bases ``model.builtin`` may name (model=digits): built once, cached under $TUNER_HOME
+BUILTINS = {"digits": Builtin(digits_base.ensure, digits_base.check)}
+
+
+def entries(cfg: DictConfig) -> tuple[str, ...]:
+    """Every entry of the run folder that the stages of ``cfg`` may write (the manifest lists them)."""
+    return tuple(sorted({name for s in cfg.stages if s in STAGES for name in STAGES[s].writes}))
 
 
 def run_recipe(cfg: DictConfig) -> Run:
@@ -24,9 +52,7 @@ def run_recipe(cfg: DictConfig) -> Run:
     training); rank 0 alone runs the others (export, gallery, evaluate, generate). Once no stage
     left needs them, the other ranks are done and exit.
     """
-    from tuner import distributed
-
-    run = Run(cfg, entries(cfg))
+    run = Run(cfg, entries(cfg), BUILTINS)
     start = time.time()
     stages = list(cfg.stages)
     last_shared = max((i for i, name in enumerate(stages) if not STAGES[name].main_only), default=-1)
@@ -42,25 +68,32 @@ def run_recipe(cfg: DictConfig) -> Run:
             print(f"[tuner] stage {name}", flush=True)
         if STAGES[name].main_only:
             if run.is_main:
-                STAGES[name](run)
+                run_stage(run, name)
             if i < last_shared:  # a later stage on every rank may read what this one wrote
                 run.wait()
         else:
-            STAGES[name](run)
+            run_stage(run, name)
         run.metrics.setdefault("seconds", {})[name] = round(time.time() - t, 1)
     if not run.is_main:
         return run
     run.metrics["seconds"]["total"] = round(time.time() - start, 1)
-    write_atomic(run.dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))  # with what stages filled in
     summary = {"recipe": cfg.recipe, "run_dir": str(run.dir), "outputs": run.outputs, "metrics": run.metrics}
     if run.accelerator.num_processes > 1:
         summary["processes"] = run.accelerator.num_processes
-    if run.files:
-        summary["files"] = run.files
+    if Exported in run.results:
+        summary["files"] = run.result(Exported).files
     write_atomic(run.dir / "summary.json", json.dumps(summary, indent=2))
     run_folder.finish(run.dir)
     print(format_summary(summary), flush=True)
     return run
+
+
+def run_stage(run: Run, name: str) -> object:
+    """Run one stage; its result (if any) is kept for the stages after it, by its type (``Run.result``)."""
+    result = STAGES[name](run)
+    if result is not None:
+        run.results[type(result)] = result
+    return result
 
 
 def format_summary(summary: dict) -> str:

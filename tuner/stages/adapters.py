@@ -7,21 +7,38 @@ from __future__ import annotations
 import contextlib
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 from tuner.errors import ConfigError
-from tuner.stages.context import Run, stage
+from tuner.stages.context import Adapted, Run, stage
 
 
-@stage(main_only=True)
-def load_adapter(run: Run) -> None:
+def _check_load_adapter(cfg) -> None:
+    if not cfg.checkpoint or not Path(cfg.checkpoint).expanduser().exists():
+        raise ConfigError(
+            f"checkpoint={cfg.checkpoint}: pass a run folder, an export folder (diffusers/, kohya/, peft/) "
+            "or an adapter file, e.g. checkpoint=runs/lora-20260101-120000"
+        )
+
+
+@stage(main_only=True, after=("base",), check=_check_load_adapter)
+def load_adapter(run: Run) -> Adapted:
     """Load an adapter made by tuner or another trainer (``checkpoint=PATH``) onto the base."""
     path = Path(run.cfg.checkpoint).expanduser()
     loaded = load_checkpoint(run, path)
-    print(f"[tuner] loaded {', '.join(loaded)} from {path}", flush=True)
+    print(f"[tuner] loaded {', '.join(loaded.names)} from {path}", flush=True)
     run.outputs["checkpoint"] = str(path)
+    return Adapted(None, tuple(loaded.tokens), base_weights_changed=bool(loaded.tokens))
 
 
-def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> list[str]:
+class Loaded(NamedTuple):
+    """What ``load_checkpoint`` put on the pipeline: the files and folders, and the new tokens in order."""
+
+    names: list[str]
+    tokens: list[str]
+
+
+def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> Loaded:
     """Load what ``path`` holds onto the run's pipeline; returns what was loaded.
 
     ``path`` may be a run folder (its diffusers/ export, else peft/, else kohya/), a format folder
@@ -36,10 +53,10 @@ def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> li
         if (path / "diffusers" / "pytorch_lora_weights.safetensors").is_file():
             folders = [path / "diffusers"]
         folders = folders or [path / "kohya"]
-    loaded = []
+    loaded = Loaded([], [])
     for folder in folders:
-        loaded += _load_folder(run, folder, adapter_name)
-    if not loaded:
+        _load_folder(run, folder, adapter_name, loaded)
+    if not loaded.names:
         raise ConfigError(
             f"{path}: no adapter in it (a LoRA or embedding .safetensors, a diffusers/, kohya/ or peft/ "
             "folder, or a run folder)"
@@ -58,10 +75,9 @@ def _candidates(path: Path) -> list[Path]:
     return files or sorted(p for p in path.iterdir() if p.is_file() and p.suffix in PICKLE_SUFFIXES)
 
 
-def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
+def _load_folder(run: Run, path: Path, adapter_name: str | None, loaded: Loaded) -> None:
     from tuner.export import reading
 
-    loaded = []
     for file in _candidates(path):
         tensors, meta = reading.read_tensors(file)
         keys = list(tensors)
@@ -79,14 +95,12 @@ def _load_folder(run: Run, path: Path, adapter_name: str | None) -> list[str]:
                 raise ConfigError(f"{file}: its token {token} is in the vocabulary already (another adapter's?)")
             with _named_failures(file, "an embedding"):
                 run.pipe.load_textual_inversion(file, token=token)
-            run.new_tokens.append(token)
-            run.base_weights_changed = True
-        loaded.append(file.name)
+            loaded.tokens.append(token)
+        loaded.names.append(file.name)
     for component, module in run.components.trainable().items():
         if (path / component / "adapter_config.json").is_file():
             _load_peft(module, path / component, adapter_name or "default")
-            loaded.append(f"{component} (peft)")
-    return loaded
+            loaded.names.append(f"{component} (peft)")
 
 
 @contextlib.contextmanager

@@ -1,39 +1,59 @@
-"""The base stages: resolve the base model (building the embedded digits base when it is the one), and
-score the digits base per digit.
+"""The base stage: resolve the base model's diffusers folder, the one every later stage loads.
+
+``model.path`` is a diffusers folder (checked against the family), or a single-file checkpoint
+converted once by diffusers' own loader and kept under $TUNER_HOME/single_file/; with no path,
+``model.builtin`` names an embedded base (``tuner.runner.BUILTINS``: the digits demo's), built once
+and cached.
 """
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
-import numpy as np
-
-from tuner.data import digits
-from tuner.files import write_atomic
-from tuner.stages.context import Run, stage
-
-
-@stage
-def base(run: Run) -> None:
-    """Build or reuse the base model (the embedded digits base when model.path is null)."""
-    run.outputs["base"] = str(run.model_path)
+from tuner.distributed import decide
+from tuner.errors import ConfigError
+from tuner.export.reading import check_header
+from tuner.files import atomic_dir
+from tuner.stages.context import Base, Run, cache_key, stage
 
 
-@stage(main_only=True, writes=("gallery", "metrics.json"))
-def evaluate_base(run: Run) -> None:
-    """Digits base: per-digit share of samples an independent SVC classifies as the prompted digit."""
-    from tuner.export.gallery import write_gallery
+def _check_base(cfg) -> None:
+    m = cfg.model
+    if not m.path and not m.builtin:
+        raise ConfigError(
+            "model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder "
+            "(or model=digits for the embedded base)"
+        )
 
-    e = run.cfg.eval
-    prompts = [digits.caption(k) for k in range(10) for _ in range(e.samples)]
-    seeds = [e.seed + i for k in range(10) for i in range(e.samples)]
-    images = run.sample(prompts, seeds, e.steps, e.guidance_scale, desc="evaluate base")
-    predicted = digits.DigitClassifier(run.cfg.data.resolution).predict(images).reshape(10, e.samples)
-    accuracy = {digits.WORDS[k]: float(np.mean(predicted[k] == k)) for k in range(10)}
-    run.metrics["digit_accuracy"] = accuracy
-    run.metrics["min_digit_accuracy"] = min(accuracy.values())
-    write_atomic(run.dir / "metrics.json", json.dumps(run.metrics, indent=2))
-    n = len(run.cfg.sample.seeds)
-    rows = [(digits.caption(k), images[k * e.samples : k * e.samples + n]) for k in range(10)]
-    run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds[:n], run.cfg.sample.display_size))
-    run.outputs["metrics"] = str(run.dir / "metrics.json")
+
+@stage(check=_check_base)
+def base(run: Run) -> Base:
+    """Resolve ``model.path`` (or build the embedded base ``model.builtin`` names) to a diffusers folder."""
+    m = run.cfg.model
+    if m.path and Path(m.path).expanduser().is_file():
+        folder = Path(decide(run.accelerator, lambda: str(single_file_base(run))))
+    elif m.path:
+        folder = run.family.check_folder(m.path, m.allow_pickle)
+    else:
+        folder = run.builtins[m.builtin].ensure(run)
+    run.outputs["base"] = str(folder)
+    return Base(folder)
+
+
+def single_file_base(run: Run) -> Path:
+    """``model.path`` is a single-file checkpoint: its diffusers folder, converted once by diffusers'
+    own loader (with ``model.config``'s configs and tokenizers) and kept under $TUNER_HOME/single_file/,
+    named by the file's path, size and modification time and by the config folder."""
+    m = run.cfg.model
+    file = Path(m.path).expanduser().resolve()
+    stat = file.stat()
+    key = cache_key(str(file), str(stat.st_size), str(stat.st_mtime_ns), str(Path(m.config).expanduser().resolve()))
+    folder = run.home / "single_file" / f"{file.stem}-{key}"
+    if (folder / "model_index.json").is_file():
+        print(f"[tuner] base: {file.name} as converted before, {folder}", flush=True)
+        return folder
+    check_header(file, "a base model")
+    print(f"[tuner] base: converting the single file {file} to a diffusers folder {folder}", flush=True)
+    with atomic_dir(folder) as tmp:
+        run.family.from_single_file(file, run.family.check_config_folder(m.config), tmp)
+    return folder

@@ -1,8 +1,7 @@
-"""The state a run's stages share (``Run``: config, run folder, accelerator, the loaded model) and
-the ``stage`` declaration (which processes run it, which entries of the run folder it writes).
-
-The base model is resolved here: ``model.path`` (a folder, or a single file converted once) or the
-embedded digits base, built once and cached under $TUNER_HOME.
+"""What a run's stages share: ``Run`` (the read-only config, the run folder, the accelerator, the
+results of the stages so far, the model loaded from the base stage's folder), the results stages
+return (``Base``, ``Subject``, ``Adapted``), and the ``stage`` declaration (which processes run it,
+which stages must come before it, which entries of the run folder it writes).
 """
 
 from __future__ import annotations
@@ -12,39 +11,113 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import NamedTuple, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tuner import run_folder, sampling
 from tuner.errors import ConfigError
-from tuner.files import atomic_dir, write_atomic
+from tuner.files import write_atomic
 from tuner.models import get_family
 
 
-def stage(fn=None, *, main_only: bool = False, writes: tuple[str, ...] = ()):
-    """Declare a stage: ``main_only``, rank 0 runs it alone (sampling for people, exports); ``writes``, the
-    entries of the run folder it writes (the manifest lists them before the run starts, see run_folder.py).
-    The stages a recipe may name are listed in tuner/stages/__init__.py."""
+def stage(
+    fn=None,
+    *,
+    main_only: bool = False,
+    after: tuple[str, ...] = (),
+    writes: tuple[str, ...] = (),
+    check: Callable[[DictConfig], None] | None = None,
+):
+    """Declare a stage.
+
+    Args:
+        main_only: rank 0 runs it alone (sampling for people, exports).
+        after: stages that must come before it in ``stages:``; ``"train|load_adapter"`` means either
+            (``tuner.checks`` refuses a recipe that breaks this, naming the stage to add).
+        writes: the entries of the run folder it writes (the manifest lists them before the run
+            starts, see run_folder.py).
+        check: the stage's own checks of a composed config, run before anything loads when the
+            recipe names the stage; raises ``ConfigError`` naming the key and the fix.
+
+    The stages a recipe may name are listed in tuner/stages/__init__.py.
+    """
 
     def declare(fn):
-        fn.main_only, fn.writes = main_only, tuple(writes)
+        fn.main_only, fn.after, fn.writes, fn.check = main_only, tuple(after), tuple(writes), check
         return fn
 
     return declare(fn) if fn is not None else declare
 
 
+@dataclass(frozen=True)
+class Base:
+    """The base stage's result: the diffusers folder every later stage loads the base model from."""
+
+    folder: Path
+
+
+@dataclass(frozen=True)
+class Subject:
+    """The subject stage's result: the folder of instance images it wrote (the prepare stage reads it)."""
+
+    folder: Path
+
+
+@dataclass(frozen=True)
+class Adapted:
+    """What the train or load_adapter stage put on the base model.
+
+    ``trainables`` is what trained (``tuner.training.trainables.Trainables``; None when loaded from a
+    checkpoint); ``new_tokens`` the tokens added to the vocabulary, in order; ``base_weights_changed``
+    says base weights or the vocabulary changed (not only peft adapters), so "base" samples need a
+    fresh copy of the base rather than the adapters switched off.
+    """
+
+    trainables: object | None = None
+    new_tokens: tuple[str, ...] = ()
+    base_weights_changed: bool = False
+
+
+@dataclass(frozen=True)
+class Exported:
+    """The export stage's result: every file written (path in the run folder -> bytes, sha256, model hash)."""
+
+    files: dict[str, dict] = field(default_factory=dict)
+
+
+Result = TypeVar("Result")
+
+
+class Builtin(NamedTuple):
+    """An embedded base (``model.builtin=NAME``): ``ensure(run)`` builds or reuses it and returns its
+    folder; ``check(cfg)`` checks its settings before anything loads."""
+
+    ensure: Callable[[Run], Path]
+    check: Callable[[DictConfig], None]
+
+
 class Run:
     """The state one recipe's stages share: config, run folder, accelerator, loaded model."""
 
-    def __init__(self, cfg: DictConfig, declared: tuple[str, ...]):
-        """``declared``: the entries of the run folder this run's stages write (``tuner.stages.entries``)."""
+    def __init__(self, cfg: DictConfig, declared: tuple[str, ...], builtins: dict[str, Builtin] | None = None):
+        """Name and claim the run folder, then make ``cfg`` read-only: stages read the configuration,
+        they never write it.
+
+        Args:
+            cfg: the checked configuration (``tuner.checks.validate``).
+            declared: the entries of the run folder this run's stages write (``tuner.runner.entries``).
+            builtins: the embedded bases ``model.builtin`` may name (``tuner.runner.BUILTINS``).
+        """
         from tuner import distributed
 
-        self.cfg = cfg
         self.family = get_family(cfg.model.family, cfg.model)
+        self.builtins = builtins or {}
         t = cfg.train
         self.accelerator = distributed.make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
         if self.accelerator.mixed_precision != "no" and not self.accelerator.native_amp:
@@ -57,16 +130,25 @@ class Run:
         if self.dir != Path(cfg.output_dir or self.dir).expanduser().resolve():
             print(f"[tuner] output_dir resolved differently on this rank; using rank 0's {self.dir}", flush=True)
         cfg.output_dir = str(self.dir)
+        OmegaConf.set_readonly(cfg, True)
+        self.cfg = cfg
         distributed.check_visible(self.accelerator, self.dir / "config.yaml", "the run folder's config")
+        self.results: dict[type, object] = {}  # each stage's result, by its type (see ``result``)
+        # the run's report (summary.json): what each stage wrote where, and what it measured
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, object] = {}
-        # the train or load_adapter stage changed base weights or the vocabulary (not just peft adapters),
-        # so "base" samples need a fresh copy of the base rather than adapters switched off
-        self.base_weights_changed = False
-        self.trainables = None  # set by the train stage: what trained
-        self.new_tokens: list[str] = []  # tokens added to the vocabulary (trained or loaded), in order
-        self.files: dict[str, dict] = {}  # set by the export stage: every file written, with its sha256
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    def result(self, kind: type[Result]) -> Result:
+        """The result of the stage that returns ``kind`` (``tuner.checks`` made sure that stage ran first)."""
+        if kind not in self.results:
+            raise ConfigError(f"no earlier stage produced a {kind.__name__}; see the order in tuner/stages/__init__.py")
+        return self.results[kind]  # type: ignore[return-value]
+
+    @property
+    def adapted(self) -> Adapted:
+        """What the train or load_adapter stage put on the base (nothing, if neither ran)."""
+        return self.results.get(Adapted, Adapted())  # type: ignore[return-value]
 
     @staticmethod
     def _new_folder(cfg: DictConfig, declared: tuple[str, ...]) -> str:
@@ -78,7 +160,8 @@ class Run:
             names = (f"{cfg.recipe}-{stamp}{f'-{k}' if k else ''}" for k in itertools.count())
             folder = next(f for f in (Path("runs").resolve() / n for n in names) if not f.exists())
         run_folder.claim(folder, cfg, declared)
-        write_atomic(folder / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        as_run = OmegaConf.merge(cfg, {"output_dir": str(folder)})
+        write_atomic(folder / "config.yaml", OmegaConf.to_yaml(as_run, resolve=True))
         return str(folder)
 
     @property
@@ -95,23 +178,14 @@ class Run:
     def home(self) -> Path:
         return Path(self.cfg.home or os.environ.get("TUNER_HOME") or "~/.cache/tuner").expanduser()
 
-    @cached_property
-    def model_path(self) -> Path:
-        """The base model folder: ``model.path`` (a single file converted once), or the embedded digits
-        base (built on first use)."""
-        if self.cfg.model.path and Path(self.cfg.model.path).expanduser().is_file():
-            from tuner.distributed import decide
-
-            return Path(decide(self.accelerator, lambda: str(single_file_base(self))))
-        if self.cfg.model.path:
-            return self.family.check_folder(self.cfg.model.path, self.cfg.model.allow_pickle)
-        if self.cfg.model.builtin == "digits":
-            return ensure_digits_base(self)
-        raise ConfigError("model.path is not set: pass model.path=/path/to/a/diffusers/pipeline/folder")
+    @property
+    def base(self) -> Path:
+        """The base model's diffusers folder, as the base stage resolved it."""
+        return self.result(Base).folder
 
     @cached_property
     def components(self):
-        c = self.family.load(self.model_path, self.cfg.model.prediction_type, self.cfg.model.allow_pickle)
+        c = self.family.load(self.base, self.cfg.model.prediction_type, self.cfg.model.allow_pickle)
         for module in c.modules().values():
             module.to(self.accelerator.device)
         return c
@@ -142,62 +216,3 @@ class Run:
 
 def cache_key(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
-
-
-def single_file_base(run: Run) -> Path:
-    """``model.path`` is a single-file checkpoint: its diffusers folder, converted once by diffusers'
-    own loader (with ``model.config``'s configs and tokenizers) and kept under $TUNER_HOME/single_file/,
-    named by the file's path, size and modification time and by the config folder."""
-    from tuner.files import atomic_dir
-
-    m = run.cfg.model
-    file = Path(m.path).expanduser().resolve()
-    stat = file.stat()
-    key = cache_key(str(file), str(stat.st_size), str(stat.st_mtime_ns), str(Path(m.config).expanduser().resolve()))
-    folder = run.home / "single_file" / f"{file.stem}-{key}"
-    if (folder / "model_index.json").is_file():
-        print(f"[tuner] base: {file.name} as converted before, {folder}", flush=True)
-        return folder
-    from tuner.export.reading import check_header
-
-    check_header(file, "a base model")
-    print(f"[tuner] base: converting the single file {file} to a diffusers folder {folder}", flush=True)
-    with atomic_dir(folder) as tmp:
-        run.family.from_single_file(file, run.family.check_config_folder(m.config), tmp)
-    return folder
-
-
-def digits_base_folder(run: Run) -> Path:
-    """Where the base built with these ``base`` settings is cached: a new setting, a new build."""
-    from tuner.models.tiny import SIZES
-
-    settings = json.dumps(OmegaConf.to_container(run.cfg.base, resolve=True), sort_keys=True)
-    architecture = repr(SIZES.get(run.cfg.base.size))
-    key = hashlib.sha256(f"digits-v1|{settings}|{architecture}".encode()).hexdigest()[:12]
-    return run.home / "bases" / f"digits-{key}"
-
-
-def ensure_digits_base(run: Run) -> Path:
-    """The cached digits base, built first if missing: by every rank together, saved by rank 0."""
-    from tuner import distributed
-    from tuner.training import digits_base
-
-    folder = digits_base_folder(run)
-    if distributed.decide(run.accelerator, lambda: (folder / "model_index.json").is_file()):
-        print(f"[tuner] digits base: cached at {folder}", flush=True)
-        distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
-        return folder
-    print(f"[tuner] digits base: training it once, into {folder}", flush=True)
-    start = time.time()
-    if run.is_main:
-        with atomic_dir(folder) as tmp:
-            stats = digits_base.build(run.cfg.base, tmp, run.accelerator)
-            stats["build_seconds"] = round(time.time() - start, 1)
-            write_atomic(tmp / "tuner_base.json", json.dumps(stats, indent=2))
-    else:  # the same training, its slice of every batch; rank 0 saves
-        stats = digits_base.build(run.cfg.base, None, run.accelerator)
-    run.accelerator.free_memory()  # drop the base's optimizer and EMA before anything else trains
-    run.wait()
-    distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
-    run.metrics["base_build"] = stats
-    return folder

@@ -1,5 +1,5 @@
-"""The data stages: the quickstart's synthetic subject, the prepared datasets (``data/<role>``), and the
-class images generated from the base for prior preservation.
+"""The data stages: the prepared datasets (``data/<role>``) and the class images generated from the base
+for prior preservation.
 """
 
 from __future__ import annotations
@@ -15,25 +15,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from tuner.data import digits
-from tuner.data.prepare import PrepareSettings, Source
+from tuner.data.images import PrepareSettings
+from tuner.data.prepare import Source
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.errors import ConfigError
-from tuner.files import atomic_dir, write_atomic
-from tuner.stages.context import Run, stage
-
-
-@stage(writes=("instance_images",))
-def subject(run: Run) -> None:
-    """Quickstart: write the synthetic subject as PNG files, the way a user's photos would arrive."""
-    s = run.cfg.subject
-    folder = run.dir / "instance_images"
-    if run.is_main:
-        with atomic_dir(folder) as tmp:  # a rerun with other subject settings leaves no stale images
-            digits.write_subject_images(tmp, s.digit, s.transform, s.count, s.seed, s.image_size)
-    run.wait()
-    run.cfg.data.instance_dir = str(folder)
-    run.outputs["instance"] = str(folder)
+from tuner.files import write_atomic
+from tuner.stages.context import Run, Subject, stage
 
 
 def _prepare(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
@@ -66,10 +53,39 @@ def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str 
         raise ConfigError(f"{report.source}: no usable {role} image (see {out / 'report.json'})")
 
 
-@stage(writes=("data", "report.json"))
+def _check_prepare(cfg) -> None:
+    """The inputs exist and the data settings fit together."""
+    d = cfg.data
+    if "subject" not in cfg.stages:  # the subject stage writes the instance images
+        if not d.instance_dir and not any(x.role == "instance" for x in d.sources):
+            raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
+        if d.instance_dir and not Path(d.instance_dir).expanduser().exists():
+            raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
+    for k, x in enumerate(d.sources):
+        if not Path(x.path).expanduser().exists():
+            raise ConfigError(f"data.sources[{k}].path={x.path}: no such folder or file")
+        if x.repeats < 1:
+            raise ConfigError(f"data.sources[{k}].repeats={x.repeats}: at least 1")
+    if len(d.background) != 3 or not all(0 <= v <= 255 for v in d.background):
+        raise ConfigError(f"data.background={list(d.background)}: three values 0..255, e.g. [255,255,255]")
+    if d.buckets and (d.bucket_step % 8 or d.bucket_step > d.resolution or not 0 < d.min_ratio <= 1 <= d.max_ratio):
+        raise ConfigError(
+            f"data.bucket_step={d.bucket_step}: a multiple of 8 up to data.resolution={d.resolution}, "
+            "with data.min_ratio <= 1 <= data.max_ratio"
+        )
+    if d.buckets and d.crop == "none":
+        raise ConfigError("data.crop=none squashes to a square: with data.buckets=true choose center or random")
+
+
+@stage(writes=("data", "report.json"), check=_check_prepare)
 def prepare(run: Run) -> None:
-    """Validate and standardize the instance images into an Arrow dataset with a report."""
-    _prepare(run, "instance", run.cfg.data.instance_dir, run.cfg.data.instance_prompt)
+    """Validate and standardize the instance images into an Arrow dataset with a report.
+
+    The images are ``data.instance_dir`` (with the instance ``data.sources``), or the subject stage's.
+    """
+    subject = run.results.get(Subject)
+    folder = str(subject.folder) if subject else run.cfg.data.instance_dir
+    _prepare(run, "instance", folder, run.cfg.data.instance_prompt)
     # the run folder's report.json: every instance input with its status (the class data's is in data/class/)
     if run.is_main:
         write_atomic(run.dir / "report.json", (run.dir / "data" / "instance" / "report.json").read_text())
@@ -77,7 +93,7 @@ def prepare(run: Run) -> None:
     run.outputs["report"] = str(run.dir / "report.json")
 
 
-@stage(writes=("class_images", "data"))
+@stage(after=("base",), writes=("class_images", "data"))
 def class_images(run: Run) -> None:
     """DreamBooth prior: generate class images from the base until the class folder holds enough.
 
@@ -96,7 +112,7 @@ def class_images(run: Run) -> None:
     if d.class_dir:
         folder = Path(d.class_dir).expanduser()
     else:
-        what = [d.class_prompt, str(run.model_path), d.resolution, s.steps, s.guidance_scale, prior.seed]
+        what = [d.class_prompt, str(run.base), d.resolution, s.steps, s.guidance_scale, prior.seed]
         folder = run.dir / "class_images" / hashlib.sha256(json.dumps(what).encode()).hexdigest()[:10]
 
     def missing_seeds() -> list[int]:

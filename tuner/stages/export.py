@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import time
 
 import torch
@@ -16,18 +17,18 @@ from tuner import run_folder
 from tuner.compose import run_folder_of
 from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
-from tuner.export.formats import FORMATS
+from tuner.export.formats import FORMATS, check_held
 from tuner.stages.adapters import load_adapter
-from tuner.stages.context import Run, stage
+from tuner.stages.context import Adapted, Exported, Run, stage
 
 
-def _live_tokens(run: Run) -> dict[str, torch.Tensor]:
+def _live_tokens(run: Run, tokens: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Each new token's vectors (``<sks>`` plus diffusers' ``<sks>_1``, ... for more vectors), fp32 on the CPU."""
     c = run.components
     rows = run.accelerator.unwrap_model(c.text_encoder).get_input_embeddings().weight
     vocab = c.tokenizer.get_vocab()
     out = {}
-    for token in run.new_tokens:
+    for token in tokens:
         extra = itertools.takewhile(lambda name: name in vocab, (f"{token}_{i}" for i in itertools.count(1)))
         ids = [vocab[token]] + [vocab[name] for name in extra]
         out[token] = rows[ids].detach().float().cpu().clone()
@@ -40,11 +41,11 @@ def _fp32_base(run: Run) -> dict[str, dict[str, torch.Tensor]]:
     low = [name for name, m in c.modules().items() if any(p.dtype != torch.float32 for p in m.parameters())]
     if not low:
         return {}
-    fresh = run.family.load(run.model_path, allow_pickle=run.cfg.model.allow_pickle).modules()
+    fresh = run.family.load(run.base, allow_pickle=run.cfg.model.allow_pickle).modules()
     return {name: fresh[name].state_dict() for name in low}
 
 
-def _export_info(run: Run, trained, name: str) -> dict:
+def _export_info(run: Run, trained, name: str, trained_here: bool) -> dict:
     """What the metadata and the model card say: the base, the trigger and the training settings.
 
     Exporting a checkpoint (recipe=export), the settings come from the run folder the checkpoint sits in.
@@ -54,7 +55,7 @@ def _export_info(run: Run, trained, name: str) -> dict:
     from tuner.export.metadata import folder_hash, tag_frequency
 
     cfg, source, source_dir = run.cfg, run.cfg, run.dir
-    if run.trainables is None:
+    if not trained_here:
         source = None
         checkpoint = cfg.checkpoint
         for _ in range(4):  # an export of an export: follow the checkpoints back to the run that trained
@@ -69,8 +70,8 @@ def _export_info(run: Run, trained, name: str) -> dict:
     e = cfg.export
     info = {
         "name": name,
-        "base_name": str(run.model_path) if e.include_paths else run.model_path.name,
-        "base_hash": folder_hash(run.model_path),
+        "base_name": str(run.base) if e.include_paths else run.base.name,
+        "base_hash": folder_hash(run.base),
         "base_version": run.family.BASE_VERSION,
         "architecture": f"{run.family.MODELSPEC_ARCHITECTURE}/{'lora' if trained.adapter else 'checkpoint'}",
         "prediction_type": run.components.prediction_type,
@@ -117,8 +118,31 @@ def _export_info(run: Run, trained, name: str) -> dict:
     return info
 
 
-@stage(main_only=True, writes=(*FORMATS, "README.md"))
-def export(run: Run) -> None:
+def _trained_parts(cfg) -> set[str]:
+    """What a training run adds to its base, in the terms of tuner/export/formats.py's HOLDS."""
+    a, te = cfg.adapter, cfg.text_encoder
+    parts = set()
+    if a.type in ("lora", "loha", "lokr") or te.train == "lora":
+        parts.add("dora" if a.use_dora and a.type == "lora" else a.type if a.type in ("loha", "lokr") else "lora")
+    if a.type in ("partial_unet", "full") or te.train == "full":
+        parts.add("base_weights")
+    if cfg.embedding.tokens:
+        parts.add("tokens")
+    return parts
+
+
+def _check_export(cfg) -> None:
+    e = cfg.export
+    if not e.formats:
+        raise ConfigError(f"export.formats is empty: choose from {', '.join(FORMATS)}")
+    if "train" in cfg.stages:
+        check_held(_trained_parts(cfg), e.formats)
+    if e.name is not None and not re.fullmatch(r"[\w.+-]+", e.name):
+        raise ConfigError(f"export.name={e.name}: letters, digits, '.', '_', '+' and '-' only (it names files)")
+
+
+@stage(main_only=True, after=("base",), writes=(*FORMATS, "README.md"), check=_check_export)
+def export(run: Run) -> Exported:
     """Write what trained (or what ``checkpoint=`` loaded) in every format of ``export.formats``.
 
     See tuner/export/formats.py for the formats and what each holds; a format that cannot hold a
@@ -130,18 +154,20 @@ def export(run: Run) -> None:
     from tuner.export.metadata import file_hashes, training_metadata
 
     cfg, c, e = run.cfg, run.components, run.cfg.export
-    if run.trainables is None and cfg.checkpoint and "load_adapter" not in cfg.stages:
-        load_adapter(run)  # recipe=export checkpoint=PATH
-    what = run.trainables
+    adapted = run.results.get(Adapted)
+    if adapted is None and cfg.checkpoint:
+        adapted = load_adapter(run)  # recipe=export checkpoint=PATH
+    what = adapted.trainables if adapted else None
     base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
-    trained = formats.Trained(c, formats.adapter_kind(c), _live_tokens(run), base_weights)
+    tokens = _live_tokens(run, adapted.new_tokens if adapted else ())
+    trained = formats.Trained(c, formats.adapter_kind(c), tokens, base_weights)
     parts = trained.parts
     if not parts:
         raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
     formats.check_held(parts, e.formats)
     formats.check_finite(trained)
     name = e.name or run.dir.name
-    info = _export_info(run, trained, name)
+    info = _export_info(run, trained, name, trained_here=what is not None)
     metadata = training_metadata(info)
     dtype = formats.DTYPES[e.dtype]
     merged, written = None, []
@@ -165,11 +191,10 @@ def export(run: Run) -> None:
                 print("[tuner] export: fusing the adapter into the base weights", flush=True)
                 merged = formats.merged_components(trained, _fp32_base(run))
             if fmt == "merged":
-                formats.write_merged(merged, folder, run.family, run.model_path, c.tokenizers, e.variant)
+                formats.write_merged(merged, folder, run.family, run.base, c.tokenizers, e.variant)
             else:
                 vocab = {
-                    te: json.loads((run.model_path / te / "config.json").read_text())["vocab_size"]
-                    for te in c.text_encoders
+                    te: json.loads((run.base / te / "config.json").read_text())["vocab_size"] for te in c.text_encoders
                 }
                 single_dtype = formats.DTYPES[e.single_file_dtype]
                 formats.write_single_file(merged, folder, name, run.family, vocab, single_dtype, metadata)
@@ -182,6 +207,6 @@ def export(run: Run) -> None:
         files[str(path.relative_to(run.dir))] = {"bytes": path.stat().st_size, "sha256": sha256} | (
             {"model_hash": model_hash} if model_hash else {}
         )
-    run.files = files
     card = write_model_card(run.dir / "README.md", info, files, cfg, run.family)
     run.outputs["model_card"] = str(card)
+    return Exported(files)

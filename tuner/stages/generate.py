@@ -10,13 +10,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from tuner import generate as gen
 from tuner import run_folder
 from tuner.files import write_atomic
 from tuner.stages.adapters import load_checkpoint
 from tuner.stages.context import Run, stage
 
 
-@stage(main_only=True, writes=("images",))
+@stage(main_only=True, after=("base",), writes=("images",), check=gen.check)
 def generate(run: Run) -> None:
     """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
     for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generate.py.
@@ -24,7 +25,6 @@ def generate(run: Run) -> None:
     Writes ``images/NNNN-seedS.png`` (the settings in the PNG's ``parameters`` text, as A1111 does),
     ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``.
     """
-    from tuner import generate as gen
     from tuner.export.gallery import write_image_page
 
     cfg, g = run.cfg, run.cfg.generate
@@ -33,7 +33,7 @@ def generate(run: Run) -> None:
     for k, a in enumerate(g.adapters):
         name = f"adapter{k}"
         loaded = load_checkpoint(run, Path(a.path).expanduser(), adapter_name=name)
-        print(f"[tuner] {name} = {a.path} at weight {a.weight}: {', '.join(loaded)}", flush=True)
+        print(f"[tuner] {name} = {a.path} at weight {a.weight}: {', '.join(loaded.names)}", flush=True)
         if any(name in adapters for adapters in run.pipe.get_list_adapters().values()):  # not only embeddings
             names.append(name)
             weights.append(a.weight)

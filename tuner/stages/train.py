@@ -12,19 +12,19 @@ from omegaconf import OmegaConf
 from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
 from tuner.models.base import tree_map
-from tuner.stages.context import Run, cache_key, stage
+from tuner.stages.context import Adapted, Run, cache_key, stage
 from tuner.stages.data import images_of, latent_masks
 
 
 def _resume_from(run: Run) -> Path | None:
     """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
-    from tuner.training import checkpoints
+    from tuner.training import checkpoint_files
 
     if run.cfg.resume is None:
         return None
     if run.cfg.resume != "auto":
         return Path(run.cfg.resume).expanduser()
-    return checkpoints.newest_intact(run.dir / "checkpoints")
+    return checkpoint_files.newest_intact(run.dir / "checkpoints")
 
 
 MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,8 +40,54 @@ def _channels_last_pays(cfg, accelerator, trained) -> bool:
     return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
 
 
-@stage(writes=("cache", "checkpoints", "logs", "validation"))
-def train(run: Run) -> None:
+def _check_train(cfg) -> None:
+    """What trains, how, and on what: the choices that do not fit together, and resume=."""
+    d, t, a, te, emb = cfg.data, cfg.train, cfg.adapter, cfg.text_encoder, cfg.embedding
+    if t.max_timestep is not None and not 0 <= t.min_timestep < t.max_timestep:
+        raise ConfigError(f"train.min_timestep={t.min_timestep} must be below train.max_timestep={t.max_timestep}")
+    if t.lr_scheduler == "one_cycle" and t.warmup_steps >= t.max_steps:
+        raise ConfigError("train.lr_scheduler=one_cycle: train.warmup_steps must be below train.max_steps")
+    if a.type == "partial_unet" and not a.blocks:
+        raise ConfigError(
+            "adapter=partial_unet needs adapter.blocks, parameter-name patterns with their learning rates, "
+            "e.g. 'adapter.blocks=[{pattern:up_blocks.*.attentions.*,lr:1e-4}]'"
+        )
+    if emb.init_words and len(emb.init_words) != len(emb.tokens):
+        raise ConfigError("embedding.init_words needs one word per token in embedding.tokens (or leave it empty)")
+    if te.train == "full" and a.type in ("lora", "loha", "lokr"):
+        raise ConfigError(
+            f"text_encoder.train=full with adapter={a.type}: a fully trained text encoder ships in a pipeline "
+            "folder, a U-Net adapter as an adapter file; use text_encoder.train=lora, or adapter=full/partial_unet"
+        )
+    if te.train == "lora" and a.type in ("partial_unet", "full"):
+        raise ConfigError(
+            f"text_encoder.train=lora with adapter={a.type}: use text_encoder.train=full (both ship in the "
+            "pipeline folder), or a U-Net adapter (adapter=lora)"
+        )
+    if te.stop_at < 1 and a.type == "none":
+        raise ConfigError(
+            "text_encoder.stop_at < 1 with adapter=none: nothing would train after the stop; set stop_at=1"
+        )
+    if a.type == "none" and te.train == "none" and not emb.tokens:
+        raise ConfigError(
+            "nothing to train: adapter=none, text_encoder.train=none and no embedding.tokens; "
+            "choose an adapter (adapter=lora), text_encoder.train=lora or embedding.tokens=[<sks>]"
+        )
+    if cfg.prior.enabled and not d.instance_prompt:
+        raise ConfigError('data.instance_prompt is not set: pass data.instance_prompt="a photo of sks dog"')
+    if cfg.prior.enabled and not d.class_prompt:
+        raise ConfigError(
+            'prior.enabled=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
+            "or set prior.enabled=false"
+        )
+    if cfg.resume not in (None, "auto"):
+        path = Path(cfg.resume).expanduser()
+        if not (path / "state.pt").is_file() or not (path / "trained.safetensors").is_file():
+            raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (RUN/checkpoints/step-N with state.pt)")
+
+
+@stage(after=("base", "prepare"), writes=("cache", "checkpoints", "logs", "validation"), check=_check_train)
+def train(run: Run) -> Adapted:
     """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
 
     Frozen work happens once, before the loop: images become latent distributions, captions become
@@ -60,9 +106,6 @@ def train(run: Run) -> None:
     t = cfg.train
     torch.manual_seed(cfg.seed)
     what = trainables.setup(cfg, c, run.family)
-    run.base_weights_changed = what.base_weights_train or bool(what.new_tokens)
-    run.trainables = what
-    run.new_tokens += list(cfg.embedding.tokens)
     if t.gradient_checkpointing:
         c.denoiser.enable_gradient_checkpointing()
         for te in c.text_encoders.values() if what.text_encoder_trains else ():  # transformers 5 renamed it
@@ -77,7 +120,7 @@ def train(run: Run) -> None:
     loaded = []
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     # frozen outputs are cached in the run folder, keyed by what they depend on (see tuner/training/cache.py)
-    depends = [str(run.model_path), accelerator.mixed_precision, t.vae_dtype]
+    depends = [str(run.base), accelerator.mixed_precision, t.vae_dtype]
     for role, weight in roles:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
@@ -207,3 +250,4 @@ def train(run: Run) -> None:
     if t.gradient_checkpointing:
         c.denoiser.disable_gradient_checkpointing()
     accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
+    return Adapted(what, tuple(cfg.embedding.tokens), what.base_weights_train or bool(what.new_tokens))

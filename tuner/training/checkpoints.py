@@ -16,6 +16,7 @@ A checkpoint is resumed from only when it is whole and was made with the setting
 ``check_resume``): a truncated or unreadable file, a checkpoint of another adapter or optimizer, or one
 past ``train.max_steps`` is refused with a ``ConfigError`` naming the file or the settings. ``resume=auto``
 skips damaged checkpoints (saying so) and takes the newest intact one; nothing damaged is ever deleted.
+Finding checkpoints and telling intact ones from damaged ones is ``tuner.training.checkpoint_files``.
 
 Only the trained tensors are saved (a LoRA's few megabytes, not the frozen base), which is why this
 is not accelerate's ``save_state``: that writes every prepared model whole.
@@ -23,14 +24,9 @@ is not accelerate's ``save_state``: that writes every prepared model whole.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 import shutil
 import signal
-import struct
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +35,7 @@ import torch
 
 from tuner.errors import ConfigError
 from tuner.files import atomic_dir
-
-PATTERN = re.compile(r"step-(\d+)")
+from tuner.training.checkpoint_files import damage, find, safetensors_header, state_header, step_number
 
 
 @dataclass
@@ -66,141 +61,6 @@ class Stopped(Exception):
     def __init__(self, step: int, path: Path, signum: int):
         super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {path}")
         self.step, self.path, self.signum = step, path, signum
-
-
-def _steps(folder: Path) -> list[Path]:
-    """Every checkpoint folder in ``folder`` (whole or not), oldest first."""
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.iterdir() if PATTERN.fullmatch(p.name) and p.is_dir()]
-    return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name)[1]))
-
-
-def find(folder: Path) -> list[Path]:
-    """The intact checkpoints in ``folder``, oldest first: not the temp folders of an interrupted save, nor
-    a checkpoint with a missing, truncated or unreadable file (see ``damage``)."""
-    return [p for p in _steps(folder) if damage(p) is None]
-
-
-def newest_intact(folder: Path) -> Path | None:
-    """resume=auto: the newest intact checkpoint in ``folder``, or None when there is none yet (training
-    starts at step 0). Damaged ones are skipped, each with a line saying why, and left as they are.
-
-    Raises:
-        ConfigError: checkpoints exist but none is intact (starting over would throw their steps away).
-    """
-    found = _steps(folder)
-    if not found:
-        print(f"[tuner] resume=auto: no checkpoint in {folder} yet; starting at step 0", flush=True)
-        return None
-    skipped = []
-    for path in reversed(found):
-        problem = damage(path, thorough=True)
-        if problem is None:
-            return path
-        why = f"{problem[0].name} {problem[1]}"
-        skipped.append(f"{path.name} ({why})")
-        print(f"[tuner] resume=auto: skipping the damaged checkpoint {path}: {why}", flush=True)
-    raise ConfigError(
-        f"resume=auto: no intact checkpoint in {folder}: {'; '.join(skipped)}. Restore one from a backup, or start "
-        "the run over without resume= in a new output_dir (these are left as they are)"
-    )
-
-
-# bytes per element of the safetensors dtypes
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
-_DTYPE_BYTES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
-# what every state.pt holds (``ema`` and ``scaler`` may be None)
-_STATE_KEYS = ("step", "optimizer", "lr_scheduler", "generator", "ranks", "losses", "data")
-
-
-def _safetensors_header(path: Path) -> dict:
-    """The tensors a safetensors file holds ({name: {dtype, shape, data_offsets}}), read from its header alone.
-
-    Raises:
-        ValueError: the file is shorter or longer than its header says, or the header does not parse.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        raise ValueError(f"is truncated ({size} bytes, not even a header)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:  # safetensors' own limit: the first bytes are not a header's length
-            raise ValueError("is not a safetensors file (its header does not parse)")
-        if n > size - 8:
-            raise ValueError(f"is truncated ({size:,} bytes; its header alone says {n + 8:,})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if not isinstance(header, dict):
-        raise ValueError("is not a safetensors file (its header does not parse)")
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    end = 0
-    for name, t in tensors.items():
-        try:
-            begin, stop = (int(x) for x in t["data_offsets"])
-            count = math.prod(int(d) for d in t["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"is not a safetensors file (its header's entry {name!r} does not parse)") from None
-        width = _DTYPE_BYTES.get(t.get("dtype"))
-        if not 0 <= begin <= stop or (width is not None and stop - begin != count * width):
-            raise ValueError(f"is damaged (its header's entry {name!r} is inconsistent)")
-        end = max(end, stop)
-    if size - 8 - n != end:
-        short = size - 8 - n < end
-        raise ValueError(f"is {'truncated' if short else 'damaged'} ({size:,} bytes; its header says {8 + n + end:,})")
-    return tensors
-
-
-def _state_header(path: Path, thorough: bool = False) -> dict:
-    """``state.pt`` read without its tensors' data (memory-mapped): the zip's directory and the pickle checked;
-    ``thorough``: every byte too, against the checksums torch.save wrote (one read of the file).
-
-    Raises:
-        ValueError: the file is empty, truncated, altered, not a torch file, or not a tuner checkpoint's state.
-    """
-    size = path.stat().st_size
-    if size == 0:
-        raise ValueError("is empty (0 bytes)")
-    try:
-        with zipfile.ZipFile(path) as z:  # the directory sits at the end: a truncated file has none
-            for info in z.infolist():
-                if info.header_offset + info.compress_size > size:
-                    raise ValueError(f"is truncated ({size:,} bytes)")
-            bad = z.testzip() if thorough else None
-        if bad is not None:
-            raise ValueError(f"is damaged (its record {bad} fails its checksum)")
-    except (zipfile.BadZipFile, OSError, EOFError):
-        raise ValueError(f"is truncated or not a torch file ({size:,} bytes, no readable zip directory)") from None
-    try:
-        state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
-    except Exception as e:  # any unpickling error: the file is damaged
-        raise ValueError(f"is damaged (torch.load: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
-    if missing:
-        raise ValueError(f"is not a tuner checkpoint's state (it lacks {', '.join(missing)})")
-    return state
-
-
-def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
-    """Why checkpoint ``path`` cannot be resumed from, as (file, reason), or None when it is intact.
-
-    Cheap: the safetensors header against the file's size, ``state.pt``'s zip directory and pickle (its
-    tensors memory-mapped, not read). ``thorough`` (the checkpoint about to be resumed) also reads ``state.pt``
-    against its checksums. Bytes of ``trained.safetensors`` altered in place have no checksum to fail.
-    """
-    for name, read in (("trained.safetensors", _safetensors_header), ("state.pt", _state_header)):
-        file = path / name
-        if not file.is_file():
-            return file, "is missing"
-        try:
-            read(file, thorough) if name == "state.pt" else read(file)
-        except ValueError as e:
-            return file, str(e)
-        except OSError as e:
-            return file, f"cannot be read ({e.strerror or e})"
-    return None
 
 
 def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: dict) -> Path:
@@ -320,7 +180,7 @@ def check_resume(
     problem = damage(path, thorough=True)
     if problem is not None:
         file, reason = problem
-        earlier = [p for p in find(path.parent) if p != path and _step(p) < _step(path)]
+        earlier = [p for p in find(path.parent) if p != path and step_number(p) < step_number(path)]
         hint = f", or name an earlier one: resume={earlier[-1]}" if earlier else ""
         raise ConfigError(
             f"resume={path}: the checkpoint is damaged: {file} {reason}. resume=auto (with output_dir=RUN) takes "
@@ -340,7 +200,7 @@ def check_resume(
                 now = " and ".join(f"{k}={_show(new)}" for k, _, new in differ)
                 raise _refuse(path, f"the checkpoint was trained with {was}, this run has {now}")
     file = path / "trained.safetensors"
-    tensors = _safetensors_header(file)
+    tensors = safetensors_header(file)
     if len(tensors) != len(params) or any(str(i) not in tensors for i in range(len(params))):
         raise _refuse(path, f"{file} holds {len(tensors)} trained tensors, this run trains {len(params)}")
     for i, p in enumerate(params):
@@ -348,7 +208,7 @@ def check_resume(
         if shape != tuple(p.shape):
             raise _refuse(path, f"{file}: trained tensor {i} has the shape {shape}, this run's {tuple(p.shape)}")
     file = path / "state.pt"
-    state = _state_header(file)
+    state = state_header(file)
     if optimizer is not None:
         saved_groups, groups = state["optimizer"].get("param_groups", []), optimizer.param_groups
         if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in groups]:
@@ -365,10 +225,6 @@ def check_resume(
             f"resume={path}: the checkpoint is at step {step}, past train.max_steps={steps}; raise train.max_steps "
             f"to {step} or more to continue it, or start a new run without resume="
         )
-
-
-def _step(path: Path) -> int:
-    return int(PATTERN.fullmatch(path.name)[1])
 
 
 def load(path: Path, params: list[torch.nn.Parameter]) -> dict:

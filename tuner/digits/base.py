@@ -1,4 +1,5 @@
-"""Train the embedded `digits` base from scratch: a tiny SD1.x pipeline on scikit-learn's digits.
+"""The embedded `digits` base: trained from scratch once, a tiny SD1.x pipeline on scikit-learn's
+digits, and cached under $TUNER_HOME/bases/ by its settings (``ensure``).
 
 The VAE is trained first (reconstruction plus a small KL term), its latent scale is measured and
 written into its config (as Stable Diffusion's ``scaling_factor``), then every U-Net weight is
@@ -9,11 +10,20 @@ character-level CLIP is enough conditioning for ten captions.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
+from pathlib import Path
+
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from tuner import distributed
 from tuner.config import BaseConfig
-from tuner.data import digits
+from tuner.digits import data as digits
+from tuner.errors import ConfigError
+from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family, tiny
 from tuner.models.base import Components
 from tuner.training.batches import Batch, encode_latent_dist
@@ -106,3 +116,41 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
     if folder is not None:  # several processes: rank 0 saves
         tiny.save_pipeline(components, folder)
     return {"vae_mse": vae_mse, "scaling_factor": scaling_factor, "unet_loss": result.losses[-1]}
+
+
+def check(cfg: DictConfig) -> None:
+    """The ``base`` settings name a size tuner can build."""
+    if cfg.base.size not in tiny.SIZES:
+        raise ConfigError(f"base.size={cfg.base.size}: choose one of {', '.join(tiny.SIZES)}")
+
+
+def folder_of(cfg: DictConfig, home: Path) -> Path:
+    """Where the base built with these ``base`` settings is cached: a new setting, a new build."""
+    settings = json.dumps(OmegaConf.to_container(cfg.base, resolve=True), sort_keys=True)
+    architecture = repr(tiny.SIZES.get(cfg.base.size))
+    key = hashlib.sha256(f"digits-v1|{settings}|{architecture}".encode()).hexdigest()[:12]
+    return home / "bases" / f"digits-{key}"
+
+
+def ensure(run) -> Path:
+    """The cached digits base of ``run`` (a ``tuner.stages.context.Run``), built first if missing: by
+    every rank together, saved by rank 0. The build's statistics go to the run's metrics."""
+    folder = folder_of(run.cfg, run.home)
+    if distributed.decide(run.accelerator, lambda: (folder / "model_index.json").is_file()):
+        print(f"[tuner] digits base: cached at {folder}", flush=True)
+        distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
+        return folder
+    print(f"[tuner] digits base: training it once, into {folder}", flush=True)
+    start = time.time()
+    if run.is_main:
+        with atomic_dir(folder) as tmp:
+            stats = build(run.cfg.base, tmp, run.accelerator)
+            stats["build_seconds"] = round(time.time() - start, 1)
+            write_atomic(tmp / "tuner_base.json", json.dumps(stats, indent=2))
+    else:  # the same training, its slice of every batch; rank 0 saves
+        stats = build(run.cfg.base, None, run.accelerator)
+    run.accelerator.free_memory()  # drop the base's optimizer and EMA before anything else trains
+    run.wait()
+    distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
+    run.metrics["base_build"] = stats
+    return folder

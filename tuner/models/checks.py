@@ -1,0 +1,62 @@
+"""The model family's checks of a composed config, before anything loads: the path is one of the
+family's folders (or a single file with a config folder), and what the run asks for is something this
+family does (its training objective's options, textual inversion, export formats, resolution).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from tuner.errors import ConfigError
+from tuner.models import get_family
+
+
+def check(cfg: DictConfig) -> None:
+    """Raises ``ConfigError`` naming the key and the fix."""
+    m, t = cfg.model, cfg.train
+    family = get_family(m.family, m)
+    if m.path and Path(m.path).expanduser().is_file():
+        if not str(m.path).endswith(".safetensors"):
+            raise ConfigError(
+                f"model.path={m.path}: tuner reads single-file checkpoints only as .safetensors (a .ckpt is a "
+                "pickle, which tuner never loads); convert it, or give a diffusers folder"
+            )
+        if not m.config:
+            raise ConfigError(
+                f"model.path={m.path} is a single-file checkpoint: set model.config=FOLDER, a local diffusers "
+                f"folder of the same family ({family.PIPELINE}) whose configs and tokenizers describe it "
+                "(its weights are not read; nothing is fetched from a hub)"
+            )
+        family.check_config_folder(m.config)
+    elif m.path:
+        family.check_folder(m.path, m.allow_pickle)
+    flow = family.TRAINING_SCHEDULER == "FlowMatchEulerDiscreteScheduler"
+    if flow and (t.snr_gamma or t.timestep_bias != "none" or t.min_timestep or t.max_timestep is not None):
+        raise ConfigError(
+            f"model={m.family} trains by flow matching: train.snr_gamma, timestep_bias, min_timestep and "
+            "max_timestep are for DDPM schedules; use model.weighting_scheme (logit_normal, mode, sigma_sqrt, cosmap)"
+        )
+    if not flow and (m.weighting_scheme != "none" or m.timestep_shift is not None):
+        raise ConfigError(
+            f"model.weighting_scheme / model.timestep_shift are for flow-matching families (flux, sd3), not {m.family}"
+        )
+    if m.zero_terminal_snr and m.family != "sd2":
+        raise ConfigError("model.zero_terminal_snr is an sd2 (v-prediction) option")
+    if cfg.embedding.tokens and len(family.TEXT_ENCODERS) > 1:
+        raise ConfigError(
+            f"embedding.tokens: textual inversion is implemented for one-text-encoder families (sd15, sd2), "
+            f"not {m.family}; train a LoRA with a rare trigger word instead"
+        )
+    if "export" in cfg.stages:
+        refused = [x for x in cfg.export.formats if x not in family.EXPORTS]
+        if refused:
+            raise ConfigError(
+                f"export.formats={list(cfg.export.formats)}: model={m.family} exports {', '.join(family.EXPORTS)}; "
+                f"remove {', '.join(refused)}"
+            )
+    if cfg.data.resolution % family.RESOLUTION_MULTIPLE:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution}: model={m.family} needs a multiple of {family.RESOLUTION_MULTIPLE}"
+        )

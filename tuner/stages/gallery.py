@@ -1,0 +1,59 @@
+"""The gallery stage (rank 0): samples of the base against the fine-tuned model, at fixed seeds.
+
+(The digits demo's evaluation, which scores such samples, is in tuner/digits/stages.py.)
+"""
+
+from __future__ import annotations
+
+from tuner.errors import ConfigError
+from tuner.export.gallery import write_gallery
+from tuner.stages.context import Run, stage
+
+
+def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
+    """Sample the same prompts and seeds from the base and from the fine-tuned model.
+
+    With only peft adapters trained, the base is the same model with its adapters switched off; when
+    base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed.
+    """
+    c = run.components
+    adapted = [m for m in c.trainable().values() if getattr(m, "peft_config", None)]
+    changed = run.adapted.base_weights_changed
+    if not adapted and not changed:
+        raise ConfigError("gallery/evaluate need an adapter: put train or load_adapter (checkpoint=PATH) before them")
+    if changed:
+        base = run.family.load(run.base, run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
+        base_pipe = run.family.pipeline(base)
+        base_pipe.to(run.accelerator.device)
+        base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)", pipe=base_pipe)
+        del base_pipe
+    else:
+        for module in adapted:
+            module.disable_adapters()
+        base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)")
+        for module in adapted:
+            module.enable_adapters()
+    tuned_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (fine-tuned)")
+    return base_images, tuned_images
+
+
+def _check_gallery(cfg) -> None:
+    if not (cfg.sample.prompts or cfg.data.instance_prompt or cfg.data.class_prompt):
+        raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
+
+
+@stage(main_only=True, after=("base", "train|load_adapter"), writes=("gallery",), check=_check_gallery)
+def gallery(run: Run) -> None:
+    """Base vs fine-tuned, for the instance prompt and the class prompt, at fixed seeds."""
+    d, s = run.cfg.data, run.cfg.sample
+    seeds = list(s.seeds)
+    prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
+    every_prompt = [prompt for prompt in prompts for _ in seeds]
+    base_images, tuned_images = with_and_without_adapter(
+        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery"
+    )
+    rows = []
+    for k, prompt in enumerate(prompts):
+        cells = slice(k * len(seeds), (k + 1) * len(seeds))
+        rows += [(f"base: {prompt}", base_images[cells]), (f"fine-tuned: {prompt}", tuned_images[cells])]
+    run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds, s.display_size))

@@ -1,0 +1,161 @@
+"""Reading checkpoint folders back: which exist, which are intact, and the newest intact one.
+
+A checkpoint (see ``tuner.training.checkpoints``) is checked without loading it: the header of
+``trained.safetensors`` against the file's size, and ``state.pt``'s zip directory and pickle (with
+``thorough``, its checksums too). Nothing damaged is ever deleted here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import zipfile
+from pathlib import Path
+
+import torch
+
+from tuner.errors import ConfigError
+
+PATTERN = re.compile(r"step-(\d+)")
+
+
+def _steps(folder: Path) -> list[Path]:
+    """Every checkpoint folder in ``folder`` (whole or not), oldest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if PATTERN.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name)[1]))
+
+
+def find(folder: Path) -> list[Path]:
+    """The intact checkpoints in ``folder``, oldest first: not the temp folders of an interrupted save, nor
+    a checkpoint with a missing, truncated or unreadable file (see ``damage``)."""
+    return [p for p in _steps(folder) if damage(p) is None]
+
+
+def newest_intact(folder: Path) -> Path | None:
+    """resume=auto: the newest intact checkpoint in ``folder``, or None when there is none yet (training
+    starts at step 0). Damaged ones are skipped, each with a line saying why, and left as they are.
+
+    Raises:
+        ConfigError: checkpoints exist but none is intact (starting over would throw their steps away).
+    """
+    found = _steps(folder)
+    if not found:
+        print(f"[tuner] resume=auto: no checkpoint in {folder} yet; starting at step 0", flush=True)
+        return None
+    skipped = []
+    for path in reversed(found):
+        problem = damage(path, thorough=True)
+        if problem is None:
+            return path
+        why = f"{problem[0].name} {problem[1]}"
+        skipped.append(f"{path.name} ({why})")
+        print(f"[tuner] resume=auto: skipping the damaged checkpoint {path}: {why}", flush=True)
+    raise ConfigError(
+        f"resume=auto: no intact checkpoint in {folder}: {'; '.join(skipped)}. Restore one from a backup, or start "
+        "the run over without resume= in a new output_dir (these are left as they are)"
+    )
+
+
+# bytes per element of the safetensors dtypes
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
+_DTYPE_BYTES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+# what every state.pt holds (``ema`` and ``scaler`` may be None)
+_STATE_KEYS = ("step", "optimizer", "lr_scheduler", "generator", "ranks", "losses", "data")
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensors a safetensors file holds ({name: {dtype, shape, data_offsets}}), read from its header alone.
+
+    Raises:
+        ValueError: the file is shorter or longer than its header says, or the header does not parse.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"is truncated ({size} bytes, not even a header)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:  # safetensors' own limit: the first bytes are not a header's length
+            raise ValueError("is not a safetensors file (its header does not parse)")
+        if n > size - 8:
+            raise ValueError(f"is truncated ({size:,} bytes; its header alone says {n + 8:,})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError("is not a safetensors file (its header does not parse)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 0
+    for name, t in tensors.items():
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            count = math.prod(int(d) for d in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"is not a safetensors file (its header's entry {name!r} does not parse)") from None
+        width = _DTYPE_BYTES.get(t.get("dtype"))
+        if not 0 <= begin <= stop or (width is not None and stop - begin != count * width):
+            raise ValueError(f"is damaged (its header's entry {name!r} is inconsistent)")
+        end = max(end, stop)
+    if size - 8 - n != end:
+        short = size - 8 - n < end
+        raise ValueError(f"is {'truncated' if short else 'damaged'} ({size:,} bytes; its header says {8 + n + end:,})")
+    return tensors
+
+
+def state_header(path: Path, thorough: bool = False) -> dict:
+    """``state.pt`` read without its tensors' data (memory-mapped): the zip's directory and the pickle checked;
+    ``thorough``: every byte too, against the checksums torch.save wrote (one read of the file).
+
+    Raises:
+        ValueError: the file is empty, truncated, altered, not a torch file, or not a tuner checkpoint's state.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("is empty (0 bytes)")
+    try:
+        with zipfile.ZipFile(path) as z:  # the directory sits at the end: a truncated file has none
+            for info in z.infolist():
+                if info.header_offset + info.compress_size > size:
+                    raise ValueError(f"is truncated ({size:,} bytes)")
+            bad = z.testzip() if thorough else None
+        if bad is not None:
+            raise ValueError(f"is damaged (its record {bad} fails its checksum)")
+    except (zipfile.BadZipFile, OSError, EOFError):
+        raise ValueError(f"is truncated or not a torch file ({size:,} bytes, no readable zip directory)") from None
+    try:
+        state = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except Exception as e:  # any unpickling error: the file is damaged
+        raise ValueError(f"is damaged (torch.load: {str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    missing = [k for k in _STATE_KEYS if k not in state] if isinstance(state, dict) else list(_STATE_KEYS)
+    if missing:
+        raise ValueError(f"is not a tuner checkpoint's state (it lacks {', '.join(missing)})")
+    return state
+
+
+def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
+    """Why checkpoint ``path`` cannot be resumed from, as (file, reason), or None when it is intact.
+
+    Cheap: the safetensors header against the file's size, ``state.pt``'s zip directory and pickle (its
+    tensors memory-mapped, not read). ``thorough`` (the checkpoint about to be resumed) also reads ``state.pt``
+    against its checksums. Bytes of ``trained.safetensors`` altered in place have no checksum to fail.
+    """
+    for name, read in (("trained.safetensors", safetensors_header), ("state.pt", state_header)):
+        file = path / name
+        if not file.is_file():
+            return file, "is missing"
+        try:
+            read(file, thorough) if name == "state.pt" else read(file)
+        except ValueError as e:
+            return file, str(e)
+        except OSError as e:
+            return file, f"cannot be read ({e.strerror or e})"
+    return None
+
+
+def step_number(path: Path) -> int:
+    """The step of checkpoint folder ``path`` (``step-NNNNNNN``)."""
+    return int(PATTERN.fullmatch(path.name)[1])
