@@ -102,13 +102,13 @@ def test_sd2_reads_v_prediction_from_its_scheduler_and_its_target_is_the_velocit
 def test_flow_target_is_noise_minus_latents_at_the_scheduler_sigmas(tiny, name, weighting):
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-    from tuner.models.objectives import LossSettings
+    from tuner.config import TrainConfig
 
     family = get_family(name, {"weighting_scheme": weighting})
     c = family.load(tiny(name))
     objective = family.objective(c)
     g = torch.Generator().manual_seed(0)
-    steps = objective.draw(4000, LossSettings(), g)
+    steps = objective.draw(4000, TrainConfig(), g)
     assert steps.min() >= 0 and steps.max() < 1000 and steps.unique().numel() > 300
     if weighting == "logit_normal":  # concentrated in the middle of the schedule
         assert ((steps > 250) & (steps < 750)).float().mean() > 0.6
@@ -125,7 +125,7 @@ def test_flow_target_is_noise_minus_latents_at_the_scheduler_sigmas(tiny, name, 
         rtol=0,
     )
     torch.testing.assert_close(objective.target(latents, noise, idx), noise - latents)
-    weights = objective.weights(idx, LossSettings())
+    weights = objective.weights(idx, TrainConfig())
     if weighting == "sigma_sqrt":
         torch.testing.assert_close(weights, compute_loss_weighting_for_sd3("sigma_sqrt", sigma.flatten()))
     else:

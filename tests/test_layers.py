@@ -7,8 +7,9 @@ inside functions count the same as those at the top of a file.
     4  tuner.stages, tuner.digits                     one module per stage; the embedded digits demo's wing
     3  tuner.training, tuner.export, tuner.generate   the loop, export formats and reports, generation
     2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder
-    1  tuner.errors, tuner.files, tuner.config,       errors, atomic files, the config schema and
-       tuner.compose, tuner.numbers                   its composition, the rule table of its numbers
+    1  tuner.errors, tuner.files, tuner.choices,      errors, atomic files, the config schema (its
+       tuner.config, tuner.output_config,             vocabularies as Enums, its sections) and its
+       tuner.compose, tuner.numbers                   composition, the rule table of its numbers
 
 A new module must be placed in the table: one that is not fails the test, naming it.
 """
@@ -23,7 +24,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "tuner"
 LAYERS = {
     "tuner.errors": 1,
     "tuner.files": 1,
+    "tuner.choices": 1,
     "tuner.config": 1,
+    "tuner.output_config": 1,
     "tuner.compose": 1,
     "tuner.numbers": 1,
     "tuner.data": 2,

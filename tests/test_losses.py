@@ -6,10 +6,11 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from peft import LoraConfig
 
+from tuner.config import TrainConfig
 from tuner.models import get_family
-from tuner.models.objectives import LossSettings
+from tuner.models.objectives import diffusion_loss
 from tuner.training.batches import Batch
-from tuner.training.loop import LoopSettings, diffusion_loss, train_denoiser
+from tuner.training.loop import Training
 
 sd15 = get_family("sd15")
 
@@ -21,13 +22,14 @@ def test_min_snr_weights_match_the_formula(tiny_pipeline_dir, prediction_type):
     abar = c.noise_scheduler.alphas_cumprod[t].double()
     snr = abar / (1 - abar)
     expected = torch.minimum(snr, torch.tensor(5.0)) / (snr + 1 if prediction_type == "v_prediction" else snr)
-    got = sd15.objective(c).weights(t, LossSettings(snr_gamma=5.0))
+    got = sd15.objective(c).weights(t, TrainConfig(snr_gamma=5.0))
     torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-6)
     assert got[0] < 0.1 and got.max() <= 1 + 1e-6  # low-noise steps are down-weighted, none up-weighted
 
 
 @pytest.mark.parametrize(
-    "loss", [LossSettings("l1"), LossSettings("huber", huber_delta=0.3), LossSettings(snr_gamma=2.0, noise_offset=0.1)]
+    "loss",
+    [TrainConfig(loss="l1"), TrainConfig(loss="huber", huber_delta=0.3), TrainConfig(snr_gamma=2.0, noise_offset=0.1)],
 )
 def test_loss_options_match_an_independent_computation(tiny_pipeline_dir, loss):
     c = sd15.load(tiny_pipeline_dir)
@@ -43,9 +45,9 @@ def test_loss_options_match_an_independent_computation(tiny_pipeline_dir, loss):
     with torch.no_grad():
         pred = c.unet(abar.sqrt() * latents + (1 - abar).sqrt() * noise, t, encoder_hidden_states=embeds).sample
     err = pred - noise
-    if loss.kind == "l1":
+    if loss.loss == "l1":
         expected = err.abs()
-    elif loss.kind == "huber":
+    elif loss.loss == "huber":
         d = loss.huber_delta
         expected = torch.where(err.abs() < d, 0.5 * err**2, d * (err.abs() - 0.5 * d))
     else:
@@ -75,8 +77,8 @@ def test_optimizers_and_accumulation_train_the_adapter(tiny_pipeline_dir, optimi
             torch.full((2,), 0.5),
         )
 
-    settings = LoopSettings(steps=3, learning_rate=1e-2, lr_scheduler="linear", log_every=1, optimizer=optimizer)
-    result = train_denoiser(accelerator, c.unet, c.unet.parameters(), sd15.objective(c), next_batch, settings, seed=0)
+    settings = TrainConfig(max_steps=3, learning_rate=1e-2, lr_scheduler="linear", log_every=1, optimizer=optimizer)
+    result = Training(accelerator, c.unet, c.unet.parameters(), sd15.objective(c), next_batch, settings, seed=0).train()
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     assert len(calls) == 3 * accumulation and len(result.losses) == 3
@@ -102,7 +104,7 @@ def test_masked_loss_with_input_perturbation_matches_an_independent_computation(
     mask = torch.zeros(2, 1, 8, 8)
     mask[0, :, :, :4] = 1  # left half of the first image
     mask[1] = 1  # all of the second
-    settings = LossSettings(input_perturbation=0.2)
+    settings = TrainConfig(input_perturbation=0.2)
     got = diffusion_loss(c.unet, sd15.objective(c), latents, embeds, torch.Generator().manual_seed(3), settings, mask)
 
     g = torch.Generator().manual_seed(3)
@@ -121,18 +123,17 @@ def test_timesteps_stay_in_range_and_follow_the_bias():
     from diffusers import DDPMScheduler
 
     from tuner.models.objectives import NoiseObjective
-    from tuner.training.loop import timestep_weights
 
     draw_timesteps = NoiseObjective(DDPMScheduler(), "epsilon", None).draw
 
     g = torch.Generator().manual_seed(0)
-    ranged = draw_timesteps(5000, LossSettings(min_timestep=200, max_timestep=400), g)
+    ranged = draw_timesteps(5000, TrainConfig(min_timestep=200, max_timestep=400), g)
     assert ranged.min() >= 200 and ranged.max() < 400 and ranged.unique().numel() > 150
-    weights = timestep_weights(1000, "later", multiplier=3.0, portion=0.25)
-    later = draw_timesteps(20000, LossSettings(timestep_weights=weights), g)
+    bias = {"timestep_bias_multiplier": 3.0, "timestep_bias_portion": 0.25}
+    later = draw_timesteps(20000, TrainConfig(timestep_bias="later", **bias), g)
     share = (later >= 750).float().mean().item()
     assert abs(share - 0.75 / (0.75 + 0.75)) < 0.02  # 250 timesteps at weight 3 vs 750 at weight 1
-    earlier = draw_timesteps(20000, LossSettings(timestep_weights=timestep_weights(1000, "earlier", 3.0, 0.25)), g)
+    earlier = draw_timesteps(20000, TrainConfig(timestep_bias="earlier", **bias), g)
     assert abs((earlier < 250).float().mean().item() - 0.5) < 0.02
 
 
@@ -180,15 +181,15 @@ def _train_on_a_fixed_batch(tiny_pipeline_dir, steps, callback=None, **settings)
         return Batch(latents, embeds, torch.full((4,), 0.25))
 
     before = fixed_loss()
-    result = train_denoiser(
+    result = Training(
         Accelerator(),
         c.unet,
         c.unet.parameters(),
         sd15.objective(c),
         next_batch,
-        LoopSettings(steps=steps, log_every=steps, **settings),
+        TrainConfig(max_steps=steps, log_every=steps, **settings),
         seed=0,
-    )
+    ).train()
     return before, fixed_loss(), result, c.unet
 
 

@@ -7,8 +7,8 @@ import torch
 
 from tuner.errors import ConfigError
 from tuner.models import get_family
+from tuner.models.objectives import diffusion_loss
 from tuner.models.tiny import char_tokenizer
-from tuner.training.loop import diffusion_loss
 
 sd15 = get_family("sd15")
 

@@ -4,9 +4,10 @@ import torch
 from accelerate import Accelerator
 from peft import LoraConfig
 
+from tuner.config import TrainConfig
 from tuner.models import get_family
 from tuner.training.batches import Batch, LatentCache
-from tuner.training.loop import LoopSettings, train_denoiser
+from tuner.training.loop import Training
 
 sd15 = get_family("sd15")
 
@@ -22,15 +23,15 @@ def test_lora_training_changes_only_the_adapter(tiny_pipeline_dir):
     def next_batch(generator):
         return Batch(latents, embeds, torch.full((4,), 0.25))
 
-    result = train_denoiser(
+    result = Training(
         Accelerator(),
         c.unet,
         c.unet.parameters(),
         sd15.objective(c),
         next_batch=next_batch,
-        settings=LoopSettings(steps=6, learning_rate=1e-2, log_every=3),
+        t=TrainConfig(max_steps=6, learning_rate=1e-2, log_every=3),
         seed=0,
-    )
+    ).train()
     assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
     after = c.unet.state_dict()
     lora_keys = [k for k in after if "lora_" in k]

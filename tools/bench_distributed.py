@@ -5,7 +5,7 @@
 
 Each case starts ``torchrun --nproc_per_node N`` on this script's worker, which builds a tiny pipeline
 of the real classes (SD1.5's block structure by default), puts a LoRA on its U-Net and trains it with
-tuner's own loop (``train_denoiser``, DistributedDataParallel through accelerate: gloo on CPUs, NCCL
+tuner's own loop (``Training``, DistributedDataParallel through accelerate: gloo on CPUs, NCCL
 on GPUs) on random latents. Per process the batch is ``--batch``, so N processes train N times the
 samples per step. The table gives, after ``--warmup`` steps:
 
@@ -38,10 +38,11 @@ def worker(args) -> None:
     from peft import LoraConfig
 
     from tuner import distributed
+    from tuner.config import TrainConfig
     from tuner.models import get_family
     from tuner.models.tiny import make_tiny_pipeline
     from tuner.training.batches import Batch
-    from tuner.training.loop import LoopSettings, train_denoiser
+    from tuner.training.loop import Training
 
     accelerator = distributed.make_accelerator("no", 1)
     folder = Path(args.tmp) / "pipe"
@@ -65,9 +66,8 @@ def worker(args) -> None:
         latents = torch.randn(n, 4, latent, latent, generator=generator)
         return Batch(latents, embeds.cpu().expand(n, -1, -1), torch.full((n,), 1.0 / n))
 
-    settings = LoopSettings(steps=args.steps, learning_rate=1e-4, log_every=args.steps)
-    train_denoiser(accelerator, c.unet, c.unet.parameters(), sd15.objective(c), next_batch,
-                   settings, seed=0)  # fmt: skip
+    t = TrainConfig(max_steps=args.steps, learning_rate=1e-4, log_every=args.steps)
+    Training(accelerator, c.unet, c.unet.parameters(), sd15.objective(c), next_batch, t, seed=0).train()
     steps = [b - a for a, b in zip(stamps, stamps[1:])][args.warmup :]
     trained = [p for p in c.unet.parameters() if p.requires_grad]
     grads = torch.zeros(sum(p.numel() for p in trained), device=accelerator.device)

@@ -6,9 +6,7 @@ folder) are reported before any model loads, naming the key, and exit with statu
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 import shlex
 import sys
 
@@ -16,51 +14,6 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-
-def _known_keys(cfg, prefix: str = "") -> list[str]:
-    from omegaconf import DictConfig
-
-    keys = []
-    for key in cfg.keys():
-        path = f"{prefix}{key}"
-        node = cfg._get_node(key)
-        keys += _known_keys(node, f"{path}.") if isinstance(node, DictConfig) else [path]
-    return keys
-
-
-def explain(error: Exception, recipe: str, overrides: list[str] = ()) -> str:
-    """A config error as one readable message naming the key, with a suggestion where one fits."""
-    from tuner.compose import compose
-
-    text = str(error)
-    match = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
-    keys = None
-    if match:
-        key = match.group(1) or match.group(2)
-        keys = _known_keys(compose(recipe))
-        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
-        hint = f" Did you mean {' or '.join(close)}?" if close else ""
-        return f"unknown config key '{key}'.{hint} (python -m tuner recipe={recipe} print_config shows every key)"
-    cause = error.__cause__ or error.__context__
-    if cause is not None and "full_key" in str(cause):
-        text = str(cause)
-    # one line: OmegaConf puts the key and the schema's class on lines of their own
-    key = re.search(r"full_key: (\S+)", text)
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    if key:
-        written = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
-        below = [w for w in written if w.startswith(f"{key[1]}.")]
-        if below:  # `checkpoint.every=10`: a value written as if it were a section
-            keys = keys or _known_keys(compose(recipe))
-            close = difflib.get_close_matches(below[0], [k for k in keys if k != key[1]], n=3, cutoff=0.6)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            return f"{below[0]}: {key[1]} is a single value, not a section with keys.{hint}"
-        if "is not a subclass of" in first:  # `train=5`: a section written as if it were a value
-            keys = keys or _known_keys(compose(recipe))
-            inside = [k for k in keys if k.startswith(f"{key[1]}.")][:3]
-            return f"{key[1]} is a section, not a value: set its keys, e.g. {', '.join(f'{k}=...' for k in inside)}"
-    return f"{key[1]}: {first}" if key and key[1] not in first else first
 
 
 def _hide_unused_integrations(cfg) -> None:
@@ -109,9 +62,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:<18} {line}")
         return 0 if recipe is None and not overrides else 2
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         if multirun:
             from tuner.sweep import sweep
@@ -130,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
         validate(cfg)
     except ConfigError as e:
         print(f"tuner: config error: {e}", file=sys.stderr)
-        return 2
-    except (HydraException, OmegaConfBaseException) as e:
-        print(f"tuner: config error: {explain(e, recipe, overrides)}", file=sys.stderr)
         return 2
 
     import signal

@@ -1,13 +1,13 @@
 """Every check of a composed configuration, before anything loads. Each check sits beside what it checks;
 ``validate`` runs them in order:
 
-1. the numbers, by key (tuner/numbers.py's rule table);
-2. the closed vocabularies not yet in the schema, and the choices that apply to every run;
-3. the recipe's stages: known, in an order where each comes after the stages it needs, then each stage's
+1. the numbers, by key (tuner/numbers.py's rule table), and the settings every run reads;
+2. the recipe's stages: known, in an order where each comes after the stages it needs, then each stage's
    own ``check`` (tuner/stages/*, tuner/digits/stages.py);
-4. the embedded base (``model.builtin``), the model family (tuner/models/checks.py), resume;
-5. the run folder (tuner/run_folder.py), on rank 0.
+3. the embedded base (``model.builtin``), the model family (tuner/models/checks.py), resume;
+4. the run folder (tuner/run_folder.py), on rank 0.
 
+Closed vocabularies are Enums in the schema (tuner/choices.py): a value outside one fails at compose time.
 A check raises ``ConfigError`` naming the key, the value and the fix. This module sits above the runner,
 whose registry says what each stage needs and writes, and below the command line.
 """
@@ -19,10 +19,7 @@ import os
 
 from omegaconf import DictConfig
 
-from tuner.config import ADAPTER_TYPES, LR_SCHEDULERS, OPTIMIZERS, SOURCE_KINDS, TARGET_PRESETS
 from tuner.errors import ConfigError
-from tuner.export.formats import DTYPES, FORMATS
-from tuner.generate import SCHEDULERS
 from tuner.models import checks as family_checks
 from tuner.numbers import check_numbers
 from tuner.run_folder import check_output_dir
@@ -36,7 +33,6 @@ def validate(cfg: DictConfig) -> None:
         ConfigError: naming the key and the fix.
     """
     check_numbers(cfg)
-    _check_vocabularies(cfg)
     _check_every_run(cfg)
     _check_stages(cfg)
     for name in cfg.stages:
@@ -65,52 +61,17 @@ def _check_stages(cfg: DictConfig) -> None:
             if not any(c in stages[:i] for c in choices):
                 fixed = ",".join([*stages[:i], choices[0], *stages[i:]])
                 need = " or ".join(choices)
-                raise ConfigError(f"stages={stages}: {name} needs {need} before it; e.g. stages=[{fixed}]")
+                raise ConfigError(f"stages=[{','.join(stages)}]: {name} needs {need} before it; e.g. stages=[{fixed}]")
 
 
 def _check_every_run(cfg: DictConfig) -> None:
     """Settings every run reads: logging, validation sampling, the adapter's shape."""
-    v = cfg.validation
-    if v.every < 0 or not v.seeds or (v.steps is not None and v.steps < 1):
-        raise ConfigError("validation.every must be 0 (never) or more, validation.seeds not empty, steps >= 1")
+    if not cfg.validation.seeds:
+        raise ConfigError("validation.seeds is empty: give the seeds validation samples at, e.g. [0,1]")
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
-
-
-def _check_vocabularies(cfg: DictConfig) -> None:
-    d, t, a, te = cfg.data, cfg.train, cfg.adapter, cfg.text_encoder
-    for key, value, choices in (
-        ("data.crop", d.crop, ("center", "random", "none")),
-        ("data.caption_missing", d.caption_missing, ("default", "reject")),
-        ("data.trigger_policy", d.trigger_policy, ("replace", "prefix")),
-        ("train.lr_scheduler", t.lr_scheduler, LR_SCHEDULERS),
-        ("train.optimizer", t.optimizer, OPTIMIZERS),
-        ("train.loss", t.loss, ("l2", "l1", "huber")),
-        ("train.mixed_precision", t.mixed_precision, ("no", "fp16", "bf16")),
-        ("train.vae_dtype", t.vae_dtype, ("float32", "float16", "bfloat16")),
-        ("train.timestep_bias", t.timestep_bias, ("none", "earlier", "later")),
-        ("train.nonfinite", t.nonfinite, ("stop", "skip")),
-        ("model.prediction_type", cfg.model.prediction_type, (None, "epsilon", "v_prediction")),
-        ("model.weighting_scheme", cfg.model.weighting_scheme, WEIGHTING_SCHEMES),
-        ("adapter.type", a.type, ADAPTER_TYPES),
-        ("adapter.targets", a.targets, TARGET_PRESETS),
-        ("adapter.init", a.init, ("gaussian", "default")),
-        ("text_encoder.train", te.train, ("none", "lora", "full")),
-        ("export.dtype", cfg.export.dtype, tuple(DTYPES)),
-        ("export.single_file_dtype", cfg.export.single_file_dtype, tuple(DTYPES)),
-        ("export.variant", cfg.export.variant, (None, "fp16", "bf16")),
-        ("generate.scheduler", cfg.generate.scheduler, tuple(SCHEDULERS)),
-        *((f"export.formats[{k}]", x, FORMATS) for k, x in enumerate(cfg.export.formats)),
-        *((f"data.sources[{k}].kind", x.kind, SOURCE_KINDS) for k, x in enumerate(d.sources)),
-        *((f"data.sources[{k}].role", x.role, ("instance", "class")) for k, x in enumerate(d.sources)),
-    ):
-        if value not in choices:
-            raise ConfigError(f"{key}={value}: choose one of {', '.join(str(c) for c in choices)}")
-
-
-WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
 def _check_resume(cfg: DictConfig) -> None:

@@ -6,7 +6,9 @@ With ``checkpoint=`` inside a tuner run and no model chosen, the run's own base 
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -44,8 +46,8 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose the configuration of one recipe with the user's overrides.
 
     Raises:
-        ConfigError: the recipe does not exist.
-        hydra.errors.HydraException / omegaconf errors: an unknown key or a value of the wrong type.
+        ConfigError: the recipe does not exist, or a key is unknown, a value of the wrong type or outside
+            its vocabulary; the message names the key (``explain``).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -57,10 +59,16 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     ConfigStore.instance().store(name="tuner_schema", node=TunerConfig)
     # recipes/ is searched as a config root, so `recipes` is a config group of _global_ presets
     search = f"hydra.searchpath=[file://{RECIPES_DIR.parent}]"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            "config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or [])
-        )
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(
+                "config", overrides=[search, f"+{RECIPES_DIR.name}@_global_={recipe}"] + list(overrides or [])
+            )
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(explain(e, recipe, list(overrides or []))) from None
     cfg.recipe = recipe
     _inherit_model(cfg, list(overrides or []))
     if cfg.resume not in (None, "auto") and not cfg.output_dir:  # resume=PATH: the checkpoint's own run folder
@@ -95,3 +103,49 @@ def run_folder_of(path: str | Path) -> Path | None:
         if (folder / "config.yaml").is_file() and (folder / "summary.json").is_file():
             return folder
     return None
+
+
+def _known_keys(cfg, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        node = cfg._get_node(key)
+        keys += _known_keys(node, f"{path}.") if isinstance(node, DictConfig) else [path]
+    return keys
+
+
+def explain(error: Exception, recipe: str, overrides: list[str] = ()) -> str:
+    """A Hydra or OmegaConf error as one readable message naming the key, with a suggestion where one fits."""
+    text = str(error)
+    match = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
+    keys = None
+    if match:
+        key = match.group(1) or match.group(2)
+        keys = _known_keys(compose(recipe))
+        close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        return f"unknown config key '{key}'.{hint} (python -m tuner recipe={recipe} print_config shows every key)"
+    cause = error.__cause__ or error.__context__
+    if cause is not None and "full_key" in str(cause):
+        text = str(cause)
+    # one line: OmegaConf puts the key and the schema's class on lines of their own
+    key = re.search(r"full_key: (\S+)", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    if key:
+        written = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+        below = [w for w in written if w.startswith(f"{key[1]}.")]
+        if below:  # `checkpoint.every=10`: a value written as if it were a section
+            keys = keys or _known_keys(compose(recipe))
+            close = difflib.get_close_matches(below[0], [k for k in keys if k != key[1]], n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            return f"{below[0]}: {key[1]} is a single value, not a section with keys.{hint}"
+        if "is not a subclass of" in first:  # `train=5`: a section written as if it were a value
+            keys = keys or _known_keys(compose(recipe))
+            inside = [k for k in keys if k.startswith(f"{key[1]}.")][:3]
+            return f"{key[1]} is a section, not a value: set its keys, e.g. {', '.join(f'{k}=...' for k in inside)}"
+    choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+    if key and choice:  # a value outside a closed vocabulary (tuner/choices.py)
+        return f"{key[1]}={choice[1]}: choose one of {choice[2]}"
+    return f"{key[1]}: {first}" if key and key[1] not in first else first

@@ -1,11 +1,10 @@
-"""The configuration schema and how a run's configuration is composed.
+"""The configuration schema: every key a run understands, as a typed dataclass field (closed vocabularies
+as the Enums of tuner/choices.py). This module holds what a run trains on and how; what it puts out
+(samples, logs, validation, evaluation, export, generate) is in tuner/output_config.py.
 
-Every key a run understands is declared here as a dataclass field, registered in Hydra's
-ConfigStore, and sits under the YAML in ``conf/`` and ``recipes/``. So a mistyped key or a wrong
-type fails at compose time, naming the key, before any model is loaded.
-
-A run is composed from ``conf/config.yaml`` (the defaults), one preset from ``recipes/`` (selected
-with ``recipe=NAME``) and the user's ``key=value`` overrides, in that order.
+The schema is registered in Hydra's ConfigStore under the YAML in ``conf/`` and ``recipes/``
+(tuner/compose.py), so a mistyped key, a wrong type or a value outside its vocabulary fails at compose
+time, naming the key, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -14,24 +13,49 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
+from tuner.choices import (
+    AdapterInit,
+    AdapterType,
+    Builtin,
+    CaptionMissing,
+    Crop,
+    Dtype,
+    Family,
+    Loss,
+    LrScheduler,
+    MixedPrecision,
+    NonFinite,
+    Optimizer,
+    PredictionType,
+    Role,
+    SourceKind,
+    SubjectTransform,
+    Targets,
+    TextEncoderTrain,
+    TimestepBias,
+    TriggerPolicy,
+    WeightingScheme,
+)
+from tuner.output_config import EvalConfig, ExportConfig, GenerateConfig, LogConfig, SampleConfig, ValidationConfig
+
 # conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
 
 
 @dataclass
 class ModelConfig:
     # sd15 | sd2 | sdxl | flux | sd3 (tuner/models/)
-    family: str = "sd15"
+    family: Family = Family.sd15
     # a local diffusers pipeline folder, or a single-file .safetensors checkpoint (with config)
     path: str | None = None
     # for a single-file path: a local diffusers folder of the same family whose configs and tokenizers
     # describe it (its weights are not read); the file is converted once, under $TUNER_HOME/single_file/
     config: str | None = None
     # an embedded base tuner builds and caches itself when path is null: digits (or null for none)
-    builtin: str | None = None
+    builtin: Builtin | None = None
     # pixel resolution the model was trained at; the data stage resizes to it
     resolution: int = 512
     # epsilon | v_prediction; null reads it from the scheduler config
-    prediction_type: str | None = None
+    prediction_type: PredictionType | None = None
     # also load pickled .bin weights where a folder has no .safetensors (read with torch's weights_only=True)
     allow_pickle: bool = False
     # sd2 (v-prediction): rescale the schedule to zero terminal SNR, sample with trailing timesteps
@@ -43,7 +67,7 @@ class ModelConfig:
     max_sequence_length: int | None = None
     # flux, sd3: how training timesteps are drawn and losses weighed (diffusers' SD3 schemes):
     # none (uniform) | logit_normal | mode | sigma_sqrt | cosmap
-    weighting_scheme: str = "none"
+    weighting_scheme: WeightingScheme = WeightingScheme.none
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
@@ -71,7 +95,7 @@ class SubjectConfig:
 
     digit: int = 7
     # mirror | flip | rot90 | rot180 | rot270 | transpose
-    transform: str = "mirror"
+    transform: SubjectTransform = SubjectTransform.mirror
     count: int = 5
     seed: int = 0
     # written as PNG files of this size; the prepare stage resizes them to the model's resolution
@@ -84,7 +108,7 @@ class Source:
 
     path: str
     # auto | folder | imagefolder (metadata.jsonl) | kohya (N_concept folders) | hf (save_to_disk) | parquet
-    kind: str = "auto"
+    kind: SourceKind = SourceKind.auto
     # times each image appears per epoch (kohya folders set their own)
     repeats: int = 1
     # multiplies each of its images' loss
@@ -101,7 +125,7 @@ class SourceConfig(Source):
     """One more input of the dataset, beside data.instance_dir and data.class_dir."""
 
     # instance (the subject or the captioned data) | class (prior preservation images)
-    role: str = "instance"
+    role: Role = Role.instance
 
 
 @dataclass
@@ -115,7 +139,7 @@ class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     resolution: int = "${model.resolution}"  # type: ignore[assignment]
     # center | random | none (none squashes the whole image to the square)
-    crop: str = "center"
+    crop: Crop = Crop.center
     # aspect-ratio buckets of area resolution^2, sides multiples of bucket_step, ratio within the range
     buckets: bool = False
     bucket_step: int = 64
@@ -124,10 +148,10 @@ class DataConfig:
     # false: images smaller than the bucket area keep their size (rounded down to the step)
     upscale: bool = True
     # an image without a caption: default (the role's prompt) | reject
-    caption_missing: str = "default"
+    caption_missing: CaptionMissing = CaptionMissing.default
     # replaces [trigger] in captions; trigger_policy=prefix also puts it before captions lacking it
     trigger: str | None = None
-    trigger_policy: str = "replace"
+    trigger_policy: TriggerPolicy = TriggerPolicy.replace
     # while training: the share of samples trained with the empty caption (for guidance), and comma-separated
     # tags shuffled after the first keep_tags (the text encoder then runs in every step)
     caption_dropout: float = 0.0
@@ -160,9 +184,6 @@ class PriorConfig:
     sample_batch_size: int = 16
 
 
-TARGET_PRESETS = ("attn", "attn_ff", "all_linear", "locon")
-
-
 @dataclass
 class BlockGroup:
     # a glob over U-Net parameter names, e.g. up_blocks.*.attentions.*; the first matching group wins
@@ -176,16 +197,16 @@ class AdapterConfig:
     """What trains in the denoiser: a peft adapter (lora, loha, lokr), chosen blocks, all of it, or nothing."""
 
     # lora | loha | lokr | partial_unet | full | none
-    type: str = "lora"
+    type: AdapterType = AdapterType.lora
     rank: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
     # attn | attn_ff | all_linear | locon (all linear layers plus the resnets' convolutions)
-    targets: str = "attn_ff"
+    targets: Targets = Targets.attn_ff
     # explicit module names or suffixes; when set, they replace the preset
     target_modules: list[str] = field(default_factory=list)
     # lora: gaussian | default (peft's kaiming A, zero B); inits that rewrite the base (pissa, olora) are refused
-    init: str = "gaussian"
+    init: AdapterInit = AdapterInit.gaussian
     use_dora: bool = False
     # scale by alpha / sqrt(rank) instead of alpha / rank
     use_rslora: bool = False
@@ -198,7 +219,7 @@ class TextEncoderConfig:
     """Training the text encoder beside the denoiser."""
 
     # none | lora | full
-    train: str = "none"
+    train: TextEncoderTrain = TextEncoderTrain.none
     # null: train.learning_rate
     learning_rate: float | None = None
     # the text encoder freezes after this fraction of train.max_steps (1.0: trains to the end)
@@ -227,18 +248,18 @@ class TrainConfig:
     batch_size: int = 4
     learning_rate: float = 1e-3
     # constant | constant_with_warmup | linear | cosine | one_cycle
-    lr_scheduler: str = "constant"
+    lr_scheduler: LrScheduler = LrScheduler.constant
     warmup_steps: int = 0
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
     # adamw (fused where the device has it) | adamw8bit (bitsandbytes) | prodigy (set learning_rate=1) | sgd
-    optimizer: str = "adamw"
+    optimizer: Optimizer = Optimizer.adamw
     # optimizer steps take this many micro-batches of batch_size each
     gradient_accumulation_steps: int = 1
     # multiply learning_rate by batch_size * gradient_accumulation_steps * number of processes
     scale_lr: bool = False
     # l2 | l1 | huber (huber_delta sets where it turns from quadratic to linear)
-    loss: str = "l2"
+    loss: Loss = Loss.l2
     huber_delta: float = 0.1
     # min-SNR-gamma loss weighting, e.g. 5.0; null: off
     snr_gamma: float | None = None
@@ -251,95 +272,26 @@ class TrainConfig:
     max_timestep: int | None = None
     # none | earlier | later: draw timestep_bias_portion of the range at the chosen end
     # timestep_bias_multiplier times as often
-    timestep_bias: str = "none"
+    timestep_bias: TimestepBias = TimestepBias.none
     timestep_bias_multiplier: float = 2.0
     timestep_bias_portion: float = 0.25
     # EMA of the trained weights (e.g. 0.999), used for the gallery, evaluation and export; null: off
     ema_decay: float | None = None
     # no | fp16 | bf16, through accelerate: the frozen base runs in it, trained weights stay fp32
-    mixed_precision: str = "no"
+    mixed_precision: MixedPrecision = MixedPrecision.no
     # the VAE's dtype: float32 unless asked (fp16 VAEs produce NaNs)
-    vae_dtype: str = "float32"
+    vae_dtype: Dtype = Dtype.float32
     # recompute activations in the backward pass: less memory, about a third more time
     gradient_checkpointing: bool = False
     log_every: int = 50
     # a step whose loss is NaN or infinite: stop (the last checkpoint stays as it was) or skip it
-    nonfinite: str = "stop"
+    nonfinite: NonFinite = NonFinite.stop
     # time each phase of the steps (summary.json's step_phases); on a GPU it waits for the device at each
     # phase's end, so it slows training: for benchmarks (on a CPU phases are always timed, at no cost)
     profile: bool = False
     # the denoiser in channels-last layout (on a CPU: PyTorch's own convolution kernels). null: on for float32
     # LoRA training on a CPU when no convolution weight trains and not DoRA (faster here, tools/bench.py)
     channels_last: bool | None = None
-
-
-@dataclass
-class SampleConfig:
-    """Gallery sampling: fixed seeds so base and fine-tuned images are comparable."""
-
-    # images per pipeline call (gallery, class images, evaluation); lower it if memory runs out
-    batch_size: int = 16
-    # gallery prompts; empty: the instance and class prompts
-    prompts: list[str] = field(default_factory=list)
-
-    seeds: list[int] = field(default_factory=lambda: list(range(8)))
-    steps: int = 25
-    guidance_scale: float = 3.0
-    # images are upscaled (nearest) to at least this many pixels in the gallery
-    display_size: int = 64
-
-
-@dataclass
-class LogConfig:
-    """Training logs: TensorBoard in RUN/logs (``tensorboard --logdir runs``), Weights & Biases optionally."""
-
-    tensorboard: bool = True
-    # needs the wandb package (pip install wandb); WANDB_MODE=offline keeps the run on this machine
-    wandb: bool = False
-    wandb_project: str = "tuner"
-
-
-@dataclass
-class ValidationConfig:
-    """Samples every ``every`` steps (0: never) at fixed prompts and seeds, into RUN/validation/: a grid PNG per
-    step and an index.html with one row per step, growing while the run trains."""
-
-    every: int = 0
-    # default: sample.prompts, else the instance (and class) prompt, else the first two training captions
-    prompts: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    # default: sample.steps
-    steps: int | None = None
-    # default: sample.guidance_scale
-    guidance_scale: float | None = None
-
-
-@dataclass
-class EvalConfig:
-    """Digit-classifier metrics for runs on the digits base."""
-
-    samples: int = 64
-    seed: int = 1000
-    steps: int = 25
-    guidance_scale: float = 3.0
-
-
-@dataclass
-class ExportConfig:
-    """What the export stage writes (see tuner/export/formats.py); each lands in a run subfolder of its name."""
-
-    # any of diffusers, kohya, peft, merged, single_file
-    formats: list[str] = field(default_factory=lambda: ["diffusers", "kohya"])
-    # file name of the kohya and single-file exports (and the model card's title); null: the run folder's name
-    name: str | None = None
-    # tensors of the adapter files (diffusers, kohya, peft): float32 | float16 | bfloat16
-    dtype: str = "float32"
-    # merged: a reduced-precision variant saved beside the fp32 weights (fp16 | bf16 | null for none)
-    variant: str | None = "fp16"
-    # single_file: float32 | float16 | bfloat16 (A1111 and ComfyUI load any)
-    single_file_dtype: str = "float32"
-    # write the base model's absolute path into metadata and the model card (default: its folder name only)
-    include_paths: bool = False
 
 
 @dataclass
@@ -350,52 +302,6 @@ class CheckpointsConfig:
     every: int = 0
     # how many to keep (the newest)
     keep: int = 2
-
-
-@dataclass
-class AdapterRef:
-    """An adapter to generate with: a run folder, an export folder or a LoRA / embedding file, and its weight."""
-
-    path: str = MISSING
-    weight: float = 1.0
-
-
-@dataclass
-class PostConfig:
-    """Optional post-processing of generated images, in this order."""
-
-    # match each RGB channel's mean and spread to the init image (image-to-image only)
-    color_correct: bool = False
-    # integer upscale factor (Lanczos); 1: off
-    upscale: int = 1
-    # unsharp-mask strength (1.0 = 100 %); 0: off
-    sharpen: float = 0.0
-
-
-@dataclass
-class GenerateConfig:
-    """recipe=generate: a base plus adapters, prompts (with kohya-style per-line options), images + a page."""
-
-    adapters: list[AdapterRef] = field(default_factory=list)
-    prompts: list[str] = field(default_factory=list)
-    # one prompt per line, then options: --n negative --w width --h height --d seed --l guidance --s steps --ss sampler
-    prompt_file: str | None = None
-    negative_prompt: str = ""
-    # first seed; each image without a --d seed takes the next one
-    seed: int = 0
-    images_per_prompt: int = 1
-    steps: int = 25
-    guidance_scale: float = 7.5
-    # null: data.resolution
-    width: int | None = None
-    height: int | None = None
-    # ddim | ddpm | euler | euler_a | dpm++ | dpm++_karras | pndm
-    scheduler: str = "ddim"
-    batch_size: int = 4
-    # image-to-image: start from this image, keeping (1 - strength) of it
-    init_image: str | None = None
-    strength: float = 0.75
-    post: PostConfig = field(default_factory=PostConfig)
 
 
 @dataclass
@@ -433,10 +339,6 @@ class TunerConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
-SOURCE_KINDS = ("auto", "folder", "imagefolder", "kohya", "hf", "parquet")
-ADAPTER_TYPES = ("lora", "loha", "lokr", "partial_unet", "full", "none")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "sgd")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "one_cycle")
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 

@@ -97,6 +97,8 @@ def check(cfg) -> None:
         raise ConfigError(
             'generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file=FILE'
         )
+    if g.scheduler not in SCHEDULERS:
+        raise ConfigError(f"generate.scheduler={g.scheduler}: choose one of {', '.join(SCHEDULERS)}")
     for key in ("width", "height"):
         if g[key] is not None and (g[key] < 8 or g[key] % 8):
             raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")

@@ -20,14 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tuner import distributed
-from tuner.config import BaseConfig
+from tuner.config import BaseConfig, TrainConfig
 from tuner.digits import data as digits
 from tuner.errors import ConfigError
 from tuner.files import atomic_dir, write_atomic
 from tuner.models import get_family, tiny
 from tuner.models.base import Components
 from tuner.training.batches import Batch, encode_latent_dist
-from tuner.training.loop import LoopSettings, train_denoiser
+from tuner.training.loop import Training
 
 KL_WEIGHT = 1e-4
 
@@ -92,8 +92,9 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
         weights = torch.full((len(index),), 1.0 / len(index))
         return Batch(cache.sample(index, generator), embeddings[prompt], weights)
 
-    settings = LoopSettings(
-        steps=cfg.unet_steps,
+    # the train settings of the U-Net's training (the rest are the schema's defaults)
+    t = TrainConfig(
+        max_steps=cfg.unet_steps,
         learning_rate=cfg.unet_lr,
         lr_scheduler="constant_with_warmup",
         warmup_steps=min(100, cfg.unet_steps // 10),
@@ -101,16 +102,10 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
         ema_decay=cfg.ema_decay,
     )
     unet.requires_grad_(True)
-    result = train_denoiser(
-        accelerator,
-        unet,
-        unet.parameters(),
-        sd15.objective(model),
-        next_batch=next_batch,
-        settings=settings,
-        seed=cfg.seed,
-        desc="digits base: U-Net",
-    )
+    objective = sd15.objective(model)
+    result = Training(
+        accelerator, unet, unet.parameters(), objective, next_batch, t, cfg.seed, "digits base: U-Net"
+    ).train()
     result.ema.copy_to(unet.parameters())
     unet.requires_grad_(False)
     if folder is not None:  # several processes: rank 0 saves

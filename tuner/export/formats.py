@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
+from tuner.choices import ExportFormat
 from tuner.errors import ConfigError
 from tuner.files import atomic_dir, atomic_path
 
-FORMATS = ("diffusers", "kohya", "peft", "merged", "single_file")
+FORMATS = tuple(ExportFormat)  # diffusers, kohya, peft, merged, single_file
 HOLDS = {
     "diffusers": {"lora", "dora", "tokens"},
     "kohya": {"lora", "loha", "lokr", "tokens"},

@@ -10,16 +10,21 @@ import torch
 from omegaconf import OmegaConf
 
 from tuner.data.prepare import load_prepared
+from tuner.distributed import decide
 from tuner.errors import ConfigError
 from tuner.models.base import tree_map
 from tuner.stages.context import Adapted, Run, cache_key, stage
 from tuner.stages.data import images_of, latent_masks
+from tuner.training import checkpoint_files, trainables
+from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
+from tuner.training.cache import shared as shared_cache
+from tuner.training.checkpoints import Checkpointing
+from tuner.training.loop import Training, TrainResult
+from tuner.training.monitor import start as start_monitor
 
 
 def _resume_from(run: Run) -> Path | None:
     """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
-    from tuner.training import checkpoint_files
-
     if run.cfg.resume is None:
         return None
     if run.cfg.resume != "auto":
@@ -93,34 +98,76 @@ def train(run: Run) -> Adapted:
     Frozen work happens once, before the loop: images become latent distributions, captions become
     embeddings (or token ids, when the text encoder runs in the step because it or a new token trains).
     """
-    from tuner.distributed import decide
-    from tuner.models.objectives import LossSettings
-    from tuner.training import trainables
-    from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
-    from tuner.training.cache import shared as shared_cache
-    from tuner.training.checkpoints import Checkpointing
-    from tuner.training.loop import LoopSettings, timestep_weights, train_denoiser
-    from tuner.training.monitor import start as start_monitor
-
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     t = cfg.train
     torch.manual_seed(cfg.seed)
-    what = trainables.setup(cfg, c, run.family)
+    what = _set_up_model(run)
+    in_step = what.text_encoder_trains or cfg.data.shuffle_tags  # the text encoder runs in every step
+    sets, texts = _sample_sets(run, in_step)
+    if t.scale_lr:
+        for group in what.groups:
+            group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    stop = cfg.text_encoder.stop_at
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
+    try:
+        result = Training(
+            accelerator,
+            c.denoiser,
+            what.groups,
+            run.family.objective(c),
+            # train.batch_size is each process's: every rank draws the global batch and trains on its slice
+            next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
+            t=t,
+            seed=cfg.seed,
+            desc=f"train {', '.join(g['name'] for g in what.groups)}",
+            text_encoders=c.text_encoders if in_step else None,
+            encode=run.family.encode_ids,
+            text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
+            channels_last=_channels_last_pays(cfg, accelerator, what.params)
+            if t.channels_last is None
+            else t.channels_last,
+            checkpointing=_checkpointing(run, sets),
+            monitor=monitor,
+        ).train()
+    finally:  # also when training stops: the logs so far are complete
+        monitor.finish()
+    _report(run, result, what, sets)
+    if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
+        result.ema.copy_to(what.params)
+    if t.gradient_checkpointing:
+        c.denoiser.disable_gradient_checkpointing()
+    accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
+    return Adapted(what, tuple(cfg.embedding.tokens), what.base_weights_train or bool(what.new_tokens))
+
+
+def _set_up_model(run: Run) -> trainables.Trainables:
+    """What trains (adapters injected, the rest frozen), checkpointing of activations, the frozen modules'
+    precision."""
+    t, c = run.cfg.train, run.components
+    what = trainables.setup(run.cfg, c, run.family)
     if t.gradient_checkpointing:
         c.denoiser.enable_gradient_checkpointing()
         for te in c.text_encoders.values() if what.text_encoder_trains else ():  # transformers 5 renamed it
             enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
             enable()
     if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
-        trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[accelerator.mixed_precision])
+        trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[run.accelerator.mixed_precision])
     if t.vae_dtype != "float32":
         c.vae.to(getattr(torch, t.vae_dtype))
+    return what
 
+
+def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
+    """The instance set (and the class set, with prior preservation), their latents and captions encoded
+    once and cached in the run folder, keyed by what they depend on (see tuner/training/cache.py).
+
+    Returns the sets and the distinct captions (the empty one last, for caption dropout).
+    """
+    cfg, c, accelerator = run.cfg, run.components, run.accelerator
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
     loaded = []
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
-    # frozen outputs are cached in the run folder, keyed by what they depend on (see tuner/training/cache.py)
-    depends = [str(run.base), accelerator.mixed_precision, t.vae_dtype]
+    depends = [str(run.base), accelerator.mixed_precision, cfg.train.vae_dtype]
     for role, weight in roles:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
@@ -140,9 +187,7 @@ def train(run: Run) -> Adapted:
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), latent_masks(dataset, latents))
         loaded.append((latents, captions, weight, *per_image, run.family.image_cond(dataset)))
-    d = cfg.data
-    texts = list(caption_ids) + [""]  # the empty caption last, for caption dropout
-    in_step = what.text_encoder_trains or d.shuffle_tags  # the text encoder runs in every training step
+    texts = list(caption_ids) + [""]
     if in_step:
         rows = run.family.tokenize(c, texts)
     else:
@@ -158,6 +203,7 @@ def train(run: Run) -> Adapted:
         items = shared_cache(folder, len(texts), encode_rows, accelerator)
         rows = {k: torch.stack([item[k] for item in items]) for k in items[0]}
         rows = rows["embeds"] if list(rows) == ["embeds"] else rows
+    d = cfg.data
     cond = Captions(
         texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
     )
@@ -165,75 +211,25 @@ def train(run: Run) -> Adapted:
         SampleSet(latents, cond, captions, weight, mask, repeats, image_weight, image_cond=image_cond)
         for latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
     ]
+    return sets, texts
 
-    learning_rate = t.learning_rate
-    if t.scale_lr:
-        scale = t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-        learning_rate *= scale
-        for group in what.groups:
-            group["lr"] *= scale
-    loss = LossSettings(
-        kind=t.loss,
-        huber_delta=t.huber_delta,
-        snr_gamma=t.snr_gamma,
-        noise_offset=t.noise_offset,
-        input_perturbation=t.input_perturbation,
-        min_timestep=t.min_timestep,
-        max_timestep=t.max_timestep,
-        timestep_weights=timestep_weights(
-            c.noise_scheduler.config.num_train_timesteps,
-            t.timestep_bias,
-            t.timestep_bias_multiplier,
-            t.timestep_bias_portion,
-        ),
-    )
-    stop = cfg.text_encoder.stop_at
-    checkpointing = Checkpointing(
+
+def _checkpointing(run: Run, sets: list[SampleSet]) -> Checkpointing:
+    """Checkpoints in RUN/checkpoints/ on ``checkpoints.every``, and the one ``resume=`` names (if any)."""
+    cfg = run.cfg
+    return Checkpointing(
         folder=run.dir / "checkpoints",
         every=cfg.checkpoints.every,
         keep=cfg.checkpoints.keep,
-        resume=decide(accelerator, lambda: _resume_from(run)),
+        resume=decide(run.accelerator, lambda: _resume_from(run)),
         data_state=lambda: [{"pending": s.sampler.pending, "epochs": s.sampler.epochs} for s in sets],
         set_data_state=lambda state: [s.sampler.__dict__.update(x) for s, x in zip(sets, state)],
         config=OmegaConf.to_yaml(cfg, resolve=True),
     )
-    settings = LoopSettings(
-        steps=t.max_steps,
-        learning_rate=learning_rate,
-        lr_scheduler=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        log_every=t.log_every,
-        optimizer=t.optimizer,
-        loss=loss,
-        ema_decay=t.ema_decay,
-        text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
-        nonfinite=t.nonfinite,
-        profile=t.profile,
-        channels_last=_channels_last_pays(cfg, accelerator, what.params)
-        if t.channels_last is None
-        else t.channels_last,
-    )
-    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
-    try:
-        result = train_denoiser(
-            accelerator,
-            c.denoiser,
-            what.groups,
-            run.family.objective(c),
-            # train.batch_size is each process's: every rank draws the global batch and trains on its slice
-            next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
-            settings=settings,
-            seed=cfg.seed,
-            desc=f"train {', '.join(g['name'] for g in what.groups)}",
-            text_encoders=c.text_encoders if in_step else None,
-            encode=run.family.encode_ids,
-            checkpointing=checkpointing,
-            monitor=monitor,
-        )
-    finally:  # also when training stops: the logs so far are complete
-        monitor.finish()
+
+
+def _report(run: Run, result: TrainResult, what: trainables.Trainables, sets: list[SampleSet]) -> None:
+    """The run's training metrics: speed, the share of each phase, losses, what trained, epochs, skips."""
     if result.steps_run:
         run.metrics["step_seconds"] = round(result.step_seconds / result.steps_run, 4)
         run.metrics["samples_per_s"] = round(result.samples / result.step_seconds, 2)
@@ -245,9 +241,3 @@ def train(run: Run) -> Adapted:
     if result.skipped:
         run.metrics["skipped_steps"] = result.skipped
         print(f"[tuner] train: skipped {result.skipped} micro-batches with a non-finite loss", flush=True)
-    if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
-        result.ema.copy_to(what.params)
-    if t.gradient_checkpointing:
-        c.denoiser.disable_gradient_checkpointing()
-    accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
-    return Adapted(what, tuple(cfg.embedding.tokens), what.base_weights_train or bool(what.new_tokens))

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from tuner.config import TrainConfig
 from tuner.data.buckets import BucketSampler
 from tuner.models.base import Cond, tree_cat, tree_map
-from tuner.models.objectives import LossSettings, draw_noise
+from tuner.models.objectives import draw_noise
 
 
 @dataclass
@@ -41,9 +42,9 @@ class Batch:
     def to(self, device) -> Batch:
         return self._map(lambda t: t.to(device))
 
-    def with_noise(self, generator: torch.Generator, loss: LossSettings, objective) -> Batch:
-        """This batch with its noise and timesteps drawn (``draw_noise``)."""
-        noise, input_noise, timesteps = draw_noise(self.latents, generator, loss, objective)
+    def with_noise(self, generator: torch.Generator, t: TrainConfig, objective) -> Batch:
+        """This batch with its noise and timesteps drawn (``draw_noise``, with the ``train`` settings ``t``)."""
+        noise, input_noise, timesteps = draw_noise(self.latents, generator, t, objective)
         return Batch(self.latents, self.cond, self.weights, self.mask, noise, input_noise, timesteps)
 
     def shard(self, rank: int, world: int) -> Batch:

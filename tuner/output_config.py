@@ -1,0 +1,126 @@
+"""The schema of what a run puts out: samples for people (gallery), logs, validation during training, the
+digits evaluation, export formats, and generate's images. Part of the configuration schema (tuner/config.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from omegaconf import MISSING
+
+from tuner.choices import Dtype, ExportFormat, Variant
+
+
+@dataclass
+class SampleConfig:
+    """Gallery sampling: fixed seeds so base and fine-tuned images are comparable."""
+
+    # images per pipeline call (gallery, class images, evaluation); lower it if memory runs out
+    batch_size: int = 16
+    # gallery prompts; empty: the instance and class prompts
+    prompts: list[str] = field(default_factory=list)
+
+    seeds: list[int] = field(default_factory=lambda: list(range(8)))
+    steps: int = 25
+    guidance_scale: float = 3.0
+    # images are upscaled (nearest) to at least this many pixels in the gallery
+    display_size: int = 64
+
+
+@dataclass
+class LogConfig:
+    """Training logs: TensorBoard in RUN/logs (``tensorboard --logdir runs``), Weights & Biases optionally."""
+
+    tensorboard: bool = True
+    # needs the wandb package (pip install wandb); WANDB_MODE=offline keeps the run on this machine
+    wandb: bool = False
+    wandb_project: str = "tuner"
+
+
+@dataclass
+class ValidationConfig:
+    """Samples every ``every`` steps (0: never) at fixed prompts and seeds, into RUN/validation/: a grid PNG per
+    step and an index.html with one row per step, growing while the run trains."""
+
+    every: int = 0
+    # default: sample.prompts, else the instance (and class) prompt, else the first two training captions
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    # default: sample.steps
+    steps: int | None = None
+    # default: sample.guidance_scale
+    guidance_scale: float | None = None
+
+
+@dataclass
+class EvalConfig:
+    """Digit-classifier metrics for runs on the digits base."""
+
+    samples: int = 64
+    seed: int = 1000
+    steps: int = 25
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class ExportConfig:
+    """What the export stage writes (see tuner/export/formats.py); each lands in a run subfolder of its name."""
+
+    # any of diffusers, kohya, peft, merged, single_file
+    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.diffusers, ExportFormat.kohya])
+    # file name of the kohya and single-file exports (and the model card's title); null: the run folder's name
+    name: str | None = None
+    # tensors of the adapter files (diffusers, kohya, peft): float32 | float16 | bfloat16
+    dtype: Dtype = Dtype.float32
+    # merged: a reduced-precision variant saved beside the fp32 weights (fp16 | bf16 | null for none)
+    variant: Variant | None = Variant.fp16
+    # single_file: float32 | float16 | bfloat16 (A1111 and ComfyUI load any)
+    single_file_dtype: Dtype = Dtype.float32
+    # write the base model's absolute path into metadata and the model card (default: its folder name only)
+    include_paths: bool = False
+
+
+@dataclass
+class AdapterRef:
+    """An adapter to generate with: a run folder, an export folder or a LoRA / embedding file, and its weight."""
+
+    path: str = MISSING
+    weight: float = 1.0
+
+
+@dataclass
+class PostConfig:
+    """Optional post-processing of generated images, in this order."""
+
+    # match each RGB channel's mean and spread to the init image (image-to-image only)
+    color_correct: bool = False
+    # integer upscale factor (Lanczos); 1: off
+    upscale: int = 1
+    # unsharp-mask strength (1.0 = 100 %); 0: off
+    sharpen: float = 0.0
+
+
+@dataclass
+class GenerateConfig:
+    """recipe=generate: a base plus adapters, prompts (with kohya-style per-line options), images + a page."""
+
+    adapters: list[AdapterRef] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    # one prompt per line, then options: --n negative --w width --h height --d seed --l guidance --s steps --ss sampler
+    prompt_file: str | None = None
+    negative_prompt: str = ""
+    # first seed; each image without a --d seed takes the next one
+    seed: int = 0
+    images_per_prompt: int = 1
+    steps: int = 25
+    guidance_scale: float = 7.5
+    # null: data.resolution
+    width: int | None = None
+    height: int | None = None
+    # ddim | ddpm | euler | euler_a | dpm++ | dpm++_karras | pndm
+    scheduler: str = "ddim"
+    batch_size: int = 4
+    # image-to-image: start from this image, keeping (1 - strength) of it
+    init_image: str | None = None
+    strength: float = 0.75
+    post: PostConfig = field(default_factory=PostConfig)
