@@ -54,7 +54,7 @@ def draw(pipe):
 
 
 def peft_modules(module) -> int:
-    from tuner.export.formats import tuner_layers
+    from tuner.export.tensors import tuner_layers
 
     return len(tuner_layers(module))
 

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers import PROMPT, image_of, train_in_process
+from tuner.config import ModelConfig
 from tuner.models import get_family
 from tuner.models.tiny import make_tiny_pipeline
 
@@ -46,7 +47,7 @@ def fresh_pipeline(family, folder):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dreambooth_lora_exports_reload_through_the_family_pipeline(tmp_path, tiny, name, caplog):
-    from tuner.export.formats import tuner_layers
+    from tuner.export.tensors import tuner_layers
 
     folder = tiny(name)
     run = train_in_process(
@@ -94,7 +95,7 @@ def test_sd2_reads_v_prediction_from_its_scheduler_and_its_target_is_the_velocit
     torch.testing.assert_close(
         sd2.noise_target(c, latents, noise, t), c.noise_scheduler.get_velocity(latents, noise, t)
     )
-    zero = get_family("sd2", {"zero_terminal_snr": True}).load(tiny("sd2"))
+    zero = get_family("sd2", ModelConfig(zero_terminal_snr=True)).load(tiny("sd2"))
     assert float(zero.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # the last timestep is pure noise
 
 
@@ -104,7 +105,7 @@ def test_flow_target_is_noise_minus_latents_at_the_scheduler_sigmas(tiny, name, 
 
     from tuner.config import TrainConfig
 
-    family = get_family(name, {"weighting_scheme": weighting})
+    family = get_family(name, ModelConfig(weighting_scheme=weighting))
     c = family.load(tiny(name))
     objective = family.objective(c)
     g = torch.Generator().manual_seed(0)
@@ -135,7 +136,7 @@ def test_flow_target_is_noise_minus_latents_at_the_scheduler_sigmas(tiny, name, 
 def test_flux_shift_override_matches_the_scheduler_shift(tiny):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    family = get_family("flux", {"timestep_shift": 3.0})
+    family = get_family("flux", ModelConfig(timestep_shift=3.0))
     objective = family.objective(family.load(tiny("flux")))  # Flux's config shifts dynamically: plain sigmas
     reference = FlowMatchEulerDiscreteScheduler(shift=3.0)
     torch.testing.assert_close(objective.sigmas, reference.sigmas[:1000].float())

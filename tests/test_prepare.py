@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuner.data.images import PrepareSettings
+from tuner.config import DataConfig
 from tuner.data.prepare import load_prepared, prepare_folder
 
 
@@ -88,8 +88,8 @@ def _jpeg_rotated() -> bytes:
 
 def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
     before = _tree_digest(messy)
-    settings = PrepareSettings(resolution=16, default_caption="a photo of sks thing", min_side=8)
-    report = prepare_folder(messy, tmp_path / "out", settings)
+    settings = DataConfig(resolution=16, min_side=8)
+    report = prepare_folder(messy, tmp_path / "out", settings, default_caption="a photo of sks thing")
     assert _tree_digest(messy) == before
 
     assert sorted(report.kept) == [
@@ -142,7 +142,7 @@ def test_every_file_is_accounted_for_and_sources_untouched(messy, tmp_path):
 
 
 def test_rerun_with_same_inputs_does_nothing_and_change_redoes(messy, tmp_path):
-    settings = PrepareSettings(resolution=16)
+    settings = DataConfig(resolution=16)
     prepare_folder(messy, tmp_path / "out", settings)
     arrow = next((tmp_path / "out" / "dataset").glob("*.arrow"))
     stamp = arrow.stat().st_mtime_ns
@@ -159,7 +159,7 @@ def test_center_crop_keeps_the_middle(tmp_path):
     image = Image.new("RGB", (48, 16), (0, 0, 0))
     image.paste((255, 255, 255), (16, 0, 32, 16))  # white middle third
     image.save(src / "wide.png")
-    prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=16))
+    prepare_folder(src, tmp_path / "out", DataConfig(resolution=16))
     row = load_prepared(tmp_path / "out")[0]
     assert np.asarray(row["image"]).min() > 240
     assert row["crop"] == [0, 16]
@@ -167,7 +167,7 @@ def test_center_crop_keeps_the_middle(tmp_path):
 
 def test_missing_source_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        prepare_folder(tmp_path / "nowhere", tmp_path / "out", PrepareSettings(resolution=16))
+        prepare_folder(tmp_path / "nowhere", tmp_path / "out", DataConfig(resolution=16))
 
 
 def test_squash_mode_keeps_the_whole_image(tmp_path):
@@ -176,7 +176,7 @@ def test_squash_mode_keeps_the_whole_image(tmp_path):
     image = Image.new("RGB", (48, 16), (0, 0, 0))
     image.paste((255, 255, 255), (0, 0, 8, 16))  # white left edge, lost by a center crop
     image.save(src / "wide.png")
-    prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=16, crop="none"))
+    prepare_folder(src, tmp_path / "out", DataConfig(resolution=16, crop="none"))
     assert np.asarray(load_prepared(tmp_path / "out")[0]["image"])[:, 0].min() > 200
 
 
@@ -196,7 +196,7 @@ def test_loss_masks_are_cropped_with_their_image(tmp_path):
     Image.new("L", (20, 20)).save(src / "orphan.mask.png")
     Image.new("L", (10, 10)).save(src / "wrong.mask.png")
     Image.new("RGB", (20, 20), (9, 9, 9)).save(src / "wrong.png")
-    report = prepare_folder(src, tmp_path / "out", PrepareSettings(resolution=20))
+    report = prepare_folder(src, tmp_path / "out", DataConfig(resolution=20))
     assert sorted(report.kept) == ["photo.png", "plain.png"]
     assert report.rejected["mask file without an image"] == ["orphan.mask.png"]
     assert any("mask size" in reason for reason in report.rejected)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tuner.config import DataConfig
 from tuner.data.buckets import BucketSampler, BucketSettings, assign, bucket_sizes
-from tuner.data.images import PrepareSettings
 from tuner.data.prepare import Source, load_prepared, prepare
 
 
@@ -41,8 +41,8 @@ def test_imagefolder_metadata_with_escapes_and_missing_captions(tmp_path):
         "not json",
     ]
     (root / "metadata.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines))
-    settings = PrepareSettings(resolution=16, default_caption="a photo of [trigger]", trigger="sks")
-    report = prepare([Source(str(root))], tmp_path / "out", settings)
+    settings = DataConfig(resolution=16, trigger="sks")
+    report = prepare([Source(str(root))], tmp_path / "out", settings, default_caption="a photo of [trigger]")
     assert sorted(report.kept) == ["a.png", "b.png", "unlisted.png"]
     assert report.rejected == {
         "outside the dataset root": ["../secret.png"],
@@ -54,7 +54,7 @@ def test_imagefolder_metadata_with_escapes_and_missing_captions(tmp_path):
     statuses = {f["file"]: f["status"] for f in json.loads((tmp_path / "out" / "report.json").read_text())["files"]}
     assert statuses["a.png"] == "kept" and statuses["gone.png"] == "rejected" and len(statuses) == 6
 
-    rejecting = PrepareSettings(resolution=16, caption_missing="reject")
+    rejecting = DataConfig(resolution=16, caption_missing="reject")
     report = prepare([Source(str(root))], tmp_path / "strict", rejecting)
     assert report.kept == ["a.png"] and sorted(report.rejected["caption missing"]) == ["b.png", "unlisted.png"]
 
@@ -69,7 +69,7 @@ def test_kohya_folders_set_repeats_and_captions(tmp_path):
     (root / "2_style" / "s.png").write_bytes(_png((20, 20), (7, 8, 9)))
     (root / "loose.png").write_bytes(_png((20, 20), (10, 11, 12)))
     report = prepare(
-        [Source(str(root))], tmp_path / "out", PrepareSettings(resolution=16, trigger="sks", trigger_policy="prefix")
+        [Source(str(root))], tmp_path / "out", DataConfig(resolution=16, trigger="sks", trigger_policy="prefix")
     )
     assert report.rejected == {"not in an N_concept folder (kohya layout)": ["loose.png"]}
     rows = {r["source"]: r for r in load_prepared(tmp_path / "out")}
@@ -92,7 +92,7 @@ def test_datasets_on_disk_and_parquet_sources_with_weights(tmp_path):
         Source(str(tmp_path / "hf"), image_column="picture", caption="an uncaptioned row"),
         Source(str(tmp_path / "table.parquet"), image_column="picture", caption_column="prompt", repeats=3, weight=0.5),
     ]
-    report = prepare(sources, tmp_path / "out", PrepareSettings(resolution=16))
+    report = prepare(sources, tmp_path / "out", DataConfig(resolution=16))
     # the parquet rows are the same pictures: exact duplicates of the first source's rows
     assert sorted(report.kept) == ["0:row 0", "0:row 1", "0:row 2"]
     assert sorted(report.rejected["duplicate"]) == ["1:row 0", "1:row 1", "1:row 2"]
@@ -100,7 +100,7 @@ def test_datasets_on_disk_and_parquet_sources_with_weights(tmp_path):
     assert rows["caption"] == ["first", "second", "an uncaptioned row"]
     assert rows[0]["image"].size == (16, 16)
 
-    only_parquet = prepare([sources[1]], tmp_path / "pq", PrepareSettings(resolution=16, default_caption="x"))
+    only_parquet = prepare([sources[1]], tmp_path / "pq", DataConfig(resolution=16), "x")
     assert len(only_parquet.kept) == 3
     rows = load_prepared(tmp_path / "pq")
     assert rows["repeats"] == [3, 3, 3] and rows["weight"] == [0.5, 0.5, 0.5] and rows["caption"][2] == "x"
@@ -115,9 +115,9 @@ def test_unsupported_formats_and_near_duplicates(tmp_path):
     picture.save(src / "a.png")
     picture.resize((60, 60)).save(src / "a_smaller.png")  # the same picture, other bytes
     Image.fromarray(noise[1]).resize((64, 64), Image.Resampling.BICUBIC).save(src / "b.png")
-    loose = prepare([Source(str(src))], tmp_path / "loose", PrepareSettings(resolution=16))
+    loose = prepare([Source(str(src))], tmp_path / "loose", DataConfig(resolution=16))
     assert loose.rejected == {"unsupported format (ICO)": ["icon.ico"]}
-    strict = prepare([Source(str(src))], tmp_path / "strict", PrepareSettings(resolution=16, near_duplicate_bits=6))
+    strict = prepare([Source(str(src))], tmp_path / "strict", DataConfig(resolution=16, near_duplicate_bits=6))
     assert strict.rejected["near-duplicate"] == ["a_smaller.png"] and sorted(strict.kept) == ["a.png", "b.png"]
 
 
@@ -182,8 +182,8 @@ def test_workers_and_the_cache_give_the_same_dataset_and_redo_only_changes(tmp_p
     src.mkdir()
     for i in range(12):
         Image.new("RGB", (30 + i, 20), (20 * i, 5, 5)).save(src / f"{i:02d}.png")
-    one = prepare([Source(str(src))], tmp_path / "one", PrepareSettings(resolution=16, crop="random"))
-    two = prepare([Source(str(src))], tmp_path / "two", PrepareSettings(resolution=16, crop="random", workers=2))
+    one = prepare([Source(str(src))], tmp_path / "one", DataConfig(resolution=16, crop="random"))
+    two = prepare([Source(str(src))], tmp_path / "two", DataConfig(resolution=16, crop="random", workers=2))
     assert one.kept == two.kept
     a, b = load_prepared(tmp_path / "one"), load_prepared(tmp_path / "two")
     assert a["crop"] == b["crop"] and a["sha256"] == b["sha256"]
@@ -192,7 +192,7 @@ def test_workers_and_the_cache_give_the_same_dataset_and_redo_only_changes(tmp_p
     cache = tmp_path / "one" / "cache"
     stamps = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")}
     Image.new("RGB", (30, 20), (0, 250, 0)).save(src / "05.png")  # one image changed
-    prepare([Source(str(src))], tmp_path / "one", PrepareSettings(resolution=16, crop="random"))
+    prepare([Source(str(src))], tmp_path / "one", DataConfig(resolution=16, crop="random"))
     after = {p.name: p.stat().st_mtime_ns for p in cache.glob("*.json")}
     assert len(after) == 12 and len(set(after) - set(stamps)) == 1  # one new entry, the stale one pruned
     assert all(after[name] == stamps[name] for name in set(after) & set(stamps))  # the rest reused as they were
@@ -202,7 +202,7 @@ def test_workers_and_the_cache_give_the_same_dataset_and_redo_only_changes(tmp_p
 @pytest.mark.parametrize("missing", ["nowhere", "nowhere.parquet"])
 def test_a_missing_source_is_named(tmp_path, missing):
     with pytest.raises(FileNotFoundError, match=missing):
-        prepare([Source(str(tmp_path / missing))], tmp_path / "out", PrepareSettings(resolution=16))
+        prepare([Source(str(tmp_path / missing))], tmp_path / "out", DataConfig(resolution=16))
 
 
 def test_prepare_recipe_with_extra_sources(tmp_path):
@@ -252,7 +252,7 @@ def test_sidecars_obey_the_root_and_odd_layouts_are_handled(tmp_path):
     (root / "3_sks cat" / "b.png").write_bytes(_png((20, 20), (2, 2, 2)))
     (tmp_path / "secret.txt").write_text("password")
     os.symlink(tmp_path / "secret.txt", root / "3_sks cat" / "b.txt")
-    strict = PrepareSettings(resolution=16, caption_missing="reject")
+    strict = DataConfig(resolution=16, caption_missing="reject")
     report = prepare([Source(str(root))], tmp_path / "out", strict)
     assert report.kept == ["3_sks cat/a.png"]  # the folder name is its caption, even under reject
     assert report.rejected == {"sidecar outside the dataset root or too large": ["3_sks cat/b.png"]}
@@ -261,5 +261,5 @@ def test_sidecars_obey_the_root_and_odd_layouts_are_handled(tmp_path):
 
     table = datasets.Dataset.from_dict({"image": [Image.new("RGB", (20, 20))], "text": [["a", "list"]]})
     table.to_parquet(str(tmp_path / "odd.parquet"))
-    report = prepare([Source(str(tmp_path / "odd.parquet"))], tmp_path / "odd", PrepareSettings(resolution=16))
+    report = prepare([Source(str(tmp_path / "odd.parquet"))], tmp_path / "odd", DataConfig(resolution=16))
     assert report.rejected == {"caption not text": ["row 0"]}

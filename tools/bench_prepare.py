@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tuner.data.images import PrepareSettings
+from tuner.config import DataConfig
 from tuner.data.prepare import Source, prepare  # noqa: E402
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         sources = [Source(str(src))]
 
         def settings(workers):
-            return PrepareSettings(resolution=args.resolution, buckets=True, workers=workers)
+            return DataConfig(resolution=args.resolution, buckets=True, workers=workers)
 
         rows = []
         for workers in (1, 2):

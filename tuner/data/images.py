@@ -1,4 +1,4 @@
-"""One input image of a dataset: the settings it is prepared with, and reading, checking and standardizing it.
+"""One input image of a dataset: reading, checking and standardizing it with the ``data`` settings.
 
 ``process`` turns one input (``tuner/data/sources.py``) into a row of the prepared dataset or a named
 reason it is rejected; ``tuner/data/prepare.py`` runs it over every input and writes the dataset.
@@ -11,11 +11,11 @@ import hashlib
 import io
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
+from tuner.config import DataConfig
 from tuner.data.buckets import BucketSettings, assign, bucket_sizes
 from tuner.data.sources import Item, inside_root
 from tuner.files import write_atomic
@@ -25,41 +25,17 @@ MAX_FILE_BYTES = 256 << 20
 FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF"}
 
 
-@dataclass
-class PrepareSettings:
-    resolution: int
-    # center | random | none (none squashes the image to the square; not with buckets)
-    crop: str = "center"
-    # the caption of an image with no caption of its own
-    default_caption: str = ""
-    # default: an image without a caption gets default_caption | reject: it is rejected
-    caption_missing: str = "default"
-    # replaces [trigger] in captions; with trigger_policy=prefix it also starts captions that lack it
-    trigger: str | None = None
-    trigger_policy: str = "replace"
-    min_side: int = 8
-    background: tuple[int, int, int] = (255, 255, 255)
-    max_pixels: int = 178_956_970
-    seed: int = 0
-    # aspect-ratio buckets instead of one square size
-    buckets: bool = False
-    bucket_step: int = 64
-    min_ratio: float = 0.5
-    max_ratio: float = 2.0
-    upscale: bool = True
-    # reject images whose 64-bit difference hash is within this many bits of a kept one (0: off)
-    near_duplicate_bits: int = 0
-    # processes decoding and resizing images in parallel
-    workers: int = 1
+def bucket_settings(d: DataConfig) -> BucketSettings:
+    """The aspect-ratio buckets of ``data.buckets`` (area resolution^2, sides multiples of bucket_step)."""
+    return BucketSettings(d.resolution, d.bucket_step, d.min_ratio, d.max_ratio, d.upscale)
 
-    def bucket_settings(self) -> BucketSettings:
-        return BucketSettings(self.resolution, self.bucket_step, self.min_ratio, self.max_ratio, self.upscale)
 
-    def image_key(self) -> str:
-        """What a processed image depends on besides its bytes."""
-        fields = ("resolution", "crop", "min_side", "background", "max_pixels", "seed", "buckets")
-        fields += ("bucket_step", "min_ratio", "max_ratio", "upscale")
-        return json.dumps({k: getattr(self, k) for k in fields}, sort_keys=True, default=list)
+def image_key(d: DataConfig, seed: int) -> str:
+    """What a processed image depends on besides its bytes: the data settings that shape it, and the seed
+    of a random crop."""
+    fields = ("resolution", "crop", "min_side", "background", "max_pixels", "buckets")
+    fields += ("bucket_step", "min_ratio", "max_ratio", "upscale")
+    return json.dumps({"seed": seed} | {k: getattr(d, k) for k in fields}, sort_keys=True, default=list)
 
 
 class Rejected(Exception):
@@ -90,7 +66,7 @@ def _to_srgb_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.
 
 
 def standardize(
-    image: Image.Image, s: PrepareSettings, rng, mask: Image.Image | None = None
+    image: Image.Image, s: DataConfig, rng, mask: Image.Image | None = None
 ) -> tuple[Image.Image, tuple[int, int], tuple[int, int], Image.Image | None]:
     """Scale to cover the target size and crop it; returns the image, crop (top, left), bucket, mask.
 
@@ -101,7 +77,7 @@ def standardize(
     """
     w, h = image.size
     if s.buckets:
-        bw, bh = assign((w, h), s.bucket_settings(), _bucket_list(s.bucket_settings()))
+        bw, bh = assign((w, h), bucket_settings(s), _bucket_list(bucket_settings(s)))
     else:
         bw = bh = s.resolution
     if s.crop == "none":
@@ -142,7 +118,7 @@ def _read(item: Item) -> bytes:
     return item.path.read_bytes()
 
 
-def _decode(data: bytes, s: PrepareSettings) -> Image.Image:
+def _decode(data: bytes, s: DataConfig) -> Image.Image:
     if not data:
         raise Rejected("zero-byte file")
     try:
@@ -194,7 +170,7 @@ def dhash(image: Image.Image) -> int:
     return sum(1 << i for i in range(64) if small[i // 8 * 9 + i % 8] > small[i // 8 * 9 + i % 8 + 1])
 
 
-def process(item: Item, s: PrepareSettings, cache: Path | None = None) -> dict:
+def process(item: Item, s: DataConfig, seed: int, cache: Path | None = None) -> dict:
     """Read, check and standardize one input (runs in a worker process); never raises.
 
     Returns ``{"name", "reason"}`` for a rejected input, else the row's fields with the image as PNG
@@ -215,7 +191,7 @@ def process(item: Item, s: PrepareSettings, cache: Path | None = None) -> dict:
             except UnicodeDecodeError as e:
                 raise Rejected("caption not UTF-8") from e
         mask_sha = hashlib.sha256(item.mask_path.read_bytes()).hexdigest() if item.mask_path else ""
-        key = hashlib.sha256(f"{sha}|{mask_sha}|{s.image_key()}".encode()).hexdigest()
+        key = hashlib.sha256(f"{sha}|{mask_sha}|{image_key(s, seed)}".encode()).hexdigest()
         cached = cache / f"{key}.json" if cache else None
         if cached is not None and cached.is_file():
             row = json.loads(cached.read_text())
@@ -224,7 +200,7 @@ def process(item: Item, s: PrepareSettings, cache: Path | None = None) -> dict:
         else:
             image = _decode(data, s)
             mask = _mask(item, image.size)
-            rng = random.Random(f"{s.seed}:{sha}")  # a random crop depends on the image, not on the order
+            rng = random.Random(f"{seed}:{sha}")  # a random crop depends on the image, not on the order
             original_size = image.size
             image, crop, bucket, mask = standardize(_to_srgb_rgb(image, s.background), s, rng, mask)
             row = {

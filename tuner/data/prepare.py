@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tuner.data.images import PrepareSettings, Rejected, process
+from tuner.config import DataConfig
+from tuner.data.images import Rejected, image_key, process
 from tuner.data.sources import Source, read_source
 from tuner.files import atomic_dir, write_atomic
 
@@ -66,7 +67,7 @@ class Report:
 # ---------------------------------------------------------------- the dataset
 
 
-def _caption_text(caption: str | None, item_default: str | None, s: PrepareSettings) -> str:
+def _caption_text(caption: str | None, item_default: str | None, s: DataConfig, default_caption: str) -> str:
     """Whitespace normalized, the default where there is none (or rejected), the trigger word put in."""
     if caption is not None and not isinstance(caption, str):
         raise Rejected("caption not text")
@@ -75,7 +76,7 @@ def _caption_text(caption: str | None, item_default: str | None, s: PrepareSetti
     if not text:
         if s.caption_missing == "reject":
             raise Rejected("caption missing")
-        text = " ".join((s.default_caption or "").split())
+        text = " ".join((default_caption or "").split())
     if s.trigger:
         if "[trigger]" in text:
             text = text.replace("[trigger]", s.trigger)
@@ -84,8 +85,11 @@ def _caption_text(caption: str | None, item_default: str | None, s: PrepareSetti
     return text
 
 
-def _fingerprint(sources: list[Source], s: PrepareSettings) -> str:
-    digest = hashlib.sha256(json.dumps([asdict(x) for x in sources] + [asdict(s)], sort_keys=True).encode())
+def _fingerprint(sources: list[Source], s: DataConfig, default_caption: str, seed: int) -> str:
+    """The sources (their settings, files, sizes and times) and every setting the dataset depends on."""
+    captions = {k: getattr(s, k) for k in ("caption_missing", "trigger", "trigger_policy", "near_duplicate_bits")}
+    settings = [image_key(s, seed), captions, default_caption]
+    digest = hashlib.sha256(json.dumps([asdict(x) for x in sources] + settings, sort_keys=True).encode())
     for source in sources:
         root = Path(source.path).expanduser().resolve()
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.exists())
@@ -95,8 +99,20 @@ def _fingerprint(sources: list[Source], s: PrepareSettings) -> str:
     return digest.hexdigest()
 
 
-def prepare(sources: list[Source], out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
+def prepare(
+    sources: list[Source],
+    out: str | Path,
+    d: DataConfig,
+    default_caption: str = "",
+    seed: int = 0,
+    desc: str = "prepare",
+) -> Report:
     """Standardize every source's images into ``out/dataset`` and write ``out/report.json``.
+
+    Args:
+        d: the ``data`` settings (resolution, crop, buckets, captions and trigger, checks, workers).
+        default_caption: the caption of an image with none of its own (the role's prompt).
+        seed: random crops depend on it and on each image's bytes.
 
     Raises:
         FileNotFoundError: a source does not exist.
@@ -104,7 +120,7 @@ def prepare(sources: list[Source], out: str | Path, settings: PrepareSettings, d
     import datasets
 
     out = Path(out)
-    fingerprint = _fingerprint(sources, settings)
+    fingerprint = _fingerprint(sources, d, default_caption, seed)
     if (out / FINGERPRINT).is_file() and (out / FINGERPRINT).read_text() == fingerprint:
         return Report(**json.loads((out / REPORT).read_text()))
 
@@ -117,12 +133,13 @@ def prepare(sources: list[Source], out: str | Path, settings: PrepareSettings, d
         items += found
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    if settings.workers > 1:
-        with ProcessPoolExecutor(settings.workers) as pool:
-            results = pool.map(process, items, [settings] * len(items), [cache] * len(items), chunksize=8)
+    if d.workers > 1:
+        with ProcessPoolExecutor(d.workers) as pool:
+            n = len(items)
+            results = pool.map(process, items, [d] * n, [seed] * n, [cache] * n, chunksize=8)
             results = list(tqdm(results, total=len(items), desc=desc, leave=False))
     else:
-        results = [process(item, settings, cache) for item in tqdm(items, desc=desc, leave=False)]
+        results = [process(item, d, seed, cache) for item in tqdm(items, desc=desc, leave=False)]
 
     used = {f"{r['key']}.json" for r in results if "key" in r}
     for stale in cache.glob("*.json"):  # images no longer in the sources
@@ -140,14 +157,14 @@ def prepare(sources: list[Source], out: str | Path, settings: PrepareSettings, d
                 raise Rejected(result["reason"])
             if result["sha256"] in seen:
                 raise Rejected("duplicate")
-            if settings.near_duplicate_bits:
+            if d.near_duplicate_bits:
                 near = next(
-                    (n for h, n in kept_hashes if bin(h ^ result["dhash"]).count("1") <= settings.near_duplicate_bits),
+                    (n for h, n in kept_hashes if bin(h ^ result["dhash"]).count("1") <= d.near_duplicate_bits),
                     None,
                 )
                 if near is not None:
                     raise Rejected("near-duplicate")
-            caption = _caption_text(result["caption"], item.default_caption, settings)
+            caption = _caption_text(result["caption"], item.default_caption, d, default_caption)
         except Rejected as why:
             report.reject(item.name, str(why))
             continue
@@ -193,9 +210,11 @@ def prepare(sources: list[Source], out: str | Path, settings: PrepareSettings, d
     return report
 
 
-def prepare_folder(source: str | Path, out: str | Path, settings: PrepareSettings, desc: str = "prepare") -> Report:
+def prepare_folder(
+    source: str | Path, out: str | Path, d: DataConfig, default_caption: str = "", seed: int = 0
+) -> Report:
     """``prepare`` for one folder of images (sidecar captions and masks)."""
-    return prepare([Source(str(source), kind="folder")], out, settings, desc)
+    return prepare([Source(str(source), kind="folder")], out, d, default_caption, seed)
 
 
 def load_prepared(out: str | Path):

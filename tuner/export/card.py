@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tuner.export.formats import usage
 from tuner.files import write_atomic
 
 
@@ -30,71 +31,6 @@ def _settings_table(info: dict) -> str:
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows if v not in (None, "")]
     return "\n".join(lines)
-
-
-def _usage(info: dict, files: dict, base: str, pipeline: str = "StableDiffusionPipeline") -> str:
-    """How to load each export that was written, in diffusers and in A1111 / ComfyUI."""
-    names = set(files)
-    trigger = info.get("trigger") or "your prompt"
-    out = []
-    if any(n.startswith("diffusers/") for n in names):
-        lines = [
-            "```python",
-            f"from diffusers import {pipeline}",
-            "",
-            f'pipe = {pipeline}.from_pretrained("{base}")',
-        ]
-        if "diffusers/pytorch_lora_weights.safetensors" in names:
-            lines.append('pipe.load_lora_weights("diffusers", weight_name="pytorch_lora_weights.safetensors")')
-        for n in sorted(n for n in names if n.startswith("diffusers/embeddings/")):
-            lines.append(f'pipe.load_textual_inversion("{n}")')
-        lines += [f'image = pipe("{trigger}").images[0]', "```"]
-        out += ["### diffusers", "", *lines, ""]
-    kohya = sorted(n for n in names if n.startswith("kohya/") and n.count("/") == 1)
-    embeddings = sorted(n for n in names if n.startswith("kohya/embeddings/"))
-    if kohya or embeddings:
-        out += ["### A1111 / Forge / ComfyUI", ""]
-        for n in kohya:
-            stem = Path(n).stem
-            out.append(f"Copy `{n}` into `models/Lora` and add `<lora:{stem}:1>` to the prompt (A1111), or load it")
-            out.append("with a LoraLoader node (ComfyUI).")
-        for n in embeddings:
-            out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
-        out.append("")
-    peft = sorted({n.split("/")[1] for n in names if n.startswith("peft/")})
-    if peft:
-        lines = [f'pipe.{c} = PeftModel.from_pretrained(pipe.{c}, "peft/{c}")' for c in peft]
-        out += [
-            "### PEFT",
-            "",
-            "```python",
-            f"from diffusers import {pipeline}",
-            "from peft import PeftModel",
-            "",
-        ]
-        out += [f'pipe = {pipeline}.from_pretrained("{base}")', *lines, "```", ""]
-    if any(n.startswith("merged/") for n in names):
-        out += [
-            "### Merged pipeline",
-            "",
-            "```python",
-            f'pipe = {pipeline}.from_pretrained("merged")  # or variant="fp16", torch_dtype=torch.float16',
-            "```",
-            "",
-        ]
-    single = sorted(n for n in names if n.startswith("single_file/"))
-    for n in single:
-        out += [
-            "### Single-file checkpoint",
-            "",
-            f"`{n}` goes into A1111's `models/Stable-diffusion` or ComfyUI's `models/checkpoints`; in diffusers:",
-            "",
-            "```python",
-            f'pipe = {pipeline}.from_single_file("{n}", config="{base}", local_files_only=True)',
-            "```",
-            "",
-        ]
-    return "\n".join(out)
 
 
 def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
@@ -131,7 +67,7 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
             "![gallery](gallery/grid.png)",
             "",
         ]
-    lines += ["## How to use", "", _usage(info, files, base, family.PIPELINE)]
+    lines += ["## How to use", "", usage(files, base, family.PIPELINE, info.get("trigger") or "your prompt")]
     if info.get("steps"):
         lines += ["## Training", "", _settings_table(info), ""]
     lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]

@@ -1,8 +1,10 @@
-"""Every export format, written from the live modules of a run (trained, or loaded with ``checkpoint=``).
+"""Every export format, one ``Format`` object each: what it can hold, how it writes, who loads it, and the
+model card's lines on how to load it. Adding a format is one entry in ``FORMATS`` (and its name in
+``tuner.choices.ExportFormat``, and in the ``EXPORTS`` of the families that write it).
 
 What a run adds to its base comes in up to three parts: an adapter (peft LoRA / DoRA / LoHa / LoKr
 layers in the U-Net and text encoder), new token embeddings, and changed base weights (partial or full
-fine-tuning). Each format holds some parts (``HOLDS``); it writes those and says what it skipped:
+fine-tuning). Each format holds some of them; the export stage writes those and says what it skipped:
 
     diffusers    diffusers/pytorch_lora_weights.safetensors (+ diffusers/embeddings/<token>.safetensors)
     kohya        kohya/<name>.safetensors, lora_unet_/lora_te_ keys with each module's alpha and ss_*/modelspec.*
@@ -11,47 +13,257 @@ fine-tuning). Each format holds some parts (``HOLDS``); it writes those and says
     merged       merged/: the adapter fused into the base, a diffusers pipeline folder in fp32 plus a variant
     single_file  single_file/<name>.safetensors: merged weights in the original layout A1111 and ComfyUI load
 
-Every file and folder is written atomically.
+Every file and folder is written atomically. The tensors come from tuner/export/tensors.py.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from tuner.choices import ExportFormat
 from tuner.errors import ConfigError
-from tuner.files import atomic_dir, atomic_path
+from tuner.export.metadata import tensor_hashes
+from tuner.export.tensors import (
+    Trained,
+    kohya_network_metadata,
+    kohya_state,
+    peft_config_dict,
+    peft_state,
+    token_file_name,
+    tuner_layers,
+    write_safetensors,
+)
+from tuner.files import atomic_dir
 
-FORMATS = tuple(ExportFormat)  # diffusers, kohya, peft, merged, single_file
-HOLDS = {
-    "diffusers": {"lora", "dora", "tokens"},
-    "kohya": {"lora", "loha", "lokr", "tokens"},
-    "peft": {"lora", "dora", "loha", "lokr"},
-    "merged": {"lora", "dora", "loha", "lokr", "tokens", "base_weights"},
-    "single_file": {"lora", "dora", "loha", "lokr", "base_weights"},
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class Trained:
-    """What sits on top of the base in the live modules: the parts each format may hold."""
+class Export:
+    """One export's inputs, the same for every format: what trained, where, and with what settings."""
 
-    components: object  # the family's Components (unet, vae, text_encoder, tokenizer, ...)
-    adapter: str | None = None  # lora | dora | loha | lokr, on the U-Net and/or the text encoder
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> (vectors, width), in order
-    base_weights: bool = False  # base weights themselves changed (partial / full fine-tuning)
+    trained: Trained
+    folder: Path  # RUN/<format>
+    name: str  # of the single files (export.name or the run folder's name)
+    family: object  # tuner.models.base.Family
+    base: Path  # the base model's diffusers folder
+    dtype: torch.dtype  # export.dtype, of adapter files
+    single_file_dtype: torch.dtype
+    variant: str | None  # export.variant: a reduced-precision copy beside the merged fp32 weights
+    metadata: dict[str, str]  # ss_* and modelspec.* (tuner.export.metadata.training_metadata)
+    merged: Callable[[], dict]  # the adapter fused into the base modules, made once on first use
 
-    @property
-    def parts(self) -> set[str]:
-        return {p for p in (self.adapter, "tokens" if self.tokens else None) if p} | (
-            {"base_weights"} if self.base_weights else set()
+
+@dataclass(frozen=True)
+class Format:
+    """An export format: its name (the run subfolder), the parts it can hold (lora, dora, loha, lokr, tokens,
+    base_weights), its writer, who loads it, and the model card's usage lines for the files it wrote."""
+
+    name: str
+    holds: frozenset[str]
+    write: Callable[[Export], None]
+    loaded_by: str
+    usage: Callable[[list[str], str, str, str], list[str]]  # (its files, base, pipeline class, prompt)
+
+
+# ---------------------------------------------------------------- diffusers
+
+
+def _write_diffusers(x: Export) -> None:
+    """``pytorch_lora_weights.safetensors`` through the pipeline's own ``save_lora_weights`` (LoRA configs
+    in its metadata, so loaders apply the trained alpha), and ``embeddings/<token>.safetensors``."""
+    c = x.trained.components
+    with atomic_dir(x.folder) as tmp:
+        if x.trained.adapter in ("lora", "dora"):
+            layers = {}
+            for component, module in c.trainable().items():
+                if tuner_layers(module):
+                    state, config = peft_state(module)
+                    layers[component] = ({k: v.to(x.dtype) for k, v in state.items()}, peft_config_dict(config))
+            x.family.save_lora(tmp, layers)
+        for token, vectors in x.trained.tokens.items():
+            path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
+            write_safetensors(path, {token: vectors.to(x.dtype)}, {"token": token})
+
+
+def _diffusers_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+    lines = ["```python", f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{base}")']
+    if "diffusers/pytorch_lora_weights.safetensors" in files:
+        lines.append('pipe.load_lora_weights("diffusers", weight_name="pytorch_lora_weights.safetensors")')
+    lines += [f'pipe.load_textual_inversion("{n}")' for n in files if n.startswith("diffusers/embeddings/")]
+    return ["### diffusers", "", *lines, f'image = pipe("{prompt}").images[0]', "```", ""]
+
+
+# ---------------------------------------------------------------- kohya (A1111, Forge, ComfyUI)
+
+
+def _write_kohya(x: Export) -> None:
+    """``<name>.safetensors`` in kohya's keys with each module's ``alpha`` and ss_*/modelspec.* metadata, and
+    ``embeddings/<token>.safetensors`` as ``{"emb_params": vectors}`` (A1111 and ComfyUI embeddings)."""
+    family = x.family
+    with atomic_dir(x.folder) as tmp:
+        if x.trained.adapter in ("lora", "loha", "lokr"):
+            state = kohya_state(x.trained, family.KOHYA_PREFIXES, family.kohya_module_name, x.dtype)
+            meta = {**x.metadata, **kohya_network_metadata(x.trained.adapter, state)}
+            meta.update(tensor_hashes(state, meta))
+            write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
+        for token, vectors in x.trained.tokens.items():
+            meta = {
+                "modelspec.sai_model_spec": "1.0.0",
+                "modelspec.architecture": f"{family.MODELSPEC_ARCHITECTURE}/textual-inversion",
+                "modelspec.trigger_phrase": token_file_name(token),
+                "token": token,
+            }
+            path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
+            write_safetensors(path, {"emb_params": vectors.to(x.dtype)}, meta)
+
+
+def _kohya_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+    out = ["### A1111 / Forge / ComfyUI", ""]
+    for n in (n for n in files if n.count("/") == 1):
+        out.append(f"Copy `{n}` into `models/Lora` and add `<lora:{Path(n).stem}:1>` to the prompt (A1111), or load it")
+        out.append("with a LoraLoader node (ComfyUI).")
+    for n in (n for n in files if n.startswith("kohya/embeddings/")):
+        out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
+    return [*out, ""]
+
+
+# ---------------------------------------------------------------- peft
+
+
+def _write_peft(x: Export) -> None:
+    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, as PeftModel.save_pretrained writes."""
+    with atomic_dir(x.folder) as tmp:
+        for component, module in x.trained.components.trainable().items():
+            if not tuner_layers(module):
+                continue
+            state, config = peft_state(module)
+            config = copy.deepcopy(config)
+            config.base_model_name_or_path = None  # never a path of this machine
+            config.save_pretrained(tmp / component)
+            state = {f"base_model.model.{k}": v.to(x.dtype) for k, v in state.items()}
+            write_safetensors(tmp / component / "adapter_model.safetensors", state, {"format": "pt"})
+
+
+def _peft_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+    components = sorted({n.split("/")[1] for n in files})
+    lines = [f'pipe.{c} = PeftModel.from_pretrained(pipe.{c}, "peft/{c}")' for c in components]
+    out = ["### PEFT", "", "```python", f"from diffusers import {pipeline}", "from peft import PeftModel", ""]
+    return [*out, f'pipe = {pipeline}.from_pretrained("{base}")', *lines, "```", ""]
+
+
+# ---------------------------------------------------------------- merged (a diffusers pipeline folder)
+
+
+def _write_merged(x: Export) -> None:
+    """A diffusers pipeline folder of the base's kind with the merged modules: fp32 plus a ``variant``."""
+    merged, tokenizers = x.merged(), x.trained.components.tokenizers
+    with atomic_dir(x.folder) as tmp:
+        if x.variant:  # first, from copies: the configs both share (transformers records a dtype) end up fp32
+            dtype = DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[x.variant]]
+            half = {name: copy.deepcopy(module).to(dtype) for name, module in merged.items()}
+            x.family.pipeline_with(x.base, **tokenizers, **half).save_pretrained(
+                tmp, safe_serialization=True, variant=x.variant
+            )
+            del half
+        x.family.pipeline_with(x.base, **tokenizers, **merged).save_pretrained(tmp, safe_serialization=True)
+        for config in tmp.rglob("*.json"):  # where the base was loaded from: a path of this machine
+            data = json.loads(config.read_text())
+            if isinstance(data, dict) and "_name_or_path" in data:
+                data.pop("_name_or_path")
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _merged_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+    load = f'pipe = {pipeline}.from_pretrained("merged")  # or variant="fp16", torch_dtype=torch.float16'
+    return ["### Merged pipeline", "", "```python", load, "```", ""]
+
+
+# ---------------------------------------------------------------- single_file (the original layout)
+
+
+def _write_single_file(x: Export) -> None:
+    """``<name>.safetensors``: the merged weights in the original single-file layout A1111 and ComfyUI load.
+
+    New tokens stay out (each text encoder's base vocabulary rows only): they ship as embeddings beside it.
+    """
+    vocab = {
+        te: json.loads((x.base / te / "config.json").read_text())["vocab_size"]
+        for te in x.trained.components.text_encoders
+    }
+    state = x.family.single_file_state(x.merged(), vocab)
+    meta = {**x.metadata, "modelspec.architecture": x.family.MODELSPEC_ARCHITECTURE}
+    with atomic_dir(x.folder) as tmp:
+        state = {k: v.to(x.single_file_dtype) for k, v in state.items()}
+        write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
+
+
+def _single_file_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+    out = []
+    for n in files:
+        out += [
+            "### Single-file checkpoint",
+            "",
+            f"`{n}` goes into A1111's `models/Stable-diffusion` or ComfyUI's `models/checkpoints`; in diffusers:",
+            "",
+            "```python",
+            f'pipe = {pipeline}.from_single_file("{n}", config="{base}", local_files_only=True)',
+            "```",
+            "",
+        ]
+    return out
+
+
+ADAPTERS = frozenset({"lora", "dora", "loha", "lokr"})
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format(
+            "diffusers",
+            frozenset({"lora", "dora", "tokens"}),
+            _write_diffusers,
+            "diffusers' load_lora_weights and load_textual_inversion",
+            _diffusers_usage,
+        ),
+        Format(
+            "kohya",
+            frozenset({"lora", "loha", "lokr", "tokens"}),
+            _write_kohya,
+            "A1111, Forge, ComfyUI (LoraLoader), kohya-ss sd-scripts, LyCORIS",
+            _kohya_usage,
+        ),
+        Format("peft", ADAPTERS, _write_peft, "peft's PeftModel.from_pretrained", _peft_usage),
+        Format(
+            "merged",
+            ADAPTERS | {"tokens", "base_weights"},
+            _write_merged,
+            "diffusers' from_pretrained",
+            _merged_usage,
+        ),
+        Format(
+            "single_file",
+            ADAPTERS | {"base_weights"},
+            _write_single_file,
+            "A1111, ComfyUI (checkpoint loader), diffusers' from_single_file",
+            _single_file_usage,
+        ),
+    )
+}
+
+
+def check_held(parts: set[str], chosen) -> None:
+    """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
+    missing = parts - set().union(*(FORMATS[x].holds for x in chosen))
+    if missing:
+        fits = [name for name, f in FORMATS.items() if missing <= f.holds]
+        raise ConfigError(
+            f"export.formats={list(chosen)} cannot hold {', '.join(sorted(missing))} (what this run trains); "
+            f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*chosen, fits[0]])}]'"
         )
 
 
@@ -75,311 +287,11 @@ def check_finite(trained: Trained) -> None:
             )
 
 
-def check_held(parts: set[str], chosen) -> None:
-    """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
-    missing = parts - set().union(*(HOLDS[x] for x in chosen))
-    if missing:
-        fits = [x for x in FORMATS if missing <= HOLDS[x]]
-        raise ConfigError(
-            f"export.formats={list(chosen)} cannot hold {', '.join(sorted(missing))} (what this run trains); "
-            f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*chosen, fits[0]])}]'"
-        )
-
-
-def tuner_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """The peft layers (LoRA, LoHa, LoKr, ...) injected into ``module``, by module name."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return {name: m for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
-
-
-def adapter_kind(c) -> str | None:
-    """lora, dora, loha or lokr: the peft adapter in the U-Net / text encoder (one kind per run)."""
-    from peft.tuners.loha import LoHaLayer
-    from peft.tuners.lokr import LoKrLayer
-    from peft.tuners.lora import LoraLayer
-
-    kinds = set()
-    for module in c.trainable().values():
-        for layer in tuner_layers(module).values():
-            if isinstance(layer, LoraLayer):
-                kinds.add("dora" if any(layer.use_dora.get(a) for a in layer.active_adapters) else "lora")
-            elif isinstance(layer, LoHaLayer):
-                kinds.add("loha")
-            elif isinstance(layer, LoKrLayer):
-                kinds.add("lokr")
-            else:
-                kinds.add(type(layer).__name__)
-    if len(kinds) > 1:
-        kinds.discard("lora")  # a DoRA adapter on one component, LoRA on the other: DoRA rules
-    if len(kinds) > 1:
-        raise ValueError(f"export: one adapter kind per run, found {sorted(kinds)}")
-    return kinds.pop() if kinds else None
-
-
-def _active(layer) -> str:
-    names = list(layer.active_adapters)
-    if len(names) != 1:
-        raise ValueError(f"export: one active adapter per module, found {names}; export each adapter on its own")
-    return names[0]
-
-
-# ---------------------------------------------------------------- adapters
-
-
-def kohya_tensors(layer) -> dict[str, torch.Tensor]:
-    """One peft layer's tensors under the key suffixes kohya-format loaders (A1111, ComfyUI, diffusers) read.
-
-    - LoRA: ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` such that scale = alpha / rank, which is
-      what kohya's ``.alpha`` means (for rsLoRA, scale alpha / sqrt(rank), that is scale * rank);
-    - LoHa / LoKr: LyCORIS' names, which peft shares (``hada_w1_a``, ``lokr_w1``, ...), with ``alpha`` the
-      same way. A LoKr layer with neither factor decomposed has no rank a loader could divide by, so
-      loaders apply it at scale 1: its scale is folded into ``lokr_w2`` and no ``alpha`` is written.
-    """
-    from peft.tuners.lokr import LoKrLayer
-    from peft.tuners.lora import LoraLayer
-
-    adapter = _active(layer)
-    scale = float(layer.scaling[adapter])
-    if isinstance(layer, LoraLayer):
-        rank = layer.r[adapter]
-        return {
-            "lora_down.weight": layer.lora_A[adapter].weight.detach(),
-            "lora_up.weight": layer.lora_B[adapter].weight.detach(),
-            "alpha": torch.tensor(scale * rank),
-        }
-    tensors = {}
-    for param in layer.adapter_layer_names:
-        store = getattr(layer, param)
-        if adapter in store:
-            tensors[param] = store[adapter].detach()
-    if isinstance(layer, LoKrLayer) and "lokr_w1_b" not in tensors and "lokr_w2_b" not in tensors:
-        tensors["lokr_w2"] = tensors["lokr_w2"] * scale
-    else:
-        tensors["alpha"] = torch.tensor(scale * layer.r[adapter])
-    return tensors
-
-
-def peft_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], object]:
-    """The active adapter's tensors and config, as ``get_peft_model_state_dict`` gives them."""
-    from peft.utils import get_peft_model_state_dict
-
-    adapter = _active(next(iter(tuner_layers(module).values())))
-    config = module.peft_config[adapter]
-    return get_peft_model_state_dict(module, adapter_name=adapter), config
-
-
-def peft_config_dict(config) -> dict:
-    """A peft config as plain JSON values, without where the base was loaded from (a path of this machine)."""
-    config = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
-    config["base_model_name_or_path"] = None
-    return config
-
-
-# ---------------------------------------------------------------- merged weights
-
-
-def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """``module``'s state dict in fp32 with every peft layer fused into its base weight.
-
-    Each peft layer is merged on a copy of itself, by peft's own ``merge`` (so DoRA, LoHa and LoKr
-    merge as peft computes them), on top of ``base`` (the fp32 base weights, when the live module
-    holds them in a lower precision); the live module is left as it was.
-    """
-    base = base or {}
-
-    def full(key: str, value: torch.Tensor) -> torch.Tensor:  # a frozen weight stored in low precision
-        return base[key].float() if value.dtype != torch.float32 and key in base else value.float()
-
-    layers = tuner_layers(module)
-    state = {}
-    for key, value in module.state_dict().items():
-        if not any(key.startswith(n + ".") for n in layers):
-            state[key] = full(key, value)
-    for name, layer in layers.items():
-        if layer.merged:
-            raise ValueError(f"export: {name} has its adapter merged already; unmerge it first")
-        merged = copy.deepcopy(layer)
-        target = merged.get_base_layer()
-        for key, value in target.state_dict().items():
-            getattr(target, key).data = full(f"{name}.{key}", value).clone()
-        merged.float().merge(safe_merge=True, adapter_names=[_active(layer)])
-        for key, value in target.state_dict().items():
-            state[f"{name}.{key}"] = value.detach()
-    return state
-
-
-def _fresh(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A new module of ``module``'s class and config holding ``state`` (built on the meta device: no copy)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        config = module.config
-        fresh = type(module).from_config(config) if hasattr(type(module), "from_config") else type(module)(config)
-    fresh.load_state_dict(state, strict=True, assign=True)
-    return fresh.eval()
-
-
-def merged_components(trained: Trained, base_state) -> dict[str, torch.nn.Module]:
-    """The denoiser, text encoders and VAE with everything trained fused in, fp32, by component name.
-
-    Args:
-        base_state: ``component -> fp32 state dict`` of the base, used where the live module holds
-            frozen weights in a lower precision; empty when the live weights are fp32.
-    """
-    c = trained.components
-    out = {}
-    for name, module in c.modules().items():
-        base = base_state.get(name)
-        state = merged_state(module, base)
-        if name == "text_encoder" and trained.tokens:  # the new rows live only in the live embedding
-            key = next(k for k in state if k.endswith("token_embedding.weight"))
-            state[key] = module.get_input_embeddings().weight.detach().float()
-        out[name] = _fresh(module, state)
-    return out
-
-
-# ---------------------------------------------------------------- kohya naming and metadata
-
-
-def kohya_name(prefix: str, module_name: str) -> str:
-    return f"{prefix}_{module_name.replace('.', '_')}"
-
-
-def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The adapter as a kohya / LyCORIS state dict, ``<prefix>_<module>.<suffix>`` (see ``kohya_tensors``).
-
-    Args:
-        prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name) gives
-            the module's name as the format spells it (the family knows).
-    """
-    state = {}
-    for component, module in trained.components.trainable().items():
-        layers = tuner_layers(module)
-        if layers and component not in prefixes:
-            raise ValueError(f"export kohya: no kohya prefix for {component}")
-        for name, layer in layers.items():
-            prefix = prefixes[component]
-            key = kohya_name(prefix, module_name(component, name))
-            state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in kohya_tensors(layer).items()})
-    return {k: v.contiguous().cpu() for k, v in state.items()}
-
-
-def token_file_name(token: str) -> str:
-    """A file name A1111 and ComfyUI users can type as the trigger (``<sks>`` -> ``sks``)."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "embedding"
-
-
-def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
-    return path
-
-
-# ---------------------------------------------------------------- the writers, one per format
-
-
-def write_diffusers(trained: Trained, folder: Path, family, dtype: torch.dtype) -> None:
-    """``pytorch_lora_weights.safetensors`` through the pipeline's own ``save_lora_weights`` (LoRA configs
-    in its metadata, so loaders apply the trained alpha), and ``embeddings/<token>.safetensors``."""
-    c = trained.components
-    with atomic_dir(folder) as tmp:
-        if trained.adapter in ("lora", "dora"):
-            layers = {}
-            for component, module in c.trainable().items():
-                if tuner_layers(module):
-                    state, config = peft_state(module)
-                    layers[component] = ({k: v.to(dtype) for k, v in state.items()}, peft_config_dict(config))
-            family.save_lora(tmp, layers)
-        for token, vectors in trained.tokens.items():
-            path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
-            write_safetensors(path, {token: vectors.to(dtype)}, {"token": token})
-
-
-def write_kohya(trained: Trained, folder: Path, name: str, family, dtype: torch.dtype, metadata: dict) -> None:
-    """``<name>.safetensors`` in kohya's keys with each module's ``alpha`` and ss_*/modelspec.* metadata, and
-    ``embeddings/<token>.safetensors`` as ``{"emb_params": vectors}`` (A1111 and ComfyUI embeddings)."""
-    from tuner.export.metadata import tensor_hashes
-
-    with atomic_dir(folder) as tmp:
-        if trained.adapter in ("lora", "loha", "lokr"):
-            state = kohya_state(trained, family.KOHYA_PREFIXES, family.kohya_module_name, dtype)
-            meta = {**metadata, **kohya_network_metadata(trained.adapter, state)}
-            meta.update(tensor_hashes(state, meta))
-            write_safetensors(tmp / f"{name}.safetensors", state, meta)
-        for token, vectors in trained.tokens.items():
-            meta = {
-                "modelspec.sai_model_spec": "1.0.0",
-                "modelspec.architecture": f"{family.MODELSPEC_ARCHITECTURE}/textual-inversion",
-                "modelspec.trigger_phrase": token_file_name(token),
-                "token": token,
-            }
-            path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
-            write_safetensors(path, {"emb_params": vectors.to(dtype)}, meta)
-
-
-def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
-    """ss_network_* keys: module, rank (dim) and alpha as kohya's trainer writes them."""
-    ranks, alphas = set(), set()
-    for key, value in state.items():
-        if key.endswith((".lora_down.weight", ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")):
-            ranks.add(value.shape[0])
-        elif key.endswith(".alpha"):
-            alphas.add(round(float(value), 6))
-    module = "lycoris.kohya" if adapter in ("loha", "lokr") else "networks.lora"
-    meta = {"ss_network_module": module}
-    if ranks:
-        meta["ss_network_dim"] = str(max(ranks))
-    if alphas:
-        meta["ss_network_alpha"] = str(max(alphas) if len(alphas) > 1 else alphas.pop())
-    if adapter != "lora":
-        meta["ss_network_args"] = json.dumps({"algo": {"loha": "loha", "lokr": "lokr"}[adapter]})
-    return meta
-
-
-def write_peft(trained: Trained, folder: Path, dtype: torch.dtype) -> None:
-    """``<component>/adapter_config.json`` + ``adapter_model.safetensors``, as PeftModel.save_pretrained writes."""
-    c = trained.components
-    with atomic_dir(folder) as tmp:
-        for component, module in c.trainable().items():
-            if not tuner_layers(module):
-                continue
-            state, config = peft_state(module)
-            config = copy.deepcopy(config)
-            config.base_model_name_or_path = None  # never a path of this machine
-            config.save_pretrained(tmp / component)
-            state = {f"base_model.model.{k}": v.to(dtype) for k, v in state.items()}
-            write_safetensors(tmp / component / "adapter_model.safetensors", state, {"format": "pt"})
-
-
-def write_merged(merged: dict, folder: Path, family, model_path: Path, tokenizers: dict, variant: str | None) -> None:
-    """A diffusers pipeline folder of the base's kind with the merged modules: fp32 plus a ``variant``."""
-    with atomic_dir(folder) as tmp:
-        if variant:  # first, from copies: the configs both share (transformers records a dtype) end up fp32
-            dtype = DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[variant]]
-            half = {name: copy.deepcopy(module).to(dtype) for name, module in merged.items()}
-            family.pipeline_with(model_path, **tokenizers, **half).save_pretrained(
-                tmp, safe_serialization=True, variant=variant
-            )
-            del half
-        family.pipeline_with(model_path, **tokenizers, **merged).save_pretrained(tmp, safe_serialization=True)
-        for config in tmp.rglob("*.json"):  # where the base was loaded from: a path of this machine
-            data = json.loads(config.read_text())
-            if isinstance(data, dict) and "_name_or_path" in data:
-                data.pop("_name_or_path")
-                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def write_single_file(
-    merged: dict, folder: Path, name: str, family, vocab_sizes: dict[str, int], dtype: torch.dtype, metadata: dict
-) -> None:
-    """``<name>.safetensors``: the merged weights in the original single-file layout A1111 and ComfyUI load.
-
-    New tokens stay out (each text encoder's base ``vocab_sizes`` rows only): they ship as embeddings beside it.
-    """
-    state = family.single_file_state(merged, vocab_sizes)
-    meta = {**metadata, "modelspec.architecture": family.MODELSPEC_ARCHITECTURE}
-    with atomic_dir(folder) as tmp:
-        write_safetensors(tmp / f"{name}.safetensors", {k: v.to(dtype) for k, v in state.items()}, meta)
+def usage(files: dict, base: str, pipeline: str, prompt: str) -> str:
+    """The model card's "How to use": each format's lines for the files it wrote, in ``FORMATS``' order."""
+    out = []
+    for name, f in FORMATS.items():
+        mine = sorted(n for n in files if n.startswith(f"{name}/"))
+        if mine:
+            out += f.usage(mine, base, pipeline, prompt)
+    return "\n".join(out)

@@ -16,12 +16,12 @@ FAMILIES = {
 }
 
 
-def get_family(name: str, options=None):
-    """The family object of a config name (``model.family``), with the model config's ``options``."""
+def get_family(name: str, model=None):
+    """The family object of a config name (``model.family``), with the ``model`` section (its defaults if None)."""
     if name not in FAMILIES:
         raise ConfigError(f"model.family={name}: unknown family; tuner supports {', '.join(FAMILIES)}")
     module, cls = FAMILIES[name]
-    return getattr(importlib.import_module(f"tuner.models.{module}"), cls)(options)
+    return getattr(importlib.import_module(f"tuner.models.{module}"), cls)(model)
 
 
 def family_of_pipeline(pipeline_class: str | None) -> str | None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tuner.config import ModelConfig
 from tuner.errors import ConfigError
 
 Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
@@ -103,9 +104,10 @@ class Family:
     DEFAULT_RESOLUTION = 512
     RESOLUTION_MULTIPLE = 8  # pixel sizes the VAE and the denoiser's patches divide
 
-    def __init__(self, options=None):
-        # the model config (model.*): zero_terminal_snr, timestep_shift, guidance, max_sequence_length, ...
-        self.options = dict(options or {})
+    def __init__(self, model: ModelConfig | None = None):
+        """``model``: the ``model`` section (zero_terminal_snr, timestep_shift, guidance, max_sequence_length,
+        weighting_scheme, ...); the schema's defaults when None."""
+        self.model = model if model is not None else ModelConfig()
 
     # --- loading -------------------------------------------------------------------------------
     def check_folder(self, path: str | Path, allow_pickle: bool = False) -> Path:
@@ -334,15 +336,15 @@ class FlowFamily(Family):
     def objective(self, c: Components):
         from tuner.models.objectives import FlowObjective
 
-        o = self.options
+        m = self.model
         return FlowObjective(
             c.noise_scheduler,
             self.predict,
-            weighting=o.get("weighting_scheme") or "none",
-            logit_mean=o.get("logit_mean", 0.0),
-            logit_std=o.get("logit_std", 1.0),
-            mode_scale=o.get("mode_scale", 1.29),
-            shift=o.get("timestep_shift"),
+            weighting=m.weighting_scheme,
+            logit_mean=m.logit_mean,
+            logit_std=m.logit_std,
+            mode_scale=m.mode_scale,
+            shift=m.timestep_shift,
         )
 
     def sampling_scheduler(self, c: Components):
@@ -350,7 +352,7 @@ class FlowFamily(Family):
 
     @property
     def max_sequence_length(self) -> int:
-        return self.options.get("max_sequence_length") or self.MAX_SEQUENCE_LENGTH
+        return self.model.max_sequence_length or self.MAX_SEQUENCE_LENGTH
 
     def call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}

@@ -58,7 +58,7 @@ class Flux(FlowFamily):
         config = getattr(denoiser, "module", denoiser).config  # DistributedDataParallel wraps it
         guidance = None
         if config.guidance_embeds:
-            guidance = torch.full((b,), float(self.options.get("guidance", 1.0)), device=noisy.device)
+            guidance = torch.full((b,), float(self.model.guidance), device=noisy.device)
         out = denoiser(
             hidden_states=packed,
             timestep=timesteps.to(noisy.dtype) / 1000,

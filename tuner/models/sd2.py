@@ -21,7 +21,7 @@ class SD2(SD15):
 
     @property
     def zero_terminal_snr(self) -> bool:
-        return bool(self.options.get("zero_terminal_snr"))
+        return bool(self.model.zero_terminal_snr)
 
     def load(self, path, prediction_type=None, allow_pickle=False):
         c = super().load(path, prediction_type, allow_pickle)

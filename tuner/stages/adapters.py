@@ -116,7 +116,7 @@ def _named_failures(file: Path, what: str):
 
 def _adapter_layers(run: Run) -> int:
     """How many (module, adapter) pairs of LoRA layers the run's modules hold."""
-    from tuner.export.formats import tuner_layers
+    from tuner.export.tensors import tuner_layers
 
     return sum(
         len(getattr(layer, "lora_A", {}))

@@ -15,7 +15,6 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from tuner.data.images import PrepareSettings
 from tuner.data.prepare import Source
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.errors import ConfigError
@@ -34,18 +33,15 @@ def _prepare(run: Run, role: str, folder: str | None, default_caption: str | Non
 
 
 def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str | None) -> None:
-    d = run.cfg.data
+    d = OmegaConf.to_object(run.cfg.data)  # the data section as its dataclass (tuner.config.DataConfig)
     sources = [Source(folder)] if folder else []
     for x in d.sources:
         if x.role == role:
-            sources.append(Source(**{k: v for k, v in OmegaConf.to_container(x, resolve=True).items() if k != "role"}))
-    known = {f.name for f in dataclasses.fields(PrepareSettings)}
-    same_names = {k: v for k, v in OmegaConf.to_container(d, resolve=True).items() if k in known}
+            sources.append(Source(**{f.name: getattr(x, f.name) for f in dataclasses.fields(Source)}))
     if role == "class":  # class images keep their class prompt: no trigger word, never rejected for no caption
-        same_names.update(trigger=None, caption_missing="default")
-    settings = PrepareSettings(**same_names, default_caption=default_caption or "", seed=run.cfg.seed)
+        d = dataclasses.replace(d, trigger=None, caption_missing="default")
     out = run.dir / "data" / role
-    report = prepare_sources(sources, out, settings, desc=f"prepare {role}")
+    report = prepare_sources(sources, out, d, default_caption or "", run.cfg.seed, desc=f"prepare {role}")
     print(f"[tuner] {report.summary()}", flush=True)
     for reason, files in report.rejected.items():
         print(f"[tuner]   rejected ({reason}): {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import time
 
@@ -17,6 +16,7 @@ from tuner import run_folder
 from tuner.compose import run_folder_of
 from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
+from tuner.export import formats, tensors
 from tuner.export.formats import FORMATS, check_held
 from tuner.stages.adapters import load_adapter
 from tuner.stages.context import Adapted, Exported, Run, stage
@@ -119,7 +119,7 @@ def _export_info(run: Run, trained, name: str, trained_here: bool) -> dict:
 
 
 def _trained_parts(cfg) -> set[str]:
-    """What a training run adds to its base, in the terms of tuner/export/formats.py's HOLDS."""
+    """What a training run adds to its base, in the terms of each format's ``holds`` (tuner/export/formats.py)."""
     a, te = cfg.adapter, cfg.text_encoder
     parts = set()
     if a.type in ("lora", "loha", "lokr") or te.train == "lora":
@@ -149,7 +149,6 @@ def export(run: Run) -> Exported:
     part (a kohya file cannot hold a DoRA adapter) says so and writes the rest. The run summary
     lists every file written with its sha256; ``README.md`` in the run folder is the model card.
     """
-    from tuner.export import formats
     from tuner.export.card import write_model_card
     from tuner.export.metadata import file_hashes, training_metadata
 
@@ -160,7 +159,7 @@ def export(run: Run) -> Exported:
     what = adapted.trainables if adapted else None
     base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
     tokens = _live_tokens(run, adapted.new_tokens if adapted else ())
-    trained = formats.Trained(c, formats.adapter_kind(c), tokens, base_weights)
+    trained = tensors.Trained(c, tensors.adapter_kind(c), tokens, base_weights)
     parts = trained.parts
     if not parts:
         raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
@@ -169,38 +168,32 @@ def export(run: Run) -> Exported:
     name = e.name or run.dir.name
     info = _export_info(run, trained, name, trained_here=what is not None)
     metadata = training_metadata(info)
-    dtype = formats.DTYPES[e.dtype]
-    merged, written = None, []
+    merged = []  # the adapter fused into the base, made once for the formats that hold it fused
+
+    def fused() -> dict:
+        if not merged:
+            print("[tuner] export: fusing the adapter into the base weights", flush=True)
+            merged.append(tensors.merged_components(trained, _fp32_base(run)))
+        return merged[0]
+
+    written = []
     for fmt in tqdm(e.formats, desc="export", leave=False):
         folder = run.dir / fmt
-        held = parts & formats.HOLDS[fmt]
+        held = parts & formats.FORMATS[fmt].holds
         if not held:
             print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
             run_folder.remove(run.dir, fmt)  # an earlier run's files in this folder must not pass for this run's
             continue
         if parts - held:
             print(f"[tuner] export {fmt}: without {', '.join(sorted(parts - held))} (another format holds it)")
-        if fmt == "diffusers":
-            formats.write_diffusers(trained, folder, run.family, dtype)
-        elif fmt == "kohya":
-            formats.write_kohya(trained, folder, name, run.family, dtype, metadata)
-        elif fmt == "peft":
-            formats.write_peft(trained, folder, dtype)
-        else:
-            if merged is None:
-                print("[tuner] export: fusing the adapter into the base weights", flush=True)
-                merged = formats.merged_components(trained, _fp32_base(run))
-            if fmt == "merged":
-                formats.write_merged(merged, folder, run.family, run.base, c.tokenizers, e.variant)
-            else:
-                vocab = {
-                    te: json.loads((run.base / te / "config.json").read_text())["vocab_size"] for te in c.text_encoders
-                }
-                single_dtype = formats.DTYPES[e.single_file_dtype]
-                formats.write_single_file(merged, folder, name, run.family, vocab, single_dtype, metadata)
+        job = formats.Export(
+            trained, folder, name, run.family, run.base, formats.DTYPES[e.dtype],
+            formats.DTYPES[e.single_file_dtype], e.variant, metadata, fused,
+        )  # fmt: skip
+        formats.FORMATS[fmt].write(job)
         written.append(folder)
         run.outputs[fmt] = str(folder)
-    del merged
+    merged.clear()
     files = {}
     for path in sorted(p for folder in written for p in folder.rglob("*") if p.is_file()):
         sha256, model_hash = file_hashes(path)

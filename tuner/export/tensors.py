@@ -1,0 +1,243 @@
+"""The tensors of what a run added to its base, read from the live modules: the peft layers and the kind
+of adapter, each layer's tensors in peft's and kohya's keys, the adapter fused into the base weights,
+and safetensors files written atomically. The formats that write them are in tuner/export/formats.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tuner.files import atomic_path
+
+
+@dataclass
+class Trained:
+    """What sits on top of the base in the live modules: the parts each format may hold."""
+
+    components: object  # the family's Components (unet, vae, text_encoder, tokenizer, ...)
+    adapter: str | None = None  # lora | dora | loha | lokr, on the U-Net and/or the text encoder
+    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> (vectors, width), in order
+    base_weights: bool = False  # base weights themselves changed (partial / full fine-tuning)
+
+    @property
+    def parts(self) -> set[str]:
+        return {p for p in (self.adapter, "tokens" if self.tokens else None) if p} | (
+            {"base_weights"} if self.base_weights else set()
+        )
+
+
+def tuner_layers(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The peft layers (LoRA, LoHa, LoKr, ...) injected into ``module``, by module name."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def adapter_kind(c) -> str | None:
+    """lora, dora, loha or lokr: the peft adapter in the U-Net / text encoder (one kind per run)."""
+    from peft.tuners.loha import LoHaLayer
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
+
+    kinds = set()
+    for module in c.trainable().values():
+        for layer in tuner_layers(module).values():
+            if isinstance(layer, LoraLayer):
+                kinds.add("dora" if any(layer.use_dora.get(a) for a in layer.active_adapters) else "lora")
+            elif isinstance(layer, LoHaLayer):
+                kinds.add("loha")
+            elif isinstance(layer, LoKrLayer):
+                kinds.add("lokr")
+            else:
+                kinds.add(type(layer).__name__)
+    if len(kinds) > 1:
+        kinds.discard("lora")  # a DoRA adapter on one component, LoRA on the other: DoRA rules
+    if len(kinds) > 1:
+        raise ValueError(f"export: one adapter kind per run, found {sorted(kinds)}")
+    return kinds.pop() if kinds else None
+
+
+def _active(layer) -> str:
+    names = list(layer.active_adapters)
+    if len(names) != 1:
+        raise ValueError(f"export: one active adapter per module, found {names}; export each adapter on its own")
+    return names[0]
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def kohya_tensors(layer) -> dict[str, torch.Tensor]:
+    """One peft layer's tensors under the key suffixes kohya-format loaders (A1111, ComfyUI, diffusers) read.
+
+    - LoRA: ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` such that scale = alpha / rank, which is
+      what kohya's ``.alpha`` means (for rsLoRA, scale alpha / sqrt(rank), that is scale * rank);
+    - LoHa / LoKr: LyCORIS' names, which peft shares (``hada_w1_a``, ``lokr_w1``, ...), with ``alpha`` the
+      same way. A LoKr layer with neither factor decomposed has no rank a loader could divide by, so
+      loaders apply it at scale 1: its scale is folded into ``lokr_w2`` and no ``alpha`` is written.
+    """
+    from peft.tuners.lokr import LoKrLayer
+    from peft.tuners.lora import LoraLayer
+
+    adapter = _active(layer)
+    scale = float(layer.scaling[adapter])
+    if isinstance(layer, LoraLayer):
+        rank = layer.r[adapter]
+        return {
+            "lora_down.weight": layer.lora_A[adapter].weight.detach(),
+            "lora_up.weight": layer.lora_B[adapter].weight.detach(),
+            "alpha": torch.tensor(scale * rank),
+        }
+    tensors = {}
+    for param in layer.adapter_layer_names:
+        store = getattr(layer, param)
+        if adapter in store:
+            tensors[param] = store[adapter].detach()
+    if isinstance(layer, LoKrLayer) and "lokr_w1_b" not in tensors and "lokr_w2_b" not in tensors:
+        tensors["lokr_w2"] = tensors["lokr_w2"] * scale
+    else:
+        tensors["alpha"] = torch.tensor(scale * layer.r[adapter])
+    return tensors
+
+
+def peft_state(module: torch.nn.Module) -> tuple[dict[str, torch.Tensor], object]:
+    """The active adapter's tensors and config, as ``get_peft_model_state_dict`` gives them."""
+    from peft.utils import get_peft_model_state_dict
+
+    adapter = _active(next(iter(tuner_layers(module).values())))
+    config = module.peft_config[adapter]
+    return get_peft_model_state_dict(module, adapter_name=adapter), config
+
+
+def peft_config_dict(config) -> dict:
+    """A peft config as plain JSON values, without where the base was loaded from (a path of this machine)."""
+    config = json.loads(json.dumps(config.to_dict(), default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
+    config["base_model_name_or_path"] = None
+    return config
+
+
+# ---------------------------------------------------------------- merged weights
+
+
+def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``module``'s state dict in fp32 with every peft layer fused into its base weight.
+
+    Each peft layer is merged on a copy of itself, by peft's own ``merge`` (so DoRA, LoHa and LoKr
+    merge as peft computes them), on top of ``base`` (the fp32 base weights, when the live module
+    holds them in a lower precision); the live module is left as it was.
+    """
+    base = base or {}
+
+    def full(key: str, value: torch.Tensor) -> torch.Tensor:  # a frozen weight stored in low precision
+        return base[key].float() if value.dtype != torch.float32 and key in base else value.float()
+
+    layers = tuner_layers(module)
+    state = {}
+    for key, value in module.state_dict().items():
+        if not any(key.startswith(n + ".") for n in layers):
+            state[key] = full(key, value)
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"export: {name} has its adapter merged already; unmerge it first")
+        merged = copy.deepcopy(layer)
+        target = merged.get_base_layer()
+        for key, value in target.state_dict().items():
+            getattr(target, key).data = full(f"{name}.{key}", value).clone()
+        merged.float().merge(safe_merge=True, adapter_names=[_active(layer)])
+        for key, value in target.state_dict().items():
+            state[f"{name}.{key}"] = value.detach()
+    return state
+
+
+def _fresh(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A new module of ``module``'s class and config holding ``state`` (built on the meta device: no copy)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        config = module.config
+        fresh = type(module).from_config(config) if hasattr(type(module), "from_config") else type(module)(config)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    return fresh.eval()
+
+
+def merged_components(trained: Trained, base_state) -> dict[str, torch.nn.Module]:
+    """The denoiser, text encoders and VAE with everything trained fused in, fp32, by component name.
+
+    Args:
+        base_state: ``component -> fp32 state dict`` of the base, used where the live module holds
+            frozen weights in a lower precision; empty when the live weights are fp32.
+    """
+    c = trained.components
+    out = {}
+    for name, module in c.modules().items():
+        base = base_state.get(name)
+        state = merged_state(module, base)
+        if name == "text_encoder" and trained.tokens:  # the new rows live only in the live embedding
+            key = next(k for k in state if k.endswith("token_embedding.weight"))
+            state[key] = module.get_input_embeddings().weight.detach().float()
+        out[name] = _fresh(module, state)
+    return out
+
+
+# ---------------------------------------------------------------- kohya naming and metadata
+
+
+def kohya_name(prefix: str, module_name: str) -> str:
+    return f"{prefix}_{module_name.replace('.', '_')}"
+
+
+def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The adapter as a kohya / LyCORIS state dict, ``<prefix>_<module>.<suffix>`` (see ``kohya_tensors``).
+
+    Args:
+        prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name) gives
+            the module's name as the format spells it (the family knows).
+    """
+    state = {}
+    for component, module in trained.components.trainable().items():
+        layers = tuner_layers(module)
+        if layers and component not in prefixes:
+            raise ValueError(f"export kohya: no kohya prefix for {component}")
+        for name, layer in layers.items():
+            prefix = prefixes[component]
+            key = kohya_name(prefix, module_name(component, name))
+            state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in kohya_tensors(layer).items()})
+    return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def token_file_name(token: str) -> str:
+    """A file name A1111 and ComfyUI users can type as the trigger (``<sks>`` -> ``sks``)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "", token) or "embedding"
+
+
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata=metadata)
+    return path
+
+
+def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """ss_network_* keys: module, rank (dim) and alpha as kohya's trainer writes them."""
+    ranks, alphas = set(), set()
+    for key, value in state.items():
+        if key.endswith((".lora_down.weight", ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")):
+            ranks.add(value.shape[0])
+        elif key.endswith(".alpha"):
+            alphas.add(round(float(value), 6))
+    module = "lycoris.kohya" if adapter in ("loha", "lokr") else "networks.lora"
+    meta = {"ss_network_module": module}
+    if ranks:
+        meta["ss_network_dim"] = str(max(ranks))
+    if alphas:
+        meta["ss_network_alpha"] = str(max(alphas) if len(alphas) > 1 else alphas.pop())
+    if adapter != "lora":
+        meta["ss_network_args"] = json.dumps({"algo": {"loha": "loha", "lokr": "lokr"}[adapter]})
+    return meta
