@@ -31,9 +31,9 @@ def tiny(tmp_path_factory):
 
 def draw(family, pipe):
     """The gallery's image for PROMPT at seed 0 (3 steps, guidance 3), in [0, 1] (H, W, 3)."""
-    from tuner.sampling import generate
+    from tuner.sampling import sample_images
 
-    image = generate(pipe, [PROMPT], [0], 32, 3, 3.0, decode=family.decode, **family.call_kwargs())[0]
+    image = sample_images(pipe, [PROMPT], [0], 32, 3, 3.0, decode=family.decode, **family.call_kwargs())[0]
     return ((image + 1) / 2).permute(1, 2, 0).numpy()
 
 

@@ -5,7 +5,7 @@ inside functions count the same as those at the top of a file.
     6  tuner.__main__, tuner.sweep, tuner.checks     the command line, sweeps, the checks of a whole config
     5  tuner.runner                                   the registry of stages; runs a recipe's stages in order
     4  tuner.stages, tuner.digits                     one module per stage; the embedded digits demo's wing
-    3  tuner.training, tuner.export, tuner.generate   the loop, export formats and reports, generation
+    3  tuner.training, tuner.export, tuner.generation   the loop, export formats and reports, generation
     2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder
     1  tuner.errors, tuner.files, tuner.choices,      errors, atomic files, the config schema (its
        tuner.config, tuner.output_config,             vocabularies as Enums, its sections) and its
@@ -36,7 +36,7 @@ LAYERS = {
     "tuner.run_folder": 2,
     "tuner.training": 3,
     "tuner.export": 3,
-    "tuner.generate": 3,
+    "tuner.generation": 3,
     "tuner.stages": 4,
     "tuner.digits": 4,
     "tuner.runner": 5,

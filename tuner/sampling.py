@@ -8,9 +8,11 @@ import contextlib
 import torch
 from tqdm.auto import tqdm
 
+from tuner.models.base import Family
+
 
 @torch.no_grad()
-def generate(
+def sample_images(
     pipe,
     prompts: list[str],
     seeds: list[int],
@@ -33,7 +35,6 @@ def generate(
     dtype (float32 unless asked), since half-precision VAE decoding is known to produce NaNs.
     ``decode(pipe, latents, height, width)``: the family's (``Family.decode``: Flux's latents come packed).
     """
-    from tuner.models.base import Family
 
     decode = decode or Family().decode
     if len(prompts) != len(seeds):

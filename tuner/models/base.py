@@ -22,6 +22,7 @@ import torch
 
 from tuner.config import ModelConfig
 from tuner.errors import ConfigError
+from tuner.models.objectives import FlowObjective, NoiseObjective
 
 Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
 
@@ -249,7 +250,6 @@ class Family:
 
     def objective(self, c: Components):
         """Noising, target and loss weights of this family's training (``tuner.models.objectives``)."""
-        from tuner.models.objectives import NoiseObjective
 
         return NoiseObjective(c.noise_scheduler, c.prediction_type, self.predict)
 
@@ -334,7 +334,6 @@ class FlowFamily(Family):
         return "flow"
 
     def objective(self, c: Components):
-        from tuner.models.objectives import FlowObjective
 
         m = self.model
         return FlowObjective(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 
 from tuner.models.base import Components, Family, _ids
+from tuner.models.sd15 import base_vocabulary
+from tuner.models.sgm_layout import to_original
 
 
 class SDXL(Family):
@@ -61,8 +63,6 @@ class SDXL(Family):
 
     def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
         """The four modules in the original (SGM) single-file layout of SDXL (tuner/models/sgm_layout.py)."""
-        from tuner.models.sd15 import base_vocabulary
-        from tuner.models.sgm_layout import to_original
 
         unet, vae = modules["unet"], modules["vae"]
         texts = [base_vocabulary(modules[name], vocab_sizes[name]) for name in self.TEXT_ENCODERS]

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tuner.errors import ConfigError
+from tuner.export import reading
+from tuner.export.reading import PICKLE_SUFFIXES, unexpected_keys
+from tuner.export.tensors import tuner_layers
 from tuner.stages.context import Adapted, Run, stage
 
 
@@ -67,7 +70,6 @@ def load_checkpoint(run: Run, path: Path, adapter_name: str | None = None) -> Lo
 def _candidates(path: Path) -> list[Path]:
     """The adapter and embedding files of a folder (or the file itself): its .safetensors, else any file
     that may hold tensors under another name (a safetensors named .bin loads; a pickle is refused)."""
-    from tuner.export.reading import PICKLE_SUFFIXES
 
     if path.is_file():
         return [path]
@@ -76,7 +78,6 @@ def _candidates(path: Path) -> list[Path]:
 
 
 def _load_folder(run: Run, path: Path, adapter_name: str | None, loaded: Loaded) -> None:
-    from tuner.export import reading
 
     for file in _candidates(path):
         tensors, meta = reading.read_tensors(file)
@@ -116,7 +117,6 @@ def _named_failures(file: Path, what: str):
 
 def _adapter_layers(run: Run) -> int:
     """How many (module, adapter) pairs of LoRA layers the run's modules hold."""
-    from tuner.export.tensors import tuner_layers
 
     return sum(
         len(getattr(layer, "lora_A", {}))
@@ -161,8 +161,6 @@ def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> 
             logger.handlers, logger.propagate = handlers, propagate
     landed = _adapter_layers(run) - before
     if landed < modules:
-        from tuner.export.reading import unexpected_keys
-
         keys = unexpected_keys(keep.messages)
         shown = f": {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" if keys else ""
         raise ConfigError(
@@ -174,8 +172,6 @@ def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> 
 def _load_peft(module, folder: Path, adapter_name: str) -> None:
     """A peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) onto ``module``."""
     from peft import PeftConfig, set_peft_model_state_dict
-
-    from tuner.export import reading
 
     weights = folder / "adapter_model.safetensors"
     if not weights.is_file():

@@ -45,7 +45,7 @@ def stage(
         check: the stage's own checks of a composed config, run before anything loads when the
             recipe names the stage; raises ``ConfigError`` naming the key and the fix.
 
-    The stages a recipe may name are listed in tuner/stages/__init__.py.
+    The stages a recipe may name are listed in tuner/runner.py (STAGES).
     """
 
     def declare(fn):
@@ -142,7 +142,7 @@ class Run:
     def result(self, kind: type[Result]) -> Result:
         """The result of the stage that returns ``kind`` (``tuner.checks`` made sure that stage ran first)."""
         if kind not in self.results:
-            raise ConfigError(f"no earlier stage produced a {kind.__name__}; see the order in tuner/stages/__init__.py")
+            raise ConfigError(f"no earlier stage produced a {kind.__name__}; see the stage order in tuner/runner.py")
         return self.results[kind]  # type: ignore[return-value]
 
     @property
@@ -199,7 +199,7 @@ class Run:
         first = jobs[0]
         prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
         negative = [j.negative for j in jobs] if any(j.negative for j in jobs) else None
-        return sampling.generate(
+        return sampling.sample_images(
             pipe, prompts, seeds, first.height, first.steps, first.guidance, len(jobs), None,
             self.accelerator.autocast, negative_prompts=negative, width=first.width, decode=self.family.decode,
             **self.family.call_kwargs(), **call,
@@ -208,7 +208,7 @@ class Run:
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None):
         resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
         pipe = pipe or self.pipe
-        return sampling.generate(
+        return sampling.sample_images(
             pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast,
             decode=self.family.decode, **self.family.call_kwargs(),
         )  # fmt: skip

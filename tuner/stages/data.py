@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 
 from tuner.data.prepare import Source
 from tuner.data.prepare import prepare as prepare_sources
+from tuner.distributed import decide
 from tuner.errors import ConfigError
 from tuner.files import write_atomic
+from tuner.sampling import to_uint8
 from tuner.stages.context import Run, Subject, stage
 
 
@@ -27,7 +29,6 @@ def _prepare(run: Run, role: str, folder: str | None, default_caption: str | Non
 
     Rank 0 prepares; the other ranks wait, then read the same dataset (a ConfigError reaches them all).
     """
-    from tuner.distributed import decide
 
     decide(run.accelerator, lambda: _prepare_here(run, role, folder, default_caption))
 
@@ -98,9 +99,6 @@ def class_images(run: Run) -> None:
     base model and sampling settings, so a changed prompt never reuses another prompt's images.
     """
     from PIL import Image
-
-    from tuner.distributed import decide
-    from tuner.sampling import to_uint8
 
     d, s, prior = run.cfg.data, run.cfg.sample, run.cfg.prior
     if not prior.enabled:

@@ -17,7 +17,9 @@ from tuner.compose import run_folder_of
 from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
 from tuner.export import formats, tensors
+from tuner.export.card import write_model_card
 from tuner.export.formats import FORMATS, check_held
+from tuner.export.metadata import file_hashes, folder_hash, tag_frequency, training_metadata
 from tuner.stages.adapters import load_adapter
 from tuner.stages.context import Adapted, Exported, Run, stage
 
@@ -51,8 +53,6 @@ def _export_info(run: Run, trained, name: str, trained_here: bool) -> dict:
     Exporting a checkpoint (recipe=export), the settings come from the run folder the checkpoint sits in.
     """
     from importlib.metadata import version
-
-    from tuner.export.metadata import folder_hash, tag_frequency
 
     cfg, source, source_dir = run.cfg, run.cfg, run.dir
     if not trained_here:
@@ -149,8 +149,6 @@ def export(run: Run) -> Exported:
     part (a kohya file cannot hold a DoRA adapter) says so and writes the rest. The run summary
     lists every file written with its sha256; ``README.md`` in the run folder is the model card.
     """
-    from tuner.export.card import write_model_card
-    from tuner.export.metadata import file_hashes, training_metadata
 
     cfg, c, e = run.cfg, run.components, run.cfg.export
     adapted = run.results.get(Adapted)

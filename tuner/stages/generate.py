@@ -10,8 +10,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tuner import generate as gen
+from tuner import generation as gen
 from tuner import run_folder
+from tuner.export.gallery import write_image_page
 from tuner.files import write_atomic
 from tuner.stages.adapters import load_checkpoint
 from tuner.stages.context import Run, stage
@@ -20,12 +21,11 @@ from tuner.stages.context import Run, stage
 @stage(main_only=True, after=("base",), writes=("images",), check=gen.check)
 def generate(run: Run) -> None:
     """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
-    for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generate.py.
+    for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generation.py.
 
     Writes ``images/NNNN-seedS.png`` (the settings in the PNG's ``parameters`` text, as A1111 does),
     ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``.
     """
-    from tuner.export.gallery import write_image_page
 
     cfg, g = run.cfg, run.cfg.generate
     jobs = gen.make_jobs(g, cfg.data.resolution)

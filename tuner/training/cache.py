@@ -15,6 +15,9 @@ from pathlib import Path
 
 import torch
 
+from tuner.distributed import barrier, decide
+from tuner.files import write_atomic
+
 PART = re.compile(r"part-(\d+)-of-(\d+)\.safetensors")
 
 
@@ -38,9 +41,6 @@ def shared(
 ) -> list[dict[str, torch.Tensor]]:
     """Items ``0 .. count-1``, each a dict of tensors, from ``folder`` or computed by ``compute(indices)``."""
     from safetensors.torch import load_file, save
-
-    from tuner.distributed import barrier, decide
-    from tuner.files import write_atomic
 
     parts = decide(accelerator, lambda: complete_parts(folder))
     if parts is None:

@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tuner.distributed import barrier
+from tuner.export.validation import ValidationGallery
+
 
 def _flat(tree: dict, prefix: str = "") -> dict:
     """A nested config as one level of ``a.b.c`` keys, values TensorBoard's hparams accept."""
@@ -52,7 +55,6 @@ class Monitor:
 
     def validate(self, step: int) -> None:
         """Rank 0 samples and writes the row of ``step``; the other ranks wait for it."""
-        from tuner.distributed import barrier
 
         if self.every and self.accelerator.is_main_process:
             modes = [m.training for m in self.modules]
@@ -110,7 +112,6 @@ def start_trackers(cfg, run_dir: Path, accelerator) -> list:
 def start(run, modules: list[torch.nn.Module], captions: list[str]) -> Monitor:
     """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks
     (``captions``: the training captions, the prompts when no other is given)."""
-    from tuner.export.validation import ValidationGallery
 
     cfg = run.cfg
     v = cfg.validation

@@ -22,6 +22,7 @@ from PIL import Image, ImageFilter
 
 from tuner.config import SEED_MAX
 from tuner.errors import ConfigError
+from tuner.sampling import to_uint8
 
 SCHEDULERS = {
     # name -> (diffusers class, extra config)
@@ -230,6 +231,5 @@ def load_init_image(path: str, width: int, height: int) -> Image.Image:
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    from tuner.sampling import to_uint8
 
     return [Image.fromarray(a.numpy()) for a in to_uint8(images)]
