@@ -195,3 +195,62 @@ def test_the_issue_interface_composes(tmp_path, tiny_pipeline_dir):
 def test_training_settings_that_cannot_work_are_refused(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate(compose("quickstart", overrides))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.optimizer=lion", "train.optimizer=lion: choose one of adamw, adamw8bit, prodigy, sgd"),
+        ("export.formats=[diffusers,onnx]", "export.formats[1]=onnx: choose one of diffusers, kohya, peft, merged"),
+        ("data.sources=[{path: x, role: klass}]", "data.sources: role=klass: choose one of instance, class"),
+        ("model.prediction_type=flow", "model.prediction_type=flow: choose one of epsilon, v_prediction"),
+    ],
+)
+def test_a_value_outside_its_vocabulary_fails_at_compose_naming_the_key_and_the_choices(override, message):
+    with pytest.raises(ConfigError) as refused:
+        compose("quickstart", [override])
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "stages, message",
+    [
+        ("[prepare,train]", "train needs base before it; e.g. stages=[prepare,base,train]"),
+        ("[base,train]", "train needs prepare before it"),
+        ("[base,prepare,gallery]", "gallery needs train or load_adapter before it"),
+        ("[base,prepare,trian]", "unknown stage(s) ['trian']"),
+    ],
+)
+def test_stages_out_of_order_are_refused_with_an_order_that_works(tmp_path, stages, message):
+    overrides = ["model=digits", f"data.instance_dir={tmp_path}", "data.instance_prompt=x", f"stages={stages}"]
+    cfg = compose("lora", overrides)
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    assert message in str(refused.value)
+
+
+def test_every_export_format_of_the_vocabulary_has_its_format_object():
+    from tuner.choices import ExportFormat
+    from tuner.export.formats import FORMATS
+
+    assert list(FORMATS) == [f.value for f in ExportFormat]
+    assert all(f.holds and f.loaded_by and f.usage([], "BASE", "Pipe", "x") is not None for f in FORMATS.values())
+
+
+def test_the_config_is_read_only_once_the_run_folder_is_named(tmp_path):
+    """Stages read the configuration, never write it; config.yaml records it with the run folder."""
+    from omegaconf.errors import ReadonlyConfigError
+
+    from tuner.runner import BUILTINS, entries
+    from tuner.stages.context import Base, Run
+
+    (tmp_path / "photos").mkdir()
+    cfg = compose("prepare", [f"data.instance_dir={tmp_path / 'photos'}", f"output_dir={tmp_path / 'run'}"])
+    validate(cfg)
+    run = Run(cfg, entries(cfg), BUILTINS)
+    with pytest.raises(ReadonlyConfigError):
+        run.cfg.data.instance_dir = "elsewhere"
+    saved = OmegaConf.load(run.dir / "config.yaml")
+    assert saved.output_dir == str(tmp_path / "run") and saved.data.instance_dir == str(tmp_path / "photos")
+    with pytest.raises(ConfigError, match="no earlier stage produced a Base"):
+        run.result(Base)

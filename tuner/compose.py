@@ -146,6 +146,9 @@ def explain(error: Exception, recipe: str, overrides: list[str] = ()) -> str:
             inside = [k for k in keys if k.startswith(f"{key[1]}.")][:3]
             return f"{key[1]} is a section, not a value: set its keys, e.g. {', '.join(f'{k}=...' for k in inside)}"
     choice = re.match(r"Invalid value '(.*)', expected one of \[(.*)\]", first)
+    # inside a list of sections (data.sources=[{...}]) OmegaConf names only the inner key: say whose it is
+    merging = re.search(r"Error merging override ([^=\s]+)=", str(error))
+    where = f"{merging[1]}: " if key and merging and not key[1].startswith(merging[1]) else ""
     if key and choice:  # a value outside a closed vocabulary (tuner/choices.py)
-        return f"{key[1]}={choice[1]}: choose one of {choice[2]}"
-    return f"{key[1]}: {first}" if key and key[1] not in first else first
+        return f"{where}{key[1]}={choice[1]}: choose one of {choice[2]}"
+    return f"{where}{key[1]}: {first}" if key and key[1] not in first else where + first
