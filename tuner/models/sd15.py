@@ -7,6 +7,7 @@ single-file layout (tuner/models/ldm_layout.py).
 from __future__ import annotations
 
 from tuner.models.base import Family
+from tuner.models.ldm_layout import to_original
 
 
 class SD15(Family):
@@ -33,7 +34,6 @@ class SD15(Family):
 
     def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
         """unet, vae and text_encoder in the original single-file layout (the base's vocabulary rows only)."""
-        from tuner.models.ldm_layout import to_original
 
         unet, vae = modules["unet"], modules["vae"]
         text = base_vocabulary(modules["text_encoder"], vocab_sizes["text_encoder"])

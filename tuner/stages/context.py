@@ -20,7 +20,8 @@ from typing import NamedTuple, TypeVar
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tuner import run_folder, sampling
+from tuner import distributed, run_folder, sampling
+from tuner.distributed import barrier
 from tuner.errors import ConfigError
 from tuner.files import write_atomic
 from tuner.models import get_family
@@ -114,7 +115,6 @@ class Run:
             declared: the entries of the run folder this run's stages write (``tuner.runner.entries``).
             builtins: the embedded bases ``model.builtin`` may name (``tuner.runner.BUILTINS``).
         """
-        from tuner import distributed
 
         self.family = get_family(cfg.model.family, cfg.model)
         self.builtins = builtins or {}
@@ -170,7 +170,6 @@ class Run:
 
     def wait(self) -> None:
         """Every rank waits here for the others (rank 0 has written what they read next)."""
-        from tuner.distributed import barrier
 
         barrier(self.accelerator)
 
