@@ -25,6 +25,7 @@ from tuner.distributed import barrier
 from tuner.errors import ConfigError
 from tuner.files import write_atomic
 from tuner.models import get_family
+from tuner.training.trainables import Trainables
 
 
 def stage(
@@ -74,13 +75,13 @@ class Subject:
 class Adapted:
     """What the train or load_adapter stage put on the base model.
 
-    ``trainables`` is what trained (``tuner.training.trainables.Trainables``; None when loaded from a
-    checkpoint); ``new_tokens`` the tokens added to the vocabulary, in order; ``base_weights_changed``
-    says base weights or the vocabulary changed (not only peft adapters), so "base" samples need a
-    fresh copy of the base rather than the adapters switched off.
+    ``trainables`` is what trained (None when loaded from a checkpoint); ``new_tokens`` the tokens added
+    to the vocabulary, in order; ``base_weights_changed`` says base weights or the vocabulary changed
+    (not only peft adapters), so "base" samples need a fresh copy of the base rather than the adapters
+    switched off.
     """
 
-    trainables: object | None = None
+    trainables: Trainables | None = None
     new_tokens: tuple[str, ...] = ()
     base_weights_changed: bool = False
 
