@@ -22,18 +22,43 @@ from PIL import Image, ImageFilter
 
 from tuner.config import SEED_MAX
 from tuner.errors import ConfigError
+from tuner.models import get_family
 from tuner.sampling import to_uint8
 
-SCHEDULERS = {
-    # name -> (diffusers class, extra config)
+# name -> (diffusers class, extra config), by the kind of schedule a family trains with (``Family.FLOW``)
+NOISE_SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
 }
+# flow matching: the family's own shift (model.timestep_shift or its scheduler config's), Flux's dynamic shift
+FLOW_SCHEDULERS = {
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow_dpm++": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
+    ),
+    "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+
+
+# the fewest steps a sampler runs (PNDM's Runge-Kutta warm-up takes 4 when the base does not skip it)
+MIN_STEPS = {"pndm": 4}
+
+
+def schedulers(family) -> dict[str, tuple[str, dict]]:
+    """The samplers ``family`` offers by name; its default (gallery and generate's) first."""
+    table = FLOW_SCHEDULERS if family.FLOW else NOISE_SCHEDULERS
+    return {name: table[name] for name in (family.DEFAULT_SCHEDULER, *table) if name not in family.NO_SCHEDULERS}
+
+
 OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps", "ss": "scheduler"}
 
 
@@ -98,8 +123,11 @@ def check(cfg) -> None:
         raise ConfigError(
             'generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file=FILE'
         )
-    if g.scheduler not in SCHEDULERS:
-        raise ConfigError(f"generate.scheduler={g.scheduler}: choose one of {', '.join(SCHEDULERS)}")
+    offered = schedulers(get_family(cfg.model.family, cfg.model))
+    if g.scheduler is not None and g.scheduler not in offered:
+        raise ConfigError(
+            f"generate.scheduler={g.scheduler}: model={cfg.model.family} samples with {', '.join(offered)}"
+        )
     for key in ("width", "height"):
         if g[key] is not None and (g[key] < 8 or g[key] % 8):
             raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")
@@ -111,11 +139,13 @@ def check(cfg) -> None:
     for key in ("prompt_file", "init_image"):
         if g[key] and not Path(g[key]).expanduser().is_file():
             raise ConfigError(f"generate.{key}={g[key]}: no such file")
-    make_jobs(g, cfg.data.resolution)  # every prompt line checked before anything loads
+    make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
 
 
-def make_jobs(g, resolution: int) -> list[Job]:
+def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:
     """The images ``generate.*`` asks for, in order: each prompt ``images_per_prompt`` times.
+
+    ``offered``: the family's samplers (``schedulers``), its default first.
 
     Seeds: a line's ``--d`` and the ones after it for its further images; otherwise ``generate.seed``
     counting up over every image without its own seed, so each image has a seed of its own.
@@ -128,9 +158,8 @@ def make_jobs(g, resolution: int) -> list[Job]:
         lines += read_prompt_file(path)
     if not lines:
         raise ConfigError('generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file')
-    default = Job(
-        "", g.negative_prompt, g.width or resolution, g.height or resolution, 0, g.guidance_scale, g.steps, g.scheduler
-    )
+    size = (g.width or resolution, g.height or resolution)
+    default = Job("", g.negative_prompt, *size, 0, g.guidance_scale, g.steps, g.scheduler or next(iter(offered)))
     jobs, next_seed = [], g.seed
     for prompt, options, where in lines:
         try:
@@ -145,12 +174,15 @@ def make_jobs(g, resolution: int) -> list[Job]:
             }
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if values["scheduler"] not in SCHEDULERS:
-            raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(SCHEDULERS)}")
+        if values["scheduler"] not in offered:
+            raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(offered)}")
         if min(values["width"], values["height"]) < 8 or values["width"] % 8 or values["height"] % 8:
             raise ConfigError(f"{where}: width and height must be positive multiples of 8")
         if values["steps"] < 1 or (g.init_image and int(values["steps"] * g.strength) < 1):
             raise ConfigError(f"{where}: steps must be at least 1, and steps x generate.strength at least 1")
+        fewest = MIN_STEPS.get(values["scheduler"], 1)
+        if values["steps"] < fewest:
+            raise ConfigError(f"{where}: the {values['scheduler']} sampler takes at least {fewest} steps")
         if not math.isfinite(values["guidance"]):
             name = (
                 f"{where}: --l {options['guidance']}"
@@ -190,11 +222,16 @@ def batches(jobs: list[Job], size: int) -> list[list[tuple[int, Job]]]:
     return out
 
 
-def scheduler(name: str, config):
-    """A diffusers scheduler by tuner's short name, from the base's scheduler config."""
+def scheduler(name: str, family, config):
+    """A diffusers scheduler by tuner's short name, from the base's scheduler config, with the family's
+    sampling settings (SD2 zero-terminal-SNR: trailing timesteps) and, for the flow-sigma solvers, the
+    schedule's shift."""
     import diffusers
 
-    cls, extra = SCHEDULERS[name]
+    cls, extra = schedulers(family)[name]
+    extra = {**extra, **family.sampling_settings()}
+    if extra.get("use_flow_sigmas"):
+        extra["flow_shift"] = config.get("shift", 1.0)
     return getattr(diffusers, cls).from_config(config, **extra)
 
 

@@ -117,8 +117,9 @@ class GenerateConfig:
     # null: data.resolution
     width: int | None = None
     height: int | None = None
-    # ddim | ddpm | euler | euler_a | dpm++ | dpm++_karras | pndm
-    scheduler: str = "ddim"
+    # null: the family's default. sd15, sd2, sdxl: ddim | ddpm | euler | euler_a | heun | dpm++ | dpm++_karras |
+    # unipc | pndm. flux, sd3: flow_euler | flow_dpm++ | flow_unipc, and flow_heun on sd3 (tuner/generation.py)
+    scheduler: str | None = None
     batch_size: int = 4
     # image-to-image: start from this image, keeping (1 - strength) of it
     init_image: str | None = None

@@ -91,6 +91,9 @@ class Family:
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
     LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
     TRAINING_SCHEDULER = "DDPMScheduler"
+    FLOW = False  # trained by flow matching (its samplers: tuner.generation.FLOW_SCHEDULERS)
+    DEFAULT_SCHEDULER = "ddim"  # the sampler of galleries, validation and generate's default
+    NO_SCHEDULERS: tuple[str, ...] = ()  # samplers of its kind that its diffusers pipeline cannot drive
     # the denoiser's blocks (for the locon / all_linear presets) and its LoRA target presets
     BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
     TARGETS = {
@@ -275,7 +278,11 @@ class Family:
     def sampling_scheduler(self, c: Components):
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler.from_config(c.noise_scheduler.config)
+        return DDIMScheduler.from_config(c.noise_scheduler.config, **self.sampling_settings())
+
+    def sampling_settings(self) -> dict:
+        """Scheduler settings every sampler of this family takes beyond the base's config."""
+        return {}
 
     def call_kwargs(self) -> dict:
         """Extra keyword arguments of every pipeline call (the gallery's and the tests')."""
@@ -323,6 +330,8 @@ class FlowFamily(Family):
 
     DENOISER = "transformer"
     TRAINING_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+    FLOW = True
+    DEFAULT_SCHEDULER = "flow_euler"
     EXPORTS = ("diffusers", "peft", "merged")
     RESOLUTION_MULTIPLE = 16
     DEFAULT_RESOLUTION = 1024

@@ -32,7 +32,7 @@ def check(cfg: DictConfig) -> None:
         family.check_config_folder(m.config)
     elif m.path:
         family.check_folder(m.path, m.allow_pickle)
-    flow = family.TRAINING_SCHEDULER == "FlowMatchEulerDiscreteScheduler"
+    flow = family.FLOW
     if flow and (t.snr_gamma or t.timestep_bias != "none" or t.min_timestep or t.max_timestep is not None):
         raise ConfigError(
             f"model={m.family} trains by flow matching: train.snr_gamma, timestep_bias, min_timestep and "

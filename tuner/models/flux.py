@@ -28,6 +28,8 @@ class Flux(FlowFamily):
             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
         ],
     }  # fmt: skip
+    # FluxPipeline passes custom sigmas and the dynamic shift's mu, which FlowMatchHeun's set_timesteps lacks
+    NO_SCHEDULERS = ("flow_heun",)
     BASE_VERSION = "flux1"
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
 

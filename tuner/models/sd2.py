@@ -36,8 +36,6 @@ class SD2(SD15):
             )
         return c
 
-    def sampling_scheduler(self, c):
-        scheduler = super().sampling_scheduler(c)
-        if self.zero_terminal_snr:
-            return type(scheduler).from_config(scheduler.config, timestep_spacing="trailing")
-        return scheduler
+    def sampling_settings(self) -> dict:
+        """Zero terminal SNR samples from the last (pure-noise) timestep: trailing spacing (Lin et al. 2024)."""
+        return {"timestep_spacing": "trailing"} if self.zero_terminal_snr else {}

@@ -28,7 +28,7 @@ def generate(run: Run) -> None:
     """
 
     cfg, g = run.cfg, run.cfg.generate
-    jobs = gen.make_jobs(g, cfg.data.resolution)
+    jobs = gen.make_jobs(g, cfg.data.resolution, gen.schedulers(run.family))
     names, weights = [], []
     for k, a in enumerate(g.adapters):
         name = f"adapter{k}"
@@ -45,7 +45,7 @@ def generate(run: Run) -> None:
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]
-        pipe.scheduler = gen.scheduler(first.scheduler, run.components.noise_scheduler.config)
+        pipe.scheduler = gen.scheduler(first.scheduler, run.family, run.components.noise_scheduler.config)
         init, call = None, {}
         if g.init_image:
             init = gen.load_init_image(g.init_image, first.width, first.height)
@@ -73,6 +73,12 @@ A1111_SAMPLERS = {
     "dpm++": "DPM++ 2M",
     "dpm++_karras": "DPM++ 2M Karras",
     "pndm": "PLMS",
+    "heun": "Heun",
+    "unipc": "UniPC",
+    "flow_euler": "Euler",  # A1111/Forge name the flow-matching samplers as the others, the schedule says flow
+    "flow_heun": "Heun",
+    "flow_dpm++": "DPM++ 2M",
+    "flow_unipc": "UniPC",
 }
 
 

@@ -1,0 +1,145 @@
+"""recipe=generate on every family with every sampler it offers, against the family's own diffusers pipeline
+with the same scheduler, seed and steps (built here the way diffusers' documentation builds it)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+
+from tests.helpers import PROMPT
+from tuner.checks import validate
+from tuner.compose import compose
+from tuner.errors import ConfigError
+from tuner.models import get_family
+from tuner.models.tiny import make_tiny_pipeline
+from tuner.runner import run_recipe
+
+SIZE = 32
+STEPS = {"pndm": 4}  # its warm-up takes 4 (tuner refuses fewer); the others 3
+# what each family offers (its default first): pinned here, so a change to the offer is a visible change
+OFFERED = {
+    "sd15": ["ddim", "ddpm", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc", "pndm"],
+    "flux": ["flow_euler", "flow_dpm++", "flow_unipc"],
+    "sd3": ["flow_euler", "flow_heun", "flow_dpm++", "flow_unipc"],
+}
+OFFERED["sd2"] = OFFERED["sdxl"] = OFFERED["sd15"]
+FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
+# the diffusers scheduler a user sets for each name
+REFERENCE = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {}),
+    "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow_dpm++": ("DPMSolverMultistepScheduler", FLOW_SIGMAS),
+    "flow_unipc": ("UniPCMultistepScheduler", FLOW_SIGMAS),
+}
+CASES = [(f, s) for f in OFFERED for s in OFFERED[f]]  # about 20 s for all 39 on 2 cores
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "pipe", family=family)
+        return made[family]
+
+    return get
+
+
+def generate(tmp_path, folder, family, *overrides):
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = compose(
+        "generate",
+        [
+            f"model={family}",
+            f"model.path={folder}",
+            f"data.resolution={SIZE}",
+            f"generate.prompts=[{PROMPT}]",
+            "generate.guidance_scale=3.0",
+            f"output_dir={tmp_path / 'gen'}",
+            *overrides,
+        ],
+    )
+    validate(cfg)
+    run_recipe(cfg)
+    images = tmp_path / "gen" / "images"
+    entry = json.loads((images / "images.jsonl").read_text().splitlines()[0])
+    return np.asarray(Image.open(images / entry["file"]).convert("RGB")) / 255.0, entry
+
+
+def reference(folder, family, scheduler: str, steps: int, **settings) -> np.ndarray:
+    """``settings``: more scheduler config (SD2 zero terminal SNR's)."""
+    import diffusers
+
+    f = get_family(family)
+    pipe = getattr(diffusers, f.PIPELINE).from_pretrained(folder)
+    cls, extra = REFERENCE[scheduler]
+    if extra.get("use_flow_sigmas"):
+        extra = {**extra, "flow_shift": pipe.scheduler.config.shift}
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra, **settings)
+    pipe.set_progress_bar_config(disable=True)
+    generator = [torch.Generator().manual_seed(0)]
+    call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=3.0, generator=generator)
+    return pipe(PROMPT, output_type="np", **call, **f.call_kwargs()).images[0]
+
+
+@pytest.mark.parametrize("family, scheduler", CASES)
+def test_every_sampler_of_every_family_draws_what_its_diffusers_pipeline_draws(tmp_path, tiny, family, scheduler):
+    folder = tiny(family)
+    default, steps = scheduler == OFFERED[family][0], STEPS.get(scheduler, 3)
+    choice = [] if default else [f"generate.scheduler={scheduler}"]
+    got, entry = generate(tmp_path, folder, family, f"generate.steps={steps}", *choice)
+    assert entry["scheduler"] == scheduler  # the default is the family's own, and recorded
+    expected = reference(folder, family, scheduler, steps)
+    assert expected.std() > 0.01
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-5  # PNG rounding only
+
+
+@pytest.mark.parametrize("family", list(OFFERED))
+def test_each_family_offers_its_samplers_and_refuses_the_others_before_loading(tmp_path, family):
+    from tuner.generation import schedulers
+
+    assert list(schedulers(get_family(family))) == OFFERED[family]
+    wrong = "flow_euler" if family in ("sd15", "sd2", "sdxl") else "ddim"
+    cfg = compose(
+        "generate",
+        [f"model={family}", f"model.path={tmp_path}", "generate.prompts=[x]", f"generate.scheduler={wrong}"],
+    )
+    with pytest.raises(
+        ConfigError, match=f"generate.scheduler={wrong}: model={family} samples with {OFFERED[family][0]}"
+    ):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_sd2_zero_terminal_snr_samples_from_pure_noise_with_trailing_timesteps(tmp_path, tiny, scheduler):
+    folder = tiny("sd2")
+    zero = ["model.zero_terminal_snr=true", "model.prediction_type=v_prediction", f"generate.scheduler={scheduler}"]
+    got, _ = generate(tmp_path, folder, "sd2", "generate.steps=3", *zero)
+    settings = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"}
+    expected = reference(folder, "sd2", scheduler, 3, **settings)
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-5
+    plain = reference(folder, "sd2", scheduler, 3, prediction_type="v_prediction")
+    assert np.abs(plain - expected).max() > 0.01  # the settings matter: without them another image
+
+
+def test_a_sampler_given_too_few_steps_is_refused_before_loading(tmp_path):
+    cfg = compose(
+        "generate",
+        [f"model.path={tmp_path}", "generate.prompts=[x]", "generate.scheduler=pndm", "generate.steps=3"],
+    )
+    with pytest.raises(ConfigError, match="the pndm sampler takes at least 4 steps"):
+        validate(cfg)
