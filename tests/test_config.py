@@ -239,11 +239,13 @@ def test_every_export_format_of_the_vocabulary_has_its_format_object():
 
 def test_the_config_is_read_only_once_the_run_folder_is_named(tmp_path):
     """Stages read the configuration, never write it; config.yaml records it with the run folder."""
+    from accelerate.state import AcceleratorState
     from omegaconf.errors import ReadonlyConfigError
 
     from tuner.runner import BUILTINS, entries
     from tuner.stages.context import Base, Run
 
+    AcceleratorState._reset_state(True)  # another test's accelerator (its precision) must not carry over
     (tmp_path / "photos").mkdir()
     cfg = compose("prepare", [f"data.instance_dir={tmp_path / 'photos'}", f"output_dir={tmp_path / 'run'}"])
     validate(cfg)

@@ -47,9 +47,12 @@ def fresh_pipeline(family, folder):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_dreambooth_lora_exports_reload_through_the_family_pipeline(tmp_path, tiny, name, caplog):
+    """Each LoRA file the family writes (diffusers', and kohya's where the family has it) loads through the
+    family's own pipeline with no key left over and draws the trained model's image."""
     from tuner.export.tensors import tuner_layers
 
     folder = tiny(name)
+    formats = [f for f in ("diffusers", "kohya") if f in get_family(name).EXPORTS]
     run = train_in_process(
         tmp_path,
         folder,
@@ -57,31 +60,38 @@ def test_dreambooth_lora_exports_reload_through_the_family_pipeline(tmp_path, ti
         "data.resolution=32",
         "text_encoder.train=lora",
         "train.learning_rate=5e-2",
-        "export.formats=[diffusers]",
+        f"export.formats=[{','.join(formats)}]",
         *(["model.max_sequence_length=32"] if name in ("flux", "sd3") else []),
         stages="[base,prepare,train,export]",
     )
     family = run.family
     assert type(family).__name__.lower() == name.replace("sd2", "sd2")
     expected = image_of(run, PROMPT)
-    file = run.dir / "diffusers" / "pytorch_lora_weights.safetensors"
-    with safe_open(file, "pt") as f:
-        keys = list(f.keys())
-    prefixes = {k.split(".")[0] for k in keys}
-    assert prefixes == {family.DENOISER, *family.LORA_TEXT_ENCODERS}, prefixes  # every trained part exported
-
     base = fresh_pipeline(family, folder)
     assert np.abs(draw(family, base) - expected).max() > 2e-3  # the adapter changes this image
-    pipe = fresh_pipeline(family, folder)
-    caplog.clear()
-    with caplog.at_level(logging.WARNING):
-        pipe.load_lora_weights(file.parent, weight_name=file.name)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert not [w for w in warnings if "lora" in w.lower() or "key" in w.lower()], warnings
-    modules = {k.rsplit(".lora_", 1)[0] for k in keys}
-    applied = sum(len(tuner_layers(getattr(pipe, c))) for c in (family.DENOISER, *family.TEXT_ENCODERS))
-    assert applied == len(modules)  # no key left unloaded
-    np.testing.assert_allclose(draw(family, pipe), expected, atol=1e-3)
+    files = [run.dir / "diffusers" / "pytorch_lora_weights.safetensors"]
+    files += [run.dir / "kohya" / f"{run.dir.name}.safetensors"] if "kohya" in formats else []
+    for file in files:
+        with safe_open(file, "pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+        if file.parent.name == "diffusers":
+            prefixes = {k.split(".")[0] for k in keys}
+            assert prefixes == {family.DENOISER, *family.LORA_TEXT_ENCODERS}, prefixes  # every trained part
+            modules = {k.rsplit(".lora_", 1)[0] for k in keys}
+        else:  # kohya's names, and what A1111 and Forge sort the file by
+            modules = {k.split(".")[0] for k in keys}
+            assert {k.split("_")[1] for k in modules} == {"unet", *({"te1", "te2"} if name == "sdxl" else {"te"})}
+            assert meta["ss_v2"] == str(name == "sd2") and meta["ss_base_model_version"] == family.BASE_VERSION
+            assert meta["modelspec.architecture"] == f"{family.MODELSPEC_ARCHITECTURE}/lora"
+        pipe = fresh_pipeline(family, folder)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            pipe.load_lora_weights(file.parent, weight_name=file.name)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [w for w in warnings if "lora" in w.lower() or "key" in w.lower()], (file, warnings)
+        applied = sum(len(tuner_layers(getattr(pipe, c))) for c in (family.DENOISER, *family.TEXT_ENCODERS))
+        assert applied == len(modules), file  # no key left unloaded
+        np.testing.assert_allclose(draw(family, pipe), expected, atol=1e-3, err_msg=str(file))
 
 
 def test_sd2_reads_v_prediction_from_its_scheduler_and_its_target_is_the_velocity(tiny):

@@ -196,8 +196,8 @@ def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: 
     """The adapter as a kohya / LyCORIS state dict, ``<prefix>_<module>.<suffix>`` (see ``kohya_tensors``).
 
     Args:
-        prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name) gives
-            the module's name as the format spells it (the family knows).
+        prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name, config)
+            gives the module's name as the format spells it (the family knows; SDXL's needs the U-Net's config).
     """
     state = {}
     for component, module in trained.components.trainable().items():
@@ -206,7 +206,7 @@ def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: 
             raise ValueError(f"export kohya: no kohya prefix for {component}")
         for name, layer in layers.items():
             prefix = prefixes[component]
-            key = kohya_name(prefix, module_name(component, name))
+            key = kohya_name(prefix, module_name(component, name, module.config))
             state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in kohya_tensors(layer).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
 

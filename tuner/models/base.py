@@ -103,6 +103,7 @@ class Family:
     EXPORTS = ("diffusers", "peft", "merged")  # export formats this family can write
     # how exports name the family: kohya's key prefixes, ss_base_model_version, modelspec.architecture
     KOHYA_PREFIXES: dict[str, str] = {}
+    KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it
     BASE_VERSION = ""
     MODELSPEC_ARCHITECTURE = ""
     DEFAULT_RESOLUTION = 512
@@ -314,7 +315,8 @@ class Family:
         self.pipeline_class().save_lora_weights(folder, safe_serialization=True, **kwargs)
         return folder / "pytorch_lora_weights.safetensors"
 
-    def kohya_module_name(self, component: str, name: str) -> str:
+    def kohya_module_name(self, component: str, name: str, config) -> str:
+        """A module's name as kohya's format spells it, given its component's name and config."""
         return name
 
     def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:

@@ -25,7 +25,7 @@ class SD15(Family):
 
         return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
 
-    def kohya_module_name(self, component: str, name: str) -> str:
+    def kohya_module_name(self, component: str, name: str, config) -> str:
         """A module's name as kohya, A1111 and ComfyUI spell it for SD1.x: diffusers' U-Net names (kohya trains
         SD1.x on the diffusers U-Net) and CLIP names under ``text_model.`` (which transformers 5 dropped)."""
         if component.startswith("text_encoder") and not name.startswith("text_model."):

@@ -16,6 +16,7 @@ class SD2(SD15):
     NAME = "sd2"
     EXPORTS = ("diffusers", "kohya", "peft", "merged")  # SD2's single-file text encoder is OpenCLIP's layout
     BASE_VERSION = "sd_v2"
+    KOHYA_V2 = True
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v2-768-v"
     DEFAULT_RESOLUTION = 768
 

@@ -13,7 +13,7 @@ import torch
 
 from tuner.models.base import Components, Family, _ids
 from tuner.models.sd15 import base_vocabulary
-from tuner.models.sgm_layout import to_original
+from tuner.models.sgm_layout import sdxl_unet_key, to_original
 
 
 class SDXL(Family):
@@ -22,7 +22,7 @@ class SDXL(Family):
     IMG2IMG = "StableDiffusionXLImg2ImgPipeline"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
     LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-    EXPORTS = ("diffusers", "peft", "merged", "single_file")
+    EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     BASE_VERSION = "sdxl_base_v1-0"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
@@ -60,6 +60,15 @@ class SDXL(Family):
 
     def pipeline_extras(self) -> dict:
         return {"add_watermarker": False}
+
+    def kohya_module_name(self, component: str, name: str, config) -> str:
+        """A module's name as kohya, A1111 and ComfyUI spell it for SDXL: the U-Net's in the original SGM
+        layout (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``), both CLIP encoders' in transformers'
+        names under ``text_model.``."""
+        if component.startswith("text_encoder"):
+            return name if name.startswith("text_model.") else f"text_model.{name}"
+        up_attention = ["CrossAttn" in block for block in config["up_block_types"]]
+        return sdxl_unet_key(f"{name}.weight", config["layers_per_block"], up_attention).removesuffix(".weight")
 
     def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
         """The four modules in the original (SGM) single-file layout of SDXL (tuner/models/sgm_layout.py)."""

@@ -73,6 +73,7 @@ def _export_info(run: Run, trained, name: str, trained_here: bool) -> dict:
         "base_name": str(run.base) if e.include_paths else run.base.name,
         "base_hash": folder_hash(run.base),
         "base_version": run.family.BASE_VERSION,
+        "v2": run.family.KOHYA_V2,
         "architecture": f"{run.family.MODELSPEC_ARCHITECTURE}/{'lora' if trained.adapter else 'checkpoint'}",
         "prediction_type": run.components.prediction_type,
         "version": version("tuner"),
