@@ -141,7 +141,7 @@ def test_bad_values_are_refused_naming_the_key(override, key):
         (["train.timestep_bias=middle"], "train.timestep_bias"),
         (["embedding.tokens=[a,b]", "embedding.init_words=[dog]"], "embedding.init_words"),
         (["export.formats=[onnx]"], "export.formats"),
-        (["adapter=full"], "add merged or single_file"),  # the default formats hold adapters only
+        (["adapter=full", "export.formats=[diffusers,kohya]"], "add merged or single_file"),  # adapters only
         (["adapter.use_dora=true", "export.formats=[kohya]"], "dora"),
         (["export.variant=fp8"], "export.variant"),
         (["export.name=../up"], "export.name"),
@@ -256,3 +256,24 @@ def test_the_config_is_read_only_once_the_run_folder_is_named(tmp_path):
     assert saved.output_dir == str(tmp_path / "run") and saved.data.instance_dir == str(tmp_path / "photos")
     with pytest.raises(ConfigError, match="no earlier stage produced a Base"):
         run.result(Base)
+
+
+@pytest.mark.parametrize(
+    "family, overrides, formats",
+    [
+        ("sd15", [], ["diffusers", "kohya"]),
+        ("sdxl", [], ["diffusers", "kohya"]),
+        ("flux", [], ["diffusers"]),
+        ("sd15", ["adapter=full"], ["merged"]),  # a full fine-tune: what holds it
+        ("sdxl", ["adapter.use_dora=true"], ["diffusers"]),  # kohya's format holds no DoRA
+        ("sd15", ["embedding.tokens=[sks]", "adapter=none"], ["diffusers", "kohya"]),  # embeddings in both
+        ("sd3", ["adapter=lokr"], ["peft"]),  # diffusers cannot hold LoKr: the family's format that does
+        ("sd15", ["export.formats=[peft]"], ["peft"]),  # given: as given
+    ],
+)
+def test_unset_export_formats_are_the_familys_own_that_hold_what_trains(family, overrides, formats):
+    from tuner.models import get_family
+    from tuner.stages.export import _trained_parts, chosen_formats
+
+    cfg = compose("lora", [f"model={family}", *overrides])
+    assert chosen_formats(cfg, get_family(family), _trained_parts(cfg)) == formats

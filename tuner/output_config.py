@@ -66,8 +66,9 @@ class EvalConfig:
 class ExportConfig:
     """What the export stage writes (see tuner/export/formats.py); each lands in a run subfolder of its name."""
 
-    # any of diffusers, kohya, peft, merged, single_file
-    formats: list[ExportFormat] = field(default_factory=lambda: [ExportFormat.diffusers, ExportFormat.kohya])
+    # any of diffusers, kohya, peft, merged, single_file. null: the family's own (sd15, sd2, sdxl: diffusers and
+    # kohya; flux, sd3: diffusers), plus merged where what trains needs it (partial or full fine-tuning)
+    formats: list[ExportFormat] | None = None
     # file name of the kohya and single-file exports (and the model card's title); null: the run folder's name
     name: str | None = None
     # tensors of the adapter files (diffusers, kohya, peft): float32 | float16 | bfloat16

@@ -101,6 +101,7 @@ class Family:
         "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
     }
     EXPORTS = ("diffusers", "peft", "merged")  # export formats this family can write
+    DEFAULT_EXPORTS = ("diffusers",)  # what export.formats=null writes (plus what holds a fine-tune)
     # how exports name the family: kohya's key prefixes, ss_base_model_version, modelspec.architecture
     KOHYA_PREFIXES: dict[str, str] = {}
     KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it

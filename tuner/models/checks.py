@@ -49,7 +49,7 @@ def check(cfg: DictConfig) -> None:
             f"embedding.tokens: textual inversion is implemented for one-text-encoder families (sd15, sd2), "
             f"not {m.family}; train a LoRA with a rare trigger word instead"
         )
-    if "export" in cfg.stages:
+    if "export" in cfg.stages and cfg.export.formats is not None:
         refused = [x for x in cfg.export.formats if x not in family.EXPORTS]
         if refused:
             raise ConfigError(

@@ -13,6 +13,7 @@ from tuner.models.ldm_layout import to_original
 class SD15(Family):
     NAME = "sd15"
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
+    DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
     BASE_VERSION = "sd_v1"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v1"

@@ -15,6 +15,7 @@ from tuner.models.sd15 import SD15
 class SD2(SD15):
     NAME = "sd2"
     EXPORTS = ("diffusers", "kohya", "peft", "merged")  # SD2's single-file text encoder is OpenCLIP's layout
+    DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     BASE_VERSION = "sd_v2"
     KOHYA_V2 = True
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v2-768-v"

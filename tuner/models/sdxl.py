@@ -23,6 +23,7 @@ class SDXL(Family):
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
     LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
+    DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     BASE_VERSION = "sdxl_base_v1-0"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"

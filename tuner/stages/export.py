@@ -20,6 +20,7 @@ from tuner.export import formats, tensors
 from tuner.export.card import write_model_card
 from tuner.export.formats import FORMATS, check_held
 from tuner.export.metadata import file_hashes, folder_hash, tag_frequency, training_metadata
+from tuner.models import get_family
 from tuner.stages.adapters import load_adapter
 from tuner.stages.context import Adapted, Exported, Run, stage
 
@@ -132,12 +133,27 @@ def _trained_parts(cfg) -> set[str]:
     return parts
 
 
+def chosen_formats(cfg, family, parts: set[str] | None) -> list[str]:
+    """``export.formats``, or (null) the family's own formats that hold part of ``parts`` (what trained), plus
+    the first of its formats that holds what those leave out (merged, for a partial or full fine-tune).
+    ``parts`` None: not known before the checkpoint loads (recipe=export)."""
+    if cfg.export.formats is not None:
+        return list(cfg.export.formats)
+    if parts is None:
+        return list(family.DEFAULT_EXPORTS)
+    chosen = [f for f in family.DEFAULT_EXPORTS if FORMATS[f].holds & parts]
+    left = parts - set().union(*(FORMATS[f].holds for f in chosen))
+    chosen += next(([f] for f in family.EXPORTS if left and left <= FORMATS[f].holds), [])
+    return chosen or list(family.DEFAULT_EXPORTS)
+
+
 def _check_export(cfg) -> None:
     e = cfg.export
-    if not e.formats:
-        raise ConfigError(f"export.formats is empty: choose from {', '.join(FORMATS)}")
+    if e.formats is not None and not e.formats:
+        raise ConfigError(f"export.formats is empty: choose from {', '.join(FORMATS)} (or null for the family's)")
     if "train" in cfg.stages:
-        check_held(_trained_parts(cfg), e.formats)
+        parts = _trained_parts(cfg)
+        check_held(parts, chosen_formats(cfg, get_family(cfg.model.family, cfg.model), parts))
     if e.name is not None and not re.fullmatch(r"[\w.+-]+", e.name):
         raise ConfigError(f"export.name={e.name}: letters, digits, '.', '_', '+' and '-' only (it names files)")
 
@@ -162,7 +178,10 @@ def export(run: Run) -> Exported:
     parts = trained.parts
     if not parts:
         raise ConfigError("export: nothing to export; put train (or load_adapter with checkpoint=PATH) before it")
-    formats.check_held(parts, e.formats)
+    chosen = chosen_formats(cfg, run.family, parts)
+    if e.formats is None:
+        print(f"[tuner] export: {', '.join(chosen)} (model={run.family.NAME}'s; export.formats= to choose)", flush=True)
+    formats.check_held(parts, chosen)
     formats.check_finite(trained)
     name = e.name or run.dir.name
     info = _export_info(run, trained, name, trained_here=what is not None)
@@ -176,7 +195,7 @@ def export(run: Run) -> Exported:
         return merged[0]
 
     written = []
-    for fmt in tqdm(e.formats, desc="export", leave=False):
+    for fmt in tqdm(chosen, desc="export", leave=False):
         folder = run.dir / fmt
         held = parts & formats.FORMATS[fmt].holds
         if not held:
