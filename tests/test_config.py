@@ -82,12 +82,14 @@ def test_dreambooth_lora_asks_for_the_model_folder(tmp_path):
         validate(cfg)
 
 
-def test_prior_preservation_without_class_prompt_is_refused(tmp_path):
-    cfg = compose(
-        "dreambooth_lora", ["model=digits", f"data.instance_dir={tmp_path}", "data.instance_prompt=a photo of sks dog"]
-    )
-    with pytest.raises(ConfigError, match="data.class_prompt"):
-        validate(cfg)
+def test_prior_preservation_needs_a_class_prompt_and_is_off_without_one(tmp_path):
+    given = ["model=digits", f"data.instance_dir={tmp_path}", "data.instance_prompt=a photo of sks dog"]
+    cfg = compose("dreambooth_lora", given)
+    validate(cfg)  # the brief's command: no class prompt, so no prior preservation
+    assert cfg.prior.enabled is False
+    assert compose("dreambooth_lora", [*given, "data.class_prompt=a photo of a dog"]).prior.enabled is True
+    with pytest.raises(ConfigError, match="data.class_prompt"):  # insisting on it without one
+        validate(compose("dreambooth_lora", [*given, "prior.enabled=true"]))
 
 
 def test_missing_instance_dir_is_refused(tmp_path):
@@ -277,3 +279,23 @@ def test_unset_export_formats_are_the_familys_own_that_hold_what_trains(family, 
 
     cfg = compose("lora", [f"model={family}", *overrides])
     assert chosen_formats(cfg, get_family(family), _trained_parts(cfg)) == formats
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_resolution_defaults_to_the_size_the_base_draws(tmp_path, family):
+    """sample_size x the VAE's downscale, as diffusers' pipelines default to; what the user sets wins."""
+    import json
+
+    from tuner.models.tiny import make_tiny_pipeline
+
+    folder = make_tiny_pipeline(tmp_path / "pipe", family=family)
+    denoiser = "unet" if (folder / "unet").is_dir() else "transformer"
+    size = json.loads((folder / denoiser / "config.json").read_text())["sample_size"]
+    levels = len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"])
+    native = size * 2 ** (levels - 1)
+    assert native not in (512, 768, 1024)  # not the family's size: the folder's is read
+    cfg = compose("lora", [f"model={family}", f"model.path={folder}"])
+    assert cfg.model.resolution == cfg.data.resolution == native
+    assert compose("lora", [f"model={family}", f"model.path={folder}", "data.resolution=64"]).data.resolution == 64
+    given = compose("lora", [f"model={family}", f"model.path={folder}", "model.resolution=48"])
+    assert given.model.resolution == given.data.resolution == 48

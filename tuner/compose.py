@@ -7,6 +7,7 @@ With ``checkpoint=`` inside a tuner run and no model chosen, the run's own base 
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 from pathlib import Path
@@ -31,6 +32,9 @@ def _digit_word(k) -> str:
 if not OmegaConf.has_resolver("digit_word"):
     # recipes write prompts like "a photo of the digit ${digit_word:${subject.digit}}"
     OmegaConf.register_new_resolver("digit_word", _digit_word)
+if not OmegaConf.has_resolver("is_set"):
+    # recipes turn a setting on when another is given: prior.enabled: ${is_set:${data.class_prompt}}
+    OmegaConf.register_new_resolver("is_set", lambda value: value is not None and value != "")
 
 
 def list_recipes() -> dict[str, str]:
@@ -70,12 +74,35 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(explain(e, recipe, list(overrides or []))) from None
     cfg.recipe = recipe
+    _native_resolution(cfg, list(overrides or []))
     _inherit_model(cfg, list(overrides or []))
     if cfg.resume not in (None, "auto") and not cfg.output_dir:  # resume=PATH: the checkpoint's own run folder
         checkpoint = Path(cfg.resume).expanduser().resolve()
         if (checkpoint / "state.pt").is_file():
             cfg.output_dir = str(checkpoint.parent.parent)
     return cfg
+
+
+def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
+    """With ``model.path`` a diffusers folder (or a single file with ``model.config``) and ``model.resolution``
+    not given, the size the base draws by default, as its diffusers pipeline takes it: the denoiser's
+    ``sample_size`` (in latents) times the VAE's downscale. ``data.resolution`` follows it unless given.
+    A denoiser without a ``sample_size`` (Flux's) keeps the family's size."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "model.resolution" in given or not cfg.model.path:
+        return
+    folder = Path(cfg.model.path).expanduser()
+    if folder.is_file():
+        folder = Path(cfg.model.config).expanduser() if cfg.model.config else None
+    configs = [folder / name / "config.json" for name in ("unet", "transformer")] if folder else []
+    config = next((c for c in configs if c.is_file()), None)
+    try:
+        size = json.loads(config.read_text()).get("sample_size") if config else None
+        levels = len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the checks name what is wrong with the folder
+    if isinstance(size, int) and size > 0:
+        cfg.model.resolution = size * 2 ** (levels - 1)
 
 
 def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:

@@ -102,6 +102,12 @@ def class_images(run: Run) -> None:
 
     d, s, prior = run.cfg.data, run.cfg.sample, run.cfg.prior
     if not prior.enabled:
+        if not d.class_prompt:
+            print(
+                "[tuner] class_images: prior preservation is off, there is no data.class_prompt "
+                '(set data.class_prompt="a photo of a dog" to keep what the class looks like)',
+                flush=True,
+            )
         return
     if d.class_dir:
         folder = Path(d.class_dir).expanduser()
