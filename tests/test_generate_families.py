@@ -43,7 +43,13 @@ REFERENCE = {
     "flow_dpm++": ("DPMSolverMultistepScheduler", FLOW_SIGMAS),
     "flow_unipc": ("UniPCMultistepScheduler", FLOW_SIGMAS),
 }
-CASES = [(f, s) for f in OFFERED for s in OFFERED[f]]  # about 20 s for all 39 on 2 cores
+# the default tier draws each family's default and one other sampler (about 6 s); -m e2e draws the rest
+QUICK = {("sd15", "dpm++"), ("sd2", "euler_a"), ("sdxl", "unipc"), ("flux", "flow_dpm++"), ("sd3", "flow_heun")}
+CASES = [
+    pytest.param(f, s, marks=() if s == OFFERED[f][0] or (f, s) in QUICK else pytest.mark.e2e)
+    for f in OFFERED
+    for s in OFFERED[f]
+]
 
 
 @pytest.fixture(scope="module")
