@@ -265,7 +265,8 @@ def test_the_config_is_read_only_once_the_run_folder_is_named(tmp_path):
     [
         ("sd15", [], ["diffusers", "kohya"]),
         ("sdxl", [], ["diffusers", "kohya"]),
-        ("flux", [], ["diffusers"]),
+        ("flux", [], ["diffusers", "kohya"]),
+        ("flux", ["adapter=loha"], ["peft"]),  # kohya's Flux keys fuse q, k, v: a LoHa does not stack
         ("sd15", ["adapter=full"], ["merged"]),  # a full fine-tune: what holds it
         ("sdxl", ["adapter.use_dora=true"], ["diffusers"]),  # kohya's format holds no DoRA
         ("sd15", ["embedding.tokens=[sks]", "adapter=none"], ["diffusers", "kohya"]),  # embeddings in both

@@ -52,7 +52,9 @@ def test_dreambooth_lora_exports_reload_through_the_family_pipeline(tmp_path, ti
     from tuner.export.tensors import tuner_layers
 
     folder = tiny(name)
-    formats = [f for f in ("diffusers", "kohya") if f in get_family(name).EXPORTS]
+    # Flux's kohya file fuses q, k, v (and a single block's MLP) as the real model's widths split them, which
+    # diffusers' converter assumes: it is read back at those widths in tests/test_kohya_layouts.py
+    formats = [f for f in ("diffusers", "kohya") if f in get_family(name).EXPORTS and (f, name) != ("kohya", "flux")]
     run = train_in_process(
         tmp_path,
         folder,

@@ -66,8 +66,8 @@ class EvalConfig:
 class ExportConfig:
     """What the export stage writes (see tuner/export/formats.py); each lands in a run subfolder of its name."""
 
-    # any of diffusers, kohya, peft, merged, single_file. null: the family's own (sd15, sd2, sdxl: diffusers and
-    # kohya; flux, sd3: diffusers), plus merged where what trains needs it (partial or full fine-tuning)
+    # any of diffusers, kohya, peft, merged, single_file. null: the family's own (sd15, sd2, sdxl, flux: diffusers
+    # and kohya; sd3: diffusers), plus the format that holds the rest of what trains (merged for a fine-tune)
     formats: list[ExportFormat] | None = None
     # file name of the kohya and single-file exports (and the model card's title); null: the run folder's name
     name: str | None = None

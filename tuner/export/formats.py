@@ -108,7 +108,7 @@ def _write_kohya(x: Export) -> None:
     family = x.family
     with atomic_dir(x.folder) as tmp:
         if x.trained.adapter in ("lora", "loha", "lokr"):
-            state = kohya_state(x.trained, family.KOHYA_PREFIXES, family.kohya_module_name, x.dtype)
+            state = kohya_state(x.trained, family, x.dtype)
             meta = {**x.metadata, **kohya_network_metadata(x.trained.adapter, state)}
             meta.update(tensor_hashes(state, meta))
             write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
@@ -256,11 +256,16 @@ FORMATS: dict[str, Format] = {
 }
 
 
-def check_held(parts: set[str], chosen) -> None:
+def holds(fmt: str, family) -> frozenset[str]:
+    """What ``fmt`` can hold for ``family`` (its ``FORMAT_LIMITS`` taken out)."""
+    return FORMATS[fmt].holds - family.FORMAT_LIMITS.get(fmt, set())
+
+
+def check_held(parts: set[str], chosen, family) -> None:
     """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
-    missing = parts - set().union(*(FORMATS[x].holds for x in chosen))
+    missing = parts - set().union(*(holds(x, family) for x in chosen))
     if missing:
-        fits = [name for name, f in FORMATS.items() if missing <= f.holds]
+        fits = [name for name in family.EXPORTS if missing <= holds(name, family)]
         raise ConfigError(
             f"export.formats={list(chosen)} cannot hold {', '.join(sorted(missing))} (what this run trains); "
             f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*chosen, fits[0]])}]'"

@@ -192,23 +192,71 @@ def kohya_name(prefix: str, module_name: str) -> str:
     return f"{prefix}_{module_name.replace('.', '_')}"
 
 
-def kohya_state(trained: Trained, prefixes: dict[str, str], module_name, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def kohya_state(trained: Trained, family, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The adapter as a kohya / LyCORIS state dict, ``<prefix>_<module>.<suffix>`` (see ``kohya_tensors``).
 
-    Args:
-        prefixes: ``component -> kohya prefix`` (``unet -> lora_unet``); module_name(component, name, config)
-            gives the module's name as the format spells it (the family knows; SDXL's needs the U-Net's config).
+    The family names each module the way its kohya files do (``family.kohya_module_name``, under
+    ``family.KOHYA_PREFIXES``). Where those fuse modules that diffusers keeps apart (Flux's q, k, v into
+    ``qkv``), their LoRAs become one, exactly (``_fused_lora``).
     """
-    state = {}
+    state, fused = {}, {}
     for component, module in trained.components.trainable().items():
         layers = tuner_layers(module)
-        if layers and component not in prefixes:
+        if layers and component not in family.KOHYA_PREFIXES:
             raise ValueError(f"export kohya: no kohya prefix for {component}")
         for name, layer in layers.items():
-            prefix = prefixes[component]
-            key = kohya_name(prefix, module_name(component, name, module.config))
-            state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in kohya_tensors(layer).items()})
+            key = kohya_name(family.KOHYA_PREFIXES[component], family.kohya_module_name(component, name, module.config))
+            siblings = family.kohya_siblings(component, name)
+            if siblings:
+                fused.setdefault(key, (module, siblings, {}))[2][name] = layer
+                continue
+            tensors = kohya_tensors(layer)
+            if family.kohya_swapped(component, name):
+                if "lora_up.weight" not in tensors:
+                    raise ValueError(f"export kohya: {name}'s halves are swapped there; only a LoRA swaps")
+                tensors["lora_up.weight"] = _swap_halves(tensors["lora_up.weight"])
+            state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in tensors.items()})
+    for key, (module, siblings, layers) in fused.items():
+        state.update({f"{key}.{suffix}": v.to(dtype) for suffix, v in _fused_lora(module, siblings, layers).items()})
     return {k: v.contiguous().cpu() for k, v in state.items()}
+
+
+def _swap_halves(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def _fused_lora(module, siblings: tuple[str, ...], layers: dict) -> dict[str, torch.Tensor]:
+    """LoRAs on modules the original layout fuses into one (q, k, v -> qkv) as one LoRA on the fused module,
+    exactly: the downs stacked, the ups (each times its scale) block-diagonal, zero rows for a sibling
+    without a LoRA, and alpha equal to the stacked rank, so the scale is 1.
+
+    Raises:
+        ValueError: a layer is not a plain LoRA (a LoHa's or LoKr's product, or DoRA's norm, does not stack).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    downs, ups, outs = [], [], []
+    for name in siblings:
+        target = module.get_submodule(name)
+        outs.append(getattr(target, "base_layer", target).weight.shape[0])
+        if name in layers:
+            layer, adapter = layers[name], _active(layers[name])
+            if not isinstance(layer, LoraLayer) or layer.use_dora.get(adapter):
+                raise ValueError(f"export kohya: {name} is fused in the original layout; only a plain LoRA stacks")
+            downs.append(layer.lora_A[adapter].weight.detach().float())
+            ups.append(layer.lora_B[adapter].weight.detach().float() * float(layer.scaling[adapter]))
+        else:
+            ups.append(None)
+    rank = sum(d.shape[0] for d in downs)
+    up = torch.zeros(sum(outs), rank)
+    row = col = 0
+    for out, part in zip(outs, ups):
+        if part is not None:
+            up[row : row + out, col : col + part.shape[1]] = part
+            col += part.shape[1]
+        row += out
+    return {"lora_down.weight": torch.cat(downs), "lora_up.weight": up, "alpha": torch.tensor(float(rank))}
 
 
 def token_file_name(token: str) -> str:

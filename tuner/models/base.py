@@ -105,6 +105,8 @@ class Family:
     # how exports name the family: kohya's key prefixes, ss_base_model_version, modelspec.architecture
     KOHYA_PREFIXES: dict[str, str] = {}
     KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it
+    # parts a format cannot hold for this family, beyond what the format itself cannot (tuner/export/formats.py)
+    FORMAT_LIMITS: dict[str, set[str]] = {}
     BASE_VERSION = ""
     MODELSPEC_ARCHITECTURE = ""
     DEFAULT_RESOLUTION = 512
@@ -319,6 +321,14 @@ class Family:
     def kohya_module_name(self, component: str, name: str, config) -> str:
         """A module's name as kohya's format spells it, given its component's name and config."""
         return name
+
+    def kohya_siblings(self, component: str, name: str) -> tuple[str, ...] | None:
+        """The modules kohya's format fuses with this one into ``kohya_module_name``, in order (None: not fused)."""
+        return None
+
+    def kohya_swapped(self, component: str, name: str) -> bool:
+        """Whether kohya's format holds this module's output rows with their two halves swapped."""
+        return False
 
     def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
         raise ConfigError(f"export.formats: single_file is not written for model={self.NAME}")

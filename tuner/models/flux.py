@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tuner.models.base import Components, FlowFamily, _ids
+from tuner.models.bfl_layout import SWAPPED_HALVES, bfl_name
 
 
 class Flux(FlowFamily):
@@ -30,6 +31,12 @@ class Flux(FlowFamily):
     }  # fmt: skip
     # FluxPipeline passes custom sigmas and the dynamic shift's mu, which FlowMatchHeun's set_timesteps lacks
     NO_SCHEDULERS = ("flow_heun",)
+    EXPORTS = ("diffusers", "kohya", "peft", "merged")
+    # kohya's Flux LoRAs (ComfyUI, Forge): the transformer's modules by their original names, CLIP as lora_te1
+    KOHYA_PREFIXES = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
+    # q, k and v are one module there: LoRAs stack into one exactly, a LoHa's or LoKr's products do not
+    FORMAT_LIMITS = {"kohya": {"loha", "lokr"}}
+    DEFAULT_EXPORTS = ("diffusers", "kohya")
     BASE_VERSION = "flux1"
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
 
@@ -48,6 +55,17 @@ class Flux(FlowFamily):
         hidden = t5(ids["text_encoder_2"].to(device), output_hidden_states=False)[0]
         rest = {k: v for k, v in ids.items() if k not in self.TEXT_ENCODERS}
         return {**rest, "prompt_embeds": hidden, "pooled": pooled}
+
+    def kohya_module_name(self, component: str, name: str, config) -> str:
+        if component == "transformer":
+            return bfl_name(name)[0]
+        return name if name.startswith("text_model.") else f"text_model.{name}"
+
+    def kohya_siblings(self, component: str, name: str) -> tuple[str, ...] | None:
+        return bfl_name(name)[1] if component == "transformer" else None
+
+    def kohya_swapped(self, component: str, name: str) -> bool:
+        return component == "transformer" and name in SWAPPED_HALVES
 
     def predict(self, denoiser, noisy, timesteps, cond):
         from diffusers import FluxPipeline

@@ -18,7 +18,7 @@ from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
 from tuner.export import formats, tensors
 from tuner.export.card import write_model_card
-from tuner.export.formats import FORMATS, check_held
+from tuner.export.formats import FORMATS, check_held, holds
 from tuner.export.metadata import file_hashes, folder_hash, tag_frequency, training_metadata
 from tuner.models import get_family
 from tuner.stages.adapters import load_adapter
@@ -141,9 +141,9 @@ def chosen_formats(cfg, family, parts: set[str] | None) -> list[str]:
         return list(cfg.export.formats)
     if parts is None:
         return list(family.DEFAULT_EXPORTS)
-    chosen = [f for f in family.DEFAULT_EXPORTS if FORMATS[f].holds & parts]
-    left = parts - set().union(*(FORMATS[f].holds for f in chosen))
-    chosen += next(([f] for f in family.EXPORTS if left and left <= FORMATS[f].holds), [])
+    chosen = [f for f in family.DEFAULT_EXPORTS if holds(f, family) & parts]
+    left = parts - set().union(*(holds(f, family) for f in chosen))
+    chosen += next(([f] for f in family.EXPORTS if left and left <= holds(f, family)), [])
     return chosen or list(family.DEFAULT_EXPORTS)
 
 
@@ -153,7 +153,8 @@ def _check_export(cfg) -> None:
         raise ConfigError(f"export.formats is empty: choose from {', '.join(FORMATS)} (or null for the family's)")
     if "train" in cfg.stages:
         parts = _trained_parts(cfg)
-        check_held(parts, chosen_formats(cfg, get_family(cfg.model.family, cfg.model), parts))
+        family = get_family(cfg.model.family, cfg.model)
+        check_held(parts, chosen_formats(cfg, family, parts), family)
     if e.name is not None and not re.fullmatch(r"[\w.+-]+", e.name):
         raise ConfigError(f"export.name={e.name}: letters, digits, '.', '_', '+' and '-' only (it names files)")
 
@@ -181,7 +182,7 @@ def export(run: Run) -> Exported:
     chosen = chosen_formats(cfg, run.family, parts)
     if e.formats is None:
         print(f"[tuner] export: {', '.join(chosen)} (model={run.family.NAME}'s; export.formats= to choose)", flush=True)
-    formats.check_held(parts, chosen)
+    formats.check_held(parts, chosen, run.family)
     formats.check_finite(trained)
     name = e.name or run.dir.name
     info = _export_info(run, trained, name, trained_here=what is not None)
@@ -197,7 +198,7 @@ def export(run: Run) -> Exported:
     written = []
     for fmt in tqdm(chosen, desc="export", leave=False):
         folder = run.dir / fmt
-        held = parts & formats.FORMATS[fmt].holds
+        held = parts & holds(fmt, run.family)
         if not held:
             print(f"[tuner] export {fmt}: skipped, it cannot hold {', '.join(sorted(parts))}", flush=True)
             run_folder.remove(run.dir, fmt)  # an earlier run's files in this folder must not pass for this run's

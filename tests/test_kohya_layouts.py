@@ -1,0 +1,112 @@
+"""kohya-format LoRA files in each family's original module names, read back by diffusers' own converters
+(the code that loads kohya, ComfyUI and Forge files into diffusers), weight change by weight change.
+
+Flux's converter splits a fused module by the real model's widths (q, k, v and the MLP of a single block:
+3072, 3072, 3072, 12288), so the Flux base is built at those widths, with one block of each kind, on the
+meta device: the LoRA's own weights are the only real tensors.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from tuner.export.tensors import Trained, kohya_state, tuner_layers, write_safetensors
+from tuner.models import get_family
+
+FLUX_LINEAR = [
+    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+    "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder", "context_embedder",
+]  # fmt: skip
+
+
+def real_width_flux(targets: list[str]):
+    """Flux's transformer at its real widths (one double, one single block) on the meta device, with a rank-4
+    LoRA (alpha 8) on ``targets`` whose weights are real and random."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        model = FluxTransformer2DModel(
+            num_layers=1, num_single_layers=1, joint_attention_dim=64, pooled_projection_dim=32, guidance_embeds=True
+        )
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(0)
+    for layer in tuner_layers(model).values():
+        for linear in (*layer.lora_A.values(), *layer.lora_B.values()):
+            shape = linear.weight.shape
+            linear.weight = torch.nn.Parameter(torch.randn(shape, generator=g) / shape[1] ** 0.5)
+    return model
+
+
+def deltas_of(model) -> dict[str, torch.Tensor]:
+    """Each LoRA module's weight change, up @ down x alpha / rank, by its diffusers name."""
+    out = {}
+    for name, layer in tuner_layers(model).items():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        out[name] = (b @ a) * layer.scaling["default"]
+    return out
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [pytest.param(FLUX_LINEAR, marks=pytest.mark.e2e), ["to_q", "to_v", "proj_out"]],  # every linear: 20 s
+    ids=["all_linear", "some_of_qkv"],
+)
+def test_flux_kohya_file_reads_back_through_diffusers_converter_to_the_same_weight_changes(tmp_path, targets):
+    from diffusers import FluxPipeline
+
+    flux = get_family("flux")
+    model = real_width_flux(targets)
+    trained = Trained(SimpleNamespace(trainable=lambda: {"transformer": model}), "lora")
+    state = kohya_state(trained, flux, torch.float32)
+    assert "lora_unet_single_blocks_0_linear1.lora_down.weight" in state  # q, k, v and the MLP fused
+    assert not [k for k in state if "to_q" in k or "add_q_proj" in k]  # only original names
+    path = write_safetensors(tmp_path / "flux.safetensors", state)
+
+    converted = FluxPipeline.lora_state_dict(path)
+    converted = converted[0] if isinstance(converted, tuple) else converted
+    expected = deltas_of(model)
+    got = {}
+    for key, down in converted.items():
+        if key.startswith("transformer.") and key.endswith(".lora_A.weight"):
+            name = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+            got[name] = converted[key.replace(".lora_A.", ".lora_B.")] @ down  # alpha folded in by the converter
+    in_blocks = {name for name in expected if "blocks." in name}
+    assert set(got) >= in_blocks  # every trained block module arrives (an untrained sibling of a fused one: zero)
+    for name in in_blocks:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in set(got) - set(expected):
+        assert got[name].abs().max() == 0, name
+    # outside the blocks diffusers' converter leaves the prefix and alpha off: kohya's formula, as ComfyUI applies it
+    outside = {"proj_out": ("final_layer_linear", False), "norm_out.linear": ("final_layer_adaLN_modulation_1", True)}
+    for name, (original, swapped) in outside.items():
+        if name in expected:
+            key = f"lora_unet_{original}"
+            up, down, alpha = state[f"{key}.lora_up.weight"], state[f"{key}.lora_down.weight"], state[f"{key}.alpha"]
+            delta = up @ down * alpha / down.shape[0]
+            if swapped:  # the original holds (shift, scale) where diffusers holds (scale, shift)
+                delta = torch.cat(delta.chunk(2)[::-1])
+            torch.testing.assert_close(delta, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sdxl_kohya_names_are_the_original_unet_layout():
+    """Block by block, as kohya's SDXL trainer names them (diffusers' down_blocks.1 = input_blocks 4 and 5)."""
+    sdxl = get_family("sdxl")
+    config = {"layers_per_block": 2, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+    names = {
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q":
+            "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        "down_blocks.2.attentions.1.proj_in": "input_blocks.8.1.proj_in",
+        "mid_block.attentions.0.transformer_blocks.3.ff.net.2": "middle_block.1.transformer_blocks.3.ff.net.2",
+        "up_blocks.0.attentions.2.transformer_blocks.9.attn2.to_out.0":
+            "output_blocks.2.1.transformer_blocks.9.attn2.to_out.0",
+    }  # fmt: skip
+    for diffusers, original in names.items():
+        assert sdxl.kohya_module_name("unet", diffusers, config) == original
+    assert (
+        sdxl.kohya_module_name("text_encoder_2", "encoder.layers.0.mlp.fc1", {})
+        == "text_model.encoder.layers.0.mlp.fc1"
+    )
