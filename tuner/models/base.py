@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tuner.config import ModelConfig
+from tuner.config import BlockGroup, ModelConfig
 from tuner.errors import ConfigError
 from tuner.models.objectives import FlowObjective, NoiseObjective
 
@@ -96,6 +96,8 @@ class Family:
     NO_SCHEDULERS: tuple[str, ...] = ()  # samplers of its kind that its diffusers pipeline cannot drive
     # the denoiser's blocks (for the locon / all_linear presets) and its LoRA target presets
     BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
+    # adapter=partial_unet without adapter.blocks: these parameter-name globs train, at train.learning_rate
+    PARTIAL_BLOCKS: tuple[str, ...] = ("up_blocks.*.attentions.*",)
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
@@ -208,6 +210,21 @@ class Family:
 
     def pipeline_class(self):
         return _class("diffusers", self.PIPELINE)
+
+    def partial_blocks(self, adapter) -> list[BlockGroup]:
+        """``adapter.blocks``, or (empty) this family's default globs (``PARTIAL_BLOCKS``) at the run's rate."""
+        return list(adapter.blocks) or [BlockGroup(pattern=pattern, lr=None) for pattern in self.PARTIAL_BLOCKS]
+
+    def denoiser_skeleton(self, folder: str | Path) -> torch.nn.Module:
+        """The denoiser of a base folder built from its config on the meta device: its parameter names and
+        shapes without reading (or allocating) a weight."""
+        from accelerate import init_empty_weights
+
+        folder = Path(folder).expanduser()
+        library, cls = json.loads((folder / "model_index.json").read_text())[self.DENOISER]
+        model_class = _class(library, cls)
+        with init_empty_weights():
+            return model_class.from_config(model_class.load_config(folder / self.DENOISER))
 
     def load_pipeline(self, path: str | Path):
         """The family's diffusers pipeline loaded from a folder, for serving and tests."""

@@ -5,6 +5,7 @@ family does (its training objective's options, textual inversion, export formats
 
 from __future__ import annotations
 
+import fnmatch
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -56,7 +57,26 @@ def check(cfg: DictConfig) -> None:
                 f"export.formats={list(cfg.export.formats)}: model={m.family} exports {', '.join(family.EXPORTS)}; "
                 f"remove {', '.join(refused)}"
             )
+    if cfg.adapter.type == "partial_unet" and m.path and "train" in cfg.stages:
+        _check_blocks(cfg, family)
     if cfg.data.resolution % family.RESOLUTION_MULTIPLE:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution}: model={m.family} needs a multiple of {family.RESOLUTION_MULTIPLE}"
+        )
+
+
+def _check_blocks(cfg: DictConfig, family) -> None:
+    """Every ``adapter.blocks`` glob (or the family's default) matches a parameter of the base's denoiser,
+    checked on its skeleton (built from its config on the meta device) before any weight loads."""
+    folder = Path(cfg.model.path).expanduser()
+    folder = Path(cfg.model.config).expanduser() if folder.is_file() else folder
+    names = [name for name, _ in family.denoiser_skeleton(folder).named_parameters()]
+    patterns = [b.pattern for b in family.partial_blocks(cfg.adapter)]
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        tops = sorted({".".join(n.split(".")[:4]) for n in names if n.startswith(family.BLOCKS)})
+        raise ConfigError(
+            f"adapter.blocks: {', '.join(repr(p) for p in missing)} match no {family.DENOISER} parameter of "
+            f"{folder}; names look like {', '.join(tops[:6])} ... (model={family.NAME}'s default: "
+            f"{', '.join(family.PARTIAL_BLOCKS)})"
         )

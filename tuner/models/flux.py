@@ -22,6 +22,7 @@ class Flux(FlowFamily):
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP, T5
     LORA_TEXT_ENCODERS = ("text_encoder",)  # as diffusers' Flux scripts: T5 stays frozen
     BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
+    PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*", "single_transformer_blocks.*.attn.*")
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": [

@@ -21,6 +21,7 @@ class SD3(FlowFamily):
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5
     LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # as diffusers' SD3 scripts: T5 stays frozen
     BLOCKS = ("transformer_blocks.",)
+    PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*",)
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": [

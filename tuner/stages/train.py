@@ -52,11 +52,6 @@ def _check_train(cfg) -> None:
         raise ConfigError(f"train.min_timestep={t.min_timestep} must be below train.max_timestep={t.max_timestep}")
     if t.lr_scheduler == "one_cycle" and t.warmup_steps >= t.max_steps:
         raise ConfigError("train.lr_scheduler=one_cycle: train.warmup_steps must be below train.max_steps")
-    if a.type == "partial_unet" and not a.blocks:
-        raise ConfigError(
-            "adapter=partial_unet needs adapter.blocks, parameter-name patterns with their learning rates, "
-            "e.g. 'adapter.blocks=[{pattern:up_blocks.*.attentions.*,lr:1e-4}]'"
-        )
     if emb.init_words and len(emb.init_words) != len(emb.tokens):
         raise ConfigError("embedding.init_words needs one word per token in embedding.tokens (or leave it empty)")
     if te.train == "full" and a.type in ("lora", "loha", "lokr"):

@@ -128,7 +128,7 @@ def setup(cfg: DictConfig, c, family) -> Trainables:
         denoiser.add_adapter(peft_config(a, denoiser_target_modules(denoiser, a, family)))
         out.groups.append({"name": f"{name} {a.type}", "params": _trained(denoiser), "lr": lr})
     elif a.type == "partial_unet":
-        out.groups += _unfreeze_blocks(denoiser, a.blocks, lr, family)
+        out.groups += _unfreeze_blocks(denoiser, family.partial_blocks(a), lr, family)
     elif a.type == "full":
         out.groups.append({"name": name, "params": list(denoiser.requires_grad_(True).parameters()), "lr": lr})
 
