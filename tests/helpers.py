@@ -183,3 +183,12 @@ def images(browser, url: str) -> tuple[list[dict], list[str]]:
 
 def broken(found: list[dict]) -> list[str]:
     return [i["src"] for i in found if not (i["complete"] and i["width"] > 0)]
+
+
+STEPS_SEEN: list[int] = []
+
+
+def record_step(pipe, step, timestep, callback_kwargs):
+    """A user's step callback for generate.callback (tests.helpers.record_step): notes each step it sees."""
+    STEPS_SEEN.append(int(step))
+    return callback_kwargs

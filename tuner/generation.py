@@ -139,7 +139,42 @@ def check(cfg) -> None:
     for key in ("prompt_file", "init_image"):
         if g[key] and not Path(g[key]).expanduser().is_file():
             raise ConfigError(f"generate.{key}={g[key]}: no such file")
+    if g.callback:
+        user_callback(g.callback)
     make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
+
+
+def user_callback(path: str):
+    """``generate.callback``: the function at an import path, found the way Hydra finds a ``_target_``.
+
+    Raises:
+        ConfigError: nothing callable is there.
+    """
+    from hydra.utils import get_method
+
+    try:
+        return get_method(path)
+    except Exception as e:  # Hydra wraps the import error
+        reason = str(e.__cause__ or e).splitlines()[0]
+        raise ConfigError(
+            f"generate.callback={path}: no function there ({reason}); give package.module.function, importable here"
+        ) from None
+
+
+def step_callbacks(every: int, user, on_preview) -> dict:
+    """diffusers' ``callback_on_step_end`` for a pipeline call: the user's function, then every ``every`` steps
+    ``on_preview(step, latents)`` (1-based steps). Empty when neither is asked for."""
+    if not every and user is None:
+        return {}
+
+    def callback(pipe, step, timestep, kwargs):
+        if user is not None:
+            kwargs = user(pipe, step, timestep, kwargs) or kwargs
+        if every and (step + 1) % every == 0:
+            on_preview(step + 1, kwargs["latents"])
+        return kwargs
+
+    return {"callback_on_step_end": callback}
 
 
 def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:

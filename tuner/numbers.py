@@ -100,6 +100,7 @@ NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
     (("generate.images_per_prompt", "generate.batch_size", "generate.steps"), _at_least(1), "at least 1"),
     (("generate.post.upscale",), _at_least(1), "a factor, at least 1 (1: none)"),
     (("generate.post.sharpen",), _at_least(0), "0 (none) or more"),
+    (("generate.preview_every",), _at_least(0), "0 (no previews) or a step count, e.g. 5"),
     (("sample.guidance_scale", "eval.guidance_scale", "generate.guidance_scale"), math.isfinite, "a number, e.g. 7.5"),
     (("validation.guidance_scale",), _or_null(math.isfinite), "a number, e.g. 7.5, or null for sample.guidance_scale"),
     (("generate.adapters[*].weight",), math.isfinite, "a number, e.g. 1.0"),

@@ -126,3 +126,8 @@ class GenerateConfig:
     init_image: str | None = None
     strength: float = 0.75
     post: PostConfig = field(default_factory=PostConfig)
+    # every N denoising steps, each image's decoded preview in images/previews/<image>/step-NNN.png; 0: none
+    preview_every: int = 0
+    # a function of yours, by import path (package.module.function, as Hydra's _target_), that diffusers calls
+    # after every step: fn(pipe, step, timestep, callback_kwargs) -> callback_kwargs (``callback_on_step_end``)
+    callback: str | None = None

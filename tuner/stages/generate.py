@@ -24,7 +24,8 @@ def generate(run: Run) -> None:
     for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generation.py.
 
     Writes ``images/NNNN-seedS.png`` (the settings in the PNG's ``parameters`` text, as A1111 does),
-    ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``.
+    ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``; with
+    ``generate.preview_every`` each image's decoded previews in ``images/previews/NNNN-seedS/``.
     """
 
     cfg, g = run.cfg, run.cfg.generate
@@ -42,6 +43,7 @@ def generate(run: Run) -> None:
     pipe = run.family.img2img(run.pipe) if g.init_image else run.pipe
     folder, entries = run.dir / "images", []
     run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
+    user = gen.user_callback(g.callback) if g.callback else None
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]
@@ -50,6 +52,14 @@ def generate(run: Run) -> None:
         if g.init_image:
             init = gen.load_init_image(g.init_image, first.width, first.height)
             call = {"image": init, "strength": g.strength}
+
+        def preview(step: int, latents, batch=batch, first=first) -> None:
+            """Each image of the batch as it stands after ``step`` denoising steps."""
+            decoded = run.family.decode(pipe, latents, first.height, first.width).float().clamp(-1, 1).cpu()
+            for (i, job), picture in zip(batch, gen.to_pil(decoded)):
+                write_atomic(folder / "previews" / f"{i:04d}-seed{job.seed}" / f"step-{step:03d}.png", picture)
+
+        call.update(gen.step_callbacks(g.preview_every, user, preview))
         images = run.sample_with(pipe, [j for _, j in batch], call)
         for (i, job), image in zip(batch, gen.to_pil(images)):
             image = gen.post_process(image, g.post, init)
