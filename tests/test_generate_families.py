@@ -149,3 +149,41 @@ def test_a_sampler_given_too_few_steps_is_refused_before_loading(tmp_path):
     )
     with pytest.raises(ConfigError, match="the pndm sampler takes at least 4 steps"):
         validate(cfg)
+
+
+def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path, tiny):
+    """generate.refiner: the base draws the first 80% of the steps, the refiner the rest (diffusers' own split)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from tuner.models.tiny import make_tiny_sdxl_refiner
+
+    base = tiny("sdxl")
+    refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
+    got, entry = generate(tmp_path, base, "sdxl", "generate.steps=5", f"generate.refiner={refiner}")
+    assert entry["refiner"] == "refiner" and entry["refiner_start"] == 0.8
+
+    first = StableDiffusionXLPipeline.from_pretrained(base)
+    second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    settings = dict(num_inference_steps=5, guidance_scale=3.0)
+    for pipe in (first, second):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+    latents = first(
+        PROMPT, height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent",
+        generator=[torch.Generator().manual_seed(0)], **settings,
+    ).images  # fmt: skip
+    expected = second(
+        PROMPT, image=latents, denoising_start=0.8, output_type="np", generator=[torch.Generator().manual_seed(0)],
+        **settings,
+    ).images[0]  # fmt: skip
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-5
+    alone, _ = generate(tmp_path / "alone", base, "sdxl", "generate.steps=5")
+    assert np.abs(alone - expected).max() > 0.01  # the refiner did something
+
+
+def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
+    given = [f"model.path={tmp_path}", "generate.prompts=[x]", f"generate.refiner={tmp_path}"]
+    with pytest.raises(ConfigError, match="a refiner follows an SDXL base, not model=sd15"):
+        validate(compose("generate", given))
+    with pytest.raises(ConfigError, match="not a local SDXL refiner folder"):
+        validate(compose("generate", ["model=sdxl", *given]))

@@ -11,6 +11,7 @@ prompt per line with options after it (``#`` starts a comment line)::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, replace
@@ -141,7 +142,49 @@ def check(cfg) -> None:
             raise ConfigError(f"generate.{key}={g[key]}: no such file")
     if g.callback:
         user_callback(g.callback)
+    if g.refiner:
+        _check_refiner(cfg)
     make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
+
+
+REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+
+
+def _check_refiner(cfg) -> None:
+    g = cfg.generate
+    if cfg.model.family != "sdxl":
+        raise ConfigError(f"generate.refiner: a refiner follows an SDXL base, not model={cfg.model.family}")
+    if g.init_image:
+        raise ConfigError("generate.refiner with generate.init_image: choose one (image-to-image or base + refiner)")
+    index = Path(g.refiner).expanduser() / "model_index.json"
+    try:
+        kind = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError):
+        kind = None
+    if kind != REFINER_PIPELINE:
+        raise ConfigError(
+            f"generate.refiner={g.refiner}: not a local SDXL refiner folder ({REFINER_PIPELINE} in its "
+            "model_index.json), e.g. stable-diffusion-xl-refiner-1.0 saved with diffusers"
+        )
+
+
+def refine(base, refiner, jobs, start: float, decode, **call) -> torch.Tensor:
+    """SDXL base then refiner (diffusers' "ensemble of expert denoisers"): the base draws the first ``start`` of
+    the steps and hands its latents over, the refiner the rest; one generator per image and seed for each.
+    Returns images (N, 3, H, W) in [-1, 1]."""
+    first = jobs[0]
+    prompts, seeds = [j.prompt for j in jobs], [j.seed for j in jobs]
+    negative = {"negative_prompt": [j.negative for j in jobs]} if any(j.negative for j in jobs) else {}
+    settings = {"num_inference_steps": first.steps, "guidance_scale": first.guidance, **negative}
+    latents = base(
+        prompts, height=first.height, width=first.width, denoising_end=start, output_type="latent",
+        generator=[torch.Generator().manual_seed(s) for s in seeds], **settings, **call,
+    ).images  # fmt: skip
+    refined = refiner(
+        prompts, image=latents, denoising_start=start, output_type="latent",
+        generator=[torch.Generator().manual_seed(s) for s in seeds], **settings, **call,
+    ).images  # fmt: skip
+    return decode(refiner, refined, first.height, first.width).float().clamp(-1, 1).cpu()
 
 
 def user_callback(path: str):

@@ -126,6 +126,9 @@ class GenerateConfig:
     init_image: str | None = None
     strength: float = 0.75
     post: PostConfig = field(default_factory=PostConfig)
+    # sdxl: a local SDXL refiner folder; the base draws the first refiner_start of the steps, the refiner the rest
+    refiner: str | None = None
+    refiner_start: float = 0.8
     # every N denoising steps, each image's decoded preview in images/previews/<image>/step-NNN.png; 0: none
     preview_every: int = 0
     # a function of yours, by import path (package.module.function, as Hydra's _target_), that diffusers calls

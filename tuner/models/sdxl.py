@@ -62,6 +62,14 @@ class SDXL(Family):
     def pipeline_extras(self) -> dict:
         return {"add_watermarker": False}
 
+    def refiner_pipeline(self, folder, device):
+        """An SDXL refiner (``StableDiffusionXLImg2ImgPipeline``) from a local folder, on ``device``."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline
+
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, use_safetensors=True, add_watermarker=False)
+        refiner.set_progress_bar_config(disable=True)
+        return refiner.to(device)
+
     def kohya_module_name(self, component: str, name: str, config) -> str:
         """A module's name as kohya, A1111 and ComfyUI spell it for SDXL: the U-Net's in the original SGM
         layout (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``), both CLIP encoders' in transformers'

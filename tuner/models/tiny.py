@@ -235,6 +235,28 @@ def build_sdxl(seed: int = 0) -> dict:
     }
 
 
+def make_tiny_sdxl_refiner(folder: Path, base: Path, seed: int = 0) -> Path:
+    """A tiny SDXL refiner beside a tiny SDXL base (``base``, its VAE, second encoder and tokenizer): a U-Net
+    over the second encoder only, with SDXL-refiner's five time ids (sizes, crop, aesthetic score)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed + 7)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=24,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 24,
+    )  # fmt: skip
+    source = StableDiffusionXLImg2ImgPipeline.from_pretrained(base, use_safetensors=True)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=source.vae, text_encoder=None, text_encoder_2=source.text_encoder_2, tokenizer=None,
+        tokenizer_2=source.tokenizer_2, unet=unet.eval(), scheduler=source.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+    refiner.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
 def t5_tokenizer(max_tokens: int = 32):
     """A T5Tokenizer (the class Flux and SD3 pipelines name) over single characters: a unigram model with
     SentencePiece's word-start marker, built with the tokenizers library, nothing downloaded."""

@@ -8,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from tuner import generation as gen
@@ -44,6 +45,9 @@ def generate(run: Run) -> None:
     folder, entries = run.dir / "images", []
     run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
     user = gen.user_callback(g.callback) if g.callback else None
+    refiner = None
+    if g.refiner:  # its scheduler is the base's sampler, from its own config
+        refiner = run.family.refiner_pipeline(Path(g.refiner).expanduser(), run.accelerator.device)
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]
@@ -60,12 +64,19 @@ def generate(run: Run) -> None:
                 write_atomic(folder / "previews" / f"{i:04d}-seed{job.seed}" / f"step-{step:03d}.png", picture)
 
         call.update(gen.step_callbacks(g.preview_every, user, preview))
-        images = run.sample_with(pipe, [j for _, j in batch], call)
+        if refiner is not None:
+            refiner.scheduler = gen.scheduler(first.scheduler, run.family, refiner.scheduler.config)
+            with torch.no_grad(), run.accelerator.autocast():
+                images = gen.refine(pipe, refiner, [j for _, j in batch], g.refiner_start, run.family.decode, **call)
+        else:
+            images = run.sample_with(pipe, [j for _, j in batch], call)
         for (i, job), image in zip(batch, gen.to_pil(images)):
             image = gen.post_process(image, g.post, init)
             settings = {**dataclasses.asdict(job), "adapters": [dict(a) for a in g.adapters]}
             if g.init_image:
                 settings.update(init_image=Path(g.init_image).name, strength=g.strength)
+            if g.refiner:
+                settings.update(refiner=Path(g.refiner).name, refiner_start=g.refiner_start)
             name = f"{i:04d}-seed{job.seed}.png"
             write_atomic(folder / name, _png_with_parameters(image, job, g.post.upscale))
             entries.append({"file": name, **settings})
