@@ -362,8 +362,11 @@ def test_export_recipe_converts_a_kohya_file_a_run_and_a_base(lora_run, sd15_tin
         a, b = getattr(reference, name).state_dict(), getattr(single, name).state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
-    refused = run_tuner("recipe=export", f"model.path={sd15_tiny}", f"output_dir={tmp_path / 'no'}", **common)
+    only_adapters = ["export.formats=[diffusers,kohya]", f"output_dir={tmp_path / 'no'}"]
+    refused = run_tuner("recipe=export", f"model.path={sd15_tiny}", *only_adapters, **common)
     assert refused.returncode == 2 and "single_file" in refused.stderr  # nothing but the base: no adapter format
+    unset = run_tuner("recipe=export", f"model.path={sd15_tiny}", f"output_dir={tmp_path / 'unset'}", **common)
+    assert unset.returncode == 0 and (tmp_path / "unset" / "merged" / "model_index.json").is_file()  # what holds it
 
 
 def test_a_format_that_cannot_hold_the_adapter_says_so_and_writes_nothing_wrong(tmp_path, sd15_tiny, capsys):
