@@ -37,3 +37,18 @@ def browser():
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         yield b
         b.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``tiny(family)``: a tiny pipeline of that family's real classes (tuner/models/tiny.py), built once per module."""
+    from tuner.models.tiny import make_tiny_pipeline
+
+    made = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "pipe", family=family)
+        return made[family]
+
+    return get

@@ -17,18 +17,6 @@ from tuner.models.tiny import make_tiny_pipeline
 FAMILIES = ["sd2", "sdxl", "flux", "sd3"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "pipe", family=family)
-        return made[family]
-
-    return get
-
-
 def draw(family, pipe):
     """The gallery's image for PROMPT at seed 0 (3 steps, guidance 3), in [0, 1] (H, W, 3)."""
     from tuner.sampling import sample_images

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from tests.helpers import PROMPT, image_of, train_in_process
-from tuner.models.tiny import make_tiny_pipeline
 
 METHODS = {
     "lora": [],
@@ -21,18 +20,6 @@ METHODS = {
 }
 FAMILIES = ["sd2", "sdxl", "flux", "sd3"]
 CASES = [(f, m) for f in FAMILIES for m in METHODS if not (m == "locon" and f in ("flux", "sd3"))]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "pipe", family=family)
-        return made[family]
-
-    return get
 
 
 def draw(family, pipe) -> np.ndarray:

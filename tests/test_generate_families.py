@@ -14,7 +14,6 @@ from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
 from tuner.models import get_family
-from tuner.models.tiny import make_tiny_pipeline
 from tuner.runner import run_recipe
 
 SIZE = 32
@@ -50,18 +49,6 @@ CASES = [
     for f in OFFERED
     for s in OFFERED[f]
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    made = {}
-
-    def get(family: str):
-        if family not in made:
-            made[family] = make_tiny_pipeline(tmp_path_factory.mktemp(family) / "pipe", family=family)
-        return made[family]
-
-    return get
 
 
 def generate(tmp_path, folder, family, *overrides):
