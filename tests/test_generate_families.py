@@ -174,3 +174,4 @@ def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
         validate(compose("generate", given))
     with pytest.raises(ConfigError, match="not a local SDXL refiner folder"):
         validate(compose("generate", ["model=sdxl", *given]))
+

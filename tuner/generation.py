@@ -24,40 +24,11 @@ from PIL import Image, ImageFilter
 from tuner.config import SEED_MAX
 from tuner.errors import ConfigError
 from tuner.models import get_family
+from tuner.models.samplers import schedulers
 from tuner.sampling import to_uint8
-
-# name -> (diffusers class, extra config), by the kind of schedule a family trains with (``Family.FLOW``)
-NOISE_SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-}
-# flow matching: the family's own shift (model.timestep_shift or its scheduler config's), Flux's dynamic shift
-FLOW_SCHEDULERS = {
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
-    "flow_dpm++": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_flow_sigmas": True, "prediction_type": "flow_prediction"},
-    ),
-    "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
-}
-
 
 # the fewest steps a sampler runs (PNDM's Runge-Kutta warm-up takes 4 when the base does not skip it)
 MIN_STEPS = {"pndm": 4}
-
-
-def schedulers(family) -> dict[str, tuple[str, dict]]:
-    """The samplers ``family`` offers by name; its default (gallery and generate's) first."""
-    table = FLOW_SCHEDULERS if family.FLOW else NOISE_SCHEDULERS
-    return {name: table[name] for name in (family.DEFAULT_SCHEDULER, *table) if name not in family.NO_SCHEDULERS}
 
 
 OPTIONS = {"n": "negative", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps", "ss": "scheduler"}
@@ -298,19 +269,6 @@ def batches(jobs: list[Job], size: int) -> list[list[tuple[int, Job]]]:
         else:
             out.append([(i, job)])
     return out
-
-
-def scheduler(name: str, family, config):
-    """A diffusers scheduler by tuner's short name, from the base's scheduler config, with the family's
-    sampling settings (SD2 zero-terminal-SNR: trailing timesteps) and, for the flow-sigma solvers, the
-    schedule's shift."""
-    import diffusers
-
-    cls, extra = schedulers(family)[name]
-    extra = {**extra, **family.sampling_settings()}
-    if extra.get("use_flow_sigmas"):
-        extra["flow_shift"] = config.get("shift", 1.0)
-    return getattr(diffusers, cls).from_config(config, **extra)
 
 
 def post_process(image: Image.Image, post, reference: Image.Image | None) -> Image.Image:

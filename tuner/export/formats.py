@@ -261,6 +261,16 @@ def holds(fmt: str, family) -> frozenset[str]:
     return FORMATS[fmt].holds - family.FORMAT_LIMITS.get(fmt, set())
 
 
+def default_formats(family, parts: set[str]) -> list[str]:
+    """What unset ``export.formats`` writes: the family's own formats (``DEFAULT_EXPORTS``) that hold part of
+    ``parts`` (what trained), plus the first of its formats that holds what those leave out (merged, for a
+    partial or full fine-tune)."""
+    chosen = [f for f in family.DEFAULT_EXPORTS if holds(f, family) & parts]
+    left = parts - set().union(*(holds(f, family) for f in chosen))
+    chosen += next(([f] for f in family.EXPORTS if left and left <= holds(f, family)), [])
+    return chosen or list(family.DEFAULT_EXPORTS)  # nothing holds it: check_held says what would
+
+
 def check_held(parts: set[str], chosen, family) -> None:
     """Refuse a choice of formats that leaves part of what trained unsaved, naming formats that would hold it."""
     missing = parts - set().union(*(holds(x, family) for x in chosen))

@@ -22,6 +22,7 @@ import torch
 
 from tuner.config import BlockGroup, ModelConfig
 from tuner.errors import ConfigError
+from tuner.models import samplers
 from tuner.models.objectives import FlowObjective, NoiseObjective
 
 Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
@@ -297,9 +298,8 @@ class Family:
         return {}
 
     def sampling_scheduler(self, c: Components):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(c.noise_scheduler.config, **self.sampling_settings())
+        """The family's default sampler (``DEFAULT_SCHEDULER``), from the base's scheduler config."""
+        return samplers.scheduler(self.DEFAULT_SCHEDULER, self, c.noise_scheduler.config)
 
     def sampling_settings(self) -> dict:
         """Scheduler settings every sampler of this family takes beyond the base's config."""
@@ -384,9 +384,6 @@ class FlowFamily(Family):
             mode_scale=m.mode_scale,
             shift=m.timestep_shift,
         )
-
-    def sampling_scheduler(self, c: Components):
-        return type(c.noise_scheduler).from_config(c.noise_scheduler.config)
 
     @property
     def max_sequence_length(self) -> int:

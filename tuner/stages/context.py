@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tuner import distributed, run_folder, sampling
-from tuner.distributed import barrier
 from tuner.errors import ConfigError
 from tuner.files import write_atomic
 from tuner.models import get_family
@@ -171,8 +170,7 @@ class Run:
 
     def wait(self) -> None:
         """Every rank waits here for the others (rank 0 has written what they read next)."""
-
-        barrier(self.accelerator)
+        distributed.barrier(self.accelerator)
 
     @property
     def home(self) -> Path:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import time
@@ -106,7 +107,7 @@ def _export_info(run: Run, trained, name: str, trained_here: bool) -> dict:
             text_encoder=source.text_encoder.train,
             trigger=", ".join(trained.tokens) or d.trigger or d.instance_prompt,
             instance_prompt=d.instance_prompt,
-            started=getattr(run, "started", None) if source is cfg else None,
+            started=run.started if source is cfg else None,
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z") if source is cfg else None,
         )
         captions = {}
@@ -133,18 +134,9 @@ def _trained_parts(cfg) -> set[str]:
     return parts
 
 
-def chosen_formats(cfg, family, parts: set[str] | None) -> list[str]:
-    """``export.formats``, or (null) the family's own formats that hold part of ``parts`` (what trained), plus
-    the first of its formats that holds what those leave out (merged, for a partial or full fine-tune).
-    ``parts`` None: not known before the checkpoint loads (recipe=export)."""
-    if cfg.export.formats is not None:
-        return list(cfg.export.formats)
-    if parts is None:
-        return list(family.DEFAULT_EXPORTS)
-    chosen = [f for f in family.DEFAULT_EXPORTS if holds(f, family) & parts]
-    left = parts - set().union(*(holds(f, family) for f in chosen))
-    chosen += next(([f] for f in family.EXPORTS if left and left <= holds(f, family)), [])
-    return chosen or list(family.DEFAULT_EXPORTS)
+def chosen_formats(cfg, family, parts: set[str]) -> list[str]:
+    """``export.formats``, or (null) the family's own that hold ``parts`` (``formats.default_formats``)."""
+    return list(cfg.export.formats) if cfg.export.formats is not None else formats.default_formats(family, parts)
 
 
 def _check_export(cfg) -> None:
@@ -187,13 +179,12 @@ def export(run: Run) -> Exported:
     name = e.name or run.dir.name
     info = _export_info(run, trained, name, trained_here=what is not None)
     metadata = training_metadata(info)
-    merged = []  # the adapter fused into the base, made once for the formats that hold it fused
 
+    @functools.cache
     def fused() -> dict:
-        if not merged:
-            print("[tuner] export: fusing the adapter into the base weights", flush=True)
-            merged.append(tensors.merged_components(trained, _fp32_base(run)))
-        return merged[0]
+        """The adapter fused into the base, made once for the formats that hold it fused."""
+        print("[tuner] export: fusing the adapter into the base weights", flush=True)
+        return tensors.merged_components(trained, _fp32_base(run))
 
     written = []
     for fmt in tqdm(chosen, desc="export", leave=False):
@@ -212,7 +203,7 @@ def export(run: Run) -> Exported:
         formats.FORMATS[fmt].write(job)
         written.append(folder)
         run.outputs[fmt] = str(folder)
-    merged.clear()
+    fused.cache_clear()  # the fused modules go before the gallery loads anything
     files = {}
     for path in sorted(p for folder in written for p in folder.rglob("*") if p.is_file()):
         sha256, model_hash = file_hashes(path)

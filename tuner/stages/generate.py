@@ -15,6 +15,7 @@ from tuner import generation as gen
 from tuner import run_folder
 from tuner.export.gallery import write_image_page
 from tuner.files import write_atomic
+from tuner.models import samplers
 from tuner.stages.adapters import load_checkpoint
 from tuner.stages.context import Run, stage
 
@@ -30,7 +31,7 @@ def generate(run: Run) -> None:
     """
 
     cfg, g = run.cfg, run.cfg.generate
-    jobs = gen.make_jobs(g, cfg.data.resolution, gen.schedulers(run.family))
+    jobs = gen.make_jobs(g, cfg.data.resolution, samplers.schedulers(run.family))
     names, weights = [], []
     for k, a in enumerate(g.adapters):
         name = f"adapter{k}"
@@ -51,7 +52,7 @@ def generate(run: Run) -> None:
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]
-        pipe.scheduler = gen.scheduler(first.scheduler, run.family, run.components.noise_scheduler.config)
+        pipe.scheduler = samplers.scheduler(first.scheduler, run.family, run.components.noise_scheduler.config)
         init, call = None, {}
         if g.init_image:
             init = gen.load_init_image(g.init_image, first.width, first.height)
@@ -65,7 +66,7 @@ def generate(run: Run) -> None:
 
         call.update(gen.step_callbacks(g.preview_every, user, preview))
         if refiner is not None:
-            refiner.scheduler = gen.scheduler(first.scheduler, run.family, refiner.scheduler.config)
+            refiner.scheduler = samplers.scheduler(first.scheduler, run.family, refiner.scheduler.config)
             with torch.no_grad(), run.accelerator.autocast():
                 images = gen.refine(pipe, refiner, [j for _, j in batch], g.refiner_start, run.family.decode, **call)
         else:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tuner.config import TrainConfig
@@ -102,6 +103,8 @@ class Training:
     ):
         from diffusers.training_utils import EMAModel
 
+        # the settings as a plain dataclass: the step reads them often, and a DictConfig read costs microseconds
+        t = OmegaConf.to_object(t) if isinstance(t, DictConfig) else t
         self.accelerator, self.objective, self.next_batch, self.t = accelerator, objective, next_batch, t
         self.desc, self.encode, self.text_encoder_steps, self.monitor = desc, encode, text_encoder_steps, monitor
         self.ck = checkpointing or checkpoints.Checkpointing()
