@@ -175,3 +175,17 @@ def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="not a local SDXL refiner folder"):
         validate(compose("generate", ["model=sdxl", *given]))
 
+
+def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny):
+    """Base and refiner draw one image: its previews are numbered over both, the last is the image."""
+    from tuner.models.tiny import make_tiny_sdxl_refiner
+
+    base = tiny("sdxl")
+    refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
+    got, entry = generate(
+        tmp_path, base, "sdxl", "generate.steps=5", f"generate.refiner={refiner}", "generate.preview_every=1"
+    )
+    previews = sorted((tmp_path / "gen" / "images" / "previews" / entry["file"].removesuffix(".png")).glob("*.png"))
+    assert [p.name for p in previews] == [f"step-00{k}.png" for k in range(1, 6)]  # 4 base steps, 1 refiner step
+    last = np.asarray(Image.open(previews[-1]).convert("RGB")) / 255.0
+    assert np.abs(last - got).max() <= 1 / 255 + 1e-6

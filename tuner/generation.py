@@ -176,16 +176,19 @@ def user_callback(path: str):
 
 
 def step_callbacks(every: int, user, on_preview) -> dict:
-    """diffusers' ``callback_on_step_end`` for a pipeline call: the user's function, then every ``every`` steps
-    ``on_preview(step, latents)`` (1-based steps). Empty when neither is asked for."""
+    """diffusers' ``callback_on_step_end`` for one batch's pipeline calls: the user's function, then every
+    ``every`` steps ``on_preview(step, latents)``. Steps count from 1 over every call of the batch, so an SDXL
+    refiner's steps go on from the base's. Empty when neither is asked for."""
     if not every and user is None:
         return {}
+    done = [0]
 
     def callback(pipe, step, timestep, kwargs):
         if user is not None:
             kwargs = user(pipe, step, timestep, kwargs) or kwargs
-        if every and (step + 1) % every == 0:
-            on_preview(step + 1, kwargs["latents"])
+        done[0] += 1
+        if every and done[0] % every == 0:
+            on_preview(done[0], kwargs["latents"])
         return kwargs
 
     return {"callback_on_step_end": callback}
