@@ -315,3 +315,15 @@ def test_partial_training_defaults_per_family_and_a_glob_matching_nothing_is_ref
     bad = compose("lora", [*given, "adapter.blocks=[{pattern:down_blocks.*.nothing.*}]"])
     with pytest.raises(ConfigError, match=r"adapter.blocks: 'down_blocks.\*.nothing.\*' match no"):
         checks._check_blocks(bad, get_family(family))
+
+
+def test_flux_resolution_defaults_to_its_vaes_size(tmp_path):
+    """Flux's transformer has no sample_size; its VAE's (in pixels, 1024 for FLUX.1) is the size it draws."""
+    import json
+
+    from tuner.models.tiny import make_tiny_pipeline
+
+    folder = make_tiny_pipeline(tmp_path / "pipe", family="flux")
+    native = json.loads((folder / "vae" / "config.json").read_text())["sample_size"]
+    assert native != 1024
+    assert compose("lora", ["model=flux", f"model.path={folder}"]).data.resolution == native

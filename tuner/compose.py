@@ -87,7 +87,8 @@ def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
     """With ``model.path`` a diffusers folder (or a single file with ``model.config``) and ``model.resolution``
     not given, the size the base draws by default, as its diffusers pipeline takes it: the denoiser's
     ``sample_size`` (in latents) times the VAE's downscale. ``data.resolution`` follows it unless given.
-    A denoiser without a ``sample_size`` (Flux's) keeps the family's size."""
+    A denoiser without a ``sample_size`` (Flux's) takes its VAE's ``sample_size``, which is in pixels (1024 for
+    FLUX.1's), else keeps the family's size."""
     given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     if "model.resolution" in given or not cfg.model.path:
         return
@@ -98,11 +99,14 @@ def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
     config = next((c for c in configs if c.is_file()), None)
     try:
         size = json.loads(config.read_text()).get("sample_size") if config else None
-        levels = len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"])
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        levels = len(vae["block_out_channels"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # the checks name what is wrong with the folder
     if isinstance(size, int) and size > 0:
         cfg.model.resolution = size * 2 ** (levels - 1)
+    elif isinstance(vae.get("sample_size"), int) and vae["sample_size"] > 0:  # Flux's: its VAE's, in pixels
+        cfg.model.resolution = vae["sample_size"]
 
 
 def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
