@@ -145,6 +145,11 @@ def test_merged_pipeline_and_its_fp16_variant(lora_run):
     )
     with safe_open(run.dir / "merged" / "unet" / "diffusion_pytorch_model.fp16.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    # the text encoder's keys as transformers 4.x reads them (5.x reads both; the tiny base has no prefix)
+    for name in ("model.safetensors", "model.fp16.safetensors"):
+        with safe_open(run.dir / "merged" / "text_encoder" / name, "pt") as f:
+            keys = set(f.keys())
+        assert keys == {f"text_model.{k}" for k in pipe.text_encoder.state_dict()} - {"text_model.position_ids"}
     np.testing.assert_allclose(draw(half), expected, atol=3e-2)
     # the fused weights are the base plus kohya's formula, up @ down * alpha / rank, module by module
     base, fused = fresh_unet_state(run), pipe.unet.state_dict()

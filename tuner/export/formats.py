@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from tuner.errors import ConfigError
 from tuner.export.metadata import tensor_hashes
@@ -177,6 +178,30 @@ def _write_merged(x: Export) -> None:
             if isinstance(data, dict) and "_name_or_path" in data:
                 data.pop("_name_or_path")
                 config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        for config in tmp.glob("*/config.json"):
+            legacy_text_encoder_keys(config.parent)
+
+
+# transformers 5 saves a CLIPTextModel without the ``text_model.`` key prefix when its weights did not come
+# from a prefixed file (a single-file base, a base built from scratch); it reads both, but transformers 4.x
+# (and the 5.x releases programs such as InvokeAI pin) read only the prefixed keys and silently re-initialise
+# the rest. Written with the prefix, the folder loads the same in every version.
+LEGACY_PREFIXES = {"CLIPTextModel": "text_model."}
+
+
+def legacy_text_encoder_keys(component: Path) -> None:
+    """Give a saved transformers component's weight files the key prefix every transformers version reads."""
+    architectures = json.loads((component / "config.json").read_text()).get("architectures") or []
+    prefix = next((LEGACY_PREFIXES[a] for a in architectures if a in LEGACY_PREFIXES), None)
+    if prefix is None:
+        return
+    for path in component.glob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            metadata, keys = f.metadata(), list(f.keys())
+            if all(k.startswith(prefix) for k in keys):
+                continue
+            state = {k if k.startswith(prefix) else prefix + k: f.get_tensor(k) for k in keys}
+        write_safetensors(path, state, metadata)
 
 
 def _merged_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
