@@ -79,8 +79,10 @@ def kohya_tensors(layer) -> dict[str, torch.Tensor]:
     - LoRA: ``lora_down.weight``, ``lora_up.weight`` and ``alpha`` such that scale = alpha / rank, which is
       what kohya's ``.alpha`` means (for rsLoRA, scale alpha / sqrt(rank), that is scale * rank);
     - LoHa / LoKr: LyCORIS' names, which peft shares (``hada_w1_a``, ``lokr_w1``, ...), with ``alpha`` the
-      same way. A LoKr layer with neither factor decomposed has no rank a loader could divide by, so
-      loaders apply it at scale 1: its scale is folded into ``lokr_w2`` and no ``alpha`` is written.
+      same way. LoKr's Kronecker factors are written whole (``lokr_w2 = lokr_w2_a @ lokr_w2_b``: a few
+      thousand numbers a module), as InvokeAI's probe tells a LoKr file's family only from whole factors.
+      Whole factors have no rank a loader could divide by, so loaders apply them at scale 1: the scale is
+      folded into ``lokr_w2`` and no ``alpha`` is written.
     """
     from peft.tuners.lokr import LoKrLayer
     from peft.tuners.lora import LoraLayer
@@ -99,7 +101,12 @@ def kohya_tensors(layer) -> dict[str, torch.Tensor]:
         store = getattr(layer, param)
         if adapter in store:
             tensors[param] = store[adapter].detach()
-    if isinstance(layer, LoKrLayer) and "lokr_w1_b" not in tensors and "lokr_w2_b" not in tensors:
+    if isinstance(layer, LoKrLayer) and "lokr_t2" not in tensors:  # (a Tucker core stays split)
+        if "lokr_w1_a" in tensors:
+            tensors["lokr_w1"] = tensors.pop("lokr_w1_a") @ tensors.pop("lokr_w1_b")
+        if "lokr_w2_a" in tensors:  # a conv's w2_b has in/c * k * k columns: whole, the (out/a, in/c, k, k) kernel
+            w2 = tensors.pop("lokr_w2_a") @ tensors.pop("lokr_w2_b")
+            tensors["lokr_w2"] = w2.reshape(w2.shape[0], -1, *layer.get_base_layer().weight.shape[2:])
         tensors["lokr_w2"] = tensors["lokr_w2"] * scale
     else:
         tensors["alpha"] = torch.tensor(scale * layer.r[adapter])

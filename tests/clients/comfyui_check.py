@@ -1,0 +1,75 @@
+"""Run inside a ComfyUI checkout's own environment (never imports tuner): load a single-file checkpoint and
+LoRA files with ComfyUI's own loading code and write what its patched models compute.
+
+    python comfyui_check.py SPEC.json OUT.safetensors   (SPEC: comfyui, checkpoint, inputs, loras {name: file})
+
+OUT holds, for the base and each LoRA, the denoiser's output on the fixed inputs and the text encoder's
+last hidden states; OUT.json the family ComfyUI detected and every log line about a key it did not load.
+"""
+
+import json
+import logging
+import sys
+
+spec, out_path = json.load(open(sys.argv[1])), sys.argv[2]
+sys.path.insert(0, spec["comfyui"])
+sys.argv = [sys.argv[0], "--cpu", "--force-fp32", "--fp32-text-enc"]  # ComfyUI reads its options from here
+
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
+
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.utils  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+LEFT_OVER = ("lora key not loaded", "NOT LOADED", "unet missing", "clip missing", "missing", "unexpected")
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if any(message.startswith(p) or p in message[:40] for p in LEFT_OVER):
+            self.lines.append(message[:300])
+
+
+collect = Collect()
+logging.getLogger().addHandler(collect)
+logging.getLogger().setLevel(logging.DEBUG)
+
+inputs = load_file(spec["inputs"])
+model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(spec["checkpoint"], output_vae=False, output_clip=True)
+report = {"family": type(model.model.model_config).__name__, "checkpoint": collect.lines, "loras": {}}
+collect.lines = []
+
+
+def outputs(model, clip):
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    with torch.no_grad():
+        denoised = unet(inputs["latents"], timesteps=inputs["timestep"], context=inputs["context"])
+    tokens = {"l": [[(int(i), 1.0) for i in inputs["ids"][0]]]}
+    hidden = clip.encode_from_tokens(tokens)
+    return denoised.float(), hidden.float()
+
+
+out = {}
+out["base.denoiser"], out["base.text"] = outputs(model, clip)
+for name, path in spec["loras"].items():
+    lora = comfy.utils.load_torch_file(path)
+    patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+    out[f"{name}.denoiser"], out[f"{name}.text"] = outputs(patched, patched_clip)
+    report["loras"][name] = {"keys": len(lora), "not_loaded": collect.lines}
+    collect.lines = []
+    comfy.model_management.unload_all_models()
+
+save_file({k: v.contiguous() for k, v in out.items()}, out_path)
+with open(out_path + ".json", "w") as f:
+    json.dump(report, f, indent=2)
+print(json.dumps(report, indent=2))
