@@ -36,7 +36,7 @@ RUNS = {
     "lokr": ["adapter=lokr", "export.formats=[kohya,peft]"],
 }
 # ComfyUI runs CLIP and the U-Net in its own code (its attention, its layer norms): float32 round-off only
-ATOL = {"denoiser": 1e-4, "text": 1e-4}
+ATOL = {"denoiser": 2e-5, "text": 2e-5}  # measured: at most 2.7e-6 (ComfyUI 0.8, InvokeAI 6.14)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,9 @@ def sd15(tmp_path_factory):
     expected = {"base": outputs(unet, text)}
     for name in RUNS:
         peft = root / name / "peft"
-        adapted_text = PeftModel.from_pretrained(text, peft / "text_encoder") if (peft / "text_encoder").is_dir() else text
+        adapted_text = (
+            PeftModel.from_pretrained(text, peft / "text_encoder") if (peft / "text_encoder").is_dir() else text
+        )
         adapted_unet = PeftModel.from_pretrained(unet, peft / "unet")
         expected[name] = outputs(adapted_unet, adapted_text)
         unet = adapted_unet.unload()  # peft's own way back to the unadapted modules
@@ -136,8 +138,14 @@ INVOKEAI_NEEDS = (
 def comfyui(sd15):
     root, _ = sd15
     files = {name: str(next((root / name / "kohya").glob("*.safetensors"))) for name in RUNS}
-    spec = {"comfyui": COMFYUI, "checkpoint": str(root / "base.safetensors"), "inputs": str(root / "inputs.safetensors")}
-    return run_client(COMFYUI_PYTHON, "comfyui_check.py", {**spec, "loras": files}, root / "comfyui.safetensors", COMFYUI_NEEDS)
+    spec = {
+        "comfyui": COMFYUI,
+        "checkpoint": str(root / "base.safetensors"),
+        "inputs": str(root / "inputs.safetensors"),
+    }
+    return run_client(
+        COMFYUI_PYTHON, "comfyui_check.py", {**spec, "loras": files}, root / "comfyui.safetensors", COMFYUI_NEEDS
+    )
 
 
 def test_comfyui_loads_every_kohya_file_whole_and_computes_what_peft_does(sd15, comfyui):
@@ -171,9 +179,15 @@ def test_comfyui_reads_the_single_file_as_sd15_and_draws_the_trained_model(sd15)
 def test_invokeai_identifies_and_applies_every_kohya_file_and_reads_the_merged_folder(sd15):
     root, expected = sd15
     files = {name: str(next((root / name / "kohya").glob("*.safetensors"))) for name in RUNS}
-    spec = {"base": str(root / "base"), "merged": str(root / "lora" / "merged"), "inputs": str(root / "inputs.safetensors")}
+    spec = {
+        "base": str(root / "base"),
+        "merged": str(root / "lora" / "merged"),
+        "inputs": str(root / "inputs.safetensors"),
+    }
     spec["loras"] = files
-    computed, report = run_client(INVOKEAI_PYTHON, "invokeai_check.py", spec, root / "invokeai.safetensors", INVOKEAI_NEEDS)
+    computed, report = run_client(
+        INVOKEAI_PYTHON, "invokeai_check.py", spec, root / "invokeai.safetensors", INVOKEAI_NEEDS
+    )
     for key in ("denoiser", "text"):
         assert_same_as_peft(computed, expected, "base", key)
     for name in RUNS:

@@ -212,6 +212,8 @@ def test_summary_lists_every_file_with_its_hash_and_the_card_says_how_to_load(lo
     assert card.startswith("---\nlibrary_name:") and "base_model:" in card
     assert f"Trigger: `{PROMPT}`" in card and "load_lora_weights" in card and "<lora:run:1>" in card
     assert "| rank / alpha | 4 / 1.0 |" in card
+    # which file is for which program (tests/test_clients.py: the kohya file loads whole in ComfyUI and InvokeAI)
+    assert "`diffusers/pytorch_lora_weights.safetensors` is for diffusers: ComfyUI reads it only in part" in card
     for name in summary["files"]:
         assert f"`{name}`" in card
 

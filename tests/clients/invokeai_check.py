@@ -65,8 +65,12 @@ for name, path in spec["loras"].items():
     prefixes = ("lora_unet_", "lora_te_")
     unmatched = [k for k in lora.layers if not k.startswith(prefixes)]
     with (
-        LayerPatcher.apply_smart_model_patches(model=unet, patches=[(lora, 1.0)], prefix="lora_unet_", dtype=torch.float32),
-        LayerPatcher.apply_smart_model_patches(model=text, patches=[(lora, 1.0)], prefix="lora_te_", dtype=torch.float32),
+        LayerPatcher.apply_smart_model_patches(
+            model=unet, patches=[(lora, 1.0)], prefix="lora_unet_", dtype=torch.float32
+        ),
+        LayerPatcher.apply_smart_model_patches(
+            model=text, patches=[(lora, 1.0)], prefix="lora_te_", dtype=torch.float32
+        ),
     ):
         out[f"{name}.denoiser"], out[f"{name}.text"] = outputs()
     report["loras"][name] = {

@@ -97,7 +97,16 @@ def _diffusers_usage(files: list[str], base: str, pipeline: str, prompt: str) ->
     if "diffusers/pytorch_lora_weights.safetensors" in files:
         lines.append('pipe.load_lora_weights("diffusers", weight_name="pytorch_lora_weights.safetensors")')
     lines += [f'pipe.load_textual_inversion("{n}")' for n in files if n.startswith("diffusers/embeddings/")]
-    return ["### diffusers", "", *lines, f'image = pipe("{prompt}").images[0]', "```", ""]
+    note = []
+    if "diffusers/pytorch_lora_weights.safetensors" in files:  # ComfyUI skips its attention and text-encoder keys
+        note = [DIFFUSERS_ONLY, ""]
+    return ["### diffusers", "", *note, *lines, f'image = pipe("{prompt}").images[0]', "```", ""]
+
+
+DIFFUSERS_ONLY = (
+    "`diffusers/pytorch_lora_weights.safetensors` is for diffusers: ComfyUI reads it only in part. For ComfyUI,\n"
+    "A1111, Forge and InvokeAI use the `kohya` format's file (`export.formats=[...,kohya]`)."
+)
 
 
 # ---------------------------------------------------------------- kohya (A1111, Forge, ComfyUI)
@@ -125,10 +134,10 @@ def _write_kohya(x: Export) -> None:
 
 
 def _kohya_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
-    out = ["### A1111 / Forge / ComfyUI", ""]
+    out = ["### A1111 / Forge / ComfyUI / InvokeAI", ""]
     for n in (n for n in files if n.count("/") == 1):
         out.append(f"Copy `{n}` into `models/Lora` and add `<lora:{Path(n).stem}:1>` to the prompt (A1111), or load it")
-        out.append("with a LoraLoader node (ComfyUI).")
+        out.append("with a LoraLoader node (ComfyUI), or add it to InvokeAI's models.")
     for n in (n for n in files if n.startswith("kohya/embeddings/")):
         out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
     return [*out, ""]
@@ -259,7 +268,7 @@ FORMATS: dict[str, Format] = {
             "kohya",
             frozenset({"lora", "loha", "lokr", "tokens"}),
             _write_kohya,
-            "A1111, Forge, ComfyUI (LoraLoader), kohya-ss sd-scripts, LyCORIS",
+            "A1111, Forge, ComfyUI (LoraLoader), InvokeAI, kohya-ss sd-scripts, LyCORIS",
             _kohya_usage,
         ),
         Format("peft", ADAPTERS, _write_peft, "peft's PeftModel.from_pretrained", _peft_usage),
