@@ -281,6 +281,17 @@ def test_unset_export_formats_are_the_familys_own_that_hold_what_trains(family, 
     assert chosen_formats(cfg, get_family(family), _trained_parts(cfg)) == formats
 
 
+def test_a_single_file_that_cannot_hold_the_trained_text_encoder_is_refused():
+    """Flux's single file is the transformer alone (as BFL ships it): a trained text encoder needs another format."""
+    from tuner.models import checks
+
+    cfg = compose("lora", ["model=flux", "text_encoder.train=lora", "export.formats=[single_file]"])
+    with pytest.raises(ConfigError, match=r"holds the transformer only.*export.formats=\[single_file,merged\]"):
+        checks.check(cfg)
+    checks.check(compose("lora", ["model=flux", "text_encoder.train=lora", "export.formats=[single_file,peft]"]))
+    checks.check(compose("lora", ["model=sd15", "text_encoder.train=lora", "export.formats=[single_file]"]))
+
+
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
 def test_resolution_defaults_to_the_size_the_base_draws(tmp_path, family):
     """sample_size x the VAE's downscale, as diffusers' pipelines default to; what the user sets wins."""

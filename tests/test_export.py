@@ -88,6 +88,10 @@ def test_diffusers_and_kohya_files_reload_to_the_same_image(lora_run, sd15_tiny,
         modules = {k.split(".lora")[0].split(".alpha")[0] for k in keys if "lora" in k}
         assert peft_modules(pipe.unet) + peft_modules(pipe.text_encoder) == len(modules), file  # every key applied
         np.testing.assert_allclose(draw(pipe), expected, atol=1e-3, err_msg=str(file))
+    # CLIP's names as transformers 4.x spells them (diffusers with it, and ComfyUI, read only these)
+    with safe_open(run.dir / "diffusers" / "pytorch_lora_weights.safetensors", "pt") as f:
+        text = [k for k in f.keys() if k.startswith("text_encoder.")]
+    assert text and all(k.startswith("text_encoder.text_model.encoder.layers.") for k in text)
 
 
 def test_kohya_keys_alpha_and_metadata(lora_run):

@@ -158,7 +158,7 @@ def test_sdxl_time_ids_are_the_pipelines(tiny):
         torch.testing.assert_close(got[row : row + 1], expected)
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+@pytest.mark.parametrize("name", ["sd15", "sd2", "sdxl"])
 def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images(tmp_path, tiny, name):
     from safetensors.torch import save_file
 
@@ -167,7 +167,7 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
     from tuner.runner import BUILTINS, entries, run_stage
     from tuner.stages.context import Run
 
-    folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="sd15") if name == "sd15" else tiny(name)
+    folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="sd15") if name != "sdxl" else tiny(name)
     family = get_family(name)
     c = family.load(folder)
     vocab = {n: m.config.vocab_size for n, m in c.text_encoders.items()}

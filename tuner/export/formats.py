@@ -72,6 +72,12 @@ class Format:
     usage: Callable[[list[str], str, str, str], list[str]]  # (its files, base, pipeline class, prompt)
 
 
+# transformers 5 names a CLIPTextModel's weights without the ``text_model.`` prefix (and saves them so when they
+# did not come from a prefixed file: a single-file base, a base built from scratch); it and diffusers read both,
+# but transformers 4.x (and the 5.x releases programs such as InvokeAI pin), diffusers with those, and ComfyUI
+# read only the prefixed names, silently skipping or re-initialising the rest. tuner writes the prefix.
+LEGACY_PREFIXES = {"CLIPTextModel": "text_model."}
+
 # ---------------------------------------------------------------- diffusers
 
 
@@ -85,7 +91,9 @@ def _write_diffusers(x: Export) -> None:
             for component, module in c.trainable().items():
                 if tuner_layers(module):
                     state, config = peft_state(module)
-                    layers[component] = ({k: v.to(x.dtype) for k, v in state.items()}, peft_config_dict(config))
+                    prefix = LEGACY_PREFIXES.get(type(module).__name__, "")  # as every diffusers version reads
+                    state = {(k if k.startswith(prefix) else prefix + k): v.to(x.dtype) for k, v in state.items()}
+                    layers[component] = (state, peft_config_dict(config))
             x.family.save_lora(tmp, layers)
         for token, vectors in x.trained.tokens.items():
             path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
@@ -191,13 +199,6 @@ def _write_merged(x: Export) -> None:
             legacy_text_encoder_keys(config.parent)
 
 
-# transformers 5 saves a CLIPTextModel without the ``text_model.`` key prefix when its weights did not come
-# from a prefixed file (a single-file base, a base built from scratch); it reads both, but transformers 4.x
-# (and the 5.x releases programs such as InvokeAI pin) read only the prefixed keys and silently re-initialise
-# the rest. Written with the prefix, the folder loads the same in every version.
-LEGACY_PREFIXES = {"CLIPTextModel": "text_model."}
-
-
 def legacy_text_encoder_keys(component: Path) -> None:
     """Give a saved transformers component's weight files the key prefix every transformers version reads."""
     architectures = json.loads((component / "config.json").read_text()).get("architectures") or []
@@ -237,9 +238,27 @@ def _write_single_file(x: Export) -> None:
         write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
 
 
+# families whose single file is the denoiser alone, as the original ships it: (its diffusers class, subfolder)
+DENOISER_ONLY = {"FluxPipeline": ("FluxTransformer2DModel", "transformer")}
+
+
 def _single_file_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
     out = []
-    for n in files:
+    for n in (n for n in files if pipeline in DENOISER_ONLY):
+        cls, sub = DENOISER_ONLY[pipeline]
+        out += [
+            "### Single-file transformer",
+            "",
+            f"`{n}` is the {sub} in the original layout: ComfyUI's `models/diffusion_models` (Load Diffusion Model),",
+            "Forge's `models/Stable-diffusion`; the text encoders and VAE are the base's. In diffusers:",
+            "",
+            "```python",
+            f'{sub} = {cls}.from_single_file("{n}", config="{base}", subfolder="{sub}", local_files_only=True)',
+            f'pipe = {pipeline}.from_pretrained("{base}", {sub}={sub})',
+            "```",
+            "",
+        ]
+    for n in (n for n in files if pipeline not in DENOISER_ONLY):
         out += [
             "### Single-file checkpoint",
             "",

@@ -112,6 +112,7 @@ class Family:
     FORMAT_LIMITS: dict[str, set[str]] = {}
     BASE_VERSION = ""
     MODELSPEC_ARCHITECTURE = ""
+    SINGLE_FILE_TEXT = True  # the single file holds the text encoders (Flux's, as BFL ships it, does not)
     DEFAULT_RESOLUTION = 512
     RESOLUTION_MULTIPLE = 8  # pixel sizes the VAE and the denoiser's patches divide
 

@@ -62,3 +62,55 @@ def bfl_name(name: str) -> tuple[str, tuple[str, ...] | None]:
             if rest in parts:
                 return f"{block}.{original}", tuple(f"{kind}.{n}.{p}" for p in parts)
     raise ValueError(f"Flux module {name!r} has no place in the original layout")
+
+
+# RMSNorm scales on q and k: diffusers' ``norm_q.weight`` is the original's ``query_norm.scale``
+_DOUBLE_NORMS = {
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+_SINGLE_NORMS = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+
+
+def _norm_name(module: str) -> str | None:
+    match = _BLOCK.fullmatch(module)
+    if not match:
+        return None
+    kind, n, rest = match.groups()
+    norms = _DOUBLE_NORMS if kind == "transformer_blocks" else _SINGLE_NORMS
+    block = f"{'double' if kind == 'transformer_blocks' else 'single'}_blocks.{n}"
+    return f"{block}.{norms[rest]}" if rest in norms else None
+
+
+def original_state(state: dict) -> dict:
+    """A FluxTransformer2DModel state dict in the original layout, the single file BFL ships
+    (``flux1-dev.safetensors``) that ComfyUI, Forge and diffusers' ``from_single_file`` read: fused modules
+    concatenated in order along the output dimension, ``norm_out``'s halves swapped back.
+
+    Raises:
+        ValueError: a key has no place in the original layout, or a fused module lacks one of its parts.
+    """
+    import torch
+
+    out, fused = {}, {}
+    for key, value in state.items():
+        module, _, kind = key.rpartition(".")
+        if norm := _norm_name(module):
+            out[f"{norm}.scale"] = value
+            continue
+        name, parts = bfl_name(module)
+        if parts is not None:
+            fused.setdefault(f"{name}.{kind}", {})[module] = (parts, value)
+        elif module in SWAPPED_HALVES:
+            first, second = value.chunk(2, dim=0)
+            out[f"{name}.{kind}"] = torch.cat([second, first])
+        else:
+            out[f"{name}.{kind}"] = value
+    for key, got in fused.items():
+        parts = next(iter(got.values()))[0]
+        if set(got) != set(parts):
+            raise ValueError(f"Flux {key}: fused from {list(parts)}, but the state has only {sorted(got)}")
+        out[key] = torch.cat([got[p][1] for p in parts])
+    return out

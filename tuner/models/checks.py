@@ -57,6 +57,13 @@ def check(cfg: DictConfig) -> None:
                 f"export.formats={list(cfg.export.formats)}: model={m.family} exports {', '.join(family.EXPORTS)}; "
                 f"remove {', '.join(refused)}"
             )
+        only = set(cfg.export.formats) == {"single_file"}
+        if only and not family.SINGLE_FILE_TEXT and "train" in cfg.stages and cfg.text_encoder.train != "none":
+            raise ConfigError(
+                f"export.formats=[single_file]: model={m.family}'s single file holds the {family.DENOISER} only, so "
+                f"text_encoder.train={cfg.text_encoder.train} would be lost; add a format that holds it, e.g. "
+                "'export.formats=[single_file,merged]'"
+            )
     if cfg.adapter.type == "partial_unet" and m.path and "train" in cfg.stages:
         _check_blocks(cfg, family)
     if cfg.data.resolution % family.RESOLUTION_MULTIPLE:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from tuner.models.base import Components, FlowFamily, _ids
-from tuner.models.bfl_layout import SWAPPED_HALVES, bfl_name
+from tuner.models.bfl_layout import SWAPPED_HALVES, bfl_name, original_state
 
 
 class Flux(FlowFamily):
@@ -32,7 +32,8 @@ class Flux(FlowFamily):
     }  # fmt: skip
     # FluxPipeline passes custom sigmas and the dynamic shift's mu, which FlowMatchHeun's set_timesteps lacks
     NO_SCHEDULERS = ("flow_heun",)
-    EXPORTS = ("diffusers", "kohya", "peft", "merged")
+    EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
+    SINGLE_FILE_TEXT = False
     # kohya's Flux LoRAs (ComfyUI, Forge): the transformer's modules by their original names, CLIP as lora_te1
     KOHYA_PREFIXES = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
     # q, k and v are one module there: LoRAs stack into one exactly, a LoHa's or LoKr's products do not
@@ -67,6 +68,12 @@ class Flux(FlowFamily):
 
     def kohya_swapped(self, component: str, name: str) -> bool:
         return component == "transformer" and name in SWAPPED_HALVES
+
+    def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
+        """The transformer in the original layout: the single file BFL ships, which ComfyUI (diffusion model
+        loader), Forge and ``FluxTransformer2DModel.from_single_file`` read; the text encoders and VAE stay
+        the base's (new tokens ship as embeddings)."""
+        return original_state(modules["transformer"].state_dict())
 
     def predict(self, denoiser, noisy, timesteps, cond):
         from diffusers import FluxPipeline

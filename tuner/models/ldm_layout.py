@@ -1,4 +1,4 @@
-"""Diffusers weights renamed into the original (CompVis / LDM) single-file layout of Stable Diffusion 1.x.
+"""Diffusers weights renamed into the original (CompVis / LDM) single-file layout of Stable Diffusion 1.x and 2.x.
 
 A1111, ComfyUI and diffusers' ``from_single_file`` read one ``.safetensors`` file whose keys follow the
 original training code: ``model.diffusion_model.*`` (U-Net), ``first_stage_model.*`` (VAE) and
@@ -8,6 +8,11 @@ and its downsampler ``input_blocks.{(i+1)(L+1)}``; up blocks have ``L+1`` layers
 ``output_blocks.{i(L+1)+j}``. Inside a layer, ``.0`` is the ResNet and ``.1`` the transformer (the
 upsampler follows them). The VAE's decoder counts its levels from the bottom up; its attention uses
 1x1 convolutions where diffusers uses linear layers.
+
+SD2's text encoder is OpenCLIP's, under ``cond_stage_model.model.``: ``token_embedding.weight``,
+``positional_embedding`` (a bare tensor), ``transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}``
+where ``attn.in_proj_*`` is q, k and v concatenated along the output dimension, and ``ln_final`` (SDXL's
+second encoder adds ``text_projection``, the bare matrix that multiplies from the right).
 
 A key that matches no rule raises: a layout this module does not know is never written half-renamed.
 """
@@ -19,6 +24,7 @@ import re
 import torch
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD2's text encoder
 
 _UNET_RESNET = {
     "norm1": "in_layers.0",
@@ -35,6 +41,21 @@ _UNET_FIXED = {
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
 }
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _VAE_FIXED = {"conv_norm_out": "norm_out"}
 
@@ -98,8 +119,42 @@ def vae_key(key: str, levels: int) -> str:
     raise ValueError(f"VAE key {part}.{key!r} has no place in the original SD1.x layout")
 
 
-def to_original(unet: dict, unet_config: dict, vae: dict, vae_config: dict, text_encoder: dict) -> dict:
-    """One original-layout state dict from the three components' diffusers/transformers state dicts."""
+def open_clip_key(key: str) -> str:
+    """The OpenCLIP name (without prefix) of one CLIPTextModelWithProjection key other than q/k/v."""
+    if key == "text_projection.weight":
+        return "text_projection"
+    name = key.removeprefix("text_model.")
+    if name in _OPEN_CLIP_FIXED:
+        return _OPEN_CLIP_FIXED[name]
+    if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
+        if m[2] in _OPEN_CLIP_LAYER:
+            return f"transformer.resblocks.{m[1]}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}"
+    raise ValueError(f"text encoder key {key!r} has no place in the OpenCLIP layout")
+
+
+def open_clip_state(text_encoder: dict, prefix: str, component: str = "text_encoder") -> dict:
+    """A transformers CLIP text encoder's state dict in OpenCLIP's layout under ``prefix``: SD2's only encoder
+    (``cond_stage_model.model.``) and SDXL's second."""
+    out, qkv = {}, {}
+    for k, v in text_encoder.items():
+        if m := re.fullmatch(r"(?:text_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
+            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = v
+        else:
+            name = open_clip_key(k)  # OpenCLIP multiplies x @ text_projection: the Linear weight transposed
+            out[prefix + name] = v.T if name == "text_projection" else v
+    for (layer, kind), parts in sorted(qkv.items()):
+        if sorted(parts) != ["k", "q", "v"]:
+            raise ValueError(f"{component} layer {layer}: {kind} of q/k/v incomplete ({sorted(parts)})")
+        name = f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"
+        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def to_original(
+    unet: dict, unet_config: dict, vae: dict, vae_config: dict, text_encoder: dict, open_clip: bool = False
+) -> dict:
+    """One original-layout state dict from the three components' diffusers/transformers state dicts;
+    ``open_clip``: SD2's text encoder, in OpenCLIP's layout under ``cond_stage_model.model.``."""
     if unet_config.get("addition_embed_type") or unet_config.get("class_embed_type"):
         raise ValueError("only SD1.x/2.x U-Nets (no added conditioning) have this single-file layout")
     layers = unet_config["layers_per_block"]
@@ -112,6 +167,9 @@ def to_original(unet: dict, unet_config: dict, vae: dict, vae_config: dict, text
         name = VAE_PREFIX + vae_key(k, levels)
         # the original VAE attention is 1x1 convolutions
         out[name] = v[:, :, None, None] if ".mid.attn_1." in name and v.ndim == 2 else v
-    for k, v in text_encoder.items():  # transformers 5 dropped the text_model. level the layout keeps
-        out[TEXT_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}")] = v
+    if open_clip:
+        out.update(open_clip_state(text_encoder, OPEN_CLIP_PREFIX))
+    else:
+        for k, v in text_encoder.items():  # transformers 5 dropped the text_model. level the layout keeps
+            out[TEXT_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}")] = v
     return {k: v.contiguous() for k, v in out.items() if isinstance(v, torch.Tensor)}

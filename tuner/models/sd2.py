@@ -9,12 +9,13 @@ timesteps then start at the last one (``timestep_spacing="trailing"``); it needs
 from __future__ import annotations
 
 from tuner.errors import ConfigError
-from tuner.models.sd15 import SD15
+from tuner.models.ldm_layout import to_original
+from tuner.models.sd15 import SD15, base_vocabulary
 
 
 class SD2(SD15):
     NAME = "sd2"
-    EXPORTS = ("diffusers", "kohya", "peft", "merged")  # SD2's single-file text encoder is OpenCLIP's layout
+    EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     BASE_VERSION = "sd_v2"
     KOHYA_V2 = True
@@ -37,6 +38,12 @@ class SD2(SD15):
                 c.noise_scheduler.config, rescale_betas_zero_snr=True
             )
         return c
+
+    def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
+        """SD1.x's layout with the text encoder in OpenCLIP's (tuner/models/ldm_layout.py)."""
+        unet, vae = modules["unet"], modules["vae"]
+        text = base_vocabulary(modules["text_encoder"], vocab_sizes["text_encoder"])
+        return to_original(unet.state_dict(), dict(unet.config), vae.state_dict(), dict(vae.config), text, True)
 
     def sampling_settings(self) -> dict:
         """Zero terminal SNR samples from the last (pure-noise) timestep: trailing spacing (Lin et al. 2024)."""

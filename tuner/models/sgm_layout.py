@@ -9,10 +9,8 @@ file whose keys follow Stability's training code:
     conditioner.embedders.0.transformer.text_model.*   CLIP ViT-L, transformers' own names
     conditioner.embedders.1.model.*                OpenCLIP ViT-bigG, OpenCLIP's names
 
-The second encoder is stored the OpenCLIP way: ``token_embedding.weight``, ``positional_embedding`` (a bare
-tensor), ``transformer.resblocks.N.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj}`` where ``attn.in_proj_*`` is
-q, k and v concatenated along the output dimension, ``ln_final`` and ``text_projection``, the bare
-``[width, projection]`` matrix that multiplies from the right (the transpose of the Linear weight).
+The second encoder is stored the OpenCLIP way, as SD2's (``ldm_layout.open_clip_state``), with its
+``text_projection``.
 
 A key that matches no rule raises: a layout this module does not know is never written half-renamed.
 """
@@ -23,7 +21,7 @@ import re
 
 import torch
 
-from .ldm_layout import UNET_PREFIX, VAE_PREFIX, unet_key, vae_key
+from .ldm_layout import UNET_PREFIX, VAE_PREFIX, open_clip_state, unet_key, vae_key
 
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
@@ -33,19 +31,6 @@ _CLIP_L_KEY = re.compile(
     r"embeddings\.(token|position)_embedding\.weight|final_layer_norm\.(weight|bias)"
     r"|encoder\.layers\.\d+\.(self_attn\.[qkv]_proj|self_attn\.out_proj|layer_norm[12]|mlp\.fc[12])\.(weight|bias)"
 )
-_OPEN_CLIP_FIXED = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
-}
-_OPEN_CLIP_LAYER = {
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "self_attn.out_proj": "attn.out_proj",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
 
 
 def sdxl_unet_key(key: str, layers_per_block: int, up_attention: list[bool]) -> str:
@@ -89,32 +74,8 @@ def _clip_l(text_encoder: dict) -> dict:
     return out
 
 
-def open_clip_key(key: str) -> str:
-    """The OpenCLIP name (without prefix) of one CLIPTextModelWithProjection key other than q/k/v."""
-    if key == "text_projection.weight":
-        return "text_projection"
-    name = key.removeprefix("text_model.")
-    if name in _OPEN_CLIP_FIXED:
-        return _OPEN_CLIP_FIXED[name]
-    if m := re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name):
-        if m[2] in _OPEN_CLIP_LAYER:
-            return f"transformer.resblocks.{m[1]}.{_OPEN_CLIP_LAYER[m[2]]}.{m[3]}"
-    raise ValueError(f"text_encoder_2 key {key!r} has no place in the OpenCLIP layout")
-
-
 def _open_clip(text_encoder_2: dict) -> dict:
-    out, qkv = {}, {}
-    for k, v in text_encoder_2.items():
-        if m := re.fullmatch(r"(?:text_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", k):
-            qkv.setdefault((int(m[1]), m[3]), {})[m[2]] = v
-        else:
-            name = open_clip_key(k)  # OpenCLIP multiplies x @ text_projection: the Linear weight transposed
-            out[OPEN_CLIP_PREFIX + name] = v.T if name == "text_projection" else v
-    for (layer, kind), parts in sorted(qkv.items()):
-        if sorted(parts) != ["k", "q", "v"]:
-            raise ValueError(f"text_encoder_2 layer {layer}: {kind} of q/k/v incomplete ({sorted(parts)})")
-        name = f"{OPEN_CLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"
-        out[name] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    out = open_clip_state(text_encoder_2, OPEN_CLIP_PREFIX, "text_encoder_2")
     if OPEN_CLIP_PREFIX + "text_projection" not in out:
         raise ValueError("text_encoder_2 has no text_projection: SDXL's second encoder is CLIPTextModelWithProjection")
     return out
