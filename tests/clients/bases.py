@@ -1,38 +1,74 @@
 """Bases at the widths real clients recognise a family by, with the depth cut down, and the fixed inputs
 every client is fed. Built in tuner's own environment and saved with ``save_pretrained``.
 
-ComfyUI and InvokeAI tell SD1.5 from SD2 and SDXL by tensor shapes (320/640/1280 U-Net channels, a 768-wide
-text encoder), and ComfyUI builds its CLIP text encoder from its own fixed config (12 layers, 49408 tokens),
-so the text encoder here is CLIP-L's full size (123M parameters); the U-Net keeps SD1.5's widths with one
-ResNet per block. The VAE is tiny: no client check reads it.
+ComfyUI and InvokeAI tell SD1.5 from SD2 by tensor shapes (320/640/1280 U-Net channels; a 768-wide CLIP-L or
+a 1024-wide OpenCLIP-H text encoder, 64-channel attention heads in SD2), and ComfyUI builds its text encoder
+from its own fixed config (12 or 24 layers, 49408 tokens), so the text encoder here is the real one's size
+(123M parameters for SD1.5; SD2's is the 23 layers diffusers keeps, 340M); the U-Net keeps the real widths with
+one ResNet per block. The VAE is tiny: no client check reads it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-CLIP_L_BOS, CLIP_L_EOS, CLIP_L_TOKENS = 49406, 49407, 77
+BOS, EOS, TOKENS = 49406, 49407, 77
 
 
-def build_sd15(folder: Path, seed: int = 0) -> Path:
-    """SD1.5 at real widths, one ResNet per U-Net block, CLIP-L full size, a character tokenizer."""
+@dataclass(frozen=True)
+class RealWidths:
+    context: int  # the text encoder's width: the U-Net's cross-attention input
+    text_layers: int
+    text_heads: int
+    head_channels: int | None  # SD2's fixed 64-channel heads; SD1.5: 8 heads at every level
+    sd2: bool  # linear projections in the transformers, GELU, v-prediction
+
+    def text_config(self):
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=self.context,
+            intermediate_size=4 * self.context,
+            num_hidden_layers=self.text_layers,
+            num_attention_heads=self.text_heads,
+            max_position_embeddings=TOKENS,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+            hidden_act="gelu" if self.sd2 else "quick_gelu",
+        )
+
+
+FAMILIES = {
+    "sd15": RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False),
+    "sd2": RealWidths(context=1024, text_layers=23, text_heads=16, head_channels=64, sd2=True),
+}
+
+
+def build(family: str, folder: Path, seed: int = 0) -> Path:
+    """The family's pipeline at real widths (one ResNet per U-Net block), a character tokenizer."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     from tuner.export.formats import legacy_text_encoder_keys
     from tuner.models.tiny import char_tokenizer
 
+    w, channels = FAMILIES[family], (320, 640, 1280, 1280)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
-        block_out_channels=(320, 640, 1280, 1280),
+        block_out_channels=channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=768,
-        attention_head_dim=8,
+        cross_attention_dim=w.context,
+        # diffusers' attention_head_dim is a head count: SD1.5 has 8 heads, SD2 64-channel heads
+        attention_head_dim=tuple(c // w.head_channels for c in channels) if w.head_channels else 8,
+        use_linear_projection=w.sd2,
     )
     vae = AutoencoderKL(
         block_out_channels=(8, 8, 16, 16),
@@ -43,31 +79,18 @@ def build_sd15(folder: Path, seed: int = 0) -> Path:
         norm_num_groups=8,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=CLIP_L_TOKENS,
-            bos_token_id=CLIP_L_BOS,
-            eos_token_id=CLIP_L_EOS,
-            pad_token_id=CLIP_L_EOS,
-            hidden_act="quick_gelu",
-        )
-    )
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
         beta_end=0.012,
         clip_sample=False,
         steps_offset=1,
+        prediction_type="v_prediction" if w.sd2 else "epsilon",
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=char_tokenizer(CLIP_L_TOKENS),
+        text_encoder=CLIPTextModel(w.text_config()),
+        tokenizer=char_tokenizer(TOKENS),
         unet=unet,
         scheduler=scheduler,
         safety_checker=None,
@@ -75,18 +98,18 @@ def build_sd15(folder: Path, seed: int = 0) -> Path:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
-    legacy_text_encoder_keys(folder / "text_encoder")  # as the real SD1.5 folder has them: every reader reads these
+    legacy_text_encoder_keys(folder / "text_encoder")  # as the real folders have them: every reader reads these
     return folder
 
 
-def inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+def inputs(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """What every client's denoiser and text encoder are fed: latents, a timestep, a context, token ids."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 49000, (1, CLIP_L_TOKENS), generator=g)
-    ids[0, 0], ids[0, 20:] = CLIP_L_BOS, CLIP_L_EOS  # a prompt of 19 tokens, padded with the end token
+    ids = torch.randint(0, 49000, (1, TOKENS), generator=g)
+    ids[0, 0], ids[0, 20:] = BOS, EOS  # a prompt of 19 tokens, padded with the end token
     return {
         "latents": torch.randn(1, 4, 8, 8, generator=g),
         "timestep": torch.tensor([500.0]),
-        "context": torch.randn(1, CLIP_L_TOKENS, 768, generator=g),
+        "context": torch.randn(1, TOKENS, FAMILIES[family].context, generator=g),
         "ids": ids,
     }

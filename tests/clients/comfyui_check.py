@@ -1,7 +1,8 @@
 """Run inside a ComfyUI checkout's own environment (never imports tuner): load a single-file checkpoint and
 LoRA files with ComfyUI's own loading code and write what its patched models compute.
 
-    python comfyui_check.py SPEC.json OUT.safetensors   (SPEC: comfyui, checkpoint, inputs, loras {name: file})
+    python comfyui_check.py SPEC.json OUT.safetensors
+    (SPEC: comfyui, checkpoint, clip (ComfyUI's key for the family's tokens), inputs, loras {name: file})
 
 OUT holds, for the base and each LoRA, the denoiser's output on the fixed inputs and the text encoder's
 last hidden states; OUT.json the family ComfyUI detected and every log line about a key it did not load.
@@ -54,7 +55,7 @@ def outputs(model, clip):
     unet = model.model.diffusion_model
     with torch.no_grad():
         denoised = unet(inputs["latents"], timesteps=inputs["timestep"], context=inputs["context"])
-    tokens = {"l": [[(int(i), 1.0) for i in inputs["ids"][0]]]}
+    tokens = {spec["clip"]: [[(int(i), 1.0) for i in inputs["ids"][0]]]}
     hidden = clip.encode_from_tokens(tokens)
     return denoised.float(), hidden.float()
 
