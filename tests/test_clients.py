@@ -16,6 +16,7 @@ import ast
 import json
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,44 +43,53 @@ INVOKEAI_NEEDS = (
 
 # each method's run: its adapter, and the formats the checks read (the lora run also writes the single file)
 RUNS = {
-    "lora": ["text_encoder.train=lora", "export.formats=[kohya,peft,merged,single_file]"],
+    "lora": ["text_encoder.train=lora", "export.formats=[kohya,peft,merged,single_file]", "export.variant=null"],
     "loha": ["adapter=loha", "export.formats=[kohya,peft]"],
     "lokr": ["adapter=lokr", "export.formats=[kohya,peft]"],
 }
 # the clients run the U-Net and CLIP in their own code (their attention, their layer norms): round-off only
-ATOL = {"denoiser": 2e-5, "text": 2e-5}  # measured: at most 2.7e-6 (ComfyUI 0.8, InvokeAI 6.14)
+ATOL = 2e-5  # measured: at most 2.7e-6 (ComfyUI 0.8, InvokeAI 6.14)
+ONE_CLIP = (("text_encoder", "CLIPTextModel", "lora_te_"),)
 
 
 @dataclass(frozen=True)
 class Client:
     """What each client calls the family, and what its single-file loader may find missing."""
 
-    comfyui: str  # ComfyUI's detected model class
+    comfyui: str | None  # ComfyUI's detected model class (None: not checked there, see FAMILIES)
     clip: str  # ComfyUI's key for the family's tokens
     invokeai: str  # InvokeAI's base model type
     runs: tuple[str, ...]  # the methods checked (LoHa and LoKr names do not depend on the family)
-    # a regex of the keys it may find missing: CLIP's head, and SD2's last text layer, which diffusers drops
-    # (SD2 conditions on the penultimate layer's states)
+    # a regex of the keys ComfyUI may find missing in a single file: CLIP's head, and SD2's last text layer,
+    # which diffusers drops (SD2 conditions on the penultimate layer's states)
     missing: str
+    # each text encoder's folder, its transformers class, and the prefix of its keys in kohya's files
+    text_encoders: tuple[tuple[str, str, str], ...] = ONE_CLIP
 
 
 # CLIP's image-text head, which no conditioning reads: SD1.5 checkpoints never carry it, nor tuner's SD2 files
 HEAD = r"(logit_scale|transformer\.text_projection\.weight)"
+LAST = r"transformer\.text_model\.encoder\.layers\.23\.\S+"
+SDXL_CLIPS = (
+    ("text_encoder", "CLIPTextModel", "lora_te1_"),
+    ("text_encoder_2", "CLIPTextModelWithProjection", "lora_te2_"),
+)
 FAMILIES = {
     "sd15": Client("SD15", "l", "sd-1", ("lora", "loha", "lokr"), rf"clip_l\.{HEAD}"),
-    "sd2": Client(
-        "SD20", "h", "sd-2", ("lora",), rf"clip_h\.({HEAD}|transformer\.text_model\.encoder\.layers\.23\..*)"
-    ),
-}
+    "sd2": Client("SD20", "h", "sd-2", ("lora",), rf"clip_h\.({HEAD}|{LAST})"),
+    # ComfyUI tells SDXL by its full transformer depth ([0, 0, 2, 2, 10, 10] blocks, a 2.6 B-parameter U-Net) and
+    # builds its 32-layer bigG from its own config: too large for this tier, so SDXL is checked in InvokeAI
+    "sdxl": Client(None, "g", "sdxl", ("lora",), "", SDXL_CLIPS),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, tmp_path_factory):
     """The family's real-width base, a run per method on it, the base as a single file, and the outputs peft
     computes for each run on fixed inputs: what every client must reproduce."""
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from peft import PeftModel
-    from transformers import CLIPTextModel
 
     from tuner.export.tensors import write_safetensors
     from tuner.models import get_family
@@ -109,32 +119,40 @@ def family(request, tmp_path_factory):
         assert done.returncode == 0, done.stderr[-3000:]
     x = inputs(name)
     save_file(x, root / "inputs.safetensors")
-    unet = UNet2DConditionModel.from_pretrained(base / "unet").eval()
-    text = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
+    modules = {"unet": UNet2DConditionModel.from_pretrained(base / "unet").eval()}
+    for folder, cls, _ in client.text_encoders:
+        modules[folder] = getattr(transformers, cls).from_pretrained(base / folder).eval()
     # the base in the single-file layout, written by the code tuner's single_file export runs
-    modules = {"unet": unet, "text_encoder": text, "vae": AutoencoderKL.from_pretrained(base / "vae")}
-    state = get_family(name).single_file_state(modules, {"text_encoder": text.config.vocab_size})
-    write_safetensors(root / "base.safetensors", state)
+    vocab = {folder: modules[folder].config.vocab_size for folder, _, _ in client.text_encoders}
+    vae = AutoencoderKL.from_pretrained(base / "vae")
+    write_safetensors(root / "base.safetensors", get_family(name).single_file_state({**modules, "vae": vae}, vocab))
+    added = {k: x[k] for k in ("text_embeds", "time_ids") if k in x}  # SDXL's added conditioning
 
-    def outputs(unet, text):
+    def outputs(modules):
         with torch.no_grad():
-            denoised = unet(x["latents"], x["timestep"], encoder_hidden_states=x["context"]).sample
-            return {"denoiser": denoised, "text": text(input_ids=x["ids"]).last_hidden_state}
+            out = {
+                "denoiser": modules["unet"](x["latents"], x["timestep"], x["context"], added_cond_kwargs=added).sample
+            }
+            for folder, _, _ in client.text_encoders:
+                out[folder] = modules[folder](input_ids=x["ids"]).last_hidden_state
+        return out
 
-    expected = {"base": outputs(unet, text)}
+    expected = {"base": outputs(modules)}
     for run in client.runs:
-        peft = root / run / "peft"
-        adapted_text = (
-            PeftModel.from_pretrained(text, peft / "text_encoder") if (peft / "text_encoder").is_dir() else text
-        )
-        adapted_unet = PeftModel.from_pretrained(unet, peft / "unet")
-        expected[run] = outputs(adapted_unet, adapted_text)
-        unet = adapted_unet.unload()  # peft's own way back to the unadapted modules
-        text = adapted_text.unload() if adapted_text is not text else text
-    return name, client, root, expected
+        adapted = dict(modules)
+        for folder in modules:  # peft's adapter on each module the run trained
+            if (root / run / "peft" / folder).is_dir():
+                adapted[folder] = PeftModel.from_pretrained(modules[folder], root / run / "peft" / folder)
+        expected[run] = outputs(adapted)
+        for folder in modules:  # peft's own way back to the unadapted modules
+            if adapted[folder] is not modules[folder]:
+                modules[folder] = adapted[folder].unload()
+    yield name, client, root, expected
+    shutil.rmtree(root, ignore_errors=True)  # gigabytes of real-width weights, each family's in turn
 
 
 def run_client(python: str | None, script: str, spec: dict, out: Path, needs: str) -> tuple[dict, dict]:
+    """Run ``tests/clients/<script>`` with the client's interpreter; what it computed, and its report."""
     if not python or not Path(python).exists():
         pytest.skip(needs)
     (out.parent / f"{out.stem}.spec.json").write_text(json.dumps(spec))
@@ -149,45 +167,52 @@ def run_client(python: str | None, script: str, spec: dict, out: Path, needs: st
     return load_file(out), json.loads(Path(f"{out}.json").read_text())
 
 
-def assert_same(computed: dict, expected: dict, run: str, key: str, what: str | None = None) -> None:
-    got, want = computed[f"{what or run}.{key}"], expected[run][key]
-    torch.testing.assert_close(got, want, atol=ATOL[key], rtol=1e-4, msg=lambda m: f"{run} {key}: {m}")
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-4, msg=lambda m: f"{what}: {m}")
 
 
 def kohya_files(root: Path, runs) -> dict[str, str]:
     return {run: str(next((root / run / "kohya").glob("*.safetensors"))) for run in runs}
 
 
+def trained(run: str, client: Client) -> list[str]:
+    """What a run changed: the denoiser, and the text encoders where it trained them (the lora run)."""
+    return ["denoiser", *(folder for folder, _, _ in client.text_encoders)] if run == "lora" else ["denoiser"]
+
+
+def run_comfyui(family, checkpoint: str, loras: dict, out: str):
+    name, client, root, _ = family
+    if client.comfyui is None:
+        pytest.skip(f"{name}: not checked in ComfyUI (see FAMILIES)")
+    spec = {"comfyui": COMFYUI, "checkpoint": checkpoint, "clip": client.clip, "loras": loras}
+    spec["inputs"] = str(root / "inputs.safetensors")
+    return run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / out, COMFYUI_NEEDS)
+
+
 def test_comfyui_loads_every_kohya_file_whole_and_computes_what_peft_does(family):
     name, client, root, expected = family
-    spec = {"comfyui": COMFYUI, "checkpoint": str(root / "base.safetensors"), "clip": client.clip}
-    spec |= {"inputs": str(root / "inputs.safetensors"), "loras": kohya_files(root, client.runs)}
-    computed, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "comfyui.safetensors", COMFYUI_NEEDS)
+    computed, report = run_comfyui(family, str(root / "base.safetensors"), kohya_files(root, client.runs), "c.st")
     assert report["family"] == client.comfyui
-    for key in ("denoiser", "text"):
-        assert_same(computed, expected, "base", key)
-    for run in client.runs:
-        assert report["loras"][run]["not_loaded"] == [], run
-        for key in ("denoiser", "text") if run == "lora" else ("denoiser",):  # only lora trains the text encoder
-            assert_same(computed, expected, run, key)
+    for run in ("base", *client.runs):
+        assert run == "base" or report["loras"][run]["not_loaded"] == [], run
+        for key in trained(run, client):  # ComfyUI's one CLIP's states are "<run>.text"
+            assert_same(computed[f"{run}.{'denoiser' if key == 'denoiser' else 'text'}"], expected[run][key], run)
             moved = (expected[run][key] - expected["base"][key]).abs().max()
-            assert moved > 100 * ATOL[key], f"{run} {key}: the adapter moved the output only {moved}"
+            assert run == "base" or moved > 100 * ATOL, f"{run} {key}: the adapter moved the output only {moved}"
 
 
 def test_comfyui_reads_the_single_file_as_the_family_and_draws_the_trained_model(family):
     name, client, root, expected = family
     checkpoint = str(next((root / "lora" / "single_file").glob("*.safetensors")))
-    spec = {"comfyui": COMFYUI, "checkpoint": checkpoint, "clip": client.clip, "loras": {}}
-    spec["inputs"] = str(root / "inputs.safetensors")
-    computed, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "single.safetensors", COMFYUI_NEEDS)
+    computed, report = run_comfyui(family, checkpoint, {}, "single.st")
     assert report["family"] == client.comfyui
     assert report["checkpoint"], "ComfyUI reported nothing: the check would see no missing key"
     for line in report["checkpoint"]:  # "clip missing: [...]": only keys no checkpoint of the family has
         assert line.startswith("clip missing: "), line
         for key in ast.literal_eval(line.removeprefix("clip missing: ")):
             assert re.fullmatch(client.missing, key), key
-    for key in ("denoiser", "text"):
-        assert_same(computed, expected, "lora", key, what="base")
+    assert_same(computed["base.denoiser"], expected["lora"]["denoiser"], "single file's denoiser")
+    assert_same(computed["base.text"], expected["lora"]["text_encoder"], "single file's text encoder")
 
 
 def test_invokeai_identifies_and_applies_every_kohya_file_and_reads_the_merged_folder(family):
@@ -195,18 +220,17 @@ def test_invokeai_identifies_and_applies_every_kohya_file_and_reads_the_merged_f
     spec = {
         "base": str(root / "base"),
         "merged": str(root / "lora" / "merged"),
-        "inputs": str(root / "inputs.safetensors"),
+        "loras": kohya_files(root, client.runs),
     }
-    spec["loras"] = kohya_files(root, client.runs)
-    computed, report = run_client(
-        INVOKEAI_PYTHON, "invokeai_check.py", spec, root / "invokeai.safetensors", INVOKEAI_NEEDS
-    )
-    for key in ("denoiser", "text"):
-        assert_same(computed, expected, "base", key)
-    for run in client.runs:
-        assert report["loras"][run]["probe"] == {"type": "lora", "base": client.invokeai}, run
-        assert report["loras"][run]["not_loaded"] == [], run
-        for key in ("denoiser", "text") if run == "lora" else ("denoiser",):
-            assert_same(computed, expected, run, key)
-    # the merged folder's text encoder, read by InvokeAI's pinned transformers: every weight from the file
-    assert_same(computed, expected, "lora", "text", what="merged")
+    spec["text_encoders"] = {folder: [cls, prefix] for folder, cls, prefix in client.text_encoders}
+    spec["inputs"] = str(root / "inputs.safetensors")
+    computed, report = run_client(INVOKEAI_PYTHON, "invokeai_check.py", spec, root / "i.st", INVOKEAI_NEEDS)
+    for run in ("base", *client.runs):
+        if run != "base":
+            assert report["loras"][run]["probe"] == {"type": "lora", "base": client.invokeai}, run
+            assert report["loras"][run]["not_loaded"] == [], run
+        for key in trained(run, client):
+            assert_same(computed[f"{run}.{key}"], expected[run][key], f"{run} {key}")
+    # the merged folder's text encoders, read by InvokeAI's pinned transformers: every weight from the file
+    for folder, _, _ in client.text_encoders:
+        assert_same(computed[f"merged.{folder}"], expected["lora"][folder], f"merged {folder}")

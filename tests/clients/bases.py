@@ -1,5 +1,5 @@
 """Bases at the widths real clients recognise a family by, with the depth cut down, and the fixed inputs
-every client is fed. Built in tuner's own environment and saved with ``save_pretrained``.
+every client is fed. Built in tuner's own environment and saved with ``save_pretrained``; SDXL's below.
 
 ComfyUI and InvokeAI tell SD1.5 from SD2 by tensor shapes (320/640/1280 U-Net channels; a 768-wide CLIP-L or
 a 1024-wide OpenCLIP-H text encoder, 64-channel attention heads in SD2), and ComfyUI builds its text encoder
@@ -51,6 +51,8 @@ FAMILIES = {
 
 def build(family: str, folder: Path, seed: int = 0) -> Path:
     """The family's pipeline at real widths (one ResNet per U-Net block), a character tokenizer."""
+    if family == "sdxl":
+        return build_sdxl(folder, seed)
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -107,9 +109,71 @@ def inputs(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 49000, (1, TOKENS), generator=g)
     ids[0, 0], ids[0, 20:] = BOS, EOS  # a prompt of 19 tokens, padded with the end token
-    return {
+    out = {
         "latents": torch.randn(1, 4, 8, 8, generator=g),
         "timestep": torch.tensor([500.0]),
-        "context": torch.randn(1, TOKENS, FAMILIES[family].context, generator=g),
+        "context": torch.randn(1, TOKENS, 2048 if family == "sdxl" else FAMILIES[family].context, generator=g),
         "ids": ids,
     }
+    if family == "sdxl":  # the pooled prompt and the size/crop ids of the added embedding
+        out |= {"text_embeds": torch.randn(1, 1280, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    return out
+
+
+def build_sdxl(folder: Path, seed: int = 0) -> Path:
+    """SDXL's U-Net at its real widths and block structure (two ResNets per block, no attention at the top
+    level, 64-channel heads, 2048-wide context, the text_time embedding) with one transformer layer where SDXL
+    has 2 and 10; CLIP-L and OpenCLIP-bigG at their widths with two layers each (InvokeAI reads the folder's
+    configs, so depth is free there)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from tuner.export.formats import legacy_text_encoder_keys
+    from tuner.models.tiny import char_tokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=1,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+    def clip(width: int, heads: int, act: str, **extra) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
+            num_attention_heads=heads, max_position_embeddings=TOKENS, bos_token_id=BOS, eos_token_id=EOS,
+            pad_token_id=EOS, hidden_act=act, **extra,
+        )  # fmt: skip
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(clip(768, 12, "quick_gelu")),
+        text_encoder_2=CLIPTextModelWithProjection(clip(1280, 20, "gelu", projection_dim=1280)),
+        tokenizer=char_tokenizer(TOKENS),
+        tokenizer_2=char_tokenizer(TOKENS),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+        ),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    legacy_text_encoder_keys(folder / "text_encoder")
+    return folder

@@ -37,7 +37,7 @@ class Collect(logging.Handler):
     def emit(self, record):
         message = record.getMessage()
         if any(message.startswith(p) or p in message[:40] for p in LEFT_OVER):
-            self.lines.append(message[:300])
+            self.lines.append(message[:20000])
 
 
 collect = Collect()
