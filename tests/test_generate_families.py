@@ -174,6 +174,14 @@ def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
         validate(compose("generate", given))
     with pytest.raises(ConfigError, match="not a local SDXL refiner folder"):
         validate(compose("generate", ["model=sdxl", *given]))
+    gallery = [
+        f"model.path={tmp_path}",
+        f"data.instance_dir={tmp_path}",
+        "data.instance_prompt=x",
+        f"sample.refiner={tmp_path}",
+    ]
+    with pytest.raises(ConfigError, match="sample.refiner: a refiner follows an SDXL base, not model=sd15"):
+        validate(compose("lora", gallery))
 
 
 def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny):
@@ -189,3 +197,39 @@ def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny
     assert [p.name for p in previews] == [f"step-00{k}.png" for k in range(1, 6)]  # 4 base steps, 1 refiner step
     last = np.asarray(Image.open(previews[-1]).convert("RGB")) / 255.0
     assert np.abs(last - got).max() <= 1 / 255 + 1e-6
+
+
+def test_the_gallery_with_a_refiner_draws_what_diffusers_base_lora_and_refiner_draw(tmp_path, tiny):
+    """sample.refiner: each gallery image, base and fine-tuned, is the SDXL base's first 80% of the steps and
+    the refiner's rest; the fine-tuned row as diffusers draws it with the exported LoRA."""
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from tests.helpers import gallery_cell, train_in_process
+    from tuner.models.tiny import make_tiny_sdxl_refiner
+
+    base = tiny("sdxl")
+    refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
+    run = train_in_process(
+        tmp_path, base, "model=sdxl", f"sample.refiner={refiner}", "sample.seeds=[0]", "sample.steps=5",
+        f"sample.prompts=[{PROMPT}]", "export.formats=[diffusers]", stages="[base,prepare,train,export,gallery]",
+    )  # fmt: skip
+    first = StableDiffusionXLPipeline.from_pretrained(base)
+    second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+    for pipe in (first, second):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+
+    def drawn():
+        settings = dict(num_inference_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+        latents = first(PROMPT, height=16, width=16, denoising_end=0.8, output_type="latent", **settings).images
+        settings["generator"] = torch.Generator().manual_seed(0)
+        return second(PROMPT, image=latents, denoising_start=0.8, output_type="np", **settings).images[0]
+
+    cells = run.dir / "gallery" / "cells"
+    before = drawn()
+    assert np.abs(gallery_cell(cells / "row0_seed0.png") - before).max() <= 2 / 255 + 1e-6
+    first.load_lora_weights(run.dir / "diffusers")
+    after = drawn()
+    assert np.abs(gallery_cell(cells / "row1_seed0.png") - after).max() <= 2 / 255 + 1e-6
+    assert np.abs(after - before).max() > 0.02  # the fine-tuned row is not the base's
+    assert "fine-tuned + refiner" in (run.dir / "gallery" / "index.html").read_text()

@@ -114,27 +114,29 @@ def check(cfg) -> None:
     if g.callback:
         user_callback(g.callback)
     if g.refiner:
-        _check_refiner(cfg)
+        if g.init_image:
+            raise ConfigError(
+                "generate.refiner with generate.init_image: choose one (image-to-image or base + refiner)"
+            )
+        check_refiner(cfg.model.family, g.refiner, "generate.refiner")
     make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
 
 
 REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
 
 
-def _check_refiner(cfg) -> None:
-    g = cfg.generate
-    if cfg.model.family != "sdxl":
-        raise ConfigError(f"generate.refiner: a refiner follows an SDXL base, not model={cfg.model.family}")
-    if g.init_image:
-        raise ConfigError("generate.refiner with generate.init_image: choose one (image-to-image or base + refiner)")
-    index = Path(g.refiner).expanduser() / "model_index.json"
+def check_refiner(family: str, path: str, key: str) -> None:
+    """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after an SDXL base."""
+    if family != "sdxl":
+        raise ConfigError(f"{key}: a refiner follows an SDXL base, not model={family}")
+    index = Path(path).expanduser() / "model_index.json"
     try:
         kind = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError):
         kind = None
     if kind != REFINER_PIPELINE:
         raise ConfigError(
-            f"generate.refiner={g.refiner}: not a local SDXL refiner folder ({REFINER_PIPELINE} in its "
+            f"{key}={path}: not a local SDXL refiner folder ({REFINER_PIPELINE} in its "
             "model_index.json), e.g. stable-diffusion-xl-refiner-1.0 saved with diffusers"
         )
 

@@ -105,7 +105,11 @@ NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
     (("validation.guidance_scale",), _or_null(math.isfinite), "a number, e.g. 7.5, or null for sample.guidance_scale"),
     (("generate.adapters[*].weight",), math.isfinite, "a number, e.g. 1.0"),
     (("generate.strength",), lambda v: 0 < v <= 1, "a share in (0, 1], e.g. 0.75"),
-    (("generate.refiner_start",), lambda v: 0 < v < 1, "the share of the steps the base draws, in (0, 1), e.g. 0.8"),
+    (
+        ("generate.refiner_start", "sample.refiner_start"),
+        lambda v: 0 < v < 1,
+        "the share of the steps the base draws, in (0, 1), e.g. 0.8",
+    ),
     (("base.vae_steps", "base.unet_steps", "base.vae_batch_size", "base.unet_batch_size"), _at_least(1), "at least 1"),
     (("base.vae_lr", "base.unet_lr"), _positive, "a positive finite number, e.g. 2e-3"),
     (("base.ema_decay",), lambda v: 0 < v < 1, "a value between 0 and 1, e.g. 0.995"),

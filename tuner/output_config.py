@@ -25,6 +25,10 @@ class SampleConfig:
     guidance_scale: float = 3.0
     # images are upscaled (nearest) to at least this many pixels in the gallery
     display_size: int = 64
+    # sdxl: a local SDXL refiner folder; gallery images are the base's first refiner_start of the steps, then the
+    # refiner's (as generate.refiner), for the base and the fine-tuned model alike
+    refiner: str | None = None
+    refiner_start: float = 0.8
 
 
 @dataclass

@@ -23,7 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from tuner import distributed, run_folder, sampling
 from tuner.errors import ConfigError
 from tuner.files import write_atomic
-from tuner.models import get_family
+from tuner.generation import Job, refine
+from tuner.models import get_family, samplers
 from tuner.training.trainables import Trainables
 
 
@@ -203,13 +204,38 @@ class Run:
             **self.family.call_kwargs(), **call,
         )  # fmt: skip
 
-    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None):
+    def sample(
+        self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None, refiner=None
+    ):
+        """Images (N, 3, H, W) in [-1, 1] at the family's sampler; ``refiner``: an SDXL refiner draws the
+        last steps after the base's first ``sample.refiner_start`` (the gallery's ``sample.refiner``)."""
         resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
         pipe = pipe or self.pipe
+        if refiner is not None:
+            return self._refined(pipe, refiner, prompts, seeds, steps, guidance, desc)
         return sampling.sample_images(
             pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast,
             decode=self.family.decode, **self.family.call_kwargs(),
         )  # fmt: skip
+
+    def _refined(self, pipe, refiner, prompts, seeds, steps, guidance, desc) -> torch.Tensor:
+        from tqdm.auto import tqdm
+
+        name, size = self.family.DEFAULT_SCHEDULER, self.cfg.data.resolution
+        pipe.scheduler = samplers.scheduler(name, self.family, pipe.scheduler.config)
+        refiner.scheduler = samplers.scheduler(name, self.family, refiner.scheduler.config)
+        jobs = [Job(p, "", size, size, seed, guidance, steps, name) for p, seed in zip(prompts, seeds)]
+        images, batch = [], self.cfg.sample.batch_size
+        for start in tqdm(range(0, len(jobs), batch), desc=desc, disable=desc is None):
+            with torch.no_grad(), self.accelerator.autocast():
+                chunk = jobs[start : start + batch]
+                images.append(refine(pipe, refiner, chunk, self.cfg.sample.refiner_start, self.family.decode))
+        return torch.cat(images)
+
+    def refiner(self):
+        """``sample.refiner``'s pipeline on this process's device, or None."""
+        path = self.cfg.sample.refiner
+        return self.family.refiner_pipeline(Path(path).expanduser(), self.accelerator.device) if path else None
 
 
 def cache_key(*parts: str) -> str:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from tuner.errors import ConfigError
 from tuner.export.gallery import write_gallery
+from tuner.generation import check_refiner
 from tuner.stages.context import Run, stage
 
 
-def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
-    """Sample the same prompts and seeds from the base and from the fine-tuned model.
+def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc, refiner=None):
+    """Sample the same prompts and seeds from the base and from the fine-tuned model (each followed by
+    ``refiner``, an SDXL refiner pipeline, when given).
 
     With only peft adapters trained, the base is the same model with its adapters switched off; when
     base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed.
@@ -25,21 +27,23 @@ def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
         base = run.family.load(run.base, run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
         base_pipe = run.family.pipeline(base)
         base_pipe.to(run.accelerator.device)
-        base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)", pipe=base_pipe)
+        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", base_pipe, refiner)
         del base_pipe
     else:
         for module in adapted:
             module.disable_adapters()
-        base_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (base)")
+        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", refiner=refiner)
         for module in adapted:
             module.enable_adapters()
-    tuned_images = run.sample(prompts, seeds, steps, guidance, desc=f"{desc} (fine-tuned)")
+    tuned_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (fine-tuned)", refiner=refiner)
     return base_images, tuned_images
 
 
 def _check_gallery(cfg) -> None:
     if not (cfg.sample.prompts or cfg.data.instance_prompt or cfg.data.class_prompt):
         raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
+    if cfg.sample.refiner:
+        check_refiner(cfg.model.family, cfg.sample.refiner, "sample.refiner")
 
 
 @stage(main_only=True, after=("base", "train|load_adapter"), writes=("gallery",), check=_check_gallery)
@@ -50,10 +54,13 @@ def gallery(run: Run) -> None:
     prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     every_prompt = [prompt for prompt in prompts for _ in seeds]
     base_images, tuned_images = with_and_without_adapter(
-        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery"
+        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery", run.refiner()
     )
-    rows = []
+    rows, refined = [], " + refiner" if s.refiner else ""
     for k, prompt in enumerate(prompts):
         cells = slice(k * len(seeds), (k + 1) * len(seeds))
-        rows += [(f"base: {prompt}", base_images[cells]), (f"fine-tuned: {prompt}", tuned_images[cells])]
+        rows += [
+            (f"base{refined}: {prompt}", base_images[cells]),
+            (f"fine-tuned{refined}: {prompt}", tuned_images[cells]),
+        ]
     run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds, s.display_size))
