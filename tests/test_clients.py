@@ -234,3 +234,58 @@ def test_invokeai_identifies_and_applies_every_kohya_file_and_reads_the_merged_f
     # the merged folder's text encoders, read by InvokeAI's pinned transformers: every weight from the file
     for folder, _, _ in client.text_encoders:
         assert_same(computed[f"merged.{folder}"], expected["lora"][folder], f"merged {folder}")
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """SD3 at the shapes ComfyUI reads an MMDiT by, a LoRA run on its transformer, the base's transformer as
+    a single file, and what peft computes on fixed inputs with the base, and with the run's adapter."""
+    from diffusers import SD3Transformer2DModel
+    from peft import PeftModel
+
+    from tests.clients.bases import build_sd3, sd3_inputs
+    from tuner.export.tensors import write_safetensors
+    from tuner.models import get_family
+
+    root = tmp_path_factory.mktemp("clients-sd3")
+    base = build_sd3(root / "base")
+    done = run_tuner(
+        "recipe=lora", "model=sd3", f"model.path={base}", "model.max_sequence_length=32",
+        f"data.instance_dir={make_photos(root / 'photos')}", "data.instance_prompt=a photo of sks ball",
+        "data.resolution=32", "train.max_steps=2", "train.learning_rate=1e-2", "validation.every=0",
+        "log.tensorboard=false", "export.formats=[kohya,peft,single_file]", "stages=[base,prepare,train,export]",
+        f"output_dir={root / 'run'}", home=root / "home", cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    x = sd3_inputs()
+    save_file(x, root / "inputs.safetensors")
+    model = SD3Transformer2DModel.from_pretrained(base / "transformer").eval()
+    write_safetensors(root / "base.safetensors", get_family("sd3").single_file_state({"transformer": model}, {}))
+
+    def denoised(m):
+        with torch.no_grad():
+            return m(
+                x["latents"], encoder_hidden_states=x["context"], pooled_projections=x["y"], timestep=x["timestep"]
+            )
+
+    expected = {"base": denoised(model).sample}
+    expected["lora"] = denoised(PeftModel.from_pretrained(model, root / "run" / "peft" / "transformer")).sample
+    return root, expected
+
+
+def test_comfyui_reads_sd3s_single_file_as_sd3_and_its_kohya_file_whole(sd3):
+    """SD3's files are the transformer alone (ComfyUI's Load Diffusion Model), the LoRA on its original names."""
+    root, expected = sd3
+    spec = {"comfyui": COMFYUI, "clip": None, "inputs": str(root / "inputs.safetensors")}
+    spec["loras"] = {"lora": str(root / "run" / "kohya" / "run.safetensors")}
+    spec["checkpoint"] = str(root / "base.safetensors")
+    got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "base.st", COMFYUI_NEEDS)
+    assert report["family"] == "SD3" and report["checkpoint"] == []  # nothing missing, nothing left over
+    assert report["loras"]["lora"]["not_loaded"] == []
+    assert_same(got["base.denoiser"], expected["base"], "base")
+    assert_same(got["lora.denoiser"], expected["lora"], "kohya file")
+    assert (expected["lora"] - expected["base"]).abs().max() > 100 * ATOL  # the adapter moves the output
+    spec |= {"checkpoint": str(root / "run" / "single_file" / "run.safetensors"), "loras": {}}
+    got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "single.st", COMFYUI_NEEDS)
+    assert report["family"] == "SD3" and report["checkpoint"] == []
+    assert_same(got["base.denoiser"], expected["lora"], "the trained single file")

@@ -140,3 +140,76 @@ def test_flux_single_file_reads_back_through_from_single_file_to_the_same_weight
     assert set(mine) == set(theirs)
     for name, value in mine.items():
         assert torch.equal(theirs[name], value), name
+
+
+def random_weights(model, seed: int = 0) -> None:
+    """Every parameter random (no zero-initialised modulation), so a swapped or misplaced tensor shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+
+
+def test_sd3_single_file_reads_back_through_from_single_file_to_the_same_weights(tmp_path, tiny):
+    """SD3's single file (the transformer in the original MMDiT layout), read by diffusers' own converter."""
+    from diffusers import SD3Transformer2DModel
+
+    folder = tiny("sd3")
+    model = SD3Transformer2DModel.from_pretrained(folder / "transformer")
+    random_weights(model)
+    state = get_family("sd3").single_file_state({"transformer": model}, {})
+    assert "joint_blocks.0.x_block.attn.qkv.weight" in state and "joint_blocks.1.context_block.attn.qkv.weight" in state
+    assert "final_layer.adaLN_modulation.1.weight" in state and not [k for k in state if "to_q" in k]
+    path = write_safetensors(tmp_path / "sd3.safetensors", state)
+    loaded = SD3Transformer2DModel.from_single_file(
+        path, config=str(folder), subfolder="transformer", local_files_only=True
+    )
+    mine, theirs = model.state_dict(), loaded.state_dict()
+    assert set(mine) == set(theirs)
+    for name, value in mine.items():
+        assert torch.equal(theirs[name], value), name
+
+
+def test_sd3_kohya_file_holds_each_modules_weight_change_under_its_original_name(tiny):
+    """kohya's SD3 keys: q, k, v stacked into qkv exactly (a sibling without a LoRA: zero rows), the last
+    block's text modulation and the final modulation with their halves swapped, as the original holds them.
+    ComfyUI reads this file back (tests/test_clients.py); here, its numbers against peft's own deltas."""
+    from diffusers import SD3Transformer2DModel
+
+    sd3 = get_family("sd3")
+    model = SD3Transformer2DModel.from_pretrained(tiny("sd3") / "transformer")
+    last = model.config.num_layers - 1
+    targets = ["to_q", "to_v", "add_k_proj", "to_out.0", "ff.net.0.proj", "norm_out.linear", "norm1_context.linear"]
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(0)
+    for layer in tuner_layers(model).values():
+        for linear in layer.lora_B.values():
+            linear.weight = torch.nn.Parameter(torch.randn(linear.weight.shape, generator=g))
+    state = kohya_state(Trained(SimpleNamespace(trainable=lambda: {"transformer": model}), "lora"), sd3, torch.float32)
+    expected = deltas_of(model)
+
+    def delta(key: str) -> torch.Tensor:
+        down, up = state[f"lora_unet_{key}.lora_down.weight"], state[f"lora_unet_{key}.lora_up.weight"]
+        return up @ down * float(state[f"lora_unet_{key}.alpha"]) / down.shape[0]
+
+    def swap(t):
+        first, second = t.chunk(2, dim=0)
+        return torch.cat([second, first])
+
+    for n in range(model.config.num_layers):
+        block = f"transformer_blocks.{n}"
+        qkv = delta(f"joint_blocks_{n}_x_block_attn_qkv")
+        no_k = torch.zeros_like(qkv[: qkv.shape[0] // 3])  # to_k has no LoRA: zero rows
+        torch.testing.assert_close(
+            qkv, torch.cat([expected[f"{block}.attn.to_q"], no_k, expected[f"{block}.attn.to_v"]])
+        )
+        context = delta(f"joint_blocks_{n}_context_block_attn_qkv")
+        third = context.shape[0] // 3
+        torch.testing.assert_close(context[third : 2 * third], expected[f"{block}.attn.add_k_proj"])
+        assert not context[:third].any() and not context[2 * third :].any()
+        torch.testing.assert_close(delta(f"joint_blocks_{n}_x_block_attn_proj"), expected[f"{block}.attn.to_out.0"])
+        torch.testing.assert_close(delta(f"joint_blocks_{n}_x_block_mlp_fc1"), expected[f"{block}.ff.net.0.proj"])
+        modulation = delta(f"joint_blocks_{n}_context_block_adaLN_modulation_1")
+        want = expected[f"{block}.norm1_context.linear"]
+        torch.testing.assert_close(modulation, swap(want) if n == last else want)
+    torch.testing.assert_close(delta("final_layer_adaLN_modulation_1"), swap(expected["norm_out.linear"]))

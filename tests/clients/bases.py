@@ -177,3 +177,35 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     legacy_text_encoder_keys(folder / "text_encoder")
     return folder
+
+
+def build_sd3(folder: Path, seed: int = 0) -> Path:
+    """SD3 at the shapes ComfyUI reads an MMDiT's configuration from: its width is 64 per block (two blocks
+    of two 64-channel heads: 128), 16 latent channels; small text encoders (ComfyUI's diffusion-model loader
+    reads the transformer alone)."""
+    from diffusers import SD3Transformer2DModel
+
+    from tuner.models.tiny import _vae, save_pipeline
+    from tuner.models.tiny import build_sd3 as tiny_sd3
+
+    components = tiny_sd3(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=128, pooled_projection_dim=32,
+        pos_embed_max_size=16,
+    )  # fmt: skip
+    components["vae"] = _vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609
+    )
+    return save_pipeline(components, folder, "sd3")
+
+
+def sd3_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "latents": torch.randn(1, 16, 8, 8, generator=g),
+        "timestep": torch.tensor([500.0]),
+        "context": torch.randn(1, 16, 32, generator=g),
+        "y": torch.randn(1, 32, generator=g),
+    }

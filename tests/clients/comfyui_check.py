@@ -2,7 +2,9 @@
 LoRA files with ComfyUI's own loading code and write what its patched models compute.
 
     python comfyui_check.py SPEC.json OUT.safetensors
-    (SPEC: comfyui, checkpoint, clip (ComfyUI's key for the family's tokens), inputs, loras {name: file})
+    (SPEC: comfyui, checkpoint, clip (ComfyUI's key for the family's tokens; null: the file is a diffusion
+    model alone), inputs (latents, timestep, context, and y, the pooled conditioning, where the family has it),
+    loras {name: file})
 
 OUT holds, for the base and each LoRA, the denoiser's output on the fixed inputs and the text encoder's
 last hidden states; OUT.json the family ComfyUI detected and every log line about a key it did not load.
@@ -45,27 +47,32 @@ logging.getLogger().addHandler(collect)
 logging.getLogger().setLevel(logging.DEBUG)
 
 inputs = load_file(spec["inputs"])
-model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(spec["checkpoint"], output_vae=False, output_clip=True)
+if spec.get("clip"):  # a checkpoint: denoiser, text encoders (and VAE, not read here)
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(spec["checkpoint"], output_vae=False, output_clip=True)
+else:  # a diffusion model's file alone (Flux, SD3): ComfyUI's Load Diffusion Model
+    model, clip = comfy.sd.load_diffusion_model(spec["checkpoint"]), None
 report = {"family": type(model.model.model_config).__name__, "checkpoint": collect.lines, "loras": {}}
 collect.lines = []
 
 
-def outputs(model, clip):
+def outputs(model, clip, tag):
     comfy.model_management.load_models_gpu([model])
     unet = model.model.diffusion_model
     with torch.no_grad():
-        denoised = unet(inputs["latents"], timesteps=inputs["timestep"], context=inputs["context"])
-    tokens = {spec["clip"]: [[(int(i), 1.0) for i in inputs["ids"][0]]]}
-    hidden = clip.encode_from_tokens(tokens)
-    return denoised.float(), hidden.float()
+        out = {
+            f"{tag}.denoiser": unet(inputs["latents"], inputs["timestep"], context=inputs["context"], y=inputs.get("y"))
+        }
+    if clip is not None:
+        tokens = {spec["clip"]: [[(int(i), 1.0) for i in inputs["ids"][0]]]}
+        out[f"{tag}.text"] = clip.encode_from_tokens(tokens)
+    return {k: v.float() for k, v in out.items()}
 
 
-out = {}
-out["base.denoiser"], out["base.text"] = outputs(model, clip)
+out = outputs(model, clip, "base")
 for name, path in spec["loras"].items():
     lora = comfy.utils.load_torch_file(path)
     patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
-    out[f"{name}.denoiser"], out[f"{name}.text"] = outputs(patched, patched_clip)
+    out |= outputs(patched, patched_clip, name)
     report["loras"][name] = {"keys": len(lora), "not_loaded": collect.lines}
     collect.lines = []
     comfy.model_management.unload_all_models()

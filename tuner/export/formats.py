@@ -239,7 +239,10 @@ def _write_single_file(x: Export) -> None:
 
 
 # families whose single file is the denoiser alone, as the original ships it: (its diffusers class, subfolder)
-DENOISER_ONLY = {"FluxPipeline": ("FluxTransformer2DModel", "transformer")}
+DENOISER_ONLY = {
+    "FluxPipeline": ("FluxTransformer2DModel", "transformer"),
+    "StableDiffusion3Pipeline": ("SD3Transformer2DModel", "transformer"),
+}
 
 
 def _single_file_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:

@@ -218,7 +218,7 @@ def kohya_state(trained: Trained, family, dtype: torch.dtype) -> dict[str, torch
                 fused.setdefault(key, (module, siblings, {}))[2][name] = layer
                 continue
             tensors = kohya_tensors(layer)
-            if family.kohya_swapped(component, name):
+            if family.kohya_swapped(component, name, module.config):
                 if "lora_up.weight" not in tensors:
                     raise ValueError(f"export kohya: {name}'s halves are swapped there; only a LoRA swaps")
                 tensors["lora_up.weight"] = _swap_halves(tensors["lora_up.weight"])

@@ -344,7 +344,7 @@ class Family:
         """The modules kohya's format fuses with this one into ``kohya_module_name``, in order (None: not fused)."""
         return None
 
-    def kohya_swapped(self, component: str, name: str) -> bool:
+    def kohya_swapped(self, component: str, name: str, config) -> bool:
         """Whether kohya's format holds this module's output rows with their two halves swapped."""
         return False
 

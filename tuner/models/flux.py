@@ -66,7 +66,7 @@ class Flux(FlowFamily):
     def kohya_siblings(self, component: str, name: str) -> tuple[str, ...] | None:
         return bfl_name(name)[1] if component == "transformer" else None
 
-    def kohya_swapped(self, component: str, name: str) -> bool:
+    def kohya_swapped(self, component: str, name: str, config) -> bool:
         return component == "transformer" and name in SWAPPED_HALVES
 
     def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:

@@ -120,7 +120,7 @@ def vae_key(key: str, levels: int) -> str:
 
 
 def open_clip_key(key: str) -> str:
-    """The OpenCLIP name (without prefix) of one CLIPTextModelWithProjection key other than q/k/v."""
+    """The OpenCLIP name (without prefix) of one CLIP text encoder key other than q/k/v."""
     if key == "text_projection.weight":
         return "text_projection"
     name = key.removeprefix("text_model.")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tuner.models.base import Components, FlowFamily, _ids
+from tuner.models.mmdit_layout import mmdit_name, original_state, swapped
 
 
 class SD3(FlowFamily):
@@ -29,6 +30,14 @@ class SD3(FlowFamily):
             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
         ],
     }  # fmt: skip
+    EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
+    DEFAULT_EXPORTS = ("diffusers", "kohya")
+    SINGLE_FILE_TEXT = False
+    # kohya's SD3 LoRAs (sd-scripts; ComfyUI, Forge): the transformer's modules by their original MMDiT names,
+    # the CLIPs as lora_te1 (L) and lora_te2 (G); q, k and v are one module there: LoRAs stack into one
+    # exactly, a LoHa's or LoKr's products do not
+    KOHYA_PREFIXES = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    FORMAT_LIMITS = {"kohya": {"loha", "lokr"}}
     BASE_VERSION = "sd3"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v3-medium"
     MAX_SEQUENCE_LENGTH = 256
@@ -53,6 +62,23 @@ class SD3(FlowFamily):
         clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
         rest = {k: v for k, v in ids.items() if k not in self.TEXT_ENCODERS}
         return {**rest, "prompt_embeds": torch.cat([clip, t5_hidden], dim=-2), "pooled": torch.cat(pooled, dim=-1)}
+
+    def kohya_module_name(self, component: str, name: str, config) -> str:
+        if component == "transformer":
+            return mmdit_name(name)[0]
+        return name if name.startswith("text_model.") else f"text_model.{name}"
+
+    def kohya_siblings(self, component: str, name: str) -> tuple[str, ...] | None:
+        return mmdit_name(name)[1] if component == "transformer" else None
+
+    def kohya_swapped(self, component: str, name: str, config) -> bool:
+        return component == "transformer" and swapped(name, config.num_layers)
+
+    def single_file_state(self, modules: dict, vocab_sizes: dict[str, int]) -> dict:
+        """The transformer in the original MMDiT layout, which ComfyUI (diffusion model loader), Forge and
+        ``SD3Transformer2DModel.from_single_file`` read; the text encoders and VAE stay the base's."""
+        transformer = modules["transformer"]
+        return original_state(transformer.state_dict(), transformer.config.num_layers)
 
     def predict(self, denoiser, noisy, timesteps, cond):
         return denoiser(
