@@ -221,8 +221,7 @@ class Run:
     def _refined(self, pipe, refiner, prompts, seeds, steps, guidance, desc) -> torch.Tensor:
         from tqdm.auto import tqdm
 
-        name, size = self.family.DEFAULT_SCHEDULER, self.cfg.data.resolution
-        pipe.scheduler = samplers.scheduler(name, self.family, pipe.scheduler.config)
+        name, size = self.family.DEFAULT_SCHEDULER, self.cfg.data.resolution  # the base pipe's sampler
         refiner.scheduler = samplers.scheduler(name, self.family, refiner.scheduler.config)
         jobs = [Job(p, "", size, size, seed, guidance, steps, name) for p, seed in zip(prompts, seeds)]
         images, batch = [], self.cfg.sample.batch_size
@@ -232,7 +231,7 @@ class Run:
                 images.append(refine(pipe, refiner, chunk, self.cfg.sample.refiner_start, self.family.decode))
         return torch.cat(images)
 
-    def refiner(self):
+    def load_refiner(self):
         """``sample.refiner``'s pipeline on this process's device, or None."""
         path = self.cfg.sample.refiner
         return self.family.refiner_pipeline(Path(path).expanduser(), self.accelerator.device) if path else None

@@ -54,7 +54,7 @@ def gallery(run: Run) -> None:
     prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     every_prompt = [prompt for prompt in prompts for _ in seeds]
     base_images, tuned_images = with_and_without_adapter(
-        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery", run.refiner()
+        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery", run.load_refiner()
     )
     rows, refined = [], " + refiner" if s.refiner else ""
     for k, prompt in enumerate(prompts):
