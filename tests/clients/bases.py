@@ -26,7 +26,7 @@ class RealWidths:
     head_channels: int | None  # SD2's fixed 64-channel heads; SD1.5: 8 heads at every level
     sd2: bool  # linear projections in the transformers, GELU, v-prediction
 
-    def text_config(self):
+    def text_config(self, **extra):
         from transformers import CLIPTextConfig
 
         return CLIPTextConfig(
@@ -40,6 +40,7 @@ class RealWidths:
             eos_token_id=EOS,
             pad_token_id=EOS,
             hidden_act="gelu" if self.sd2 else "quick_gelu",
+            **extra,
         )
 
 
@@ -126,7 +127,7 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     has 2 and 10; CLIP-L and OpenCLIP-bigG at their widths with two layers each (InvokeAI reads the folder's
     configs, so depth is free there)."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from tuner.export.formats import legacy_text_encoder_keys
     from tuner.models.tiny import char_tokenizer
@@ -156,17 +157,13 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
         sample_size=64,
     )
 
-    def clip(width: int, heads: int, act: str, **extra) -> CLIPTextConfig:
-        return CLIPTextConfig(
-            vocab_size=49408, hidden_size=width, intermediate_size=4 * width, num_hidden_layers=2,
-            num_attention_heads=heads, max_position_embeddings=TOKENS, bos_token_id=BOS, eos_token_id=EOS,
-            pad_token_id=EOS, hidden_act=act, **extra,
-        )  # fmt: skip
-
+    # CLIP-L and OpenCLIP-bigG at their widths, two layers each
+    clip_l = RealWidths(context=768, text_layers=2, text_heads=12, head_channels=None, sd2=False).text_config()
+    clip_g = RealWidths(context=1280, text_layers=2, text_heads=20, head_channels=None, sd2=True)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(clip(768, 12, "quick_gelu")),
-        text_encoder_2=CLIPTextModelWithProjection(clip(1280, 20, "gelu", projection_dim=1280)),
+        text_encoder=CLIPTextModel(clip_l),
+        text_encoder_2=CLIPTextModelWithProjection(clip_g.text_config(projection_dim=1280)),
         tokenizer=char_tokenizer(TOKENS),
         tokenizer_2=char_tokenizer(TOKENS),
         unet=unet,

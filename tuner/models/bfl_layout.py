@@ -108,9 +108,22 @@ def original_state(state: dict) -> dict:
             out[f"{name}.{kind}"] = torch.cat([second, first])
         else:
             out[f"{name}.{kind}"] = value
+    return {**out, **concat_fused(fused, "Flux")}
+
+
+def concat_fused(fused: dict, model: str) -> dict:
+    """``{original key: {diffusers module: (its fused module's parts, tensor)}}`` -> each fused key's tensor,
+    its parts concatenated in order along the output dimension (shared with SD3's MMDiT layout).
+
+    Raises:
+        ValueError: a fused module lacks one of its parts.
+    """
+    import torch
+
+    out = {}
     for key, got in fused.items():
         parts = next(iter(got.values()))[0]
         if set(got) != set(parts):
-            raise ValueError(f"Flux {key}: fused from {list(parts)}, but the state has only {sorted(got)}")
+            raise ValueError(f"{model} {key}: fused from {list(parts)}, but the state has only {sorted(got)}")
         out[key] = torch.cat([got[p][1] for p in parts])
     return out

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from .bfl_layout import concat_fused
+
 _STREAMS = {  # diffusers' names in a block -> (stream, the original's name in it)
     "attn.to_out.0": ("x_block", "attn.proj"),
     "attn.to_add_out": ("context_block", "attn.proj"),
@@ -97,9 +99,4 @@ def original_state(state: dict, num_layers: int) -> dict:
             out[f"{name}.{kind}"] = torch.cat([second, first])
         else:
             out[f"{name}.{kind}"] = value
-    for key, got in fused.items():
-        parts = next(iter(got.values()))[0]
-        if set(got) != set(parts):
-            raise ValueError(f"SD3 {key}: fused from {list(parts)}, but the state has only {sorted(got)}")
-        out[key] = torch.cat([got[p][1] for p in parts])
-    return out
+    return {**out, **concat_fused(fused, "SD3")}
