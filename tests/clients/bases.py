@@ -50,11 +50,25 @@ FAMILIES = {
 }
 
 
+def tiny_vae():
+    """A four-level VAE (the 8x downscale of the real ones) at tiny widths: no client check reads it."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
 def build(family: str, folder: Path, seed: int = 0) -> Path:
     """The family's pipeline at real widths (one ResNet per U-Net block), a character tokenizer."""
     if family == "sdxl":
         return build_sdxl(folder, seed)
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     from tuner.export.formats import legacy_text_encoder_keys
@@ -73,15 +87,7 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
         attention_head_dim=tuple(c // w.head_channels for c in channels) if w.head_channels else 8,
         use_linear_projection=w.sd2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = tiny_vae()
     scheduler = DDPMScheduler(
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -126,7 +132,7 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     level, 64-channel heads, 2048-wide context, the text_time embedding) with one transformer layer where SDXL
     has 2 and 10; CLIP-L and OpenCLIP-bigG at their widths with two layers each (InvokeAI reads the folder's
     configs, so depth is free there)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from tuner.export.formats import legacy_text_encoder_keys
@@ -147,15 +153,7 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
+    vae = tiny_vae()
 
     # CLIP-L and OpenCLIP-bigG at their widths, two layers each
     clip_l = RealWidths(context=768, text_layers=2, text_heads=12, head_channels=None, sd2=False).text_config()
