@@ -141,11 +141,23 @@ def _write_kohya(x: Export) -> None:
             write_safetensors(path, {"emb_params": vectors.to(x.dtype)}, meta)
 
 
+# the programs that read a family's kohya LoRA (A1111 reads no Flux or SD3 file; InvokeAI no SD3 LoRA)
+KOHYA_CLIENTS = {"FluxPipeline": "Forge / ComfyUI / InvokeAI", "StableDiffusion3Pipeline": "ComfyUI"}
+
+
 def _kohya_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
-    out = ["### A1111 / Forge / ComfyUI / InvokeAI", ""]
+    clients = KOHYA_CLIENTS.get(pipeline, "A1111 / Forge / ComfyUI / InvokeAI")
+    out = [f"### {clients}", ""]
     for n in (n for n in files if n.count("/") == 1):
-        out.append(f"Copy `{n}` into `models/Lora` and add `<lora:{Path(n).stem}:1>` to the prompt (A1111), or load it")
-        out.append("with a LoraLoader node (ComfyUI), or add it to InvokeAI's models.")
+        if "Forge" in clients:
+            webui = "A1111, Forge" if "A1111" in clients else "Forge"
+            out.append(f"Copy `{n}` into `models/Lora` and add `<lora:{Path(n).stem}:1>` to the prompt ({webui}), or")
+        else:
+            out.append(f"Copy `{n}` into ComfyUI's `models/loras` and")
+        out.append(
+            "load it with a LoraLoader node (ComfyUI)"
+            + (", or add it to InvokeAI's models." if "Invoke" in clients else ".")
+        )
     for n in (n for n in files if n.startswith("kohya/embeddings/")):
         out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
     return [*out, ""]
