@@ -95,20 +95,47 @@ def _write_diffusers(x: Export) -> None:
                     state = {(k if k.startswith(prefix) else prefix + k): v.to(x.dtype) for k, v in state.items()}
                     layers[component] = (state, peft_config_dict(config))
             x.family.save_lora(tmp, layers)
-        for token, vectors in x.trained.tokens.items():
+        for token, by_encoder in x.trained.tokens.items():
             path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
-            write_safetensors(path, {token: vectors.to(x.dtype)}, {"token": token})
+            write_safetensors(path, embedding_tensors(x, by_encoder, one=token), {"token": token})
 
 
 def _diffusers_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
     lines = ["```python", f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{base}")']
     if "diffusers/pytorch_lora_weights.safetensors" in files:
         lines.append('pipe.load_lora_weights("diffusers", weight_name="pytorch_lora_weights.safetensors")')
-    lines += [f'pipe.load_textual_inversion("{n}")' for n in files if n.startswith("diffusers/embeddings/")]
+    embeddings = _embedding_usage([n for n in files if n.startswith("diffusers/embeddings/")], pipeline, prompt)
+    if any("load_file" in line for line in embeddings):
+        lines.insert(2, "from safetensors.torch import load_file")
+    lines += embeddings
     note = []
     if "diffusers/pytorch_lora_weights.safetensors" in files:  # ComfyUI skips its attention and text-encoder keys
         note = [DIFFUSERS_ONLY, ""]
     return ["### diffusers", "", *note, *lines, f'image = pipe("{prompt}").images[0]', "```", ""]
+
+
+def _embedding_usage(files: list[str], pipeline: str, prompt: str) -> list[str]:
+    """Loading each embedding file: whole (one encoder), or each encoder's vectors into it (the token is the
+    trigger, ``prompt``, whose file name the file has)."""
+    from tuner.models import family_of_pipeline, get_family
+
+    if not files:
+        return []
+    keys = get_family(family_of_pipeline(pipeline)).EMBEDDINGS
+    if len(keys) == 1:
+        return [f'pipe.load_textual_inversion("{n}")' for n in files]
+    tokens = {token_file_name(t): t for t in prompt.split(", ")}
+    out = []
+    for n in files:
+        out.append(f'state = load_file("{n}")')
+        token = tokens.get(Path(n).stem, Path(n).stem)
+        for encoder, key in keys.items():  # text_encoder_2's tokenizer is tokenizer_2
+            tokenizer = encoder.replace("text_encoder", "tokenizer")
+            out.append(
+                f'pipe.load_textual_inversion(state["{key}"], token="{token}", '
+                f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizer})"
+            )
+    return out
 
 
 DIFFUSERS_ONLY = (
@@ -130,7 +157,7 @@ def _write_kohya(x: Export) -> None:
             meta = {**x.metadata, **kohya_network_metadata(x.trained.adapter, state)}
             meta.update(tensor_hashes(state, meta))
             write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
-        for token, vectors in x.trained.tokens.items():
+        for token, by_encoder in x.trained.tokens.items():
             meta = {
                 "modelspec.sai_model_spec": "1.0.0",
                 "modelspec.architecture": f"{family.MODELSPEC_ARCHITECTURE}/textual-inversion",
@@ -138,7 +165,17 @@ def _write_kohya(x: Export) -> None:
                 "token": token,
             }
             path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
-            write_safetensors(path, {"emb_params": vectors.to(x.dtype)}, meta)
+            write_safetensors(path, embedding_tensors(x, by_encoder, one="emb_params"), meta)
+
+
+def embedding_tensors(x: Export, by_encoder: dict[str, torch.Tensor], one: str) -> dict[str, torch.Tensor]:
+    """A token's embedding file: a one-encoder family's vectors under ``one``; a two-encoder family's under each
+    encoder's key (SDXL's ``clip_l`` and ``clip_g``, Flux's ``clip_l`` and ``t5xxl``), as A1111 and ComfyUI read
+    them and diffusers' ``load_textual_inversion`` takes them one encoder at a time."""
+    keys = x.family.EMBEDDINGS
+    if len(keys) == 1:
+        return {one: by_encoder[next(iter(keys))].to(x.dtype)}
+    return {keys[encoder]: vectors.to(x.dtype) for encoder, vectors in by_encoder.items()}
 
 
 # the programs that read a family's kohya LoRA (A1111 reads no Flux or SD3 file; InvokeAI no SD3 LoRA)
@@ -159,7 +196,12 @@ def _kohya_usage(files: list[str], base: str, pipeline: str, prompt: str) -> lis
             + (", or add it to InvokeAI's models." if "Invoke" in clients else ".")
         )
     for n in (n for n in files if n.startswith("kohya/embeddings/")):
-        out.append(f"Copy `{n}` into `embeddings/` and write `{Path(n).stem}` in the prompt.")
+        stem = Path(n).stem
+        if "A1111" in clients:
+            out.append(f"Copy `{n}` into A1111's `embeddings/` and write `{stem}` in the prompt, or into")
+        else:
+            out.append(f"Copy `{n}` into")
+        out.append(f"ComfyUI's `models/embeddings` and write `embedding:{stem}` in the prompt.")
     return [*out, ""]
 
 
@@ -356,7 +398,7 @@ def check_finite(trained: Trained) -> None:
     Raises:
         ConfigError: naming the module and tensor; nothing has been written.
     """
-    named = {f"token {token}": vectors for token, vectors in trained.tokens.items()}
+    named = {f"token {t} ({e})": v for t, by_encoder in trained.tokens.items() for e, v in by_encoder.items()}
     for component, module in trained.components.trainable().items():
         if trained.base_weights:
             named.update({f"{component}.{n}": p for n, p in module.named_parameters()})

@@ -22,7 +22,8 @@ class Trained:
 
     components: object  # the family's Components (unet, vae, text_encoder, tokenizer, ...)
     adapter: str | None = None  # lora | dora | loha | lokr, on the U-Net and/or the text encoder
-    tokens: dict[str, torch.Tensor] = field(default_factory=dict)  # token -> (vectors, width), in order
+    # token -> {text encoder: (vectors, width)}, in order
+    tokens: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     base_weights: bool = False  # base weights themselves changed (partial / full fine-tuning)
 
     @property
@@ -185,9 +186,10 @@ def merged_components(trained: Trained, base_state) -> dict[str, torch.nn.Module
     for name, module in c.modules().items():
         base = base_state.get(name)
         state = merged_state(module, base)
-        if name == "text_encoder" and trained.tokens:  # the new rows live only in the live embedding
-            key = next(k for k in state if k.endswith("token_embedding.weight"))
-            state[key] = module.get_input_embeddings().weight.detach().float()
+        if any(name in vectors for vectors in trained.tokens.values()):  # the new rows: only in the live embedding
+            rows = module.get_input_embeddings().weight
+            for key in (k for k, v in module.state_dict(keep_vars=True).items() if v is rows):  # T5's are tied
+                state[key] = rows.detach().float()
         out[name] = _fresh(module, state)
     return out
 

@@ -53,6 +53,10 @@ class Components:
     def tokenizer(self):
         return self.tokenizers["tokenizer"]
 
+    def tokenizer_of(self, encoder: str):
+        """The tokenizer of text encoder ``encoder`` (``text_encoder_2``'s is ``tokenizer_2``)."""
+        return list(self.tokenizers.values())[list(self.text_encoders).index(encoder)]
+
     def trainable(self) -> dict[str, torch.nn.Module]:
         """The modules an adapter can go into: the denoiser, then the text encoders."""
         return {self.denoiser_name: self.denoiser, **self.text_encoders}
@@ -91,6 +95,11 @@ class Family:
     DENOISER = "unet"
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
     LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
+    # the text encoders new tokens (embedding.tokens) go into, each with the key its vectors have in A1111's and
+    # ComfyUI's embedding file of a two-encoder family (a one-encoder family's files: {token: vectors} for
+    # diffusers, {"emb_params": vectors} for A1111/ComfyUI); empty: no textual inversion (EMBEDDING_REFUSAL says why)
+    EMBEDDINGS: dict[str, str] = {"text_encoder": "clip_l"}
+    EMBEDDING_REFUSAL = ""
     TRAINING_SCHEDULER = "DDPMScheduler"
     FLOW = False  # trained by flow matching (its samplers: tuner.generation.FLOW_SCHEDULERS)
     DEFAULT_SCHEDULER = "ddim"  # the sampler of galleries, validation and generate's default
@@ -250,11 +259,8 @@ class Family:
 
     # --- prompts -------------------------------------------------------------------------------
     def tokenize(self, c: Components, prompts: list[str]) -> Cond:
-        """Token ids padded to the tokenizer's length; multi-vector embedding tokens expanded as diffusers does."""
-        from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
-
-        prompts = TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), c.tokenizer)
-        return _ids(c.tokenizer, prompts, c.tokenizer.model_max_length)
+        """Token ids padded to the tokenizer's length (see ``_ids``)."""
+        return _ids(c.tokenizer, list(prompts), c.tokenizer.model_max_length)
 
     def encode_ids(self, text_encoders: dict, ids: Cond) -> Cond:
         """The denoiser's prompt conditioning from token ids (with gradients, for text encoder training)."""
@@ -353,6 +359,11 @@ class Family:
 
 
 def _ids(tokenizer, prompts: list[str], length: int) -> torch.Tensor:
+    """Token ids padded to ``length``, a new token of several vectors (``<sks>``, ``<sks>_1``, ...) written out
+    in full first, as diffusers' pipelines do (``maybe_convert_prompt``)."""
+    from diffusers.loaders.textual_inversion import TextualInversionLoaderMixin
+
+    prompts = TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), tokenizer)
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 

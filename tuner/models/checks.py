@@ -45,10 +45,10 @@ def check(cfg: DictConfig) -> None:
         )
     if m.zero_terminal_snr and m.family != "sd2":
         raise ConfigError("model.zero_terminal_snr is an sd2 (v-prediction) option")
-    if cfg.embedding.tokens and len(family.TEXT_ENCODERS) > 1:
+    if cfg.embedding.tokens and not family.EMBEDDINGS:
         raise ConfigError(
-            f"embedding.tokens: textual inversion is implemented for one-text-encoder families (sd15, sd2), "
-            f"not {m.family}; train a LoRA with a rare trigger word instead"
+            f"embedding.tokens: no textual inversion for model={m.family} ({family.EMBEDDING_REFUSAL}); "
+            "train a LoRA with a rare trigger word instead"
         )
     if "export" in cfg.stages and cfg.export.formats is not None:
         refused = [x for x in cfg.export.formats if x not in family.EXPORTS]

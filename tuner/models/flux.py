@@ -21,6 +21,9 @@ class Flux(FlowFamily):
     IMG2IMG = "FluxImg2ImgPipeline"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP, T5
     LORA_TEXT_ENCODERS = ("text_encoder",)  # as diffusers' Flux scripts: T5 stays frozen
+    # a new token: a vector for CLIP (its pooled output) and one for T5 (the prompt the transformer reads);
+    # ComfyUI names them clip_l and t5xxl
+    EMBEDDINGS = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}
     BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
     PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*", "single_transformer_blocks.*.attn.*")
     TARGETS = {

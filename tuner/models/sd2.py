@@ -15,6 +15,7 @@ from tuner.models.sd15 import SD15, base_vocabulary
 
 class SD2(SD15):
     NAME = "sd2"
+    EMBEDDINGS = {"text_encoder": "clip_h"}
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     BASE_VERSION = "sd_v2"

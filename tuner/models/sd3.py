@@ -21,6 +21,8 @@ class SD3(FlowFamily):
     IMG2IMG = "StableDiffusion3Img2ImgPipeline"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5
     LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # as diffusers' SD3 scripts: T5 stays frozen
+    EMBEDDINGS = {}
+    EMBEDDING_REFUSAL = "diffusers' StableDiffusion3Pipeline has no textual-inversion loader to read the embedding"
     BLOCKS = ("transformer_blocks.",)
     PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*",)
     TARGETS = {

@@ -22,6 +22,7 @@ class SDXL(Family):
     IMG2IMG = "StableDiffusionXLImg2ImgPipeline"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
     LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+    EMBEDDINGS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}  # one vector per encoder per token
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
@@ -62,12 +63,21 @@ class SDXL(Family):
     def pipeline_extras(self) -> dict:
         return {"add_watermarker": False}
 
-    def refiner_pipeline(self, folder, device):
-        """An SDXL refiner (``StableDiffusionXLImg2ImgPipeline``) from a local folder, on ``device``."""
+    def refiner_pipeline(self, folder, device, c: Components):
+        """An SDXL refiner (``StableDiffusionXLImg2ImgPipeline``) from a local folder, on ``device``. Its CLIP-G
+        is the base's: the new tokens of the base's (``c``) go into it too, with their vectors."""
         from diffusers import StableDiffusionXLImg2ImgPipeline
 
         refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, use_safetensors=True, add_watermarker=False)
         refiner.set_progress_bar_config(disable=True)
+        tokenizer, vocab = c.tokenizers["tokenizer_2"], refiner.tokenizer_2.get_vocab()
+        new = [token for token in tokenizer.added_tokens_encoder if token not in vocab]
+        if new:
+            rows = c.text_encoders["text_encoder_2"].get_input_embeddings().weight
+            vectors = list(rows[tokenizer.convert_tokens_to_ids(new)].detach().float().cpu())
+            refiner.load_textual_inversion(
+                vectors, token=new, text_encoder=refiner.text_encoder_2, tokenizer=refiner.tokenizer_2
+            )
         return refiner.to(device)
 
     def kohya_module_name(self, component: str, name: str, config) -> str:

@@ -283,7 +283,7 @@ def _t5(width: int = 32, layers: int = 1):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=4 + 2 * len(CHARACTERS),
+        vocab_size=4 + 2 * len(CHARACTERS) + 4,  # spare rows past the tokenizer's, as T5's 32128 for 32100 tokens
         d_model=width,
         d_kv=8,
         d_ff=width * 2,

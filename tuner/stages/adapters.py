@@ -88,20 +88,42 @@ def _load_folder(run: Run, path: Path, adapter_name: str | None, loaded: Loaded)
             raise ConfigError(
                 f"{file}: a LoHa/LoKr file in kohya's keys; diffusers cannot load it, load the run's peft/ folder"
             )
-        else:  # an embedding: diffusers' {token: vectors} or A1111's emb_params, named by its file
-            widths = [te.get_input_embeddings().weight.shape[1] for te in run.components.text_encoders.values()]
-            reading.check_embedding(file, tensors, widths)
-            token = meta.get("token") or (keys[0] if len(keys) == 1 and keys[0] != "emb_params" else file.stem)
-            if token in run.pipe.tokenizer.get_vocab():
-                raise ConfigError(f"{file}: its token {token} is in the vocabulary already (another adapter's?)")
-            with _named_failures(file, "an embedding"):
-                run.pipe.load_textual_inversion(file, token=token)
-            loaded.tokens.append(token)
+        else:
+            loaded.tokens.append(_load_embedding(run, file, tensors, meta))
         loaded.names.append(file.name)
     for component, module in run.components.trainable().items():
         if (path / component / "adapter_config.json").is_file():
             _load_peft(module, path / component, adapter_name or "default")
             loaded.names.append(f"{component} (peft)")
+
+
+def _load_embedding(run: Run, file: Path, tensors: dict, meta: dict) -> str:
+    """An embedding: diffusers' ``{token: vectors}`` or A1111's ``emb_params`` (one text encoder), or a vector per
+    encoder under the family's keys (SDXL's ``clip_l``/``clip_g``), each into its encoder; returns its token,
+    the one its metadata names, else its key (diffusers'), else its file name (as A1111 and ComfyUI call it)."""
+    c, family = run.components, run.family
+    if not family.EMBEDDINGS:
+        raise ConfigError(f"{file}: no textual inversion for model={family.NAME} ({family.EMBEDDING_REFUSAL})")
+    if len(family.EMBEDDINGS) == 1:
+        parts = {next(iter(family.EMBEDDINGS)): tensors}  # the file whole, in any one-encoder layout
+    else:
+        parts = {e: {key: tensors[key]} for e, key in family.EMBEDDINGS.items() if key in tensors}
+        if not parts:
+            raise ConfigError(
+                f"{file}: holds {', '.join(tensors)}; an embedding for model={family.NAME} has a vector per text "
+                f"encoder under {' and '.join(family.EMBEDDINGS.values())}"
+            )
+    names = list(tensors)
+    token = meta.get("token") or (names[0] if len(names) == 1 and names[0] != "emb_params" else file.stem)
+    for encoder, part in parts.items():
+        text_encoder, tokenizer = c.text_encoders[encoder], c.tokenizer_of(encoder)
+        reading.check_embedding(file, part, [text_encoder.get_input_embeddings().weight.shape[1]])
+        if token in tokenizer.get_vocab():
+            raise ConfigError(f"{file}: its token {token} is in the vocabulary already (another adapter's?)")
+        vectors = file if len(family.EMBEDDINGS) == 1 else next(iter(part.values()))
+        with _named_failures(file, "an embedding"):
+            run.pipe.load_textual_inversion(vectors, token=token, text_encoder=text_encoder, tokenizer=tokenizer)
+    return token
 
 
 @contextlib.contextmanager

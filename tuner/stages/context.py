@@ -234,7 +234,11 @@ class Run:
     def load_refiner(self):
         """``sample.refiner``'s pipeline on this process's device, or None."""
         path = self.cfg.sample.refiner
-        return self.family.refiner_pipeline(Path(path).expanduser(), self.accelerator.device) if path else None
+        return (
+            self.family.refiner_pipeline(Path(path).expanduser(), self.accelerator.device, self.components)
+            if path
+            else None
+        )
 
 
 def cache_key(*parts: str) -> str:

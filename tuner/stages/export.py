@@ -26,16 +26,18 @@ from tuner.stages.adapters import load_adapter
 from tuner.stages.context import Adapted, Exported, Run, stage
 
 
-def _live_tokens(run: Run, tokens: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Each new token's vectors (``<sks>`` plus diffusers' ``<sks>_1``, ... for more vectors), fp32 on the CPU."""
+def _live_tokens(run: Run, tokens: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
+    """Each new token's vectors in each text encoder that has it (the family's ``EMBEDDINGS``): ``<sks>`` plus
+    diffusers' ``<sks>_1``, ... for more vectors, fp32 on the CPU."""
     c = run.components
-    rows = run.accelerator.unwrap_model(c.text_encoder).get_input_embeddings().weight
-    vocab = c.tokenizer.get_vocab()
-    out = {}
-    for token in tokens:
-        extra = itertools.takewhile(lambda name: name in vocab, (f"{token}_{i}" for i in itertools.count(1)))
-        ids = [vocab[token]] + [vocab[name] for name in extra]
-        out[token] = rows[ids].detach().float().cpu().clone()
+    out = {token: {} for token in tokens}
+    for name in (name for name in run.family.EMBEDDINGS if tokens):
+        rows = run.accelerator.unwrap_model(c.text_encoders[name]).get_input_embeddings().weight
+        vocab = c.tokenizer_of(name).get_vocab()
+        for token in (token for token in tokens if token in vocab):
+            extra = itertools.takewhile(vocab.__contains__, (f"{token}_{i}" for i in itertools.count(1)))
+            ids = [vocab[token]] + [vocab[n] for n in extra]
+            out[token][name] = rows[ids].detach().float().cpu().clone()
     return out
 
 

@@ -48,7 +48,7 @@ def generate(run: Run) -> None:
     user = gen.user_callback(g.callback) if g.callback else None
     refiner = None
     if g.refiner:  # its scheduler is the base's sampler, from its own config
-        refiner = run.family.refiner_pipeline(Path(g.refiner).expanduser(), run.accelerator.device)
+        refiner = run.family.refiner_pipeline(Path(g.refiner).expanduser(), run.accelerator.device, run.components)
     bar = tqdm(total=len(jobs), desc="generate")
     for batch in gen.batches(jobs, g.batch_size):
         first = batch[0][1]

@@ -31,8 +31,8 @@ class Trainables:
     text_encoder_trains: bool = False
     # weights of the base itself train (partial_unet, full, text_encoder.train=full): it ships as a pipeline
     base_weights_train: bool = False
-    # the added embedding rows (textual inversion), by token
-    new_tokens: dict[str, int] = field(default_factory=dict)
+    # the added embedding rows (textual inversion): text encoder -> {token: row}
+    new_tokens: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -95,14 +95,16 @@ def _unfreeze_blocks(unet: torch.nn.Module, blocks, learning_rate: float, family
 def add_tokens(tokenizer, text_encoder, emb: DictConfig) -> dict[str, int]:
     """Add ``embedding.tokens`` (with ``_1``, ``_2``... for extra vectors) and initialise their rows.
 
-    A token starts from the mean embedding of its init word's tokens, or of the whole vocabulary.
+    A token starts from the mean embedding of its init word's tokens, or of the whole vocabulary. A matrix
+    with spare rows past the tokenizer's vocabulary (T5's) keeps its size: the new tokens take spare rows.
     """
     names = [f"{t}_{i}" if i else t for t in emb.tokens for i in range(emb.vectors)]
     clash = [n for n in names if n in tokenizer.get_vocab()]
     if clash or tokenizer.add_tokens(names) != len(names):
         raise ConfigError(f"embedding.tokens: {clash or names} already in the tokenizer; pick a new word like <sks>")
     ids = tokenizer.convert_tokens_to_ids(names)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    rows = text_encoder.get_input_embeddings().weight.shape[0]
+    text_encoder.resize_token_embeddings(max(len(tokenizer), rows))
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
         vocabulary_mean = weight[: min(ids)].mean(0)
@@ -149,17 +151,18 @@ def setup(cfg: DictConfig, c, family) -> Trainables:
         group = {"name": f"{name} {te.train}", "params": _trained(encoder), "lr": te.learning_rate or lr}
         out.groups.append(group)
 
-    if emb.tokens:
-        out.new_tokens = add_tokens(c.tokenizer, c.text_encoder, emb)
-        weight = c.text_encoder.get_input_embeddings().weight
+    for name in family.EMBEDDINGS if emb.tokens else ():  # each new token: a vector in each of these encoders
+        encoder = c.text_encoders[name]
+        out.new_tokens[name] = add_tokens(c.tokenizer_of(name), encoder, emb)
+        weight = encoder.get_input_embeddings().weight
         if not weight.requires_grad:  # a fully trained text encoder already trains every row
             keep = torch.zeros(len(weight), 1, dtype=weight.dtype, device=weight.device)
-            keep[list(out.new_tokens.values())] = 1
+            keep[list(out.new_tokens[name].values())] = 1
             weight.requires_grad_(True)
-            weight.register_hook(lambda grad: grad * keep)  # only the new rows get a gradient
+            weight.register_hook(lambda grad, keep=keep: grad * keep)  # only the new rows get a gradient
             # no weight decay: with a zero gradient AdamW then leaves every other row exactly as it was
-            group = {"name": "embeddings", "params": [weight], "lr": emb.learning_rate or lr, "weight_decay": 0.0}
-            out.groups.append(group)
+            group = {"name": f"{name} embeddings", "params": [weight], "lr": emb.learning_rate or lr}
+            out.groups.append({**group, "weight_decay": 0.0})
     out.text_encoder_trains = te.train != "none" or bool(emb.tokens)
     out.base_weights_train = a.type in ("partial_unet", "full") or te.train == "full"
     return out
