@@ -47,6 +47,9 @@ RUNS = {
     "loha": ["adapter=loha", "export.formats=[kohya,peft]"],
     "lokr": ["adapter=lokr", "export.formats=[kohya,peft]"],
 }
+# a textual inversion run: a token of two vectors (in each text encoder), its kohya/A1111 embedding file
+TI = ["adapter=none", "embedding.tokens=['<sks>']", "embedding.vectors=2", "export.formats=[kohya]"]
+TI_PROMPT, TI_AT = "a photo of <sks> ball", 5  # where the checks put the token's vectors among the fixed ids
 # the clients run the U-Net and CLIP in their own code (their attention, their layer norms): round-off only
 ATOL = 2e-5  # measured: at most 2.7e-6 (ComfyUI 0.8, InvokeAI 6.14)
 ONE_CLIP = (("text_encoder", "CLIPTextModel", "lora_te_"),)
@@ -65,6 +68,16 @@ class Client:
     missing: str
     # each text encoder's folder, its transformers class, and the prefix of its keys in kohya's files
     text_encoders: tuple[tuple[str, str, str], ...] = ONE_CLIP
+    embedding_keys: tuple[str, ...] = ("emb_params",)  # each text encoder's vectors in an embedding file
+
+    @property
+    def comfyui_tokenizer(self) -> str:
+        """ComfyUI's tokenizer class for the family (the one that reads embeddings from a folder)."""
+        return {
+            "l": "sd1_clip.SD1Tokenizer",
+            "h": "text_encoders.sd2_clip.SD2Tokenizer",
+            "g": "sdxl_clip.SDXLTokenizer",
+        }[self.clip]
 
 
 # CLIP's image-text head, which no conditioning reads: SD1.5 checkpoints never carry it, nor tuner's SD2 files
@@ -79,7 +92,7 @@ FAMILIES = {
     "sd2": Client("SD20", "h", "sd-2", ("lora",), rf"clip_h\.({HEAD}|{LAST})"),
     # ComfyUI tells SDXL by its full transformer depth ([0, 0, 2, 2, 10, 10] blocks, a 2.6 B-parameter U-Net) and
     # builds its 32-layer bigG from its own config: too large for this tier, so SDXL is checked in InvokeAI
-    "sdxl": Client(None, "g", "sdxl", ("lora",), "", SDXL_CLIPS),
+    "sdxl": Client(None, "g", "sdxl", ("lora",), "", SDXL_CLIPS, ("clip_l", "clip_g")),
 }  # fmt: skip
 
 
@@ -97,13 +110,13 @@ def family(request, tmp_path_factory):
     name, client = request.param, FAMILIES[request.param]
     root = tmp_path_factory.mktemp(f"clients-{name}")
     base, photos = build(name, root / "base"), make_photos(root / "photos")
-    for run in client.runs:
+    for run in (*client.runs, "ti"):
         done = run_tuner(
             "recipe=lora",
             f"model={name}",
             f"model.path={base}",
             f"data.instance_dir={photos}",
-            "data.instance_prompt=a photo of sks ball",
+            f"data.instance_prompt='{TI_PROMPT if run == 'ti' else 'a photo of sks ball'}'",
             "data.resolution=64",
             "train.max_steps=2",
             "train.batch_size=1",
@@ -112,7 +125,7 @@ def family(request, tmp_path_factory):
             "log.tensorboard=false",
             "stages=[base,prepare,train,export]",
             f"output_dir={root / run}",
-            *RUNS[run],
+            *(TI if run == "ti" else RUNS[run]),
             home=root / "home",
             cwd=root,
         )
@@ -147,8 +160,28 @@ def family(request, tmp_path_factory):
         for folder in modules:  # peft's own way back to the unadapted modules
             if adapted[folder] is not modules[folder]:
                 modules[folder] = adapted[folder].unload()
+    embedding = load_file(root / "ti" / "kohya" / "embeddings" / "sks.safetensors")
+    expected["ti"] = {
+        folder: with_vectors(modules[folder], embedding[key], x["ids"])
+        for (folder, _, _), key in zip(client.text_encoders, client.embedding_keys)
+    }
     yield name, client, root, expected
     shutil.rmtree(root, ignore_errors=True)  # gigabytes of real-width weights, each family's in turn
+
+
+def with_vectors(encoder, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The encoder's last hidden states for ``ids`` with a new token's vectors at ``TI_AT`` (as rows appended to its
+    embedding matrix), computed with transformers alone: what a client must compute with the embedding file."""
+    import copy
+
+    encoder = copy.deepcopy(encoder)
+    rows = encoder.get_input_embeddings().weight.shape[0]
+    encoder.resize_token_embeddings(rows + len(vectors))
+    with torch.no_grad():
+        encoder.get_input_embeddings().weight[rows:] = vectors
+        ids = ids.clone()
+        ids[0, TI_AT : TI_AT + len(vectors)] = torch.arange(rows, rows + len(vectors))
+        return encoder(input_ids=ids).last_hidden_state
 
 
 def run_client(python: str | None, script: str, spec: dict, out: Path, needs: str) -> tuple[dict, dict]:
@@ -234,6 +267,38 @@ def test_invokeai_identifies_and_applies_every_kohya_file_and_reads_the_merged_f
     # the merged folder's text encoders, read by InvokeAI's pinned transformers: every weight from the file
     for folder, _, _ in client.text_encoders:
         assert_same(computed[f"merged.{folder}"], expected["lora"][folder], f"merged {folder}")
+
+
+def test_invokeai_reads_the_embedding_file_into_each_text_encoder(family):
+    """The textual inversion run's A1111 file (SDXL: clip_l and clip_g), probed and applied by InvokeAI."""
+    name, client, root, expected = family
+    spec = {"base": str(root / "base"), "loras": {}, "inputs": str(root / "inputs.safetensors")}
+    spec["text_encoders"] = {folder: [cls, prefix] for folder, cls, prefix in client.text_encoders}
+    spec["embedding"] = {"file": str(root / "ti" / "kohya" / "embeddings" / "sks.safetensors"), "at": TI_AT}
+    computed, report = run_client(INVOKEAI_PYTHON, "invokeai_check.py", spec, root / "ti-i.st", INVOKEAI_NEEDS)
+    assert report["embedding"]["probe"] == {"type": "embedding", "base": client.invokeai}
+    for folder, _, _ in client.text_encoders:
+        assert report["embedding"]["vectors"][folder] == 2, folder  # the token and its one pad token
+        assert_same(computed[f"ti.{folder}"], expected["ti"][folder], f"embedding in {folder}")
+        assert (expected["ti"][folder] - expected["base"][folder]).abs().max() > 100 * ATOL
+
+
+def test_comfyui_reads_the_embedding_file_for_each_of_its_clips(family):
+    """``embedding:sks`` in a prompt: ComfyUI's tokenizer takes each CLIP's vectors from tuner's file (SDXL's
+    clip_l for its L, clip_g for its G) and, where the family's model loads here, its CLIP reads them."""
+    name, client, root, expected = family
+    file = root / "ti" / "kohya" / "embeddings" / "sks.safetensors"
+    spec = {"comfyui": COMFYUI, "clip": client.clip, "loras": {}, "inputs": str(root / "inputs.safetensors")}
+    spec["checkpoint"] = str(root / "base.safetensors") if client.comfyui else None
+    spec["embedding"] = {"folder": str(file.parent), "name": "sks", "tokenizer": client.comfyui_tokenizer, "at": TI_AT}
+    computed, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "ti-c.st", COMFYUI_NEEDS)
+    state = load_file(file)
+    clips = dict(zip(client.embedding_keys, ("l", "g") if len(client.embedding_keys) > 1 else (client.clip,)))
+    assert report["embedding"]["clips"] == sorted(clips.values())
+    for key, clip in clips.items():
+        torch.testing.assert_close(computed[f"embedding.{clip}"], state[key].float(), rtol=0, atol=0)
+    if client.comfyui:
+        assert_same(computed["ti.text"], expected["ti"]["text_encoder"], "the embedding through ComfyUI's CLIP")
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,16 @@ def test_a_section_written_as_a_value_names_its_keys(capsys):
     assert "Traceback" not in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("value", ["a photo of <sks> dog", "a [photo"])
+def test_a_value_hydra_cannot_parse_is_shown_quoted(capsys, value):
+    """A token like <sks> must be quoted for Hydra: the message shows the override that works."""
+    assert main(["recipe=lora", "train.max_steps=3", f"data.instance_prompt={value}", "print_config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"quote it, data.instance_prompt='{value}'" in err and len(err.splitlines()) == 1
+    assert main(["recipe=lora", f"data.instance_prompt='{value}'", "print_config"]) == 0  # as it says
+    assert f"instance_prompt: {value}" in capsys.readouterr().out
+
+
 def test_unknown_recipe(capsys):
     assert main(["recipe=nope"]) == 2
     assert "quickstart" in capsys.readouterr().err

@@ -147,9 +147,30 @@ def _known_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
+def _unparsable(overrides: list[str]) -> str | None:
+    """The first ``key=value`` override Hydra's grammar cannot parse, if any."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_override(override)
+        except HydraException:
+            return override if "=" in override else None
+    return None
+
+
 def explain(error: Exception, recipe: str, overrides: list[str] = ()) -> str:
     """A Hydra or OmegaConf error as one readable message naming the key, with a suggestion where one fits."""
     text = str(error)
+    unparsed = _unparsable(overrides)
+    if unparsed:  # a value with characters Hydra's override grammar reserves (<, >, brackets, ...) unquoted
+        key, value = unparsed.split("=", 1)
+        return (
+            f"{unparsed}: Hydra cannot read this value as written; quote it, {key}='{value}' "
+            f"(in a shell, quote the whole argument too: \"{key}='{value}'\")"
+        )
     match = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
     keys = None
     if match:

@@ -2,14 +2,18 @@
 LoRA files with ComfyUI's own loading code and write what its patched models compute.
 
     python comfyui_check.py SPEC.json OUT.safetensors
-    (SPEC: comfyui, checkpoint, clip (ComfyUI's key for the family's tokens; null: the file is a diffusion
-    model alone), inputs (latents, timestep, context, and y, the pooled conditioning, where the family has it),
-    loras {name: file})
+    (SPEC: comfyui, checkpoint (null: no model, the embedding's tokens only), clip (ComfyUI's key for the
+    family's tokens; null: the file is a diffusion model alone), inputs (latents, timestep, context, and y, the
+    pooled conditioning, where the family has it), loras {name: file}, and optionally embedding {folder, name,
+    tokenizer (ComfyUI's tokenizer class of the family, under comfy.), at})
 
 OUT holds, for the base and each LoRA, the denoiser's output on the fixed inputs and the text encoder's
-last hidden states; OUT.json the family ComfyUI detected and every log line about a key it did not load.
+last hidden states; for an embedding, the vectors ComfyUI's tokenizer read from it for each of its CLIPs
+("embedding.<key>") and the text encoder's states with them in place of the fixed ids from ``at`` on
+("ti.text"); OUT.json the family ComfyUI detected and every log line about a key it did not load.
 """
 
+import importlib
 import json
 import logging
 import sys
@@ -47,11 +51,17 @@ logging.getLogger().addHandler(collect)
 logging.getLogger().setLevel(logging.DEBUG)
 
 inputs = load_file(spec["inputs"])
-if spec.get("clip"):  # a checkpoint: denoiser, text encoders (and VAE, not read here)
-    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(spec["checkpoint"], output_vae=False, output_clip=True)
-else:  # a diffusion model's file alone (Flux, SD3): ComfyUI's Load Diffusion Model
-    model, clip = comfy.sd.load_diffusion_model(spec["checkpoint"]), None
-report = {"family": type(model.model.model_config).__name__, "checkpoint": collect.lines, "loras": {}}
+embedding = spec.get("embedding")
+folder = embedding["folder"] if embedding else None
+model = clip = None
+if spec.get("checkpoint") and spec.get("clip"):  # a checkpoint: denoiser, text encoders (and VAE, not read here)
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        spec["checkpoint"], output_vae=False, output_clip=True, embedding_directory=folder
+    )
+elif spec.get("checkpoint"):  # a diffusion model's file alone (Flux, SD3): ComfyUI's Load Diffusion Model
+    model = comfy.sd.load_diffusion_model(spec["checkpoint"])
+family = type(model.model.model_config).__name__ if model is not None else None
+report = {"family": family, "checkpoint": collect.lines, "loras": {}}
 collect.lines = []
 
 
@@ -68,7 +78,27 @@ def outputs(model, clip, tag):
     return {k: v.float() for k, v in out.items()}
 
 
-out = outputs(model, clip, "base")
+out = outputs(model, clip, "base") if model is not None else {}
+if embedding:  # "embedding:<name>" in a prompt, as ComfyUI's CLIP Text Encode node reads it
+    if clip is not None:
+        tokenizer = clip.tokenizer
+    else:
+        module, cls = embedding["tokenizer"].rsplit(".", 1)
+        tokenizer = getattr(importlib.import_module(f"comfy.{module}"), cls)(embedding_directory=folder)
+    tokens = tokenizer.tokenize_with_weights(f"embedding:{embedding['name']}")
+    report["embedding"] = {"lines": collect.lines, "clips": sorted(tokens)}
+    collect.lines = []
+    vectors = {}
+    for key, batches in tokens.items():
+        found = [t[0] for t in batches[0] if isinstance(t[0], torch.Tensor)]
+        if found:
+            vectors[key] = torch.stack([v.reshape(-1) for v in found])
+            out[f"embedding.{key}"] = vectors[key]
+    if clip is not None:  # the fixed ids with the vectors in place from ``at`` on, through ComfyUI's CLIP
+        at, rows = embedding["at"], vectors[spec["clip"]]
+        ids = [(int(i), 1.0) for i in inputs["ids"][0]]
+        ids[at : at + len(rows)] = [(row, 1.0) for row in rows]
+        out["ti.text"] = clip.encode_from_tokens({spec["clip"]: [ids]}).float()
 for name, path in spec["loras"].items():
     lora = comfy.utils.load_torch_file(path)
     patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)

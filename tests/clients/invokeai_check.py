@@ -3,11 +3,15 @@ InvokeAI's own model probe, patch the base's denoiser and text encoders with its
 they compute; read a merged pipeline folder's text encoders with InvokeAI's pinned transformers.
 
     python invokeai_check.py SPEC.json OUT.safetensors
-    (SPEC: base, merged, inputs, loras {name: file}, text_encoders {folder: [class, LoRA key prefix]})
+    (SPEC: base, merged, inputs, loras {name: file}, text_encoders {folder: [class, LoRA key prefix]}, and
+    optionally embedding {file, at})
 
 The patching is what InvokeAI's denoise and prompt nodes do: LoRA layers from the file
 (``lora_model_from_sd_state_dict``, SDXL keys converted first), applied with ``LayerPatcher`` under the
-prefix each model takes, on models given InvokeAI's custom layers as its model cache gives them.
+prefix each model takes, on models given InvokeAI's custom layers as its model cache gives them. An embedding
+is read by ``TextualInversionModelRaw`` and put into each text encoder and its tokenizer by
+``ModelPatcher.apply_ti``, as its prompt node does; its trigger's ids (with the pad tokens InvokeAI expands it
+to) replace the fixed ids from ``at`` on.
 """
 
 import contextlib
@@ -22,9 +26,11 @@ from invokeai.backend.model_manager.configs.factory import ModelConfigFactory
 from invokeai.backend.model_manager.load.model_cache.torch_module_autocast.torch_module_autocast import (
     apply_custom_layers_to_model,
 )
+from invokeai.backend.model_patcher import ModelPatcher
 from invokeai.backend.patches.layer_patcher import LayerPatcher
 from invokeai.backend.patches.lora_conversions.sd_lora_conversion_utils import lora_model_from_sd_state_dict
 from invokeai.backend.patches.lora_conversions.sdxl_lora_conversion_utils import convert_sdxl_keys_to_diffusers_format
+from invokeai.backend.textual_inversion import TextualInversionModelRaw
 from safetensors.torch import load_file, save_file
 
 spec, out_path = json.load(open(sys.argv[1])), sys.argv[2]
@@ -89,6 +95,25 @@ for name, path in spec["loras"].items():
         "not_loaded": [k for k in lora.layers if not k.startswith(tuple(prefixes))] + collect.lines,
     }
     collect.lines = []
+
+if spec.get("embedding"):
+    path, at = spec["embedding"]["file"], spec["embedding"]["at"]
+    config = ModelConfigFactory.from_model_on_disk(path).config
+    probe = {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
+    ti, rows = TextualInversionModelRaw.from_checkpoint(path), {}
+    for name, text in texts.items():
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(
+            spec["base"], subfolder=name.replace("text_encoder", "tokenizer")
+        )
+        with ModelPatcher.apply_ti(tokenizer, text, [("sks", ti)]) as (ti_tokenizer, manager):
+            first = ti_tokenizer.convert_tokens_to_ids("<sks>")
+            trigger = [first, *manager.pad_tokens.get(first, [])]
+            ids = inputs["ids"].clone()
+            ids[0, at : at + len(trigger)] = torch.tensor(trigger)
+            with torch.no_grad():
+                out[f"ti.{name}"] = text(ids).last_hidden_state
+        rows[name] = len(trigger)
+    report["embedding"] = {"probe": probe, "vectors": rows}
 
 if spec.get("merged"):
     with torch.no_grad():
