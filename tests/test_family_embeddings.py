@@ -65,7 +65,7 @@ def generate(tmp_path, folder, name, adapter, *overrides):
     return np.asarray(Image.open(images / entry["file"]).convert("RGB")) / 255.0
 
 
-@pytest.mark.parametrize("name", ["sdxl", "flux"])
+@pytest.mark.parametrize("name", ["sdxl", pytest.param("flux", marks=pytest.mark.e2e)])  # Flux: -m e2e
 def test_pivotal_tuning_trains_a_vector_per_text_encoder_and_every_file_reloads_to_the_trained_image(
     tmp_path, tiny, name, monkeypatch
 ):
