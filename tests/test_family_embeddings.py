@@ -119,6 +119,7 @@ def test_sd3_refuses_new_tokens_before_loading_saying_why(tmp_path, tiny):
         validate(cfg)
 
 
+@pytest.mark.e2e  # a refiner's runs: -m e2e keeps the default tier under 3 minutes
 def test_an_sdxl_embedding_conditions_the_refiner_too(tmp_path, tiny):
     """Textual inversion alone (adapter=none), generated with generate.refiner: the refiner's CLIP-G (the base's)
     reads the token with its clip_g vectors, as diffusers draws it with the file's clip_g loaded into both."""
@@ -167,3 +168,51 @@ def test_an_sdxl_embedding_conditions_the_refiner_too(tmp_path, tiny):
     unaware.scheduler = second.scheduler
     unaware.set_progress_bar_config(disable=True)
     assert np.abs(drawn(unaware) - expected).max() > 2e-3
+
+
+@pytest.mark.e2e  # a refiner's runs: -m e2e keeps the default tier under 3 minutes
+def test_the_gallerys_base_row_with_a_refiner_reads_the_prompt_without_the_new_token(tmp_path, tiny):
+    """sample.refiner after textual inversion: the fine-tuned row's refiner reads the token (its CLIP-G gets the
+    clip_g vectors), the base row's does not, each as diffusers draws base + refiner with and without the file."""
+    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    from tests.helpers import gallery_cell
+    from tuner.models.tiny import make_tiny_sdxl_refiner
+
+    base = tiny("sdxl")
+    refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
+    run = train_in_process(
+        tmp_path, base, "model=sdxl", "adapter=none", "embedding.tokens=['<sks>']", "embedding.learning_rate=0.5",
+        f"data.instance_prompt='{PROMPT}'", "export.formats=[kohya]", f"sample.refiner={refiner}",
+        "sample.refiner_start=0.4", "sample.seeds=[0]", "sample.steps=5", f"sample.prompts=['{PROMPT}']",
+        stages="[base,prepare,train,export,gallery]",
+    )  # fmt: skip
+    state = load_file(run.dir / "kohya" / "embeddings" / "sks.safetensors")
+
+    def pipes(with_token: bool):
+        first = StableDiffusionXLPipeline.from_pretrained(base)
+        second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
+        for pipe in (first, second):
+            if with_token:
+                for encoder, key in (("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")):
+                    if getattr(pipe, encoder) is not None:
+                        tokenizer = getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
+                        pipe.load_textual_inversion(
+                            state[key], token="<sks>", text_encoder=getattr(pipe, encoder), tokenizer=tokenizer
+                        )
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
+        return first, second
+
+    def drawn(first, second):
+        settings = dict(num_inference_steps=5, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+        latents = first(PROMPT, height=16, width=16, denoising_end=0.4, output_type="latent", **settings).images
+        settings["generator"] = torch.Generator().manual_seed(0)
+        return second(PROMPT, image=latents, denoising_start=0.4, output_type="np", **settings).images[0]
+
+    (plain, plain_refiner), (aware, aware_refiner) = pipes(False), pipes(True)
+    cells = run.dir / "gallery" / "cells"
+    base_row = drawn(plain, plain_refiner)
+    assert np.abs(gallery_cell(cells / "row0_seed0.png") - base_row).max() <= 2 / 255 + 1e-6
+    assert np.abs(gallery_cell(cells / "row1_seed0.png") - drawn(aware, aware_refiner)).max() <= 2 / 255 + 1e-6
+    assert np.abs(drawn(plain, aware_refiner) - base_row).max() > 0.02  # a refiner that knew the token would show

@@ -231,13 +231,14 @@ class Run:
                 images.append(refine(pipe, refiner, chunk, self.cfg.sample.refiner_start, self.family.decode))
         return torch.cat(images)
 
-    def load_refiner(self):
-        """``sample.refiner``'s pipeline on this process's device, or None."""
+    def load_refiner(self, components=None):
+        """``sample.refiner``'s pipeline on this process's device, or None. Its CLIP-G is the base's: it gets the
+        new tokens of ``components`` (the run's own when None)."""
         path = self.cfg.sample.refiner
-        return (
-            self.family.refiner_pipeline(Path(path).expanduser(), self.accelerator.device, self.components)
-            if path
-            else None
+        if not path:
+            return None
+        return self.family.refiner_pipeline(
+            Path(path).expanduser(), self.accelerator.device, components or self.components
         )
 
 

@@ -31,7 +31,7 @@ def _live_tokens(run: Run, tokens: tuple[str, ...]) -> dict[str, dict[str, torch
     diffusers' ``<sks>_1``, ... for more vectors, fp32 on the CPU."""
     c = run.components
     out = {token: {} for token in tokens}
-    for name in (name for name in run.family.EMBEDDINGS if tokens):
+    for name in run.family.EMBEDDINGS:
         rows = run.accelerator.unwrap_model(c.text_encoders[name]).get_input_embeddings().weight
         vocab = c.tokenizer_of(name).get_vocab()
         for token in (token for token in tokens if token in vocab):

@@ -11,12 +11,13 @@ from tuner.generation import check_refiner
 from tuner.stages.context import Run, stage
 
 
-def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc, refiner=None):
+def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
     """Sample the same prompts and seeds from the base and from the fine-tuned model (each followed by
-    ``refiner``, an SDXL refiner pipeline, when given).
+    ``sample.refiner``, an SDXL refiner, when set).
 
     With only peft adapters trained, the base is the same model with its adapters switched off; when
-    base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed.
+    base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed (with a
+    refiner of its own: a refiner reads the prompt with the base's CLIP-G, new tokens and all).
     """
     c = run.components
     adapted = [m for m in c.trainable().values() if getattr(m, "peft_config", None)]
@@ -27,9 +28,10 @@ def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc, re
         base = run.family.load(run.base, run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
         base_pipe = run.family.pipeline(base)
         base_pipe.to(run.accelerator.device)
-        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", base_pipe, refiner)
+        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", base_pipe, run.load_refiner(base))
         del base_pipe
-    else:
+    refiner = run.load_refiner()
+    if not changed:
         for module in adapted:
             module.disable_adapters()
         base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", refiner=refiner)
@@ -54,7 +56,7 @@ def gallery(run: Run) -> None:
     prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     every_prompt = [prompt for prompt in prompts for _ in seeds]
     base_images, tuned_images = with_and_without_adapter(
-        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery", run.load_refiner()
+        run, every_prompt, seeds * len(prompts), s.steps, s.guidance_scale, "gallery"
     )
     rows, refined = [], " + refiner" if s.refiner else ""
     for k, prompt in enumerate(prompts):

@@ -161,8 +161,8 @@ def setup(cfg: DictConfig, c, family) -> Trainables:
             weight.requires_grad_(True)
             weight.register_hook(lambda grad, keep=keep: grad * keep)  # only the new rows get a gradient
             # no weight decay: with a zero gradient AdamW then leaves every other row exactly as it was
-            group = {"name": f"{name} embeddings", "params": [weight], "lr": emb.learning_rate or lr}
-            out.groups.append({**group, "weight_decay": 0.0})
+            lr_rows = emb.learning_rate or lr
+            out.groups.append({"name": f"{name} embeddings", "params": [weight], "lr": lr_rows, "weight_decay": 0.0})
     out.text_encoder_trains = te.train != "none" or bool(emb.tokens)
     out.base_weights_train = a.type in ("partial_unet", "full") or te.train == "full"
     return out
