@@ -59,8 +59,9 @@ ONE_CLIP = (("text_encoder", "CLIPTextModel", "lora_te_"),)
 class Client:
     """What each client calls the family, and what its single-file loader may find missing."""
 
-    comfyui: str | None  # ComfyUI's detected model class (None: not checked there, see FAMILIES)
-    clip: str  # ComfyUI's key for the family's tokens
+    comfyui: str  # ComfyUI's model class for the family (the one detected, or a parent of it)
+    clips: tuple[str, ...]  # ComfyUI's key for each text encoder's tokens
+    comfyui_tokenizer: str  # ComfyUI's tokenizer class of the family (the one that reads embeddings), under comfy.
     invokeai: str  # InvokeAI's base model type
     runs: tuple[str, ...]  # the methods checked (LoHa and LoKr names do not depend on the family)
     # a regex of the keys ComfyUI may find missing in a single file: CLIP's head, and SD2's last text layer,
@@ -69,15 +70,14 @@ class Client:
     # each text encoder's folder, its transformers class, and the prefix of its keys in kohya's files
     text_encoders: tuple[tuple[str, str, str], ...] = ONE_CLIP
     embedding_keys: tuple[str, ...] = ("emb_params",)  # each text encoder's vectors in an embedding file
+    # the states ComfyUI's conditioning takes from each text encoder, side by side: the last layer's, or (SDXL)
+    # the penultimate layer's before the final layer norm, as diffusers' SDXL pipeline takes them
+    penultimate: bool = False
 
-    @property
-    def comfyui_tokenizer(self) -> str:
-        """ComfyUI's tokenizer class for the family (the one that reads embeddings from a folder)."""
-        return {
-            "l": "sd1_clip.SD1Tokenizer",
-            "h": "text_encoders.sd2_clip.SD2Tokenizer",
-            "g": "sdxl_clip.SDXLTokenizer",
-        }[self.clip]
+    def comfyui_text(self, outputs: dict) -> torch.Tensor:
+        """What ComfyUI's text conditioning must equal, from one run's transformers/peft outputs."""
+        layer = ".penultimate" if self.penultimate else ""
+        return torch.cat([outputs[f"{folder}{layer}"] for folder, _, _ in self.text_encoders], dim=-1)
 
 
 # CLIP's image-text head, which no conditioning reads: SD1.5 checkpoints never carry it, nor tuner's SD2 files
@@ -87,12 +87,15 @@ SDXL_CLIPS = (
     ("text_encoder", "CLIPTextModel", "lora_te1_"),
     ("text_encoder_2", "CLIPTextModelWithProjection", "lora_te2_"),
 )
+SD2_TOKENIZER = "text_encoders.sd2_clip.SD2Tokenizer"
 FAMILIES = {
-    "sd15": Client("SD15", "l", "sd-1", ("lora", "loha", "lokr"), rf"clip_l\.{HEAD}"),
-    "sd2": Client("SD20", "h", "sd-2", ("lora",), rf"clip_h\.({HEAD}|{LAST})"),
-    # ComfyUI tells SDXL by its full transformer depth ([0, 0, 2, 2, 10, 10] blocks, a 2.6 B-parameter U-Net) and
-    # builds its 32-layer bigG from its own config: too large for this tier, so SDXL is checked in InvokeAI
-    "sdxl": Client(None, "g", "sdxl", ("lora",), "", SDXL_CLIPS, ("clip_l", "clip_g")),
+    "sd15": Client("SD15", ("l",), "sd1_clip.SD1Tokenizer", "sd-1", ("lora", "loha", "lokr"), rf"clip_l\.{HEAD}"),
+    "sd2": Client("SD20", ("h",), SD2_TOKENIZER, "sd-2", ("lora",), rf"clip_h\.({HEAD}|{LAST})"),
+    # the base has SDXL's widths at Segmind Vega's depth: ComfyUI detects its Segmind_Vega, a kind of its SDXL
+    "sdxl": Client(
+        "SDXL", ("l", "g"), "sdxl_clip.SDXLTokenizer", "sdxl", ("lora",), rf"clip_[lg]\.{HEAD}", SDXL_CLIPS,
+        ("clip_l", "clip_g"), penultimate=True,
+    ),
 }  # fmt: skip
 
 
@@ -147,7 +150,7 @@ def family(request, tmp_path_factory):
                 "denoiser": modules["unet"](x["latents"], x["timestep"], x["context"], added_cond_kwargs=added).sample
             }
             for folder, _, _ in client.text_encoders:
-                out[folder] = modules[folder](input_ids=x["ids"]).last_hidden_state
+                out |= text_states(folder, modules[folder](input_ids=x["ids"], output_hidden_states=True))
         return out
 
     expected = {"base": outputs(modules)}
@@ -161,16 +164,21 @@ def family(request, tmp_path_factory):
             if adapted[folder] is not modules[folder]:
                 modules[folder] = adapted[folder].unload()
     embedding = load_file(root / "ti" / "kohya" / "embeddings" / "sks.safetensors")
-    expected["ti"] = {
-        folder: with_vectors(modules[folder], embedding[key], x["ids"])
-        for (folder, _, _), key in zip(client.text_encoders, client.embedding_keys)
-    }
+    expected["ti"] = {}
+    for (folder, _, _), key in zip(client.text_encoders, client.embedding_keys):
+        expected["ti"] |= text_states(folder, with_vectors(modules[folder], embedding[key], x["ids"]))
+    del modules, adapted, vae  # the real-width weights: the clients' processes need the memory
     yield name, client, root, expected
     shutil.rmtree(root, ignore_errors=True)  # gigabytes of real-width weights, each family's in turn
 
 
-def with_vectors(encoder, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The encoder's last hidden states for ``ids`` with a new token's vectors at ``TI_AT`` (as rows appended to its
+def text_states(folder: str, output) -> dict[str, torch.Tensor]:
+    """A text encoder's last hidden states, and its penultimate layer's (SDXL's conditioning)."""
+    return {folder: output.last_hidden_state, f"{folder}.penultimate": output.hidden_states[-2]}
+
+
+def with_vectors(encoder, vectors: torch.Tensor, ids: torch.Tensor):
+    """The encoder's output for ``ids`` with a new token's vectors at ``TI_AT`` (as rows appended to its
     embedding matrix), computed with transformers alone: what a client must compute with the embedding file."""
     import copy
 
@@ -181,7 +189,7 @@ def with_vectors(encoder, vectors: torch.Tensor, ids: torch.Tensor) -> torch.Ten
         encoder.get_input_embeddings().weight[rows:] = vectors
         ids = ids.clone()
         ids[0, TI_AT : TI_AT + len(vectors)] = torch.arange(rows, rows + len(vectors))
-        return encoder(input_ids=ids).last_hidden_state
+        return encoder(input_ids=ids, output_hidden_states=True)
 
 
 def run_client(python: str | None, script: str, spec: dict, out: Path, needs: str) -> tuple[dict, dict]:
@@ -215,9 +223,7 @@ def trained(run: str, client: Client) -> list[str]:
 
 def run_comfyui(family, checkpoint: str, loras: dict, out: str):
     name, client, root, _ = family
-    if client.comfyui is None:
-        pytest.skip(f"{name}: not checked in ComfyUI (see FAMILIES)")
-    spec = {"comfyui": COMFYUI, "checkpoint": checkpoint, "clip": client.clip, "loras": loras}
+    spec = {"comfyui": COMFYUI, "checkpoint": checkpoint, "clips": client.clips, "loras": loras}
     spec["inputs"] = str(root / "inputs.safetensors")
     return run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / out, COMFYUI_NEEDS)
 
@@ -225,27 +231,28 @@ def run_comfyui(family, checkpoint: str, loras: dict, out: str):
 def test_comfyui_loads_every_kohya_file_whole_and_computes_what_peft_does(family):
     name, client, root, expected = family
     computed, report = run_comfyui(family, str(root / "base.safetensors"), kohya_files(root, client.runs), "c.st")
-    assert report["family"] == client.comfyui
+    assert client.comfyui in report["lineage"], report["family"]
     for run in ("base", *client.runs):
         assert run == "base" or report["loras"][run]["not_loaded"] == [], run
-        for key in trained(run, client):  # ComfyUI's one CLIP's states are "<run>.text"
-            assert_same(computed[f"{run}.{'denoiser' if key == 'denoiser' else 'text'}"], expected[run][key], run)
+        assert_same(computed[f"{run}.denoiser"], expected[run]["denoiser"], f"{run} denoiser")
+        assert_same(computed[f"{run}.text"], client.comfyui_text(expected[run]), f"{run} text conditioning")
+        for key in trained(run, client) if run != "base" else ():  # the run moved what it trained, far
             moved = (expected[run][key] - expected["base"][key]).abs().max()
-            assert run == "base" or moved > 100 * ATOL, f"{run} {key}: the adapter moved the output only {moved}"
+            assert moved > 100 * ATOL, f"{run} {key}: the adapter moved the output only {moved}"
 
 
 def test_comfyui_reads_the_single_file_as_the_family_and_draws_the_trained_model(family):
     name, client, root, expected = family
     checkpoint = str(next((root / "lora" / "single_file").glob("*.safetensors")))
     computed, report = run_comfyui(family, checkpoint, {}, "single.st")
-    assert report["family"] == client.comfyui
+    assert client.comfyui in report["lineage"], report["family"]
     assert report["checkpoint"], "ComfyUI reported nothing: the check would see no missing key"
     for line in report["checkpoint"]:  # "clip missing: [...]": only keys no checkpoint of the family has
         assert line.startswith("clip missing: "), line
         for key in ast.literal_eval(line.removeprefix("clip missing: ")):
             assert re.fullmatch(client.missing, key), key
     assert_same(computed["base.denoiser"], expected["lora"]["denoiser"], "single file's denoiser")
-    assert_same(computed["base.text"], expected["lora"]["text_encoder"], "single file's text encoder")
+    assert_same(computed["base.text"], client.comfyui_text(expected["lora"]), "single file's text encoders")
 
 
 def test_invokeai_identifies_and_applies_every_kohya_file_and_reads_the_merged_folder(family):
@@ -285,20 +292,18 @@ def test_invokeai_reads_the_embedding_file_into_each_text_encoder(family):
 
 def test_comfyui_reads_the_embedding_file_for_each_of_its_clips(family):
     """``embedding:sks`` in a prompt: ComfyUI's tokenizer takes each CLIP's vectors from tuner's file (SDXL's
-    clip_l for its L, clip_g for its G) and, where the family's model loads here, its CLIP reads them."""
+    clip_l for its L, clip_g for its G) and its CLIPs read them."""
     name, client, root, expected = family
     file = root / "ti" / "kohya" / "embeddings" / "sks.safetensors"
-    spec = {"comfyui": COMFYUI, "clip": client.clip, "loras": {}, "inputs": str(root / "inputs.safetensors")}
-    spec["checkpoint"] = str(root / "base.safetensors") if client.comfyui else None
+    spec = {"comfyui": COMFYUI, "clips": client.clips, "loras": {}, "inputs": str(root / "inputs.safetensors")}
+    spec["checkpoint"] = str(root / "base.safetensors")
     spec["embedding"] = {"folder": str(file.parent), "name": "sks", "tokenizer": client.comfyui_tokenizer, "at": TI_AT}
     computed, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "ti-c.st", COMFYUI_NEEDS)
     state = load_file(file)
-    clips = dict(zip(client.embedding_keys, ("l", "g") if len(client.embedding_keys) > 1 else (client.clip,)))
-    assert report["embedding"]["clips"] == sorted(clips.values())
-    for key, clip in clips.items():
+    assert report["embedding"]["clips"] == sorted(client.clips)
+    for key, clip in zip(client.embedding_keys, client.clips):
         torch.testing.assert_close(computed[f"embedding.{clip}"], state[key].float(), rtol=0, atol=0)
-    if client.comfyui:
-        assert_same(computed["ti.text"], expected["ti"]["text_encoder"], "the embedding through ComfyUI's CLIP")
+    assert_same(computed["ti.text"], client.comfyui_text(expected["ti"]), "the embedding through ComfyUI's CLIPs")
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +348,7 @@ def sd3(tmp_path_factory):
 def test_comfyui_reads_sd3s_single_file_as_sd3_and_its_kohya_file_whole(sd3):
     """SD3's files are the transformer alone (ComfyUI's Load Diffusion Model), the LoRA on its original names."""
     root, expected = sd3
-    spec = {"comfyui": COMFYUI, "clip": None, "inputs": str(root / "inputs.safetensors")}
+    spec = {"comfyui": COMFYUI, "clips": None, "inputs": str(root / "inputs.safetensors")}
     spec["loras"] = {"lora": str(root / "run" / "kohya" / "run.safetensors")}
     spec["checkpoint"] = str(root / "base.safetensors")
     got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "base.st", COMFYUI_NEEDS)
@@ -356,3 +361,137 @@ def test_comfyui_reads_sd3s_single_file_as_sd3_and_its_kohya_file_whole(sd3):
     got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "single.st", COMFYUI_NEEDS)
     assert report["family"] == "SD3" and report["checkpoint"] == []
     assert_same(got["base.denoiser"], expected["lora"], "the trained single file")
+
+
+FLUX_CLIP_L = Path("base", "text_encoder", "model.safetensors")  # the file ComfyUI's Load CLIP reads (text_model.*)
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """Flux.1-dev at the width ComfyUI requires (3072), one block of each kind: a run training LoRA on the
+    transformer and CLIP-L, a textual inversion run (a vector in CLIP-L and one in the 4096-wide T5), the base's
+    transformer as a single file, and what diffusers + peft compute on fixed inputs."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    from tests.clients.bases import build_flux, flux_inputs
+    from tuner.export.tensors import write_safetensors
+    from tuner.models import get_family
+
+    if not any(python and Path(python).exists() for python in (COMFYUI_PYTHON, INVOKEAI_PYTHON)):
+        pytest.skip(f"{COMFYUI_NEEDS}; {INVOKEAI_NEEDS}")  # before training: no client would read the files
+    root = tmp_path_factory.mktemp("clients-flux")
+    base, photos = build_flux(root / "base"), make_photos(root / "photos")
+    runs = {
+        "lora": ["text_encoder.train=lora", "export.formats=[kohya,peft,single_file]"],
+        "ti": TI,
+    }
+    for run, extra in runs.items():
+        done = run_tuner(
+            "recipe=lora", "model=flux", f"model.path={base}", f"data.instance_dir={photos}",
+            f"data.instance_prompt='{TI_PROMPT if run == 'ti' else 'a photo of sks ball'}'", "data.resolution=32",
+            "train.max_steps=2", "train.learning_rate=1e-2", "validation.every=0", "log.tensorboard=false",
+            "stages=[base,prepare,train,export]", f"output_dir={root / run}", *extra, home=root / "home", cwd=root,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    x = flux_inputs()
+    save_file(x, root / "inputs.safetensors")
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer").eval()
+    clip = CLIPTextModel.from_pretrained(base / "text_encoder").eval()
+    write_safetensors(root / "base.safetensors", get_family("flux").single_file_state({"transformer": transformer}, {}))
+
+    def denoised(model):
+        """The transformer on the fixed inputs as diffusers' pipeline calls it: 2x2-packed latents, image ids
+        of each patch's row and column, zero text ids; unpacked again to compare with ComfyUI's output."""
+        b, c, h, w = x["latents"].shape
+        packed = x["latents"].view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+        with torch.no_grad():
+            out = model(
+                hidden_states=packed, timestep=x["timestep"], guidance=x["guidance"], pooled_projections=x["y"],
+                encoder_hidden_states=x["context"], txt_ids=torch.zeros(x["context"].shape[1], 3),
+                img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
+            ).sample  # fmt: skip
+        return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+    def text(model):
+        with torch.no_grad():
+            return model(input_ids=x["ids"]).last_hidden_state
+
+    expected = {"base": {"denoiser": denoised(transformer), "text": text(clip)}}
+    embedding = load_file(root / "ti" / "kohya" / "embeddings" / "sks.safetensors")
+    expected["ti"] = {"text": with_vectors(clip, embedding["clip_l"], x["ids"]).last_hidden_state}
+    expected["lora"] = {
+        "denoiser": denoised(PeftModel.from_pretrained(transformer, root / "lora" / "peft" / "transformer")),
+        "text": text(PeftModel.from_pretrained(clip, root / "lora" / "peft" / "text_encoder")),
+    }
+    del transformer, clip
+    yield root, expected
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_comfyui_reads_fluxs_single_file_as_flux_and_its_kohya_file_whole(flux):
+    """Flux's single file is the transformer alone (ComfyUI's Load Diffusion Model), its CLIP-L the base's own
+    file (Load CLIP); the kohya LoRA on BFL's names and CLIP-L's loads into both with no key left over."""
+    root, expected = flux
+    spec = {"comfyui": COMFYUI, "clips": ["l"], "inputs": str(root / "inputs.safetensors")}
+    spec |= {"checkpoint": str(root / "base.safetensors"), "clip_files": [str(root / FLUX_CLIP_L)]}
+    spec["loras"] = {"lora": str(root / "lora" / "kohya" / "lora.safetensors")}
+    got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "base.st", COMFYUI_NEEDS)
+    assert report["family"] == "Flux"  # dev: with the guidance embedding (FluxSchnell without)
+    # nothing missing but the head of the CLIP-L file, which diffusers' CLIPTextModel does not have
+    assert report["checkpoint"] == ["clip missing: ['text_projection.weight']"]
+    assert report["loras"]["lora"]["not_loaded"] == []
+    for run in ("base", "lora"):
+        assert_same(got[f"{run}.denoiser"], expected[run]["denoiser"], f"{run} transformer")
+        assert_same(got[f"{run}.text"], expected[run]["text"], f"{run} CLIP-L")
+    for key in ("denoiser", "text"):  # the adapter moves both outputs far past round-off
+        assert (expected["lora"][key] - expected["base"][key]).abs().max() > 100 * ATOL, key
+    spec |= {"checkpoint": str(root / "lora" / "single_file" / "lora.safetensors"), "loras": {}, "clip_files": []}
+    got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "single.st", COMFYUI_NEEDS)
+    assert report["family"] == "Flux" and report["checkpoint"] == []
+    assert_same(got["base.denoiser"], expected["lora"]["denoiser"], "the trained single file")
+
+
+def test_comfyui_reads_fluxs_embedding_file_for_clip_l_and_t5xxl(flux):
+    """``embedding:sks``: ComfyUI's Flux tokenizer takes CLIP-L's vectors and T5-XXL's (4096 wide) from tuner's
+    file, and its CLIP-L computes with them what transformers does."""
+    root, expected = flux
+    file = root / "ti" / "kohya" / "embeddings" / "sks.safetensors"
+    spec = {"comfyui": COMFYUI, "checkpoint": None, "clips": ["l"], "clip_files": [str(root / FLUX_CLIP_L)]}
+    spec |= {"loras": {}, "inputs": str(root / "inputs.safetensors")}
+    spec["embedding"] = {"folder": str(file.parent), "name": "sks", "at": TI_AT}
+    spec["embedding"]["tokenizer"] = "text_encoders.flux.FluxTokenizer"
+    got, report = run_client(COMFYUI_PYTHON, "comfyui_check.py", spec, root / "ti.st", COMFYUI_NEEDS)
+    state = load_file(file)
+    assert report["embedding"]["clips"] == ["l", "t5xxl"]
+    for key, clip in (("clip_l", "l"), ("t5xxl", "t5xxl")):
+        assert state[key].shape == (2, 768 if clip == "l" else 4096)
+        torch.testing.assert_close(got[f"embedding.{clip}"], state[key].float(), rtol=0, atol=0)
+    assert_same(got["ti.text"], expected["ti"]["text"], "the embedding through ComfyUI's CLIP-L")
+    assert (expected["ti"]["text"] - expected["base"]["text"]).abs().max() > 100 * ATOL
+
+
+def test_invokeai_reads_fluxs_single_file_and_applies_its_kohya_file(flux):
+    """InvokeAI's Flux transformer class (BFL's layout; built at the base's depth, as its loader builds it at the
+    real one's) reads the single file strictly; its kohya conversion and ``LayerPatcher`` put the LoRA into it
+    and into CLIP-L: the patched weights are the run's trained single file's, CLIP-L computes what peft does."""
+    root, expected = flux
+    lora = root / "lora" / "kohya" / "lora.safetensors"
+    spec = {"inputs": str(root / "inputs.safetensors")}
+    spec["flux"] = {
+        "single_file": str(root / "base.safetensors"),
+        "lora": str(lora),
+        "clip": str(root / FLUX_CLIP_L.parent),
+    }
+    got, report = run_client(INVOKEAI_PYTHON, "invokeai_check.py", spec, root / "flux-i.st", INVOKEAI_NEEDS)
+    assert report["probe"] == {"type": "lora", "base": "flux"}
+    assert report["not_loaded"] == []
+    assert report["layers"] == len({key.split(".")[0] for key in load_file(lora)})  # every module of the file
+    base, trained = load_file(root / "base.safetensors"), load_file(root / "lora" / "single_file" / "lora.safetensors")
+    moved = 0
+    for key, weight in trained.items():
+        assert_same(got[f"transformer.{key}"], weight.float(), f"patched {key}")
+        moved += not torch.equal(weight, base[key])
+    assert moved >= 8, f"the run changed only {moved} of the transformer's tensors"
+    assert_same(got["lora.text"], expected["lora"]["text"], "CLIP-L with the LoRA")

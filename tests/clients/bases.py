@@ -129,9 +129,11 @@ def inputs(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def build_sdxl(folder: Path, seed: int = 0) -> Path:
     """SDXL's U-Net at its real widths and block structure (two ResNets per block, no attention at the top
-    level, 64-channel heads, 2048-wide context, the text_time embedding) with one transformer layer where SDXL
-    has 2 and 10; CLIP-L and OpenCLIP-bigG at their widths with two layers each (InvokeAI reads the folder's
-    configs, so depth is free there)."""
+    level, 64-channel heads, 2048-wide context, the text_time embedding) with transformer depths 1 and 2 where
+    SDXL has 2 and 10: the depths of Segmind's SDXL distillation Vega, which ComfyUI knows (``Segmind_Vega``, a
+    subclass of its SDXL: the same model class, CLIPs and LoRA names). CLIP-L and OpenCLIP-bigG at their full
+    size (ComfyUI builds its 12- and 32-layer text encoders from its own configs and reads SDXL's penultimate
+    layer of each): 1.7 B parameters in all, 6.7 GB in fp32."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -145,7 +147,7 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
         layers_per_block=2,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=1,
+        transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(5, 10, 20),
         use_linear_projection=True,
         cross_attention_dim=2048,
@@ -154,10 +156,8 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=2816,
     )
     vae = tiny_vae()
-
-    # CLIP-L and OpenCLIP-bigG at their widths, two layers each
-    clip_l = RealWidths(context=768, text_layers=2, text_heads=12, head_channels=None, sd2=False).text_config()
-    clip_g = RealWidths(context=1280, text_layers=2, text_heads=20, head_channels=None, sd2=True)
+    clip_l = RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False).text_config()
+    clip_g = RealWidths(context=1280, text_layers=32, text_heads=20, head_channels=None, sd2=True)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=CLIPTextModel(clip_l),
@@ -172,6 +172,53 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     pipe.save_pretrained(folder, safe_serialization=True)
     legacy_text_encoder_keys(folder / "text_encoder")
     return folder
+
+
+def build_flux(folder: Path, seed: int = 0) -> Path:
+    """Flux.1-dev's transformer at the width ComfyUI requires (24 heads of 128 channels: 3072; it reads the
+    context and pooled widths from the file) with one double- and one single-stream block, the guidance
+    embedding; the real CLIP-L (ComfyUI's own 12-layer config reads its LoRA); a T5 at T5-XXL's 4096 width
+    (the width ComfyUI reads a ``t5xxl`` embedding at) with tiny attention and feed-forward; 16 latent
+    channels. 0.7 B parameters."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    from tuner.export.formats import legacy_text_encoder_keys
+    from tuner.models.tiny import _t5, _vae, char_tokenizer, save_pipeline
+    from tuner.models.tiny import build_flux as tiny_flux
+
+    components = tiny_flux(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+    components["text_encoder"] = CLIPTextModel(FAMILIES["sd15"].text_config())
+    components["tokenizer"] = char_tokenizer(TOKENS)
+    components["text_encoder_2"] = _t5(4096, d_ff=64)
+    components["vae"] = _vae(
+        latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159
+    )
+    save_pipeline(components, folder, "flux")
+    legacy_text_encoder_keys(folder / "text_encoder")
+    return folder
+
+
+def flux_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Flux's transformer inputs: unpacked latents (ComfyUI packs them itself), sigma, guidance, T5's
+    sequence, CLIP-L's pooled vector; ``ids`` for CLIP-L."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 49000, (1, TOKENS), generator=g)
+    ids[0, 0], ids[0, 20:] = BOS, EOS
+    return {
+        "latents": torch.randn(1, 16, 8, 8, generator=g),
+        "timestep": torch.tensor([0.6]),
+        "guidance": torch.tensor([3.5]),
+        "context": torch.randn(1, 16, 4096, generator=g),
+        "y": torch.randn(1, 768, generator=g),
+        "ids": ids,
+    }
 
 
 def build_sd3(folder: Path, seed: int = 0) -> Path:

@@ -2,15 +2,18 @@
 LoRA files with ComfyUI's own loading code and write what its patched models compute.
 
     python comfyui_check.py SPEC.json OUT.safetensors
-    (SPEC: comfyui, checkpoint (null: no model, the embedding's tokens only), clip (ComfyUI's key for the
-    family's tokens; null: the file is a diffusion model alone), inputs (latents, timestep, context, and y, the
-    pooled conditioning, where the family has it), loras {name: file}, and optionally embedding {folder, name,
-    tokenizer (ComfyUI's tokenizer class of the family, under comfy.), at})
+    (SPEC: comfyui, checkpoint (null: no model, the embedding's tokens only), clips (ComfyUI's keys for the
+    family's tokens, one per text encoder; null: no text encoder), clip_files (text encoders' own files, read by
+    ComfyUI's CLIP loader, for a checkpoint that is a diffusion model alone: Flux, SD3), inputs (latents,
+    timestep, context; y, the pooled conditioning, where the family has it; SDXL's text_embeds and time_ids;
+    Flux's guidance), loras {name: file}, and optionally embedding {folder, name, tokenizer (ComfyUI's tokenizer
+    class of the family, under comfy.), at})
 
-OUT holds, for the base and each LoRA, the denoiser's output on the fixed inputs and the text encoder's
-last hidden states; for an embedding, the vectors ComfyUI's tokenizer read from it for each of its CLIPs
-("embedding.<key>") and the text encoder's states with them in place of the fixed ids from ``at`` on
-("ti.text"); OUT.json the family ComfyUI detected and every log line about a key it did not load.
+OUT holds, for the base and each LoRA, the denoiser's output on the fixed inputs and the text conditioning
+ComfyUI builds (its CLIPs' states, side by side: SDXL's penultimate CLIP-L and bigG); for an embedding, the
+vectors ComfyUI's tokenizer read from it for each of its CLIPs ("embedding.<key>") and the text conditioning
+with them in place of the fixed ids from ``at`` on ("ti.text"); OUT.json the family ComfyUI detected (with its
+parent classes) and every log line about a key it did not load.
 """
 
 import importlib
@@ -54,35 +57,65 @@ inputs = load_file(spec["inputs"])
 embedding = spec.get("embedding")
 folder = embedding["folder"] if embedding else None
 model = clip = None
-if spec.get("checkpoint") and spec.get("clip"):  # a checkpoint: denoiser, text encoders (and VAE, not read here)
+if spec.get("checkpoint") and not spec.get("clip_files") and spec.get("clips"):  # a checkpoint: denoiser, CLIPs
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         spec["checkpoint"], output_vae=False, output_clip=True, embedding_directory=folder
     )
 elif spec.get("checkpoint"):  # a diffusion model's file alone (Flux, SD3): ComfyUI's Load Diffusion Model
     model = comfy.sd.load_diffusion_model(spec["checkpoint"])
-family = type(model.model.model_config).__name__ if model is not None else None
-report = {"family": family, "checkpoint": collect.lines, "loras": {}}
+if spec.get("clip_files"):  # ComfyUI's Load CLIP
+    clip = comfy.sd.load_clip(spec["clip_files"], embedding_directory=folder)
+config = type(model.model.model_config) if model is not None else None
+report = {"family": config and config.__name__, "lineage": [c.__name__ for c in config.__mro__] if config else []}
+report |= {"checkpoint": collect.lines, "loras": {}}
 collect.lines = []
 
 
+def conditioning(model):
+    """What ComfyUI's sampler hands the denoiser besides the context: SDXL's added vector from its own
+    ``encode_adm`` (pooled prompt, size and crop embeddings), or the pooled vector as given."""
+    if "time_ids" not in inputs:
+        return inputs.get("y")
+    height, width, crop_h, crop_w, target_height, target_width = inputs["time_ids"][0].tolist()
+    return model.model.encode_adm(
+        pooled_output=inputs["text_embeds"], height=height, width=width, crop_h=crop_h, crop_w=crop_w,
+        target_height=target_height, target_width=target_width,
+    )  # fmt: skip
+
+
+def fixed_tokens(vectors=None):
+    """The fixed ids for each of ComfyUI's CLIPs; with ``vectors``, each CLIP's rows put in from ``at`` on."""
+    tokens = {}
+    for key in spec["clips"]:
+        ids = [(int(i), 1.0) for i in inputs["ids"][0]]
+        if vectors is not None:
+            at, rows = embedding["at"], vectors[key]
+            ids[at : at + len(rows)] = [(row, 1.0) for row in rows]
+        tokens[key] = [ids]
+    return tokens
+
+
 def outputs(model, clip, tag):
-    comfy.model_management.load_models_gpu([model])
-    unet = model.model.diffusion_model
-    with torch.no_grad():
-        out = {
-            f"{tag}.denoiser": unet(inputs["latents"], inputs["timestep"], context=inputs["context"], y=inputs.get("y"))
-        }
+    out = {}
+    if model is not None:
+        comfy.model_management.load_models_gpu([model])
+        unet, extra = model.model.diffusion_model, {}
+        if "guidance" in inputs:
+            extra["guidance"] = inputs["guidance"]
+        with torch.no_grad():
+            out[f"{tag}.denoiser"] = unet(
+                inputs["latents"], inputs["timestep"], context=inputs["context"], y=conditioning(model), **extra
+            )
     if clip is not None:
-        tokens = {spec["clip"]: [[(int(i), 1.0) for i in inputs["ids"][0]]]}
-        out[f"{tag}.text"] = clip.encode_from_tokens(tokens)
+        out[f"{tag}.text"] = clip.encode_from_tokens(fixed_tokens())
     return {k: v.float() for k, v in out.items()}
 
 
-out = outputs(model, clip, "base") if model is not None else {}
+out = outputs(model, clip, "base")
 if embedding:  # "embedding:<name>" in a prompt, as ComfyUI's CLIP Text Encode node reads it
-    if clip is not None:
+    if clip is not None and not spec.get("clip_files"):  # the checkpoint's own tokenizer
         tokenizer = clip.tokenizer
-    else:
+    else:  # the family's, as its CLIP loader would make it (Flux's: CLIP-L and T5-XXL)
         module, cls = embedding["tokenizer"].rsplit(".", 1)
         tokenizer = getattr(importlib.import_module(f"comfy.{module}"), cls)(embedding_directory=folder)
     tokens = tokenizer.tokenize_with_weights(f"embedding:{embedding['name']}")
@@ -94,11 +127,8 @@ if embedding:  # "embedding:<name>" in a prompt, as ComfyUI's CLIP Text Encode n
         if found:
             vectors[key] = torch.stack([v.reshape(-1) for v in found])
             out[f"embedding.{key}"] = vectors[key]
-    if clip is not None:  # the fixed ids with the vectors in place from ``at`` on, through ComfyUI's CLIP
-        at, rows = embedding["at"], vectors[spec["clip"]]
-        ids = [(int(i), 1.0) for i in inputs["ids"][0]]
-        ids[at : at + len(rows)] = [(row, 1.0) for row in rows]
-        out["ti.text"] = clip.encode_from_tokens({spec["clip"]: [ids]}).float()
+    if clip is not None and spec.get("clips"):  # the fixed ids with each CLIP's vectors, through its CLIP
+        out["ti.text"] = clip.encode_from_tokens(fixed_tokens(vectors)).float()
 for name, path in spec["loras"].items():
     lora = comfy.utils.load_torch_file(path)
     patched, patched_clip = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)

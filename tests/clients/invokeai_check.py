@@ -4,7 +4,7 @@ they compute; read a merged pipeline folder's text encoders with InvokeAI's pinn
 
     python invokeai_check.py SPEC.json OUT.safetensors
     (SPEC: base, merged, inputs, loras {name: file}, text_encoders {folder: [class, LoRA key prefix]}, and
-    optionally embedding {file, at})
+    optionally embedding {file, at}; or, for Flux, inputs and flux {single_file, lora, clip (CLIP-L's folder)})
 
 The patching is what InvokeAI's denoise and prompt nodes do: LoRA layers from the file
 (``lora_model_from_sd_state_dict``, SDXL keys converted first), applied with ``LayerPatcher`` under the
@@ -50,6 +50,63 @@ collect = Collect()
 logging.getLogger(LayerPatcher.__name__).addHandler(collect)
 
 
+def probe(path) -> dict:
+    """What InvokeAI's model probe calls a file: its type and base."""
+    config = ModelConfigFactory.from_model_on_disk(path).config
+    return {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
+
+
+def check_flux(flux):
+    """Flux, as InvokeAI's own transformer class (its BFL layout) at the test base's depth: the single file
+    read strictly into it, the kohya LoRA converted by InvokeAI and patched into it and into CLIP-L; writes the
+    patched transformer's weights (to compare with the run's trained single file) and CLIP-L's states."""
+    from invokeai.backend.flux.model import Flux, FluxParams
+    from invokeai.backend.patches.lora_conversions.flux_kohya_lora_conversion_utils import (
+        lora_model_from_flux_kohya_state_dict,
+    )
+    from invokeai.backend.patches.lora_conversions.flux_lora_constants import (
+        FLUX_LORA_CLIP_PREFIX,
+        FLUX_LORA_TRANSFORMER_PREFIX,
+    )
+
+    state = load_file(flux["single_file"])
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("double_blocks."))
+    single = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("single_blocks."))
+    transformer = Flux(
+        FluxParams(
+            in_channels=64, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0, num_heads=24,
+            depth=depth, depth_single_blocks=single, axes_dim=[16, 56, 56], theta=10_000, qkv_bias=True,
+            guidance_embed=True,
+        )
+    )  # fmt: skip
+    transformer.load_state_dict(state, strict=True)  # every key of the file, and nothing else, as InvokeAI's loader
+    clip = transformers.CLIPTextModel.from_pretrained(flux["clip"]).eval()
+    lora = lora_model_from_flux_kohya_state_dict(load_file(flux["lora"]))
+    out = {}
+    with contextlib.ExitStack() as patched:
+        for prefix, model in ((FLUX_LORA_TRANSFORMER_PREFIX, transformer), (FLUX_LORA_CLIP_PREFIX, clip)):
+            patched.enter_context(
+                LayerPatcher.apply_smart_model_patches(
+                    model=model, patches=[(lora, 1.0)], prefix=prefix, dtype=torch.float32, force_direct_patching=True
+                )
+            )
+        out |= {f"transformer.{k}": v.detach().clone() for k, v in transformer.state_dict().items()}
+        with torch.no_grad():
+            out["lora.text"] = clip(inputs["ids"]).last_hidden_state
+    prefixes = (FLUX_LORA_TRANSFORMER_PREFIX, FLUX_LORA_CLIP_PREFIX)
+    report = {"probe": probe(flux["lora"]), "layers": len(lora.layers), "file_keys": len(load_file(flux["lora"]))}
+    report["not_loaded"] = [k for k in lora.layers if not k.startswith(prefixes)] + collect.lines
+    save_file({k: v.float().contiguous() for k, v in out.items()}, out_path)
+    with open(out_path + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    sys.exit(0)
+
+
+if spec.get("flux"):
+    check_flux(spec["flux"])
+
+
 def text_encoders(folder):
     return {
         name: getattr(transformers, cls).from_pretrained(folder, subfolder=name).eval()
@@ -75,8 +132,8 @@ def outputs(tag):
 
 out, report = outputs("base"), {"loras": {}}
 for name, path in spec["loras"].items():
-    config = ModelConfigFactory.from_model_on_disk(path).config
-    base = getattr(getattr(config, "base", None), "value", None)
+    kind = probe(path)
+    base = kind["base"]
     state = load_file(path)
     if base == "sdxl":
         state = convert_sdxl_keys_to_diffusers_format(state)
@@ -90,7 +147,7 @@ for name, path in spec["loras"].items():
             patched.enter_context(patch)
         out |= outputs(name)
     report["loras"][name] = {
-        "probe": {"type": getattr(getattr(config, "type", None), "value", None), "base": base},
+        "probe": kind,
         "layers": len(lora.layers),
         "not_loaded": [k for k in lora.layers if not k.startswith(tuple(prefixes))] + collect.lines,
     }
@@ -98,8 +155,6 @@ for name, path in spec["loras"].items():
 
 if spec.get("embedding"):
     path, at = spec["embedding"]["file"], spec["embedding"]["at"]
-    config = ModelConfigFactory.from_model_on_disk(path).config
-    probe = {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
     ti, rows = TextualInversionModelRaw.from_checkpoint(path), {}
     for name, text in texts.items():
         tokenizer = transformers.CLIPTokenizer.from_pretrained(
@@ -113,7 +168,7 @@ if spec.get("embedding"):
             with torch.no_grad():
                 out[f"ti.{name}"] = text(ids).last_hidden_state
         rows[name] = len(trigger)
-    report["embedding"] = {"probe": probe, "vectors": rows}
+    report["embedding"] = {"probe": probe(path), "vectors": rows}
 
 if spec.get("merged"):
     with torch.no_grad():

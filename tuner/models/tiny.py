@@ -279,14 +279,14 @@ def t5_tokenizer(max_tokens: int = 32):
     )
 
 
-def _t5(width: int = 32, layers: int = 1):
+def _t5(width: int = 32, layers: int = 1, d_ff: int | None = None):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
         vocab_size=4 + 2 * len(CHARACTERS) + 4,  # spare rows past the tokenizer's, as T5's 32128 for 32100 tokens
         d_model=width,
         d_kv=8,
-        d_ff=width * 2,
+        d_ff=d_ff or width * 2,
         num_layers=layers,
         num_heads=4,
         relative_attention_num_buckets=8,
