@@ -112,6 +112,7 @@ class Family:
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
     }
+    TARGETS_EXCLUDE: str | None = None  # a regex of full module names the presets' names must not reach
     EXPORTS = ("diffusers", "peft", "merged")  # export formats this family can write
     DEFAULT_EXPORTS = ("diffusers",)  # what export.formats=null writes (plus what holds a fine-tune)
     # how exports name the family: kohya's key prefixes, ss_base_model_version, modelspec.architecture

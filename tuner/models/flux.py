@@ -33,6 +33,9 @@ class Flux(FlowFamily):
             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
         ],
     }  # fmt: skip
+    # "proj_out" is each single-stream block's output, and also the transformer's last projection (BFL's
+    # final_layer.linear), which kohya's Flux LoRAs never hold and InvokeAI drops from a LoRA without a word
+    TARGETS_EXCLUDE = "proj_out"
     # FluxPipeline passes custom sigmas and the dynamic shift's mu, which FlowMatchHeun's set_timesteps lacks
     NO_SCHEDULERS = ("flow_heun",)
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")

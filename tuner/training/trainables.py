@@ -49,8 +49,8 @@ def denoiser_target_modules(denoiser: torch.nn.Module, a: DictConfig, family) ->
     return [name for name, m in denoiser.named_modules() if name.startswith(family.BLOCKS) and isinstance(m, kinds)]
 
 
-def peft_config(a: DictConfig, target_modules: list[str]):
-    """The peft config of ``adapter.type`` (lora, loha or lokr)."""
+def peft_config(a: DictConfig, target_modules: list[str], exclude: str | None = None):
+    """The peft config of ``adapter.type`` (lora, loha or lokr); ``exclude``: a regex of full module names."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if a.type == "lora":
@@ -62,9 +62,12 @@ def peft_config(a: DictConfig, target_modules: list[str]):
             use_dora=a.use_dora,
             use_rslora=a.use_rslora,
             target_modules=target_modules,
+            exclude_modules=exclude,
         )
     kind = {"loha": LoHaConfig, "lokr": LoKrConfig}[a.type]
-    return kind(r=a.rank, alpha=a.alpha, module_dropout=a.dropout, target_modules=target_modules)
+    return kind(
+        r=a.rank, alpha=a.alpha, module_dropout=a.dropout, target_modules=target_modules, exclude_modules=exclude
+    )
 
 
 def _trained(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -127,7 +130,8 @@ def setup(cfg: DictConfig, c, family) -> Trainables:
     out = Trainables()
     denoiser, name = c.denoiser, c.denoiser_name
     if a.type in PEFT_TYPES:
-        denoiser.add_adapter(peft_config(a, denoiser_target_modules(denoiser, a, family)))
+        exclude = None if a.target_modules else family.TARGETS_EXCLUDE  # names the user gives are taken as given
+        denoiser.add_adapter(peft_config(a, denoiser_target_modules(denoiser, a, family), exclude))
         out.groups.append({"name": f"{name} {a.type}", "params": _trained(denoiser), "lr": lr})
     elif a.type == "partial_unet":
         out.groups += _unfreeze_blocks(denoiser, family.partial_blocks(a), lr, family)
