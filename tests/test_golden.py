@@ -3,8 +3,10 @@
 A few methods train 3 steps on the tiny pipeline (in this process) and export; the quickstart runs at its
 small setting. For each, ``tests/data/golden.json`` holds the first and last training loss, and for every
 exported tensor file: its keys, shapes and dtypes, exactly (a digest of them for a merged model); the
-float64 sum and absolute sum of its values, to 1e-4 relative (the last bits of a float may differ between
-CPUs, a changed computation moves far more); and its metadata that holds no date, hash or version.
+float64 absolute sum of its values, to 1e-4 relative, and their signed sum to 1e-4 of the absolute sum (the
+last bits of a float may differ between CPUs, and a sum that cancels to a hundredth of the values' scale
+magnifies them a hundredfold; a changed computation moves far more); and its metadata that holds no date,
+hash or version.
 
 A change that moves any of these numbers on purpose rewrites the file with
 ``TUNER_WRITE_GOLDEN=1 pytest tests/test_golden.py`` and says why in its commit; the test then fails
@@ -94,6 +96,11 @@ def differences(expected, actual, where: str = "") -> list[str]:
             return []
         return [f"{where}: {actual!r}, golden {expected!r}"]
     if isinstance(expected, dict) and isinstance(actual, dict):
+        if {"sum", "abs_sum"} <= expected.keys() & actual.keys():  # a signed sum, to RTOL of the values' scale
+            scale = RTOL * max(expected["abs_sum"], 1e-3)
+            if not math.isclose(expected["sum"], actual["sum"], rel_tol=0, abs_tol=scale):
+                return [f"{where}.sum: {actual['sum']!r}, golden {expected['sum']!r} (to {scale:.2g})"]
+            expected, actual = ({k: v for k, v in d.items() if k != "sum"} for d in (expected, actual))
         out = [f"{where}.{k}: missing" for k in expected if k not in actual]
         out += [f"{where}.{k}: not in the golden file" for k in actual if k not in expected]
         for k in expected.keys() & actual.keys():
