@@ -27,6 +27,7 @@ from tuner.choices import (
     NonFinite,
     Optimizer,
     PredictionType,
+    Quantize,
     Role,
     SourceKind,
     SubjectTransform,
@@ -58,6 +59,11 @@ class ModelConfig:
     prediction_type: PredictionType | None = None
     # also load pickled .bin weights where a folder has no .safetensors (read with torch's weights_only=True)
     allow_pickle: bool = False
+    # QLoRA: the frozen denoiser's (quantize) and text encoders' (quantize_text_encoders) linear layers held as
+    # bitsandbytes' nf4 or int8 while adapters train on top in full precision; exports use the base's own
+    # weights. null: as loaded
+    quantize: Quantize | None = None
+    quantize_text_encoders: Quantize | None = None
     # sd2 (v-prediction): rescale the schedule to zero terminal SNR, sample with trailing timesteps
     zero_terminal_snr: bool = False
     # flux, sd3: shift of the training sigmas (null: the scheduler's); the guidance Flux-dev is trained

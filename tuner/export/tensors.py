@@ -140,19 +140,31 @@ def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None =
     merge as peft computes them), on top of ``base`` (the fp32 base weights, when the live module
     holds them in a lower precision); the live module is left as it was.
     """
+    from tuner.models.quantize import is_quantized
+
     base = base or {}
 
     def full(key: str, value: torch.Tensor) -> torch.Tensor:  # a frozen weight stored in low precision
         return base[key].float() if value.dtype != torch.float32 and key in base else value.float()
 
     layers = tuner_layers(module)
+    quantized = is_quantized(module)
+    if quantized and not base:
+        raise ValueError("export: a quantized module merges onto the base's own weights; none were given")
+    # a quantized module's own state holds bitsandbytes' packed weights and their quantization state: the
+    # base's weights stand in for all of it
+    own = base if quantized else module.state_dict()
     state = {}
-    for key, value in module.state_dict().items():
+    for key, value in own.items():
         if not any(key.startswith(n + ".") for n in layers):
             state[key] = full(key, value)
     for name, layer in layers.items():
         if layer.merged:
             raise ValueError(f"export: {name} has its adapter merged already; unmerge it first")
+        if is_quantized(layer.get_base_layer()):
+            weights = {k: base[f"{name}.{k}"] for k in ("weight", "bias") if f"{name}.{k}" in base}
+            state.update({f"{name}.{k}": v for k, v in _merged_on(layer, weights).items()})
+            continue
         merged = copy.deepcopy(layer)
         target = merged.get_base_layer()
         for key, value in target.state_dict().items():
@@ -161,6 +173,30 @@ def merged_state(module: torch.nn.Module, base: dict[str, torch.Tensor] | None =
         for key, value in target.state_dict().items():
             state[f"{name}.{key}"] = value.detach()
     return state
+
+
+def _merged_on(layer, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA (or DoRA) layer trained over a bitsandbytes layer, merged by peft onto the base's own ``weights``:
+    peft's plain layer around an fp32 ``Linear`` of them, given the trained adapter."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.layer import Linear
+
+    adapter = _active(layer)
+    if not isinstance(layer, LoraLayer):
+        raise ValueError(f"export: only a LoRA merges onto a quantized layer, not {type(layer).__name__}")
+    q = layer.get_base_layer()
+    linear = torch.nn.Linear(q.in_features, q.out_features, bias="bias" in weights)
+    linear.load_state_dict({k: v.float() for k, v in weights.items()})
+    r, alpha, dora = layer.r[adapter], layer.lora_alpha[adapter], bool(layer.use_dora[adapter])
+    plain = Linear(linear, adapter, LoraConfig(r=r, lora_alpha=alpha, use_dora=dora), r=r, lora_alpha=alpha)
+    plain.scaling[adapter] = layer.scaling[adapter]  # rsLoRA's scale, as trained
+    trained = {k: v for k, v in layer.state_dict().items() if not k.startswith("base_layer.")}
+    loaded = plain.load_state_dict({k: v.float() for k, v in trained.items()}, strict=False)
+    if loaded.unexpected_keys:
+        raise ValueError(f"export: {loaded.unexpected_keys} of a layer over a quantized one do not fit peft's Linear")
+    plain.merge(safe_merge=True, adapter_names=[adapter])
+    return {k: v.detach() for k, v in plain.get_base_layer().state_dict().items()}
 
 
 def _fresh(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -248,7 +284,7 @@ def _fused_lora(module, siblings: tuple[str, ...], layers: dict) -> dict[str, to
     downs, ups, outs = [], [], []
     for name in siblings:
         target = module.get_submodule(name)
-        outs.append(getattr(target, "base_layer", target).weight.shape[0])
+        outs.append(getattr(target, "base_layer", target).out_features)
         if name in layers:
             layer, adapter = layers[name], _active(layers[name])
             if not isinstance(layer, LoraLayer) or layer.use_dora.get(adapter):

@@ -64,11 +64,40 @@ def check(cfg: DictConfig) -> None:
                 f"text_encoder.train={cfg.text_encoder.train} would be lost; add a format that holds it, e.g. "
                 "'export.formats=[single_file,merged]'"
             )
+    _check_quantize(cfg, family)
     if cfg.adapter.type == "partial_unet" and m.path and "train" in cfg.stages:
         _check_blocks(cfg, family)
     if cfg.data.resolution % family.RESOLUTION_MULTIPLE:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution}: model={m.family} needs a multiple of {family.RESOLUTION_MULTIPLE}"
+        )
+
+
+def _check_quantize(cfg: DictConfig, family) -> None:
+    """A quantized part must stay frozen under a LoRA peft can wrap around bitsandbytes' layers."""
+    from tuner.models import quantize
+
+    m, a = cfg.model, cfg.adapter
+    if not (m.quantize or m.quantize_text_encoders):
+        return
+    missing = quantize.available()
+    if missing:
+        raise ConfigError(f"model.quantize / model.quantize_text_encoders: {missing}")
+    if m.quantize and a.type in ("full", "partial_unet"):
+        raise ConfigError(
+            f"model.quantize={m.quantize} holds the {family.DENOISER}'s frozen weights quantized, and adapter={a.type} "
+            "trains them: use adapter=lora (QLoRA), or model.quantize=null"
+        )
+    if m.quantize and a.type in ("loha", "lokr"):
+        raise ConfigError(
+            f"model.quantize={m.quantize}: peft's {a.type} layers cannot wrap bitsandbytes' quantized layers; "
+            "use adapter=lora (DoRA too: adapter.use_dora=true), or model.quantize=null"
+        )
+    if m.quantize_text_encoders and cfg.text_encoder.train == "full":
+        raise ConfigError(
+            f"model.quantize_text_encoders={m.quantize_text_encoders} holds the text encoders' frozen weights "
+            "quantized, and text_encoder.train=full trains them: use text_encoder.train=lora, or "
+            "model.quantize_text_encoders=null"
         )
 
 

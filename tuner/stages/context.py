@@ -185,9 +185,25 @@ class Run:
     @cached_property
     def components(self):
         c = self.family.load(self.base, self.cfg.model.prediction_type, self.cfg.model.allow_pickle)
+        self._quantize(c)
         for module in c.modules().values():
             module.to(self.accelerator.device)
         return c
+
+    def _quantize(self, c) -> None:
+        """``model.quantize`` / ``quantize_text_encoders``: the frozen linear layers as bitsandbytes' layers,
+        quantized as they move to the device (QLoRA); they compute in the run's mixed precision."""
+        from tuner.models.quantize import quantize_linears
+        from tuner.stages.train import MIXED_PRECISION_DTYPES
+
+        m = self.cfg.model
+        kinds = {c.denoiser_name: m.quantize} | {name: m.quantize_text_encoders for name in c.text_encoders}
+        dtype = MIXED_PRECISION_DTYPES[self.cfg.train.mixed_precision]
+        for name, module in c.modules().items():
+            if kinds.get(name):
+                count = quantize_linears(module, kinds[name], self.accelerator.device, dtype)
+                if self.accelerator.is_main_process:
+                    print(f"[tuner] model: {name}'s {count} linear layers held as {kinds[name]}", flush=True)
 
     @cached_property
     def pipe(self):

@@ -186,7 +186,7 @@ def cast_frozen(c, trainables: Trainables, dtype: torch.dtype) -> None:
         if any(id(p) in trained and not _in_adapter(name) for name, p in named):
             continue
         for _, p in named:
-            if id(p) not in trained:
+            if id(p) not in trained and p.is_floating_point():  # bitsandbytes' packed weights stay packed
                 p.data = p.data.to(dtype)
 
 
