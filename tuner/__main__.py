@@ -18,13 +18,18 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 def _hide_unused_integrations(cfg) -> None:
     """diffusers and peft import bitsandbytes as they start when it is installed (about 1 s and 50 MB here,
-    with part of torch's compiler), though only train.optimizer=adamw8bit uses it: unless this run asks for
-    it, they find it missing. (A module that is None in ``sys.modules`` counts as not installed.)"""
+    with part of torch's compiler), though only train.optimizer=adamw8bit and model.quantize* use it: unless
+    this run asks for it, they find it missing. (A module that is None in ``sys.modules`` counts as not
+    installed.)"""
     from omegaconf import OmegaConf
 
-    # an interpolation that does not resolve reads as None here: validate() reports it, by its key
-    optimizer = OmegaConf.select(cfg, "train.optimizer", throw_on_resolution_failure=False)
-    if optimizer != "adamw8bit" and "bitsandbytes" not in sys.modules:
+    def select(key: str):  # an interpolation that does not resolve reads as None: validate() reports it
+        return OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+
+    wanted = (
+        select("train.optimizer") == "adamw8bit" or select("model.quantize") or select("model.quantize_text_encoders")
+    )
+    if not wanted and "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None
 
 
