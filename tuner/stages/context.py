@@ -194,7 +194,7 @@ class Run:
         """``model.quantize`` / ``quantize_text_encoders``: the frozen linear layers as bitsandbytes' layers,
         quantized as they move to the device (QLoRA); they compute in the run's mixed precision."""
         from tuner.models.quantize import quantize_linears
-        from tuner.stages.train import MIXED_PRECISION_DTYPES
+        from tuner.training.trainables import MIXED_PRECISION_DTYPES
 
         m = self.cfg.model
         kinds = {c.denoiser_name: m.quantize} | {name: m.quantize_text_encoders for name in c.text_encoders}

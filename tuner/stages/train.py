@@ -32,9 +32,6 @@ def _resume_from(run: Run) -> Path | None:
     return checkpoint_files.newest_intact(run.dir / "checkpoints")
 
 
-MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def _channels_last_pays(cfg, accelerator, trained) -> bool:
     """train.channels_last=null: on for float32 LoRA training on a CPU (faster there, see tools/bench.py)
     when no convolution weight trains; not under peft's DoRA, LoHa and LoKr, whose convolution code
@@ -146,7 +143,7 @@ def _set_up_model(run: Run) -> trainables.Trainables:
             enable = getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable
             enable()
     if not what.base_weights_train:  # a pipeline export must hold the frozen modules at full precision
-        trainables.cast_frozen(c, what, MIXED_PRECISION_DTYPES[run.accelerator.mixed_precision])
+        trainables.cast_frozen(c, what, trainables.MIXED_PRECISION_DTYPES[run.accelerator.mixed_precision])
     if t.vae_dtype != "float32":
         c.vae.to(getattr(torch, t.vae_dtype))
     return what

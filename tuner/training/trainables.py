@@ -172,6 +172,10 @@ def setup(cfg: DictConfig, c, family) -> Trainables:
     return out
 
 
+# train.mixed_precision -> the dtype frozen weights are held in (cast_frozen) and quantized layers compute in
+MIXED_PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def cast_frozen(c, trainables: Trainables, dtype: torch.dtype) -> None:
     """Run the U-Net and text encoder in ``dtype`` where only adapters (kept fp32) train in them.
 
