@@ -44,3 +44,10 @@ def test_quickstart_learns_the_subject_and_keeps_the_class(home, tmp_path):
     without = _quickstart(home, tmp_path / "no_prior", "prior.enabled=false")
     assert without["subject_fidelity"] >= 0.8
     assert without["class_preservation"] < with_prior["class_preservation"]
+
+
+def test_quickstart_on_an_nf4_base_keeps_its_targets(home, tmp_path):
+    """QLoRA on the digits base: its U-Net's linear layers held as NF4 while the LoRA trains; the targets hold."""
+    quantized = _quickstart(home, tmp_path / "nf4", "model.quantize=nf4")
+    assert quantized["subject_fidelity"] >= 0.8
+    assert quantized["class_preservation"] >= 0.8
