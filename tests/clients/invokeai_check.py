@@ -94,7 +94,7 @@ def check_flux(flux):
         with torch.no_grad():
             out["lora.text"] = clip(inputs["ids"]).last_hidden_state
     prefixes = (FLUX_LORA_TRANSFORMER_PREFIX, FLUX_LORA_CLIP_PREFIX)
-    report = {"probe": probe(flux["lora"]), "layers": len(lora.layers), "file_keys": len(load_file(flux["lora"]))}
+    report = {"probe": probe(flux["lora"]), "layers": len(lora.layers)}
     report["not_loaded"] = [k for k in lora.layers if not k.startswith(prefixes)] + collect.lines
     save_file({k: v.float().contiguous() for k, v in out.items()}, out_path)
     with open(out_path + ".json", "w") as f:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("nf4", "int8")
+from tuner.choices import Quantize
+
 BLOCK = 64  # bitsandbytes quantizes weights in blocks of this many values: a linear layer must hold whole blocks
 
 
@@ -29,8 +30,8 @@ def quantize_linears(module: torch.nn.Module, kind: str, device, compute_dtype=t
     ``kind``, quantized on ``device``; the number replaced."""
     import bitsandbytes as bnb
 
-    if kind not in KINDS:
-        raise ValueError(f"quantize: {kind!r} is not one of {', '.join(KINDS)}")
+    if kind not in Quantize.__members__:
+        raise ValueError(f"quantize: {kind!r} is not one of {', '.join(Quantize.__members__)}")
     names = [n for n, m in module.named_modules() if type(m) is torch.nn.Linear and m.weight.numel() % BLOCK == 0]
     for name in names:
         linear = module.get_submodule(name)
