@@ -64,6 +64,9 @@ class ModelConfig:
     # weights. null: as loaded
     quantize: Quantize | None = None
     quantize_text_encoders: Quantize | None = None
+    # the text encoders and the VAE leave the device once their outputs are cached (they come back to sample).
+    # null: on where the device is an accelerator (on a CPU there is nowhere else to put them)
+    offload_frozen: bool | None = None
     # sd2 (v-prediction): rescale the schedule to zero terminal SNR, sample with trailing timesteps
     zero_terminal_snr: bool = False
     # flux, sd3: shift of the training sigmas (null: the scheduler's); the guidance Flux-dev is trained
@@ -289,6 +292,12 @@ class TrainConfig:
     vae_dtype: Dtype = Dtype.float32
     # recompute activations in the backward pass: less memory, about a third more time
     gradient_checkpointing: bool = False
+    # the frozen weights of this many of the denoiser's blocks (those holding the most) live in host memory and
+    # are copied to the device just before each block runs; same gradients, less device memory, slower steps
+    offload_blocks: int = 0
+    # each trained tensor takes its optimizer step as its gradient arrives in the backward pass, which frees the
+    # gradient then: a full or partial fine-tune never holds all its gradients (needs max_grad_norm=0, one process)
+    fused_backward: bool = False
     log_every: int = 50
     # a step whose loss is NaN or infinite: stop (the last checkpoint stays as it was) or skip it
     nonfinite: NonFinite = NonFinite.stop

@@ -108,6 +108,7 @@ class Family:
     BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
     # adapter=partial_unet without adapter.blocks: these parameter-name globs train, at train.learning_rate
     PARTIAL_BLOCKS: tuple[str, ...] = ("up_blocks.*.attentions.*",)
+    OFFLOAD_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # the classes train.offload_blocks counts
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],

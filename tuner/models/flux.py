@@ -26,6 +26,7 @@ class Flux(FlowFamily):
     EMBEDDINGS = {"text_encoder": "clip_l", "text_encoder_2": "t5xxl"}
     BLOCKS = ("transformer_blocks.", "single_transformer_blocks.")
     PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*", "single_transformer_blocks.*.attn.*")
+    OFFLOAD_BLOCKS = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": [

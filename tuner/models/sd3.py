@@ -25,6 +25,7 @@ class SD3(FlowFamily):
     EMBEDDING_REFUSAL = "diffusers' StableDiffusion3Pipeline has no textual-inversion loader to read the embedding"
     BLOCKS = ("transformer_blocks.",)
     PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*",)
+    OFFLOAD_BLOCKS = ("JointTransformerBlock",)
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
         "attn_ff": [

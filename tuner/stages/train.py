@@ -21,6 +21,7 @@ from tuner.training.cache import shared as shared_cache
 from tuner.training.checkpoints import Checkpointing
 from tuner.training.loop import Training, TrainResult
 from tuner.training.monitor import start as start_monitor
+from tuner.training.offload import BlockOffload, Parked, blocks_of, largest
 
 
 def _resume_from(run: Run) -> Path | None:
@@ -77,10 +78,41 @@ def _check_train(cfg) -> None:
             'prior.enabled=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
             "or set prior.enabled=false"
         )
+    if t.offload_blocks < 0:
+        raise ConfigError(f"train.offload_blocks={t.offload_blocks}: a number of blocks, 0 (none) or more")
+    if t.offload_blocks and a.type == "full":
+        raise ConfigError(
+            "train.offload_blocks moves frozen weights to host memory, and adapter=full trains every weight: "
+            "use train.offload_blocks=0, or an adapter (adapter=lora)"
+        )
+    if t.offload_blocks and cfg.model.quantize:
+        raise ConfigError(
+            f"train.offload_blocks with model.quantize={cfg.model.quantize}: quantized weights stay on the device "
+            "(bitsandbytes keeps their scales there); use one of the two"
+        )
+    if t.fused_backward:
+        _check_fused_backward(t)
     if cfg.resume not in (None, "auto"):
         path = Path(cfg.resume).expanduser()
         if not (path / "state.pt").is_file() or not (path / "trained.safetensors").is_file():
             raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (RUN/checkpoints/step-N with state.pt)")
+
+
+def _check_fused_backward(t) -> None:
+    """Each weight steps as its gradient arrives: nothing may need every gradient (or several) first."""
+    needs = {
+        "train.max_grad_norm=0 (clipping needs the norm of every gradient first)": t.max_grad_norm > 0,
+        "train.gradient_accumulation_steps=1 (each step would come after the first micro-batch)": (
+            t.gradient_accumulation_steps > 1
+        ),
+        "another train.optimizer than prodigy (it sizes its steps from every gradient)": t.optimizer == "prodigy",
+        "train.mixed_precision=bf16 or no (fp16's loss scaler unscales every gradient first)": (
+            t.mixed_precision == "fp16"
+        ),
+    }
+    broken = [need for need, bad in needs.items() if bad]
+    if broken:
+        raise ConfigError(f"train.fused_backward=true needs {'; and '.join(broken)}")
 
 
 @stage(after=("base", "prepare"), writes=("cache", "checkpoints", "logs", "validation"), check=_check_train)
@@ -96,11 +128,12 @@ def train(run: Run) -> Adapted:
     what = _set_up_model(run)
     in_step = what.text_encoder_trains or cfg.data.shuffle_tags  # the text encoder runs in every step
     sets, texts = _sample_sets(run, in_step)
+    parked = _park_frozen(run, in_step)
     if t.scale_lr:
         for group in what.groups:
             group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     stop = cfg.text_encoder.stop_at
-    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts)
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked)
     try:
         result = Training(
             accelerator,
@@ -120,9 +153,12 @@ def train(run: Run) -> Adapted:
             else t.channels_last,
             checkpointing=_checkpointing(run, sets),
             monitor=monitor,
+            offload=_block_offload(run),
         ).train()
-    finally:  # also when training stops: the logs so far are complete
+    finally:  # also when training stops: the logs so far are complete, the later stages find the model whole
         monitor.finish()
+        if parked is not None:
+            parked.unpark()
     _report(run, result, what, sets)
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
         result.ema.copy_to(what.params)
@@ -147,6 +183,44 @@ def _set_up_model(run: Run) -> trainables.Trainables:
     if t.vae_dtype != "float32":
         c.vae.to(getattr(torch, t.vae_dtype))
     return what
+
+
+def _park_frozen(run: Run, in_step: bool) -> Parked | None:
+    """``model.offload_frozen``: the VAE (and the text encoders, when their outputs are cached) in host memory
+    while the loop runs."""
+    m, device, c = run.cfg.model, run.accelerator.device, run.components
+    if not (device.type != "cpu" if m.offload_frozen is None else m.offload_frozen):
+        return None
+    parked = Parked({"vae": c.vae} | ({} if in_step else dict(c.text_encoders)), device)
+    parked.park()
+    run.metrics["offload_frozen"] = {"modules": list(parked.modules), "gib": round(parked.bytes / 2**30, 4)}
+    if run.is_main:
+        names = ", ".join(parked.modules)
+        print(f"[tuner] train: {names} ({parked.bytes / 2**30:.2f} GiB) in host memory while training", flush=True)
+    return parked
+
+
+def _block_offload(run: Run) -> BlockOffload | None:
+    """``train.offload_blocks``: the denoiser's N largest blocks' frozen weights in host memory."""
+    t, c, family = run.cfg.train, run.components, run.family
+    if not t.offload_blocks:
+        return None
+    every = blocks_of(c.denoiser, family.OFFLOAD_BLOCKS)
+    if t.offload_blocks > len(every):
+        raise ConfigError(
+            f"train.offload_blocks={t.offload_blocks}: this {family.DENOISER} has {len(every)} blocks "
+            f"({', '.join(family.OFFLOAD_BLOCKS)}); use at most {len(every)}"
+        )
+    offload = BlockOffload(largest(every, t.offload_blocks), run.accelerator.device, t.gradient_checkpointing)
+    gib = round(offload.bytes / 2**30, 4)
+    run.metrics["offload_blocks"] = {"blocks": t.offload_blocks, "of": len(every), "gib": gib}
+    if run.is_main:
+        print(
+            f"[tuner] train: {t.offload_blocks} of the {family.DENOISER}'s {len(every)} blocks "
+            f"({offload.bytes / 2**30:.2f} GiB) in host memory, fetched as they run",
+            flush=True,
+        )
+    return offload
 
 
 def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:

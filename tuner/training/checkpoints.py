@@ -142,7 +142,7 @@ def _resume_keys(cfg: dict) -> list[str]:
     if emb.get("tokens"):
         keys += ["embedding.vectors", "embedding.learning_rate"]
     keys += ["train.optimizer", "train.learning_rate", "train.weight_decay", "train.scale_lr"]
-    keys += ["train.lr_scheduler", "train.ema_decay"]
+    keys += ["train.lr_scheduler", "train.ema_decay", "train.fused_backward"]
     if _get(cfg, "train.lr_scheduler") == "one_cycle":  # its length is part of its state
         keys += ["train.max_steps"]
     return keys

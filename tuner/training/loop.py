@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 
 from tuner.config import TrainConfig
 from tuner.distributed import decide, gather
+from tuner.errors import ConfigError
 from tuner.models.objectives import diffusion_loss
 from tuner.training import checkpoints
 from tuner.training.batches import Batch, merge_by_shape
-from tuner.training.optim import make_lr_scheduler, make_optimizer
+from tuner.training.optim import FusedBackward, make_lr_scheduler, make_optimizer
 from tuner.training.watch import NonFiniteGuard, PhaseTimer
 
 
@@ -100,6 +101,7 @@ class Training:
         channels_last: bool = False,
         checkpointing: checkpoints.Checkpointing | None = None,
         monitor=None,
+        offload=None,
     ):
         from diffusers.training_utils import EMAModel
 
@@ -113,11 +115,18 @@ class Training:
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
             raise ValueError(f"{desc}: nothing to train (no parameter requires a gradient)")
-        optimizer = make_optimizer(t.optimizer, groups, t.learning_rate, t.weight_decay)
+        if t.fused_backward and accelerator.num_processes > 1:
+            raise ConfigError(
+                f"train.fused_backward=true with {accelerator.num_processes} processes: each weight would step on its "
+                "own rank's gradient before the ranks average them; use one process, or train.fused_backward=false"
+            )
+        self.fused = FusedBackward(t.optimizer, groups, t.learning_rate, t.weight_decay) if t.fused_backward else None
+        optimizer = self.fused or make_optimizer(t.optimizer, groups, t.learning_rate, t.weight_decay)
         lr_scheduler = make_lr_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, t.max_steps)
         if channels_last:  # before DDP wraps it: its gradient buckets follow the parameters' layout
             denoiser.to(memory_format=torch.channels_last)
         self._wrap(denoiser, text_encoders, optimizer, lr_scheduler)
+        self.offload = offload  # a BlockOffload (tuner/training/offload.py), installed for the steps
         self.ema = EMAModel(self.params, decay=t.ema_decay) if t.ema_decay else None
         self.generator = torch.Generator().manual_seed(seed)  # the same on every rank: the same global batches
         self.guard = NonFiniteGuard(accelerator, self.optimizer, t.nonfinite, desc)
@@ -203,7 +212,7 @@ class Training:
         if self.monitor is not None and self.start == 0:
             self.monitor.validate(0)  # the row of the untrained model
         self.began = self.logged_at = time.perf_counter()
-        with signals:
+        with signals, self._installed():
             for step in bar:  # one optimizer step, made of gradient_accumulation_steps micro-batches
                 self._freeze_text_encoder_at(step)
                 for _ in range(a.gradient_accumulation_steps):
@@ -221,6 +230,20 @@ class Training:
                     self._checkpoint(done, signals)
         self.guard.read(t.max_steps)
         return self._finish()
+
+    @contextlib.contextmanager
+    def _installed(self):
+        """For the steps only, however they end: ``train.offload_blocks`` (the blocks' weights in host memory,
+        once accelerate placed the model) and ``train.fused_backward`` (the optimizer's gradient hooks)."""
+        if self.offload is not None:
+            self.offload.install()
+        try:
+            yield
+        finally:
+            if self.offload is not None:
+                self.offload.remove()
+            if self.fused is not None:
+                self.fused.remove()
 
     def _freeze_text_encoder_at(self, step: int) -> None:
         """``text_encoder.stop_at``: from this step on the text encoder is frozen."""

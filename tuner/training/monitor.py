@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,11 +41,13 @@ class Monitor:
         sample: Callable[[], torch.Tensor] | None = None,
         gallery=None,
         modules: list[torch.nn.Module] = (),
+        parked=None,
     ):
         self.accelerator = accelerator
         self.trackers = trackers  # started accelerate trackers (rank 0 only)
         self.every = every if sample is not None else 0
         self.sample, self.gallery, self.modules = sample, gallery, list(modules)
+        self.parked = parked  # modules in host memory while training (tuner/training/offload.py): back to sample
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for tracker in self.trackers:
@@ -63,7 +66,9 @@ class Monitor:
             try:
                 for module in self.modules:
                     module.eval()
-                grid = self.gallery.add(step, self.sample())
+                with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
+                    images = self.sample()
+                grid = self.gallery.add(step, images)
             finally:
                 for module, mode in zip(self.modules, modes):
                     module.train(mode)
@@ -109,9 +114,10 @@ def start_trackers(cfg, run_dir: Path, accelerator) -> list:
     return trackers
 
 
-def start(run, modules: list[torch.nn.Module], captions: list[str]) -> Monitor:
+def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None) -> Monitor:
     """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks
-    (``captions``: the training captions, the prompts when no other is given)."""
+    (``captions``: the training captions, the prompts when no other is given; ``parked``: the modules
+    ``model.offload_frozen`` holds in host memory, brought back to sample)."""
 
     cfg = run.cfg
     v = cfg.validation
@@ -134,4 +140,4 @@ def start(run, modules: list[torch.nn.Module], captions: list[str]) -> Monitor:
 
     gallery = ValidationGallery(run.dir / "validation", prompts, seeds, s.display_size)
     run.outputs["validation"] = str(run.dir / "validation" / "index.html")
-    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules)
+    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked)

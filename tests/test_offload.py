@@ -1,0 +1,157 @@
+"""Frozen weights in host memory (tuner/training/offload.py): ``train.offload_blocks`` gives the gradients it
+would give without, holds no more than its window of blocks on the device between the forward and the
+backward pass, and fetches them again in reverse; ``model.offload_frozen`` parks the encoders and the VAE.
+
+On a CPU the host and the device are the same memory, but the "device copy" is a real copy: every path
+but the CUDA stream runs here."""
+
+from __future__ import annotations
+
+import copy
+import weakref
+
+import pytest
+import torch
+
+from tests.helpers import train_in_process
+from tuner.compose import compose
+from tuner.errors import ConfigError
+from tuner.training.offload import BlockOffload, blocks_of, largest
+
+FAMILIES = ["sd2", "sdxl", "flux", "sd3"]
+
+
+@pytest.fixture(scope="module")
+def lora_unet(tiny_pipeline_dir):
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_pipeline_dir / "unet").requires_grad_(False)
+    config = LoraConfig(r=4, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False)
+    return inject_adapter_in_model(config, unet).train()
+
+
+def _loss(unet) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    c = unet.config
+    sample = torch.randn(2, c.in_channels, 16, 16, generator=g)
+    context = torch.randn(2, 7, c.cross_attention_dim, generator=g)
+    return unet(sample, torch.tensor([10, 600]), context).sample.square().mean()
+
+
+def _grads(unet) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_offloaded_blocks_give_the_same_gradients_and_only_the_window_stays_between_passes(lora_unet, checkpointing):
+    unet = copy.deepcopy(lora_unet)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    _loss(unet).backward()
+    expected = _grads(unet)
+    unet.zero_grad(set_to_none=True)
+    frozen = {n: p.detach().clone() for n, p in unet.named_parameters() if not p.requires_grad}
+
+    blocks = blocks_of(unet, ("ResnetBlock2D", "BasicTransformerBlock"))
+    assert len(blocks) >= 8
+    offload = BlockOffload(blocks, torch.device("cpu"), checkpointed=checkpointing)
+    copies = []  # every device copy made, weakly: which are still held after the forward pass
+    fetch = offload._fetch
+
+    def counted(i):
+        fetch(i)
+        copies.extend(weakref.ref(t) for t in offload.resident[i][0])
+
+    offload._fetch = counted
+    offload.install()
+    loss = _loss(unet)
+    forward = list(offload.loads)
+    assert sorted(forward) == list(range(len(blocks)))  # each block fetched once, in the order they ran
+    per_block = len(copies) / len(blocks)
+    alive = sum(ref() is not None for ref in copies)
+    # autograd keeps none of them (saved as a note and fetched again, or recomputed): only the window's
+    assert alive <= BlockOffload.WINDOW * per_block * 1.5, (alive, len(copies))
+    loss.backward()
+    backward = offload.loads[len(forward) :]
+    assert backward == [i for i in reversed(offload.order) if i in backward]  # fetched again, last block first
+    assert len(backward) >= len(blocks) - BlockOffload.WINDOW
+    got = _grads(unet)
+    assert got.keys() == expected.keys() and len(got) > 0
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    offload.remove()
+    assert not any(b._forward_pre_hooks or b._forward_hooks for b in blocks)
+    for name, p in unet.named_parameters():
+        if not p.requires_grad:
+            assert type(p) is torch.nn.Parameter and torch.equal(p, frozen[name]), name
+
+
+def test_the_blocks_offloaded_are_those_holding_the_most_frozen_bytes(lora_unet):
+    blocks = blocks_of(lora_unet, ("ResnetBlock2D", "BasicTransformerBlock"))
+    size = [sum(p.numel() for p in b.parameters() if not p.requires_grad) for b in blocks]
+    chosen = largest(blocks, 3)
+    assert len(chosen) == 3
+    assert min(size[blocks.index(b)] for b in chosen) >= max(s for b, s in zip(blocks, size) if b not in chosen)
+
+
+def test_a_run_with_offloaded_blocks_and_parked_encoders_trains_the_same_adapter(tmp_path, tiny_pipeline_dir):
+    from peft.utils import get_peft_model_state_dict
+
+    plain = train_in_process(tmp_path, tiny_pipeline_dir, "text_encoder.train=lora", name="plain")
+    both = ["train.offload_blocks=5", "model.offload_frozen=true"]
+    off = train_in_process(tmp_path, tiny_pipeline_dir, "text_encoder.train=lora", *both, name="off")
+    assert off.metrics["offload_blocks"]["blocks"] == 5 and off.metrics["offload_blocks"]["gib"] > 0
+    assert off.metrics["offload_frozen"]["modules"] == ["vae"]  # the text encoder trains: it stays
+    for part in ("unet", "text_encoder"):
+        a = get_peft_model_state_dict(plain.components.trainable()[part])
+        b = get_peft_model_state_dict(off.components.trainable()[part])
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+    # the model is whole again for the stages after training: no hook left, every weight where it was
+    assert not any(m._forward_pre_hooks for m in off.components.unet.modules())
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["train.offload_blocks=-1"], r"train\.offload_blocks=-1"),
+        (["train.offload_blocks=2", "adapter=full"], r"offload_blocks.*adapter=full"),
+        (["train.offload_blocks=2", "model.quantize=nf4"], r"offload_blocks with model\.quantize=nf4"),
+    ],
+)
+def test_offloading_what_cannot_be_offloaded_is_refused_before_loading(overrides, match):
+    from tuner.checks import validate
+
+    with pytest.raises(ConfigError, match=match):
+        validate(compose("quickstart", overrides))
+
+
+def test_more_blocks_than_the_denoiser_has_are_refused_with_the_count(tmp_path, tiny_pipeline_dir):
+    with pytest.raises(ConfigError, match=r"train\.offload_blocks=999: this unet has \d+ blocks.*at most \d+"):
+        train_in_process(tmp_path, tiny_pipeline_dir, "train.offload_blocks=999")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_block_offload_gives_the_same_adapters_in_every_family(tmp_path, tiny, name, checkpointing):
+    """Every block of each family's denoiser offloaded, the encoders parked: the same LoRA after 2 steps."""
+    from peft.utils import get_peft_model_state_dict
+
+    both = [
+        f"model={name}", "data.resolution=32", "train.max_steps=2",
+        f"train.gradient_checkpointing={str(checkpointing).lower()}",
+        *(["model.max_sequence_length=32"] if name in ("flux", "sd3") else []),
+    ]  # fmt: skip
+    plain = train_in_process(tmp_path, tiny(name), *both, name="plain")
+    every = len(blocks_of(plain.components.denoiser, plain.family.OFFLOAD_BLOCKS))
+    offload = [f"train.offload_blocks={every}", "model.offload_frozen=true"]
+    off = train_in_process(tmp_path, tiny(name), *both, *offload, name="off")
+    assert set(off.metrics["offload_frozen"]["modules"]) == {"vae", *off.components.text_encoders}
+    a = get_peft_model_state_dict(plain.components.denoiser)
+    b = get_peft_model_state_dict(off.components.denoiser)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
