@@ -182,12 +182,21 @@ class Run:
         """The base model's diffusers folder, as the base stage resolved it."""
         return self.result(Base).folder
 
+    @property
+    def offload_frozen(self) -> bool:
+        """``model.offload_frozen``, resolved: null is on where the device is an accelerator."""
+        m = self.cfg.model
+        return self.accelerator.device.type != "cpu" if m.offload_frozen is None else m.offload_frozen
+
     @cached_property
     def components(self):
+        """The base model, on the device; with ``model.offload_frozen`` in host memory until a stage asks for
+        parts of it (the train stage: the encoders to cache their outputs, then the denoiser), so the denoiser
+        and the text encoders are never on the device together before sampling needs them."""
         c = self.family.load(self.base, self.cfg.model.prediction_type, self.cfg.model.allow_pickle)
         self._quantize(c)
         for module in c.modules().values():
-            module.to(self.accelerator.device)
+            module.to("cpu" if self.offload_frozen else self.accelerator.device)
         return c
 
     def _quantize(self, c) -> None:
@@ -207,6 +216,9 @@ class Run:
 
     @cached_property
     def pipe(self):
+        """The family's pipeline of the run's modules, all of them on the device."""
+        for module in self.components.modules().values():
+            module.to(self.accelerator.device)
         return self.family.pipeline(self.components)
 
     def sample_with(self, pipe, jobs, call: dict) -> torch.Tensor:

@@ -127,8 +127,15 @@ def train(run: Run) -> Adapted:
     torch.manual_seed(cfg.seed)
     what = _set_up_model(run)
     in_step = what.text_encoder_trains or cfg.data.shuffle_tags  # the text encoder runs in every step
+    parked = _frozen_parts(run, in_step)
+    if parked is not None:  # the encoders on the device while they encode, then in host memory
+        parked.unpark()
     sets, texts = _sample_sets(run, in_step)
-    parked = _park_frozen(run, in_step)
+    if parked is not None:
+        parked.park()
+    for name, module in c.modules().items():  # what runs in the steps, on the device
+        if parked is None or name not in parked.modules:
+            module.to(accelerator.device)
     if t.scale_lr:
         for group in what.groups:
             group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
@@ -185,14 +192,13 @@ def _set_up_model(run: Run) -> trainables.Trainables:
     return what
 
 
-def _park_frozen(run: Run, in_step: bool) -> Parked | None:
+def _frozen_parts(run: Run, in_step: bool) -> Parked | None:
     """``model.offload_frozen``: the VAE (and the text encoders, when their outputs are cached) in host memory
     while the loop runs."""
-    m, device, c = run.cfg.model, run.accelerator.device, run.components
-    if not (device.type != "cpu" if m.offload_frozen is None else m.offload_frozen):
+    if not run.offload_frozen:
         return None
-    parked = Parked({"vae": c.vae} | ({} if in_step else dict(c.text_encoders)), device)
-    parked.park()
+    c = run.components
+    parked = Parked({"vae": c.vae} | ({} if in_step else dict(c.text_encoders)), run.accelerator.device)
     run.metrics["offload_frozen"] = {"modules": list(parked.modules), "gib": round(parked.bytes / 2**30, 4)}
     if run.is_main:
         names = ", ".join(parked.modules)
