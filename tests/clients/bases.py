@@ -26,14 +26,15 @@ class RealWidths:
     head_channels: int | None  # SD2's fixed 64-channel heads; SD1.5: 8 heads at every level
     sd2: bool  # linear projections in the transformers, GELU, v-prediction
 
-    def text_config(self, **extra):
+    def text_config(self, layers: int | None = None, **extra):
+        """The CLIP's config; ``layers`` cuts its depth (for InvokeAI alone, which reads the folder's configs)."""
         from transformers import CLIPTextConfig
 
         return CLIPTextConfig(
             vocab_size=49408,
             hidden_size=self.context,
             intermediate_size=4 * self.context,
-            num_hidden_layers=self.text_layers,
+            num_hidden_layers=layers or self.text_layers,
             num_attention_heads=self.text_heads,
             max_position_embeddings=TOKENS,
             bos_token_id=BOS,
@@ -64,10 +65,12 @@ def tiny_vae():
     )
 
 
-def build(family: str, folder: Path, seed: int = 0) -> Path:
-    """The family's pipeline at real widths (one ResNet per U-Net block), a character tokenizer."""
+def build(family: str, folder: Path, seed: int = 0, text_layers: int | None = None) -> Path:
+    """The family's pipeline at real widths (one ResNet per U-Net block), a character tokenizer; the text
+    encoders at their real depth, or ``text_layers`` deep where no client builds them from its own config
+    (InvokeAI reads the folder's: only ComfyUI needs them whole)."""
     if family == "sdxl":
-        return build_sdxl(folder, seed)
+        return build_sdxl(folder, seed, text_layers)
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
@@ -98,7 +101,7 @@ def build(family: str, folder: Path, seed: int = 0) -> Path:
     )
     pipe = StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(w.text_config()),
+        text_encoder=CLIPTextModel(w.text_config(text_layers)),
         tokenizer=char_tokenizer(TOKENS),
         unet=unet,
         scheduler=scheduler,
@@ -127,13 +130,13 @@ def inputs(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_sdxl(folder: Path, seed: int = 0) -> Path:
+def build_sdxl(folder: Path, seed: int = 0, text_layers: int | None = None) -> Path:
     """SDXL's U-Net at its real widths and block structure (two ResNets per block, no attention at the top
     level, 64-channel heads, 2048-wide context, the text_time embedding) with transformer depths 1 and 2 where
     SDXL has 2 and 10: the depths of Segmind's SDXL distillation Vega, which ComfyUI knows (``Segmind_Vega``, a
     subclass of its SDXL: the same model class, CLIPs and LoRA names). CLIP-L and OpenCLIP-bigG at their full
     size (ComfyUI builds its 12- and 32-layer text encoders from its own configs and reads SDXL's penultimate
-    layer of each): 1.7 B parameters in all, 6.7 GB in fp32."""
+    layer of each): 1.7 B parameters in all, 6.7 GB in fp32; or ``text_layers`` deep for InvokeAI alone."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -156,12 +159,12 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
         projection_class_embeddings_input_dim=2816,
     )
     vae = tiny_vae()
-    clip_l = RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False).text_config()
+    clip_l = RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False)
     clip_g = RealWidths(context=1280, text_layers=32, text_heads=20, head_channels=None, sd2=True)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(clip_l),
-        text_encoder_2=CLIPTextModelWithProjection(clip_g.text_config(projection_dim=1280)),
+        text_encoder=CLIPTextModel(clip_l.text_config(text_layers)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_g.text_config(text_layers, projection_dim=1280)),
         tokenizer=char_tokenizer(TOKENS),
         tokenizer_2=char_tokenizer(TOKENS),
         unet=unet,

@@ -1,0 +1,488 @@
+"""Plan the device memory of a LoRA run, per family, at the real models' widths.
+
+    python tools/bench_memory.py                       # the plan table of every family's target settings
+    python tools/bench_memory.py --check               # and the method's check: 3 units planned from 1 and 2
+    python tools/bench_memory.py --family flux --resolution 512 --quantize nf4 --offload-blocks 0
+
+How: each family's denoiser is built at its real widths (hidden sizes, heads, channels) with its repeated
+unit cut to 1 and 2 (Flux: a double- and two single-stream blocks, 19 of them in Flux.1; SDXL: one layer of
+each of the six 1280-wide transformers, 10 in SDXL; SD3: a joint block, 24 in SD3-medium; SD1.5 is
+measured whole). Its tensors are fake (PyTorch's FakeTensorMode: shapes and dtypes, no memory, no compute),
+so the real widths cost nothing; one training step runs on them (tuner's LoRA targets, bf16 autocast, the
+frozen base in bf16 or NF4, gradient checkpointing) and every tensor the step creates is counted while it
+lives: the step's peak (activations, transients, gradients, optimizer state) beyond the weights held.
+Weights and step peak are linear in the unit count; the plan extrapolates them to the real depth.
+
+The planned peak is the larger of the two phases of a run with ``model.offload_frozen`` (on by default on
+a GPU): the frozen encoders caching their outputs (text encoders and VAE as held; their activations are
+not counted), then the steps (the denoiser as held, less the blocks ``train.offload_blocks`` keeps in host
+memory plus the two it holds at a time, its LoRA, the step's peak). It is what
+``torch.cuda.max_memory_allocated`` would report: the CUDA context (about 0.5 GB) and the allocator's
+slack come on top. NF4 weights take the bytes bitsandbytes holds (measured on one layer here); a
+dequantized NF4 weight lives only inside its layer's call, counted as one layer's bf16 weight.
+
+On a GPU (``--gpu``) the same reduced models also run one real step there, and the table prints
+``torch.cuda.max_memory_allocated`` of it beside the plan of that depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GB = 1e9  # the published figures are in GB
+
+
+class StepMemory(TorchDispatchMode):
+    """Counts the bytes of every storage created inside it while the storage lives; ``peak`` is the most at
+    once. Storages that existed before (weights, inputs, optimizer state) are not counted."""
+
+    def __init__(self, existing: list[torch.Tensor]):
+        super().__init__()
+        self.known = {id(t.untyped_storage()) for t in existing}
+        self.keep = [t.untyped_storage() for t in existing]  # their ids stay theirs
+        self.refs: dict[int, weakref.ref] = {}
+        self.live = self.peak = 0
+
+    def _gone(self, key: int, size: int) -> None:
+        self.live -= size
+        self.refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in self.known or key in self.refs:
+                continue
+            size = storage.nbytes()
+            self.refs[key] = weakref.ref(storage, lambda _, key=key, size=size: self._gone(key, size))
+            self.live += size
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+@dataclass
+class Setting:
+    resolution: int
+    batch: int = 1
+    rank: int = 16
+    quantize: str | None = None  # the denoiser's frozen linear layers: nf4 | int8 | None (bf16)
+    quantize_text_encoders: str | None = None
+    checkpointing: bool = True
+    offload_blocks: int = 0
+    targets: str = "attn_ff"
+
+
+@dataclass
+class Spec:
+    """A family's real widths: ``build(units)`` the denoiser with ``units`` of its repeated unit, ``real``
+    the units the real model has (None: built whole), its inputs, and its frozen encoders."""
+
+    name: str
+    build: callable
+    real: int | None
+    inputs: callable
+    encoders: callable
+    unit: str = ""
+    blocks: tuple[str, ...] = ()
+    published: dict = field(default_factory=dict)
+
+
+def _unet_sd15(units):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+
+
+def _unet_sdxl(units):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, units),
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+    )
+
+
+def _flux(units):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        in_channels=64, num_layers=units, num_single_layers=2 * units, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )  # fmt: skip
+
+
+def _sd3(units):
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, num_layers=units, attention_head_dim=64,
+        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+    )  # fmt: skip
+
+
+def _unet_inputs(context: int, added: bool):
+    def make(s: Setting, dtype):
+        side = s.resolution // 8
+        x = {
+            "sample": torch.randn(s.batch, 4, side, side, dtype=dtype),
+            "timestep": torch.randint(0, 1000, (s.batch,)),
+            "encoder_hidden_states": torch.randn(s.batch, 77, context, dtype=dtype),
+        }
+        if added:
+            x["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(s.batch, 1280, dtype=dtype),
+                "time_ids": torch.randn(s.batch, 6, dtype=dtype),
+            }
+        return x
+
+    return make
+
+
+def _flux_inputs(s: Setting, dtype):
+    tokens = (s.resolution // 16) ** 2
+    return {
+        "hidden_states": torch.randn(s.batch, tokens, 64, dtype=dtype),
+        "encoder_hidden_states": torch.randn(s.batch, 512, 4096, dtype=dtype),
+        "pooled_projections": torch.randn(s.batch, 768, dtype=dtype),
+        "timestep": torch.rand(s.batch),
+        "img_ids": torch.zeros(tokens, 3),
+        "txt_ids": torch.zeros(512, 3),
+        "guidance": torch.ones(s.batch),
+    }
+
+
+def _sd3_inputs(s: Setting, dtype):
+    side = s.resolution // 8
+    return {
+        "hidden_states": torch.randn(s.batch, 16, side, side, dtype=dtype),
+        "encoder_hidden_states": torch.randn(s.batch, 333, 4096, dtype=dtype),
+        "pooled_projections": torch.randn(s.batch, 2048, dtype=dtype),
+        "timestep": torch.rand(s.batch) * 1000,
+    }
+
+
+def _clip(width, layers, heads, projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                            num_attention_heads=heads, projection_dim=1280)  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _t5_xxl():
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def _vae(latent_channels=4):
+    from diffusers import AutoencoderKL
+
+    blocks = 4
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=latent_channels,
+    )  # fmt: skip
+
+
+SPECS = {
+    "sd15": Spec("sd15", _unet_sd15, None, _unet_inputs(768, False), lambda: [_clip(768, 12, 12), _vae()],
+                 "the whole U-Net", ("ResnetBlock2D", "BasicTransformerBlock"),
+                 {"SD1.5 LoRA 512 px target": "<= 3 GB"}),
+    "sdxl": Spec("sdxl", _unet_sdxl, 10, _unet_inputs(2048, True),
+                 lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True), _vae()],
+                 "a layer of each 1280-wide transformer", ("ResnetBlock2D", "BasicTransformerBlock"),
+                 {"SDXL LoRA 1024 px target": "<= 6 GB"}),
+    "flux": Spec("flux", _flux, 19, _flux_inputs, lambda: [_clip(768, 12, 12), _t5_xxl(), _vae(16)],
+                 "1 double + 2 single blocks", ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
+                 {"Flux LoRA r16 512 px target": "<= 8 GB NF4, <= 5 GB offloaded",
+                  "diffusers QLoRA (4090)": "~9 GB", "diffusers bf16 LoRA": "~26 GB",
+                  "SimpleTuner bf16/int8/nf4": ">30 / 18 / 9 GB", "kohya fp8 + 28 blocks swapped": "8 GB",
+                  "OneTrainer offloaded 512 px": "6 GB"}),
+    "sd3": Spec("sd3", _sd3, 24, _sd3_inputs,
+                lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True), _t5_xxl(), _vae(16)],
+                "a joint block", ("JointTransformerBlock",)),
+}  # fmt: skip
+
+
+def quantized_bytes_per_value(kind: str) -> float:
+    """The bytes bitsandbytes holds per weight value of a layer tuner quantizes (measured on a real layer)."""
+    from tuner.models.quantize import quantize_linears
+
+    layer = torch.nn.Sequential(torch.nn.Linear(1024, 1024, bias=False))
+    quantize_linears(layer, kind, torch.device("cpu"), torch.bfloat16)
+    held = layer[0].weight
+    size = held.numel() * held.element_size()
+    state = getattr(held, "quant_state", None) or getattr(layer[0].weight, "SCB", None)
+    extra = [state.absmax] if hasattr(state, "absmax") else ([state] if isinstance(state, torch.Tensor) else [])
+    if hasattr(state, "state2") and state.state2 is not None:  # nested (double) quantization of the scales
+        extra += [state.state2.absmax, state.state2.code]
+    size += sum(t.numel() * t.element_size() for t in extra)
+    return size / (1024 * 1024)
+
+
+def held_bytes(module: torch.nn.Module, kind: str | None, rates: dict) -> tuple[int, int]:
+    """(bytes as the run holds them, the largest quantized layer's bf16 bytes) for a frozen module in bf16,
+    its linear layers quantized to ``kind`` where tuner quantizes them."""
+    from tuner.models.quantize import BLOCK
+
+    total = biggest = 0
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            quantized = kind and type(m) is torch.nn.Linear and name == "weight" and p.numel() % BLOCK == 0
+            total += p.numel() * (rates[kind] if quantized else 2)
+            biggest = max(biggest, p.numel() * 2 if quantized else 0)
+    return int(total), biggest
+
+
+def _lora(denoiser, spec: Spec, s: Setting):
+    from peft import inject_adapter_in_model
+
+    from tuner.compose import compose
+    from tuner.models import get_family
+    from tuner.training.trainables import denoiser_target_modules, peft_config
+
+    a = compose("lora", [f"model={spec.name}", f"adapter.rank={s.rank}", f"adapter.targets={s.targets}"]).adapter
+    family = get_family(spec.name, None)
+    targets = denoiser_target_modules(denoiser, a, family)
+    return inject_adapter_in_model(peft_config(a, targets, family.TARGETS_EXCLUDE), denoiser)
+
+
+def _step(denoiser, spec: Spec, s: Setting, device_type: str) -> None:
+    inputs = spec.inputs(s, torch.bfloat16)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = denoiser(**inputs, return_dict=False)[0]
+    out.float().square().mean().backward()
+
+
+def _fake(module: torch.nn.Module, mode) -> None:
+    """``module``'s meta tensors as fake CPU tensors of ``mode`` (in place: fake tensors cannot be ``.to``-ed)."""
+    convert = mode.fake_tensor_converter.from_meta_and_device
+    cpu = torch.device("cpu")
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                with mode:
+                    m._parameters[name] = torch.nn.Parameter(convert(mode, p, cpu), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = convert(mode, b, cpu)
+
+
+def measure(spec: Spec, units: int, s: Setting, rates: dict) -> dict:
+    """Bytes of one reduced model (``units`` of its unit) on fake tensors: weights as held, its LoRA, the
+    step's peak beyond them, the largest offload block, and its dequantized-layer transient."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):  # built and adapted on the meta device, then made fake
+        denoiser = spec.build(units).to(torch.bfloat16).requires_grad_(False)
+        weights, dequantized = held_bytes(denoiser, s.quantize, rates)
+        blocks = [m for m in denoiser.modules() if type(m).__name__ in spec.blocks]
+        block_bytes = [held_bytes(b, s.quantize, rates)[0] for b in blocks]
+        denoiser = _lora(denoiser, spec, s)
+        for p in denoiser.parameters():
+            if p.requires_grad:  # the adapters train in fp32
+                p.data = p.data.float()
+    lora = sum(p.numel() * 4 for p in denoiser.parameters() if p.requires_grad)
+    if s.checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    _fake(denoiser, mode)
+    with mode:
+        trained = [p for p in denoiser.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trained, foreach=False)
+        counter = StepMemory([*denoiser.parameters(), *denoiser.buffers()])
+        with counter:
+            _step(denoiser, spec, s, "cpu")
+            optimizer.step()
+    step = counter.peak + (dequantized if s.quantize else 0)
+    return {"weights": weights, "lora": lora, "step": step, "blocks": sorted(block_bytes)}
+
+
+def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
+    """``torch.cuda.max_memory_allocated`` of one real step of the reduced model (quantized as tuner does)."""
+    from tuner.models.quantize import quantize_linears
+    from tuner.training.offload import BlockOffload, blocks_of, largest
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated()
+    denoiser = spec.build(units).to(torch.bfloat16).requires_grad_(False)
+    if s.quantize:
+        quantize_linears(denoiser, s.quantize, device, torch.bfloat16)
+    denoiser = _lora(denoiser.to(device), spec, s)
+    trained = [p for p in denoiser.parameters() if p.requires_grad]
+    for p in trained:
+        p.data = p.data.float()
+    if s.checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    denoiser.train()
+    offload = None
+    if s.offload_blocks:
+        every = blocks_of(denoiser, spec.blocks)
+        offload = BlockOffload(largest(every, min(s.offload_blocks, len(every))), device, s.checkpointing)
+        offload.install()
+    torch.cuda.reset_peak_memory_stats()  # from here: what the run holds (offloaded blocks already in host memory)
+    optimizer = torch.optim.AdamW(trained)
+    with torch.device(device):
+        _step(denoiser, spec, s, "cuda")
+    optimizer.step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - baseline
+    if offload is not None:
+        offload.remove()
+    del denoiser, optimizer
+    return peak
+
+
+def encoders_bytes(spec: Spec, s: Setting, rates: dict) -> int:
+    """The frozen encoders as held while they cache (text encoders bf16 or quantized, the VAE in fp32)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with torch.device("meta"):
+        *texts, vae = spec.encoders()
+        total = sum(held_bytes(t, s.quantize_text_encoders, rates)[0] for t in texts)
+        return total + sum(p.numel() * 4 for p in vae.parameters())  # tuner keeps the VAE in fp32
+
+
+def plan(spec: Spec, s: Setting, rates: dict, check: bool = False) -> dict:
+    """The planned peak at the real depth, from 1 and 2 units (or the whole model); with ``check`` also the
+    3-unit plan and measurement."""
+    if spec.real is None:
+        real = measure(spec, 1, s, rates)
+        at = {"real": real}
+    else:
+        one, two = measure(spec, 1, s, rates), measure(spec, 2, s, rates)
+
+        def line(n):  # n units: the sums on the line through 1 and 2 units, the unit's blocks n times
+            out = {k: one[k] + (n - 1) * (two[k] - one[k]) for k in ("weights", "lora", "step")}
+            unit = list(two["blocks"])
+            for b in one["blocks"]:
+                unit.remove(b)
+            return out | {"blocks": sorted(one["blocks"] + unit * (n - 1))}
+
+        real = line(spec.real)
+        at = {"real": real, 1: one, 2: two}
+        if check:
+            at["planned 3"], at["measured 3"] = line(3), measure(spec, 3, s, rates)
+    total = {}
+    for key, m in at.items():
+        # train.offload_blocks: the largest blocks in host memory, two of them on the device at a time
+        offloaded = m["blocks"][::-1][: s.offload_blocks]
+        resident = m["weights"] - sum(offloaded) + sum(offloaded[:2])
+        total[key] = {"train": resident + m["lora"] + m["step"], **m, "resident": resident}
+    encode = encoders_bytes(spec, s, rates)
+    return {"at": total, "encode": encode, "peak": max(total["real"]["train"], encode)}
+
+
+ROWS = {  # each family's settings of the issue's targets, and the ways around them
+    "sd15": [Setting(512)],
+    "sdxl": [Setting(1024), Setting(1024, quantize="nf4", quantize_text_encoders="nf4")],
+    "flux": [
+        Setting(512, checkpointing=False),
+        Setting(512),
+        Setting(512, quantize="nf4", quantize_text_encoders="nf4"),
+        Setting(512, quantize_text_encoders="nf4", offload_blocks=57),
+    ],
+    "sd3": [Setting(1024), Setting(1024, quantize="nf4", quantize_text_encoders="nf4")],
+}
+
+
+def describe(s: Setting) -> str:
+    parts = [f"{s.resolution} px", f"b{s.batch}", f"r{s.rank}", s.quantize or "bf16"]
+    if s.quantize_text_encoders:
+        parts.append(f"text {s.quantize_text_encoders}")
+    parts.append("ckpt" if s.checkpointing else "no ckpt")
+    if s.offload_blocks:
+        parts.append(f"offload {s.offload_blocks}")
+    return " ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", action="append", choices=list(SPECS), help="default: every family")
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--quantize", choices=["nf4", "int8"])
+    parser.add_argument("--quantize-text-encoders", choices=["nf4", "int8"])
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--offload-blocks", type=int, default=0)
+    parser.add_argument("--check", action="store_true", help="plan 3 units from 1 and 2, measure 3 (within 10%%)")
+    parser.add_argument("--gpu", action="store_true", help="also run the reduced models on CUDA")
+    args = parser.parse_args()
+    rates = {kind: quantized_bytes_per_value(kind) for kind in ("nf4", "int8")}
+    families = args.family or list(SPECS)
+    print(f"bytes bitsandbytes holds per weight value: nf4 {rates['nf4']:.4f}, int8 {rates['int8']:.4f}")
+    print("| family | settings | denoiser as held | on device | LoRA | step peak | encode phase | planned peak |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    checks, published = [], {}
+    for name in families:
+        spec = SPECS[name]
+        published |= spec.published
+        settings = ROWS[name]
+        if args.resolution:
+            settings = [Setting(
+                args.resolution, args.batch, args.rank, args.quantize, args.quantize_text_encoders,
+                not args.no_checkpointing, args.offload_blocks,
+            )]  # fmt: skip
+        for i, s in enumerate(settings):
+            p = plan(spec, s, rates, check=args.check and i == 0 and spec.real is not None)
+            r = p["at"]["real"]
+            print(
+                f"| {name} | {describe(s)} | {r['weights'] / GB:.2f} GB | {r['resident'] / GB:.2f} GB | "
+                f"{r['lora'] / GB:.3f} GB | {r['step'] / GB:.2f} GB | {p['encode'] / GB:.2f} GB | "
+                f"**{p['peak'] / GB:.2f} GB** |"
+            )
+            if "measured 3" in p["at"]:
+                planned, measured = p["at"]["planned 3"]["train"], p["at"]["measured 3"]["train"]
+                checks.append((name, spec.unit, s, planned, measured))
+            if args.gpu and torch.cuda.is_available() and spec.real is not None:
+                for units in (1, 2):
+                    got = measure_gpu(spec, units, s)
+                    want = p["at"][units]["train"]
+                    print(f"|  | {units} unit(s) on {torch.cuda.get_device_name()} | max_memory_allocated "
+                          f"{got / GB:.2f} GB | plan {want / GB:.2f} GB | | | | |")  # fmt: skip
+    if published:
+        print("\npublished figures (peak device memory, as their authors measured it):")
+        for what, value in published.items():
+            print(f"  {what}: {value}")
+    failed = False
+    for name, unit, s, planned, measured in checks:
+        off = planned / measured - 1
+        failed |= abs(off) > 0.10
+        print(f"check {name} ({unit}, {describe(s)}): 3 units planned from 1 and 2 {planned / GB:.3f} GB, "
+              f"measured {measured / GB:.3f} GB, {off:+.1%}")  # fmt: skip
+    if failed:
+        sys.exit("the plan is more than 10% off the measured figure")
+
+
+if __name__ == "__main__":
+    main()
