@@ -28,7 +28,6 @@ On a GPU (``--gpu``) the same reduced models also run one real step there, and t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -364,7 +363,6 @@ def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
 
 def encoders_bytes(spec: Spec, s: Setting, rates: dict) -> int:
     """The frozen encoders as held while they cache (text encoders bf16 or quantized, the VAE in fp32)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
 
     with torch.device("meta"):
         *texts, vae = spec.encoders()
