@@ -33,7 +33,10 @@ def fresh_pipeline(family, folder):
     return pipe
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+E2E = pytest.mark.e2e  # the rest of a family matrix: pytest -m e2e (the fast tier keeps one U-Net and one flow family)
+
+
+@pytest.mark.parametrize("name", [pytest.param(f, marks=E2E) if f in ("sd2", "sd3") else f for f in FAMILIES])
 def test_dreambooth_lora_exports_reload_through_the_family_pipeline(tmp_path, tiny, name, caplog):
     """Each LoRA file the family writes (diffusers', and kohya's where the family has it) loads through the
     family's own pipeline with no key left over and draws the trained model's image."""
@@ -167,7 +170,7 @@ def test_sdxl_time_ids_are_the_pipelines(tiny):
         torch.testing.assert_close(got[row : row + 1], expected)
 
 
-@pytest.mark.parametrize("name", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("name", ["sd15", pytest.param("sd2", marks=E2E), pytest.param("sdxl", marks=E2E)])
 def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images(tmp_path, tiny, name):
     from safetensors.torch import save_file
 

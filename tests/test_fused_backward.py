@@ -46,7 +46,7 @@ def test_each_tensor_steps_as_its_gradient_arrives_and_the_gradient_is_freed(nam
     fused.remove()
 
 
-@pytest.mark.parametrize("method", ["adapter=full", "adapter=partial_unet"])
+@pytest.mark.parametrize("method", [pytest.param("adapter=full", marks=pytest.mark.e2e), "adapter=partial_unet"])
 def test_a_fused_backward_fine_tune_ends_with_the_weights_of_the_ordinary_one(tmp_path, tiny_pipeline_dir, method):
     settings = [method, "train.max_grad_norm=0", "export.formats=[merged]", "train.max_steps=4"]
     plain = train_in_process(tmp_path, tiny_pipeline_dir, *settings, name="plain")
@@ -60,6 +60,7 @@ def test_a_fused_backward_fine_tune_ends_with_the_weights_of_the_ordinary_one(tm
     assert not any(p._post_accumulate_grad_hooks for p in fused.components.unet.parameters())
 
 
+@pytest.mark.e2e
 def test_a_fused_backward_run_resumes_exactly(tmp_path, tiny_pipeline_dir):
     settings = ["adapter=partial_unet", "train.max_grad_norm=0", "train.fused_backward=true", "train.max_steps=4"]
     whole = train_in_process(tmp_path, tiny_pipeline_dir, *settings, "checkpoints.every=2", name="whole")

@@ -43,7 +43,7 @@ REFERENCE = {
     "flow_unipc": ("UniPCMultistepScheduler", FLOW_SIGMAS),
 }
 # the default tier draws each family's default and one other sampler (about 6 s); -m e2e draws the rest
-QUICK = {("sd15", "dpm++"), ("sd2", "euler_a"), ("sdxl", "unipc"), ("flux", "flow_dpm++"), ("sd3", "flow_heun")}
+QUICK = {("sd3", "flow_heun")}  # beside each family's first: the rest of the matrix is -m e2e
 CASES = [
     pytest.param(f, s, marks=() if s == OFFERED[f][0] or (f, s) in QUICK else pytest.mark.e2e)
     for f in OFFERED
@@ -138,6 +138,7 @@ def test_a_sampler_given_too_few_steps_is_refused_before_loading(tmp_path):
         validate(cfg)
 
 
+@pytest.mark.e2e  # the SDXL refiner
 def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path, tiny):
     """generate.refiner: the base draws the first 80% of the steps, the refiner the rest (diffusers' own split)."""
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -184,6 +185,7 @@ def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
         validate(compose("lora", gallery))
 
 
+@pytest.mark.e2e  # the SDXL refiner
 def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny):
     """Base and refiner draw one image: its previews are numbered over both, the last is the image."""
     from tuner.models.tiny import make_tiny_sdxl_refiner
@@ -199,6 +201,7 @@ def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny
     assert np.abs(last - got).max() <= 1 / 255 + 1e-6
 
 
+@pytest.mark.e2e  # the SDXL refiner
 def test_the_gallery_with_a_refiner_draws_what_diffusers_base_lora_and_refiner_draw(tmp_path, tiny):
     """sample.refiner: each gallery image, base and fine-tuned, is the SDXL base's first 80% of the steps and
     the refiner's rest; the fine-tuned row as diffusers draws it with the exported LoRA."""

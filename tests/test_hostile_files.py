@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from tests.helpers import ROOT, make_photos, train_in_process
 from tuner.__main__ import main
 
+pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
+
 
 def tree(folder: Path) -> dict[str, str]:
     """sha256 (and mode) of every file under ``folder``, by relative path."""

@@ -21,6 +21,8 @@ from tests.helpers import PROMPT, train_in_process
 from tuner.__main__ import main
 from tuner.training import checkpoint_files, checkpoints
 
+pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
+
 SETTINGS = [
     "adapter.rank=4",
     "adapter.alpha=4",

@@ -9,6 +9,8 @@ from tuner.checks import validate
 from tuner.compose import compose
 from tuner.config import SEED_MAX
 
+pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
+
 PROMPT = "a photo of sks ball"
 
 

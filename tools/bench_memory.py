@@ -107,20 +107,9 @@ def _unet_sd15(units):
 
 
 def _unet_sdxl(units):
-    from diffusers import UNet2DConditionModel
+    from tuner.models.tiny import sdxl_unet
 
-    return UNet2DConditionModel(
-        block_out_channels=(320, 640, 1280),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, units),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
+    return sdxl_unet((1, 2, units))
 
 
 def _flux(units):

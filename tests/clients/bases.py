@@ -137,27 +137,14 @@ def build_sdxl(folder: Path, seed: int = 0, text_layers: int | None = None) -> P
     subclass of its SDXL: the same model class, CLIPs and LoRA names). CLIP-L and OpenCLIP-bigG at their full
     size (ComfyUI builds its 12- and 32-layer text encoders from its own configs and reads SDXL's penultimate
     layer of each): 1.7 B parameters in all, 6.7 GB in fp32; or ``text_layers`` deep for InvokeAI alone."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from tuner.export.formats import legacy_text_encoder_keys
-    from tuner.models.tiny import char_tokenizer
+    from tuner.models.tiny import char_tokenizer, sdxl_unet
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-    )
+    unet = sdxl_unet((1, 1, 2), sample_size=8)
     vae = tiny_vae()
     clip_l = RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False)
     clip_g = RealWidths(context=1280, text_layers=32, text_heads=20, head_channels=None, sd2=True)

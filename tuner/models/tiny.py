@@ -235,6 +235,28 @@ def build_sdxl(seed: int = 0) -> dict:
     }
 
 
+def sdxl_unet(transformer_layers: tuple[int, int, int] = (1, 2, 10), **extra):
+    """SDXL's U-Net at its real widths and block structure (no attention at the 320-wide level, 64-channel
+    heads, the 2048-wide context, the text_time embedding), ``transformer_layers`` deep per level (SDXL's
+    own: 2 and 10 at the two attention levels). For the clients' bases and the memory plan."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=transformer_layers,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        **extra,
+    )
+
+
 def make_tiny_sdxl_refiner(folder: Path, base: Path, seed: int = 0) -> Path:
     """A tiny SDXL refiner beside a tiny SDXL base (``base``, its VAE, second encoder and tokenizer): a U-Net
     over the second encoder only, with SDXL-refiner's five time ids (sizes, crop, aesthetic score)."""
