@@ -155,3 +155,42 @@ def test_block_offload_gives_the_same_adapters_in_every_family(tmp_path, tiny, n
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_the_vae_encodes_big_images_alone_and_the_latents_do_not_depend_on_the_batch(tiny_pipeline_dir):
+    """The encode phase's memory: at most 1024 x 1024 pixels go through the VAE at once (its activations grow
+    with the pixels), and batching never changes a latent."""
+    from diffusers import AutoencoderKL
+
+    from tuner.training.batches import encode_batch, encode_latent_dist
+
+    assert [encode_batch(n, n) for n in (1024, 768, 512, 256, 64)] == [1, 1, 4, 16, 64]
+    assert encode_batch(2048, 2048) == 1 and encode_batch(1024, 512) == 2
+    vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir / "vae")
+    images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(5)]
+    images += [torch.rand(3, 48, 32) * 2 - 1]  # another size: a batch of its own
+    alone = encode_latent_dist(vae, images, batch_size=1)
+    together = encode_latent_dist(vae, images)
+    for a, b in zip(alone.mean, together.mean):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_captions_are_encoded_a_few_at_a_time_to_what_one_batch_gives(tiny):
+    """The encode phase's memory on the text side: PROMPTS_AT_ONCE captions at a time (T5-XXL's activations at
+    512 tokens are large), each caption's embeddings those of one batch of all of them (SDXL: two encoders)."""
+    import contextlib
+
+    from tuner.models import get_family
+    from tuner.stages.train import PROMPTS_AT_ONCE, encode_captions
+
+    family = get_family("sdxl")
+    c = family.load(tiny("sdxl"))
+    texts = [f"a photo of sks {word}" for word in "ball cat dog cup hat box car sun map pen key"]
+    assert len(texts) > PROMPTS_AT_ONCE
+    items = encode_captions(family, c, texts, contextlib.nullcontext)
+    with torch.no_grad():
+        whole = family.encode_prompts(c, texts)
+    assert len(items) == len(texts) and set(items[0]) == set(whole)
+    for i, item in enumerate(items):
+        for key, value in item.items():
+            torch.testing.assert_close(value, whole[key][i], rtol=1e-5, atol=1e-6, msg=f"{i} {key}")

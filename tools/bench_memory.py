@@ -211,7 +211,7 @@ SPECS = {
                  "1 double + 2 single blocks", ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
                  {"Flux LoRA r16 512 px target": "<= 8 GB NF4, <= 5 GB offloaded",
                   "diffusers QLoRA (4090)": "~9 GB", "diffusers bf16 LoRA": "~26 GB",
-                  "SimpleTuner bf16/int8/nf4": ">30 / 18 / 9 GB", "kohya fp8 + 28 blocks swapped": "8 GB",
+                  "SimpleTuner bf16/int8/int4/nf4": ">30 / 18 / 13 / 9 GB", "kohya fp8 + 28 blocks swapped": "8 GB",
                   "OneTrainer offloaded 512 px": "6 GB"}),
     "sd3": Spec("sd3", _sd3, 24, _sd3_inputs,
                 lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True), _t5_xxl(), _vae(16)],
@@ -350,13 +350,38 @@ def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
     return peak
 
 
-def encoders_bytes(spec: Spec, s: Setting, rates: dict) -> int:
-    """The frozen encoders as held while they cache (text encoders bf16 or quantized, the VAE in fp32)."""
+def encode_phase(spec: Spec, s: Setting, rates: dict) -> dict:
+    """The frozen encoders while they cache: their weights as held (text encoders bf16 or quantized, the VAE in
+    fp32), plus the larger of their activations, measured on fake tensors: the VAE encoding the images tuner
+    encodes at once at this resolution, the text encoders a batch of captions at their lengths."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from tuner.stages.train import PROMPTS_AT_ONCE
+    from tuner.training.batches import encode_batch
 
     with torch.device("meta"):
         *texts, vae = spec.encoders()
-        total = sum(held_bytes(t, s.quantize_text_encoders, rates)[0] for t in texts)
-        return total + sum(p.numel() * 4 for p in vae.parameters())  # tuner keeps the VAE in fp32
+        for t in texts:
+            t.to(torch.bfloat16)
+    weights = sum(held_bytes(t, s.quantize_text_encoders, rates)[0] for t in texts)
+    weights += sum(p.numel() * 4 for p in vae.parameters())  # tuner keeps the VAE in fp32
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    peaks = []
+    for module in (*texts, vae):
+        _fake(module, mode)
+        with mode, torch.no_grad():
+            counter = StepMemory([*module.parameters(), *module.buffers()])
+            if module is vae:
+                images = torch.randn(encode_batch(s.resolution, s.resolution), 3, s.resolution, s.resolution)
+                with counter:
+                    module.encode(images)
+            else:
+                length = 512 if module.config.model_type == "t5" else 77  # T5: the pipelines' longest
+                ids = torch.zeros(PROMPTS_AT_ONCE, length, dtype=torch.long)
+                with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+                    module(input_ids=ids, output_hidden_states=True)
+        peaks.append(counter.peak)
+    return {"weights": weights, "activations": max(peaks), "total": weights + max(peaks)}
 
 
 def plan(spec: Spec, s: Setting, rates: dict, check: bool = False) -> dict:
@@ -385,7 +410,7 @@ def plan(spec: Spec, s: Setting, rates: dict, check: bool = False) -> dict:
         offloaded = m["blocks"][::-1][: s.offload_blocks]
         resident = m["weights"] - sum(offloaded) + sum(offloaded[:2])
         total[key] = {"train": resident + m["lora"] + m["step"], **m, "resident": resident}
-    encode = encoders_bytes(spec, s, rates)
+    encode = encode_phase(spec, s, rates)["total"]
     return {"at": total, "encode": encode, "peak": max(total["real"]["train"], encode)}
 
 

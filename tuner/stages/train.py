@@ -23,6 +23,9 @@ from tuner.training.loop import Training, TrainResult
 from tuner.training.monitor import start as start_monitor
 from tuner.training.offload import BlockOffload, Parked, blocks_of, largest
 
+# captions the text encoders encode at once: T5-XXL's activations at 512 tokens are large (tools/bench_memory.py)
+PROMPTS_AT_ONCE = 8
+
 
 def _resume_from(run: Run) -> Path | None:
     """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
@@ -263,16 +266,9 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
     if in_step:
         rows = run.family.tokenize(c, texts)
     else:
-
-        def encode_rows(ids):
-            with accelerator.autocast():
-                rows = tree_map(lambda x: x.cpu(), run.family.encode_prompts(c, [texts[i] for i in ids]))
-            if isinstance(rows, torch.Tensor):
-                return [{"embeds": row} for row in rows]
-            return [{k: v[i] for k, v in rows.items()} for i in range(len(ids))]
-
         folder = run.dir / "cache" / f"prompts-{cache_key(*texts, *depends)}"
-        items = shared_cache(folder, len(texts), encode_rows, accelerator)
+        encode = lambda ids: encode_captions(run.family, c, [texts[i] for i in ids], accelerator.autocast)  # noqa: E731
+        items = shared_cache(folder, len(texts), encode, accelerator)
         rows = {k: torch.stack([item[k] for item in items]) for k in items[0]}
         rows = rows["embeds"] if list(rows) == ["embeds"] else rows
     d = cfg.data
@@ -284,6 +280,20 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
         for latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
     ]
     return sets, texts
+
+
+def encode_captions(family, c, texts: list[str], autocast) -> list[dict[str, torch.Tensor]]:
+    """Each caption's embeddings (a dict per caption, on the host), ``PROMPTS_AT_ONCE`` captions at a time."""
+    items = []
+    for start in range(0, len(texts), PROMPTS_AT_ONCE):
+        part = texts[start : start + PROMPTS_AT_ONCE]
+        with autocast():
+            rows = tree_map(lambda x: x.cpu(), family.encode_prompts(c, part))
+        if isinstance(rows, torch.Tensor):
+            items += [{"embeds": row} for row in rows]
+        else:
+            items += [{k: v[i] for k, v in rows.items()} for i in range(len(part))]
+    return items
 
 
 def _checkpointing(run: Run, sets: list[SampleSet]) -> Checkpointing:

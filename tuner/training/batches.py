@@ -208,12 +208,22 @@ def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generato
     return parts
 
 
+ENCODE_PIXELS = 1024 * 1024  # pixels the VAE encodes at once: one 1024 px image, 4 at 512, at most 64
+
+
+def encode_batch(height: int, width: int) -> int:
+    """How many images of this size the VAE encodes at once: its activations grow with the pixels (about
+    1.5 GB for one 1024 px image in fp32), so a big image goes alone, which keeps a small GPU's encode phase
+    small (see tools/bench_memory.py)."""
+    return max(1, min(64, ENCODE_PIXELS // (height * width)))
+
+
 @torch.no_grad()
-def encode_latent_dist(vae, images, batch_size: int = 64, desc: str | None = None) -> LatentCache:
+def encode_latent_dist(vae, images, batch_size: int | None = None, desc: str | None = None) -> LatentCache:
     """Encode images in [-1, 1] once; the VAE never runs inside the training loop.
 
     ``images``: an (N, 3, H, W) tensor, or a list of (3, H, W) tensors of several sizes (encoded in
-    batches of one size each).
+    batches of one size each, ``batch_size`` or ``encode_batch``'s for the size).
     """
     device = next(vae.parameters()).device
     images = list(images)
@@ -221,7 +231,12 @@ def encode_latent_dist(vae, images, batch_size: int = 64, desc: str | None = Non
     for i, image in enumerate(images):
         by_size.setdefault(tuple(image.shape), []).append(i)
     means, stds = [None] * len(images), [None] * len(images)
-    chunks = [ids[k : k + batch_size] for ids in by_size.values() for k in range(0, len(ids), batch_size)]
+    chunks = [
+        ids[k : k + n]
+        for size, ids in by_size.items()
+        for n in [batch_size or encode_batch(*size[-2:])]
+        for k in range(0, len(ids), n)
+    ]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         batch = torch.stack([images[i] for i in chunk]).to(device, vae.dtype)
         dist = vae.encode(batch).latent_dist
