@@ -158,14 +158,14 @@ def test_block_offload_gives_the_same_adapters_in_every_family(tmp_path, tiny, n
 
 
 def test_the_vae_encodes_big_images_alone_and_the_latents_do_not_depend_on_the_batch(tiny_pipeline_dir):
-    """The encode phase's memory: at most 1024 x 1024 pixels go through the VAE at once (its activations grow
+    """The encode phase's memory: at most 512 x 512 pixels go through the VAE at once (its activations grow
     with the pixels), and batching never changes a latent."""
     from diffusers import AutoencoderKL
 
     from tuner.training.batches import encode_batch, encode_latent_dist
 
-    assert [encode_batch(n, n) for n in (1024, 768, 512, 256, 64)] == [1, 1, 4, 16, 64]
-    assert encode_batch(2048, 2048) == 1 and encode_batch(1024, 512) == 2
+    assert [encode_batch(n, n) for n in (1024, 768, 512, 256, 128, 64)] == [1, 1, 1, 4, 16, 64]
+    assert encode_batch(2048, 2048) == 1 and encode_batch(512, 256) == 2
     vae = AutoencoderKL.from_pretrained(tiny_pipeline_dir / "vae")
     images = [torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(5)]
     images += [torch.rand(3, 48, 32) * 2 - 1]  # another size: a batch of its own

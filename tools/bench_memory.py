@@ -376,10 +376,10 @@ def encode_phase(spec: Spec, s: Setting, rates: dict) -> dict:
                 with counter:
                     module.encode(images)
             else:
-                length = 512 if module.config.model_type == "t5" else 77  # T5: the pipelines' longest
-                ids = torch.zeros(PROMPTS_AT_ONCE, length, dtype=torch.long)
+                t5 = module.config.model_type == "t5"  # at the pipelines' longest prompt, its last state read
+                ids = torch.zeros(PROMPTS_AT_ONCE, 512 if t5 else 77, dtype=torch.long)
                 with counter, torch.autocast("cpu", dtype=torch.bfloat16):
-                    module(input_ids=ids, output_hidden_states=True)
+                    module(input_ids=ids, output_hidden_states=not t5)
         peaks.append(counter.peak)
     return {"weights": weights, "activations": max(peaks), "total": weights + max(peaks)}
 

@@ -208,13 +208,13 @@ def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generato
     return parts
 
 
-ENCODE_PIXELS = 1024 * 1024  # pixels the VAE encodes at once: one 1024 px image, 4 at 512, at most 64
+ENCODE_PIXELS = 512 * 512  # pixels the VAE encodes at once: one 512 px image, 4 at 256, at most 64
 
 
 def encode_batch(height: int, width: int) -> int:
-    """How many images of this size the VAE encodes at once: its activations grow with the pixels (about
-    1.5 GB for one 1024 px image in fp32), so a big image goes alone, which keeps a small GPU's encode phase
-    small (see tools/bench_memory.py)."""
+    """How many images of this size the VAE encodes at once: its activations grow with the pixels (0.7 GB for
+    one 512 px image in fp32, 2.7 GB at 1024 px), so images of 512 px and more go alone, which keeps a small
+    GPU's encode phase small (see tools/bench_memory.py)."""
     return max(1, min(64, ENCODE_PIXELS // (height * width)))
 
 
