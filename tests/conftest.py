@@ -1,4 +1,5 @@
 import gc
+import os
 from pathlib import Path
 
 import diffusers  # noqa: F401  (imported here, before the freeze below)
@@ -12,6 +13,24 @@ from tests.helpers import SMALL, run_tuner
 # every full garbage collection walks them: accelerate's free_memory() at each training run's end took 0.4 s
 # here. Frozen, collections walk only what the tests make.
 gc.freeze()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _session_home(tmp_path_factory):
+    """A $TUNER_HOME for the session when none is set (runs of module fixtures cache their frozen outputs
+    there, not in ~/.cache/tuner)."""
+    if not os.environ.get("TUNER_HOME"):
+        os.environ["TUNER_HOME"] = str(tmp_path_factory.mktemp("session-home"))
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _own_home(request, tmp_path_factory, monkeypatch):
+    """Each test its own $TUNER_HOME (so its own cache of frozen outputs: tests do not see each other's
+    encodings); the slow tier keeps the caller's, which may hold a built digits base."""
+    if "slow" not in request.keywords:
+        monkeypatch.setenv("TUNER_HOME", str(tmp_path_factory.mktemp("home")))
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ Every run here is real: ``python -m torch.distributed.run`` starts the workers, 
 process group, run DistributedDataParallel through accelerate and write one run folder.
 """
 
+import json
 import os
 import signal
 import socket
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 
 from tests.helpers import make_photos
 from tuner.training.batches import Batch, merge_by_shape
+from tuner.training.cache import read_index
 from tuner.training.checkpoint_files import find
 
 pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
@@ -112,8 +114,6 @@ def test_two_processes_at_batch_2_train_as_one_process_at_batch_4(runs):
     tmp, _, two = runs
     assert_close(adapter(tmp / "two"), adapter(tmp / "one"), atol=1e-6)
     assert any(k.startswith("text_encoder.") for k in adapter(tmp / "two"))
-    import json
-
     one_summary = json.loads((tmp / "one" / "summary.json").read_text())
     two_summary = json.loads((tmp / "two" / "summary.json").read_text())
     assert two_summary["processes"] == 2
@@ -122,15 +122,18 @@ def test_two_processes_at_batch_2_train_as_one_process_at_batch_4(runs):
     # the missing class images were generated once, split between the ranks, never overwriting the user's
     assert sorted(p.name for p in (tmp / "classes").glob("class_*.png")) == ["class_00000.png", "class_00001.png"]
     assert len(list((tmp / "classes").glob("photo_*.png"))) == 4
-    # frozen outputs: each rank encoded its share into its own file (the prompts are not frozen outputs here:
-    # the text encoder trains)
-    assert not list((tmp / "two" / "cache").glob("prompts-*"))
-    for kind in ("latents-instance", "latents-class"):
-        [folder] = (tmp / "two" / "cache").glob(f"{kind}-*")
-        parts = sorted(p.name for p in folder.iterdir())
-        assert parts == ["part-000-of-002.safetensors", "part-001-of-002.safetensors"], parts
-        ids = [{k.split("/")[0] for k in load_file(folder / p)} for p in parts]
-        assert ids[0] and ids[1] and not ids[0] & ids[1]
+    # frozen outputs: each rank encoded its share of the missing latents into a shard of its own, in the cache
+    # every run shares ($TUNER_HOME/cache); the class folder's 4 photos are the instance photos, found there, so
+    # only the 2 generated class images were encoded for the class set. The one-process run encoded nothing.
+    # (The prompts are not frozen outputs here: the text encoder trains.)
+    cache = tmp / "home" / "cache"
+    assert not list(cache.glob("prompts-*")) and not (tmp / "two" / "cache").exists()
+    assert two_summary["metrics"]["cache"]["encoded"] == {"latents-instance": 4, "latents-class": 2}
+    assert one_summary["metrics"]["cache"]["encoded"] == {"latents-instance": 0, "latents-class": 0}
+    [store] = cache.glob("latents-*")
+    shards = [set(read_index(p)[0]) for p in store.glob("*.safetensors")]
+    assert sorted(map(len, shards)) == [1, 1, 2, 2]  # instance: 2 per rank; class: 1 per rank
+    assert len(set().union(*shards)) == 6
     # rank 0 alone wrote the outputs; rank 1 left once nothing more needed it
     assert "rank 1: done; rank 0 goes on with export" in two.text
     assert two.text.count("== tuner dreambooth_lora: done") == 1
@@ -183,13 +186,13 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint_
     assert "resume with:" in text and "ChildFailedError" not in text
     state = torch.load(stopped / "state.pt", weights_only=True)
     assert len(state["ranks"]) == 2  # each rank's RNG and running loss
-    caches = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")}
 
     again = torchrun([*args, "train.batch_size=2", f"output_dir={run}", "checkpoints.every=5", "resume=auto"], tmp, "r")
     assert again.wait() == 0, again.text[-3000:]
     assert f"resumed from {stopped} at step {step} of 30" in again.text
     assert_close(adapter(run), adapter(tmp / "two"), atol=0)  # bit for bit the uninterrupted run
-    assert {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")} == caches  # read, not redone
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["metrics"]["cache"]["encoded"].values()) == {0}  # read, not redone
 
 
 def test_accelerate_launch_with_the_multi_gpu_config_runs_the_same_training(runs):

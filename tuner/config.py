@@ -320,6 +320,16 @@ class CheckpointsConfig:
 
 
 @dataclass
+class CacheConfig:
+    """The frozen outputs (latents, caption embeddings) every run and rank shares (tuner/training/cache.py)."""
+
+    # where: null: $TUNER_HOME/cache (a filesystem all machines mount, for several)
+    dir: str | None = None
+    # remove the least recently used entries beyond this many GB (null: keep all)
+    max_gb: float | None = None
+
+
+@dataclass
 class TunerConfig:
     # the name of the recipe; set by recipe=NAME
     recipe: str = MISSING
@@ -337,6 +347,7 @@ class TunerConfig:
     # write into an output_dir that holds an earlier run (its files may be replaced)
     overwrite: bool = False
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     subject: SubjectConfig = field(default_factory=SubjectConfig)

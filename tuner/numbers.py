@@ -116,6 +116,7 @@ NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
     (("base.caption_dropout", "data.caption_dropout"), _share, "a share in [0, 1), e.g. 0.1"),
     (("checkpoints.every",), _at_least(0), "0 or more steps (0: only on a stop signal), e.g. 500"),
     (("checkpoints.keep",), _at_least(1), "at least 1 (the newest are kept), e.g. 2"),
+    (("cache.max_gb",), _or_null(_at_least(0)), "a size in GB, e.g. 200, or null to keep every entry"),
     (("seed", "base.seed", "subject.seed", "prior.seed", "eval.seed", "generate.seed"), _seed, SEED_FIX),
     (("sample.seeds[*]", "validation.seeds[*]"), _seed, SEED_FIX),
 )

@@ -220,3 +220,40 @@ def process(item: Item, s: DataConfig, seed: int, cache: Path | None = None) -> 
         return {"name": item.name, "reason": str(why)}
     except Exception as e:  # one odd file must never abort the whole dataset
         return {"name": item.name, "reason": f"unreadable ({type(e).__name__})"}
+
+
+class NearDuplicates:
+    """dHashes kept so far, and whether a new one is within ``bits`` differing bits of any of them.
+
+    Two 64-bit hashes that differ in at most ``bits`` bits agree exactly on at least one of ``bits + 1``
+    disjoint bands of their bits (pigeonhole), so each kept hash is filed under each band's value and a new
+    one is compared only with those sharing a band: the same answer as comparing every pair, without
+    comparing every pair.
+    """
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        n = min(bits + 1, 64)
+        edges = [64 * k // n for k in range(n + 1)]
+        self.bands = [(lo, (1 << (hi - lo)) - 1) for lo, hi in zip(edges, edges[1:])]
+        self.tables: list[dict[int, list[int]]] = [{} for _ in self.bands]
+        self.kept = 0
+
+    def near(self, h: int) -> bool:
+        """Whether ``h`` is within ``bits`` of a kept hash."""
+        if self.bits >= 64:
+            return self.kept > 0
+        for (lo, mask), table in zip(self.bands, self.tables):
+            for other in table.get((h >> lo) & mask, ()):
+                if (other ^ h).bit_count() <= self.bits:
+                    return True
+        return False
+
+    def add(self, h: int) -> bool:
+        """Keep ``h`` unless it is near a kept hash; returns whether it was near (and so not kept)."""
+        if self.near(h):
+            return True
+        for (lo, mask), table in zip(self.bands, self.tables):
+            table.setdefault((h >> lo) & mask, []).append(h)
+        self.kept += 1
+        return False

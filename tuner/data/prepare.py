@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tuner.config import DataConfig
-from tuner.data.images import Rejected, image_key, process
+from tuner.data.images import NearDuplicates, Rejected, image_key, process
 from tuner.data.sources import Source, read_source
 from tuner.files import atomic_dir, write_atomic
 
@@ -150,26 +150,21 @@ def prepare(
     columns = ("image", "caption", "source", "sha256", "original_size", "crop", "bucket", "mask", "repeats", "weight")
     rows: dict[str, list] = {k: [] for k in columns}
     seen: dict[str, str] = {}
-    kept_hashes: list[tuple[int, str]] = []
+    near = NearDuplicates(d.near_duplicate_bits)  # banded: not every pair compared
     for item, result in zip(items, results):
         try:
             if "reason" in result:
                 raise Rejected(result["reason"])
             if result["sha256"] in seen:
                 raise Rejected("duplicate")
-            if d.near_duplicate_bits:
-                near = next(
-                    (n for h, n in kept_hashes if bin(h ^ result["dhash"]).count("1") <= d.near_duplicate_bits),
-                    None,
-                )
-                if near is not None:
-                    raise Rejected("near-duplicate")
+            if d.near_duplicate_bits and near.near(result["dhash"]):
+                raise Rejected("near-duplicate")
             caption = _caption_text(result["caption"], item.default_caption, d, default_caption)
         except Rejected as why:
             report.reject(item.name, str(why))
             continue
         seen[result["sha256"]] = item.name
-        kept_hashes.append((result["dhash"], item.name))
+        near.add(result["dhash"])
         mask = {"bytes": result["mask"], "path": None} if result["mask"] else None
         values = (
             {"bytes": result["png"], "path": None},

@@ -178,6 +178,11 @@ class Run:
         return Path(self.cfg.home or os.environ.get("TUNER_HOME") or "~/.cache/tuner").expanduser()
 
     @property
+    def cache_dir(self) -> Path:
+        """Where frozen outputs are cached for every run (``cache.dir``, else $TUNER_HOME/cache)."""
+        return Path(self.cfg.cache.dir).expanduser() if self.cfg.cache.dir else self.home / "cache"
+
+    @property
     def base(self) -> Path:
         """The base model's diffusers folder, as the base stage resolved it."""
         return self.result(Base).folder

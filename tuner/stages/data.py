@@ -138,23 +138,52 @@ def class_images(run: Run) -> None:
     run.outputs["class_images"] = str(folder)
 
 
-def images_of(dataset) -> list[torch.Tensor]:
-    """A prepared dataset's images as float tensors (3, H, W) in [-1, 1]; sizes differ with buckets."""
+def images_of(dataset, ids: list[int] | None = None) -> list[torch.Tensor]:
+    """A prepared dataset's images (all, or those at ``ids``) as float tensors (3, H, W) in [-1, 1]; sizes differ
+    with buckets."""
+    rows = dataset.select_columns(["image"]) if ids is None else dataset.select_columns(["image"]).select(ids)
     return [
-        torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for img in dataset["image"]
+        torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for img in rows["image"]
     ]
 
 
-def latent_masks(dataset, latents) -> list[torch.Tensor] | None:
-    """Per-image loss masks (1, h, w) in [0, 1], area-averaged to each latent's grid; None when no image has one."""
-    if all(m is None for m in dataset["mask"]):
-        return None
-    masks = []
-    for i, mask in enumerate(dataset["mask"]):
-        size = latents.shape(i)[-2:]
+def _undecoded(dataset, column: str):
+    import datasets
+
+    return dataset.select_columns([column]).cast_column(column, datasets.Image(decode=False))
+
+
+def image_keys(dataset) -> list[str]:
+    """Each image's key in the cache of latents: a hash of its standardized bytes, crop and sizes (read, not
+    decoded)."""
+    sizes = dataset.select_columns(["crop", "bucket", "original_size"])
+    return [
+        hashlib.sha256(row["image"]["bytes"] + json.dumps(size, sort_keys=True).encode()).hexdigest()
+        for row, size in zip(_undecoded(dataset, "image"), sizes)
+    ]
+
+
+class LatentMasks:
+    """Per-image loss masks (1, h, w) in [0, 1], area-averaged to each latent's grid, decoded when a batch
+    draws the image (the dataset stays on disk)."""
+
+    def __init__(self, dataset, latents):
+        self.masks, self.latents = dataset.select_columns(["mask"]), latents
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        size = self.latents.shape(i)[-2:]
+        mask = self.masks[int(i)]["mask"]
         if mask is None:
-            masks.append(torch.ones(1, *size))
-            continue
+            return torch.ones(1, *size)
         pixels = torch.from_numpy(np.array(mask.convert("L"))).float()[None, None] / 255.0
-        masks.append(torch.nn.functional.interpolate(pixels, size=size, mode="area")[0])
-    return masks
+        return torch.nn.functional.interpolate(pixels, size=size, mode="area")[0]
+
+
+def latent_masks(dataset, latents) -> LatentMasks | None:
+    """The images' loss masks (``LatentMasks``); None when no image has one."""
+    if all(row["mask"] is None for row in _undecoded(dataset, "mask")):
+        return None
+    return LatentMasks(dataset, latents)

@@ -4,6 +4,9 @@ caption embeddings), then the loop (tuner/training/loop.py), checkpoints and res
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from pathlib import Path
 
 import torch
@@ -13,11 +16,11 @@ from tuner.data.prepare import load_prepared
 from tuner.distributed import decide
 from tuner.errors import ConfigError
 from tuner.models.base import tree_map
-from tuner.stages.context import Adapted, Run, cache_key, stage
-from tuner.stages.data import images_of, latent_masks
+from tuner.stages.context import Adapted, Run, stage
+from tuner.stages.data import image_keys, images_of, latent_masks
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
-from tuner.training.cache import shared as shared_cache
+from tuner.training.cache import Store, cached, fingerprint
 from tuner.training.checkpoints import Checkpointing
 from tuner.training.loop import Training, TrainResult
 from tuner.training.monitor import start as start_monitor
@@ -118,7 +121,7 @@ def _check_fused_backward(t) -> None:
         raise ConfigError(f"train.fused_backward=true needs {'; and '.join(broken)}")
 
 
-@stage(after=("base", "prepare"), writes=("cache", "checkpoints", "logs", "validation"), check=_check_train)
+@stage(after=("base", "prepare"), writes=("checkpoints", "logs", "validation"), check=_check_train)
 def train(run: Run) -> Adapted:
     """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
 
@@ -151,7 +154,13 @@ def train(run: Run) -> Adapted:
             what.groups,
             run.family.objective(c),
             # train.batch_size is each process's: every rank draws the global batch and trains on its slice
-            next_batch=lambda generator: draw_batch(sets, t.batch_size * accelerator.num_processes, generator),
+            next_batch=lambda generator: draw_batch(
+                sets,
+                t.batch_size * accelerator.num_processes,
+                generator,
+                accelerator.process_index,
+                accelerator.num_processes,
+            ),
             t=t,
             seed=cfg.seed,
             desc=f"train {', '.join(g['name'] for g in what.groups)}",
@@ -234,31 +243,31 @@ def _block_offload(run: Run) -> BlockOffload | None:
 
 def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
     """The instance set (and the class set, with prior preservation), their latents and captions encoded
-    once and cached in the run folder, keyed by what they depend on (see tuner/training/cache.py).
+    once into the shared cache (tuner/training/cache.py), where any run finds them again by content.
 
     Returns the sets and the distinct captions (the empty one last, for caption dropout).
     """
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
-    loaded = []
+    loaded, report, started = [], {"entries": {}, "encoded": {}}, time.perf_counter()
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
-    depends = [str(run.base), accelerator.mixed_precision, cfg.train.vae_dtype]
+    vae_dtype = next(c.vae.parameters()).dtype
+    latents_store = Store(run.cache_dir, f"latents-{fingerprint('latents', str(vae_dtype), modules=[c.vae])}")
     for role, weight in roles:
         if not (run.dir / "data" / role / "dataset").is_dir():
             raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
         dataset = load_prepared(run.dir / "data" / role)
-        data_key = (run.dir / "data" / role / "fingerprint").read_text()
-        images, desc = images_of(dataset), f"encode {role}" if run.is_main else None
-        latents = LatentCache.from_items(
-            shared_cache(
-                run.dir / "cache" / f"latents-{role}-{cache_key(data_key, *depends)}",
-                len(images),
-                lambda ids: encode_latent_dist(c.vae, [images[i] for i in ids], desc=desc).items(),  # noqa: B023
-                accelerator,
-            ),
-            c.vae.config.scaling_factor,
-            c.vae.config.get("shift_factor") or 0.0,
+        entries, report["encoded"][f"latents-{role}"] = cached(
+            latents_store,
+            image_keys(dataset),
+            lambda ids: encode_latent_dist(c.vae, images_of(dataset, ids)).items(),  # noqa: B023
+            accelerator,
+            f"{role} latents",
+            cfg.cache.max_gb,
         )
+        report["entries"][f"latents-{role}"] = len(entries)
+        scaling, shift = c.vae.config.scaling_factor, c.vae.config.get("shift_factor") or 0.0
+        latents = LatentCache(entries.column("mean"), entries.column("std"), float(scaling), float(shift))
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), latent_masks(dataset, latents))
         loaded.append((latents, captions, weight, *per_image, run.family.image_cond(dataset)))
@@ -266,11 +275,18 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
     if in_step:
         rows = run.family.tokenize(c, texts)
     else:
-        folder = run.dir / "cache" / f"prompts-{cache_key(*texts, *depends)}"
+        store = Store(run.cache_dir, f"prompts-{_prompts_fingerprint(run)}")
+        keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
         encode = lambda ids: encode_captions(run.family, c, [texts[i] for i in ids], accelerator.autocast)  # noqa: E731
-        items = shared_cache(folder, len(texts), encode, accelerator)
-        rows = {k: torch.stack([item[k] for item in items]) for k in items[0]}
-        rows = rows["embeds"] if list(rows) == ["embeds"] else rows
+        entries, report["encoded"]["prompts"] = cached(store, keys, encode, accelerator, "captions", cfg.cache.max_gb)
+        report["entries"]["prompts"] = len(entries)
+        names = list(entries.slots[0])
+        rows = entries.column("embeds") if names == ["embeds"] else {k: entries.column(k) for k in names}
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    run.metrics["cache"] = report | {"dir": str(run.cache_dir)}
+    if run.is_main:
+        counts = ", ".join(f"{k} {report['encoded'][k]} of {n}" for k, n in report["entries"].items())
+        print(f"[tuner] cache: encoded {counts} in {report['seconds']:.1f} s ({run.cache_dir})", flush=True)
     d = cfg.data
     cond = Captions(
         texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
@@ -280,6 +296,19 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
         for latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
     ]
     return sets, texts
+
+
+def _prompts_fingerprint(run: Run) -> str:
+    """What a caption's embeddings depend on besides its text: the family, its text encoders' weights and
+    tokenizers, the precision they run in, the prompt length and the encoders' quantization."""
+    c, m = run.components, run.cfg.model
+    settings = {"max_sequence_length": m.max_sequence_length, "quantize_text_encoders": m.quantize_text_encoders}
+    vocabularies = [
+        hashlib.sha256(json.dumps(sorted(t.get_vocab().items())).encode()).hexdigest() for t in c.tokenizers.values()
+    ]
+    precision = run.accelerator.mixed_precision
+    encoders = list(c.text_encoders.values())
+    return fingerprint("prompts", m.family, settings, vocabularies, precision, modules=encoders)
 
 
 def encode_captions(family, c, texts: list[str], autocast) -> list[dict[str, torch.Tensor]]:

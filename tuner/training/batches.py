@@ -18,6 +18,7 @@ from tuner.config import TrainConfig
 from tuner.data.buckets import BucketSampler
 from tuner.models.base import Cond, tree_cat, tree_map
 from tuner.models.objectives import draw_noise
+from tuner.training.cache import Column
 
 
 @dataclass
@@ -58,10 +59,30 @@ class Batch:
         if world == 1:
             return self
         n = len(self.latents)
-        start, stop = rank * n // world, (rank + 1) * n // world
-        part = self._map(lambda t: t[start:stop] if stop > start else t[:1])
-        part.weights = part.weights * world if stop > start else torch.zeros_like(part.weights)
+        rows = rows_of(n, rank, world)
+        part = self._map(lambda t: t[rows.start : rows.stop])
+        part.weights = part.weights * world if rank * n // world < (rank + 1) * n // world else part.weights * 0
         return part
+
+
+def rows_of(n: int, rank: int, world: int) -> range:
+    """The rows of a global batch of ``n`` that ``Batch.shard`` gives this rank (row 0 when it has none)."""
+    start, stop = rank * n // world, (rank + 1) * n // world
+    return range(start, stop) if stop > start else range(0, 1)
+
+
+def take(rows, index: torch.Tensor, keep: range | None = None) -> torch.Tensor:
+    """``rows[index]`` stacked, from a tensor or from the cache (tuner/training/cache.py); with ``keep`` only
+    those positions are read and the others are zeros: another rank's rows, which ``Batch.shard`` drops."""
+    if isinstance(rows, torch.Tensor):
+        return rows[index]
+    ids = index.tolist()
+    read = {k: rows[ids[k]] for k in (range(len(ids)) if keep is None else keep)}
+    first = next(iter(read.values()))
+    out = torch.zeros((len(ids), *first.shape), dtype=first.dtype)
+    for k, row in read.items():
+        out[k] = row
+    return out
 
 
 def merge_by_shape(parts: list[Batch]) -> list[Batch]:
@@ -81,37 +102,27 @@ def merge_by_shape(parts: list[Batch]) -> list[Batch]:
 class LatentCache:
     """Posterior mean and std of each image; a training latent is a fresh sample of it, scaled.
 
-    ``mean`` and ``std`` are (N, C, h, w) tensors, or lists of per-image tensors when images come in
-    several sizes (aspect-ratio buckets).
+    ``mean`` and ``std`` are (N, C, h, w) tensors, lists of per-image tensors when images come in several
+    sizes (aspect-ratio buckets), or columns of the cache, read when a batch draws them.
     """
 
-    mean: torch.Tensor | list[torch.Tensor]
-    std: torch.Tensor | list[torch.Tensor]
+    mean: torch.Tensor | list[torch.Tensor] | Column
+    std: torch.Tensor | list[torch.Tensor] | Column
     scaling_factor: float
     shift_factor: float = 0.0  # the VAE's (Flux, SD3): latents are (sample - shift) * scale
 
-    def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if isinstance(self.mean, torch.Tensor):
-            mean, std = self.mean[index], self.std[index]
-        else:
-            mean = torch.stack([self.mean[i] for i in index.tolist()])
-            std = torch.stack([self.std[i] for i in index.tolist()])
+    def sample(self, index: torch.Tensor, generator: torch.Generator | None = None, keep: range | None = None):
+        """Latents of the images at ``index``; with ``keep``, only those rows are read (see ``take``)."""
+        mean, std = take(self.mean, index, keep), take(self.std, index, keep)
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return (mean + std * eps - self.shift_factor) * self.scaling_factor
 
     def shape(self, i: int) -> tuple[int, ...]:
-        return tuple(self.mean[i].shape)
+        return self.mean.shape(i) if isinstance(self.mean, Column) else tuple(self.mean[i].shape)
 
     def items(self) -> list[dict[str, torch.Tensor]]:
         """Per image: {"mean", "std"} (to store, see tuner/training/cache.py)."""
         return [{"mean": self.mean[i], "std": self.std[i]} for i in range(len(self))]
-
-    @classmethod
-    def from_items(cls, items: list[dict[str, torch.Tensor]], scaling_factor: float, shift_factor: float = 0.0):
-        means, stds = [x["mean"] for x in items], [x["std"] for x in items]
-        if len({tuple(m.shape) for m in means}) == 1:  # one size: whole tensors
-            return cls(torch.stack(means), torch.stack(stds), float(scaling_factor), float(shift_factor))
-        return cls(means, stds, float(scaling_factor), float(shift_factor))
 
     def __len__(self) -> int:
         return len(self.mean)
@@ -134,12 +145,12 @@ class Captions:
     keep: int = 1
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
 
-    def lookup(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def lookup(self, index: torch.Tensor, generator: torch.Generator, keep: range | None = None) -> Cond:
         if self.dropout:
             dropped = torch.rand(len(index), generator=generator) < self.dropout
             index = torch.where(dropped, torch.full_like(index, len(self.texts) - 1), index)
         if not self.shuffle:
-            return tree_map(lambda rows: rows[index], self.rows)
+            return tree_map(lambda rows: take(rows, index, keep), self.rows)
         return self.tokenize([self._shuffled(self.texts[i], generator) for i in index.tolist()])
 
     def _shuffled(self, text: str, generator: torch.Generator) -> str:
@@ -175,33 +186,35 @@ class SampleSet:
             self.sampler = BucketSampler(shapes, self.repeats or [1] * n)
 
 
-def draw_batch(sets: list[SampleSet], batch_size: int, generator: torch.Generator) -> list[Batch]:
+def draw_batch(
+    sets: list[SampleSet], batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1
+) -> list[Batch]:
     """The next ``batch_size`` images of each set's epoch: one ``Batch`` per set, instance first.
 
     Each set draws from its own shuffled epochs, one bucket per batch, so every image appears once
     per repeat. A sample's loss weight is its set's weight times its own over the batch it came in,
     so the loss is ``mean(instance losses) + prior_weight * mean(class losses)``, DreamBooth's
     prior-preserving loss. With several processes ``batch_size`` is the global batch (every rank draws
-    the same, then trains on its slice); ``merge_by_shape`` joins sets of one size for one U-Net call.
+    the same, then trains on its slice, ``rank`` of ``world``: only that slice's latents and captions are
+    read from the cache); ``merge_by_shape`` joins sets of one size for one U-Net call.
     """
     parts = []
     with_masks = any(s.mask is not None for s in sets)
     for s in sets:
         pick = torch.tensor(s.sampler.next(generator, batch_size))
-        latents = s.latents.sample(pick, generator)
+        keep = rows_of(len(pick), rank, world) if world > 1 else None
+        latents = s.latents.sample(pick, generator, keep)
         weights = torch.full((len(pick),), s.weight / len(pick))
         if s.image_weight is not None:
             weights = weights * s.image_weight[pick]
         mask = None
         if with_masks:  # a set without masks counts everywhere
-            mask = (
-                torch.ones_like(latents[:, :1]) if s.mask is None else torch.stack([s.mask[i] for i in pick.tolist()])
-            )
+            mask = torch.ones_like(latents[:, :1]) if s.mask is None else take(s.mask, pick, keep)
         index = s.caption[pick]
         if isinstance(s.cond, Captions):
-            cond = s.cond.lookup(index, generator)
+            cond = s.cond.lookup(index, generator, keep)
         else:
-            cond = tree_map(lambda rows, index=index: rows[index], s.cond)
+            cond = tree_map(lambda rows, index=index, keep=keep: take(rows, index, keep), s.cond)
         if s.image_cond is not None:
             cond = {**cond, **{k: v[pick] for k, v in s.image_cond.items()}}
         parts.append(Batch(latents, cond, weights, mask))

@@ -1,63 +1,308 @@
-"""Frozen outputs (image latents, prompt embeddings) computed once per run, shared through a folder.
+"""Frozen outputs (image latents, caption embeddings) in one content-addressed store, shared by runs and ranks.
 
-With several processes each rank computes its share of the items (rank r takes items r, r+N, ...),
-writes them to its own file ``part-R-of-N.safetensors`` (written whole, then renamed), and after a
-barrier every rank reads every part: no rank computes another's items and no two ranks write one
-file. The folder is named by what the items depend on, so a resumed run (or a rerun on the same
-data and model) reads it back instead of computing again.
+Where: ``cache.dir``, by default ``$TUNER_HOME/cache`` (a filesystem every machine mounts, for several).
+One folder per encoder: ``latents-<VAE fingerprint>``, ``prompts-<text encoders fingerprint>`` (their
+weights, dtype and settings, ``fingerprint``). In it, shards: safetensors files of many entries, each entry
+named by the hash of its input (an image's standardized bytes, crop and size; a caption's text), so a
+second run on the same images encodes nothing, wherever its run folder is, and one changed image encodes
+only itself.
+
+A shard is written whole and renamed into place, and named by the entries it holds, so runs writing the
+same entries at once write the same file: a reader sees a whole shard or none. Its header keeps each entry's
+sha256; a run checks the entries it uses once, and an entry that fails its hash (or a shard that cannot be
+read) is encoded again, never a crash. ``cache.max_gb`` evicts the least recently used shards.
+
+The training process holds an index (entry -> file, offset), not the data: a batch reads its entries from
+the files (``Entries``), each rank only the rows of its own slice.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from tuner.distributed import barrier, decide
 from tuner.files import write_atomic
 
-PART = re.compile(r"part-(\d+)-of-(\d+)\.safetensors")
+SHARD = re.compile(r"[0-9a-f]{32}\.safetensors")
+SHARD_BYTES = 256 * 2**20  # an encoding process writes a shard each time this much is encoded
+ITEMS_AT_ONCE = 64  # items handed to the encoder per call (it batches them further itself)
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
-def complete_parts(folder: Path) -> list[Path] | None:
-    """The part files of one complete write (all N parts of some N), or None."""
-    if not folder.is_dir():
-        return None
-    by_world: dict[int, dict[int, Path]] = {}
-    for path in folder.iterdir():
-        match = PART.fullmatch(path.name)
-        if match:
-            by_world.setdefault(int(match[2]), {})[int(match[1])] = path
-    for world, parts in sorted(by_world.items()):
-        if len(parts) == world:
-            return [parts[r] for r in range(world)]
-    return None
+def fingerprint(*parts, modules: Iterable[torch.nn.Module] = ()) -> str:
+    """A hash of ``parts`` (JSON) and of the modules' weights: every byte of tensors up to 4M values, an even
+    sample of 64K values of larger ones (a fine-tune or merge moves all of a matrix's values; hashing T5-XXL's
+    9.5 GB whole would take 15 s of every run)."""
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode())
+    for module in modules:
+        for name, t in module.state_dict().items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            t = t.detach().reshape(-1)
+            digest.update(f"{name}|{t.dtype}|{t.numel()}".encode())
+            if t.numel() > 4 * 2**20:
+                t = t[:: t.numel() // 2**16]
+            digest.update(_bytes(t))
+    return digest.hexdigest()[:32]
 
 
-def shared(
-    folder: Path, count: int, compute: Callable[[list[int]], list[dict[str, torch.Tensor]]], accelerator
-) -> list[dict[str, torch.Tensor]]:
-    """Items ``0 .. count-1``, each a dict of tensors, from ``folder`` or computed by ``compute(indices)``."""
-    from safetensors.torch import load_file, save
+def _bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
-    parts = decide(accelerator, lambda: complete_parts(folder))
-    if parts is None:
-        rank, world = accelerator.process_index, accelerator.num_processes
-        mine = list(range(rank, count, world))
-        tensors = {}
-        for i, item in zip(mine, compute(mine) if mine else []):
-            tensors.update({f"{i}/{name}": t.contiguous() for name, t in item.items()})
-        path = folder / f"part-{rank:03d}-of-{world:03d}.safetensors"
-        write_atomic(path, save(tensors, metadata={"count": str(count)}))
-        barrier(accelerator)
-        parts = [folder / f"part-{r:03d}-of-{world:03d}.safetensors" for r in range(world)]
-    items: list[dict[str, torch.Tensor]] = [{} for _ in range(count)]
-    for part in parts:
-        for key, tensor in load_file(part).items():
-            i, name = key.split("/", 1)
-            items[int(i)][name] = tensor
-    if any(not item for item in items):
-        raise RuntimeError(f"{folder}: the cache misses items; delete the folder to compute them again")
-    return items
+
+def entry_hash(item: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(item):
+        digest.update(_bytes(item[name]))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where one tensor of an entry lies: a shard file, its byte range, dtype and shape."""
+
+    shard: Path
+    start: int
+    stop: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def read_index(shard: Path) -> tuple[dict[str, dict[str, Slot]], dict[str, str]]:
+    """A shard's entries (key -> name -> Slot) and their hashes, from its header; ValueError if it is damaged."""
+    size = shard.stat().st_size
+    with open(shard, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a header")
+        n = struct.unpack("<Q", head)[0]
+        if n > size - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    if meta.get("format") != "tuner-cache":
+        raise ValueError("not a tuner cache shard")
+    hashes = json.loads(meta["hashes"])
+    entries: dict[str, dict[str, Slot]] = {}
+    for full, info in header.items():
+        key, name = full.split("/", 1)
+        start, stop = info["data_offsets"]
+        if 8 + n + stop > size:
+            raise ValueError("truncated")
+        slot = Slot(shard, 8 + n + start, 8 + n + stop, DTYPES[info["dtype"]], tuple(info["shape"]))
+        entries.setdefault(key, {})[name] = slot
+    if set(entries) != set(hashes):
+        raise ValueError("entries and hashes disagree")
+    return entries, hashes
+
+
+class Entries:
+    """Read access to stored entries, in the order of the keys asked for: ``entries[i]`` is item i's tensors,
+    read from its shard when asked (file reads, nothing mapped into the process)."""
+
+    def __init__(self, slots: list[dict[str, Slot]]):
+        self.slots = slots
+        self._files: dict[Path, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def shape(self, i: int, name: str) -> tuple[int, ...]:
+        return self.slots[i][name].shape
+
+    def read(self, slot: Slot) -> torch.Tensor:
+        fd = self._files.get(slot.shard)
+        if fd is None:
+            fd = self._files[slot.shard] = os.open(slot.shard, os.O_RDONLY)
+        data = bytearray(os.pread(fd, slot.stop - slot.start, slot.start))
+        if not data:
+            return torch.empty(slot.shape, dtype=slot.dtype)
+        return torch.frombuffer(data, dtype=slot.dtype).reshape(slot.shape)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {name: self.read(slot) for name, slot in self.slots[i].items()}
+
+    def column(self, name: str) -> Column:
+        return Column(self, name)
+
+    def close(self) -> None:
+        for fd in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __del__(self):
+        self.close()
+
+
+@dataclass
+class Column:
+    """One named tensor of every entry (``column[i]``, ``column[index_tensor]`` stacked), read when indexed."""
+
+    entries: Entries
+    name: str
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        return self.entries.shape(i, self.name)
+
+    def __getitem__(self, i):
+        if isinstance(i, torch.Tensor) and i.ndim:
+            return torch.stack([self[j] for j in i.tolist()])
+        return self.entries.read(self.entries.slots[int(i)][self.name])
+
+
+class Store:
+    """One encoder's folder of shards (``root/name``)."""
+
+    def __init__(self, root: Path, name: str):
+        self.root, self.dir = Path(root), Path(root) / name
+
+    def shards(self) -> list[Path]:
+        return sorted(p for p in self.dir.glob("*.safetensors") if SHARD.fullmatch(p.name)) if self.dir.is_dir() else []
+
+    def index(self) -> dict[str, tuple[dict[str, Slot], str]]:
+        """Every readable entry: key -> (its slots, its hash). Damaged shards are removed (tuner wrote them)."""
+        found: dict[str, tuple[dict[str, Slot], str]] = {}
+        for shard in self.shards():
+            try:
+                entries, hashes = read_index(shard)
+            except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                print(f"[tuner] cache: {shard} is damaged ({e}); removed, its entries are encoded again", flush=True)
+                shard.unlink(missing_ok=True)
+                continue
+            except FileNotFoundError:  # evicted by another run meanwhile
+                continue
+            for key, slots in entries.items():
+                found[key] = (slots, hashes[key])
+        return found
+
+    def check(self, keys: list[str], desc: str | None = None) -> list[int]:
+        """The positions of the keys with no sound entry: missing, or failing their hash (then removed)."""
+        index, missing, bad = self.index(), [], set()
+        reader = Entries([])
+        try:
+            for i, key in enumerate(tqdm(keys, desc=desc, disable=desc is None or not keys, leave=False)):
+                if key not in index:
+                    missing.append(i)
+                    continue
+                slots, expected = index[key]
+                item = {name: reader.read(slot) for name, slot in slots.items()}
+                if entry_hash(item) != expected:
+                    bad.add(next(iter(slots.values())).shard)
+                    missing.append(i)
+        finally:
+            reader.close()
+        for shard in bad:
+            print(f"[tuner] cache: {shard} holds entries that fail their hash; removed, encoded again", flush=True)
+            shard.unlink(missing_ok=True)
+        if bad:  # the removed shards' other entries are needed again too
+            have = self.index()
+            missing = sorted({*missing, *(i for i, k in enumerate(keys) if k not in have)})
+        return missing
+
+    def open(self, keys: list[str]) -> Entries:
+        index = self.index()
+        lost = [k for k in keys if k not in index]
+        if lost:
+            raise RuntimeError(f"{self.dir}: {len(lost)} cache entries vanished while the run read them (evicted?)")
+        shards = {slot.shard for k in keys for slot in index[k][0].values()}
+        for shard in shards:  # used now: the last to be evicted
+            os.utime(shard)
+        return Entries([index[k][0] for k in keys])
+
+    def write(self, items: dict[str, dict[str, torch.Tensor]]) -> Path:
+        """One shard of these entries, written whole and renamed; named by its keys, so equal writes are equal."""
+        from safetensors.torch import save
+
+        tensors = {f"{k}/{name}": t.contiguous() for k, item in items.items() for name, t in item.items()}
+        hashes = {k: entry_hash(item) for k, item in items.items()}
+        name = hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:32]
+        path = self.dir / f"{name}.safetensors"
+        write_atomic(path, save(tensors, metadata={"format": "tuner-cache", "hashes": json.dumps(hashes)}))
+        return path
+
+
+def evict(root: Path, max_gb: float, keep: set[Path]) -> list[Path]:
+    """Remove the least recently used shards under ``root`` until they hold at most ``max_gb`` (never ``keep``)."""
+    shards = [p for p in Path(root).glob("*/*.safetensors") if SHARD.fullmatch(p.name)]
+    stats = {}
+    for p in shards:
+        try:
+            stats[p] = p.stat()
+        except FileNotFoundError:
+            pass
+    total = sum(s.st_size for s in stats.values())
+    removed = []
+    for p in sorted(stats, key=lambda p: stats[p].st_mtime):
+        if total <= max_gb * 2**30:
+            break
+        if p in keep:
+            continue
+        p.unlink(missing_ok=True)
+        total -= stats[p].st_size
+        removed.append(p)
+    return removed
+
+
+def cached(
+    store: Store,
+    keys: list[str],
+    compute: Callable[[list[int]], list[dict[str, torch.Tensor]]],
+    accelerator,
+    desc: str,
+    max_gb: float | None = None,
+) -> tuple[Entries, int]:
+    """Items ``0 .. len(keys)-1`` from the store, encoding (``compute(positions)``) only the missing ones.
+
+    Rank 0 checks which are missing; each rank encodes its share of those (positions r, r+N, ...), writing a
+    shard every ``SHARD_BYTES``; then every rank opens the index. Returns the entries and how many were encoded.
+    """
+    main = accelerator.is_main_process
+    missing = decide(accelerator, lambda: store.check(keys, f"check {desc}" if main else None))
+    mine = missing[accelerator.process_index :: accelerator.num_processes]
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    size = 0
+    with tqdm(total=len(missing), desc=f"encode {desc}", disable=not main or not missing, leave=False) as bar:
+        for start in range(0, len(mine), ITEMS_AT_ONCE):
+            chunk = mine[start : start + ITEMS_AT_ONCE]
+            for i, item in zip(chunk, compute(chunk)):
+                pending[keys[i]] = item
+                size += sum(t.numel() * t.element_size() for t in item.values())
+            if size >= SHARD_BYTES:
+                store.write(pending)
+                pending, size = {}, 0
+            bar.update(len(chunk) * accelerator.num_processes)
+        if pending:
+            store.write(pending)
+    barrier(accelerator)
+    entries = store.open(keys)
+    if max_gb is not None and main:
+        used = {slot.shard for slots in entries.slots for slot in slots.values()}
+        removed = evict(store.root, max_gb, used)
+        if removed:
+            print(f"[tuner] cache: removed {len(removed)} least recently used shards (cache.max_gb={max_gb})")
+    return entries, len(missing)
