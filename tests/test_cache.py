@@ -99,6 +99,7 @@ def _write_many(root: str, seed: int, times: int) -> None:
         store.write(items(3, seed))
 
 
+@pytest.mark.e2e  # two processes: -m e2e
 def test_concurrent_writers_of_the_same_entries_never_leave_a_broken_shard(tmp_path):
     """Two processes write the same shard over and over while this one reads it: every read is whole."""
     ctx = multiprocessing.get_context("spawn")
@@ -148,6 +149,7 @@ def cache_of(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())["metrics"]["cache"]
 
 
+@pytest.mark.e2e  # five runs: -m e2e
 def test_runs_share_the_cache_and_encode_only_what_changed(tmp_path, tiny_pipeline_dir):
     """Two run folders, one cache: the second encodes nothing; a touched image nothing; a changed pixel one
     latent; other VAE weights every latent again (the captions' embeddings stay)."""

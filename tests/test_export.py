@@ -413,6 +413,7 @@ def test_kohya_file_reloads_for_each_lora_variant(tmp_path, sd15_tiny, case, cap
     np.testing.assert_allclose(draw(pipe), image_of(run, PROMPT), atol=1e-3)
 
 
+@pytest.mark.e2e  # a bf16 run: -m e2e keeps the fast tier under 3 minutes
 def test_bf16_training_exports_merged_weights_on_the_fp32_base(tmp_path, sd15_tiny):
     """Mixed precision stores the frozen U-Net in bf16; the merged export must fuse onto the fp32 base."""
     from diffusers import StableDiffusionPipeline

@@ -153,6 +153,7 @@ def test_a_block_pattern_that_matches_nothing_is_named(tmp_path, tiny_pipeline_d
         train_in_process(tmp_path, tiny_pipeline_dir, "adapter=partial_unet", "adapter.blocks=[{pattern:upblocks.*}]")
 
 
+@pytest.mark.e2e  # two runs: -m e2e keeps the fast tier under 3 minutes
 def test_bf16_keeps_trained_weights_fp32_and_matches_fp32_losses(tmp_path, tiny_pipeline_dir):
     """The frozen U-Net runs in bf16, the LoRA stays fp32; the first losses agree with fp32 within 2%."""
     fp32 = train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=2", name="fp32")
