@@ -182,6 +182,15 @@ def test_runs_share_the_cache_and_encode_only_what_changed(tmp_path, tiny_pipeli
     assert cache_of(tmp_path / "e")["encoded"] == {"latents-instance": 3, "prompts": 0}
     assert not (tmp_path / "e" / "cache").exists()  # nothing in the run folder
 
+    # cache.max_gb=0: everything but what the run reads goes (the first VAE's latents), and it still trains
+    cache = tmp_path / "home" / "cache"
+    before = {p.parent.name for p in cache.glob("*/*.safetensors")}
+    assert len(before) == 3  # two VAEs' latents, one set of prompts
+    train_in_process(tmp_path, other, home, "stages=[base,prepare,train]", "cache.max_gb=0", name="f")
+    assert cache_of(tmp_path / "f")["encoded"] == {"latents-instance": 0, "prompts": 0}
+    after = {p.parent.name for p in cache.glob("*/*.safetensors")}
+    assert len(after) == 2 and after < before
+
 
 @pytest.mark.parametrize("bits", [0, 3, 10, 63])
 def test_banded_near_duplicates_equal_comparing_every_pair(bits):

@@ -39,7 +39,8 @@ def test_dreambooth_lora_on_a_user_model_folder(tmp_path, tiny_pipeline_dir):
     report = json.loads((run / "data" / "instance" / "report.json").read_text())
     assert sorted(report["kept"]) == ["photo_0.png", "photo_1.png", "photo_2.png"]
     assert (run / "gallery" / "grid.png").is_file()
-    assert not (tmp_path / "home").exists()  # a user's model: no embedded base was built
+    assert not (tmp_path / "home" / "bases").exists()  # a user's model: no embedded base was built
+    assert list((tmp_path / "home" / "cache").glob("latents-*/*.safetensors"))  # its latents in the shared cache
     pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
     pipe.load_lora_weights(run / "diffusers")
     with safe_open(str(run / "diffusers" / "pytorch_lora_weights.safetensors"), "pt") as f:

@@ -20,7 +20,7 @@ from tuner.stages.context import Adapted, Run, stage
 from tuner.stages.data import image_keys, images_of, latent_masks
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
-from tuner.training.cache import Store, cached, fingerprint
+from tuner.training.cache import Store, cached, evict, fingerprint
 from tuner.training.checkpoints import Checkpointing
 from tuner.training.loop import Training, TrainResult
 from tuner.training.monitor import start as start_monitor
@@ -249,7 +249,7 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
     """
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
-    loaded, report, started = [], {"entries": {}, "encoded": {}}, time.perf_counter()
+    loaded, opened, report, started = [], [], {"entries": {}, "encoded": {}}, time.perf_counter()
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     vae_dtype = next(c.vae.parameters()).dtype
     latents_store = Store(run.cache_dir, f"latents-{fingerprint('latents', str(vae_dtype), modules=[c.vae])}")
@@ -263,9 +263,9 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
             lambda ids: encode_latent_dist(c.vae, images_of(dataset, ids)).items(),  # noqa: B023
             accelerator,
             f"{role} latents",
-            cfg.cache.max_gb,
         )
         report["entries"][f"latents-{role}"] = len(entries)
+        opened.append(entries)
         scaling, shift = c.vae.config.scaling_factor, c.vae.config.get("shift_factor") or 0.0
         latents = LatentCache(entries.column("mean"), entries.column("std"), float(scaling), float(shift))
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
@@ -278,15 +278,20 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
         store = Store(run.cache_dir, f"prompts-{_prompts_fingerprint(run)}")
         keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
         encode = lambda ids: encode_captions(run.family, c, [texts[i] for i in ids], accelerator.autocast)  # noqa: E731
-        entries, report["encoded"]["prompts"] = cached(store, keys, encode, accelerator, "captions", cfg.cache.max_gb)
+        entries, report["encoded"]["prompts"] = cached(store, keys, encode, accelerator, "captions")
         report["entries"]["prompts"] = len(entries)
         names = list(entries.slots[0])
         rows = entries.column("embeds") if names == ["embeds"] else {k: entries.column(k) for k in names}
+        opened.append(entries)
     report["seconds"] = round(time.perf_counter() - started, 3)
     run.metrics["cache"] = report | {"dir": str(run.cache_dir)}
     if run.is_main:
         counts = ", ".join(f"{k} {report['encoded'][k]} of {n}" for k, n in report["entries"].items())
         print(f"[tuner] cache: encoded {counts} in {report['seconds']:.1f} s ({run.cache_dir})", flush=True)
+        if cfg.cache.max_gb is not None:  # once every store is open: never what this run reads
+            removed = evict(run.cache_dir, cfg.cache.max_gb, keep=set().union(*(e.shards for e in opened)))
+            if removed:
+                print(f"[tuner] cache: removed {len(removed)} least recently used shards (cache.max_gb)", flush=True)
     d = cfg.data
     cond = Captions(
         texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)

@@ -125,6 +125,12 @@ class Entries:
     def __init__(self, slots: list[dict[str, Slot]]):
         self.slots = slots
         self._files: dict[Path, int] = {}
+        for shard in self.shards:  # open now: a shard another run evicts later stays readable here
+            self._files[shard] = os.open(shard, os.O_RDONLY)
+
+    @property
+    def shards(self) -> set[Path]:
+        return {slot.shard for slots in self.slots for slot in slots.values()}
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -229,10 +235,13 @@ class Store:
         lost = [k for k in keys if k not in index]
         if lost:
             raise RuntimeError(f"{self.dir}: {len(lost)} cache entries vanished while the run read them (evicted?)")
-        shards = {slot.shard for k in keys for slot in index[k][0].values()}
-        for shard in shards:  # used now: the last to be evicted
-            os.utime(shard)
-        return Entries([index[k][0] for k in keys])
+        entries = Entries([index[k][0] for k in keys])
+        for shard in entries.shards:  # used now: the last to be evicted
+            try:
+                os.utime(shard)
+            except OSError:  # a cache on a read-only mount
+                pass
+        return entries
 
     def write(self, items: dict[str, dict[str, torch.Tensor]]) -> Path:
         """One shard of these entries, written whole and renamed; named by its keys, so equal writes are equal."""
@@ -247,7 +256,8 @@ class Store:
 
 
 def evict(root: Path, max_gb: float, keep: set[Path]) -> list[Path]:
-    """Remove the least recently used shards under ``root`` until they hold at most ``max_gb`` (never ``keep``)."""
+    """Remove the least recently used shards under ``root`` until they hold at most ``max_gb`` (never ``keep``,
+    the shards the run has open)."""
     shards = [p for p in Path(root).glob("*/*.safetensors") if SHARD.fullmatch(p.name)]
     stats = {}
     for p in shards:
@@ -274,7 +284,6 @@ def cached(
     compute: Callable[[list[int]], list[dict[str, torch.Tensor]]],
     accelerator,
     desc: str,
-    max_gb: float | None = None,
 ) -> tuple[Entries, int]:
     """Items ``0 .. len(keys)-1`` from the store, encoding (``compute(positions)``) only the missing ones.
 
@@ -299,10 +308,4 @@ def cached(
         if pending:
             store.write(pending)
     barrier(accelerator)
-    entries = store.open(keys)
-    if max_gb is not None and main:
-        used = {slot.shard for slots in entries.slots for slot in slots.values()}
-        removed = evict(store.root, max_gb, used)
-        if removed:
-            print(f"[tuner] cache: removed {len(removed)} least recently used shards (cache.max_gb={max_gb})")
-    return entries, len(missing)
+    return store.open(keys), len(missing)
