@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,6 +101,26 @@ def _fingerprint(sources: list[Source], s: DataConfig, default_caption: str, see
     return digest.hexdigest()
 
 
+def _features():
+    import datasets
+
+    pair = datasets.Sequence(datasets.Value("int32"), length=2)
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "source": datasets.Value("string"),
+            "sha256": datasets.Value("string"),
+            "original_size": pair,
+            "crop": pair,
+            "bucket": pair,
+            "mask": datasets.Image(),
+            "repeats": datasets.Value("int32"),
+            "weight": datasets.Value("float32"),
+        }
+    )
+
+
 def prepare(
     sources: list[Source],
     out: str | Path,
@@ -133,73 +155,77 @@ def prepare(
         items += found
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    if d.workers > 1:
-        with ProcessPoolExecutor(d.workers) as pool:
-            n = len(items)
-            results = pool.map(process, items, [d] * n, [seed] * n, [cache] * n, chunksize=8)
-            results = list(tqdm(results, total=len(items), desc=desc, leave=False))
-    else:
-        results = [process(item, d, seed, cache) for item in tqdm(items, desc=desc, leave=False)]
+    report = Report(source=", ".join(str(Path(x.path).expanduser().resolve()) for x in sources))
+    used: set[str] = set()
 
-    used = {f"{r['key']}.json" for r in results if "key" in r}
+    def processed():
+        """Each input's result, in order, one at a time (never all of them in memory)."""
+        if d.workers > 1:
+            with ProcessPoolExecutor(d.workers) as pool:
+                n = len(items)
+                yield from tqdm(
+                    pool.map(process, items, [d] * n, [seed] * n, [cache] * n, chunksize=8),
+                    total=n,
+                    desc=desc,
+                    leave=False,
+                )
+        else:
+            yield from (process(item, d, seed, cache) for item in tqdm(items, desc=desc, leave=False))
+
+    def rows():
+        """The kept images' rows; the report records each input kept or rejected, with its reason."""
+        seen: set[str] = set()
+        near = NearDuplicates(d.near_duplicate_bits)  # banded: not every pair compared
+        for item, result in zip(items, processed()):
+            if "key" in result:
+                used.add(f"{result['key']}.json")
+            try:
+                if "reason" in result:
+                    raise Rejected(result["reason"])
+                if result["sha256"] in seen:
+                    raise Rejected("duplicate")
+                if d.near_duplicate_bits and near.near(result["dhash"]):
+                    raise Rejected("near-duplicate")
+                caption = _caption_text(result["caption"], item.default_caption, d, default_caption)
+            except Rejected as why:
+                report.reject(item.name, str(why))
+                continue
+            seen.add(result["sha256"])
+            near.add(result["dhash"])
+            report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]))
+            yield {
+                "image": {"bytes": result["png"], "path": None},
+                "caption": caption,
+                "source": item.name,
+                "sha256": result["sha256"],
+                "original_size": result["original_size"],
+                "crop": result["crop"],
+                "bucket": result["bucket"],
+                "mask": {"bytes": result["mask"], "path": None} if result["mask"] else None,
+                "repeats": item.repeats,
+                "weight": item.weight,
+            }
+
+    (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole
+    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".rows-"))  # the Arrow writer's own files
+    try:
+        with atomic_dir(out / "dataset") as tmp:
+            # rows written as they come (datasets' Arrow writer): the images are never all in memory
+            try:
+                written = datasets.Dataset.from_generator(
+                    rows, features=_features(), cache_dir=str(scratch), fingerprint=fingerprint
+                )
+            except ValueError:  # datasets' generator refuses to write no rows: every input was rejected
+                if report.kept:
+                    raise
+                written = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
+            written.save_to_disk(str(tmp))
+            del written
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     for stale in cache.glob("*.json"):  # images no longer in the sources
         if stale.name not in used:
             stale.unlink()
-
-    report = Report(source=", ".join(str(Path(x.path).expanduser().resolve()) for x in sources))
-    columns = ("image", "caption", "source", "sha256", "original_size", "crop", "bucket", "mask", "repeats", "weight")
-    rows: dict[str, list] = {k: [] for k in columns}
-    seen: dict[str, str] = {}
-    near = NearDuplicates(d.near_duplicate_bits)  # banded: not every pair compared
-    for item, result in zip(items, results):
-        try:
-            if "reason" in result:
-                raise Rejected(result["reason"])
-            if result["sha256"] in seen:
-                raise Rejected("duplicate")
-            if d.near_duplicate_bits and near.near(result["dhash"]):
-                raise Rejected("near-duplicate")
-            caption = _caption_text(result["caption"], item.default_caption, d, default_caption)
-        except Rejected as why:
-            report.reject(item.name, str(why))
-            continue
-        seen[result["sha256"]] = item.name
-        near.add(result["dhash"])
-        mask = {"bytes": result["mask"], "path": None} if result["mask"] else None
-        values = (
-            {"bytes": result["png"], "path": None},
-            caption,
-            item.name,
-            result["sha256"],
-            result["original_size"],
-            result["crop"],
-            result["bucket"],
-            mask,
-            item.repeats,
-            item.weight,
-        )
-        for key, value in zip(columns, values):
-            rows[key].append(value)
-        report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]))
-
-    pair = datasets.Sequence(datasets.Value("int32"), length=2)
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "caption": datasets.Value("string"),
-            "source": datasets.Value("string"),
-            "sha256": datasets.Value("string"),
-            "original_size": pair,
-            "crop": pair,
-            "bucket": pair,
-            "mask": datasets.Image(),
-            "repeats": datasets.Value("int32"),
-            "weight": datasets.Value("float32"),
-        }
-    )
-    (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole
-    with atomic_dir(out / "dataset") as tmp:
-        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp))
     write_atomic(out / REPORT, json.dumps(asdict(report), indent=2))
     write_atomic(out / FINGERPRINT, fingerprint)
     return report

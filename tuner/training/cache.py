@@ -304,7 +304,7 @@ def cached(
             if size >= SHARD_BYTES:
                 store.write(pending)
                 pending, size = {}, 0
-            bar.update(len(chunk) * accelerator.num_processes)
+            bar.update(min(len(chunk) * accelerator.num_processes, bar.total - bar.n))  # every rank's share
         if pending:
             store.write(pending)
     barrier(accelerator)
