@@ -79,8 +79,11 @@ def near_duplicate_times(folder: Path, bits: int, exact_up_to: int) -> tuple[flo
 
     hashes = [dhash(Image.open(p)) for p in sorted(folder.glob("*.png"))]
     start = time.perf_counter()
-    found = NearDuplicates(bits)
-    banded = [found.add(h) for h in hashes]
+    found, banded = NearDuplicates(bits), []
+    for h in hashes:
+        banded.append(found.near(h))
+        if not banded[-1]:
+            found.keep(h)
     banded_s = time.perf_counter() - start
     if len(hashes) > exact_up_to:
         return banded_s, None

@@ -249,11 +249,8 @@ class NearDuplicates:
                     return True
         return False
 
-    def add(self, h: int) -> bool:
-        """Keep ``h`` unless it is near a kept hash; returns whether it was near (and so not kept)."""
-        if self.near(h):
-            return True
+    def keep(self, h: int) -> None:
+        """File ``h`` among the kept hashes (the caller has asked ``near`` first)."""
         for (lo, mask), table in zip(self.bands, self.tables):
             table.setdefault((h >> lo) & mask, []).append(h)
         self.kept += 1
-        return False

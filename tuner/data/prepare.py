@@ -191,7 +191,7 @@ def prepare(
                 report.reject(item.name, str(why))
                 continue
             seen.add(result["sha256"])
-            near.add(result["dhash"])
+            near.keep(result["dhash"])
             report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]))
             yield {
                 "image": {"bytes": result["png"], "path": None},

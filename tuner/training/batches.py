@@ -61,7 +61,8 @@ class Batch:
         n = len(self.latents)
         rows = rows_of(n, rank, world)
         part = self._map(lambda t: t[rows.start : rows.stop])
-        part.weights = part.weights * world if rank * n // world < (rank + 1) * n // world else part.weights * 0
+        has_rows = rank * n // world < (rank + 1) * n // world  # else row 0 stands in, at weight 0
+        part.weights = part.weights * world if has_rows else torch.zeros_like(part.weights)
         return part
 
 
