@@ -25,7 +25,9 @@ def _choices(name: str, *values: str) -> type[Choice]:
 
 Family = _choices("Family", "sd15", "sd2", "sdxl", "flux", "sd3")
 Builtin = _choices("Builtin", "digits")
-Quantize = _choices("Quantize", "nf4", "int8")  # bitsandbytes' 4-bit NormalFloat, 8-bit (LLM.int8())
+Quantize = _choices("Quantize", "nf4", "int8")
+# several processes: each holds the whole model (ddp) or a shard of the trained modules (fsdp: FSDP2)
+Strategy = _choices("Strategy", "ddp", "fsdp")  # bitsandbytes' 4-bit NormalFloat, 8-bit (LLM.int8())
 PredictionType = _choices("PredictionType", "epsilon", "v_prediction")
 # how flow-matching families draw training timesteps and weigh losses (diffusers' SD3 schemes)
 WeightingScheme = _choices("WeightingScheme", "none", "logit_normal", "mode", "sigma_sqrt", "cosmap")

@@ -29,6 +29,7 @@ from tuner.choices import (
     PredictionType,
     Quantize,
     Role,
+    Strategy,
     SourceKind,
     SubjectTransform,
     Targets,
@@ -330,6 +331,19 @@ class CacheConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Several processes (torchrun, accelerate launch): how the trained modules are spread over them."""
+
+    # ddp: every rank holds the whole model and optimizer state, gradients averaged (any adapter, fastest);
+    # fsdp: FSDP2 shards the trained modules' weights, gradients and optimizer state over the ranks (full and
+    # partial fine-tunes, or LoRA on a base too big for one device); checkpoints are then saved sharded
+    strategy: Strategy = Strategy.ddp
+    # fsdp: free each block's gathered weights after its forward (gathered again for the backward); false keeps
+    # them until the backward (more memory, less communication)
+    reshard_after_forward: bool = True
+
+
+@dataclass
 class TunerConfig:
     # the name of the recipe; set by recipe=NAME
     recipe: str = MISSING
@@ -348,6 +362,7 @@ class TunerConfig:
     overwrite: bool = False
     checkpoints: CheckpointsConfig = field(default_factory=CheckpointsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)
     subject: SubjectConfig = field(default_factory=SubjectConfig)

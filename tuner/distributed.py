@@ -82,22 +82,49 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int):
 # accelerate's engines and how tuner trains with each (README "Several GPUs and machines" shows this table)
 ENGINES = {
     "DDP (MULTI_GPU, MULTI_CPU)": "every adapter type, full and partial U-Net, textual inversion; no | fp16 | bf16",
-    "DeepSpeed": "refused: ZeRO shards the optimizer state over the ranks, and tuner's checkpoints keep rank 0's",
-    "FSDP": "refused: it shards the parameters, and tuner's checkpoints and exports read whole modules",
+    "FSDP2 (distributed.strategy=fsdp)": "full and partial fine-tunes, full text encoders, LoRA on a base too big "
+    "for one device; sharded checkpoints; no | fp16 | bf16",
+    "DeepSpeed": "refused: its engine owns the model, optimizer and checkpoints, where tuner's loop, sharded "
+    "checkpoints and exports need them; FSDP2 shards the same state",
 }
 
 
+def sharding(configured: str, reshard_after_forward: bool) -> tuple[str, bool]:
+    """``distributed.strategy`` and ``reshard_after_forward``, or what the launcher's accelerate config says when
+    it is ``distributed_type: FSDP`` (its ``fsdp_version`` must be 2).
+
+    tuner shards with FSDP2 itself (tuner/training/sharding.py explains why); once read, accelerate's own FSDP
+    mode is switched off for this process (its variable set to false), so accelerate runs as for DDP.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return configured, reshard_after_forward
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ConfigError(
+            f"accelerate is set up for FSDP version {version}; tuner shards with FSDP2: set fsdp_version: 2 in the "
+            "accelerate config (tools/launch/accelerate_fsdp.yaml), or launch with torchrun and "
+            "distributed.strategy=fsdp"
+        )
+    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+        raise ConfigError(
+            "the accelerate config sets fsdp_offload_params: true, which tuner does not do under FSDP; set it to "
+            "false (sharding over more GPUs, train.gradient_checkpointing and bf16 save memory instead)"
+        )
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", str(reshard_after_forward)).lower()
+    return "fsdp", reshard in ("true", "1", "full_shard")
+
+
 def check_engine(distributed_type) -> None:
-    """Refuse, before anything loads, an engine whose sharded state tuner's checkpoints cannot hold."""
+    """Refuse, before anything loads, an engine tuner does not train with."""
     from accelerate.utils import DistributedType
 
-    if distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-        name = "DeepSpeed" if distributed_type == DistributedType.DEEPSPEED else "FSDP"
+    if distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
-            f"accelerate is set up for {name} ({ENGINES[name].removeprefix('refused: ')}), which tuner does not "
-            "support yet. Adapters train well with plain data parallelism: launch with an accelerate config "
-            "of distributed_type MULTI_GPU (tools/launch/accelerate_multi_gpu.yaml) or torchrun; to save memory "
-            "use train.gradient_checkpointing=true, train.optimizer=adamw8bit and train.mixed_precision=bf16"
+            f"accelerate is set up for DeepSpeed ({ENGINES['DeepSpeed'].removeprefix('refused: ')}), which tuner does "
+            "not support. To shard a full or partial fine-tune over the GPUs use FSDP2: distributed.strategy=fsdp "
+            "(or tools/launch/accelerate_fsdp.yaml); adapters train well with plain data parallelism "
+            "(tools/launch/accelerate_multi_gpu.yaml, distributed_type MULTI_GPU, or torchrun)"
         )
 
 

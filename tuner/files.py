@@ -63,9 +63,10 @@ def write_atomic(path: Path, content: str | bytes | Image.Image) -> Path:
     return path
 
 
-def _usual_modes(folder: Path) -> None:
+def usual_modes(folder: Path) -> None:
     """Files and folders as the user's umask makes them: some writers (safetensors) create files private."""
     mask = _umask()
+    os.chmod(folder, 0o777 & ~mask)
     for root, dirs, files in os.walk(folder):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
@@ -86,7 +87,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        _usual_modes(tmp)
+        usual_modes(tmp)
         old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

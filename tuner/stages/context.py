@@ -120,6 +120,10 @@ class Run:
         self.family = get_family(cfg.model.family, cfg.model)
         self.builtins = builtins or {}
         t = cfg.train
+        # FSDP2 or DDP (tuner/training/sharding.py): read before accelerate starts, which must not shard itself
+        self.strategy, self.reshard_after_forward = distributed.sharding(
+            cfg.distributed.strategy, cfg.distributed.reshard_after_forward
+        )
         self.accelerator = distributed.make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
         if self.accelerator.mixed_precision != "no" and not self.accelerator.native_amp:
             raise ConfigError(

@@ -98,10 +98,40 @@ def _check_train(cfg) -> None:
         )
     if t.fused_backward:
         _check_fused_backward(t)
+    if cfg.distributed.strategy == "fsdp":
+        check_fsdp(cfg)
     if cfg.resume not in (None, "auto"):
         path = Path(cfg.resume).expanduser()
-        if not (path / "state.pt").is_file() or not (path / "trained.safetensors").is_file():
+        trained = (path / "trained.safetensors").is_file() or (path / checkpoint_files.SHARDED).is_dir()
+        if not (path / "state.pt").is_file() or not trained:
             raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (RUN/checkpoints/step-N with state.pt)")
+
+
+def check_fsdp(cfg) -> None:
+    """What FSDP2 sharding does not combine with (each changes how weights or their gradients are held)."""
+    t, m = cfg.train, cfg.model
+    clashes = {
+        "train.offload_blocks (it moves whole weights to host memory; sharding already splits them)": t.offload_blocks,
+        "model.quantize (bitsandbytes' quantized weights are not sharded)": m.quantize,
+        "train.fused_backward (it steps each weight before the ranks reduce its gradient)": t.fused_backward,
+        "train.channels_last=true (the shards are cut along the first dimension of the default layout)": (
+            t.channels_last is True
+        ),
+        f"train.optimizer={t.optimizer} (sharded states are tested with adamw and sgd)": t.optimizer
+        not in ("adamw", "sgd"),
+        "embedding.tokens (new token rows train by a gradient mask on the whole embedding)": bool(
+            cfg.embedding.tokens
+        ),
+        "text_encoder.stop_at below 1 (a sharded module's trained tensors are fixed at the start)": (
+            cfg.text_encoder.train != "none" and cfg.text_encoder.stop_at < 1
+        ),
+    }
+    clash = [name for name, on in clashes.items() if on]
+    if clash:
+        raise ConfigError(
+            f"distributed.strategy=fsdp does not combine with {'; nor with '.join(clash)}. Change those settings, "
+            "or use distributed.strategy=ddp"
+        )
 
 
 def _check_fused_backward(t) -> None:
@@ -130,6 +160,8 @@ def train(run: Run) -> Adapted:
     """
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     t = cfg.train
+    if run.strategy == "fsdp":  # also when the launcher's accelerate config asked for it
+        check_fsdp(cfg)
     torch.manual_seed(cfg.seed)
     what = _set_up_model(run)
     in_step = what.text_encoder_trains or cfg.data.shuffle_tags  # the text encoder runs in every step
@@ -147,8 +179,9 @@ def train(run: Run) -> Adapted:
             group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     stop = cfg.text_encoder.stop_at
     monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked)
+    fsdp = run.strategy == "fsdp"
     try:
-        result = Training(
+        training = Training(
             accelerator,
             c.denoiser,
             what.groups,
@@ -167,20 +200,25 @@ def train(run: Run) -> Adapted:
             text_encoders=c.text_encoders if in_step else None,
             encode=run.family.encode_ids,
             text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
-            channels_last=_channels_last_pays(cfg, accelerator, what.params)
+            channels_last=(not fsdp and _channels_last_pays(cfg, accelerator, what.params))
             if t.channels_last is None
             else t.channels_last,
             checkpointing=_checkpointing(run, sets),
             monitor=monitor,
             offload=_block_offload(run),
-        ).train()
+            shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
+            sharded_checkpoints=fsdp,
+        )
+        result = training.train()
     finally:  # also when training stops: the logs so far are complete, the later stages find the model whole
         monitor.finish()
         if parked is not None:
             parked.unpark()
     _report(run, result, what, sets)
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
-        result.ema.copy_to(what.params)
+        result.ema.copy_to(training.params)
+    if training.sharded is not None:  # FSDP: the modules whole again, on rank 0 only
+        _gather(run, training.sharded, what)
     if t.gradient_checkpointing:
         c.denoiser.disable_gradient_checkpointing()
     accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
@@ -202,6 +240,37 @@ def _set_up_model(run: Run) -> trainables.Trainables:
     if t.vae_dtype != "float32":
         c.vae.to(getattr(torch, t.vae_dtype))
     return what
+
+
+def _shard(run: Run):
+    """``distributed.strategy=fsdp``: how the modules that train are sharded (tuner/training/sharding.py): the
+    denoiser's repeated blocks (the family's ``OFFLOAD_BLOCKS``) and the text encoders' layers (transformers'
+    ``_no_split_modules``) as units of their own."""
+    from tuner.training.sharding import Sharded
+
+    family, c = run.family, run.components
+    classes = {"denoiser": family.OFFLOAD_BLOCKS}
+    classes |= {name: getattr(te, "_no_split_modules", None) or () for name, te in c.text_encoders.items()}
+    mixed, reshard, main = run.accelerator.mixed_precision, run.reshard_after_forward, run.is_main
+    return lambda modules: Sharded(modules, {k: classes[k] for k in modules}, mixed, reshard, main)
+
+
+def _gather(run: Run, sharded, what: trainables.Trainables) -> None:
+    """After FSDP training: every rank sends its shards, rank 0 puts the whole modules in the run's components
+    (and the trained parameters in ``what``); the other ranks keep nothing (they leave after this stage)."""
+    started = time.perf_counter()
+    whole = sharded.gather(run.accelerator.device)
+    if not run.is_main:
+        return
+    c = run.components
+    for name, module in whole.items():
+        if name == "denoiser":
+            c.denoiser = module
+        else:
+            c.text_encoders[name] = module
+    what.groups = [{**g, "params": sharded.parameters(g["params"], whole)} for g in what.groups]
+    seconds = time.perf_counter() - started
+    print(f"[tuner] train: gathered {', '.join(whole)} from the shards on rank 0 in {seconds:.1f} s", flush=True)
 
 
 def _frozen_parts(run: Run, in_step: bool) -> Parked | None:

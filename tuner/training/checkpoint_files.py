@@ -1,8 +1,9 @@
 """Reading checkpoint folders back: which exist, which are intact, and the newest intact one.
 
 A checkpoint (see ``tuner.training.checkpoints``) is checked without loading it: the header of
-``trained.safetensors`` against the file's size, and ``state.pt``'s zip directory and pickle (with
-``thorough``, its checksums too). Nothing damaged is ever deleted here.
+``trained.safetensors`` against the file's size (or, saved sharded, torch.distributed.checkpoint's
+metadata against its data files' sizes), and ``state.pt``'s zip directory and pickle (with ``thorough``,
+its checksums too). Nothing damaged is ever deleted here.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def newest_intact(folder: Path) -> Path | None:
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
 _DTYPE_BYTES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 # what every state.pt holds (``ema`` and ``scaler`` may be None)
+# the folder of a checkpoint saved sharded (distributed.strategy=fsdp), in place of trained.safetensors
+SHARDED = "sharded"
 _STATE_KEYS = ("step", "optimizer", "lr_scheduler", "generator", "ranks", "losses", "data")
 
 
@@ -136,6 +139,38 @@ def state_header(path: Path, thorough: bool = False) -> dict:
     return state
 
 
+def sharded_header(folder: Path) -> dict[str, tuple[int, ...]]:
+    """A sharded checkpoint's tensors (torch.distributed.checkpoint's ``.metadata``): name -> global shape,
+    each of its data files checked to hold the bytes the metadata points into.
+
+    Raises:
+        ValueError: the metadata is missing or unreadable, or a data file is missing or too short.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (folder / ".metadata").is_file():
+        raise ValueError("has no .metadata (an interrupted save)")
+    try:
+        metadata = FileSystemReader(str(folder)).read_metadata()
+    except Exception as e:  # an unpickling error of any kind
+        raise ValueError(f"has an unreadable .metadata ({type(e).__name__})") from None
+    ends: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in ends.items():
+        file = folder / name
+        if not file.is_file():
+            raise ValueError(f"lacks its data file {name}")
+        if file.stat().st_size < end:
+            raise ValueError(f"has a truncated data file {name} ({file.stat().st_size:,} bytes of {end:,})")
+    return {
+        k: tuple(int(d) for d in v.size)
+        for k, v in metadata.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata)
+    }
+
+
 def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
     """Why checkpoint ``path`` cannot be resumed from, as (file, reason), or None when it is intact.
 
@@ -143,8 +178,17 @@ def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
     tensors memory-mapped, not read). ``thorough`` (the checkpoint about to be resumed) also reads ``state.pt``
     against its checksums. Bytes of ``trained.safetensors`` altered in place have no checksum to fail.
     """
+    if (path / SHARDED).is_dir():  # distributed.strategy=fsdp
+        try:
+            sharded_header(path / SHARDED)
+        except ValueError as e:
+            return path / SHARDED, str(e)
+        except OSError as e:
+            return path / SHARDED, f"cannot be read ({e.strerror or e})"
     for name, read in (("trained.safetensors", safetensors_header), ("state.pt", state_header)):
         file = path / name
+        if name == "trained.safetensors" and (path / SHARDED).is_dir():
+            continue
         if not file.is_file():
             return file, "is missing"
         try:

@@ -34,8 +34,16 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.files import atomic_dir
-from tuner.training.checkpoint_files import damage, find, safetensors_header, state_header, step_number
+from tuner.files import atomic_dir, usual_modes
+from tuner.training.checkpoint_files import (
+    SHARDED,
+    damage,
+    find,
+    safetensors_header,
+    sharded_header,
+    state_header,
+    step_number,
+)
 
 
 @dataclass
@@ -68,14 +76,7 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
     from safetensors.torch import save_file
 
     path = ck.folder / f"step-{step:07d}"
-    if path.is_dir() and damage(path) is not None:  # kept beside, never written over
-        aside = path.with_name(f"{path.name}.damaged")
-        n = 1
-        while aside.exists():
-            n += 1
-            aside = path.with_name(f"{path.name}.damaged-{n}")
-        os.replace(path, aside)
-        print(f"[tuner] the damaged checkpoint {path} is kept as {aside.name}; saving step {step} anew", flush=True)
+    _set_aside_damaged(path)
     try:
         with atomic_dir(path) as tmp:
             tensors = {str(i): p.detach().cpu().contiguous() for i, p in enumerate(params)}
@@ -84,12 +85,97 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
             if ck.config:
                 (tmp / "config.yaml").write_text(ck.config)
     except OSError as e:  # disk full, permission denied: say so; the earlier checkpoints are untouched
-        earlier = [p for p in find(ck.folder) if p != path]
-        kept = f"the checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
-        raise SaveError(f"could not write the checkpoint {path}: {e.strerror or e}; {kept}") from e
+        raise _save_error(ck, path, e) from e
+    _prune(ck)
+    return path
+
+
+def save_sharded(ck: Checkpointing, step: int, tensors: dict, state: dict, accelerator) -> Path:
+    """``distributed.strategy=fsdp``: every rank writes its shards of ``tensors`` (the trained tensors, the
+    optimizer state, the EMA: {section: {name: tensor}}) with torch.distributed.checkpoint into ``sharded/``;
+    rank 0 writes ``state.pt`` and ``config.yaml`` and renames the whole folder into place.
+
+    Every rank calls it; with one process it writes the same files (which reload onto any number).
+    """
+    import tempfile
+
+    import torch.distributed.checkpoint as dcp
+
+    from tuner.distributed import decide
+
+    path = ck.folder / f"step-{step:07d}"
+
+    def begin() -> str:  # rank 0: the temp folder every rank writes into
+        ck.folder.mkdir(parents=True, exist_ok=True)
+        _set_aside_damaged(path)
+        return tempfile.mkdtemp(dir=ck.folder, prefix=f".{path.name}.", suffix=".tmp")
+
+    tmp = Path(decide(accelerator, begin))
+    failed = None
+    try:
+        dcp.save(tensors, checkpoint_id=tmp / SHARDED, no_dist=accelerator.num_processes == 1)
+    except Exception as e:  # raised on every rank when any rank failed to write
+        failed = e
+
+    def finish() -> str:
+        try:
+            if failed is not None:
+                raise failed
+            torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
+            if ck.config:
+                (tmp / "config.yaml").write_text(ck.config)
+            usual_modes(tmp)
+            if path.exists():  # an intact checkpoint of this step (resumed at it): replaced whole
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            cause = getattr(e, "__cause__", None) or e
+            raise _save_error(ck, path, cause if isinstance(cause, OSError) else OSError(str(e))) from e
+        _prune(ck)
+        return str(path)
+
+    return Path(decide(accelerator, finish))
+
+
+def load_sharded(path: Path, tensors: dict, one_process: bool) -> dict:
+    """Read a sharded checkpoint's tensors into ``tensors`` (in place, each rank its shards, resharded when the
+    number of processes changed); returns its state (step, scheduler, generator, ...)."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(tensors, checkpoint_id=path / SHARDED, no_dist=one_process)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"resume={path}: its sharded tensors ({path / SHARDED}) cannot be read into this run ({reason}); "
+            "resume=auto takes the newest intact checkpoint, or name an earlier step-N folder"
+        ) from e
+    return torch.load(path / "state.pt", weights_only=True)
+
+
+def _set_aside_damaged(path: Path) -> None:
+    """A damaged checkpoint of this step is kept beside, never written over."""
+    if not (path.is_dir() and damage(path) is not None):
+        return
+    aside = path.with_name(f"{path.name}.damaged")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.damaged-{n}")
+    os.replace(path, aside)
+    print(f"[tuner] the damaged checkpoint {path} is kept as {aside.name}; saving step {step_number(path)} anew", flush=True)
+
+
+def _save_error(ck: Checkpointing, path: Path, e: OSError) -> SaveError:
+    earlier = [p for p in find(ck.folder) if p != path]
+    kept = f"the checkpoint {earlier[-1]} is intact" if earlier else "no earlier checkpoint exists"
+    return SaveError(f"could not write the checkpoint {path}: {e.strerror or e}; {kept}")
+
+
+def _prune(ck: Checkpointing) -> None:
     for old in find(ck.folder)[: -ck.keep] if ck.keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def _show(value) -> str:
@@ -166,11 +252,19 @@ def _refuse(path: Path, what: str) -> ConfigError:
 
 
 def check_resume(
-    path: Path, params: list[torch.nn.Parameter], steps: int, config: str = "", optimizer=None, ema: bool = False
+    path: Path,
+    params: list[torch.nn.Parameter],
+    steps: int,
+    config: str = "",
+    optimizer=None,
+    ema: bool = False,
+    names: list[str] | None = None,
 ) -> None:
     """Refuse, before anything is loaded, a checkpoint this run cannot continue from: a damaged one, one
     made under settings that shape the trained tensors or the optimizer state differently (from its
     ``config.yaml``, else from the tensors' shapes and the state itself), or one past ``steps``.
+
+    ``names``: this run saves sharded (``distributed.strategy=fsdp``), its trained tensors by these names.
 
     Raises:
         ConfigError: naming the damaged file, or each differing setting with both values, and the fix.
@@ -199,14 +293,7 @@ def check_resume(
                 was = " and ".join(f"{k}={_show(old)}" for k, old, _ in differ)
                 now = " and ".join(f"{k}={_show(new)}" for k, _, new in differ)
                 raise _refuse(path, f"the checkpoint was trained with {was}, this run has {now}")
-    file = path / "trained.safetensors"
-    tensors = safetensors_header(file)
-    if len(tensors) != len(params) or any(str(i) not in tensors for i in range(len(params))):
-        raise _refuse(path, f"{file} holds {len(tensors)} trained tensors, this run trains {len(params)}")
-    for i, p in enumerate(params):
-        shape = tuple(int(d) for d in tensors[str(i)]["shape"])
-        if shape != tuple(p.shape):
-            raise _refuse(path, f"{file}: trained tensor {i} has the shape {shape}, this run's {tuple(p.shape)}")
+    _check_tensors(path, params, names)
     file = path / "state.pt"
     state = state_header(file)
     if optimizer is not None:
@@ -225,6 +312,33 @@ def check_resume(
             f"resume={path}: the checkpoint is at step {step}, past train.max_steps={steps}; raise train.max_steps "
             f"to {step} or more to continue it, or start a new run without resume="
         )
+
+
+def _check_tensors(path: Path, params: list[torch.nn.Parameter], names: list[str] | None) -> None:
+    """The checkpoint's trained tensors are this run's: the same layout, number, names and shapes."""
+    sharded = (path / SHARDED).is_dir()
+    if sharded and names is None:
+        raise _refuse(path, "it was saved sharded (distributed.strategy=fsdp), this run does not shard")
+    if not sharded and names is not None:
+        raise _refuse(path, "it was saved whole (distributed.strategy=ddp), this run saves sharded (fsdp)")
+    if sharded:
+        file = path / SHARDED
+        shapes = {k.removeprefix("trained."): v for k, v in sharded_header(file).items() if k.startswith("trained.")}
+        if sorted(shapes) != sorted(names):
+            other = sorted(set(shapes) ^ set(names))[:3]
+            raise _refuse(path, f"{file} holds {len(shapes)} trained tensors, this run trains {len(names)} ({other})")
+        for name, p in zip(names, params):
+            if shapes[name] != tuple(p.shape):
+                raise _refuse(path, f"{file}: {name} has the shape {shapes[name]}, this run's {tuple(p.shape)}")
+        return
+    file = path / "trained.safetensors"
+    tensors = safetensors_header(file)
+    if len(tensors) != len(params) or any(str(i) not in tensors for i in range(len(params))):
+        raise _refuse(path, f"{file} holds {len(tensors)} trained tensors, this run trains {len(params)}")
+    for i, p in enumerate(params):
+        shape = tuple(int(d) for d in tensors[str(i)]["shape"])
+        if shape != tuple(p.shape):
+            raise _refuse(path, f"{file}: trained tensor {i} has the shape {shape}, this run's {tuple(p.shape)}")
 
 
 def load(path: Path, params: list[torch.nn.Parameter]) -> dict:

@@ -80,6 +80,11 @@ class Training:
             (``tuner.training.checkpoints.Checkpointing``); a resumed run ends as the uninterrupted one.
         monitor: receives the logged values (loss, lr, grad norm, samples/s) and samples validation images
             on its schedule (``tuner.training.monitor.Monitor``); the training itself is the same without it.
+        shard: ``distributed.strategy=fsdp`` with several processes: shards the modules that train
+            (name -> module) and returns the ``tuner.training.sharding.Sharded``; their parameters are replaced
+            by their shards before the optimizer is made.
+        sharded_checkpoints: ``distributed.strategy=fsdp`` (any number of processes): checkpoints are saved with
+            torch.distributed.checkpoint, each rank its shards, and resume onto any number of processes.
 
     Raises:
         ValueError: nothing in ``groups`` requires a gradient.
@@ -102,6 +107,8 @@ class Training:
         checkpointing: checkpoints.Checkpointing | None = None,
         monitor=None,
         offload=None,
+        shard: Callable[[dict[str, torch.nn.Module]], object] | None = None,
+        sharded_checkpoints: bool = False,
     ):
         from diffusers.training_utils import EMAModel
 
@@ -112,9 +119,19 @@ class Training:
         self.ck = checkpointing or checkpoints.Checkpointing()
         self.channels_last = channels_last
         groups = parameter_groups(groups)
-        self.params = [p for g in groups for p in g["params"]]
-        if not self.params:
+        if not groups:
             raise ValueError(f"{desc}: nothing to train (no parameter requires a gradient)")
+        modules = {"denoiser": denoiser, **(text_encoders or {})}
+        self.trains = {name: any(p.requires_grad for p in m.parameters()) for name, m in modules.items()}
+        trained = {name: m for name, m in modules.items() if self.trains[name]}
+        self.sharded = shard(trained) if shard is not None else None
+        if self.sharded is not None:  # FSDP2: the optimizer steps the shards
+            groups = [{**g, "params": self.sharded.parameters(g["params"])} for g in groups]
+        self.params = [p for g in groups for p in g["params"]]
+        # the trained tensors by name (module.parameter), as sharded checkpoints key them, and their modules
+        name_of = {id(p): f"{mod}.{n}" for mod, m in trained.items() for n, p in m.named_parameters()}
+        self.names = [name_of[id(p)] for p in self.params]
+        self.sharded_checkpoints, self.trained_box = sharded_checkpoints, torch.nn.ModuleDict(trained)
         if t.fused_backward and accelerator.num_processes > 1:
             raise ConfigError(
                 f"train.fused_backward=true with {accelerator.num_processes} processes: each weight would step on its "
@@ -146,8 +163,7 @@ class Training:
     def _wrap(self, denoiser, text_encoders, optimizer, lr_scheduler) -> None:
         """accelerate wraps (for several processes) only the modules with something to train."""
         modules = {"denoiser": denoiser, **(text_encoders or {})}
-        self.trains = {name: any(p.requires_grad for p in m.parameters()) for name, m in modules.items()}
-        names = [name for name in modules if self.trains[name]]
+        names = [name for name in modules if self.trains[name]] if self.sharded is None else []  # FSDP: sharded
         wrapped = list(self.accelerator.prepare(*[modules[name] for name in names], optimizer, lr_scheduler))
         self.lr_scheduler, self.optimizer = wrapped.pop(), wrapped.pop()
         modules.update(zip(names, wrapped))
@@ -167,16 +183,24 @@ class Training:
         a, ck, t = self.accelerator, self.ck, self.t
         # rank 0 vets the checkpoint (whole, made with this run's settings, not past its steps); a refusal
         # reaches every rank
+        names = self.names if self.sharded_checkpoints else None
         decide(
             a,
             lambda: checkpoints.check_resume(
-                ck.resume, self.params, t.max_steps, ck.config, self.optimizer, ema=self.ema is not None
+                ck.resume, self.params, t.max_steps, ck.config, self.optimizer, self.ema is not None, names
             ),
         )
-        state = checkpoints.load(ck.resume, self.params)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded_checkpoints:  # each rank reads its shards (resharded for another number of processes)
+            from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+            tensors = self._sharded_state()
+            state = checkpoints.load_sharded(ck.resume, tensors, a.num_processes == 1)
+            set_optimizer_state_dict(self.trained_box, self.optimizer.optimizer, tensors["optimizer"])
+        else:
+            state = checkpoints.load(ck.resume, self.params)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.ema is not None:
+        if self.ema is not None:  # sharded: its averages were read in place above, the rest is here
             self.ema.load_state_dict(state["ema"])
         self.generator.set_state(state["generator"])
         if a.scaler is not None and state.get("scaler"):
@@ -363,7 +387,25 @@ class Training:
             "ranks": ranks,
             "losses": self.result.losses,
         }
+        if self.sharded_checkpoints:  # the tensors go sharded; state.pt keeps the rest (settings, counters)
+            state["optimizer"] = {"param_groups": state["optimizer"]["param_groups"]}
+            if self.ema is not None:
+                state["ema"] = {k: v for k, v in state["ema"].items() if k != "shadow_params"}
+            return checkpoints.save_sharded(self.ck, step, self._sharded_state(), state, a)
         return Path(decide(a, lambda: str(checkpoints.save(self.ck, step, self.params, state))))
+
+    def _sharded_state(self) -> dict:
+        """What a sharded checkpoint holds as tensors (each rank's shards under FSDP): the trained tensors,
+        the optimizer state (torch.distributed.checkpoint's form, keyed by parameter name) and the EMA."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        tensors = {
+            "trained": {name: p.detach() for name, p in zip(self.names, self.params)},
+            "optimizer": get_optimizer_state_dict(self.trained_box, self.optimizer.optimizer),
+        }
+        if self.ema is not None:
+            tensors["ema"] = dict(zip(self.names, self.ema.shadow_params))
+        return tensors
 
     def _finish(self) -> TrainResult:
         """The result, with every module left as it was given (layout, eval mode, trained tensors trainable)."""

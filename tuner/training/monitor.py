@@ -42,8 +42,11 @@ class Monitor:
         gallery=None,
         modules: list[torch.nn.Module] = (),
         parked=None,
+        collective: bool = False,
     ):
         self.accelerator = accelerator
+        # FSDP: every rank runs the sampling (each forward gathers the sharded weights), rank 0 keeps the images
+        self.collective = collective
         self.trackers = trackers  # started accelerate trackers (rank 0 only)
         self.every = every if sample is not None else 0
         self.sample, self.gallery, self.modules = sample, gallery, list(modules)
@@ -57,9 +60,10 @@ class Monitor:
         return self.every > 0 and (step % self.every == 0 or step == total)
 
     def validate(self, step: int) -> None:
-        """Rank 0 samples and writes the row of ``step``; the other ranks wait for it."""
-
-        if self.every and self.accelerator.is_main_process:
+        """Rank 0 samples and writes the row of ``step``; the other ranks wait for it (under FSDP they sample
+        with it)."""
+        main = self.accelerator.is_main_process
+        if self.every and (main or self.collective):
             modes = [m.training for m in self.modules]
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
@@ -68,14 +72,15 @@ class Monitor:
                     module.eval()
                 with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
                     images = self.sample()
-                grid = self.gallery.add(step, images)
+                grid = self.gallery.add(step, images) if main else None
             finally:
                 for module, mode in zip(self.modules, modes):
                     module.train(mode)
                 torch.set_rng_state(rng)
                 if cuda_rng is not None:
                     torch.cuda.set_rng_state_all(cuda_rng)
-            self._log_grid(step, grid)
+            if main:
+                self._log_grid(step, grid)
         if self.every:
             barrier(self.accelerator)
 
@@ -136,8 +141,10 @@ def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None)
     every_prompt = [p for p in prompts for _ in seeds]
 
     def sample() -> torch.Tensor:
-        return run.sample(every_prompt, seeds * len(prompts), steps, guidance, desc="validation")
+        desc = "validation" if run.is_main else None
+        return run.sample(every_prompt, seeds * len(prompts), steps, guidance, desc=desc)
 
     gallery = ValidationGallery(run.dir / "validation", prompts, seeds, s.display_size)
     run.outputs["validation"] = str(run.dir / "validation" / "index.html")
-    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked)
+    collective = run.strategy == "fsdp" and run.accelerator.num_processes > 1
+    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked, collective)
