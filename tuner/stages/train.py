@@ -119,9 +119,7 @@ def check_fsdp(cfg) -> None:
         ),
         f"train.optimizer={t.optimizer} (sharded states are tested with adamw and sgd)": t.optimizer
         not in ("adamw", "sgd"),
-        "embedding.tokens (new token rows train by a gradient mask on the whole embedding)": bool(
-            cfg.embedding.tokens
-        ),
+        "embedding.tokens (new token rows train by a gradient mask on the whole embedding)": bool(cfg.embedding.tokens),
         "text_encoder.stop_at below 1 (a sharded module's trained tensors are fixed at the start)": (
             cfg.text_encoder.train != "none" and cfg.text_encoder.stop_at < 1
         ),

@@ -164,7 +164,8 @@ def _set_aside_damaged(path: Path) -> None:
         n += 1
         aside = path.with_name(f"{path.name}.damaged-{n}")
     os.replace(path, aside)
-    print(f"[tuner] the damaged checkpoint {path} is kept as {aside.name}; saving step {step_number(path)} anew", flush=True)
+    step = step_number(path)
+    print(f"[tuner] the damaged checkpoint {path} is kept as {aside.name}; saving step {step} anew", flush=True)
 
 
 def _save_error(ck: Checkpointing, path: Path, e: OSError) -> SaveError:
