@@ -7,6 +7,7 @@ import contextlib
 import functools
 import http.server
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -192,3 +193,36 @@ def record_step(pipe, step, timestep, callback_kwargs):
     """A user's step callback for generate.callback (tests.helpers.record_step): notes each step it sees."""
     STEPS_SEEN.append(int(step))
     return callback_kwargs
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    """One launcher (``torchrun``) in a child process, its output in a file."""
+
+    def __init__(self, launcher_args, tuner_args, cwd: Path, name: str):
+        self.log = cwd / f"{name}.log"
+        env = {**os.environ, "TUNER_HOME": str(cwd / "home"), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", *launcher_args, "-m", "tuner", *tuner_args],
+                cwd=cwd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+
+    def wait(self, timeout=600) -> int:
+        return self.process.wait(timeout=timeout)
+
+    @property
+    def text(self) -> str:
+        return self.log.read_text().replace("\r", "\n")
+
+
+def torchrun(tuner_args, cwd, name, nproc=2) -> Launch:
+    return Launch(["--standalone", f"--nproc_per_node={nproc}"], tuner_args, cwd, name)

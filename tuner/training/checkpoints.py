@@ -24,9 +24,11 @@ is not accelerate's ``save_state``: that writes every prepared model whole.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +115,8 @@ def save_sharded(ck: Checkpointing, step: int, tensors: dict, state: dict, accel
     tmp = Path(decide(accelerator, begin))
     failed = None
     try:
-        dcp.save(tensors, checkpoint_id=tmp / SHARDED, no_dist=accelerator.num_processes == 1)
+        with _one_process_quiet():
+            dcp.save(tensors, checkpoint_id=tmp / SHARDED, no_dist=accelerator.num_processes == 1)
     except Exception as e:  # raised on every rank when any rank failed to write
         failed = e
 
@@ -144,7 +147,8 @@ def load_sharded(path: Path, tensors: dict, one_process: bool) -> dict:
     import torch.distributed.checkpoint as dcp
 
     try:
-        dcp.load(tensors, checkpoint_id=path / SHARDED, no_dist=one_process)
+        with _one_process_quiet():
+            dcp.load(tensors, checkpoint_id=path / SHARDED, no_dist=one_process)
     except Exception as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(
@@ -152,6 +156,14 @@ def load_sharded(path: Path, tensors: dict, one_process: bool) -> dict:
             "resume=auto takes the newest intact checkpoint, or name an earlier step-N folder"
         ) from e
     return torch.load(path / "state.pt", weights_only=True)
+
+
+@contextlib.contextmanager
+def _one_process_quiet():
+    """torch.distributed.checkpoint in one process warns that it assumes one process: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _set_aside_damaged(path: Path) -> None:
