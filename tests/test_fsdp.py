@@ -88,6 +88,8 @@ def test_two_fsdp_processes_train_as_one_process_and_rank_0_exports_what_diffuse
         assert not (folder / "trained.safetensors").exists()
     summary = json.loads((tmp / "two" / "summary.json").read_text())
     assert summary["processes"] == 2
+    fsdp = summary["metrics"]["fsdp"]  # rank 0 held half of the weights (and of their gradients and state)
+    assert fsdp["processes"] == 2 and 0.45 < fsdp["weights_mib_rank0"] / fsdp["weights_mib_whole"] < 0.55
     one_summary = json.loads((tmp / "one" / "summary.json").read_text())
     assert abs(summary["metrics"]["train_loss"]["last"] - one_summary["metrics"]["train_loss"]["last"]) < 1e-4
     steps = json.loads((tmp / "two" / "validation" / "steps.json").read_text())["steps"]

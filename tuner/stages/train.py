@@ -216,6 +216,12 @@ def train(run: Run) -> Adapted:
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
         result.ema.copy_to(training.params)
     if training.sharded is not None:  # FSDP: the modules whole again, on rank 0 only
+        sharded = training.sharded  # rank 0's share of the weights (gradients and optimizer state follow suit)
+        run.metrics["fsdp"] = {
+            "processes": accelerator.num_processes,
+            "weights_mib_rank0": round(sharded.bytes / 2**20, 3),
+            "weights_mib_whole": round(sharded.whole_bytes / 2**20, 3),
+        }
         _gather(run, training.sharded, what)
     if t.gradient_checkpointing:
         c.denoiser.disable_gradient_checkpointing()

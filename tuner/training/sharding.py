@@ -91,6 +91,10 @@ class Sharded:
             for unit in units(module, classes.get(name, ())):
                 fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
             fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        params = [p for m in modules.values() for p in m.parameters()]
+        # the weights' bytes this rank holds, and the whole modules' (gradients and optimizer state follow suit)
+        self.bytes = sum(p.to_local().numel() * p.element_size() for p in params)
+        self.whole_bytes = sum(p.numel() * p.element_size() for p in params)
 
     def parameters(self, params: Iterable[torch.nn.Parameter], modules=None) -> list[torch.nn.Parameter]:
         """The parameters of ``modules`` (the sharded ones by default; the whole ones ``gather`` returned) that
