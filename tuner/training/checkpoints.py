@@ -9,6 +9,11 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` in the run folder, writte
   epochs started, the step and the losses so far;
 - ``config.yaml``: the run's resolved configuration.
 
+Under ``distributed.strategy=fsdp`` the tensors are saved sharded instead (``save_sharded``): ``sharded/``
+holds torch.distributed.checkpoint's files (one per rank, and ``.metadata``) with the trained tensors, the
+optimizer state and the EMA by parameter name; ``state.pt`` keeps the rest. They load back onto any number
+of processes (``load_sharded``), each rank reading its new shards.
+
 ``state.pt`` is read back with ``weights_only=True``: tensors and plain containers only, nothing else
 is ever unpickled.
 
@@ -19,7 +24,8 @@ skips damaged checkpoints (saying so) and takes the newest intact one; nothing d
 Finding checkpoints and telling intact ones from damaged ones is ``tuner.training.checkpoint_files``.
 
 Only the trained tensors are saved (a LoRA's few megabytes, not the frozen base), which is why this
-is not accelerate's ``save_state``: that writes every prepared model whole.
+is not accelerate's ``save_state``: that writes every prepared model whole (also the frozen base
+weights inside a sharded module).
 """
 
 from __future__ import annotations
