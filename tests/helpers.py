@@ -226,3 +226,13 @@ class Launch:
 
 def torchrun(tuner_args, cwd, name, nproc=2) -> Launch:
     return Launch(["--standalone", f"--nproc_per_node={nproc}"], tuner_args, cwd, name)
+
+
+def accelerate_launch(config: str, tuner_args, cwd: Path, output_dir: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file tools/launch/CONFIG`` with 2 processes (the config's count cut to 2)."""
+    env = {**os.environ, "TUNER_HOME": str(cwd / "home"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "tools" / "launch" / config),
+         "--num_processes", "2", "-m", "tuner", *tuner_args, f"output_dir={output_dir}"],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import Launch, free_port, make_photos, torchrun
+from tests.helpers import Launch, accelerate_launch, free_port, make_photos, torchrun
 from tuner.training.batches import Batch, merge_by_shape
 from tuner.training.cache import read_index
 from tuner.training.checkpoint_files import find
@@ -165,13 +165,7 @@ def test_accelerate_launch_with_the_multi_gpu_config_runs_the_same_training(runs
     """``accelerate launch --config_file tools/launch/accelerate_multi_gpu.yaml`` (its 8 processes cut to 2
     here, on the CPUs); the config's bf16 is only a default: train.mixed_precision (no) wins."""
     tmp, args, _ = runs
-    config = Path(__file__).resolve().parent.parent / "tools" / "launch" / "accelerate_multi_gpu.yaml"
-    env = {**os.environ, "TUNER_HOME": str(tmp / "home"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-         "-m", "tuner", *args, "train.batch_size=2", f"output_dir={tmp / 'accelerate'}"],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = accelerate_launch("accelerate_multi_gpu.yaml", [*args, "train.batch_size=2"], tmp, tmp / "accelerate")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_close(adapter(tmp / "accelerate"), adapter(tmp / "two"), atol=1e-6)
 

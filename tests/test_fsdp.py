@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, make_photos, torchrun
+from tests.helpers import accelerate_launch, make_photos, torchrun
 
 pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 
@@ -125,13 +125,7 @@ def test_accelerate_launch_with_the_fsdp_config_shards_a_partial_fine_tune_as_on
 
     tmp, args, _ = full
     partial = [a for a in args if not a.startswith(("adapter=", "text_encoder.train="))] + ["adapter=partial_unet"]
-    config = ROOT / "tools" / "launch" / "accelerate_fsdp.yaml"
-    env = {**os.environ, "TUNER_HOME": str(tmp / "home"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-         "-m", "tuner", *partial, "train.batch_size=2", f"output_dir={tmp / 'accelerate'}"],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    done = accelerate_launch("accelerate_fsdp.yaml", [*partial, "train.batch_size=2"], tmp, tmp / "accelerate")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp / "accelerate" / "checkpoints" / "step-0000006" / "sharded" / "__1_0.distcp").is_file()
     one_process([*partial, "train.batch_size=4"], tmp, "partial_one")
