@@ -26,6 +26,7 @@ speed-up there measures the overhead, not the scaling a machine with one GPU per
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -114,6 +115,9 @@ def worker(args) -> None:
             "device": str(accelerator.device),
         }
         Path(args.out).write_text(json.dumps(row))
+    # the DDP wrapper goes before the process group: its reducer destroyed after the group can hang in gloo
+    del training
+    gc.collect()
     distributed.end()
 
 
@@ -147,7 +151,9 @@ def main() -> None:
                        f"--resolution={args.resolution}", f"--rank={args.rank}", f"--adapter={args.adapter}",
                        f"--strategy={strategy}"]  # fmt: skip
             env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                sys.exit(f"{strategy} x {n} failed:\n{done.stderr[-3000:]}")
             runs[strategy, n].append(json.loads(out.read_text()))
     rows = []
     for results in runs.values():  # the run of median samples/s of each case
