@@ -124,10 +124,13 @@ def test_accelerate_launch_with_the_fsdp_config_shards_a_partial_fine_tune_as_on
     import fnmatch
 
     tmp, args, _ = full
-    partial = [a for a in args if not a.startswith(("adapter=", "text_encoder.train="))] + ["adapter=partial_unet"]
+    partial = [a for a in args if not a.startswith(("adapter=", "text_encoder.train=", "stages="))]
+    # the gallery after validation: rank 0 samples with the gathered U-Net, not validation's sharded pipeline
+    partial += ["adapter=partial_unet", "stages=[base,prepare,train,export,gallery]", "sample.steps=2"]
     done = accelerate_launch("accelerate_fsdp.yaml", [*partial, "train.batch_size=2"], tmp, tmp / "accelerate")
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp / "accelerate" / "checkpoints" / "step-0000006" / "sharded" / "__1_0.distcp").is_file()
+    assert (tmp / "accelerate" / "gallery" / "index.html").is_file()
     one_process([*partial, "train.batch_size=4"], tmp, "partial_one")
     sharded, whole = load_file(tmp / "accelerate" / UNET), load_file(tmp / "partial_one" / UNET)
     assert worst(sharded, whole) < 1e-6

@@ -230,6 +230,11 @@ class Run:
             module.to(self.accelerator.device)
         return self.family.pipeline(self.components)
 
+    def replaced_modules(self) -> None:
+        """A stage put other modules into ``components`` (after FSDP, the whole ones gathered from the shards):
+        the next ``pipe`` is built around them."""
+        self.__dict__.pop("pipe", None)
+
     def sample_with(self, pipe, jobs, call: dict) -> torch.Tensor:
         """Images for ``generate`` jobs that share their settings (one pipeline call)."""
         first = jobs[0]

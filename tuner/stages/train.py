@@ -272,6 +272,7 @@ def _gather(run: Run, sharded, what: trainables.Trainables) -> None:
             c.denoiser = module
         else:
             c.text_encoders[name] = module
+    run.replaced_modules()  # validation's pipeline held the sharded ones
     what.groups = [{**g, "params": sharded.parameters(g["params"], whole)} for g in what.groups]
     seconds = time.perf_counter() - started
     print(f"[tuner] train: gathered {', '.join(whole)} from the shards on rank 0 in {seconds:.1f} s", flush=True)
