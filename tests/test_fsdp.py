@@ -143,7 +143,7 @@ def test_accelerate_launch_with_the_fsdp_config_shards_a_partial_fine_tune_as_on
 def test_lora_under_fsdp_in_bf16_with_checkpointing_and_ema_resumes_exactly_and_loads_in_diffusers(
     full, tiny_pipeline_dir
 ):
-    """LoRA on a sharded frozen base (the base too big for one device), bf16, gradient checkpointing, AdamW
+    """LoRA on a sharded frozen base, bf16, gradient checkpointing, AdamW
     and an EMA of the adapter: stopped at step 3 and resumed on 2 processes, it ends bit for bit where the
     uninterrupted run ends; the exported adapter loads in diffusers and changes the U-Net's output."""
     from diffusers import StableDiffusionPipeline

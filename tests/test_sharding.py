@@ -1,6 +1,8 @@
 """FSDP2's pieces in one process (the 2-process runs are tests/test_fsdp.py): the settings, the sharded
 checkpoint files, and ``Sharded`` itself in a world of one rank (gloo), against the unsharded module."""
 
+import gc
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -17,20 +19,26 @@ ONE = SimpleNamespace(num_processes=1, is_main_process=True)
 
 
 def test_an_accelerate_fsdp_config_is_read_as_strategy_fsdp_and_its_fsdp1_or_offload_refused(monkeypatch):
+    import os
+
+    from tuner import distributed
+
+    monkeypatch.setattr(distributed, "_accelerate_fsdp", None)
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert sharding("ddp", True) == ("ddp", True)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "false")
     assert sharding("ddp", True) == ("fsdp", False)
-    import os
-
     assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # accelerate itself then runs as for DDP
+    assert sharding("ddp", True) == ("fsdp", False)  # the next run of a sweep in this process too
+    monkeypatch.setattr(distributed, "_accelerate_fsdp", None)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(ConfigError, match="FSDP version 1.*fsdp_version: 2"):
         sharding("ddp", True)
     monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "true")
     with pytest.raises(ConfigError, match="fsdp_offload_params"):
         sharding("ddp", True)
@@ -145,8 +153,12 @@ def test_sharded_modules_train_as_the_unsharded_and_gather_into_plain_modules_wi
     sharded_net.load_state_dict(plain.state_dict())
     before = [p for p in sharded_net.parameters()]
     sharded = Sharded({"denoiser": sharded_net}, {"denoiser": ["Block"]}, "no", True, is_main=True)
-    assert len(units(plain, ["Block", "Linear"])) == 3  # the blocks (not the Linears inside them), the head
     params = sharded.parameters(before)
+    original = weakref.ref(before[1])
+    del before
+    gc.collect()
+    assert original() is None  # nothing of Sharded's holds the unsharded weights: their memory is freed
+    assert len(units(plain, ["Block", "Linear"])) == 3  # the blocks (not the Linears inside them), the head
     assert all(isinstance(p, DTensor) for p in params)
     optimizers = [torch.optim.AdamW(plain.parameters(), lr=1e-2), torch.optim.AdamW(params, lr=1e-2)]
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])

@@ -336,7 +336,7 @@ class DistributedConfig:
 
     # ddp: every rank holds the whole model and optimizer state, gradients averaged (any adapter, fastest);
     # fsdp: FSDP2 shards the trained modules' weights, gradients and optimizer state over the ranks (full and
-    # partial fine-tunes, or LoRA on a base too big for one device); checkpoints are then saved sharded
+    # partial fine-tunes whose optimizer state does not fit one device); checkpoints are then saved sharded
     strategy: Strategy = Strategy.ddp
     # fsdp: free each block's gathered weights after its forward (gathered again for the backward); false keeps
     # them until the backward (more memory, less communication)

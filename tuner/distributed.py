@@ -82,11 +82,15 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int):
 # accelerate's engines and how tuner trains with each (README "Several GPUs and machines" shows this table)
 ENGINES = {
     "DDP (MULTI_GPU, MULTI_CPU)": "every adapter type, full and partial U-Net, textual inversion; no | fp16 | bf16",
-    "FSDP2 (distributed.strategy=fsdp)": "full and partial fine-tunes, full text encoders, LoRA on a base too big "
-    "for one device; sharded checkpoints; no | fp16 | bf16",
+    "FSDP2 (distributed.strategy=fsdp)": "full and partial fine-tunes, full text encoders, LoRA; sharded "
+    "checkpoints; no | fp16 | bf16",
     "DeepSpeed": "refused: its engine owns the model, optimizer and checkpoints, where tuner's loop, sharded "
     "checkpoints and exports need them; FSDP2 shards the same state",
 }
+
+
+# what the launcher's accelerate config said about FSDP, read once per process (a sweep runs several recipes)
+_accelerate_fsdp: tuple[str, bool] | None = None
 
 
 def sharding(configured: str, reshard_after_forward: bool) -> tuple[str, bool]:
@@ -96,6 +100,9 @@ def sharding(configured: str, reshard_after_forward: bool) -> tuple[str, bool]:
     tuner shards with FSDP2 itself (tuner/training/sharding.py explains why); once read, accelerate's own FSDP
     mode is switched off for this process (its variable set to false), so accelerate runs as for DDP.
     """
+    global _accelerate_fsdp
+    if _accelerate_fsdp is not None:
+        return _accelerate_fsdp
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return configured, reshard_after_forward
     version = os.environ.get("FSDP_VERSION", "1")
@@ -112,7 +119,8 @@ def sharding(configured: str, reshard_after_forward: bool) -> tuple[str, bool]:
         )
     os.environ["ACCELERATE_USE_FSDP"] = "false"
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", str(reshard_after_forward)).lower()
-    return "fsdp", reshard in ("true", "1", "full_shard")
+    _accelerate_fsdp = "fsdp", reshard in ("true", "1", "full_shard", "hybrid_shard")
+    return _accelerate_fsdp
 
 
 def check_engine(distributed_type) -> None:

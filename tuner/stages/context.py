@@ -124,6 +124,7 @@ class Run:
         self.strategy, self.reshard_after_forward = distributed.sharding(
             cfg.distributed.strategy, cfg.distributed.reshard_after_forward
         )
+        cfg.distributed.strategy, cfg.distributed.reshard_after_forward = self.strategy, self.reshard_after_forward
         self.accelerator = distributed.make_accelerator(t.mixed_precision, t.gradient_accumulation_steps)
         if self.accelerator.mixed_precision != "no" and not self.accelerator.native_amp:
             raise ConfigError(

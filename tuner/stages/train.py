@@ -207,6 +207,8 @@ def train(run: Run) -> Adapted:
             shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
             sharded_checkpoints=fsdp,
         )
+        if training.sharded is not None:  # the unsharded parameters are freed once nothing holds them
+            what.groups = training.groups
         result = training.train()
     finally:  # also when training stops: the logs so far are complete, the later stages find the model whole
         monitor.finish()
@@ -263,7 +265,7 @@ def _gather(run: Run, sharded, what: trainables.Trainables) -> None:
     """After FSDP training: every rank sends its shards, rank 0 puts the whole modules in the run's components
     (and the trained parameters in ``what``); the other ranks keep nothing (they leave after this stage)."""
     started = time.perf_counter()
-    whole = sharded.gather(run.accelerator.device)
+    whole = sharded.gather("cpu")  # the stages after training move what they run to the device
     if not run.is_main:
         return
     c = run.components

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import re
 import struct
 import zipfile
@@ -139,6 +140,46 @@ def state_header(path: Path, thorough: bool = False) -> dict:
     return state
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.distributed.checkpoint's ``.metadata`` is a pickle: only its own record classes, shapes, dtypes and
+    paths are let through, so a planted file cannot run code when a checkpoint folder is listed or read."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        allowed = module in self.MODULES or (module, name) in self.NAMES
+        allowed = allowed or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)))
+        allowed = allowed or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath"))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return super().find_class(module, name)
+
+
+def read_sharded_metadata(folder: Path):
+    """The ``.metadata`` of a sharded checkpoint, unpickled with only its record classes allowed."""
+    with open(folder / ".metadata", "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+def sharded_reader(folder: Path):
+    """torch.distributed.checkpoint's file reader for ``folder``, reading ``.metadata`` the restricted way."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = read_sharded_metadata(folder)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(str(folder))
+
+
 def sharded_header(folder: Path) -> dict[str, tuple[int, ...]]:
     """A sharded checkpoint's tensors (torch.distributed.checkpoint's ``.metadata``): name -> global shape,
     each of its data files checked to hold the bytes the metadata points into.
@@ -146,15 +187,14 @@ def sharded_header(folder: Path) -> dict[str, tuple[int, ...]]:
     Raises:
         ValueError: the metadata is missing or unreadable, or a data file is missing or too short.
     """
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     if not (folder / ".metadata").is_file():
         raise ValueError("has no .metadata (an interrupted save)")
     try:
-        metadata = FileSystemReader(str(folder)).read_metadata()
-    except Exception as e:  # an unpickling error of any kind
-        raise ValueError(f"has an unreadable .metadata ({type(e).__name__})") from None
+        metadata = read_sharded_metadata(folder)
+    except Exception as e:  # an unpickling error of any kind, a class not allowed
+        raise ValueError(f"has an unreadable .metadata ({type(e).__name__}: {e})") from None
     ends: dict[str, int] = {}
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)

@@ -49,6 +49,7 @@ from tuner.training.checkpoint_files import (
     find,
     safetensors_header,
     sharded_header,
+    sharded_reader,
     state_header,
     step_number,
 )
@@ -130,15 +131,23 @@ def save_sharded(ck: Checkpointing, step: int, tensors: dict, state: dict, accel
         try:
             if failed is not None:
                 raise failed
+            # every rank's files are here (several machines: only when they share the filesystem)
+            sharded_header(tmp / SHARDED)
             torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
             if ck.config:
                 (tmp / "config.yaml").write_text(ck.config)
             usual_modes(tmp)
-            if path.exists():  # an intact checkpoint of this step (resumed at it): replaced whole
-                shutil.rmtree(path)
+            old = None
+            if path.exists():  # an intact checkpoint of this step (resumed at it): moved aside, then replaced
+                old = Path(tempfile.mkdtemp(dir=ck.folder, prefix=f".{path.name}.", suffix=".old"))
+                os.replace(path, old / path.name)
             os.replace(tmp, path)
-        except Exception as e:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, Exception):  # KeyboardInterrupt: as it is
+                raise
             cause = getattr(e, "__cause__", None) or e
             raise _save_error(ck, path, cause if isinstance(cause, OSError) else OSError(str(e))) from e
         _prune(ck)
@@ -154,7 +163,7 @@ def load_sharded(path: Path, tensors: dict, one_process: bool) -> dict:
 
     try:
         with _one_process_quiet():
-            dcp.load(tensors, checkpoint_id=path / SHARDED, no_dist=one_process)
+            dcp.load(tensors, storage_reader=sharded_reader(path / SHARDED), no_dist=one_process)
     except Exception as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(

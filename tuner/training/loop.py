@@ -127,6 +127,7 @@ class Training:
         self.sharded = shard(trained) if shard is not None else None
         if self.sharded is not None:  # FSDP2: the optimizer steps the shards
             groups = [{**g, "params": self.sharded.parameters(g["params"])} for g in groups]
+        self.groups = groups  # under FSDP the caller drops its own groups for these: nothing holds the originals
         self.params = [p for g in groups for p in g["params"]]
         # the trained tensors by name (module.parameter), as sharded checkpoints key them, and their modules
         name_of = {id(p): f"{mod}.{n}" for mod, m in trained.items() for n, p in m.named_parameters()}
@@ -193,9 +194,11 @@ class Training:
         if self.sharded_checkpoints:  # each rank reads its shards (resharded for another number of processes)
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-            tensors = self._sharded_state()
+            tensors, optimizer_state = self._sharded_state()
             state = checkpoints.load_sharded(ck.resume, tensors, a.num_processes == 1)
-            set_optimizer_state_dict(self.trained_box, self.optimizer.optimizer, tensors["optimizer"])
+            groups = zip(state["optimizer"]["param_groups"], optimizer_state["param_groups"])
+            optimizer_state["param_groups"] = [{**saved, "params": now["params"]} for saved, now in groups]
+            set_optimizer_state_dict(self.trained_box, self.optimizer.optimizer, optimizer_state)
         else:
             state = checkpoints.load(ck.resume, self.params)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -391,21 +394,24 @@ class Training:
             state["optimizer"] = {"param_groups": state["optimizer"]["param_groups"]}
             if self.ema is not None:
                 state["ema"] = {k: v for k, v in state["ema"].items() if k != "shadow_params"}
-            return checkpoints.save_sharded(self.ck, step, self._sharded_state(), state, a)
+            return checkpoints.save_sharded(self.ck, step, self._sharded_state()[0], state, a)
         return Path(decide(a, lambda: str(checkpoints.save(self.ck, step, self.params, state))))
 
-    def _sharded_state(self) -> dict:
-        """What a sharded checkpoint holds as tensors (each rank's shards under FSDP): the trained tensors,
-        the optimizer state (torch.distributed.checkpoint's form, keyed by parameter name) and the EMA."""
+    def _sharded_state(self) -> tuple[dict, dict]:
+        """What a sharded checkpoint holds (each rank's shards under FSDP): the trained tensors, the optimizer
+        state's tensors (keyed by parameter name) and the EMA; tensors only, so reading it unpickles nothing.
+        Also the optimizer state they belong to (torch.distributed.checkpoint's form, sharing those tensors)."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        tensors = {
-            "trained": {name: p.detach() for name, p in zip(self.names, self.params)},
-            "optimizer": get_optimizer_state_dict(self.trained_box, self.optimizer.optimizer),
+        optimizer_state = get_optimizer_state_dict(self.trained_box, self.optimizer.optimizer)
+        moments = {
+            name: {k: v for k, v in entry.items() if isinstance(v, torch.Tensor)}
+            for name, entry in optimizer_state["state"].items()
         }
+        tensors = {"trained": {name: p.detach() for name, p in zip(self.names, self.params)}, "optimizer": moments}
         if self.ema is not None:
             tensors["ema"] = dict(zip(self.names, self.ema.shadow_params))
-        return tensors
+        return tensors, optimizer_state
 
     def _finish(self) -> TrainResult:
         """The result, with every module left as it was given (layout, eval mode, trained tensors trainable)."""

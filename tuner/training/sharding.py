@@ -17,7 +17,7 @@ preparation takes one model (a denoiser and a text encoder may train together) a
 for GPUs, so the path would differ from the one tested here on CPUs. accelerate still starts the
 processes, places the devices, autocasts, accumulates, clips (DTensor-aware) and steps the optimizer;
 an accelerate config of ``distributed_type: FSDP`` is read as ``distributed.strategy=fsdp``
-(``tuner.distributed.make_accelerator``).
+(``tuner.distributed.sharding``).
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ class Sharded:
         dtype = MIXED_PRECISION.get(mixed_precision)
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         self.modules = modules
-        self.names = {}  # id of each parameter before sharding -> (module name, parameter name)
+        # (module name, parameter name) of each parameter, by id: before sharding (only while those live: once
+        # nothing holds them their memory is freed, which is the point), and of each shard
+        self.names = {}
         self.skeletons = {}  # rank 0: module name -> its structure on the meta device
         for name, module in modules.items():
             self.names |= {id(p): (name, n) for n, p in module.named_parameters()}
@@ -91,6 +93,8 @@ class Sharded:
             for unit in units(module, classes.get(name, ())):
                 fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
             fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        for name, module in modules.items():
+            self.names |= {id(p): (name, n) for n, p in module.named_parameters()}
         params = [p for m in modules.values() for p in m.parameters()]
         # the weights' bytes this rank holds, and the whole modules' (gradients and optimizer state follow suit)
         self.bytes = sum(p.to_local().numel() * p.element_size() for p in params)
@@ -98,13 +102,14 @@ class Sharded:
 
     def parameters(self, params: Iterable[torch.nn.Parameter], modules=None) -> list[torch.nn.Parameter]:
         """The parameters of ``modules`` (the sharded ones by default; the whole ones ``gather`` returned) that
-        stand for ``params`` (the modules' parameters before sharding)."""
+        stand for ``params`` (the modules' parameters before sharding, or their shards)."""
         named = {name: dict(m.named_parameters()) for name, m in (modules or self.modules).items()}
         return [named[module][n] for module, n in (self.names[id(p)] for p in params)]
 
     def gather(self, device) -> dict[str, torch.nn.Module]:
         """Every rank: each module's whole tensors, one at a time (a collective); rank 0 keeps them in its
-        copy of the module, on ``device``, and returns those copies; the other ranks return nothing.
+        copy of the module, on ``device`` (host memory: the training state may still be on the accelerator),
+        and returns those copies; the other ranks return nothing.
 
         Buffers are not sharded: rank 0's own are taken.
         """
