@@ -2,6 +2,7 @@
 checkpoint files, and ``Sharded`` itself in a world of one rank (gloo), against the unsharded module."""
 
 import gc
+import os
 import weakref
 from types import SimpleNamespace
 
@@ -173,3 +174,23 @@ def test_sharded_modules_train_as_the_unsharded_and_gather_into_plain_modules_wi
     assert whole.head.weight is whole.embed.weight
     assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), plain.state_dict().values()))
     assert torch.equal(whole(ids), plain(ids))
+
+
+def test_a_planted_metadata_pickle_runs_nothing_and_the_checkpoint_is_named_damaged(tmp_path):
+    import pickle
+
+    ck = checkpoints.Checkpointing(folder=tmp_path / "checkpoints", keep=3)
+    path = checkpoints.save_sharded(ck, 3, tensors(0), state(), ONE)
+    marker = tmp_path / "ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (path / SHARDED / ".metadata").write_bytes(pickle.dumps(Planted()))
+    file, reason = damage(path)
+    assert file == path / SHARDED and "unreadable .metadata" in reason and "system" in reason
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match="damaged"):
+        checkpoints.check_resume(path, [torch.nn.Parameter(torch.zeros(6, 3))], 6, names=["denoiser.a"])
+    assert not marker.exists()
