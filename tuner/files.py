@@ -63,7 +63,7 @@ def write_atomic(path: Path, content: str | bytes | Image.Image) -> Path:
     return path
 
 
-def usual_modes(folder: Path) -> None:
+def _usual_modes(folder: Path) -> None:
     """Files and folders as the user's umask makes them: some writers (safetensors) create files private."""
     mask = _umask()
     os.chmod(folder, 0o777 & ~mask)
@@ -72,6 +72,19 @@ def usual_modes(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def put_in_place(tmp: Path, path: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``path`` (modes as the umask makes them); an existing ``path`` is
+    renamed aside first and deleted after, so at every moment one whole version sits at ``path`` or beside it."""
+    _usual_modes(tmp)
+    old = None
+    if path.exists():
+        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+        os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -87,14 +100,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        usual_modes(tmp)
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        put_in_place(tmp, path)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         failed = _write_error(e, path, tmp)

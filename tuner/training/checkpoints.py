@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.files import atomic_dir, usual_modes
+from tuner.files import atomic_dir, put_in_place
 from tuner.training.checkpoint_files import (
     SHARDED,
     damage,
@@ -136,14 +136,7 @@ def save_sharded(ck: Checkpointing, step: int, tensors: dict, state: dict, accel
             torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
             if ck.config:
                 (tmp / "config.yaml").write_text(ck.config)
-            usual_modes(tmp)
-            old = None
-            if path.exists():  # an intact checkpoint of this step (resumed at it): moved aside, then replaced
-                old = Path(tempfile.mkdtemp(dir=ck.folder, prefix=f".{path.name}.", suffix=".old"))
-                os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            put_in_place(tmp, path)  # an intact checkpoint of this step (resumed at it) is replaced whole
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if not isinstance(e, Exception):  # KeyboardInterrupt: as it is
