@@ -93,7 +93,7 @@ class Sharded:
             for unit in units(module, classes.get(name, ())):
                 fully_shard(unit, mp_policy=policy, reshard_after_forward=reshard_after_forward)
             fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-        for name, module in modules.items():
+        for name, module in modules.items():  # the shards, written last: a freed original's id may be reused
             self.names |= {id(p): (name, n) for n, p in module.named_parameters()}
         params = [p for m in modules.values() for p in m.parameters()]
         # the weights' bytes this rank holds, and the whole modules' (gradients and optimizer state follow suit)
