@@ -218,12 +218,6 @@ def train(run: Run) -> Adapted:
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
         result.ema.copy_to(training.params)
     if training.sharded is not None:  # FSDP: the modules whole again, on rank 0 only
-        sharded = training.sharded  # rank 0's share of the weights (gradients and optimizer state follow suit)
-        run.metrics["fsdp"] = {
-            "processes": accelerator.num_processes,
-            "weights_mib_rank0": round(sharded.bytes / 2**20, 3),
-            "weights_mib_whole": round(sharded.whole_bytes / 2**20, 3),
-        }
         _gather(run, training.sharded, what)
     if t.gradient_checkpointing:
         c.denoiser.disable_gradient_checkpointing()
@@ -263,7 +257,13 @@ def _shard(run: Run):
 
 def _gather(run: Run, sharded, what: trainables.Trainables) -> None:
     """After FSDP training: every rank sends its shards, rank 0 puts the whole modules in the run's components
-    (and the trained parameters in ``what``); the other ranks keep nothing (they leave after this stage)."""
+    (and the trained parameters in ``what``); the other ranks keep nothing (they leave after this stage).
+    The summary gets rank 0's share of the weights (gradients and optimizer state follow suit)."""
+    run.metrics["fsdp"] = {
+        "processes": run.accelerator.num_processes,
+        "weights_mib_rank0": round(sharded.bytes / 2**20, 3),
+        "weights_mib_whole": round(sharded.whole_bytes / 2**20, 3),
+    }
     started = time.perf_counter()
     whole = sharded.gather("cpu")  # the stages after training move what they run to the device
     if not run.is_main:
