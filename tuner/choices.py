@@ -50,4 +50,8 @@ MixedPrecision = _choices("MixedPrecision", "no", "fp16", "bf16")
 Dtype = _choices("Dtype", "float32", "float16", "bfloat16")
 Variant = _choices("Variant", "fp16", "bf16")
 NonFinite = _choices("NonFinite", "stop", "skip")
+# which of a metric's values is better (checkpoints.select_mode): min | max
+SelectMode = _choices("SelectMode", "min", "max")
+# the weights the export stage writes (export.from): the last step's, or the best checkpoint's (checkpoints.select)
+ExportFrom = _choices("ExportFrom", "last", "best")
 ExportFormat = _choices("ExportFormat", "diffusers", "kohya", "peft", "merged", "single_file")

@@ -57,6 +57,7 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
 
+    overrides = [_spelled(o) for o in overrides or []]
     if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
         known = ", ".join(list_recipes()) or "none"
         raise ConfigError(f"unknown recipe {recipe!r}: {RECIPES_DIR} has {known}")
@@ -81,6 +82,17 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
         if (checkpoint / "state.pt").is_file():
             cfg.output_dir = str(checkpoint.parent.parent)
     return cfg
+
+
+# keys whose schema field cannot carry their name (a Python keyword): as written -> as stored
+SPELLED = {"export.from": "export.from_"}
+
+
+def _spelled(override: str) -> str:
+    """``export.from=best`` as the schema stores it (``export.from_``)."""
+    key, eq, value = override.partition("=")
+    prefix = key[: len(key) - len(key.lstrip("+~"))]
+    return f"{prefix}{SPELLED.get(key.lstrip('+~'), key.lstrip('+~'))}{eq}{value}"
 
 
 def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:

@@ -29,6 +29,7 @@ from tuner.choices import (
     PredictionType,
     Quantize,
     Role,
+    SelectMode,
     SourceKind,
     Strategy,
     SubjectTransform,
@@ -177,6 +178,10 @@ class DataConfig:
     background: list[int] = field(default_factory=lambda: [255, 255, 255])
     # larger images are rejected as decompression bombs
     max_pixels: int = 178_956_970
+    # held-out images for the validation loss (validation.every): this share of the instance images (and of the
+    # class images, with prior preservation), chosen by seed and never trained on; or a folder of its own
+    val_split: float = 0.0
+    val_dir: str | None = None
 
 
 @dataclass
@@ -253,6 +258,19 @@ class EmbeddingConfig:
 
 
 @dataclass
+class EarlyStopConfig:
+    """Stop training before train.max_steps, judged at validation steps (validation.every)."""
+
+    # stop when checkpoints.select's metric has not improved by more than min_delta for this many validations
+    # (0: never)
+    patience: int = 0
+    min_delta: float = 0.0
+    # stop when drift (class-prompt samples moving toward the subject) passes this bound; the weights of the last
+    # validation within it are the run's. null: never
+    max_drift: float | None = None
+
+
+@dataclass
 class TrainConfig:
     max_steps: int = 400
     batch_size: int = 4
@@ -308,6 +326,7 @@ class TrainConfig:
     # the denoiser in channels-last layout (on a CPU: PyTorch's own convolution kernels). null: on for float32
     # LoRA training on a CPU when no convolution weight trains and not DoRA (faster here, tools/bench.py)
     channels_last: bool | None = None
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
 
 
 @dataclass
@@ -318,6 +337,14 @@ class CheckpointsConfig:
     every: int = 0
     # how many to keep (the newest)
     keep: int = 2
+    # a metric of the validation steps (val_loss, val_loss_class, fidelity, preservation, drift, score, clip_i,
+    # clip_t, dino, diversity): a checkpoint is saved at every validation step and the best ones kept besides the
+    # newest; export.from=best exports the best. null: none
+    select: str | None = None
+    # min | max; null: the metric's own direction (losses and drift: min, the rest: max)
+    select_mode: SelectMode | None = None
+    # how many of the best checkpoints to keep besides the newest (checkpoints.keep)
+    best: int = 1
 
 
 @dataclass

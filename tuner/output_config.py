@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from tuner.choices import Dtype, ExportFormat, Variant
+from tuner.choices import Dtype, ExportFormat, ExportFrom, Variant
 
 
 @dataclass
@@ -54,12 +54,24 @@ class ValidationConfig:
     steps: int | None = None
     # default: sample.guidance_scale
     guidance_scale: float | None = None
+    # the metrics of each validation step (tuner/scoring.py) score this many samples of the instance prompt and
+    # of the class prompt (seeds eval.seed, eval.seed + 1, ...)
+    samples: int = 8
+    # the held-out loss (data.val_split, data.val_dir) of each image at this many fixed timesteps, fixed noise
+    loss_timesteps: int = 8
 
 
 @dataclass
 class EvalConfig:
-    """Digit-classifier metrics for runs on the digits base."""
+    """Metrics of a fine-tune (tuner/scoring.py), at validation steps and in the evaluate stage: the digits
+    classifier on the embedded base; on any base, the local feature models given here (nothing is downloaded)."""
 
+    # a local CLIP model folder (transformers' CLIPModel): clip_i (samples vs instance images), clip_t (samples vs
+    # their prompt), drift and diversity when no DINO is given
+    clip: str | None = None
+    # a local DINO / DINOv2 folder (transformers' AutoModel): dino (subject fidelity), drift, diversity
+    dino: str | None = None
+    # samples per prompt in the evaluate stage
     samples: int = 64
     seed: int = 1000
     steps: int = 25
@@ -83,6 +95,9 @@ class ExportConfig:
     single_file_dtype: Dtype = Dtype.float32
     # write the base model's absolute path into metadata and the model card (default: its folder name only)
     include_paths: bool = False
+    # last | best: the weights of the last step, or of the best checkpoint by checkpoints.select (written
+    # export.from on the command line; export.from_ in YAML, as "from" is a Python keyword)
+    from_: ExportFrom = ExportFrom.last
 
 
 @dataclass

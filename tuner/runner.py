@@ -16,7 +16,7 @@ from tuner import distributed, run_folder
 from tuner.digits import base as digits_base
 from tuner.digits import stages as digits
 from tuner.files import write_atomic
-from tuner.stages import adapters, base, data, export, gallery, generate, train
+from tuner.stages import adapters, base, data, evaluate, export, gallery, generate, train
 from tuner.stages.context import Builtin, Exported, Run
 
 STAGES = {
@@ -30,7 +30,7 @@ STAGES = {
         adapters.load_adapter,
         export.export,
         gallery.gallery,
-        digits.evaluate,  # the digits base: subject fidelity, class preservation
+        evaluate.evaluate,  # subject fidelity, drift, ... (the digits classifier, eval.clip, eval.dino)
         digits.evaluate_base,  # recipe=digits_base: the base's own per-digit score
         generate.generate,
     )

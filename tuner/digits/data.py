@@ -7,6 +7,7 @@ ink on white paper, like a photo of a handwritten digit, upscaled to the base's 
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -81,6 +82,13 @@ def write_subject_images(folder: Path, digit: int, transform: str, count: int, s
         Image.fromarray(array).save(path)
         paths.append(path)
     return paths
+
+
+def digit_in(prompt: str | None) -> int | None:
+    """The digit a prompt names in words (``... digit seven`` -> 7), if any."""
+    words = re.findall(r"[a-z]+", (prompt or "").lower())
+    found = [WORDS.index(w) for w in words if w in WORDS]
+    return found[-1] if found else None
 
 
 class DigitClassifier:

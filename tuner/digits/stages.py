@@ -5,20 +5,15 @@ evaluation of a fine-tune (subject fidelity, class preservation) by an independe
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from tuner.data.prepare import load_prepared
 from tuner.digits import data as digits
 from tuner.errors import ConfigError
 from tuner.export.gallery import write_gallery
 from tuner.files import atomic_dir, write_atomic
 from tuner.stages.context import Run, Subject, stage
-from tuner.stages.data import images_of
-from tuner.stages.gallery import with_and_without_adapter
 
 
 def _check_subject(cfg: DictConfig) -> None:
@@ -57,48 +52,4 @@ def evaluate_base(run: Run) -> None:
     n = len(run.cfg.sample.seeds)
     rows = [(digits.caption(k), images[k * e.samples : k * e.samples + n]) for k in range(10)]
     run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds[:n], run.cfg.sample.display_size))
-    run.outputs["metrics"] = str(run.dir / "metrics.json")
-
-
-def digit_in(prompt: str | None) -> int | None:
-    """The digit a prompt names in words (``... digit seven`` -> 7), if any."""
-    words = re.findall(r"[a-z]+", (prompt or "").lower())
-    found = [digits.WORDS.index(w) for w in words if w in digits.WORDS]
-    return found[-1] if found else None
-
-
-@stage(main_only=True, after=("base", "prepare", "train|load_adapter"), writes=("metrics.json",))
-def evaluate(run: Run) -> None:
-    """Digits base: subject fidelity and class preservation, scored by an independent classifier.
-
-    The classifier is an SVC fit on the real digits plus the instance images as an eleventh class.
-    Subject fidelity is the share of instance-prompt samples classified as the subject; class
-    preservation the share of class-prompt samples still classified as the digit the prompt names.
-    """
-    if run.cfg.model.path or run.cfg.model.builtin != "digits":
-        print("[tuner] evaluate: digit metrics apply to the embedded digits base only; skipped")
-        return
-    d, e = run.cfg.data, run.cfg.eval
-    instance = torch.stack(images_of(load_prepared(run.dir / "data" / "instance")))
-    classifier = digits.DigitClassifier(d.resolution, extra_images=instance, extra_label=10)
-    seeds = [e.seed + i for i in range(e.samples)]
-    scored = [
-        (name, prompt, label)
-        for name, prompt, label in (
-            ("subject_fidelity", d.instance_prompt, 10),
-            ("class_preservation", d.class_prompt, digit_in(d.class_prompt)),
-        )
-        if prompt is not None and label is not None
-    ]
-    prompts = [prompt for _, prompt, _ in scored for _ in seeds]
-    base_images, tuned_images = with_and_without_adapter(
-        run, prompts, seeds * len(scored), e.steps, e.guidance_scale, "evaluate"
-    )
-    metrics = {}
-    for k, (name, _, label) in enumerate(scored):
-        cells = slice(k * e.samples, (k + 1) * e.samples)
-        metrics[name] = float(np.mean(classifier.predict(tuned_images[cells]) == label))
-        metrics[f"{name}_base"] = float(np.mean(classifier.predict(base_images[cells]) == label))
-    run.metrics.update(metrics)
-    write_atomic(run.dir / "metrics.json", json.dumps(metrics, indent=2))
     run.outputs["metrics"] = str(run.dir / "metrics.json")

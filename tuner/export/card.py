@@ -9,6 +9,13 @@ from tuner.export.formats import usage
 from tuner.files import write_atomic
 
 
+def _selected(selected: dict | None) -> str | None:
+    """Which step's weights were exported and why (checkpoints.select, export.from, train.early_stop)."""
+    if not selected:
+        return None
+    return f"step {selected['step']} of {selected['of']}: {selected['why']}"
+
+
 def _settings_table(info: dict) -> str:
     rows = [
         ("adapter", info.get("adapter_type")),
@@ -17,6 +24,7 @@ def _settings_table(info: dict) -> str:
         ("new tokens", ", ".join(info["tokens"]) if info.get("tokens") else None),
         ("resolution", info.get("resolution")),
         ("steps", info.get("steps")),
+        ("weights of", _selected(info.get("selected"))),
         ("batch size", info.get("batch_size")),
         ("learning rate", info.get("learning_rate")),
         (

@@ -11,12 +11,13 @@ from urllib.parse import quote
 
 import torch
 
+from tuner.export.charts import line_chart
 from tuner.export.gallery import cells_of, labelled_grid
 from tuner.files import write_atomic
 
 STYLE = (
     "<style>body{font-family:sans-serif}img{image-rendering:pixelated}th{text-align:left;vertical-align:top}"
-    "td,th{padding:2px 4px}</style>"
+    "td,th{padding:2px 4px}tr.chosen{background:#fde8e8}.chart{margin:4px}</style>"
 )
 
 
@@ -29,10 +30,19 @@ def _img(path: str, alt: str) -> str:
     return f'<img src="{_src(path)}" alt="{html.escape(alt)}" title="{html.escape(alt)}">'
 
 
-def _header(prompts: list[str], seeds: list[int], lead: list[str], last: str) -> str:
-    """Two header rows: each prompt over its seeds' columns, then ``seed N`` per column."""
+# the order numbers are shown in (the rest follow by name)
+ORDER = ["train_loss", "val_loss", "val_loss_class", "score", "fidelity", "preservation", "drift"]
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.4g}"
+
+
+def _header(prompts: list[str], seeds: list[int], lead: list[str], last: str, numbers: list[str] = ()) -> str:
+    """Two header rows: each prompt over its seeds' columns, then ``seed N`` per column (then ``numbers``)."""
     heads = "".join(f'<th rowspan="2">{h}</th>' for h in lead)
     tops = "".join(f'<th colspan="{len(seeds)}">{html.escape(p)}</th>' for p in prompts)
+    tops += "".join(f'<th rowspan="2">{n}</th>' for n in numbers)
     seed_row = "".join(f"<th>seed {s}</th>" for _ in prompts for s in seeds)
     return f'<tr>{heads}{tops}<th rowspan="2">{last}</th></tr><tr>{seed_row}</tr>'
 
@@ -48,6 +58,7 @@ class ValidationGallery:
             display_size,
         )
         self._entries: list[dict] = []
+        self.chosen: dict | None = None  # {"step", "note"}: the step the run's weights come from
         record = self.folder / "steps.json"
         if record.exists():  # a resumed run continues its page (if it samples the same prompts and seeds)
             data = json.loads(record.read_text())
@@ -58,9 +69,18 @@ class ValidationGallery:
     def steps(self) -> list[int]:
         return [e["step"] for e in self._entries]
 
-    def add(self, step: int, images: torch.Tensor) -> Path:
+    def values(self) -> dict[str, list[tuple[int, float]]]:
+        """Each number recorded so far (losses, metrics) as (step, value) pairs."""
+        series: dict[str, list[tuple[int, float]]] = {}
+        for e in self._entries:
+            for name, value in e.get("values", {}).items():
+                series.setdefault(name, []).append((e["step"], value))
+        return series
+
+    def add(self, step: int, images: torch.Tensor, values: dict[str, float] | None = None) -> Path:
         """Save step ``step``'s samples (prompt-major, (len(prompts) * len(seeds), 3, H, W) in [-1, 1]) as a labelled
-        grid and one PNG per cell, record them in ``steps.json`` and rewrite ``index.html``. Returns the grid path."""
+        grid and one PNG per cell, and its numbers (``values``: losses, metrics), record them in ``steps.json`` and
+        rewrite ``index.html`` (with a chart of each number). Returns the grid path."""
         n = len(self.seeds)
         if images.shape[0] != len(self.prompts) * n:
             raise ValueError(f"expected {len(self.prompts) * n} images, got {images.shape[0]}")
@@ -71,13 +91,11 @@ class ValidationGallery:
             for cell, name in zip(row, row_names):
                 write_atomic(self.folder / name, cell)
         grid = labelled_grid(self.prompts, rows, self.seeds)
-        entry = {"step": step, "grid": f"step_{step:06d}.png", "cells": names}
+        entry = {"step": step, "grid": f"step_{step:06d}.png", "cells": names, "values": dict(values or {})}
         path = write_atomic(self.folder / entry["grid"], grid)
         dropped = [e for e in self._entries if e["step"] >= step]  # a resumed run re-samples these steps
         self._entries = [e for e in self._entries if e["step"] < step] + [entry]
-        record = {"prompts": self.prompts, "seeds": self.seeds, "steps": self._entries}
-        write_atomic(self.folder / "steps.json", json.dumps(record, indent=2))
-        write_atomic(self.folder / "index.html", self._page())
+        self._write()
         keep = {entry["grid"], *(c for row in names for c in row)}
         for old in dropped:  # files of replaced steps that this step did not overwrite
             for name in [old["grid"], *(c for row in old["cells"] for c in row)]:
@@ -85,7 +103,22 @@ class ValidationGallery:
                     (self.folder / name).unlink(missing_ok=True)
         return path
 
+    def mark(self, step: int, note: str) -> None:
+        """Mark ``step`` as the one the run's weights come from (``note`` says why) on the page and its charts."""
+        self.chosen = {"step": step, "note": note}
+        self._write()
+
+    def _write(self) -> None:
+        record = {"prompts": self.prompts, "seeds": self.seeds, "steps": self._entries, "chosen": self.chosen}
+        write_atomic(self.folder / "steps.json", json.dumps(record, indent=2))
+        write_atomic(self.folder / "index.html", self._page())
+
     def _page(self) -> str:
+        series = self.values()
+        names = sorted(series, key=lambda n: (n not in ORDER, ORDER.index(n) if n in ORDER else 0, n))
+        chosen = self.chosen["step"] if self.chosen else None
+        note = f"step {chosen}: {self.chosen['note']}" if self.chosen else ""
+        charts = "".join(line_chart(name, series[name], chosen, f"step {chosen}" if chosen else "") for name in names)
         rows = []
         for e in self._entries:
             step = e["step"]
@@ -94,11 +127,14 @@ class ValidationGallery:
                 for prompt, row in zip(self.prompts, e["cells"])
                 for seed, cell in zip(self.seeds, row)
             )
-            rows.append(f'<tr><th>{step}</th>{tds}<td><a href="{_src(e["grid"])}">grid</a></td></tr>')
+            numbers = "".join(f"<td>{_number(e.get('values', {}).get(n))}</td>" for n in names)
+            mark = ' class="chosen"' if step == chosen else ""
+            rows.append(f'<tr{mark}><th>{step}</th>{tds}{numbers}<td><a href="{_src(e["grid"])}">grid</a></td></tr>')
+        header = _header(self.prompts, self.seeds, ["step"], "grid", [html.escape(n) for n in names])
         return (
             f"<!doctype html><meta charset=utf-8><title>tuner validation</title>{STYLE}"
-            f"<h1>Validation samples</h1><table>{_header(self.prompts, self.seeds, ['step'], 'grid')}"
-            f"{''.join(rows)}</table>"
+            f"<h1>Validation samples</h1>{f'<p>{html.escape(note)}</p>' if note else ''}"
+            f"<div>{charts}</div><table>{header}{''.join(rows)}</table>"
         )
 
 

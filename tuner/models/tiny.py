@@ -428,3 +428,34 @@ def make_tiny_pipeline(folder: Path, size: str = "test", seed: int = 0, family: 
     ``size`` picks one of SIZES for sd15 and sd2; flux takes ``schnell`` for the shape without the
     guidance embedding; the other families have one tiny shape."""
     return save_pipeline(BUILDERS[family](size, seed), Path(folder), family)
+
+
+def make_tiny_feature_model(folder: Path, kind: str, seed: int = 0, image_size: int = 32) -> Path:
+    """A randomly initialised CLIP (``kind="clip"``: CLIPModel, its image processor and a character tokenizer) or
+    DINOv2 (``kind="dino"``: Dinov2Model and its image processor) folder, as ``eval.clip`` / ``eval.dino`` take
+    them (tests and trying the metrics without a download)."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    size = {"shortest_edge": image_size}
+    crop = {"height": image_size, "width": image_size}
+    if kind == "clip":
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                  "image_size": image_size, "patch_size": 8}  # fmt: skip
+        text = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                "vocab_size": 2 + 2 * len(CHARACTERS), "max_position_embeddings": 32, "bos_token_id": 0,
+                "eos_token_id": 1, "pad_token_id": 1}  # fmt: skip
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+        processor = CLIPImageProcessor(size=size, crop_size=crop)
+        write_char_tokenizer(folder, 32)
+    else:
+        config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              image_size=image_size, patch_size=8)  # fmt: skip
+        model = Dinov2Model(config)
+        processor = CLIPImageProcessor(size=size, crop_size=crop, image_mean=[0.485, 0.456, 0.406],
+                                       image_std=[0.229, 0.224, 0.225])  # fmt: skip
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

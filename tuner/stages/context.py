@@ -143,6 +143,7 @@ class Run:
         # the run's report (summary.json): what each stage wrote where, and what it measured
         self.outputs: dict[str, str] = {}
         self.metrics: dict[str, object] = {}
+        self.feature_models: dict = {}  # eval.clip / eval.dino, loaded once for validation and evaluate
         self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     def result(self, kind: type[Result]) -> Result:

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from tuner.data.prepare import Source
+from tuner.data.prepare import Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.distributed import decide
 from tuner.errors import ConfigError
@@ -58,6 +58,8 @@ def _check_prepare(cfg) -> None:
             raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
         if d.instance_dir and not Path(d.instance_dir).expanduser().exists():
             raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
+    if d.val_dir and not Path(d.val_dir).expanduser().is_dir():
+        raise ConfigError(f"data.val_dir={d.val_dir}: no such folder (held-out images for the validation loss)")
     for k, x in enumerate(d.sources):
         if not Path(x.path).expanduser().exists():
             raise ConfigError(f"data.sources[{k}].path={x.path}: no such folder or file")
@@ -83,6 +85,8 @@ def prepare(run: Run) -> None:
     subject = run.results.get(Subject)
     folder = str(subject.folder) if subject else run.cfg.data.instance_dir
     _prepare(run, "instance", folder, run.cfg.data.instance_prompt)
+    if run.cfg.data.val_dir:  # held-out images for the validation loss, prepared as the instance images are
+        _prepare(run, "val", run.cfg.data.val_dir, run.cfg.data.instance_prompt)
     # the run folder's report.json: every instance input with its status (the class data's is in data/class/)
     if run.is_main:
         write_atomic(run.dir / "report.json", (run.dir / "data" / "instance" / "report.json").read_text())
@@ -145,6 +149,16 @@ def images_of(dataset, ids: list[int] | None = None) -> list[torch.Tensor]:
     return [
         torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for img in rows["image"]
     ]
+
+
+def subject_images(run_dir: Path) -> list[torch.Tensor]:
+    """The subject's real images that metrics compare samples with (tuner/scoring.py): the prepared instance
+    images, held-out ones included (``data.val_split``'s, and ``data.val_dir``'s)."""
+    images = []
+    for role in ("instance", "val"):
+        if (run_dir / "data" / role / "dataset").is_dir():
+            images += images_of(load_prepared(run_dir / "data" / role))
+    return images
 
 
 def _undecoded(dataset, column: str):

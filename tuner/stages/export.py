@@ -109,6 +109,7 @@ def _export_info(run: Run, trained, name: str, trained_here: bool) -> dict:
             text_encoder=source.text_encoder.train,
             trigger=", ".join(trained.tokens) or d.trigger or d.instance_prompt,
             instance_prompt=d.instance_prompt,
+            selected=run.metrics.get("selected") if source is cfg else None,
             started=run.started if source is cfg else None,
             finished=time.strftime("%Y-%m-%dT%H:%M:%S%z") if source is cfg else None,
         )

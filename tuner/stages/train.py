@@ -15,16 +15,19 @@ from omegaconf import OmegaConf
 from tuner.data.prepare import load_prepared
 from tuner.distributed import decide
 from tuner.errors import ConfigError
-from tuner.models.base import tree_map
+from tuner.models.base import Cond, tree_map
 from tuner.stages.context import Adapted, Run, stage
 from tuner.stages.data import image_keys, images_of, latent_masks
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
 from tuner.training.cache import Store, cached, evict, fingerprint
 from tuner.training.checkpoints import Checkpointing
+from tuner.training.held_out import HeldOutLoss, HeldOutSet, split
 from tuner.training.loop import Training, TrainResult
 from tuner.training.monitor import start as start_monitor
 from tuner.training.offload import BlockOffload, Parked, blocks_of, largest
+from tuner.training.selection import Selection
+from tuner.training.selection import check as check_selection
 
 # captions the text encoders encode at once: T5-XXL takes 0.33 GB a caption at 512 tokens (tools/bench_memory.py)
 PROMPTS_AT_ONCE = 1
@@ -98,6 +101,7 @@ def _check_train(cfg) -> None:
         )
     if t.fused_backward:
         _check_fused_backward(t)
+    check_selection(cfg)
     if cfg.distributed.strategy == "fsdp":
         check_fsdp(cfg)
     if cfg.resume not in (None, "auto"):
@@ -166,7 +170,7 @@ def train(run: Run) -> Adapted:
     parked = _frozen_parts(run, in_step)
     if parked is not None:  # the encoders on the device while they encode, then in host memory
         parked.unpark()
-    sets, texts = _sample_sets(run, in_step)
+    sets, texts, held_out_sets, rows = _sample_sets(run, in_step)
     if parked is not None:
         parked.park()
     for name, module in c.modules().items():  # what runs in the steps, on the device
@@ -176,7 +180,15 @@ def train(run: Run) -> Adapted:
         for group in what.groups:
             group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
     stop = cfg.text_encoder.stop_at
-    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked)
+    encode = (lambda ids: run.family.encode_ids(c.text_encoders, ids)) if in_step else None
+    held_out = None
+    if held_out_sets and cfg.validation.every:
+        plain_t = OmegaConf.to_object(t)
+        held_out = HeldOutLoss(held_out_sets, rows, run.family.objective(c), plain_t, cfg.validation.loss_timesteps,
+                               cfg.seed, t.batch_size)  # fmt: skip
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked, held_out, encode)
+    ck, early = cfg.checkpoints, t.early_stop
+    selection = Selection(ck.select, ck.select_mode, ck.best, early.patience, early.min_delta, early.max_drift)
     fsdp = run.strategy == "fsdp"
     try:
         training = Training(
@@ -206,6 +218,7 @@ def train(run: Run) -> Adapted:
             offload=_block_offload(run),
             shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
             sharded_checkpoints=fsdp,
+            selection=selection,
         )
         if training.sharded is not None:  # the unsharded parameters are freed once nothing holds them
             what.groups = training.groups
@@ -215,6 +228,7 @@ def train(run: Run) -> Adapted:
         if parked is not None:
             parked.unpark()
     _report(run, result, what, sets)
+    _keep_chosen(run, training, result, monitor)
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
         result.ema.copy_to(training.params)
     if training.sharded is not None:  # FSDP: the modules whole again, on rank 0 only
@@ -223,6 +237,44 @@ def train(run: Run) -> Adapted:
         c.denoiser.disable_gradient_checkpointing()
     accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
     return Adapted(what, tuple(cfg.embedding.tokens), what.base_weights_train or bool(what.new_tokens))
+
+
+def _keep_chosen(run: Run, training: Training, result: TrainResult, monitor) -> None:
+    """The weights the run keeps: the last step's, or with ``export.from=best`` the best checkpoint's by
+    ``checkpoints.select``, or when drift passed ``train.early_stop.max_drift`` the last step within it. The summary,
+    the model card and the validation page say which step and why."""
+    sel, last = training.selection, result.last_step
+    if run.is_main and monitor.gallery is not None:
+        run.metrics["validation"] = {name: dict(points) for name, points in monitor.gallery.values().items()}
+    if sel is None:
+        return
+    keep, why, limit = last, "the last step", None
+    stopped = sel.stopped
+    if stopped is not None:
+        run.metrics["early_stop"] = {"step": stopped["step"], "reason": stopped["reason"]}
+        why = f"the last step (training stopped early: {stopped['reason']})"
+        if stopped["keep"] is not None:  # drift passed its bound: back to the last step within it
+            keep = limit = stopped["keep"]
+            why = "the last validation step within train.early_stop.max_drift "
+            why += f"(at step {stopped['step']} {stopped['reason']})"
+        elif stopped["kind"] == "drift":
+            why = f"the last step: no earlier validation step was within the bound ({stopped['reason']})"
+    if run.cfg.export.from_ == "best" and sel.metric:
+        best = sel.best_step(limit)
+        if best is not None:
+            keep = best
+            upto = f" up to step {limit} (at step {stopped['step']} {stopped['reason']})" if limit is not None else ""
+            why = f"the best {sel.metric} ({sel.mode}imum) of the validation steps{upto}: {sel.value(best):.4g}"
+    if keep != last:
+        path = run.dir / "checkpoints" / f"step-{keep:07d}"
+        training.restore(path)
+        if run.is_main:
+            print(f"[tuner] train: keeping the weights of step {keep} ({why}), from {path}", flush=True)
+    run.metrics["selected"] = {"step": keep, "of": last, "why": why}
+    if sel.metric:
+        run.metrics["selected"] |= {"metric": sel.metric, "mode": sel.mode, "value": sel.value(keep)}
+    if run.is_main and monitor.gallery is not None:
+        monitor.gallery.mark(keep, why)
 
 
 def _set_up_model(run: Run) -> trainables.Trainables:
@@ -317,11 +369,13 @@ def _block_offload(run: Run) -> BlockOffload | None:
     return offload
 
 
-def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
+def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str], list[HeldOutSet], Cond]:
     """The instance set (and the class set, with prior preservation), their latents and captions encoded
-    once into the shared cache (tuner/training/cache.py), where any run finds them again by content.
+    once into the shared cache (tuner/training/cache.py), where any run finds them again by content; and the
+    held-out images (``data.val_split`` of each set, or ``data.val_dir``), encoded the same way.
 
-    Returns the sets and the distinct captions (the empty one last, for caption dropout).
+    Returns the sets, the distinct captions (the empty one last, for caption dropout), the held-out sets and each
+    caption's conditioning (or token ids).
     """
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
@@ -329,10 +383,7 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     vae_dtype = next(c.vae.parameters()).dtype
     latents_store = Store(run.cache_dir, f"latents-{fingerprint('latents', str(vae_dtype), modules=[c.vae])}")
-    for role, weight in roles:
-        if not (run.dir / "data" / role / "dataset").is_dir():
-            raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
-        dataset = load_prepared(run.dir / "data" / role)
+    for role, weight, dataset in _parts(run, roles):
         entries, report["encoded"][f"latents-{role}"] = cached(
             latents_store,
             image_keys(dataset),
@@ -346,7 +397,7 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
         latents = LatentCache(entries.column("mean"), entries.column("std"), float(scaling), float(shift))
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), latent_masks(dataset, latents))
-        loaded.append((latents, captions, weight, *per_image, run.family.image_cond(dataset)))
+        loaded.append((role, latents, captions, weight, *per_image, run.family.image_cond(dataset)))
     texts = list(caption_ids) + [""]
     if in_step:
         rows = run.family.tokenize(c, texts)
@@ -374,9 +425,39 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str]]:
     )
     sets = [
         SampleSet(latents, cond, captions, weight, mask, repeats, image_weight, image_cond=image_cond)
-        for latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
+        for _, latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
+        if weight is not None
     ]
-    return sets, texts
+    held_out = [  # the held-out parts, named by the metric they give
+        HeldOutSet(HELD_OUT[role], latents, captions, image_cond, mask)
+        for role, latents, captions, weight, _, _, mask, image_cond in loaded
+        if weight is None
+    ]
+    return sets, texts, held_out, rows
+
+
+# a held-out part's name in the cache report -> the metric its loss is
+HELD_OUT = {"held-out instance": "val_loss", "held-out class": "val_loss_class", "val": "val_loss"}
+
+
+def _parts(run: Run, roles: list[tuple[str, float]]) -> list[tuple[str, float | None, object]]:
+    """(name, loss weight, prepared dataset) of each part of the data: each role's images kept for training and
+    (weight None) its held-out ones, ``data.val_split`` of them chosen by seed; or ``data.val_dir``'s."""
+    d, parts = run.cfg.data, []
+    for role, weight in roles:
+        if not (run.dir / "data" / role / "dataset").is_dir():
+            raise ConfigError(f"train: no prepared {role} data in {run.dir / 'data'}; add the prepare stage first")
+        dataset = load_prepared(run.dir / "data" / role)
+        if d.val_split > 0:
+            kept, held = split(len(dataset), d.val_split, run.cfg.seed, role)
+            parts += [(role, weight, dataset.select(kept)), (f"held-out {role}", None, dataset.select(held))]
+        else:
+            parts.append((role, weight, dataset))
+    if d.val_dir:
+        if not (run.dir / "data" / "val" / "dataset").is_dir():
+            raise ConfigError(f"train: data.val_dir is set but {run.dir / 'data' / 'val'} is not prepared; run prepare")
+        parts.append(("val", None, load_prepared(run.dir / "data" / "val")))
+    return parts
 
 
 def _prompts_fingerprint(run: Run) -> str:

@@ -66,6 +66,8 @@ class Checkpointing:
     data_state: Callable[[], object] = lambda: None
     set_data_state: Callable[[object], None] = lambda state: None
     config: str = ""  # the run's resolved config, saved beside each checkpoint
+    # steps whose checkpoints pruning keeps besides the newest ``keep`` (the best ones by checkpoints.select)
+    protect: Callable[[], set[int]] = lambda: set()
 
 
 class SaveError(RuntimeError):
@@ -195,8 +197,11 @@ def _save_error(ck: Checkpointing, path: Path, e: OSError) -> SaveError:
 
 
 def _prune(ck: Checkpointing) -> None:
+    """Remove the checkpoints older than the newest ``keep``, but those of protected steps (the best ones)."""
+    protected = ck.protect()
     for old in find(ck.folder)[: -ck.keep] if ck.keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if step_number(old) not in protected:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _show(value) -> str:

@@ -48,6 +48,7 @@ class TrainResult:
     step_seconds: float = 0.0
     steps_run: int = 0
     samples: int = 0  # images trained on, all sets (instance and prior) and all ranks
+    last_step: int = 0  # the step training ended at (train.max_steps, or where it stopped early)
 
 
 def parameter_groups(groups: list[dict] | Iterable[torch.nn.Parameter]) -> list[dict]:
@@ -109,6 +110,7 @@ class Training:
         offload=None,
         shard: Callable[[dict[str, torch.nn.Module]], object] | None = None,
         sharded_checkpoints: bool = False,
+        selection=None,
     ):
         from diffusers.training_utils import EMAModel
 
@@ -117,6 +119,9 @@ class Training:
         self.accelerator, self.objective, self.next_batch, self.t = accelerator, objective, next_batch, t
         self.desc, self.encode, self.text_encoder_steps, self.monitor = desc, encode, text_encoder_steps, monitor
         self.ck = checkpointing or checkpoints.Checkpointing()
+        self.selection = selection if selection is not None and selection.active else None
+        if self.selection is not None:  # pruning keeps the best checkpoints besides the newest
+            self.ck.protect = self.selection.protected
         self.channels_last = channels_last
         groups = parameter_groups(groups)
         if not groups:
@@ -212,6 +217,10 @@ class Training:
         mine = ranks[a.process_index] if len(ranks) == a.num_processes else ranks[0]
         torch.set_rng_state(mine["torch_rng"])
         ck.set_data_state(state["data"])
+        if self.selection is not None and state.get("selection"):
+            self.selection.load_state_dict(state["selection"])
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state.get("monitor") or {})
         self.start, self.result.losses, self.running = state["step"], list(state["losses"]), mine["running"]
         if a.is_main_process:
             print(f"[tuner] resumed from {ck.resume} at step {self.start} of {t.max_steps}", flush=True)
@@ -236,6 +245,13 @@ class Training:
         bar = tqdm(range(self.start, t.max_steps), desc=self.desc, disable=not a.is_main_process, initial=self.start)
         bar.total = t.max_steps
         signals = checkpoints.StopSignals() if self.ck.folder is not None else contextlib.nullcontext()
+        self.result.last_step = self.start
+        self.began = self.logged_at = time.perf_counter()
+        if self.selection is not None and self.selection.stopped:  # resumed at the step it stopped early at
+            bar.close()
+            if a.is_main_process:
+                print(f"[tuner] training stopped early at step {self.start}: {self.selection.stopped['reason']}")
+            return self._finish()
         if self.monitor is not None and self.start == 0:
             self.monitor.validate(0)  # the row of the untrained model
         self.began = self.logged_at = time.perf_counter()
@@ -250,12 +266,23 @@ class Training:
                 done = step + 1
                 if done % t.log_every == 0 or done == t.max_steps:
                     self._log(done, bar)
-                if self.monitor is not None and self.monitor.due(done, t.max_steps):
-                    self._validate(done)
+                validated = self.monitor is not None and self.monitor.due(done, t.max_steps)
+                if validated:
+                    values = self._validate(done)
+                    if self.selection is not None:
+                        self.selection.observe(done, values)
                 self.result.steps_run += 1
+                self.result.last_step = done
                 if self.ck.folder is not None:
-                    self._checkpoint(done, signals)
-        self.guard.read(t.max_steps)
+                    self._checkpoint(done, signals, validated)
+                if self.selection is not None and self.selection.stopped:
+                    if done % t.log_every:  # the loss of the steps since the last log
+                        self._log(done, bar)
+                    bar.close()
+                    if a.is_main_process:
+                        print(f"[tuner] train: stopped early at step {done}: {self.selection.stopped['reason']}")
+                    break
+        self.guard.read(self.result.last_step)
         return self._finish()
 
     @contextlib.contextmanager
@@ -356,20 +383,24 @@ class Training:
             self.monitor.log(done, values)
         self.running, self.samples, self.logged_at = 0.0, 0, now
 
-    def _validate(self, done: int) -> None:
-        """Rank 0 samples with the weights of this step; the time it takes is not the steps' time."""
+    def _validate(self, done: int) -> dict[str, float]:
+        """Rank 0 samples with the weights of this step; the time it takes is not the steps' time. Returns the
+        step's numbers (held-out losses, metrics)."""
         paused = time.perf_counter()
-        self.monitor.validate(done)
+        values = self.monitor.validate(done)
         pause = time.perf_counter() - paused
         self.began, self.logged_at = self.began + pause, self.logged_at + pause
+        return values
 
-    def _checkpoint(self, done: int, signals) -> None:
-        """Save on ``checkpoints.every`` and at the end; on a stop signal save this step and stop.
+    def _checkpoint(self, done: int, signals, validated: bool = False) -> None:
+        """Save on ``checkpoints.every``, at the end and, when a selection picks among them, at every validation
+        step; on a stop signal save this step and stop.
 
         Raises:
             checkpoints.Stopped: a stop signal arrived (SIGTERM, SIGINT, SIGUSR1 on any rank).
         """
         due = self.ck.every and (done % self.ck.every == 0 or done == self.t.max_steps)
+        due = due or (validated and self.selection is not None)
         if self.stop_asked or due:
             self.guard.read(done)  # a checkpoint never holds a step that should have stopped the run
         if self.stop_asked:  # every rank saves this step and stops
@@ -389,6 +420,8 @@ class Training:
             "scaler": a.scaler.state_dict() if a.scaler is not None else None,
             "ranks": ranks,
             "losses": self.result.losses,
+            "selection": self.selection.state_dict() if self.selection is not None else None,
+            "monitor": self.monitor.state_dict() if self.monitor is not None else None,
         }
         if self.sharded_checkpoints:  # the tensors go sharded; state.pt keeps the rest (settings, counters)
             state["optimizer"] = {"param_groups": state["optimizer"]["param_groups"]}
@@ -412,6 +445,18 @@ class Training:
         if self.ema is not None:
             tensors["ema"] = dict(zip(self.names, self.ema.shadow_params))
         return tensors, optimizer_state
+
+    def restore(self, path: Path) -> None:
+        """The trained tensors (and the EMA's averages) of checkpoint ``path``, in place of the current ones: the
+        weights the run keeps when an earlier step was best (``export.from=best``, ``train.early_stop``)."""
+        if self.sharded_checkpoints:
+            tensors = self._sharded_state()[0]
+            tensors.pop("optimizer")
+            state = checkpoints.load_sharded(path, tensors, self.accelerator.num_processes == 1)
+        else:
+            state = checkpoints.load(path, self.params)
+        if self.ema is not None:  # sharded: the averages were read in place above
+            self.ema.load_state_dict(state["ema"])
 
     def _finish(self) -> TrainResult:
         """The result, with every module left as it was given (layout, eval mode, trained tensors trainable)."""

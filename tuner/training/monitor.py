@@ -5,7 +5,11 @@
   tracker classes do the writing.
 - Every ``validation.every`` steps rank 0 samples fixed prompts at fixed seeds with the weights of that
   step and adds a row to ``RUN/validation/index.html`` (a grid PNG per step; the trackers get the grid).
-  Training is the same with or without it: the models' modes and the RNG are put back afterwards.
+  It also measures the step (``Measures``): the held-out loss (tuner/training/held_out.py) and the metrics of
+  samples of the instance and class prompts (tuner/scoring.py), logged as ``val/...``, shown in the page's
+  charts, and returned to the loop, which picks the best step and stops early on them
+  (tuner/training/selection.py). Training is the same with or without validation: the models' modes and the
+  RNG are put back afterwards, and the held-out loss draws from a generator of its own.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tuner.distributed import barrier
+from tuner import scoring
+from tuner.distributed import decide
 from tuner.export.validation import ValidationGallery
 
 
@@ -43,6 +48,7 @@ class Monitor:
         modules: list[torch.nn.Module] = (),
         parked=None,
         collective: bool = False,
+        measure=None,
     ):
         self.accelerator = accelerator
         # FSDP: every rank runs the sampling (each forward gathers the sharded weights), rank 0 keeps the images
@@ -51,18 +57,22 @@ class Monitor:
         self.every = every if sample is not None else 0
         self.sample, self.gallery, self.modules = sample, gallery, list(modules)
         self.parked = parked  # modules in host memory while training (tuner/training/offload.py): back to sample
+        self.measure = measure  # a ``Measures``: the step's held-out loss and metrics
+        self.last_loss: float | None = None  # the last logged training loss (the page charts it)
 
     def log(self, step: int, values: dict[str, float]) -> None:
+        if "train/loss" in values:
+            self.last_loss = values["train/loss"]
         for tracker in self.trackers:
             tracker.log(values, step=step)
 
     def due(self, step: int, total: int) -> bool:
         return self.every > 0 and (step % self.every == 0 or step == total)
 
-    def validate(self, step: int) -> None:
+    def validate(self, step: int) -> dict[str, float]:
         """Rank 0 samples and writes the row of ``step``; the other ranks wait for it (under FSDP they sample
-        with it)."""
-        main = self.accelerator.is_main_process
+        with it). Returns the step's numbers (held-out losses, metrics), the same on every rank."""
+        main, values = self.accelerator.is_main_process, {}
         if self.every and (main or self.collective):
             modes = [m.training for m in self.modules]
             rng = torch.get_rng_state()
@@ -72,7 +82,9 @@ class Monitor:
                     module.eval()
                 with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
                     images = self.sample()
-                grid = self.gallery.add(step, images) if main else None
+                    values = self.measure(step) if self.measure is not None else {}
+                shown = values | ({"train_loss": self.last_loss} if self.last_loss is not None and step else {})
+                grid = self.gallery.add(step, images, shown) if main else None
             finally:
                 for module, mode in zip(self.modules, modes):
                     module.train(mode)
@@ -81,8 +93,19 @@ class Monitor:
                     torch.cuda.set_rng_state_all(cuda_rng)
             if main:
                 self._log_grid(step, grid)
-        if self.every:
-            barrier(self.accelerator)
+                if values:
+                    self.log(step, {f"val/{k}": v for k, v in values.items()})
+                    print(f"[tuner] validation step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        if self.every:  # rank 0's numbers (and a barrier: the others wait for its page)
+            values = decide(self.accelerator, lambda: values)
+        return values
+
+    def state_dict(self) -> dict:
+        return self.measure.state_dict() if self.measure is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.measure is not None and state:
+            self.measure.load_state_dict(state)
 
     def _log_grid(self, step: int, path: Path) -> None:
         from PIL import Image
@@ -119,10 +142,70 @@ def start_trackers(cfg, run_dir: Path, accelerator) -> list:
     return trackers
 
 
-def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None) -> Monitor:
+class Measures:
+    """The numbers of a validation step: the held-out losses (``held_out``: a ``HeldOutLoss``, or None) and the
+    metrics of ``validation.samples`` samples of the instance and the class prompt (tuner/scoring.py; rank 0
+    scores them, the feature models loaded on first use). Drift is measured from the untrained model's samples
+    at step 0 (kept in checkpoints, so a resumed run measures from the same zero).
+
+    ``encode``: the conditioning of token ids, when the text encoder trains (None: captions are embeddings).
+    """
+
+    def __init__(self, run, held_out=None, encode=None):
+        self.run, self.held_out, self.encode = run, held_out, encode
+        cfg = run.cfg
+        self.scores = bool(scoring.available(cfg) - {"val_loss", "val_loss_class"})
+        self.seeds = [cfg.eval.seed + i for i in range(cfg.validation.samples)]
+        self.reference: float | None = None  # the base's class similarity: drift's zero
+        self._scorer, self._loaded, self._said = None, False, False
+
+    def scorer(self):
+        from tuner.stages.data import subject_images
+
+        if not self._loaded:
+            self._loaded = True
+            self._scorer = scoring.scorer(
+                self.run.cfg, subject_images(self.run.dir), self.run.accelerator.device, self.run.feature_models
+            )
+        return self._scorer
+
+    def __call__(self, step: int) -> dict[str, float]:
+        run, out = self.run, {}
+        a, c = run.accelerator, run.components
+        if self.held_out is not None:
+            out |= self.held_out(c.denoiser, a.device, a.autocast, self.encode)
+        if not self.scores:
+            return out
+        d, v, s = run.cfg.data, run.cfg.validation, run.cfg.sample
+        prompts = [p for p in (d.instance_prompt, d.class_prompt) if p]
+        n = len(self.seeds)
+        guidance = s.guidance_scale if v.guidance_scale is None else v.guidance_scale
+        desc = "validation metrics" if run.is_main else None
+        images = run.sample([p for p in prompts for _ in self.seeds], self.seeds * len(prompts), v.steps or s.steps,
+                            guidance, desc=desc)  # fmt: skip
+        if not run.is_main:
+            return out
+        scorer = self.scorer()
+        instance, classes = images[:n], (images[n:] if d.class_prompt else None)
+        if classes is not None and step == 0:
+            self.reference = scorer.class_similarity(classes)
+        elif classes is not None and self.reference is None and not self._said:
+            self._said = True
+            print("[tuner] validation: no step-0 samples of the untrained model in this run: drift is not measured")
+        return out | scorer.score(instance, classes, self.reference)
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference = state.get("reference")
+
+
+def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None, held_out=None, encode=None) -> Monitor:
     """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks
     (``captions``: the training captions, the prompts when no other is given; ``parked``: the modules
-    ``model.offload_frozen`` holds in host memory, brought back to sample)."""
+    ``model.offload_frozen`` holds in host memory, brought back to sample; ``held_out``, ``encode``: the
+    held-out loss and how it conditions, see ``Measures``)."""
 
     cfg = run.cfg
     v = cfg.validation
@@ -147,4 +230,5 @@ def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None)
     gallery = ValidationGallery(run.dir / "validation", prompts, seeds, s.display_size)
     run.outputs["validation"] = str(run.dir / "validation" / "index.html")
     collective = run.strategy == "fsdp" and run.accelerator.num_processes > 1
-    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked, collective)
+    measure = Measures(run, held_out, encode)
+    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked, collective, measure)

@@ -1,0 +1,144 @@
+"""Which step was best, and when to stop: judged at validation steps from their metrics (tuner/scoring.py,
+tuner/training/held_out.py).
+
+``checkpoints.select=METRIC`` keeps the best ``checkpoints.best`` checkpoints besides the newest ones;
+``train.early_stop.patience`` stops when that metric has not improved for so many validations;
+``train.early_stop.max_drift`` stops when drift passes the bound, and the run keeps the weights of the last
+validation step within it. Its state goes into every checkpoint, so a resumed run decides as the
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tuner.errors import ConfigError
+from tuner.scoring import direction
+
+
+class Selection:
+    def __init__(
+        self,
+        metric: str | None,
+        mode: str | None = None,
+        best: int = 1,
+        patience: int = 0,
+        min_delta: float = 0.0,
+        max_drift: float | None = None,
+    ):
+        self.metric, self.best = metric, best
+        self.mode = direction(metric, mode) if metric else None
+        self.patience, self.min_delta, self.max_drift = patience, min_delta, max_drift
+        self.history: list[tuple[int, float]] = []  # (step, the metric's value) at each validation
+        self.since = 0  # validations since the metric last improved
+        self.within: int | None = None  # the last validation step whose drift was within max_drift
+        self.stopped: dict | None = None  # {"step", "reason", "keep": the step whose weights the run keeps}
+
+    @property
+    def active(self) -> bool:
+        """Checkpoints are saved at every validation step: something picks among them."""
+        return bool(self.metric) or self.max_drift is not None
+
+    def _better(self, a: float, b: float, delta: float = 0.0) -> bool:
+        return a < b - delta if self.mode == "min" else a > b + delta
+
+    def observe(self, step: int, values: dict[str, float]) -> None:
+        """Take the metrics of validation step ``step``; may decide to stop (``stopped``)."""
+        if self.metric:
+            value = values.get(self.metric)
+            if value is None or not math.isfinite(value):
+                raise RuntimeError(f"checkpoints.select={self.metric}: validation step {step} gave no value for it")
+            best = self.best_step()
+            improved = best is None or self._better(value, dict(self.history)[best], self.min_delta)
+            self.history.append((step, float(value)))
+            self.since = 0 if improved else self.since + 1
+            if self.patience and self.since >= self.patience and self.stopped is None:
+                best = self.best_step()
+                self.stopped = {
+                    "kind": "patience",
+                    "step": step,
+                    "reason": f"{self.metric} has not improved for {self.since} validations (best at step {best})",
+                    "keep": None,
+                }
+        if self.max_drift is not None and "drift" in values:
+            if values["drift"] <= self.max_drift:
+                self.within = step
+            elif self.stopped is None:
+                self.stopped = {
+                    "kind": "drift",
+                    "step": step,
+                    "reason": f"drift {values['drift']:.4g} passed train.early_stop.max_drift={self.max_drift}",
+                    "keep": self.within,
+                }
+
+    def ranked(self, upto: int | None = None) -> list[int]:
+        """The validation steps (up to step ``upto``), best first (the later of two equal ones first)."""
+        sign = 1 if self.mode == "min" else -1
+        history = [sv for sv in self.history if upto is None or sv[0] <= upto]
+        return [step for step, _ in sorted(history, key=lambda sv: (sign * sv[1], -sv[0]))]
+
+    def best_step(self, upto: int | None = None) -> int | None:
+        ranked = self.ranked(upto)
+        return ranked[0] if ranked else None
+
+    def protected(self) -> set[int]:
+        """The steps whose checkpoints pruning keeps besides the newest: the best ones, and the last within the
+        drift bound."""
+        keep = set(self.ranked()[: self.best]) if self.metric else set()
+        return keep | ({self.within} if self.within is not None else set())
+
+    def value(self, step: int) -> float | None:
+        return dict(self.history).get(step)
+
+    def state_dict(self) -> dict:
+        return {"history": [list(x) for x in self.history], "since": self.since, "within": self.within,
+                "stopped": self.stopped}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [(int(s), float(v)) for s, v in state["history"]]
+        self.since, self.within, self.stopped = state["since"], state["within"], state["stopped"]
+
+
+def _provider(metric: str) -> str:
+    """What a run needs for ``metric``, as the fix a message gives."""
+    if metric.startswith("val_loss"):
+        return "held-out images: data.val_split=0.1 (with prior.enabled=true for val_loss_class) or data.val_dir=DIR"
+    if metric in ("clip_i", "clip_t"):
+        return "eval.clip=PATH (a local CLIP folder)"
+    if metric == "dino":
+        return "eval.dino=PATH (a local DINO / DINOv2 folder)"
+    if metric in ("subject_fidelity", "class_preservation", "preservation"):
+        return "the embedded digits base (model=digits) with a class prompt naming the digit"
+    if metric == "drift":
+        return "data.class_prompt and a feature model (eval.dino=PATH or eval.clip=PATH, or the digits base)"
+    return "a feature model: eval.dino=PATH or eval.clip=PATH (or the digits base), and data.instance_prompt"
+
+
+def check(cfg) -> None:
+    """checkpoints.select, train.early_stop and export.from fit the run: the metric exists, something measures
+    it, and validation runs."""
+    from tuner.scoring import METRICS, available
+    from tuner.scoring import check as check_feature_models
+
+    d, ck, stop, v = cfg.data, cfg.checkpoints, cfg.train.early_stop, cfg.validation
+    check_feature_models(cfg)
+    if d.val_split > 0 and d.val_dir:
+        raise ConfigError("data.val_split and data.val_dir both hold images out: use one of them")
+    if ck.select is not None and ck.select not in METRICS:
+        raise ConfigError(f"checkpoints.select={ck.select}: choose one of {', '.join(METRICS)}, or null")
+    if stop.patience and not ck.select:
+        raise ConfigError("train.early_stop.patience needs checkpoints.select=METRIC, the metric it watches")
+    if cfg.export.from_ == "best" and not ck.select:
+        raise ConfigError("export.from=best needs checkpoints.select=METRIC (e.g. val_loss), which says what is best")
+    wanted = ([f"checkpoints.select={ck.select}"] if ck.select else []) + (
+        [f"train.early_stop.max_drift={stop.max_drift}"] if stop.max_drift is not None else []
+    )
+    if not wanted:
+        return
+    if not v.every:
+        raise ConfigError(f"{wanted[0]} is judged at validation steps: set validation.every=N (e.g. 100)")
+    have = available(cfg)
+    for metric, key in ((ck.select, "checkpoints.select"), ("drift" if stop.max_drift is not None else None, "")):
+        if metric and metric not in have:
+            name = key and f"{key}={metric}" or f"train.early_stop.max_drift={stop.max_drift}"
+            raise ConfigError(f"{name}: nothing in this run measures {metric}; it needs {_provider(metric)}")
