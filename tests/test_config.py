@@ -54,7 +54,7 @@ def test_a_value_written_as_a_section_names_the_section_meant(capsys):
     err = capsys.readouterr().err.strip()
     assert err == (
         "tuner: config error: checkpoint.every: checkpoint is a single value, not a section with keys. "
-        "Did you mean checkpoints.every or checkpoints.keep?"
+        "Did you mean checkpoints.every or checkpoints.keep or checkpoints.select?"
     )
 
 

@@ -6,7 +6,7 @@ inside functions count the same as those at the top of a file.
     5  tuner.runner                                   the registry of stages; runs a recipe's stages in order
     4  tuner.stages, tuner.digits                     one module per stage; the embedded digits demo's wing
     3  tuner.training, tuner.export, tuner.generation   the loop, export formats and reports, generation
-    2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder
+    2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder, tuner.scoring
     1  tuner.errors, tuner.files, tuner.choices,      errors, atomic files, the config schema (its
        tuner.config, tuner.output_config,             vocabularies as Enums, its sections) and its
        tuner.compose, tuner.numbers                   composition, the rule table of its numbers
@@ -34,6 +34,7 @@ LAYERS = {
     "tuner.distributed": 2,
     "tuner.sampling": 2,
     "tuner.run_folder": 2,
+    "tuner.scoring": 2,
     "tuner.training": 3,
     "tuner.export": 3,
     "tuner.generation": 3,

@@ -24,6 +24,7 @@ from tuner.models import checks as family_checks
 from tuner.numbers import check_numbers
 from tuner.run_folder import check_output_dir
 from tuner.runner import BUILTINS, STAGES, entries
+from tuner.training import selection
 
 
 def validate(cfg: DictConfig) -> None:
@@ -43,6 +44,9 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"model.builtin={cfg.model.builtin}: choose one of {', '.join(BUILTINS)}, or null")
         BUILTINS[cfg.model.builtin].check(cfg)
     family_checks.check(cfg)
+    if "train" in cfg.stages:  # the metrics it selects and stops on exist in this run
+        builtin = BUILTINS.get(cfg.model.builtin) if cfg.model.builtin and not cfg.model.path else None
+        selection.check(cfg, builtin.judged(cfg) if builtin is not None else set())
     if cfg.resume is not None:
         _check_resume(cfg)
     if os.environ.get("RANK", "0") == "0":  # several processes: rank 0's check, before it writes the folder

@@ -37,7 +37,7 @@ STAGES = {
 }
 
 # the embedded bases ``model.builtin`` may name (model=digits): built once, cached under $TUNER_HOME
-BUILTINS = {"digits": Builtin(digits_base.ensure, digits_base.check)}
+BUILTINS = {"digits": Builtin(digits_base.ensure, digits_base.check, digits.DigitJudge, digits.judged)}
 
 
 def entries(cfg: DictConfig) -> tuple[str, ...]:

@@ -12,15 +12,16 @@ The scores are the DreamBooth paper's, from feature models the user points at (n
     fidelity      the subject fidelity of the best feature model present: the digits classifier, DINO, CLIP
     score         fidelity - max(drift, 0): the subject learned, the class kept
 
-On the embedded digits base an independent classifier (tuner/digits/data.py) gives the same kinds of number:
-``subject_fidelity`` (the share of instance-prompt samples it calls the subject), ``class_preservation`` (the
-share of class-prompt samples it calls the digit the prompt names) and drift (the share of class-prompt samples
-it calls the subject, minus the base's).
+An embedded base may bring a judge of its own (``Judge``: the digits base's independent classifier, registered
+with the base in tuner/runner.py), which gives the same kinds of number: ``subject_fidelity`` (the share of
+instance-prompt samples it calls the subject), ``class_preservation`` (the share of class-prompt samples it calls
+the class the prompt names) and drift (the share of class-prompt samples it calls the subject, minus the base's).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -44,6 +45,16 @@ METRICS = (
     "class_preservation",
 )
 LOWER_IS_BETTER = {"val_loss", "val_loss_class", "drift"}
+
+
+class Judge(Protocol):
+    """An embedded base's own classifier of samples, independent of any model that trained."""
+
+    def is_subject(self, images: torch.Tensor) -> np.ndarray:
+        """Per image (N, 3, H, W) in [-1, 1]: does it show the subject?"""
+
+    def is_class(self, images: torch.Tensor) -> np.ndarray | None:
+        """Per image: does it show the class the class prompt names? None: the judge cannot tell that class."""
 
 
 def direction(metric: str, mode: str | None = None) -> str:
@@ -144,12 +155,9 @@ def check(cfg) -> None:
             check_folder(cfg.eval[kind], kind)
 
 
-def on_digits(cfg) -> bool:
-    return not cfg.model.path and cfg.model.builtin == "digits"
-
-
-def available(cfg) -> set[str]:
-    """The metrics a run of ``cfg`` can compute at its validation steps (for checks of checkpoints.select)."""
+def available(cfg, judged: set[str] = frozenset()) -> set[str]:
+    """The metrics a run of ``cfg`` can compute at its validation steps (for checks of checkpoints.select);
+    ``judged``: what the embedded base's judge gives (subject_fidelity, class_preservation), if it has one."""
     d = cfg.data
     out = set()
     if d.val_split > 0 or d.val_dir:
@@ -158,24 +166,18 @@ def available(cfg) -> set[str]:
             out.add("val_loss_class")
     if not d.instance_prompt:
         return out
-    digits, clip, dino = on_digits(cfg), bool(cfg.eval.clip), bool(cfg.eval.dino)
-    if digits:
-        out |= {"subject_fidelity", "fidelity", "score"}
+    clip, dino, judge = bool(cfg.eval.clip), bool(cfg.eval.dino), bool(judged)
+    if judge:
+        out |= set(judged) | {"fidelity", "score"}
     if clip:
         out |= {"clip_i", "clip_t", "fidelity", "diversity", "score"}
     if dino:
         out |= {"dino", "fidelity", "diversity", "score"}
-    if d.class_prompt and (digits or clip or dino):
+    if d.class_prompt and (judge or clip or dino):
         out.add("drift")
-    if digits and d.class_prompt and _digit_of(d.class_prompt) is not None:
-        out |= {"class_preservation", "preservation"}
+    if "class_preservation" in judged and d.class_prompt:
+        out.add("preservation")
     return out
-
-
-def _digit_of(prompt: str | None) -> int | None:
-    from tuner.digits.data import digit_in
-
-    return digit_in(prompt)
 
 
 class Scorer:
@@ -185,35 +187,32 @@ class Scorer:
         references: the subject's images in [-1, 1] ((N, 3, H, W) or a list of (3, H, W)).
         instance_prompt, class_prompt: the prompts the samples were drawn with (class_prompt may be None).
         clip, dino: ``FeatureModel``s, or None.
-        digits: the digits classifier fit with the references as an eleventh class (label 10), or None.
+        judge: the embedded base's ``Judge``, or None.
     """
 
-    SUBJECT = 10  # the digits classifier's label of the subject
-
-    def __init__(self, references, instance_prompt: str, class_prompt: str | None, clip=None, dino=None, digits=None):
+    def __init__(self, references, instance_prompt: str, class_prompt: str | None, clip=None, dino=None, judge=None):
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
-        self.clip, self.dino, self.digits = clip, dino, digits
-        self.class_digit = _digit_of(class_prompt) if digits is not None else None
+        self.clip, self.dino, self.judge = clip, dino, judge
         self.refs = {m.kind: m.images(references) for m in (clip, dino) if m is not None}
         self.prompt_features = clip.texts([instance_prompt]) if clip is not None else None
-        # drift and diversity use the most telling model present
-        self.drift_by = "digits" if digits is not None else "dino" if dino is not None else "clip"
+        # drift uses the most telling model present
+        self.drift_by = "judge" if judge is not None else "dino" if dino is not None else "clip"
 
     def class_similarity(self, class_images) -> float:
         """How much the class-prompt samples look like the subject (drift is this minus the base's)."""
-        if self.drift_by == "digits":
-            return float(np.mean(self.digits.predict(torch.as_tensor(class_images)) == self.SUBJECT))
+        if self.drift_by == "judge":
+            return float(np.mean(self.judge.is_subject(class_images)))
         model = self.dino if self.drift_by == "dino" else self.clip
         return mean_cosine(model.images(class_images), self.refs[model.kind])
 
     def score(self, instance_images, class_images=None, base_similarity: float | None = None) -> dict[str, float]:
         """The metrics of these samples; drift needs the base's ``class_similarity`` (None: no drift)."""
         out: dict[str, float] = {}
-        if self.digits is not None:
-            out["subject_fidelity"] = float(np.mean(self.digits.predict(instance_images) == self.SUBJECT))
-            if class_images is not None and self.class_digit is not None:
-                out["class_preservation"] = float(np.mean(self.digits.predict(class_images) == self.class_digit))
-                out["preservation"] = out["class_preservation"]
+        if self.judge is not None:
+            out["subject_fidelity"] = float(np.mean(self.judge.is_subject(instance_images)))
+            kept = self.judge.is_class(class_images) if class_images is not None else None
+            if kept is not None:
+                out["class_preservation"] = out["preservation"] = float(np.mean(kept))
         if self.clip is not None:
             features = self.clip.images(instance_images)
             out["clip_i"] = mean_cosine(features, self.refs["clip"])
@@ -235,9 +234,9 @@ class Scorer:
 _said_skipped = set()
 
 
-def scorer(cfg, references, device, feature_models: dict | None = None) -> Scorer | None:
-    """The run's ``Scorer``: the digits classifier on the embedded base, ``eval.clip`` and ``eval.dino`` where
-    given; None (said once per process) when there is no instance prompt or nothing to score with.
+def scorer(cfg, references, device, feature_models: dict | None = None, judge=None) -> Scorer | None:
+    """The run's ``Scorer``: ``judge`` (the embedded base's), ``eval.clip`` and ``eval.dino`` where given; None
+    (said once per process) when there is no instance prompt or nothing to score with.
 
     ``feature_models`` caches the loaded models across calls (validation and evaluate share them)."""
     d, e = cfg.data, cfg.eval
@@ -247,12 +246,7 @@ def scorer(cfg, references, device, feature_models: dict | None = None) -> Score
     for kind in ("clip", "dino"):
         if e[kind] and kind not in models:
             models[kind] = FeatureModel(e[kind], kind, device, cfg.model.allow_pickle)
-    digits = None
-    if on_digits(cfg):
-        from tuner.digits.data import DigitClassifier
-
-        digits = DigitClassifier(d.resolution, extra_images=torch.stack(list(references)), extra_label=Scorer.SUBJECT)
-    if digits is None and not models:
+    if judge is None and not models:
         if "features" not in _said_skipped:
             _said_skipped.add("features")
             print(
@@ -261,4 +255,4 @@ def scorer(cfg, references, device, feature_models: dict | None = None) -> Score
                 flush=True,
             )
         return None
-    return Scorer(references, d.instance_prompt, d.class_prompt, models.get("clip"), models.get("dino"), digits)
+    return Scorer(references, d.instance_prompt, d.class_prompt, models.get("clip"), models.get("dino"), judge)

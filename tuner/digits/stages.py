@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 
 from tuner.digits import data as digits
@@ -53,3 +54,29 @@ def evaluate_base(run: Run) -> None:
     rows = [(digits.caption(k), images[k * e.samples : k * e.samples + n]) for k in range(10)]
     run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds[:n], run.cfg.sample.display_size))
     run.outputs["metrics"] = str(run.dir / "metrics.json")
+
+
+class DigitJudge:
+    """The digits base's judge of samples (tuner/scoring.py's ``Judge``): an SVC fit on the real digits plus the
+    subject's images as an eleventh class, independent of any model that trained."""
+
+    SUBJECT = 10
+
+    def __init__(self, cfg: DictConfig, subject_images: list):
+        self.classifier = digits.DigitClassifier(
+            cfg.data.resolution, extra_images=torch.stack(list(subject_images)), extra_label=self.SUBJECT
+        )
+        self.digit = digits.digit_in(cfg.data.class_prompt)
+
+    def is_subject(self, images) -> np.ndarray:
+        return self.classifier.predict(images) == self.SUBJECT
+
+    def is_class(self, images) -> np.ndarray | None:
+        return None if self.digit is None else self.classifier.predict(images) == self.digit
+
+
+def judged(cfg: DictConfig) -> set[str]:
+    """What the digits judge gives: subject fidelity, and class preservation when the class prompt names a digit."""
+    return {"subject_fidelity"} | (
+        {"class_preservation"} if digits.digit_in(cfg.data.class_prompt) is not None else set()
+    )

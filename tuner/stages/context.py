@@ -98,10 +98,14 @@ Result = TypeVar("Result")
 
 class Builtin(NamedTuple):
     """An embedded base (``model.builtin=NAME``): ``ensure(run)`` builds or reuses it and returns its
-    folder; ``check(cfg)`` checks its settings before anything loads."""
+    folder; ``check(cfg)`` checks its settings before anything loads. It may bring a judge of its samples
+    (tuner/scoring.py's ``Judge``): ``judge(cfg, subject_images)`` makes it, ``judged(cfg)`` names the metrics it
+    gives for ``cfg``'s prompts."""
 
     ensure: Callable[[Run], Path]
     check: Callable[[DictConfig], None]
+    judge: Callable[[DictConfig, list], object] | None = None
+    judged: Callable[[DictConfig], set[str]] = lambda cfg: set()
 
 
 class Run:
@@ -170,6 +174,20 @@ class Run:
         as_run = OmegaConf.merge(cfg, {"output_dir": str(folder)})
         write_atomic(folder / "config.yaml", OmegaConf.to_yaml(as_run, resolve=True))
         return str(folder)
+
+    def _builtin(self) -> Builtin | None:
+        m = self.cfg.model
+        return self.builtins.get(m.builtin) if m.builtin and not m.path else None
+
+    def judged(self) -> set[str]:
+        """The metrics the embedded base's judge gives (none on a user's base)."""
+        builtin = self._builtin()
+        return builtin.judged(self.cfg) if builtin is not None else set()
+
+    def judge(self, subject_images: list):
+        """The embedded base's judge of samples, fit to the subject's images; None on a user's base."""
+        builtin = self._builtin()
+        return builtin.judge(self.cfg, subject_images) if builtin is not None and builtin.judge else None
 
     @property
     def is_main(self) -> bool:

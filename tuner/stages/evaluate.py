@@ -26,7 +26,8 @@ def _check_evaluate(cfg) -> None:
 def evaluate(run: Run) -> None:
     """Score base and fine-tune on the same seeds; skipped (said once) when nothing can score them."""
     d, e = run.cfg.data, run.cfg.eval
-    scorer = scoring.scorer(run.cfg, subject_images(run.dir), run.accelerator.device, run.feature_models)
+    subject = subject_images(run.dir)
+    scorer = scoring.scorer(run.cfg, subject, run.accelerator.device, run.feature_models, run.judge(subject))
     if scorer is None:
         print("[tuner] evaluate: skipped (no metric applies; see above)", flush=True)
         return

@@ -17,7 +17,7 @@ from tuner.distributed import decide
 from tuner.errors import ConfigError
 from tuner.models.base import Cond, tree_map
 from tuner.stages.context import Adapted, Run, stage
-from tuner.stages.data import image_keys, images_of, latent_masks
+from tuner.stages.data import image_keys, images_of, latent_masks, subject_images
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
 from tuner.training.cache import Store, cached, evict, fingerprint
@@ -27,7 +27,6 @@ from tuner.training.loop import Training, TrainResult
 from tuner.training.monitor import start as start_monitor
 from tuner.training.offload import BlockOffload, Parked, blocks_of, largest
 from tuner.training.selection import Selection
-from tuner.training.selection import check as check_selection
 
 # captions the text encoders encode at once: T5-XXL takes 0.33 GB a caption at 512 tokens (tools/bench_memory.py)
 PROMPTS_AT_ONCE = 1
@@ -101,7 +100,6 @@ def _check_train(cfg) -> None:
         )
     if t.fused_backward:
         _check_fused_backward(t)
-    check_selection(cfg)
     if cfg.distributed.strategy == "fsdp":
         check_fsdp(cfg)
     if cfg.resume not in (None, "auto"):
@@ -186,7 +184,8 @@ def train(run: Run) -> Adapted:
         plain_t = OmegaConf.to_object(t)
         held_out = HeldOutLoss(held_out_sets, rows, run.family.objective(c), plain_t, cfg.validation.loss_timesteps,
                                cfg.seed, t.batch_size)  # fmt: skip
-    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked, held_out, encode)
+    subject = lambda: subject_images(run.dir)  # noqa: E731
+    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked, held_out, encode, subject)
     ck, early = cfg.checkpoints, t.early_stop
     selection = Selection(ck.select, ck.select_mode, ck.best, early.patience, early.min_delta, early.max_drift)
     fsdp = run.strategy == "fsdp"

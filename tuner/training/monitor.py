@@ -148,25 +148,24 @@ class Measures:
     scores them, the feature models loaded on first use). Drift is measured from the untrained model's samples
     at step 0 (kept in checkpoints, so a resumed run measures from the same zero).
 
-    ``encode``: the conditioning of token ids, when the text encoder trains (None: captions are embeddings).
+    ``encode``: the conditioning of token ids, when the text encoder trains (None: captions are embeddings);
+    ``subject``: reads the subject's real images the samples are compared with.
     """
 
-    def __init__(self, run, held_out=None, encode=None):
-        self.run, self.held_out, self.encode = run, held_out, encode
+    def __init__(self, run, held_out=None, encode=None, subject=list):
+        self.run, self.held_out, self.encode, self.subject = run, held_out, encode, subject
         cfg = run.cfg
-        self.scores = bool(scoring.available(cfg) - {"val_loss", "val_loss_class"})
+        self.scores = bool(scoring.available(cfg, run.judged()) - {"val_loss", "val_loss_class"})
         self.seeds = [cfg.eval.seed + i for i in range(cfg.validation.samples)]
         self.reference: float | None = None  # the base's class similarity: drift's zero
         self._scorer, self._loaded, self._said = None, False, False
 
     def scorer(self):
-        from tuner.stages.data import subject_images
-
         if not self._loaded:
             self._loaded = True
-            self._scorer = scoring.scorer(
-                self.run.cfg, subject_images(self.run.dir), self.run.accelerator.device, self.run.feature_models
-            )
+            run, subject = self.run, self.subject()
+            judge = run.judge(subject)
+            self._scorer = scoring.scorer(run.cfg, subject, run.accelerator.device, run.feature_models, judge)
         return self._scorer
 
     def __call__(self, step: int) -> dict[str, float]:
@@ -201,11 +200,13 @@ class Measures:
         self.reference = state.get("reference")
 
 
-def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None, held_out=None, encode=None) -> Monitor:
+def start(
+    run, modules: list[torch.nn.Module], captions: list[str], parked=None, held_out=None, encode=None, subject=list
+) -> Monitor:
     """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks
     (``captions``: the training captions, the prompts when no other is given; ``parked``: the modules
-    ``model.offload_frozen`` holds in host memory, brought back to sample; ``held_out``, ``encode``: the
-    held-out loss and how it conditions, see ``Measures``)."""
+    ``model.offload_frozen`` holds in host memory, brought back to sample; ``held_out``, ``encode``, ``subject``:
+    the held-out loss, how it conditions, the subject's images, see ``Measures``)."""
 
     cfg = run.cfg
     v = cfg.validation
@@ -230,5 +231,5 @@ def start(run, modules: list[torch.nn.Module], captions: list[str], parked=None,
     gallery = ValidationGallery(run.dir / "validation", prompts, seeds, s.display_size)
     run.outputs["validation"] = str(run.dir / "validation" / "index.html")
     collective = run.strategy == "fsdp" and run.accelerator.num_processes > 1
-    measure = Measures(run, held_out, encode)
+    measure = Measures(run, held_out, encode, subject)
     return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked, collective, measure)

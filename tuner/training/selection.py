@@ -108,15 +108,15 @@ def _provider(metric: str) -> str:
     if metric == "dino":
         return "eval.dino=PATH (a local DINO / DINOv2 folder)"
     if metric in ("subject_fidelity", "class_preservation", "preservation"):
-        return "the embedded digits base (model=digits) with a class prompt naming the digit"
+        return "an embedded base with a judge of its samples (model=digits), and a class prompt it can judge"
     if metric == "drift":
         return "data.class_prompt and a feature model (eval.dino=PATH or eval.clip=PATH, or the digits base)"
     return "a feature model: eval.dino=PATH or eval.clip=PATH (or the digits base), and data.instance_prompt"
 
 
-def check(cfg) -> None:
+def check(cfg, judged: set[str] = frozenset()) -> None:
     """checkpoints.select, train.early_stop and export.from fit the run: the metric exists, something measures
-    it, and validation runs."""
+    it (``judged``: the metrics the embedded base's judge gives), and validation runs."""
     from tuner.scoring import METRICS, available
     from tuner.scoring import check as check_feature_models
 
@@ -137,7 +137,7 @@ def check(cfg) -> None:
         return
     if not v.every:
         raise ConfigError(f"{wanted[0]} is judged at validation steps: set validation.every=N (e.g. 100)")
-    have = available(cfg)
+    have = available(cfg, judged)
     for metric, key in ((ck.select, "checkpoints.select"), ("drift" if stop.max_drift is not None else None, "")):
         if metric and metric not in have:
             name = key and f"{key}={metric}" or f"train.early_stop.max_drift={stop.max_drift}"
