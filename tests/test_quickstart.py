@@ -36,6 +36,10 @@ def test_run_folder_holds_every_artefact(quickstart):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {k: summary["metrics"][k] for k in metrics} == metrics
     assert "subject_fidelity" in result.stdout  # the summary is printed
+    validation = summary["metrics"]["validation"]  # the digits base's judge at each validation step: 0 and the last
+    assert set(validation["subject_fidelity"]) == {"0", "30"} and validation["drift"]["0"] == 0.0
+    assert {"score", "fidelity", "class_preservation"} <= set(validation)
+    assert "val/subject_fidelity" not in result.stdout and "validation step 30: subject_fidelity" in result.stdout
     # the base is cached in TUNER_HOME, not in the run folder
     assert list((root / "home" / "bases").glob("digits-*/model_index.json"))
     grid = Image.open(run / "gallery" / "grid.png")

@@ -43,7 +43,9 @@ class Selection:
         return a < b - delta if self.mode == "min" else a > b + delta
 
     def observe(self, step: int, values: dict[str, float]) -> None:
-        """Take the metrics of validation step ``step``; may decide to stop (``stopped``)."""
+        """Take the metrics of validation step ``step``; may decide to stop (``stopped``; nothing changes after)."""
+        if self.stopped is not None:
+            return
         if self.metric:
             value = values.get(self.metric)
             if value is None or not math.isfinite(value):
@@ -52,7 +54,7 @@ class Selection:
             improved = best is None or self._better(value, dict(self.history)[best], self.min_delta)
             self.history.append((step, float(value)))
             self.since = 0 if improved else self.since + 1
-            if self.patience and self.since >= self.patience and self.stopped is None:
+            if self.patience and self.since >= self.patience:
                 best = self.best_step()
                 self.stopped = {
                     "kind": "patience",
@@ -63,7 +65,7 @@ class Selection:
         if self.max_drift is not None and "drift" in values:
             if values["drift"] <= self.max_drift:
                 self.within = step
-            elif self.stopped is None:
+            else:
                 self.stopped = {
                     "kind": "drift",
                     "step": step,
