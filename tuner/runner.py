@@ -101,7 +101,9 @@ def format_summary(summary: dict) -> str:
     lines.append(f"run folder   {summary['run_dir']}")
     lines += [f"{name:<12} {path}" for name, path in summary["outputs"].items()]
     for name, value in summary["metrics"].items():
-        if name != "seconds":
+        if name == "validation":  # every number at every validation step: the page and summary.json hold them
+            lines.append(f"{name:<12} {', '.join(value)} at {len(next(iter(value.values()), {}))} steps (summary.json)")
+        elif name != "seconds":
             lines.append(f"{name:<12} {json.dumps(value)}")
     for path, entry in summary.get("files", {}).items():
         lines.append(f"{'file':<12} {path}  sha256 {entry['sha256'][:16]}  {entry['bytes']:,} bytes")
