@@ -232,6 +232,7 @@ def test_held_out_loss_equals_diffusers_by_hand(tmp_path, tiny_pipeline_dir):
     assert got == pytest.approx(float(torch.nn.functional.mse_loss(eps_hat, noise)), rel=1e-5)
 
 
+@pytest.mark.e2e  # several trainings: the e2e tier
 def test_held_out_loss_is_the_same_across_a_resume_and_validation_changes_no_weight(tmp_path, tiny_pipeline_dir):
     settings = [*VAL, "text_encoder.train=lora", "train.ema_decay=0.9", "train.lr_scheduler=cosine"]
     settings.append("train.max_steps=6")
@@ -247,6 +248,7 @@ def test_held_out_loss_is_the_same_across_a_resume_and_validation_changes_no_wei
     assert "validation" not in quiet.metrics or not quiet.metrics["validation"]
 
 
+@pytest.mark.e2e  # several trainings: the e2e tier
 def test_early_stop_exports_the_best_step_which_equals_a_run_of_that_many_steps(tmp_path, tiny_pipeline_dir):
     """patience=1 with a min_delta no step can beat: stops at the second validation; export.from=best exports the
     lower held-out loss of steps 2 and 4, the same weights a run trained to that step exports."""
@@ -273,6 +275,7 @@ def test_early_stop_exports_the_best_step_which_equals_a_run_of_that_many_steps(
     assert_same(adapter(run.dir), adapter(short.dir))
 
 
+@pytest.mark.e2e  # several trainings: the e2e tier
 def test_drift_past_its_bound_stops_and_keeps_the_last_step_within(tmp_path, tiny_pipeline_dir, feature_models):
     """Drift measured with tiny CLIP and DINO folders; the bound is put between two measured values, so the run
     must stop at the later one and keep the earlier one's weights."""
@@ -297,6 +300,7 @@ def test_drift_past_its_bound_stops_and_keeps_the_last_step_within(tmp_path, tin
     assert_same(adapter(stopped.dir), adapter(short.dir))
 
 
+@pytest.mark.e2e  # several trainings: the e2e tier
 def test_evaluate_scores_any_base_with_local_feature_models(tmp_path, tiny_pipeline_dir, feature_models):
     clip, dino = feature_models
     trained = train_in_process(tmp_path, tiny_pipeline_dir, "train.max_steps=2", name="trained")

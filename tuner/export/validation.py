@@ -115,6 +115,9 @@ class ValidationGallery:
 
     def _page(self) -> str:
         series = self.values()
+        # fidelity and preservation repeat the metric they stand for (e.g. dino): shown once, under its own name
+        aliases = {n for n in ("fidelity", "preservation") if any(series.get(n) == series[k] for k in series if k != n)}
+        series = {k: v for k, v in series.items() if k not in aliases}
         names = sorted(series, key=lambda n: (n not in ORDER, ORDER.index(n) if n in ORDER else 0, n))
         chosen = self.chosen["step"] if self.chosen else None
         note = f"step {chosen}: {self.chosen['note']}" if self.chosen else ""
