@@ -236,3 +236,19 @@ def accelerate_launch(config: str, tuner_args, cwd: Path, output_dir: Path) -> s
          "--num_processes", "2", "-m", "tuner", *tuner_args, f"output_dir={output_dir}"],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+def adapter(run_dir: Path) -> dict:
+    """A run's exported LoRA, diffusers format."""
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "diffusers" / "pytorch_lora_weights.safetensors")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """The same tensor names, each bit-identical."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

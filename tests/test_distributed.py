@@ -10,22 +10,16 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import Launch, accelerate_launch, free_port, make_photos, torchrun
+from tests.helpers import Launch, accelerate_launch, adapter, free_port, make_photos, torchrun
 from tuner.training.batches import Batch, merge_by_shape
 from tuner.training.cache import read_index
 from tuner.training.checkpoint_files import find
 
 pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
-
-
-def adapter(run_dir: Path) -> dict:
-    return load_file(run_dir / "diffusers" / "pytorch_lora_weights.safetensors")
 
 
 def assert_close(a: dict, b: dict, atol: float):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import make_photos, train_in_process
+from tests.helpers import adapter, assert_same, make_photos, train_in_process
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
@@ -26,16 +26,6 @@ SETTINGS = [
     "train.warmup_steps=2",
     "train.batch_size=2",
 ]
-
-
-def adapter(run_dir: Path) -> dict:
-    return load_file(run_dir / "diffusers" / "pytorch_lora_weights.safetensors")
-
-
-def assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_from_a_checkpoint_ends_bit_identical(tmp_path, tiny_pipeline_dir):

@@ -3,14 +3,12 @@
 
 import json
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from tests.helpers import PROMPT, make_photos, train_in_process
+from tests.helpers import PROMPT, adapter, assert_same, make_photos, train_in_process
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
@@ -29,16 +27,6 @@ VAL = [
     "validation.loss_timesteps=3",
     "train.batch_size=2",
 ]
-
-
-def adapter(run_dir: Path) -> dict:
-    return load_file(run_dir / "diffusers" / "pytorch_lora_weights.safetensors")
-
-
-def assert_same(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,7 @@ def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
 
 def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
     """With ``checkpoint=`` (or a generate adapter) inside a tuner run and no model chosen, take that run's
-    base model and resolution; keys the user set stay as set."""
+    base model and resolution, and its prompts and instance images; keys the user set stay as set."""
     first = cfg.checkpoint or next((a.path for a in cfg.generate.adapters), None)
     if not first or cfg.model.path or cfg.model.builtin:
         return
@@ -137,6 +137,9 @@ def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
                     cfg[group][key] = value
         if "data.resolution" not in given:
             cfg.data.resolution = source.data.resolution
+        for key in ("instance_prompt", "class_prompt", "instance_dir"):  # what evaluate and the gallery compare
+            if f"data.{key}" not in given and source.data.get(key) is not None:
+                cfg.data[key] = source.data[key]
 
 
 def run_folder_of(path: str | Path) -> Path | None:
