@@ -179,3 +179,25 @@ def test_lora_under_fsdp_in_bf16_with_checkpointing_and_ema_resumes_exactly_and_
         pipe.load_lora_weights(tmp / "lora" / "diffusers")
         after = pipe.unet(sample, t, cond).sample
     assert (after - before).abs().max().item() > 1e-5
+
+
+def test_the_best_sharded_checkpoint_is_gathered_and_exported(full):
+    """Under FSDP the held-out loss is computed by both ranks (each forward gathers), early stop and
+    export.from=best read the best step's shards back before gathering: the export equals one process trained to
+    that step, and the held-out losses equal that process's."""
+    tmp, args, _ = full
+    args = [a for a in args if not a.startswith(("checkpoints.every=", "validation.every=", "train.max_steps="))]
+    held = ["data.val_split=0.25", "validation.every=2"]
+    stop = ["checkpoints.select=val_loss", "train.early_stop.patience=1", "train.early_stop.min_delta=1e6",
+            "export.from=best", "train.max_steps=8"]  # fmt: skip
+    two = torchrun([*args, *held, *stop, "distributed.strategy=fsdp", "train.batch_size=2",
+                    f"output_dir={tmp / 'best'}"], tmp, "best")  # fmt: skip
+    assert two.wait() == 0, two.text[-3000:]
+    summary = json.loads((tmp / "best" / "summary.json").read_text())["metrics"]
+    losses = summary["validation"]["val_loss"]
+    best = min((2, 4), key=lambda s: (losses[str(s)], -s))
+    assert summary["early_stop"]["step"] == 4 and summary["selected"]["step"] == best
+    one_process([*args, *held, f"train.max_steps={best}", "train.batch_size=4"], tmp, "short")
+    alone = json.loads((tmp / "short" / "summary.json").read_text())["metrics"]["validation"]["val_loss"]
+    assert abs(alone["2"] - losses["2"]) < 1e-6
+    assert worst(load_file(tmp / "best" / UNET), load_file(tmp / "short" / UNET)) < 1e-6
