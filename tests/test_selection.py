@@ -99,6 +99,8 @@ def test_the_digits_judge_tells_the_subject_from_the_digit():
     images, labels = digits.load_images(16)
     sevens, threes = images[labels == 7][:40], images[labels == 3][:40]
     assert judge.is_subject(subject).all()
+    larger = [torch.nn.functional.interpolate(x[None], size=(24, 24), mode="nearest")[0] for x in subject]
+    assert DigitJudge(cfg, larger[:3] + list(subject[3:])).is_subject(subject).all()  # subject images of any size
     assert judge.is_class(sevens).mean() > 0.9 and judge.is_subject(sevens).mean() < 0.1
     assert judge.is_class(threes).mean() < 0.1
     assert (
@@ -141,6 +143,11 @@ def test_selection_stops_when_drift_passes_its_bound_and_keeps_the_last_step_wit
         s.observe(step, {"drift": drift})
     assert s.stopped == {"kind": "drift", "step": 6, "reason": s.stopped["reason"], "keep": 4}
     assert "0.15" in s.stopped["reason"] and s.protected() == {4}
+    # selecting too: the best step up to the last one within the bound is kept, however far back
+    both = Selection("score", best=1, max_drift=0.1)
+    for step, score, drift in [(100, 0.9, 0.0), (200, 0.5, 0.05), (300, 0.6, 0.08), (400, 0.95, 0.2)]:
+        both.observe(step, {"score": score, "drift": drift})
+    assert both.stopped["keep"] == 300 and both.best_step(300) == 100 and both.protected() == {400, 300, 100}
 
 
 def test_a_chart_draws_each_point_and_marks_the_chosen_step():
@@ -172,6 +179,10 @@ def test_a_chart_draws_each_point_and_marks_the_chosen_step():
         (["eval.clip=/nowhere/clip"], r"eval.clip=/nowhere/clip: no CLIP model folder \(transformers' CLIPModel"),
         (["train.early_stop.max_drift=0.1", "validation.every=5"], "nothing in this run measures drift"),
         (["data.val_split=1.5"], "data.val_split"),
+        (
+            ["checkpoints.select=diversity", "eval.clip=/tmp", "validation.every=5", "validation.samples=1"],
+            "validation.samples >= 2",
+        ),  # fmt: skip
     ],
 )
 def test_selection_settings_that_cannot_work_are_refused_by_name(tmp_path, tiny_pipeline_dir, overrides, message):

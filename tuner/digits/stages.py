@@ -63,9 +63,10 @@ class DigitJudge:
     SUBJECT = 10
 
     def __init__(self, cfg: DictConfig, subject_images: list):
-        self.classifier = digits.DigitClassifier(
-            cfg.data.resolution, extra_images=torch.stack(list(subject_images)), extra_label=self.SUBJECT
-        )
+        size = cfg.data.resolution  # images of other sizes (aspect-ratio buckets, data.val_dir) resized to it
+        area = torch.nn.functional.interpolate
+        same = [area(x[None].float(), size=(size, size), mode="area")[0] for x in subject_images]
+        self.classifier = digits.DigitClassifier(size, extra_images=torch.stack(same), extra_label=self.SUBJECT)
         self.digit = digits.digit_in(cfg.data.class_prompt)
 
     def is_subject(self, images) -> np.ndarray:

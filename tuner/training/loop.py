@@ -387,10 +387,29 @@ class Training:
         """Rank 0 samples with the weights of this step; the time it takes is not the steps' time. Returns the
         step's numbers (held-out losses, metrics)."""
         paused = time.perf_counter()
-        values = self.monitor.validate(done)
+        with self._averaged():
+            values = self.monitor.validate(done)
         pause = time.perf_counter() - paused
         self.began, self.logged_at = self.began + pause, self.logged_at + pause
         return values
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """With ``train.ema_decay``, the EMA's averages in place of the trained weights (what the run exports, so
+        what validation measures and selects on); the trained weights exactly as they were afterwards."""
+        if self.ema is None:
+            yield
+            return
+        # plain tensors wait in host memory; a DTensor's local shard (1/N of it) where it is
+        sharded = [hasattr(p, "device_mesh") for p in self.params]
+        kept = [p.detach().clone() if d else p.detach().to("cpu", copy=True) for p, d in zip(self.params, sharded)]
+        self.ema.copy_to(self.params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, kept):
+                    p.copy_(saved)
 
     def _checkpoint(self, done: int, signals, validated: bool = False) -> None:
         """Save on ``checkpoints.every``, at the end and, when a selection picks among them, at every validation

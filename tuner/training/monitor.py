@@ -23,7 +23,12 @@ import torch
 
 from tuner import scoring
 from tuner.distributed import decide
+from tuner.errors import ConfigError
 from tuner.export.validation import ValidationGallery
+
+
+def _raise(error: Exception):
+    raise error
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -72,32 +77,42 @@ class Monitor:
     def validate(self, step: int) -> dict[str, float]:
         """Rank 0 samples and writes the row of ``step``; the other ranks wait for it (under FSDP they sample
         with it). Returns the step's numbers (held-out losses, metrics), the same on every rank."""
-        main, values = self.accelerator.is_main_process, {}
+        main, values, failed = self.accelerator.is_main_process, {}, None
         if self.every and (main or self.collective):
-            modes = [m.training for m in self.modules]
-            rng = torch.get_rng_state()
-            cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
             try:
-                for module in self.modules:
-                    module.eval()
-                with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
-                    images = self.sample()
-                    values = self.measure(step) if self.measure is not None else {}
-                shown = values | ({"train_loss": self.last_loss} if self.last_loss is not None and step else {})
-                grid = self.gallery.add(step, images, shown) if main else None
-            finally:
-                for module, mode in zip(self.modules, modes):
-                    module.train(mode)
-                torch.set_rng_state(rng)
-                if cuda_rng is not None:
-                    torch.cuda.set_rng_state_all(cuda_rng)
-            if main:
-                self._log_grid(step, grid)
-                if values:
-                    self.log(step, {f"val/{k}": v for k, v in values.items()})
-                    print(f"[tuner] validation step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+                values = self._validate_here(step, main)
+            except Exception as e:  # every rank hears of it (below), none waits for rank 0 until the timeout
+                failed = e
         if self.every:  # rank 0's numbers (and a barrier: the others wait for its page)
-            values = decide(self.accelerator, lambda: values)
+            values = decide(self.accelerator, lambda: _raise(failed) if failed is not None else values)
+        if failed is not None:  # (under FSDP, another rank's own error)
+            raise failed
+        return values
+
+    def _validate_here(self, step: int, main: bool) -> dict[str, float]:
+        """Sample, measure and (rank 0) write the row of ``step``, the models' modes and the RNG put back."""
+        modes = [m.training for m in self.modules]
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        try:
+            for module in self.modules:
+                module.eval()
+            with self.parked.on_device() if self.parked is not None else contextlib.nullcontext():
+                images = self.sample()
+                values = self.measure(step) if self.measure is not None else {}
+            shown = values | ({"train_loss": self.last_loss} if self.last_loss is not None and step else {})
+            grid = self.gallery.add(step, images, shown) if main else None
+        finally:
+            for module, mode in zip(self.modules, modes):
+                module.train(mode)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        if main:
+            self._log_grid(step, grid)
+            if values:
+                self.log(step, {f"val/{k}": v for k, v in values.items()})
+                print(f"[tuner] validation step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         return values
 
     def state_dict(self) -> dict:
@@ -217,6 +232,11 @@ def start(
     prompts = list(v.prompts) or list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     prompts = prompts or [c for c in captions if c][:2]
     if not prompts:
+        if cfg.checkpoints.select or cfg.train.early_stop.max_drift is not None:
+            raise ConfigError(
+                "checkpoints.select / train.early_stop judge validation steps, and this run has no prompt to validate "
+                "with (every caption is empty): set validation.prompts=[...]"
+            )
         print("[tuner] validation: no prompt (every caption is empty); set validation.prompts=[...]", flush=True)
         return Monitor(run.accelerator, trackers)
     seeds = list(v.seeds)

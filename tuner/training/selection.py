@@ -49,7 +49,7 @@ class Selection:
         if self.metric:
             value = values.get(self.metric)
             if value is None or not math.isfinite(value):
-                raise RuntimeError(f"checkpoints.select={self.metric}: validation step {step} gave no value for it")
+                raise RuntimeError(f"checkpoints.select={self.metric}: validation step {step} gave {value} for it")
             best = self.best_step()
             improved = best is None or self._better(value, dict(self.history)[best], self.min_delta)
             self.history.append((step, float(value)))
@@ -87,7 +87,9 @@ class Selection:
         """The steps whose checkpoints pruning keeps besides the newest: the best ones, and the last within the
         drift bound."""
         keep = set(self.ranked()[: self.best]) if self.metric else set()
-        return keep | ({self.within} if self.within is not None else set())
+        if self.within is not None:  # after a drift stop, the best up to the last step within the bound is taken
+            keep |= {self.within, *(self.ranked(self.within)[: self.best] if self.metric else [])}
+        return keep
 
     def value(self, step: int) -> float | None:
         return dict(self.history).get(step)
@@ -104,7 +106,8 @@ class Selection:
 def _provider(metric: str) -> str:
     """What a run needs for ``metric``, as the fix a message gives."""
     if metric.startswith("val_loss"):
-        return "held-out images: data.val_split=0.1 (with prior.enabled=true for val_loss_class) or data.val_dir=DIR"
+        held = "held-out images: data.val_split=0.1 or data.val_dir=DIR"
+        return held + (" (val_loss_class: data.val_split with prior.enabled=true)" if metric != "val_loss" else "")
     if metric in ("clip_i", "clip_t"):
         return "eval.clip=PATH (a local CLIP folder)"
     if metric == "dino":
@@ -123,11 +126,19 @@ def check(cfg, judged: set[str] = frozenset()) -> None:
     from tuner.scoring import check as check_feature_models
 
     d, ck, stop, v = cfg.data, cfg.checkpoints, cfg.train.early_stop, cfg.validation
+    if ck.select == "diversity" and v.samples < 2:
+        raise ConfigError("checkpoints.select=diversity compares samples among themselves: validation.samples >= 2")
     check_feature_models(cfg)
     if d.val_split > 0 and d.val_dir:
         raise ConfigError("data.val_split and data.val_dir both hold images out: use one of them")
     if ck.select is not None and ck.select not in METRICS:
         raise ConfigError(f"checkpoints.select={ck.select}: choose one of {', '.join(METRICS)}, or null")
+    if (d.val_split > 0 or d.val_dir) and not v.every:
+        print(
+            f"[tuner] {'data.val_split' if d.val_split > 0 else 'data.val_dir'} holds images out, and "
+            "validation.every=0 never scores them: set validation.every=N for the held-out loss",
+            flush=True,
+        )
     if stop.patience and not ck.select:
         raise ConfigError("train.early_stop.patience needs checkpoints.select=METRIC, the metric it watches")
     if cfg.export.from_ == "best" and not ck.select:
