@@ -148,6 +148,8 @@ def test_selection_stops_when_drift_passes_its_bound_and_keeps_the_last_step_wit
     for step, score, drift in [(100, 0.9, 0.0), (200, 0.5, 0.05), (300, 0.6, 0.08), (400, 0.95, 0.2)]:
         both.observe(step, {"score": score, "drift": drift})
     assert both.stopped["keep"] == 300 and both.best_step(300) == 100 and both.protected() == {400, 300, 100}
+    assert both.chosen(400, best=False)[0] == 300 and both.chosen(400, best=True)[0] == 100
+    assert "up to step 300" in both.chosen(400, best=True)[1]
 
 
 def test_a_chart_draws_each_point_and_marks_the_chosen_step():

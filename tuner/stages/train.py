@@ -247,23 +247,9 @@ def _keep_chosen(run: Run, training: Training, result: TrainResult, monitor) -> 
         run.metrics["validation"] = {name: dict(points) for name, points in monitor.gallery.values().items()}
     if sel is None:
         return
-    keep, why, limit = last, "the last step", None
-    stopped = sel.stopped
-    if stopped is not None:
-        run.metrics["early_stop"] = {"step": stopped["step"], "reason": stopped["reason"]}
-        why = f"the last step (training stopped early: {stopped['reason']})"
-        if stopped["keep"] is not None:  # drift passed its bound: back to the last step within it
-            keep = limit = stopped["keep"]
-            why = "the last validation step within train.early_stop.max_drift "
-            why += f"(at step {stopped['step']} {stopped['reason']})"
-        elif stopped["kind"] == "drift":
-            why = f"the last step: no earlier validation step was within the bound ({stopped['reason']})"
-    if run.cfg.export.from_ == "best" and sel.metric:
-        best = sel.best_step(limit)
-        if best is not None:
-            keep = best
-            upto = f" up to step {limit} (at step {stopped['step']} {stopped['reason']})" if limit is not None else ""
-            why = f"the best {sel.metric} ({sel.mode}imum) of the validation steps{upto}: {sel.value(best):.4g}"
+    if sel.stopped is not None:
+        run.metrics["early_stop"] = {"step": sel.stopped["step"], "reason": sel.stopped["reason"]}
+    keep, why = sel.chosen(last, run.cfg.export.from_ == "best")
     if keep != last:
         path = run.dir / "checkpoints" / f"step-{keep:07d}"
         training.restore(path)

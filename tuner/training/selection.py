@@ -91,6 +91,24 @@ class Selection:
             keep |= {self.within, *(self.ranked(self.within)[: self.best] if self.metric else [])}
         return keep
 
+    def chosen(self, last: int, best: bool) -> tuple[int, str]:
+        """The step whose weights the run keeps, and why: the ``last`` step's; when drift passed its bound, the last
+        validation step within it; with ``best`` (export.from=best), the best step (up to that one)."""
+        keep, why, limit, stopped = last, "the last step", None, self.stopped
+        if stopped is not None:
+            why = f"the last step (training stopped early: {stopped['reason']})"
+            if stopped["keep"] is not None:  # drift passed its bound: back to the last step within it
+                keep = limit = stopped["keep"]
+                why = f"the last validation step within train.early_stop.max_drift (at step {stopped['step']} "
+                why += f"{stopped['reason']})"
+            elif stopped["kind"] == "drift":
+                why = f"the last step: no earlier validation step was within the bound ({stopped['reason']})"
+        if best and self.metric and self.best_step(limit) is not None:
+            keep = self.best_step(limit)
+            upto = f" up to step {limit} (at step {stopped['step']} {stopped['reason']})" if limit is not None else ""
+            why = f"the best {self.metric} ({self.mode}imum) of the validation steps{upto}: {self.value(keep):.4g}"
+        return keep, why
+
     def value(self, step: int) -> float | None:
         return dict(self.history).get(step)
 
