@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tuner.errors import ConfigError
+from tuner.sampling import to_uint8
 
 # every metric a validation step may give (checkpoints.select picks one); the held-out losses come from
 # tuner/training/held_out.py
@@ -83,10 +84,7 @@ def _uint8_images(images) -> list:
     takes them."""
     from PIL import Image
 
-    return [
-        Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy())
-        for x in images
-    ]
+    return [Image.fromarray(to_uint8(x[None].float())[0].numpy()) for x in images]
 
 
 def _pooled(output) -> torch.Tensor:

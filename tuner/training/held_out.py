@@ -80,9 +80,6 @@ class HeldOutLoss:
             self.items[s.name] = items
         self.sets = {s.name: s for s in sets}
 
-    def names(self) -> list[str]:
-        return list(self.sets)
-
     @torch.no_grad()
     def __call__(self, denoiser, device, autocast, encode: Callable | None = None) -> dict[str, float]:
         """Each set's mean loss with ``denoiser`` as it is now (``encode(ids)``: the conditioning of token ids,
