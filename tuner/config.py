@@ -39,7 +39,17 @@ from tuner.choices import (
     TriggerPolicy,
     WeightingScheme,
 )
-from tuner.output_config import EvalConfig, ExportConfig, GenerateConfig, LogConfig, SampleConfig, ValidationConfig
+from tuner.output_config import (
+    EvalConfig,
+    ExportConfig,
+    ExtractConfig,
+    GenerateConfig,
+    LogConfig,
+    MergeConfig,
+    ResizeConfig,
+    SampleConfig,
+    ValidationConfig,
+)
 
 # conf/ and recipes/ at the top of a source checkout, or inside the package when installed from a wheel
 
@@ -405,6 +415,9 @@ class TunerConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    resize: ResizeConfig = field(default_factory=ResizeConfig)
 
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

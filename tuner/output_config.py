@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import MISSING
 
-from tuner.choices import Dtype, ExportFormat, ExportFrom, Variant
+from tuner.choices import Dtype, ExportFormat, ExportFrom, Targets, Variant
 
 
 @dataclass
@@ -106,6 +106,49 @@ class AdapterRef:
 
     path: str = MISSING
     weight: float = 1.0
+
+
+@dataclass
+class MergeConfig:
+    """recipe=lora_merge: LoRAs added into one (tuner/stages/toolbox.py)."""
+
+    # [{path: A, weight: 1.0}, {path: B, weight: 0.5}]: run folders, export folders, LoRA files or peft folders
+    inputs: list[AdapterRef] = field(default_factory=list)
+    # null: exact, the inputs' ranks stacked (each module's rank is the sum of theirs); R: each module cut to rank
+    # R by its singular values (needed for LoHa / LoKr inputs, which do not stack)
+    rank: int | None = None
+    # fuse the merged LoRA into the base and write the model (export.formats null: merged) instead of a LoRA
+    into_base: bool = False
+
+
+@dataclass
+class ExtractConfig:
+    """recipe=lora_extract: a LoRA approximating a fine-tuned model minus its base (model.path)."""
+
+    # the fine-tuned model: a diffusers folder or a single-file checkpoint of model.path's family
+    tuned: str | None = None
+    # each module's rank; with energy, the most a module gets
+    rank: int = 32
+    # convolutions' rank (null: rank)
+    conv_rank: int | None = None
+    # the fewest singular values per module keeping this share of its difference's squared norm, e.g. 0.9
+    energy: float | None = None
+    # modules whose difference is below this share of their weight's norm are skipped (and listed)
+    threshold: float = 1e-3
+    # where LoRA modules may go in the denoiser: attn | attn_ff | all_linear | locon (+ the resnets' convolutions)
+    targets: Targets = Targets.locon
+    # also the text encoders' linear layers, where they differ
+    text_encoders: bool = True
+
+
+@dataclass
+class ResizeConfig:
+    """recipe=lora_resize: a LoRA (checkpoint=) cut to a lower rank by its singular values."""
+
+    # each module's new rank (never more than it had); with energy, the most a module gets (null: its own)
+    rank: int | None = None
+    # the fewest singular values per module keeping this share of its squared norm, e.g. 0.95
+    energy: float | None = None
 
 
 @dataclass

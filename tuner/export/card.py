@@ -70,12 +70,14 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
         lines += [
             "## Samples",
             "",
-            "Base model and fine-tuned, same prompts and seeds:",
+            info.get("gallery") or "Base model and fine-tuned, same prompts and seeds:",
             "",
             "![gallery](gallery/grid.png)",
             "",
         ]
     lines += ["## How to use", "", usage(files, base, family.PIPELINE, info.get("trigger") or "your prompt")]
+    if info.get("made"):
+        lines += ["## How it was made", "", *info["made"], ""]
     if info.get("steps"):
         lines += ["## Training", "", _settings_table(info), ""]
     lines += ["## Files", "", "| file | bytes | sha256 |", "|---|---|---|"]

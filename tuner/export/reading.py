@@ -30,7 +30,9 @@ LORA_PAIRS = (
 def is_pickle(path: Path) -> bool:
     """Whether ``path`` holds a pickle (torch's zip archive, or a bare pickle stream)."""
     with open(path, "rb") as f:
-        head = f.read(4)
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: its header's length (8 bytes, whose first may be 0x80), then the JSON
+        return False
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 

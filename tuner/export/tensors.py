@@ -334,3 +334,62 @@ def kohya_network_metadata(adapter: str, state: dict[str, torch.Tensor]) -> dict
     if adapter != "lora":
         meta["ss_network_args"] = json.dumps({"algo": {"loha": "loha", "lokr": "lokr"}[adapter]})
     return meta
+
+
+# ---------------------------------------------------------------- the LoRA toolbox's live layers
+
+
+def layer_factors(layer, adapter: str):
+    """One adapter of a peft layer as ``lowrank.Factors`` at scale 1 (its scale folded in); None when the layer
+    is not a plain LoRA (LoHa, LoKr, DoRA: their differences are ``layer.get_delta_weight``'s, not two factors)."""
+    from peft.tuners.lora import LoraLayer
+
+    from tuner.export.lowrank import scaled
+
+    if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A or layer.use_dora.get(adapter):
+        return None
+    return scaled(layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
+
+
+def unwrap(module: torch.nn.Module) -> None:
+    """Take every peft layer out of ``module``, putting its base layer (unchanged) back in its place."""
+    layers = tuner_layers(module)
+    for name, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"{name}: merged into its base layer; unmerge it before taking it out")
+        if name.endswith(".base_layer") and name.removesuffix(".base_layer") in layers:
+            continue  # inside another peft layer (a LoHa over a LoRA): that one's base layer is the module's
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
+    for attribute in ("peft_config", "_hf_peft_config_loaded"):
+        if hasattr(module, attribute):
+            delattr(module, attribute) if attribute == "peft_config" else setattr(module, attribute, False)
+
+
+def install_lora(module: torch.nn.Module, factors: dict, adapter_name: str = "default") -> None:
+    """Put a LoRA with the given ``{module name: Factors}`` into ``module`` as a peft adapter, each module at
+    its own rank with alpha = rank (scale 1, the scale being in the factors)."""
+    from peft import LoraConfig
+
+    if not factors:
+        return
+    ranks = {re.escape(name): f.rank for name, f in factors.items()}
+    first = next(iter(factors.values())).rank
+    config = LoraConfig(
+        r=first,
+        lora_alpha=first,
+        target_modules=sorted(factors),
+        rank_pattern=ranks,
+        alpha_pattern=dict(ranks),
+        init_lora_weights=False,
+    )
+    module.add_adapter(config, adapter_name=adapter_name)
+    layers = tuner_layers(module)
+    with torch.no_grad():
+        for name, f in factors.items():
+            layer = layers[name]
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            if a.shape != f.down.shape or b.shape != f.up.shape:
+                raise ValueError(f"{name}: factors {tuple(f.down.shape)} / {tuple(f.up.shape)} do not fit {tuple(a.shape)} / {tuple(b.shape)}")
+            a.copy_(f.down)
+            b.copy_(f.up)

@@ -154,6 +154,22 @@ def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> 
         ConfigError: the file does not load, or some of its modules name modules this base does not have
             (a LoRA for another model), listing them.
     """
+    landed, keys = apply_lora(run, file, adapter_name)
+    if landed < modules:
+        shown = f": {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" if keys else ""
+        raise ConfigError(
+            f"{file}: {modules - landed} of its {modules} LoRA modules name modules this base does not have"
+            f"{shown}; is it a LoRA for another model (model.path={run.cfg.model.path or 'the digits base'})?"
+        )
+
+
+def apply_lora(run: Run, file: Path, adapter_name: str | None) -> tuple[int, list[str]]:
+    """Load a LoRA file through the pipeline's own ``load_lora_weights``: how many modules landed, and the keys
+    diffusers said fit no module of this base.
+
+    Raises:
+        ConfigError: the file does not load at all (naming it and the loader's reason).
+    """
     import logging
 
     class Keep(logging.Handler):
@@ -181,14 +197,7 @@ def _load_lora(run: Run, file: Path, modules: int, adapter_name: str | None) -> 
         for logger, (level, handlers, propagate) in zip(watched, saved):
             logger.setLevel(level)
             logger.handlers, logger.propagate = handlers, propagate
-    landed = _adapter_layers(run) - before
-    if landed < modules:
-        keys = unexpected_keys(keep.messages)
-        shown = f": {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" if keys else ""
-        raise ConfigError(
-            f"{file}: {modules - landed} of its {modules} LoRA modules name modules this base does not have"
-            f"{shown}; is it a LoRA for another model (model.path={run.cfg.model.path or 'the digits base'})?"
-        )
+    return _adapter_layers(run) - before, unexpected_keys(keep.messages)
 
 
 def _load_peft(module, folder: Path, adapter_name: str) -> None:

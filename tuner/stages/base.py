@@ -41,19 +41,25 @@ def base(run: Run) -> Base:
 
 
 def single_file_base(run: Run) -> Path:
-    """``model.path`` is a single-file checkpoint: its diffusers folder, converted once by diffusers'
-    own loader (with ``model.config``'s configs and tokenizers) and kept under $TUNER_HOME/single_file/,
-    named by the file's path, size and modification time and by the config folder."""
+    """``model.path`` is a single-file checkpoint: its diffusers folder (``single_file_folder``), described by
+    ``model.config``'s configs and tokenizers."""
     m = run.cfg.model
-    file = Path(m.path).expanduser().resolve()
+    return single_file_folder(run, Path(m.path), run.family.check_config_folder(m.config))
+
+
+def single_file_folder(run: Run, file: Path, config: Path, what: str = "base") -> Path:
+    """A single-file checkpoint's diffusers folder, converted once by diffusers' own loader (with ``config``'s
+    configs and tokenizers) and kept under $TUNER_HOME/single_file/, named by the file's path, size and
+    modification time and by the config folder."""
+    file = Path(file).expanduser().resolve()
     stat = file.stat()
-    key = cache_key(str(file), str(stat.st_size), str(stat.st_mtime_ns), str(Path(m.config).expanduser().resolve()))
+    key = cache_key(str(file), str(stat.st_size), str(stat.st_mtime_ns), str(Path(config).expanduser().resolve()))
     folder = run.home / "single_file" / f"{file.stem}-{key}"
     if (folder / "model_index.json").is_file():
-        print(f"[tuner] base: {file.name} as converted before, {folder}", flush=True)
+        print(f"[tuner] {what}: {file.name} as converted before, {folder}", flush=True)
         return folder
-    check_header(file, "a base model")
-    print(f"[tuner] base: converting the single file {file} to a diffusers folder {folder}", flush=True)
+    check_header(file, f"a {what} model")
+    print(f"[tuner] {what}: converting the single file {file} to a diffusers folder {folder}", flush=True)
     with atomic_dir(folder) as tmp:
-        run.family.from_single_file(file, run.family.check_config_folder(m.config), tmp)
+        run.family.from_single_file(file, config, tmp)
     return folder

@@ -84,6 +84,18 @@ class Adapted:
     trainables: Trainables | None = None
     new_tokens: tuple[str, ...] = ()
     base_weights_changed: bool = False
+    fused: bool = False  # an adapter was fused into the base weights (recipe=lora_merge merge.into_base=true)
+
+
+@dataclass(frozen=True)
+class Made:
+    """How a LoRA toolbox stage (tuner/stages/toolbox.py) made what the export stage writes: the model card's
+    account of it."""
+
+    description: str  # the card's first sentence ends with it, e.g. "merged by tuner from 2 LoRAs"
+    lines: tuple[str, ...]  # markdown: the card's "How it was made" section
+    triggers: tuple[str, ...] = ()
+    gallery: str = ""  # what the gallery's rows are
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tuner.export.formats import FORMATS, check_held, holds
 from tuner.export.metadata import file_hashes, folder_hash, tag_frequency, training_metadata
 from tuner.models import get_family
 from tuner.stages.adapters import load_adapter
-from tuner.stages.context import Adapted, Exported, Run, stage
+from tuner.stages.context import Adapted, Exported, Made, Run, stage
 
 
 def _live_tokens(run: Run, tokens: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
@@ -168,7 +168,12 @@ def export(run: Run) -> Exported:
     if adapted is None and cfg.checkpoint:
         adapted = load_adapter(run)  # recipe=export checkpoint=PATH
     what = adapted.trainables if adapted else None
-    base_weights = what.base_weights_train if what is not None else not (cfg.checkpoint or "train" in cfg.stages)
+    if what is not None:
+        base_weights = what.base_weights_train
+    elif adapted is not None and adapted.fused:  # recipe=lora_merge merge.into_base=true
+        base_weights = True
+    else:
+        base_weights = not (cfg.checkpoint or "train" in cfg.stages or adapted)
     tokens = _live_tokens(run, adapted.new_tokens if adapted else ())
     trained = tensors.Trained(c, tensors.adapter_kind(c), tokens, base_weights)
     parts = trained.parts
@@ -181,6 +186,10 @@ def export(run: Run) -> Exported:
     formats.check_finite(trained)
     name = e.name or run.dir.name
     info = _export_info(run, trained, name, trained_here=what is not None)
+    made = run.results.get(Made)
+    if made is not None:  # a LoRA toolbox recipe: what it was made from
+        info.update(description=made.description, made=list(made.lines), gallery=made.gallery)
+        info["trigger"] = ", ".join(made.triggers) or None
     metadata = training_metadata(info)
 
     @functools.cache

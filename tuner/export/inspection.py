@@ -1,0 +1,327 @@
+"""What an adapter file is, read from its header alone: its format, the model family it was made for, each
+module's rank and alpha, its metadata and trigger words (recipe=inspect; the LoRA toolbox checks its inputs
+with it before anything loads).
+
+Formats, by their keys: ``diffusers`` (``unet.<module>.lora_A.weight``, the LoRA settings in the
+``lora_adapter_metadata`` metadata), ``kohya`` (``lora_unet_<module>.lora_down.weight`` with ``.alpha``; LoHa
+and LoKr files in LyCORIS' names are ``kohya`` too), ``peft`` (a folder of ``<component>/adapter_config.json``
+and ``adapter_model.safetensors``), ``embedding`` (textual inversion vectors). A run folder is read through
+its export, as ``checkpoint=`` loads it.
+
+The family comes from names only one family's modules have (Flux's single-stream blocks, SD3's joint
+blocks, SDXL's second text encoder or its original-layout U-Net names), then from widths: the
+cross-attention input (768 SD1.x, 1024 SD2.x, 2048 SDXL), the transformer width (3072 Flux, 1536 / 2432 SD3).
+A file that names none of these (a small or partial LoRA) leaves more than one family possible, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuner.errors import ConfigError
+from tuner.export.reading import LORA_PAIRS, check_header
+
+# kohya's key prefixes -> the diffusers component they name
+KOHYA_COMPONENTS = {
+    "lora_unet": "denoiser",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+    "lora_te3": "text_encoder_3",
+}
+DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+# LyCORIS' LoHa and LoKr tensors, by the key suffix; the first of each kind's names its rank (the inner dimension)
+LYCORIS = {"loha": ("hada_w1_b", "hada_w1_a", "hada_w2_a", "hada_w2_b"), "lokr": ("lokr_w2_b", "lokr_w1", "lokr_w2")}
+# names only one family's modules have (module names with "." and "_" alike)
+SIGNS = (
+    ("flux", r"single_transformer_blocks|single_blocks_|double_blocks_|x_embedder|guidance_embedder|img_attn|proj_mlp"),
+    ("sd3", r"joint_blocks|context_block|x_block_|pos_embed|lora_te3|text_encoder_3"),
+    ("sdxl", r"text_encoder_2|lora_te2|input_blocks|output_blocks|middle_block|add_embedding"),
+)
+WIDTHS = {"flux": {3072}, "sd3": {1536, 2432}, "sdxl": {2048}, "sd15": {768}, "sd2": {1024}}
+
+
+@dataclass
+class Module:
+    """One adapter module of a file."""
+
+    name: str  # as the file names it, without the tensor suffix
+    component: str  # denoiser | text_encoder | text_encoder_2 | ...
+    kind: str  # lora | dora | loha | lokr
+    rank: int | None  # None: a LoKr with whole factors has no rank
+    alpha: float | None  # None: the file does not say (loaders take alpha = rank)
+    shape: tuple[int, ...]  # the weight difference's: (out, in) or (out, in, k, k)
+
+
+@dataclass
+class Described:
+    """An adapter file (or peft folder) as ``describe`` reads it."""
+
+    path: Path
+    format: str  # diffusers | kohya | peft | embedding
+    kind: str  # lora | dora | loha | lokr | embedding
+    modules: dict[str, Module] = field(default_factory=dict)
+    families: tuple[str, ...] = ()  # the families it may be for (one, when its names or widths say)
+    evidence: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    triggers: list[str] = field(default_factory=list)
+    embeddings: dict[str, tuple[int, ...]] = field(default_factory=dict)  # key -> shape, for an embedding
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(m.component for m in self.modules.values()))
+
+
+def adapter_path(path: Path) -> Path:
+    """The one adapter file or peft folder ``path`` names: itself, a run folder's export (its diffusers file,
+    else peft/, else kohya/), or the one LoRA ``.safetensors`` of an export folder.
+
+    Raises:
+        ConfigError: nothing there, or a folder with several adapter files (naming them).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{path}: no such file or folder")
+    if path.is_file():
+        return path
+    if (path / "summary.json").is_file() and (path / "config.yaml").is_file():  # a tuner run
+        for inside in (path / "diffusers" / "pytorch_lora_weights.safetensors", path / "peft", path / "kohya"):
+            if inside.exists():
+                return adapter_path(inside)
+        raise ConfigError(f"{path}: a tuner run with no adapter export (diffusers/, peft/ or kohya/)")
+    if any((path / c / "adapter_config.json").is_file() for c in DIFFUSERS_COMPONENTS) or (
+        path / "adapter_config.json"
+    ).is_file():
+        return path
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) == 1:
+        return files[0]
+    if not files:
+        raise ConfigError(f"{path}: no .safetensors adapter file and no peft adapter_config.json in it")
+    names = ", ".join(f.name for f in files)
+    raise ConfigError(f"{path}: holds several adapter files ({names}); name the one you mean")
+
+
+def _header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str], dict[str, float]]:
+    """Shapes by key, metadata, and every ``.alpha`` scalar (read: a few numbers) of a safetensors file."""
+    from safetensors import safe_open
+
+    check_header(path)
+    with safe_open(path, "pt") as handle:
+        shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+        alphas = {k: float(handle.get_tensor(k).float().reshape(-1)[0]) for k in shapes if k.endswith(".alpha")}
+        return shapes, handle.metadata() or {}, alphas
+
+
+def describe(path: Path) -> Described:
+    """Read an adapter (a file, an export folder, a peft folder or a run folder) without loading its tensors.
+
+    Raises:
+        ConfigError: the file is missing, a pickle, damaged, or holds neither adapter nor embedding keys
+            (naming a few of its keys), or its LoRA halves do not pair up.
+    """
+    source = Path(path).expanduser()
+    path = adapter_path(source)
+    if path.is_dir():
+        described = _describe_peft(path)
+    else:
+        shapes, metadata, alphas = _header(path)
+        described = _describe_file(path, shapes, metadata, alphas)
+    if described.kind != "embedding":
+        described.families, described.evidence = families_of(described.modules)
+    described.triggers = _triggers(described, source)
+    return described
+
+
+def _describe_file(path: Path, shapes: dict, metadata: dict, alphas: dict) -> Described:
+    keys = list(shapes)
+    if all(k.startswith(tuple(f"{p}_" for p in KOHYA_COMPONENTS)) or k.endswith(".alpha") for k in keys):
+        style = "kohya"
+    elif all(k.split(".")[0] in DIFFUSERS_COMPONENTS for k in keys):
+        style = "diffusers"
+    elif all(k.startswith("base_model.model.") for k in keys):
+        style = "peft"
+    else:
+        style = None
+    modules = _modules(path, shapes, alphas, style, _diffusers_configs(metadata))
+    if not modules:
+        if style is None and all(len(s) in (1, 2) for s in shapes.values()) and len(keys) <= 4:
+            return Described(path, "embedding", "embedding", metadata=metadata, embeddings=dict(shapes))
+        shown = ", ".join(keys[:3])
+        raise ConfigError(
+            f"{path}: no LoRA, LoHa or LoKr keys in it (it holds {len(keys)} tensors, e.g. {shown}); "
+            "is it a whole model rather than an adapter?"
+        )
+    if style is None:
+        stray = next(k for k in keys if not (k.startswith("lora_") or k.split(".")[0] in DIFFUSERS_COMPONENTS))
+        raise ConfigError(
+            f"{path}: an unknown adapter format: its keys mix styles ({stray} is neither kohya's lora_unet_/lora_te "
+            "nor diffusers' unet./transformer./text_encoder. key); loaders would skip part of it"
+        )
+    kinds = {m.kind for m in modules.values()}
+    return Described(path, style, _one_kind(path, kinds), modules, metadata=metadata)
+
+
+def _one_kind(path: Path, kinds: set[str]) -> str:
+    if "dora" in kinds:
+        return "dora"
+    if len(kinds) > 1:
+        raise ConfigError(f"{path}: mixes adapter kinds {sorted(kinds)}; tuner reads one kind per file")
+    return kinds.pop()
+
+
+def _diffusers_configs(metadata: dict) -> dict[str, dict]:
+    """diffusers' ``lora_adapter_metadata`` (``component.key`` -> value) as ``{component: LoRA config}``."""
+    try:
+        flat = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError:
+        raise ConfigError("its lora_adapter_metadata is not JSON (diffusers writes a JSON object)") from None
+    configs: dict[str, dict] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        component, _, name = key.partition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def _pattern_value(name: str, patterns: dict, default):
+    """A peft ``rank_pattern`` / ``alpha_pattern`` value for module ``name`` (peft matches keys as name suffixes)."""
+    for key, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?({key})", name):
+            return value
+    return default
+
+
+def _split(key: str, style: str | None) -> tuple[str, str]:
+    """(component, module name inside it) of a module key."""
+    if style == "kohya":
+        prefix = next(p for p in sorted(KOHYA_COMPONENTS, key=len, reverse=True) if key.startswith(p + "_"))
+        return KOHYA_COMPONENTS[prefix], key[len(prefix) + 1 :]
+    if style == "peft":
+        return "", key.removeprefix("base_model.model.")
+    component, _, name = key.partition(".")
+    return ("denoiser" if component in ("unet", "transformer") else component), name
+
+
+def _modules(path: Path, shapes: dict, alphas: dict, style: str | None, configs: dict) -> dict[str, Module]:
+    """Every adapter module of a file's keys, with rank, alpha and the shape of its difference."""
+    modules = {}
+    for key, shape in shapes.items():
+        for down, up in LORA_PAIRS:
+            if not key.endswith(down):
+                continue
+            name = key[: -len(down)]
+            if name + up not in shapes:
+                raise ConfigError(f"{path}: {key} has no matching up weight ({name + up} is missing)")
+            b = shapes[name + up]
+            if len(shape) not in (2, 4) or len(b) != len(shape) or b[1] != shape[0] or shape[0] == 0:
+                raise ConfigError(
+                    f"{path}: {name}: down {shape} and up {b} do not form a LoRA (down is (rank, in), up is (out, rank))"
+                )
+            component, inner = _split(name, style)
+            config = configs.get(name.split(".")[0], {})
+            rank = shape[0]
+            alpha = alphas.get(f"{name}.alpha")
+            if alpha is None and config:
+                alpha = float(_pattern_value(inner, config.get("alpha_pattern"), config.get("lora_alpha", rank)))
+            dora = any(k.startswith(name + ".lora_magnitude_vector") or k == name + ".dora_scale" for k in shapes)
+            kind = "dora" if dora else "lora"
+            modules[name] = Module(name, component, kind, rank, alpha, (b[0], *shape[1:]))
+        for kind, names in LYCORIS.items():
+            suffix = next((f".{n}" for n in (*names, "lokr_w1_a") if key.endswith(f".{n}")), None)
+            if suffix is None or key[: -len(suffix)] in modules:
+                continue
+            name = key[: -len(suffix)]
+            component, _ = _split(name, style)
+            ranked = shapes.get(f"{name}.{names[0]}") or shapes.get(f"{name}.lokr_w1_b")
+            modules[name] = Module(name, component, kind, ranked[0] if ranked else None, alphas.get(f"{name}.alpha"), ())
+    ups = {name + up for name in modules for _, up in LORA_PAIRS}
+    for key in shapes:
+        if any(key.endswith(up) for _, up in LORA_PAIRS) and key not in ups:
+            raise ConfigError(f"{path}: {key} has no matching down (lora_A / lora_down) weight")
+    return modules
+
+
+def _describe_peft(folder: Path) -> Described:
+    """A peft export folder: ``<component>/adapter_config.json`` + ``adapter_model.safetensors`` (or one of them)."""
+    parts = [(folder, "")] if (folder / "adapter_config.json").is_file() else []
+    parts += [(folder / c, c) for c in DIFFUSERS_COMPONENTS if (folder / c / "adapter_config.json").is_file()]
+    modules, kinds = {}, set()
+    for sub, component in parts:
+        config = json.loads((sub / "adapter_config.json").read_text())
+        weights = sub / "adapter_model.safetensors"
+        if not weights.is_file():
+            raise ConfigError(f"{sub}: adapter_config.json without adapter_model.safetensors beside it")
+        shapes, _, alphas = _header(weights)
+        peft_type = str(config.get("peft_type", "LORA")).lower()
+        found = _modules(weights, shapes, alphas, "peft", {})
+        for name, m in found.items():
+            m.component = "denoiser" if component in ("unet", "transformer") else component
+            m.kind = "dora" if config.get("use_dora") else peft_type
+            m.name = f"{component}.{m.name}" if component else m.name
+            default_alpha = config.get("lora_alpha", config.get("alpha", m.rank))
+            m.alpha = float(_pattern_value(name.removeprefix("base_model.model."), config.get("alpha_pattern"), default_alpha))
+            modules[m.name] = m
+            kinds.add(m.kind)
+    if not modules:
+        raise ConfigError(f"{folder}: its peft adapters hold no LoRA, LoHa or LoKr tensors")
+    return Described(folder, "peft", _one_kind(folder, kinds), modules)
+
+
+def families_of(modules: dict[str, Module]) -> tuple[tuple[str, ...], str]:
+    """The families a file's modules may be for, and why (see the module's docstring)."""
+    text = " ".join(m.name.replace(".", "_") for m in modules.values())
+    transformer = any(m.name.startswith("transformer.") for m in modules.values())
+    unet = any(m.name.startswith("unet.") for m in modules.values())
+    candidates = ("flux", "sd3") if transformer else ("sd15", "sd2", "sdxl") if unet else tuple(WIDTHS)
+    for name, pattern in SIGNS:
+        found = re.search(pattern, text) if name in candidates else None
+        if found:
+            return (name,), f"its module names ({found[0]})"
+    widths = _widths(modules)
+    if re.search(r"down_blocks_0_attentions", text):
+        candidates = ("sd15", "sd2")  # SDXL's first down block has no attention
+    fitting = [f for f in candidates if WIDTHS[f] & widths]
+    if len(fitting) == 1:
+        return (fitting[0],), f"its widths ({', '.join(map(str, sorted(widths & WIDTHS[fitting[0]])))})"
+    what = "a transformer LoRA" if transformer else "a U-Net LoRA" if unet else "a LoRA"
+    return candidates, f"{what}: its names and widths ({sorted(widths)[:4]}) fit more than one family"
+
+
+def _widths(modules: dict[str, Module]) -> set[int]:
+    """The widths that tell families apart: cross-attention inputs (attn2's to_k / to_v) of a U-Net, the
+    attention width (to_q's input) of a transformer."""
+    out = set()
+    for m in modules.values():
+        if m.shape and re.search(r"attn2[._]to_[kv]$", m.name):
+            out.add(m.shape[1])
+        elif m.shape and m.name.startswith("transformer.") and re.search(r"attn[._]to_q$", m.name):
+            out.add(m.shape[1])
+    return out
+
+
+def _triggers(described: Described, source: Path) -> list[str]:
+    """The words that call it up: modelspec.trigger_phrase, an embedding's token, the most frequent tags of
+    kohya's ss_tag_frequency, and a tuner run's trigger or instance prompt."""
+    meta = described.metadata
+    out = []
+    for key in ("modelspec.trigger_phrase", "token"):
+        if meta.get(key):
+            out.append(meta[key])
+    try:
+        frequency = json.loads(meta.get("ss_tag_frequency", "{}"))
+    except ValueError:
+        frequency = {}
+    counts: Counter = Counter()
+    for tags in frequency.values() if isinstance(frequency, dict) else ():
+        counts.update({t: n for t, n in tags.items() if isinstance(n, int)} if isinstance(tags, dict) else {})
+    out += [tag for tag, _ in counts.most_common(5)]
+    run = next((p for p in [source, *source.parents][:4] if (p / "config.yaml").is_file() and (p / "summary.json").is_file()), None)
+    if run is not None:
+        from omegaconf import OmegaConf
+
+        data = OmegaConf.load(run / "config.yaml").data
+        out += [x for x in (data.get("trigger"), data.get("instance_prompt")) if x]
+    return list(dict.fromkeys(t.strip() for t in out if t and t.strip()))
