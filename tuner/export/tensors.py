@@ -361,9 +361,10 @@ def unwrap(module: torch.nn.Module) -> None:
             continue  # inside another peft layer (a LoHa over a LoRA): that one's base layer is the module's
         parent, _, child = name.rpartition(".")
         setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
-    for attribute in ("peft_config", "_hf_peft_config_loaded"):
-        if hasattr(module, attribute):
-            delattr(module, attribute) if attribute == "peft_config" else setattr(module, attribute, False)
+    if hasattr(module, "peft_config"):
+        del module.peft_config
+    if getattr(module, "_hf_peft_config_loaded", False):  # transformers' mark of a model holding adapters
+        module._hf_peft_config_loaded = False
 
 
 def install_lora(module: torch.nn.Module, factors: dict, adapter_name: str = "default") -> None:

@@ -306,12 +306,8 @@ def _fuse(run: Run) -> None:
     for module in run.components.trainable().values():
         for layer in tuner_layers(module).values():
             layer.merge(safe_merge=True, adapter_names=["default"])
-        for name, layer in tuner_layers(module).items():
-            parent, _, child = name.rpartition(".")
-            setattr(module.get_submodule(parent) if parent else module, child, layer.get_base_layer())
-        for attribute in ("peft_config",):
-            if hasattr(module, attribute):
-                delattr(module, attribute)
+            layer.merged_adapters.clear()  # fused for good: the base layer is the model now
+        unwrap(module)
     run.replaced_modules()
 
 
