@@ -15,6 +15,12 @@ NEEDS = {
     "dreambooth_partial_unet": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
     "generate": ["generate.prompts=[a photo of a dog]"],
 }
+TOOLBOX = {
+    "lora_merge": lambda lora, base: [f"merge.inputs=[{{path: {lora}}}]"],
+    "lora_resize": lambda lora, base: [f"checkpoint={lora}", "resize.rank=1"],
+    "lora_extract": lambda lora, base: [f"extract.tuned={base}"],
+    "inspect": lambda lora, base: [f"checkpoint={lora}"],
+}
 USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion", "export", "generate")
 
 
@@ -25,6 +31,14 @@ def test_every_recipe_composes_and_validates(recipe, tmp_path, tiny_pipeline_dir
         overrides = overrides + [f"model.path={tiny_pipeline_dir}", "data.resolution=16"]
     if recipe in USER_MODEL + ("prepare", "evaluate"):
         overrides = overrides + [f"data.instance_dir={tmp_path}"]
+    if recipe in TOOLBOX:  # a LoRA file's header is read while the config is checked
+        import torch
+        from safetensors.torch import save_file
+
+        lora = tmp_path / "lora.safetensors"
+        name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+        save_file({f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)}, lora)
+        overrides = [f"model.path={tiny_pipeline_dir}", *TOOLBOX[recipe](lora, tiny_pipeline_dir)]
     cfg = compose(recipe, overrides)
     validate(cfg)
     assert cfg.recipe == recipe and cfg.stages

@@ -423,3 +423,20 @@ def test_every_family_merges_exactly_resizes_losslessly_and_is_recognised(tmp_pa
         report = json.loads((tmp_path / ("i" + path.parent.name) / "inspect.json").read_text())
         assert family in report["families"], report["family_evidence"]
         assert report["not_loading"]["landed"] == report["not_loading"]["modules"]
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_read_not_refused_as_a_pickle(tmp_path):
+    """A safetensors file begins with its header's length, 8 bytes little-endian: one of 256 has 0x80 first,
+    the byte a pickle starts with. Such a file (tuner's own SDXL kohya export, once) must load."""
+    from tuner.export.reading import is_pickle, read_tensors
+
+    for extra in range(300):  # metadata of growing length until the header's length ends in 0x80
+        path = tmp_path / "lora.safetensors"
+        save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, path, {"pad": "x" * extra})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert not is_pickle(path)
+    assert list(read_tensors(path)[0]) == ["lora_unet_x.lora_down.weight"]
+    torch.save({"a": torch.zeros(1)}, tmp_path / "p.safetensors", _use_new_zipfile_serialization=False)
+    assert is_pickle(tmp_path / "p.safetensors")  # a bare pickle stream (0x80, then its protocol) still is one

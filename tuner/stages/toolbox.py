@@ -257,7 +257,7 @@ def merge(run: Run) -> Adapted:
         path = Path(ref.path).expanduser()
         tokens += load_checkpoint(run, path, adapter_name=f"input_{i}").tokens
         triggers += describe(path).triggers
-        names.append(path.name)
+        names.append(path.name if path.is_file() else "/".join(path.parts[-2:]))
     gallery = Gallery(run, triggers)
     gallery.add("base")
     for i, ref in enumerate(m.inputs):
