@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tuner.errors import ConfigError
@@ -65,7 +66,10 @@ def random_lora(base: Path, out: Path, rank: int, alpha: float, seed: int, famil
                     p.mul_(0.5)
         state, config = peft_state(module)
         prefix = LEGACY_PREFIXES.get(type(module).__name__, "")
-        layers[name] = ({k if k.startswith(prefix) else prefix + k: v for k, v in state.items()}, peft_config_dict(config))
+        layers[name] = (
+            {k if k.startswith(prefix) else prefix + k: v for k, v in state.items()},
+            peft_config_dict(config),
+        )
     out.mkdir(parents=True, exist_ok=True)
     return f.save_lora(out, layers)
 
@@ -77,7 +81,14 @@ def loras(tmp_path_factory, tiny):
     root = tmp_path_factory.mktemp("loras")
     a = random_lora(base, root / "a", rank=4, alpha=2.0, seed=1)
     b = random_lora(base, root / "b", rank=3, alpha=6.0, seed=2)
-    run_recipe_here("export", f"model.path={base}", f"checkpoint={a}", "export.formats=[kohya]", "export.name=a", f"output_dir={root / 'a_kohya'}")
+    run_recipe_here(
+        "export",
+        f"model.path={base}",
+        f"checkpoint={a}",
+        "export.formats=[kohya]",
+        "export.name=a",
+        f"output_dir={root / 'a_kohya'}",
+    )
     return base, root / "a_kohya" / "kohya" / "a.safetensors", b
 
 
@@ -97,7 +108,15 @@ def pipeline(base: Path, loras: list[tuple[Path, float]], family: str = "sd15"):
 
 def draw(pipe, size: int = 16) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
-    out = pipe(PROMPT, num_inference_steps=3, height=size, width=size, generator=generator, output_type="pt", guidance_scale=3.0)
+    out = pipe(
+        PROMPT,
+        num_inference_steps=3,
+        height=size,
+        width=size,
+        generator=generator,
+        output_type="pt",
+        guidance_scale=3.0,
+    )
     return out.images
 
 
@@ -126,7 +145,9 @@ def test_stacking_is_the_weighted_sum_and_a_cut_keeps_what_a_direct_svd_says():
     cut = cut_factors(stacked, rank=3)
     assert cut.factors.rank == 3
     assert cut.energy == pytest.approx(float((s[:3] ** 2).sum() / (s**2).sum()), rel=1e-6)
-    assert float((stacked.delta() - cut.factors.delta()).norm()) == pytest.approx(float((s[3:] ** 2).sum().sqrt()), rel=1e-4)
+    assert float((stacked.delta() - cut.factors.delta()).norm()) == pytest.approx(
+        float((s[3:] ** 2).sum().sqrt()), rel=1e-4
+    )
     full = cut_factors(stacked, rank=7)
     torch.testing.assert_close(full.factors.delta(), stacked.delta(), atol=1e-5, rtol=1e-5)
     by_energy = cut_factors(stacked, energy=0.9)
@@ -155,7 +176,10 @@ def test_merge_equals_diffusers_set_adapters_in_both_formats(tmp_path, loras):
     reference = draw(pipeline(base, [(a, 1.0), (b, 0.5)]))
     alone = draw(pipeline(base, []))
     assert (reference - alone).abs().max() > 1e-2  # the LoRAs change the image
-    for merged in (tmp_path / "m" / "diffusers" / "pytorch_lora_weights.safetensors", tmp_path / "m" / "kohya" / "ab.safetensors"):
+    for merged in (
+        tmp_path / "m" / "diffusers" / "pytorch_lora_weights.safetensors",
+        tmp_path / "m" / "kohya" / "ab.safetensors",
+    ):
         torch.testing.assert_close(draw(pipeline(base, [(merged, 1.0)])), reference, atol=1e-5, rtol=0)
     report = json.loads((tmp_path / "m" / "merge.json").read_text())
     ranks = {r["module"]: r["rank"] for r in report["modules"]}
@@ -165,9 +189,17 @@ def test_merge_equals_diffusers_set_adapters_in_both_formats(tmp_path, loras):
     assert "Merged from a.safetensors x 1, pytorch_lora_weights.safetensors x 0.5" in card
     page = (tmp_path / "m" / "gallery" / "index.html").read_text()
     labels = re.findall(r"<tr><th>([^<]+)</th><td>", page)
-    assert labels == [f"{who}: {PROMPT}" for who in ("base", "a.safetensors", "pytorch_lora_weights.safetensors", "merged")]
+    assert labels == [
+        f"{who}: {PROMPT}" for who in ("base", "a.safetensors", "pytorch_lora_weights.safetensors", "merged")
+    ]
     cells = tmp_path / "m" / "gallery" / "cells"
-    assert np.abs(np.asarray(Image.open(cells / "row0_seed0.png"), float) - np.asarray(Image.open(cells / "row3_seed0.png"), float)).max() > 10
+    assert (
+        np.abs(
+            np.asarray(Image.open(cells / "row0_seed0.png"), float)
+            - np.asarray(Image.open(cells / "row3_seed0.png"), float)
+        ).max()
+        > 10
+    )
 
 
 def test_merge_at_a_rank_loses_exactly_the_discarded_singular_values(tmp_path, loras):
@@ -185,7 +217,9 @@ def test_merge_at_a_rank_loses_exactly_the_discarded_singular_values(tmp_path, l
         s = torch.linalg.svdvals(exact.flatten(1).double())
         discarded = float((s[2:] ** 2).sum().sqrt())
         assert float((got - exact).norm()) == pytest.approx(discarded, rel=1e-3, abs=1e-6), name
-        assert report[name.replace("unet.", "unet.", 1)]["energy"] == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-4)
+        assert report[name.replace("unet.", "unet.", 1)]["energy"] == pytest.approx(
+            float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-4
+        )
 
 
 def test_merge_into_base_writes_the_base_with_the_merge_fused_in(tmp_path, loras):
@@ -205,12 +239,28 @@ def test_merge_into_base_writes_the_base_with_the_merge_fused_in(tmp_path, loras
 
 def test_resize_to_full_rank_is_lossless_and_lower_ranks_report_a_direct_svds_energy(tmp_path, loras):
     base, a, _ = loras
-    run_recipe_here("lora_resize", f"model.path={base}", f"checkpoint={a}", "resize.rank=4", "export.formats=[diffusers]", f"output_dir={tmp_path / 'full'}", "sample.prompts=[]")
+    run_recipe_here(
+        "lora_resize",
+        f"model.path={base}",
+        f"checkpoint={a}",
+        "resize.rank=4",
+        "export.formats=[diffusers]",
+        f"output_dir={tmp_path / 'full'}",
+        "sample.prompts=[]",
+    )
     exact = deltas(base, a)
     full = deltas(base, tmp_path / "full" / "diffusers" / "pytorch_lora_weights.safetensors")
     for name, d in exact.items():
         torch.testing.assert_close(full[name], d, atol=1e-5, rtol=1e-4)
-    run_recipe_here("lora_resize", f"model.path={base}", f"checkpoint={a}", "resize.rank=2", "export.formats=[kohya]", f"output_dir={tmp_path / 'two'}", *SAMPLE)
+    run_recipe_here(
+        "lora_resize",
+        f"model.path={base}",
+        f"checkpoint={a}",
+        "resize.rank=2",
+        "export.formats=[kohya]",
+        f"output_dir={tmp_path / 'two'}",
+        *SAMPLE,
+    )
     rows = json.loads((tmp_path / "two" / "resize.json").read_text())["modules"]
     assert len(rows) == len(exact)
     for row in rows:
@@ -236,13 +286,17 @@ def test_extract_recovers_a_known_low_rank_difference_and_only_the_changed_modul
     known = {
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": None,
         "unet.up_blocks.1.resnets.0.conv1": None,
-        "text_encoder.encoder.layers.0.self_attn.out_proj": None,  # (diffusers reads a kohya text-encoder LoRA only with out_proj in it)
+        # (diffusers reads a kohya text-encoder LoRA only with out_proj in it)
+        "text_encoder.encoder.layers.0.self_attn.out_proj": None,
     }
     with torch.no_grad():
         for name in known:
             component, _, inner = name.partition(".")
             weight = getattr(pipe, component).get_submodule(inner).weight
-            factors = Factors(torch.randn(3, *weight.shape[1:]) * 0.3, torch.randn(weight.shape[0], 3, *([1] * (weight.dim() - 2))) * 0.3)
+            factors = Factors(
+                torch.randn(3, *weight.shape[1:]) * 0.3,
+                torch.randn(weight.shape[0], 3, *([1] * (weight.dim() - 2))) * 0.3,
+            )
             known[name] = factors.delta()
             weight += known[name]
         pipe.unet.conv_out.bias += 0.1  # a change no LoRA holds
@@ -263,7 +317,10 @@ def test_extract_recovers_a_known_low_rank_difference_and_only_the_changed_modul
     # the kohya file draws what the diffusers file draws
     kohya = next((tmp_path / "x" / "kohya").glob("*.safetensors"))
     torch.testing.assert_close(
-        draw(pipeline(base, [(kohya, 1.0)])), draw(pipeline(base, [(tmp_path / "x" / "diffusers" / "pytorch_lora_weights.safetensors", 1.0)])), atol=1e-5, rtol=0
+        draw(pipeline(base, [(kohya, 1.0)])),
+        draw(pipeline(base, [(tmp_path / "x" / "diffusers" / "pytorch_lora_weights.safetensors", 1.0)])),
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -311,18 +368,29 @@ def test_inspect_reads_format_family_ranks_alphas_triggers_and_what_a_base_would
     run_recipe_here("inspect", f"checkpoint={b}", f"model.path={base}", f"output_dir={tmp_path / 'j'}", *SAMPLE)
     report = json.loads((tmp_path / "j" / "inspect.json").read_text())
     assert report["format"] == "diffusers" and report["alphas"] == {"6": len(report["modules"])}
-    assert report["not_loading"] == {"modules": len(report["modules"]), "landed": len(report["modules"]), "keys": [], "error": None}
-    assert (tmp_path / "j" / "gallery" / "grid.png").is_file() and "diffusers (lora)" in (tmp_path / "j" / "README.md").read_text()
+    assert report["not_loading"] == {
+        "modules": len(report["modules"]),
+        "landed": len(report["modules"]),
+        "keys": [],
+        "error": None,
+    }
+    assert (tmp_path / "j" / "gallery" / "grid.png").is_file() and "diffusers (lora)" in (
+        tmp_path / "j" / "README.md"
+    ).read_text()
     # a file with a module the base lacks: named
-    state, meta = load_file(b), {}
-    from safetensors import safe_open
-
+    state = load_file(b)
     with safe_open(b, "pt") as f:
         meta = f.metadata()
     state["unet.down_blocks.9.attentions.0.proj_in.lora_A.weight"] = torch.zeros(3, 16)
     state["unet.down_blocks.9.attentions.0.proj_in.lora_B.weight"] = torch.zeros(16, 3)
     save_file(state, tmp_path / "stray.safetensors", meta)
-    run_recipe_here("inspect", f"checkpoint={tmp_path / 'stray.safetensors'}", f"model.path={base}", f"output_dir={tmp_path / 'k'}", "sample.prompts=[]")
+    run_recipe_here(
+        "inspect",
+        f"checkpoint={tmp_path / 'stray.safetensors'}",
+        f"model.path={base}",
+        f"output_dir={tmp_path / 'k'}",
+        "sample.prompts=[]",
+    )
     report = json.loads((tmp_path / "k" / "inspect.json").read_text())
     n = report["not_loading"]
     assert n["landed"] == n["modules"] - 1 and any("down_blocks.9" in k for k in n["keys"]), n
@@ -348,7 +416,8 @@ def _fake(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
           "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": (16, 3)}, "do not form a LoRA"),
         ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 16),
           "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": (16, 4),
-          "mystery.mid_block.lora_A.weight": (4, 16), "mystery.mid_block.lora_B.weight": (16, 4)}, "an unknown adapter format"),
+          "mystery.mid_block.lora_A.weight": (4, 16),
+          "mystery.mid_block.lora_B.weight": (16, 4)}, "an unknown adapter format"),
         ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 16)}, "has no matching up weight"),
     ],
 )  # fmt: skip
@@ -358,7 +427,11 @@ def test_bad_inputs_are_refused_by_name_before_anything_is_written(tmp_path, tin
     from tuner.compose import compose
 
     bad = _fake(tmp_path / "bad.safetensors", keys)
-    where = ["merge.inputs=[{path: " + str(bad) + "}]"] if recipe == "lora_merge" else [f"checkpoint={bad}", "resize.rank=2"]
+    where = (
+        ["merge.inputs=[{path: " + str(bad) + "}]"]
+        if recipe == "lora_merge"
+        else [f"checkpoint={bad}", "resize.rank=2"]
+    )
     cfg = compose(recipe, [f"model.path={tiny('sd15')}", f"output_dir={tmp_path / 'out'}", *where])
     with pytest.raises(ConfigError) as refused:
         validate(cfg)
@@ -374,10 +447,15 @@ def test_a_pickle_and_an_embedding_are_refused_as_merge_inputs(tmp_path, tiny):
     torch.save({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, pickled)
     embedding = _fake(tmp_path / "emb.safetensors", {"emb_params": (1, 32)})
     for path, said in ((pickled, "a pickle file, refused"), (embedding, "an embedding")):
-        cfg = compose("lora_merge", [f"model.path={tiny('sd15')}", f"merge.inputs=[{{path: {path}}}]", f"output_dir={tmp_path / 'o'}"])
+        cfg = compose(
+            "lora_merge",
+            [f"model.path={tiny('sd15')}", f"merge.inputs=[{{path: {path}}}]", f"output_dir={tmp_path / 'o'}"],
+        )
         with pytest.raises(ConfigError, match=said):
             validate(cfg)
-    cfg = compose("lora_resize", [f"model.path={tiny('sd15')}", f"checkpoint={embedding}", f"output_dir={tmp_path / 'o'}"])
+    cfg = compose(
+        "lora_resize", [f"model.path={tiny('sd15')}", f"checkpoint={embedding}", f"output_dir={tmp_path / 'o'}"]
+    )
     with pytest.raises(ConfigError, match="resize.rank=R"):
         validate(cfg)
 
@@ -389,8 +467,9 @@ def test_a_pickle_and_an_embedding_are_refused_as_merge_inputs(tmp_path, tiny):
 @pytest.mark.parametrize("family", ["sd2", "sdxl", "flux", "sd3"])
 def test_every_family_merges_exactly_resizes_losslessly_and_is_recognised(tmp_path, tiny, family):
     """On each family's tiny pipeline: two random LoRAs (one through tuner's kohya export, where diffusers reads
-    that family's kohya files of a tiny model) merged exactly equal diffusers' set_adapters; resized to full rank they draw the
-    same image; inspect names the family (or a set holding it, where a tiny model's widths cannot tell)."""
+    that family's kohya files of a tiny model) merged exactly equal diffusers' set_adapters; resized to full rank
+    they draw the same image; inspect names the family (or a set holding it, where a tiny model's widths cannot
+    tell)."""
     from tuner.models import get_family
 
     base = tiny(family)
@@ -402,7 +481,15 @@ def test_every_family_merges_exactly_resizes_losslessly_and_is_recognised(tmp_pa
     # a tiny model's (ComfyUI reads both: the clients tier)
     kohya_reads = family in ("sd2", "sdxl")
     if kohya_reads:
-        run_recipe_here("export", f"model={family}", f"model.path={base}", f"checkpoint={a}", "export.formats=[kohya]", "export.name=a", f"output_dir={tmp_path / 'ak'}")
+        run_recipe_here(
+            "export",
+            f"model={family}",
+            f"model.path={base}",
+            f"checkpoint={a}",
+            "export.formats=[kohya]",
+            "export.name=a",
+            f"output_dir={tmp_path / 'ak'}",
+        )
         a = tmp_path / "ak" / "kohya" / "a.safetensors"
     formats = "[diffusers,kohya]" if kohya_reads else "[diffusers]"
     run_recipe_here(
@@ -415,11 +502,25 @@ def test_every_family_merges_exactly_resizes_losslessly_and_is_recognised(tmp_pa
     merged += [tmp_path / "m" / "kohya" / "ab.safetensors"] if kohya_reads else []
     for path in merged:
         torch.testing.assert_close(draw(pipeline(base, [(path, 1.0)], family), size), reference, atol=1e-4, rtol=0)
-    run_recipe_here("lora_resize", f"model.path={base}", f"checkpoint={merged[0]}", "resize.rank=7", "export.formats=[diffusers]", f"output_dir={tmp_path / 'r'}", *sample)
+    run_recipe_here(
+        "lora_resize",
+        f"model.path={base}",
+        f"checkpoint={merged[0]}",
+        "resize.rank=7",
+        "export.formats=[diffusers]",
+        f"output_dir={tmp_path / 'r'}",
+        *sample,
+    )
     resized = tmp_path / "r" / "diffusers" / "pytorch_lora_weights.safetensors"
     torch.testing.assert_close(draw(pipeline(base, [(resized, 1.0)], family), size), reference, atol=1e-4, rtol=0)
     for path in merged:
-        run_recipe_here("inspect", f"checkpoint={path}", f"model.path={base}", f"output_dir={tmp_path / ('i' + path.parent.name)}", *sample)
+        run_recipe_here(
+            "inspect",
+            f"checkpoint={path}",
+            f"model.path={base}",
+            f"output_dir={tmp_path / ('i' + path.parent.name)}",
+            *sample,
+        )
         report = json.loads((tmp_path / ("i" + path.parent.name) / "inspect.json").read_text())
         assert family in report["families"], report["family_evidence"]
         assert report["not_loading"]["landed"] == report["not_loading"]["modules"]
@@ -440,3 +541,47 @@ def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_read_not_ref
     assert list(read_tensors(path)[0]) == ["lora_unet_x.lora_down.weight"]
     torch.save({"a": torch.zeros(1)}, tmp_path / "p.safetensors", _use_new_zipfile_serialization=False)
     assert is_pickle(tmp_path / "p.safetensors")  # a bare pickle stream (0x80, then its protocol) still is one
+
+
+@pytest.mark.e2e
+def test_the_toolbox_from_the_command_line_on_trained_runs(tmp_path, tiny):
+    """As a user: two trained runs merged by their folders (the base comes from the first run), inspected,
+    resized by energy; a bad call refused with its key and exit code 2."""
+    from tests.helpers import run_tuner, train_in_process
+
+    base = tiny("sd15")
+    for name, seed in (("one", 0), ("two", 1)):
+        train_in_process(
+            tmp_path, base, f"seed={seed}", "text_encoder.train=lora", "export.formats=[diffusers,kohya]", name=name
+        )
+    home = tmp_path / "home"
+    merged = run_tuner(
+        "recipe=lora_merge",
+        f"merge.inputs=[{{path: {tmp_path / 'one'}, weight: 1.0}}, {{path: {tmp_path / 'two'}, weight: 0.7}}]",
+        f"output_dir={tmp_path / 'merged'}", "sample.seeds=[0,1]", "sample.steps=3", home=home, cwd=tmp_path,
+    )  # fmt: skip
+    assert merged.returncode == 0, merged.stdout[-2000:] + merged.stderr[-2000:]
+    assert "merge: 52 modules (exactly, their ranks stacked)" in merged.stdout
+    out = tmp_path / "merged"
+    assert (out / "gallery" / "grid.png").is_file() and "## How it was made" in (out / "README.md").read_text()
+    kohya = out / "kohya" / "merged.safetensors"
+    with safe_open(kohya, "pt") as f:
+        assert f.metadata()["modelspec.trigger_phrase"] == PROMPT
+        assert {f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("lora_down.weight")} == {16}  # 8 + 8
+    inspected = run_tuner(
+        "recipe=inspect", f"checkpoint={kohya}", f"output_dir={tmp_path / 'i'}", home=home, cwd=tmp_path
+    )
+    assert inspected.returncode == 0, inspected.stderr[-2000:]
+    assert "format       kohya (lora)" in inspected.stdout and "52 of 52 modules load" in inspected.stdout
+    resized = run_tuner(
+        "recipe=lora_resize", f"checkpoint={out}", "resize.energy=0.9", f"output_dir={tmp_path / 'r'}",
+        "sample.seeds=[0]",
+        "sample.steps=3", home=home, cwd=tmp_path,
+    )  # fmt: skip
+    assert resized.returncode == 0, resized.stderr[-2000:]
+    report = json.loads((tmp_path / "r" / "resize.json").read_text())
+    assert report["energy"]["min"] >= 0.9 and report["rank"]["max"] <= 16
+    refused = run_tuner(
+        "recipe=lora_merge", f"model.path={base}", f"output_dir={tmp_path / 'x'}", home=home, cwd=tmp_path
+    )
+    assert refused.returncode == 2 and "merge.inputs is empty" in refused.stderr and not (tmp_path / "x").exists()

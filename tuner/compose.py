@@ -122,8 +122,8 @@ def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
-    """With ``checkpoint=`` (or a generate adapter, or a merge input) inside a tuner run and no model chosen, take that run's
-    base model and resolution, and its prompts and instance images; keys the user set stay as set."""
+    """With ``checkpoint=`` (or a generate adapter, or a merge input) inside a tuner run and no model chosen, take
+    that run's base model and resolution, and its prompts and instance images; keys the user set stay as set."""
     first = cfg.checkpoint or next((a.path for a in [*cfg.generate.adapters, *cfg.merge.inputs]), None)
     if not first or cfg.model.path or cfg.model.builtin:
         return

@@ -98,7 +98,11 @@ NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
     (("sample.display_size",), _at_least(1), "a size in pixels, e.g. 64"),
     (("sample.batch_size",), _at_least(1), "at least 1, e.g. 8"),
     (("validation.every",), _at_least(0), "0 (never) or a step count, e.g. 100"),
-    (("merge.rank", "resize.rank", "extract.conv_rank"), _or_null(_at_least(1)), "a rank, at least 1, e.g. 16, or null"),
+    (
+        ("merge.rank", "resize.rank", "extract.conv_rank"),
+        _or_null(_at_least(1)),
+        "a rank, at least 1, e.g. 16, or null",
+    ),
     (("extract.rank",), _at_least(1), "a rank, at least 1, e.g. 32"),
     (("merge.inputs[*].weight",), math.isfinite, "a finite weight, e.g. 1.0 (negative subtracts)"),
     (("extract.energy", "resize.energy"), _or_null(lambda v: 0 < v <= 1), "a share in (0, 1], e.g. 0.9, or null"),

@@ -92,9 +92,10 @@ def adapter_path(path: Path) -> Path:
             if inside.exists():
                 return adapter_path(inside)
         raise ConfigError(f"{path}: a tuner run with no adapter export (diffusers/, peft/ or kohya/)")
-    if any((path / c / "adapter_config.json").is_file() for c in DIFFUSERS_COMPONENTS) or (
-        path / "adapter_config.json"
-    ).is_file():
+    if (
+        any((path / c / "adapter_config.json").is_file() for c in DIFFUSERS_COMPONENTS)
+        or (path / "adapter_config.json").is_file()
+    ):
         return path
     files = sorted(path.glob("*.safetensors"))
     if len(files) == 1:
@@ -218,7 +219,8 @@ def _modules(path: Path, shapes: dict, alphas: dict, style: str | None, configs:
             b = shapes[name + up]
             if len(shape) not in (2, 4) or len(b) != len(shape) or b[1] != shape[0] or shape[0] == 0:
                 raise ConfigError(
-                    f"{path}: {name}: down {shape} and up {b} do not form a LoRA (down is (rank, in), up is (out, rank))"
+                    f"{path}: {name}: down {shape} and up {b} do not form a LoRA "
+                    "(down is (rank, in), up is (out, rank))"
                 )
             component, inner = _split(name, style)
             config = configs.get(name.split(".")[0], {})
@@ -236,7 +238,9 @@ def _modules(path: Path, shapes: dict, alphas: dict, style: str | None, configs:
             name = key[: -len(suffix)]
             component, _ = _split(name, style)
             ranked = shapes.get(f"{name}.{names[0]}") or shapes.get(f"{name}.lokr_w1_b")
-            modules[name] = Module(name, component, kind, ranked[0] if ranked else None, alphas.get(f"{name}.alpha"), ())
+            modules[name] = Module(
+                name, component, kind, ranked[0] if ranked else None, alphas.get(f"{name}.alpha"), ()
+            )
     ups = {name + up for name in modules for _, up in LORA_PAIRS}
     for key in shapes:
         if any(key.endswith(up) for _, up in LORA_PAIRS) and key not in ups:
@@ -262,7 +266,9 @@ def _describe_peft(folder: Path) -> Described:
             m.kind = "dora" if config.get("use_dora") else peft_type
             m.name = f"{component}.{m.name}" if component else m.name
             default_alpha = config.get("lora_alpha", config.get("alpha", m.rank))
-            m.alpha = float(_pattern_value(name.removeprefix("base_model.model."), config.get("alpha_pattern"), default_alpha))
+            m.alpha = float(
+                _pattern_value(name.removeprefix("base_model.model."), config.get("alpha_pattern"), default_alpha)
+            )
             modules[m.name] = m
             kinds.add(m.kind)
     if not modules:
@@ -318,7 +324,10 @@ def _triggers(described: Described, source: Path) -> list[str]:
     for tags in frequency.values() if isinstance(frequency, dict) else ():
         counts.update({t: n for t, n in tags.items() if isinstance(n, int)} if isinstance(tags, dict) else {})
     out += [tag for tag, _ in counts.most_common(5)]
-    run = next((p for p in [source, *source.parents][:4] if (p / "config.yaml").is_file() and (p / "summary.json").is_file()), None)
+    run = next(
+        (p for p in [source, *source.parents][:4] if (p / "config.yaml").is_file() and (p / "summary.json").is_file()),
+        None,
+    )
     if run is not None:
         from omegaconf import OmegaConf
 

@@ -391,6 +391,9 @@ def install_lora(module: torch.nn.Module, factors: dict, adapter_name: str = "de
             layer = layers[name]
             a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
             if a.shape != f.down.shape or b.shape != f.up.shape:
-                raise ValueError(f"{name}: factors {tuple(f.down.shape)} / {tuple(f.up.shape)} do not fit {tuple(a.shape)} / {tuple(b.shape)}")
+                raise ValueError(
+                    f"{name}: factors {tuple(f.down.shape)} / {tuple(f.up.shape)} do not fit "
+                    f"{tuple(a.shape)} / {tuple(b.shape)}"
+                )
             a.copy_(f.down)
             b.copy_(f.up)

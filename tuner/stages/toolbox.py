@@ -80,8 +80,12 @@ def _check_formats(cfg, parts: set[str]) -> None:
 def _check_merge(cfg) -> None:
     m = cfg.merge
     if not m.inputs:
-        raise ConfigError("merge.inputs is empty: 'merge.inputs=[{path: A.safetensors, weight: 1.0}, {path: B, weight: 0.5}]'")
-    described = [_check_input(cfg, ref.path, f"merge.inputs[{i}]", ("lora", "loha", "lokr")) for i, ref in enumerate(m.inputs)]
+        raise ConfigError(
+            "merge.inputs is empty: 'merge.inputs=[{path: A.safetensors, weight: 1.0}, {path: B, weight: 0.5}]'"
+        )
+    described = [
+        _check_input(cfg, ref.path, f"merge.inputs[{i}]", ("lora", "loha", "lokr")) for i, ref in enumerate(m.inputs)
+    ]
     for i, d in enumerate(described):
         if d.kind != "lora" and m.rank is None:
             raise ConfigError(
@@ -101,7 +105,9 @@ def _check_merge(cfg) -> None:
 def _check_extract(cfg) -> None:
     e = cfg.extract
     if not e.tuned:
-        raise ConfigError("extract.tuned is not set: pass the fine-tuned model (a diffusers folder or a .safetensors file)")
+        raise ConfigError(
+            "extract.tuned is not set: pass the fine-tuned model (a diffusers folder or a .safetensors file)"
+        )
     tuned = Path(e.tuned).expanduser()
     if not tuned.exists():
         raise ConfigError(f"extract.tuned={e.tuned}: no such file or folder")
@@ -122,7 +128,9 @@ def _check_inspect(cfg) -> None:
     try:
         describe(Path(cfg.checkpoint or ""))
     except ConfigError as e:
-        raise ConfigError(f"checkpoint: {e}" if cfg.checkpoint else "checkpoint= is not set: pass the adapter to inspect") from None
+        raise ConfigError(
+            f"checkpoint: {e}" if cfg.checkpoint else "checkpoint= is not set: pass the adapter to inspect"
+        ) from None
 
 
 # ---------------------------------------------------------------- the live adapters
@@ -192,7 +200,9 @@ class Gallery:
             _activate(self.run, adapter)
         seeds = list(s.seeds)
         every = [p for p in self.prompts for _ in seeds]
-        images = self.run.sample(every, seeds * len(self.prompts), s.steps, s.guidance_scale, f"gallery ({label})", pipe)
+        images = self.run.sample(
+            every, seeds * len(self.prompts), s.steps, s.guidance_scale, f"gallery ({label})", pipe
+        )
         for k, prompt in enumerate(self.prompts):
             self.rows.append((k, f"{label}: {prompt}", images[k * len(seeds) : (k + 1) * len(seeds)]))
 
@@ -260,7 +270,7 @@ def merge(run: Run) -> Adapted:
         names.append(path.name if path.is_file() else "/".join(path.parts[-2:]))
     gallery = Gallery(run, triggers)
     gallery.add("base")
-    for i, ref in enumerate(m.inputs):
+    for i in range(len(m.inputs)):
         gallery.add(f"{names[i]}", f"input_{i}")
     results, rows = {}, []
     layers = _layers(run)
@@ -285,7 +295,11 @@ def merge(run: Run) -> Adapted:
     weights = ", ".join(f"{n} x {ref.weight:g}" for n, ref in zip(names, m.inputs))
     if not rows:
         raise ConfigError("merge: the inputs put no LoRA module on this base")
-    summary = _cut_summary(rows) if m.rank is not None else {"modules": len(rows), "rank": {"max": max(r["rank"] for r in rows)}}
+    summary = (
+        _cut_summary(rows)
+        if m.rank is not None
+        else {"modules": len(rows), "rank": {"max": max(r["rank"] for r in rows)}}
+    )
     _report(run, "merge", {"inputs": [{"path": r.path, "weight": r.weight} for r in m.inputs], **summary}, rows)
     if m.into_base:
         _fuse(run)
@@ -404,7 +418,10 @@ def extract(run: Run) -> Adapted:
         "(extract.json lists both).",
     ]
     run.results[Made] = Made(
-        "extracted by tuner from a fine-tuned model", tuple(lines), (), "The base, the fine-tuned model, and the extracted LoRA, same prompts and seeds:"
+        "extracted by tuner from a fine-tuned model",
+        tuple(lines),
+        (),
+        "The base, the fine-tuned model, and the extracted LoRA, same prompts and seeds:",
     )
     print(
         f"[tuner] extract: {len(rows)} modules, {len(skipped)} below the threshold, {len(unheld)} changed tensors "
@@ -422,7 +439,12 @@ def _changed_elsewhere(component: str, base, tuned, held: set[str]) -> list[dict
         if key in held or key not in theirs or theirs[key].shape != value.shape:
             continue
         if not torch.equal(theirs[key].to(value.device, value.dtype), value):
-            out.append({"tensor": f"{component}.{key}", "not_held": "a LoRA holds weight differences of linear and convolution layers"})
+            out.append(
+                {
+                    "tensor": f"{component}.{key}",
+                    "not_held": "a LoRA holds weight differences of linear and convolution layers",
+                }
+            )
     return out
 
 
@@ -459,7 +481,10 @@ def resize(run: Run) -> Adapted:
     asked = " and ".join(x for x in (f"rank {r.rank}" if r.rank else "", f"energy {r.energy}" if r.energy else "") if x)
     lines = [f"`{path.name}` resized ({asked}) by each module's singular values.", "", *_cut_lines(summary)]
     run.results[Made] = Made(
-        "resized by tuner", tuple(lines), tuple(triggers), "The base, the input LoRA, and the resized one, same prompts and seeds:"
+        "resized by tuner",
+        tuple(lines),
+        tuple(triggers),
+        "The base, the input LoRA, and the resized one, same prompts and seeds:",
     )
     print(f"[tuner] resize: {len(rows)} modules; kept energy per module in {run.dir / 'resize.json'}", flush=True)
     return Adapted(None, tuple(loaded.tokens), base_weights_changed=bool(loaded.tokens))
@@ -485,7 +510,17 @@ def inspect(run: Run) -> None:
         "alphas": dict(sorted(_tally(m.alpha for m in d.modules.values()).items(), key=lambda kv: str(kv[0]))),
         "triggers": d.triggers,
         "metadata": {k: (v if len(v) <= 2000 else v[:2000] + "...") for k, v in d.metadata.items()},
-        "modules": [{"module": m.name, "component": m.component, "kind": m.kind, "rank": m.rank, "alpha": m.alpha, "shape": list(m.shape)} for m in d.modules.values()],
+        "modules": [
+            {
+                "module": m.name,
+                "component": m.component,
+                "kind": m.kind,
+                "rank": m.rank,
+                "alpha": m.alpha,
+                "shape": list(m.shape),
+            }
+            for m in d.modules.values()
+        ],
     }
     if run.cfg.model.path or run.cfg.model.builtin:
         from tuner.stages.base import base as base_stage
@@ -540,7 +575,10 @@ def _inspect_text(report: dict) -> str:
             lines.append(f"on the base  does not load: {n['error']}")
         else:
             missing = n["modules"] - n["landed"]
-            lines.append(f"on the base  {n['landed']} of {n['modules']} modules load" + (f"; not: {', '.join(n['keys'][:8])}" if missing else ""))
+            lines.append(
+                f"on the base  {n['landed']} of {n['modules']} modules load"
+                + (f"; not: {', '.join(n['keys'][:8])}" if missing else "")
+            )
     return "\n".join(lines)
 
 
@@ -557,7 +595,9 @@ def _inspect_card(report: dict) -> str:
     ]
     n = report.get("not_loading")
     if n:
-        said = n["error"] or f"{n['landed']} of {n['modules']} modules load" + (f"; not: {', '.join(n['keys'])}" if n["keys"] else "")
+        said = n["error"] or f"{n['landed']} of {n['modules']} modules load" + (
+            f"; not: {', '.join(n['keys'])}" if n["keys"] else ""
+        )
         lines.append(f"| on `{Path(report['base']).name}` | {said} |")
         if not n["error"]:
             lines += ["", "The base without and with it, same prompts and seeds:", "", "![gallery](gallery/grid.png)"]
