@@ -164,6 +164,27 @@ def test_a_convolution_difference_is_cut_as_a_kernel_and_rebuilt_exactly_at_its_
     assert cut.rank_before == 2 and cut.energy == pytest.approx(1.0)
 
 
+def test_a_randomized_cut_of_a_large_difference_is_near_optimal_and_reports_its_own_error_exactly():
+    """Above 2 x (rank + 16) columns a fixed-rank cut uses a randomized SVD: its error is within 1% of the best
+    possible (the discarded singular values of a full SVD), and the energy and error it reports are those of
+    the factors it returns."""
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(300, 300))
+    v, _ = torch.linalg.qr(torch.randn(200, 200))
+    spectrum = 0.8 ** torch.arange(200.0)  # a decaying spectrum, as fine-tuning differences have
+    delta = (u[:, :200] * spectrum) @ v.T
+    cut = cut_delta(delta, rank=8)
+    best = float((spectrum[8:] ** 2).sum().sqrt())
+    actual = float((delta - cut.factors.delta()).norm())
+    assert best <= actual <= best * 1.01
+    assert cut.error == pytest.approx(actual, rel=1e-4)
+    assert cut.energy == pytest.approx(1 - actual**2 / float(delta.norm()) ** 2, abs=1e-6)
+    assert cut.rank_before is None  # a randomized SVD does not see the whole spectrum
+    known = Factors(torch.randn(5, 200), torch.randn(300, 5))
+    again = cut_delta(known.delta(), rank=5)
+    assert again.rank_before == 5 and (again.factors.delta() - known.delta()).abs().max() < 1e-4
+
+
 # ---------------------------------------------------------------- merge
 
 

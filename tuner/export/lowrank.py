@@ -91,20 +91,24 @@ def _rank_for(s: torch.Tensor, rank: int | None, energy: float | None) -> int:
     return max(1, count)
 
 
-def _cut(u, s, vh, rank: int | None, energy: float | None, shape, kernel) -> Cut:
+def _cut(u, s, vh, rank: int | None, energy: float | None, shape, kernel, total: float | None = None) -> Cut:
+    """Keep the leading singular triplets; ``total``: the difference's squared norm, when ``s`` holds only the
+    leading values (a randomized SVD), else their sum of squares."""
     r = _rank_for(s, rank, energy)
     power = s.double() ** 2
-    total = float(power.sum())
+    complete = total is None
+    total = float(power.sum()) if complete else total
     kept = float(power[:r].sum())
     root = s[:r].sqrt()  # the singular values split evenly between the halves: neither half dwarfs the other
     up = (u[:, :r] * root).float()
     down = (root[:, None] * vh[:r]).float()
-    out = shape[0]
-    factors = Factors(down.reshape(r, *shape[1:]), up.reshape(out, r, *([1] * len(kernel))))
+    factors = Factors(down.reshape(r, *shape[1:]), up.reshape(shape[0], r, *([1] * len(kernel))))
+    significant = int((s > s[0] * 1e-5).sum()) if len(s) and s[0] > 0 else 0
     return Cut(
         factors,
-        rank_before=int((s > s[0] * 1e-7).sum()) if len(s) and s[0] > 0 else 0,
-        energy=kept / total if total > 0 else 1.0,
+        # a randomized SVD sees only its leading values: all of them significant, the rank is more (None)
+        rank_before=significant if complete or significant < len(s) else None,
+        energy=min(kept / total, 1.0) if total > 0 else 1.0,
         error=max(total - kept, 0.0) ** 0.5,
         norm=total**0.5,
     )
@@ -117,10 +121,26 @@ def cut_factors(f: Factors, rank: int | None = None, energy: float | None = None
     return _cut(u, s, vh, rank, energy, _delta_shape(f), f.down.shape[2:])
 
 
+# a randomized SVD looks at this many more directions than it keeps, with this many power iterations
+OVERSAMPLE, POWER_ITERATIONS = 16, 4
+
+
 def cut_delta(delta: torch.Tensor, rank: int | None = None, energy: float | None = None) -> Cut:
     """A weight difference (a linear layer's ``(out, in)`` or a convolution's ``(out, in, k, k)``) as a LoRA of
-    ``rank`` (or by ``energy``), by truncated SVD of the difference flattened to ``(out, in * k * k)``."""
-    flat = delta.detach().flatten(1)
-    work = flat.double() if flat.device.type == "cpu" else flat.float()
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    ``rank`` (or by ``energy``), by truncated SVD of the difference flattened to ``(out, in * k * k)``.
+
+    At a fixed rank well below the matrix's, a randomized SVD (Halko et al.; ``torch.svd_lowrank``, seeded)
+    finds the leading directions at a fraction of a full SVD's cost (30 to 50 times less at SD widths); the
+    energy and error it reports are exact for the factors it returns, as the squared norm of the difference is
+    computed whole. By energy the whole spectrum is needed: a full SVD.
+    """
+    flat = delta.detach().flatten(1).float()
+    small = min(flat.shape)
+    if energy is None and rank is not None and rank + OVERSAMPLE < small // 2:
+        with torch.random.fork_rng(devices=[flat.device] if flat.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(flat, q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
+        total = float(flat.double().pow(2).sum())
+        return _cut(u, s, v.T, rank, None, tuple(delta.shape), delta.shape[2:], total)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
     return _cut(u, s, vh, rank, energy, tuple(delta.shape), delta.shape[2:])

@@ -328,20 +328,19 @@ def _fuse(run: Run) -> None:
 # ---------------------------------------------------------------- extract
 
 
-def _targets(run: Run, component: str, module: torch.nn.Module) -> list[str]:
-    """The modules of ``component`` a LoRA may go into: the denoiser's by ``extract.targets`` (the adapter
-    presets), the text encoders' linear layers."""
+def extract_targets(family, targets: str, module: torch.nn.Module, denoiser: bool) -> list[str]:
+    """The modules a LoRA may go into: a denoiser's by ``targets`` (the adapter presets: attn, attn_ff,
+    all_linear, locon), every linear layer of a text encoder."""
     import re
 
-    family, e = run.family, run.cfg.extract
-    if component != run.components.denoiser_name:
+    if not denoiser:
         return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
     exclude = re.compile(family.TARGETS_EXCLUDE) if family.TARGETS_EXCLUDE else None
-    if e.targets in family.TARGETS:
-        suffixes = tuple(family.TARGETS[e.targets])
+    if targets in family.TARGETS:
+        suffixes = tuple(family.TARGETS[targets])
         names = [n for n, _ in module.named_modules() if n in suffixes or n.endswith(tuple("." + s for s in suffixes))]
     else:
-        kinds = (torch.nn.Linear,) if e.targets == "all_linear" else (torch.nn.Linear, torch.nn.Conv2d)
+        kinds = (torch.nn.Linear,) if targets == "all_linear" else (torch.nn.Linear, torch.nn.Conv2d)
         names = [n for n, m in module.named_modules() if n.startswith(family.BLOCKS) and isinstance(m, kinds)]
     return [n for n in names if not (exclude and exclude.fullmatch(n))]
 
@@ -367,7 +366,7 @@ def extract(run: Run) -> Adapted:
         if component != c.denoiser_name and not e.text_encoders:
             continue
         other = tuned_modules[component]
-        targets = _targets(run, component, module)
+        targets = extract_targets(run.family, e.targets, module, component == c.denoiser_name)
         held = set()
         for name in tqdm(targets, desc=f"extract {component}", leave=False):
             base_w = module.get_submodule(name).weight

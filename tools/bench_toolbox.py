@@ -1,0 +1,99 @@
+"""How long the LoRA toolbox's arithmetic takes at the real models' widths, on this machine.
+
+    python tools/bench_toolbox.py                          # sd15, sdxl (every family with --family all)
+    python tools/bench_toolbox.py --family flux --rank 32  # one family
+
+For each family the denoiser (and the text encoders recipe=lora_extract reads) is built on the meta device at
+its real widths and depth (tools/bench_memory.py's builders: no memory, no weights), and the modules
+``extract.targets=locon`` puts a LoRA into are listed. Each distinct weight shape is timed once on random
+tensors, then counted as often as it occurs:
+
+- extract: the truncated SVD of a whole difference of that shape (``lowrank.cut_delta``), the heavy part of
+  lora_extract (loading the two models and writing the files come on top);
+- merge / resize: a rank-64 LoRA (two rank-32 inputs stacked) cut to --rank from its factors
+  (``lowrank.cut_factors``), what lora_merge with merge.rank and lora_resize do per module.
+
+The table's totals are estimates (the sum over shapes of one timing times the count), printed with the
+number of modules and of distinct shapes. On a GPU (CUDA present) the SVDs run there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+
+from bench_memory import _clip, _flux, _sd3, _unet_sd15, _unet_sdxl  # tools/ is this script's folder
+
+from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack
+from tuner.models import get_family
+from tuner.stages.toolbox import extract_targets
+
+FAMILIES = {
+    "sd15": (lambda: _unet_sd15(None), lambda: [_clip(768, 12, 12)]),
+    "sdxl": (lambda: _unet_sdxl(10), lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True)]),
+    "flux": (lambda: _flux(19), lambda: [_clip(768, 12, 12)]),
+    "sd3": (lambda: _sd3(24), lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True)]),
+}
+
+
+def shapes(name: str) -> Counter:
+    """The weight shapes of every module lora_extract reads (locon targets, text encoders' linear layers)."""
+    family = get_family(name)
+    build, encoders = FAMILIES[name]
+    with torch.device("meta"):
+        modules = [(build(), True)] + [(e, False) for e in encoders()]
+    found = Counter()
+    for module, denoiser in modules:
+        for target in extract_targets(family, "locon", module, denoiser):
+            found[tuple(module.get_submodule(target).weight.shape)] += 1
+    return found
+
+
+def timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="sd15,sdxl", help="comma-separated, or all")
+    parser.add_argument("--rank", type=int, default=32)
+    args = parser.parse_args()
+    names = list(FAMILIES) if args.family == "all" else args.family.split(",")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    print(f"| family | modules | shapes | extract at rank {args.rank} (s) | merge/resize to rank {args.rank} (s) |")
+    print("|---|---|---|---|---|")
+    for name in names:
+        found = shapes(name)
+        extract = merge = 0.0
+        for shape, count in found.items():
+            delta = torch.randn(shape, device=device)
+            extract += count * timed(lambda: cut_delta(delta, args.rank), device)
+            out, inner = shape[0], shape[1:]
+            parts = [
+                (
+                    Factors(
+                        torch.randn(32, *inner, device=device),
+                        torch.randn(out, 32, *[1] * (len(shape) - 2), device=device),
+                    ),
+                    1.0,
+                )
+                for _ in range(2)
+            ]
+            stacked = stack(parts)
+            merge += count * timed(lambda: cut_factors(stacked, args.rank), device)
+        print(f"| {name} | {sum(found.values())} | {len(found)} | {extract:.1f} | {merge:.1f} |", flush=True)
+    print(f"\n{device}: {torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
