@@ -24,7 +24,6 @@ import time
 from collections import Counter
 
 import torch
-
 from bench_memory import _clip, _flux, _sd3, _unet_sd15, _unet_sdxl  # tools/ is this script's folder
 
 from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack
@@ -77,7 +76,7 @@ def main() -> None:
         extract = merge = 0.0
         for shape, count in found.items():
             delta = torch.randn(shape, device=device)
-            extract += count * timed(lambda: cut_delta(delta, args.rank), device)
+            extract += count * timed(lambda d=delta: cut_delta(d, args.rank), device)
             out, inner = shape[0], shape[1:]
             parts = [
                 (
@@ -90,7 +89,7 @@ def main() -> None:
                 for _ in range(2)
             ]
             stacked = stack(parts)
-            merge += count * timed(lambda: cut_factors(stacked, args.rank), device)
+            merge += count * timed(lambda f=stacked: cut_factors(f, args.rank), device)
         print(f"| {name} | {sum(found.values())} | {len(found)} | {extract:.1f} | {merge:.1f} |", flush=True)
     print(f"\n{device}: {torch.get_num_threads()} threads, torch {torch.__version__}")
 

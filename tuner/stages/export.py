@@ -188,7 +188,8 @@ def export(run: Run) -> Exported:
     info = _export_info(run, trained, name, trained_here=what is not None)
     made = run.results.get(Made)
     if made is not None:  # a LoRA toolbox recipe: what it was made from
-        info.update(description=made.description, made=list(made.lines), gallery=made.gallery)
+        # (the training settings of the run an input came from stay; its rank and alpha are no longer this one's)
+        info.update(description=made.description, made=list(made.lines), gallery=made.gallery, rank=None, alpha=None)
         info["trigger"] = ", ".join(made.triggers) or None
     metadata = training_metadata(info)
 

@@ -30,6 +30,7 @@ from tuner.export import formats
 from tuner.export.gallery import write_gallery
 from tuner.export.inspection import Described, describe
 from tuner.export.lowrank import Cut, Factors, cut_delta, cut_factors, stack
+from tuner.export.reading import check_header
 from tuner.export.tensors import install_lora, layer_factors, tuner_layers, unwrap
 from tuner.files import write_atomic
 from tuner.models import get_family
@@ -113,6 +114,8 @@ def _check_extract(cfg) -> None:
         raise ConfigError(f"extract.tuned={e.tuned}: no such file or folder")
     if tuned.is_dir():
         get_family(cfg.model.family, cfg.model).check_folder(tuned, cfg.model.allow_pickle)
+    else:
+        check_header(tuned, "a fine-tuned model")
     _check_formats(cfg, {"lora"})
 
 
@@ -125,12 +128,12 @@ def _check_resize(cfg) -> None:
 
 
 def _check_inspect(cfg) -> None:
+    if not cfg.checkpoint:
+        raise ConfigError("checkpoint= is not set: pass the adapter to inspect (a file, an export or a run folder)")
     try:
-        describe(Path(cfg.checkpoint or ""))
+        describe(Path(cfg.checkpoint))
     except ConfigError as e:
-        raise ConfigError(
-            f"checkpoint: {e}" if cfg.checkpoint else "checkpoint= is not set: pass the adapter to inspect"
-        ) from None
+        raise ConfigError(f"checkpoint: {e}") from None
 
 
 # ---------------------------------------------------------------- the live adapters
@@ -363,9 +366,10 @@ def extract(run: Run) -> Adapted:
     results, rows, skipped, unheld = {}, [], [], []
     device = run.accelerator.device
     for component, module in c.trainable().items():
-        if component != c.denoiser_name and not e.text_encoders:
-            continue
         other = tuned_modules[component]
+        if component != c.denoiser_name and (not e.text_encoders or component not in run.family.LORA_TEXT_ENCODERS):
+            unheld += _changed_elsewhere(component, module, other, set())  # (Flux's and SD3's T5 takes no LoRA)
+            continue
         targets = extract_targets(run.family, e.targets, module, component == c.denoiser_name)
         held = set()
         for name in tqdm(targets, desc=f"extract {component}", leave=False):
