@@ -238,9 +238,7 @@ def test_merge_at_a_rank_loses_exactly_the_discarded_singular_values(tmp_path, l
         s = torch.linalg.svdvals(exact.flatten(1).double())
         discarded = float((s[2:] ** 2).sum().sqrt())
         assert float((got - exact).norm()) == pytest.approx(discarded, rel=1e-3, abs=1e-6), name
-        assert report[name.replace("unet.", "unet.", 1)]["energy"] == pytest.approx(
-            float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-4
-        )
+        assert report[name]["energy"] == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-4)
 
 
 def test_merge_into_base_writes_the_base_with_the_merge_fused_in(tmp_path, loras):
@@ -428,8 +426,10 @@ def _fake(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
 @pytest.mark.parametrize(
     "keys,said",
     [
+        ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048),
+          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": (640, 4)}, "a LoRA for sdxl"),
         ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 32),
-          "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": (32, 4)}, "a LoRA for sdxl"),
+          "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": (32, 4)}, "a LoRA for sdxl or"),
         ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (4, 32),
           "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": (96, 4)}, "a LoRA for flux"),
         ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "no LoRA, LoHa or LoKr keys"),
@@ -443,9 +443,10 @@ def _fake(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
     ],
 )  # fmt: skip
 @pytest.mark.parametrize("recipe", ["lora_merge", "lora_resize"])
-def test_bad_inputs_are_refused_by_name_before_anything_is_written(tmp_path, tiny, keys, said, recipe):
-    from tuner.checks import validate
-    from tuner.compose import compose
+def test_bad_inputs_are_refused_by_name_before_anything_is_written(tmp_path, tiny, keys, said, recipe, capsys):
+    """Through the command line's own path (compose, check, run): exit code 2, the file and the fault named,
+    no run folder."""
+    from tuner.__main__ import main
 
     bad = _fake(tmp_path / "bad.safetensors", keys)
     where = (
@@ -453,11 +454,43 @@ def test_bad_inputs_are_refused_by_name_before_anything_is_written(tmp_path, tin
         if recipe == "lora_merge"
         else [f"checkpoint={bad}", "resize.rank=2"]
     )
-    cfg = compose(recipe, [f"model.path={tiny('sd15')}", f"output_dir={tmp_path / 'out'}", *where])
-    with pytest.raises(ConfigError) as refused:
-        validate(cfg)
-    assert str(bad) in str(refused.value) and said in str(refused.value)
+    assert main([f"recipe={recipe}", f"model.path={tiny('sd15')}", f"output_dir={tmp_path / 'out'}", *where]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and said in err
     assert not (tmp_path / "out").exists()
+
+
+# (keys: shapes) of LoRA files at the real models' widths, in each key style; the family inspect must name
+REAL_WIDTHS = [
+    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (4, 768)}, "sd15"),
+    ({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (4, 768)}, "sd15"),  # original (LDM) names
+    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (4, 1024)}, "sd2"),
+    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (4, 2048)}, "sdxl"),
+    ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (4, 1280),
+      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (4, 640)}, "sdxl"),
+    ({"transformer.transformer_blocks.0.attn.to_q": (4, 3072)}, "flux"),
+    ({"lora_unet_double_blocks_0_img_attn_qkv": (4, 3072)}, "flux"),
+    ({"lora_transformer_single_transformer_blocks_0_attn_to_q": (4, 3072)}, "flux"),
+    ({"diffusion_model.double_blocks.0.img_attn.qkv": (4, 3072)}, "flux"),  # ComfyUI's own keys
+    ({"lora_unet_joint_blocks_0_x_block_attn_qkv": (4, 1536), "lora_unet_x_embedder_proj": (4, 64)}, "sd3"),
+    ({"transformer.transformer_blocks.0.attn.to_q": (4, 1536)}, "sd3"),
+    ({"transformer.transformer_blocks.0.attn.to_q": (4, 2432)}, "sd3"),  # SD3.5 Large
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("modules,family", REAL_WIDTHS)
+def test_the_family_of_a_real_width_file_is_named_from_its_header(tmp_path, modules, family):
+    from tuner.export.inspection import describe
+
+    state = {}
+    for name, (rank, width) in modules.items():
+        kohya = name.startswith("lora_")
+        down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
+        state |= {name + down: torch.zeros(rank, width), name + up: torch.zeros(8, rank)}
+    path = tmp_path / "lora.safetensors"
+    save_file(state, path)
+    described = describe(path)
+    assert described.families == (family,), described.evidence
 
 
 def test_a_pickle_and_an_embedding_are_refused_as_merge_inputs(tmp_path, tiny):
@@ -474,9 +507,10 @@ def test_a_pickle_and_an_embedding_are_refused_as_merge_inputs(tmp_path, tiny):
         )
         with pytest.raises(ConfigError, match=said):
             validate(cfg)
-    cfg = compose(
-        "lora_resize", [f"model.path={tiny('sd15')}", f"checkpoint={embedding}", f"output_dir={tmp_path / 'o'}"]
-    )
+    cfg = compose("lora_resize", [f"model.path={tiny('sd15')}", f"checkpoint={embedding}", "resize.rank=2"])
+    with pytest.raises(ConfigError, match="an embedding"):
+        validate(cfg)
+    cfg = compose("lora_resize", [f"model.path={tiny('sd15')}", f"checkpoint={embedding}"])
     with pytest.raises(ConfigError, match="resize.rank=R"):
         validate(cfg)
 
@@ -606,3 +640,15 @@ def test_the_toolbox_from_the_command_line_on_trained_runs(tmp_path, tiny):
         "recipe=lora_merge", f"model.path={base}", f"output_dir={tmp_path / 'x'}", home=home, cwd=tmp_path
     )
     assert refused.returncode == 2 and "merge.inputs is empty" in refused.stderr and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("other", ["sd2", "sdxl"])
+def test_extract_refuses_a_fine_tune_of_another_model_before_anything_loads(tmp_path, tiny, other):
+    """A fine-tune of another family (SDXL: another pipeline class) or of another model of the same pipeline class
+    (SD2 beside SD1.5: other widths) is refused by extract.tuned's name when the config is checked."""
+    from tuner.checks import validate
+    from tuner.compose import compose
+
+    cfg = compose("lora_extract", [f"model.path={tiny('sd15')}", f"extract.tuned={tiny(other)}"])
+    with pytest.raises(ConfigError, match=r"extract\.tuned"):
+        validate(cfg)

@@ -28,21 +28,29 @@ from tuner.export.reading import LORA_PAIRS, check_header
 # kohya's key prefixes -> the diffusers component they name
 KOHYA_COMPONENTS = {
     "lora_unet": "denoiser",
+    "lora_transformer": "denoiser",  # diffusers' and some trainers' Flux files
     "lora_te": "text_encoder",
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
     "lora_te3": "text_encoder_3",
 }
 DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+COMFYUI_PREFIX = "diffusion_model."  # ComfyUI's own LoRA files: the denoiser's modules by their original names
 # LyCORIS' LoHa and LoKr tensors, by the key suffix; the first of each kind's names its rank (the inner dimension)
 LYCORIS = {"loha": ("hada_w1_b", "hada_w1_a", "hada_w2_a", "hada_w2_b"), "lokr": ("lokr_w2_b", "lokr_w1", "lokr_w2")}
-# names only one family's modules have (module names with "." and "_" alike)
+# names only one family's modules have (module names with "." and "_" alike), SD3's before Flux's (both have an
+# x_embedder, with other names beside it)
 SIGNS = (
-    ("flux", r"single_transformer_blocks|single_blocks_|double_blocks_|x_embedder|guidance_embedder|img_attn|proj_mlp"),
-    ("sd3", r"joint_blocks|context_block|x_block_|pos_embed|lora_te3|text_encoder_3"),
-    ("sdxl", r"text_encoder_2|lora_te2|input_blocks|output_blocks|middle_block|add_embedding"),
+    ("sd3", r"joint_blocks|context_block|x_block_|pos_embed|text_encoder_3"),
+    ("flux", r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"),
 )
-WIDTHS = {"flux": {3072}, "sd3": {1536, 2432}, "sdxl": {2048}, "sd15": {768}, "sd2": {1024}}
+# how a denoiser module's name starts (the file's prefix taken off): a transformer's, a U-Net's
+TRANSFORMER_NAMES = (
+    r"^(transformer_blocks|single_transformer_blocks|joint_blocks|double_blocks|single_blocks|x_embedder|"
+    r"context_embedder|time_text_embed|pos_embed|final_layer)"
+)
+UNET_NAMES = r"^(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block|conv_in|time_embedding)"
+WIDTHS = {"sd15": {768}, "sd2": {1024}, "sdxl": {2048}, "flux": {3072}, "sd3": {1536, 2432}}
 
 
 @dataclass
@@ -141,6 +149,8 @@ def _describe_file(path: Path, shapes: dict, metadata: dict, alphas: dict) -> De
     keys = list(shapes)
     if all(k.startswith(tuple(f"{p}_" for p in KOHYA_COMPONENTS)) or k.endswith(".alpha") for k in keys):
         style = "kohya"
+    elif all(k.startswith(COMFYUI_PREFIX) for k in keys):
+        style = "comfyui"
     elif all(k.split(".")[0] in DIFFUSERS_COMPONENTS for k in keys):
         style = "diffusers"
     elif all(k.startswith("base_model.model.") for k in keys):
@@ -157,10 +167,12 @@ def _describe_file(path: Path, shapes: dict, metadata: dict, alphas: dict) -> De
             "is it a whole model rather than an adapter?"
         )
     if style is None:
-        stray = next(k for k in keys if not (k.startswith("lora_") or k.split(".")[0] in DIFFUSERS_COMPONENTS))
+        known = (*(f"{p}_" for p in KOHYA_COMPONENTS), *(f"{c}." for c in DIFFUSERS_COMPONENTS), COMFYUI_PREFIX)
+        stray = next((k for k in keys if not k.startswith(known)), keys[0])
         raise ConfigError(
-            f"{path}: an unknown adapter format: its keys mix styles ({stray} is neither kohya's lora_unet_/lora_te "
-            "nor diffusers' unet./transformer./text_encoder. key); loaders would skip part of it"
+            f"{path}: an unknown adapter format: its keys are in no one known style ({stray} is not a kohya "
+            "lora_unet_/lora_te key, a diffusers unet./transformer./text_encoder. key or a ComfyUI diffusion_model. "
+            "key, or the file mixes them); loaders would skip part of it"
         )
     kinds = {m.kind for m in modules.values()}
     return Described(path, style, _one_kind(path, kinds), modules, metadata=metadata)
@@ -200,6 +212,8 @@ def _split(key: str, style: str | None) -> tuple[str, str]:
     if style == "kohya":
         prefix = next(p for p in sorted(KOHYA_COMPONENTS, key=len, reverse=True) if key.startswith(p + "_"))
         return KOHYA_COMPONENTS[prefix], key[len(prefix) + 1 :]
+    if style == "comfyui":
+        return "denoiser", key.removeprefix(COMFYUI_PREFIX)
     if style == "peft":
         return "", key.removeprefix("base_model.model.")
     component, _, name = key.partition(".")
@@ -277,33 +291,60 @@ def _describe_peft(folder: Path) -> Described:
 
 
 def families_of(modules: dict[str, Module]) -> tuple[tuple[str, ...], str]:
-    """The families a file's modules may be for, and why (see the module's docstring)."""
-    text = " ".join(m.name.replace(".", "_") for m in modules.values())
-    transformer = any(m.name.startswith("transformer.") for m in modules.values())
-    unet = any(m.name.startswith("unet.") for m in modules.values())
-    candidates = ("flux", "sd3") if transformer else ("sd15", "sd2", "sdxl") if unet else tuple(WIDTHS)
+    """The families a file's modules may be for, and why: the candidates narrowed by the kind of denoiser its
+    names show (U-Net or transformer), by names only one family has, then by widths (see the module's
+    docstring). A file that narrows to none (contradicting names) leaves every family possible."""
+    every = tuple(WIDTHS)
+    names = [m.name.replace(".", "_") for m in modules.values()]
+    text = " ".join(names)
+    candidates, why = set(every), []
+    denoiser = [_inner(m) for m in modules.values() if m.component == "denoiser"]
+    if any(re.search(TRANSFORMER_NAMES, n) for n in denoiser) or any(
+        m.name.startswith("transformer.") for m in modules.values()
+    ):
+        candidates &= {"flux", "sd3"}
+        why.append("a transformer")
+    elif any(re.search(UNET_NAMES, n) for n in denoiser):
+        candidates &= {"sd15", "sd2", "sdxl"}
+        why.append("a U-Net")
+    if any(m.component == "text_encoder_2" for m in modules.values()) and candidates & {"sd15", "sd2"}:
+        candidates -= {"sd15", "sd2"}  # one text encoder
+        why.append("a second text encoder")
     for name, pattern in SIGNS:
-        found = re.search(pattern, text) if name in candidates else None
+        found = re.search(pattern, text)
         if found:
-            return (name,), f"its module names ({found[0]})"
-    widths = _widths(modules)
+            candidates &= {name}
+            why.append(f"names only {name} has ({found[0]})")
+            break
     if re.search(r"down_blocks_0_attentions", text):
-        candidates = ("sd15", "sd2")  # SDXL's first down block has no attention
-    fitting = [f for f in candidates if WIDTHS[f] & widths]
-    if len(fitting) == 1:
-        return (fitting[0],), f"its widths ({', '.join(map(str, sorted(widths & WIDTHS[fitting[0]])))})"
-    what = "a transformer LoRA" if transformer else "a U-Net LoRA" if unet else "a LoRA"
-    return candidates, f"{what}: its names and widths ({sorted(widths)[:4]}) fit more than one family"
+        candidates -= {"sdxl"}  # SDXL's first down block has no attention
+    widths = _widths(modules)
+    fitting = {f for f in candidates if WIDTHS[f] & widths}
+    if fitting:
+        candidates = fitting
+        why.append(f"widths {', '.join(map(str, sorted(widths)))}")
+    if not candidates:
+        return every, "names and widths of no one family"
+    order = [f for f in every if f in candidates]
+    said = "; ".join(why) or "names any family may have"
+    return tuple(order), said + ("" if len(order) == 1 else "; more than one family fits")
+
+
+def _inner(m: Module) -> str:
+    """A denoiser module's name without its file's prefixes, "." and "_" alike."""
+    name = m.name.replace(".", "_")
+    for prefix in ("lora_unet_", "lora_transformer_", "unet_", "transformer_", "diffusion_model_", "base_model_model_"):
+        name = name.removeprefix(prefix)
+    return name
 
 
 def _widths(modules: dict[str, Module]) -> set[int]:
-    """The widths that tell families apart: cross-attention inputs (attn2's to_k / to_v) of a U-Net, the
-    attention width (to_q's input) of a transformer."""
+    """The widths that tell families apart: a U-Net's cross-attention input (attn2's to_k / to_v), a
+    transformer's attention input (to_q, or the fused qkv of the original layouts)."""
     out = set()
     for m in modules.values():
-        if m.shape and re.search(r"attn2[._]to_[kv]$", m.name):
-            out.add(m.shape[1])
-        elif m.shape and m.name.startswith("transformer.") and re.search(r"attn[._]to_q$", m.name):
+        name = m.name.replace(".", "_")
+        if m.shape and re.search(r"attn2_to_[kv]$|(^|_)attn_to_q$|img_attn_qkv$|x_block_attn_qkv$", name):
             out.add(m.shape[1])
     return out
 

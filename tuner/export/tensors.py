@@ -374,18 +374,22 @@ def install_lora(module: torch.nn.Module, factors: dict, adapter_name: str = "de
 
     if not factors:
         return
-    ranks = {re.escape(name): f.rank for name, f in factors.items()}
+    # whole names only: peft takes a list's names as suffixes (Flux's proj_out would catch every single block's),
+    # and a pattern's key after any prefix, which "^" rules out
+    ranks = {f"^{re.escape(name)}": f.rank for name, f in factors.items()}
     first = next(iter(factors.values())).rank
     config = LoraConfig(
         r=first,
         lora_alpha=first,
-        target_modules=sorted(factors),
+        target_modules="^(?:" + "|".join(re.escape(n) for n in sorted(factors)) + ")$",
         rank_pattern=ranks,
         alpha_pattern=dict(ranks),
         init_lora_weights=False,
     )
     module.add_adapter(config, adapter_name=adapter_name)
     layers = tuner_layers(module)
+    if set(layers) != set(factors):  # a LoRA on a module it was not meant for would be random noise
+        raise ValueError(f"install_lora: adapters on {sorted(set(layers) ^ set(factors))[:4]}, not as asked")
     with torch.no_grad():
         for name, f in factors.items():
             layer = layers[name]

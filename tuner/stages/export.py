@@ -189,7 +189,8 @@ def export(run: Run) -> Exported:
     made = run.results.get(Made)
     if made is not None:  # a LoRA toolbox recipe: what it was made from
         # (the training settings of the run an input came from stay; its rank and alpha are no longer this one's)
-        info.update(description=made.description, made=list(made.lines), gallery=made.gallery, rank=None, alpha=None)
+        info.update(description=made.description, made=list(made.lines), gallery=made.gallery)
+        info.update(rank=None, alpha=None, adapter_type=None)
         info["trigger"] = ", ".join(made.triggers) or None
     metadata = training_metadata(info)
 

@@ -93,13 +93,6 @@ def _check_merge(cfg) -> None:
                 f"merge.inputs[{i}]: {d.path} is a {d.kind}, whose products do not stack into a LoRA exactly; "
                 "set merge.rank=R to cut the sum to a LoRA of rank R"
             )
-    common = set(described[0].families).intersection(*(d.families for d in described))
-    if not common:
-        a, b = described[0], next(d for d in described if not set(d.families) & set(described[0].families))
-        raise ConfigError(
-            f"merge.inputs: {a.path} is for {' or '.join(a.families)} but {b.path} for {' or '.join(b.families)}; "
-            "LoRAs of different families do not merge"
-        )
     _check_formats(cfg, {"base_weights"} if m.into_base else {"lora"})
 
 
@@ -112,11 +105,34 @@ def _check_extract(cfg) -> None:
     tuned = Path(e.tuned).expanduser()
     if not tuned.exists():
         raise ConfigError(f"extract.tuned={e.tuned}: no such file or folder")
-    if tuned.is_dir():
-        get_family(cfg.model.family, cfg.model).check_folder(tuned, cfg.model.allow_pickle)
-    else:
-        check_header(tuned, "a fine-tuned model")
+    family = get_family(cfg.model.family, cfg.model)
+    try:
+        if tuned.is_dir():
+            family.check_folder(tuned, cfg.model.allow_pickle)
+        else:
+            check_header(tuned, "a fine-tuned model")
+    except ConfigError as e:
+        raise ConfigError(f"extract.tuned: {e}") from None
+    base = Path(cfg.model.path or "").expanduser()
+    if tuned.is_dir() and base.is_dir():  # the two denoisers' shapes, from their configs
+        mine, theirs = (json.loads((f / family.DENOISER / "config.json").read_text()) for f in (base, tuned))
+        differ = [k for k in SHAPE_KEYS if k in mine and mine.get(k) != theirs.get(k)]
+        if differ:
+            k = differ[0]
+            raise ConfigError(
+                f"extract.tuned={e.tuned}: its {family.DENOISER} has {k}={theirs.get(k)}, the base's (model.path) "
+                f"{mine[k]}; a fine-tune of another model cannot be compared with this base"
+            )
     _check_formats(cfg, {"lora"})
+
+
+# a denoiser config's keys that decide its weights' shapes (U-Nets' and transformers')
+SHAPE_KEYS = (
+    "block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block", "transformer_layers_per_block",
+    "attention_head_dim", "num_attention_heads", "num_layers", "num_single_layers", "joint_attention_dim",
+    "caption_projection_dim", "pooled_projection_dim", "down_block_types", "addition_embed_type",
+    "use_linear_projection",
+)  # fmt: skip
 
 
 def _check_resize(cfg) -> None:
@@ -368,7 +384,10 @@ def extract(run: Run) -> Adapted:
     for component, module in c.trainable().items():
         other = tuned_modules[component]
         if component != c.denoiser_name and (not e.text_encoders or component not in run.family.LORA_TEXT_ENCODERS):
-            unheld += _changed_elsewhere(component, module, other, set())  # (Flux's and SD3's T5 takes no LoRA)
+            why = (
+                "extract.text_encoders=false" if not e.text_encoders else f"model={run.family.NAME} puts no LoRA in it"
+            )
+            unheld += _changed_elsewhere(component, module, other, set(), why)
             continue
         targets = extract_targets(run.family, e.targets, module, component == c.denoiser_name)
         held = set()
@@ -392,12 +411,17 @@ def extract(run: Run) -> Adapted:
             cut.factors = Factors(cut.factors.down.cpu(), cut.factors.up.cpu())
             results.setdefault(component, {})[name] = cut
             rows.append(_cut_row(component, name, cut) | {"relative_change": round(change, 6)})
-        unheld += _changed_elsewhere(component, module, other, held)
-    unheld += _changed_elsewhere("vae", c.vae, tuned.vae, set())
-    if gallery.prompts:
+        unheld += _changed_elsewhere(component, module, other, held, f"outside extract.targets={e.targets}")
+    unheld += _changed_elsewhere("vae", c.vae, tuned.vae, set(), "the VAE takes no LoRA")
+    if gallery.prompts:  # the tuned model's row, the base's modules making room in host memory meanwhile
+        for module in c.modules().values():
+            module.to("cpu")
         pipe = run.family.pipeline(tuned).to(device)
         gallery.add("tuned", pipe=pipe)
+        pipe.to("cpu")
         del pipe
+        for module in c.modules().values():
+            module.to(device)
     del tuned, tuned_modules
     if not results:
         raise ConfigError(
@@ -417,8 +441,8 @@ def extract(run: Run) -> Adapted:
         *_cut_lines(summary),
         "",
         f"{len(skipped)} modules changed by less than {e.threshold} of their norm were left out; "
-        f"{len(unheld)} changed tensors a LoRA cannot hold (biases, norms, embeddings, the VAE) are not in it "
-        "(extract.json lists both).",
+        f"{len(unheld)} changed tensors are not in it: outside extract.targets, or what no LoRA holds (biases, "
+        "norms, embeddings, the VAE); extract.json lists both, each with why.",
     ]
     run.results[Made] = Made(
         "extracted by tuner from a fine-tuned model",
@@ -428,26 +452,24 @@ def extract(run: Run) -> Adapted:
     )
     print(
         f"[tuner] extract: {len(rows)} modules, {len(skipped)} below the threshold, {len(unheld)} changed tensors "
-        f"a LoRA cannot hold; report {run.dir / 'extract.json'}",
+        f"not in the LoRA; report {run.dir / 'extract.json'}",
         flush=True,
     )
     return Adapted(None, ())
 
 
-def _changed_elsewhere(component: str, base, tuned, held: set[str]) -> list[dict]:
-    """Tensors of ``tuned`` that differ from ``base`` and that no extracted module holds."""
+def _changed_elsewhere(component: str, base, tuned, held: set[str], outside: str) -> list[dict]:
+    """Tensors of ``tuned`` that differ from ``base`` and that no extracted module holds, each with why: a linear
+    or convolution weight ``outside`` what was extracted, or a tensor no LoRA holds (a bias, a norm, an embedding)."""
     out = []
     theirs = tuned.state_dict()
+    lowrank = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
     for key, value in base.state_dict().items():
         if key in held or key not in theirs or theirs[key].shape != value.shape:
             continue
         if not torch.equal(theirs[key].to(value.device, value.dtype), value):
-            out.append(
-                {
-                    "tensor": f"{component}.{key}",
-                    "not_held": "a LoRA holds weight differences of linear and convolution layers",
-                }
-            )
+            why = outside if key in lowrank else "a LoRA holds only linear and convolution weights"
+            out.append({"tensor": f"{component}.{key}", "not_held": why})
     return out
 
 
@@ -553,7 +575,10 @@ def _not_loading(run: Run, path: Path, d: Described) -> dict:
     """What of the adapter this base would not take: modules that land nowhere, or the loader's refusal."""
     try:
         if d.format in ("diffusers", "kohya") and d.kind in ("lora", "dora"):
-            landed, keys = apply_lora(run, d.path, "inspected")
+            layers, keys = apply_lora(run, d.path, "inspected")
+            # layers are not modules (Flux's fused qkv lands as three): the file's modules less those named unplaced
+            missed = {k.split(".lora")[0].removesuffix(".alpha") for k in keys}
+            landed = len(d.modules) - len(missed) if layers else 0
             return {"modules": len(d.modules), "landed": landed, "keys": keys, "error": None}
         load_checkpoint(run, path, adapter_name="inspected")
         return {"modules": len(d.modules), "landed": len(d.modules), "keys": [], "error": None}
