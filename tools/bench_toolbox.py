@@ -28,7 +28,7 @@ from bench_memory import _clip, _flux, _sd3, _unet_sd15, _unet_sdxl  # tools/ is
 
 from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack
 from tuner.models import get_family
-from tuner.stages.toolbox import extract_targets
+from tuner.stages.extract import extract_targets
 
 FAMILIES = {
     "sd15": (lambda: _unet_sd15(None), lambda: [_clip(768, 12, 12)]),

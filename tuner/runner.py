@@ -16,7 +16,7 @@ from tuner import distributed, run_folder
 from tuner.digits import base as digits_base
 from tuner.digits import stages as digits
 from tuner.files import write_atomic
-from tuner.stages import adapters, base, data, evaluate, export, gallery, generate, toolbox, train
+from tuner.stages import adapters, base, data, evaluate, export, extract, gallery, generate, inspect, toolbox, train
 from tuner.stages.context import Builtin, Exported, Run
 
 STAGES = {
@@ -29,9 +29,9 @@ STAGES = {
         train.train,
         adapters.load_adapter,
         toolbox.merge,  # the LoRA toolbox (recipes lora_merge, lora_extract, lora_resize, inspect)
-        toolbox.extract,
+        extract.extract,
         toolbox.resize,
-        toolbox.inspect,
+        inspect.inspect,
         export.export,
         gallery.gallery,
         evaluate.evaluate,  # subject fidelity, drift, ... (the digits classifier, eval.clip, eval.dino)

@@ -1,6 +1,7 @@
-"""The LoRA toolbox's stages (rank 0): merge LoRAs, extract one from a fine-tuned model, resize one, inspect one.
+"""The LoRA toolbox (rank 0): the merge and resize stages, and what they share with extract.py and inspect.py
+(the inputs' checks, the live adapters, the gallery of base / inputs / result, the reports).
 
-Each works on the base model's live modules: its inputs load onto the base as peft adapters (through the
+Each stage works on the base model's live modules: its inputs load onto the base as peft adapters (through the
 same loaders as ``checkpoint=``, so every format tuner reads), the result is computed per module with the
 arithmetic of tuner/export/lowrank.py and put back as one peft LoRA, and the export stage after it writes
 that LoRA (or, merged into the base, the model) in every format of ``export.formats``, with the model card.
@@ -8,9 +9,9 @@ Each writes a report (``merge.json``, ``extract.json``, ``resize.json``, ``inspe
 and what its cut kept) and, where it has a prompt, a gallery: the base, the inputs, the result, same seeds.
 
     recipe=lora_merge    'merge.inputs=[{path: A, weight: 1.0}, {path: B, weight: 0.5}]' [merge.rank=R]
-    recipe=lora_extract  model.path=BASE extract.tuned=TUNED extract.rank=R [extract.energy=0.9]
     recipe=lora_resize   checkpoint=A resize.rank=R | resize.energy=E
-    recipe=inspect       checkpoint=A [model.path=BASE]
+    recipe=lora_extract  model.path=BASE extract.tuned=TUNED extract.rank=R [extract.energy=0.9]   (extract.py)
+    recipe=inspect       checkpoint=A [model.path=BASE]                                           (inspect.py)
 
 Inputs are checked from their headers when the configuration is (tuner/export/inspection.py): a missing,
 damaged or pickled file, one without LoRA keys, halves that do not pair, an unknown key style, or a LoRA
@@ -30,17 +31,16 @@ from tuner.export import formats
 from tuner.export.gallery import write_gallery
 from tuner.export.inspection import Described, describe
 from tuner.export.lowrank import Cut, Factors, cut_delta, cut_factors, stack
-from tuner.export.reading import check_header
 from tuner.export.tensors import install_lora, layer_factors, tuner_layers, unwrap
 from tuner.files import write_atomic
 from tuner.models import get_family
-from tuner.stages.adapters import apply_lora, load_checkpoint
-from tuner.stages.context import Adapted, Base, Made, Run, stage
+from tuner.stages.adapters import load_checkpoint
+from tuner.stages.context import Adapted, Made, Run, stage
 
 # ---------------------------------------------------------------- checks (from the inputs' headers)
 
 
-def _check_input(cfg, path: str, key: str, kinds=("lora", "loha", "lokr")) -> Described:
+def check_input(cfg, path: str, key: str, kinds=("lora", "loha", "lokr")) -> Described:
     """An input read from its header: an adapter of an allowed kind, for ``model.family``.
 
     Raises:
@@ -73,7 +73,7 @@ def _a(kind: str) -> str:
     return {"embedding": "an embedding (textual inversion)", "dora": "a DoRA adapter"}.get(kind, f"a {kind}")
 
 
-def _check_formats(cfg, parts: set[str]) -> None:
+def check_formats(cfg, parts: set[str]) -> None:
     if cfg.export.formats is not None and "export" in cfg.stages:
         formats.check_held(parts, list(cfg.export.formats), get_family(cfg.model.family, cfg.model))
 
@@ -85,7 +85,7 @@ def _check_merge(cfg) -> None:
             "merge.inputs is empty: 'merge.inputs=[{path: A.safetensors, weight: 1.0}, {path: B, weight: 0.5}]'"
         )
     described = [
-        _check_input(cfg, ref.path, f"merge.inputs[{i}]", ("lora", "loha", "lokr")) for i, ref in enumerate(m.inputs)
+        check_input(cfg, ref.path, f"merge.inputs[{i}]", ("lora", "loha", "lokr")) for i, ref in enumerate(m.inputs)
     ]
     for i, d in enumerate(described):
         if d.kind != "lora" and m.rank is None:
@@ -93,69 +93,21 @@ def _check_merge(cfg) -> None:
                 f"merge.inputs[{i}]: {d.path} is a {d.kind}, whose products do not stack into a LoRA exactly; "
                 "set merge.rank=R to cut the sum to a LoRA of rank R"
             )
-    _check_formats(cfg, {"base_weights"} if m.into_base else {"lora"})
-
-
-def _check_extract(cfg) -> None:
-    e = cfg.extract
-    if not e.tuned:
-        raise ConfigError(
-            "extract.tuned is not set: pass the fine-tuned model (a diffusers folder or a .safetensors file)"
-        )
-    tuned = Path(e.tuned).expanduser()
-    if not tuned.exists():
-        raise ConfigError(f"extract.tuned={e.tuned}: no such file or folder")
-    family = get_family(cfg.model.family, cfg.model)
-    try:
-        if tuned.is_dir():
-            family.check_folder(tuned, cfg.model.allow_pickle)
-        else:
-            check_header(tuned, "a fine-tuned model")
-    except ConfigError as e:
-        raise ConfigError(f"extract.tuned: {e}") from None
-    base = Path(cfg.model.path or "").expanduser()
-    if tuned.is_dir() and base.is_dir():  # the two denoisers' shapes, from their configs
-        mine, theirs = (json.loads((f / family.DENOISER / "config.json").read_text()) for f in (base, tuned))
-        differ = [k for k in SHAPE_KEYS if k in mine and mine.get(k) != theirs.get(k)]
-        if differ:
-            k = differ[0]
-            raise ConfigError(
-                f"extract.tuned={e.tuned}: its {family.DENOISER} has {k}={theirs.get(k)}, the base's (model.path) "
-                f"{mine[k]}; a fine-tune of another model cannot be compared with this base"
-            )
-    _check_formats(cfg, {"lora"})
-
-
-# a denoiser config's keys that decide its weights' shapes (U-Nets' and transformers')
-SHAPE_KEYS = (
-    "block_out_channels", "cross_attention_dim", "in_channels", "layers_per_block", "transformer_layers_per_block",
-    "attention_head_dim", "num_attention_heads", "num_layers", "num_single_layers", "joint_attention_dim",
-    "caption_projection_dim", "pooled_projection_dim", "down_block_types", "addition_embed_type",
-    "use_linear_projection",
-)  # fmt: skip
+    check_formats(cfg, {"base_weights"} if m.into_base else {"lora"})
 
 
 def _check_resize(cfg) -> None:
     r = cfg.resize
     if r.rank is None and r.energy is None:
         raise ConfigError("resize: set resize.rank=R (e.g. 8) or resize.energy=E (e.g. 0.95), or both (E, at most R)")
-    _check_input(cfg, cfg.checkpoint, "checkpoint", ("lora", "loha", "lokr"))
-    _check_formats(cfg, {"lora"})
-
-
-def _check_inspect(cfg) -> None:
-    if not cfg.checkpoint:
-        raise ConfigError("checkpoint= is not set: pass the adapter to inspect (a file, an export or a run folder)")
-    try:
-        describe(Path(cfg.checkpoint))
-    except ConfigError as e:
-        raise ConfigError(f"checkpoint: {e}") from None
+    check_input(cfg, cfg.checkpoint, "checkpoint", ("lora", "loha", "lokr"))
+    check_formats(cfg, {"lora"})
 
 
 # ---------------------------------------------------------------- the live adapters
 
 
-def _layers(run: Run) -> dict[str, dict[str, list[torch.nn.Module]]]:
+def live_layers(run: Run) -> dict[str, dict[str, list[torch.nn.Module]]]:
     """The peft layers on the base, by component, then the name of the module they sit on (peft layers of
     different kinds on one module nest, a LoHa's base layer being a LoRA layer: all of them)."""
     out = {}
@@ -167,7 +119,7 @@ def _layers(run: Run) -> dict[str, dict[str, list[torch.nn.Module]]]:
     return out
 
 
-def _difference(layers: list, adapter: str) -> Factors | torch.Tensor | None:
+def difference(layers: list, adapter: str) -> Factors | torch.Tensor | None:
     """One adapter's difference on one module: its factors (a LoRA), else the whole difference (LoHa, LoKr)."""
     for layer in layers:
         factors = layer_factors(layer, adapter)
@@ -178,7 +130,7 @@ def _difference(layers: list, adapter: str) -> Factors | torch.Tensor | None:
     return None
 
 
-def _install(run: Run, results: dict[str, dict[str, Cut | Factors]]) -> None:
+def install(run: Run, results: dict[str, dict[str, Cut | Factors]]) -> None:
     """Take every loaded adapter out and put the result in, one LoRA named ``default``."""
     for component, module in run.components.trainable().items():
         unwrap(module)
@@ -187,7 +139,7 @@ def _install(run: Run, results: dict[str, dict[str, Cut | Factors]]) -> None:
     run.replaced_modules()
 
 
-def _activate(run: Run, adapter: str | None) -> None:
+def activate(run: Run, adapter: str | None) -> None:
     """Make ``adapter`` the one that acts on every layer holding it (None: the base, every adapter off)."""
     for module in run.components.trainable().values():
         for layer in tuner_layers(module).values():
@@ -216,7 +168,7 @@ class Gallery:
             return
         s = self.run.cfg.sample
         if pipe is None:
-            _activate(self.run, adapter)
+            activate(self.run, adapter)
         seeds = list(s.seeds)
         every = [p for p in self.prompts for _ in seeds]
         images = self.run.sample(
@@ -233,14 +185,14 @@ class Gallery:
         self.run.outputs["gallery"] = str(write_gallery(self.run.dir / "gallery", rows, list(s.seeds), s.display_size))
 
 
-def _report(run: Run, name: str, summary: dict, modules: list[dict]) -> None:
+def report(run: Run, name: str, summary: dict, modules: list[dict]) -> None:
     """``RUN/<name>.json``: the summary and every module's row; the summary goes to summary.json too."""
     run.metrics[name] = summary
     path = write_atomic(run.dir / f"{name}.json", json.dumps({**summary, "modules": modules}, indent=2))
     run.outputs[name] = str(path)
 
 
-def _cut_row(component: str, name: str, cut: Cut) -> dict:
+def cut_row(component: str, name: str, cut: Cut) -> dict:
     return {
         "module": f"{component}.{name}",
         "rank_before": cut.rank_before,
@@ -250,7 +202,7 @@ def _cut_row(component: str, name: str, cut: Cut) -> dict:
     }
 
 
-def _cut_summary(rows: list[dict]) -> dict:
+def cut_summary(rows: list[dict]) -> dict:
     if not rows:
         return {"modules": 0}
     energies = [r["energy"] for r in rows]
@@ -263,7 +215,7 @@ def _cut_summary(rows: list[dict]) -> dict:
     }
 
 
-def _cut_lines(summary: dict) -> list[str]:
+def cut_lines(summary: dict) -> list[str]:
     if not summary.get("modules"):
         return []
     r, e = summary["rank"], summary["energy"]
@@ -292,10 +244,10 @@ def merge(run: Run) -> Adapted:
     for i in range(len(m.inputs)):
         gallery.add(f"{names[i]}", f"input_{i}")
     results, rows = {}, []
-    layers = _layers(run)
+    layers = live_layers(run)
     for component, by_name in layers.items():
         for name, nest in tqdm(by_name.items(), desc=f"merge {component}", leave=False):
-            parts = [(_difference(nest, f"input_{i}"), ref.weight) for i, ref in enumerate(m.inputs)]
+            parts = [(difference(nest, f"input_{i}"), ref.weight) for i, ref in enumerate(m.inputs)]
             parts = [(d, w) for d, w in parts if d is not None]
             if all(isinstance(d, Factors) for d, _ in parts):
                 stacked = stack(parts)
@@ -305,25 +257,25 @@ def merge(run: Run) -> Adapted:
                 result = cut_delta(delta, m.rank)
             results.setdefault(component, {})[name] = result
             if isinstance(result, Cut):
-                rows.append(_cut_row(component, name, result))
+                rows.append(cut_row(component, name, result))
             else:
                 rows.append({"module": f"{component}.{name}", "rank": result.rank})
-    _install(run, results)
+    install(run, results)
     gallery.add("merged", "default")
     gallery.write()
     weights = ", ".join(f"{n} x {ref.weight:g}" for n, ref in zip(names, m.inputs))
     if not rows:
         raise ConfigError("merge: the inputs put no LoRA module on this base")
     summary = (
-        _cut_summary(rows)
+        cut_summary(rows)
         if m.rank is not None
         else {"modules": len(rows), "rank": {"max": max(r["rank"] for r in rows)}}
     )
-    _report(run, "merge", {"inputs": [{"path": r.path, "weight": r.weight} for r in m.inputs], **summary}, rows)
+    report(run, "merge", {"inputs": [{"path": r.path, "weight": r.weight} for r in m.inputs], **summary}, rows)
     if m.into_base:
         _fuse(run)
     how = f"cut to rank {m.rank} per module by its singular values" if m.rank else "exactly, their ranks stacked"
-    lines = [f"Merged from {weights}, {how}.", "", *(_cut_lines(summary) if m.rank else [])]
+    lines = [f"Merged from {weights}, {how}.", "", *(cut_lines(summary) if m.rank else [])]
     if m.into_base:
         lines.append("The merged LoRA is fused into the base weights.")
     run.results[Made] = Made(
@@ -344,135 +296,6 @@ def _fuse(run: Run) -> None:
     run.replaced_modules()
 
 
-# ---------------------------------------------------------------- extract
-
-
-def extract_targets(family, targets: str, module: torch.nn.Module, denoiser: bool) -> list[str]:
-    """The modules a LoRA may go into: a denoiser's by ``targets`` (the adapter presets: attn, attn_ff,
-    all_linear, locon), every linear layer of a text encoder."""
-    import re
-
-    if not denoiser:
-        return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    exclude = re.compile(family.TARGETS_EXCLUDE) if family.TARGETS_EXCLUDE else None
-    if targets in family.TARGETS:
-        suffixes = tuple(family.TARGETS[targets])
-        names = [n for n, _ in module.named_modules() if n in suffixes or n.endswith(tuple("." + s for s in suffixes))]
-    else:
-        kinds = (torch.nn.Linear,) if targets == "all_linear" else (torch.nn.Linear, torch.nn.Conv2d)
-        names = [n for n, m in module.named_modules() if n.startswith(family.BLOCKS) and isinstance(m, kinds)]
-    return [n for n in names if not (exclude and exclude.fullmatch(n))]
-
-
-def _tuned_folder(run: Run) -> Path:
-    from tuner.stages.base import single_file_folder
-
-    tuned = Path(run.cfg.extract.tuned).expanduser()
-    return single_file_folder(run, tuned, run.base, "tuned") if tuned.is_file() else tuned
-
-
-@stage(main_only=True, after=("base",), writes=("gallery", "extract.json"), check=_check_extract)
-def extract(run: Run) -> Adapted:
-    """A LoRA approximating ``extract.tuned`` minus the base, per module by truncated SVD."""
-    e, c = run.cfg.extract, run.components
-    tuned = run.family.load(_tuned_folder(run), run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
-    gallery = Gallery(run, [])
-    gallery.add("base")
-    tuned_modules = tuned.trainable()
-    results, rows, skipped, unheld = {}, [], [], []
-    device = run.accelerator.device
-    for component, module in c.trainable().items():
-        other = tuned_modules[component]
-        if component != c.denoiser_name and (not e.text_encoders or component not in run.family.LORA_TEXT_ENCODERS):
-            why = (
-                "extract.text_encoders=false" if not e.text_encoders else f"model={run.family.NAME} puts no LoRA in it"
-            )
-            unheld += _changed_elsewhere(component, module, other, set(), why)
-            continue
-        targets = extract_targets(run.family, e.targets, module, component == c.denoiser_name)
-        held = set()
-        for name in tqdm(targets, desc=f"extract {component}", leave=False):
-            base_w = module.get_submodule(name).weight
-            tuned_w = other.get_submodule(name).weight
-            if tuned_w.shape != base_w.shape:
-                raise ConfigError(
-                    f"extract.tuned: {component}.{name} has shape {tuple(tuned_w.shape)}, the base's "
-                    f"{tuple(base_w.shape)}; is it a fine-tune of another model?"
-                )
-            held.add(f"{name}.weight")
-            delta = tuned_w.detach().to(device, torch.float32) - base_w.detach().to(device, torch.float32)
-            change = float(delta.norm()) / max(float(base_w.float().norm()), 1e-12)
-            if change <= e.threshold:
-                if change > 0:
-                    skipped.append({"module": f"{component}.{name}", "relative_change": change})
-                continue
-            conv = delta.dim() == 4
-            cut = cut_delta(delta, e.conv_rank or e.rank if conv else e.rank, e.energy)
-            cut.factors = Factors(cut.factors.down.cpu(), cut.factors.up.cpu())
-            results.setdefault(component, {})[name] = cut
-            rows.append(_cut_row(component, name, cut) | {"relative_change": round(change, 6)})
-        unheld += _changed_elsewhere(component, module, other, held, f"outside extract.targets={e.targets}")
-    unheld += _changed_elsewhere("vae", c.vae, tuned.vae, set(), "the VAE takes no LoRA")
-    if gallery.prompts:  # the tuned model's row, the base's modules making room in host memory meanwhile
-        for module in c.modules().values():
-            module.to("cpu")
-        pipe = run.family.pipeline(tuned).to(device)
-        gallery.add("tuned", pipe=pipe)
-        pipe.to("cpu")
-        del pipe
-        for module in c.modules().values():
-            module.to(device)
-    del tuned, tuned_modules
-    if not results:
-        raise ConfigError(
-            f"extract: no module of extract.tuned={e.tuned} differs from the base by more than extract.threshold="
-            f"{e.threshold} of its norm; is it the base itself?"
-        )
-    _install(run, results)
-    gallery.add("extracted", "default")
-    gallery.write()
-    summary = _cut_summary(rows) | {"skipped": len(skipped), "changed_but_not_held": len(unheld)}
-    _report(run, "extract", summary, rows + [{**s, "skipped": "below extract.threshold"} for s in skipped] + unheld)
-    how = f"rank {e.rank}" + (f", convolutions {e.conv_rank}" if e.conv_rank else "")
-    how += f", or the fewest singular values keeping {e.energy} of each module's squared norm" if e.energy else ""
-    lines = [
-        f"Extracted from `{Path(e.tuned).name}` minus its base, per module by truncated SVD ({how}).",
-        "",
-        *_cut_lines(summary),
-        "",
-        f"{len(skipped)} modules changed by less than {e.threshold} of their norm were left out; "
-        f"{len(unheld)} changed tensors are not in it: outside extract.targets, or what no LoRA holds (biases, "
-        "norms, embeddings, the VAE); extract.json lists both, each with why.",
-    ]
-    run.results[Made] = Made(
-        "extracted by tuner from a fine-tuned model",
-        tuple(lines),
-        (),
-        "The base, the fine-tuned model, and the extracted LoRA, same prompts and seeds:",
-    )
-    print(
-        f"[tuner] extract: {len(rows)} modules, {len(skipped)} below the threshold, {len(unheld)} changed tensors "
-        f"not in the LoRA; report {run.dir / 'extract.json'}",
-        flush=True,
-    )
-    return Adapted(None, ())
-
-
-def _changed_elsewhere(component: str, base, tuned, held: set[str], outside: str) -> list[dict]:
-    """Tensors of ``tuned`` that differ from ``base`` and that no extracted module holds, each with why: a linear
-    or convolution weight ``outside`` what was extracted, or a tensor no LoRA holds (a bias, a norm, an embedding)."""
-    out = []
-    theirs = tuned.state_dict()
-    lowrank = {f"{n}.weight" for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    for key, value in base.state_dict().items():
-        if key in held or key not in theirs or theirs[key].shape != value.shape:
-            continue
-        if not torch.equal(theirs[key].to(value.device, value.dtype), value):
-            why = outside if key in lowrank else "a LoRA holds only linear and convolution weights"
-            out.append({"tensor": f"{component}.{key}", "not_held": why})
-    return out
-
-
 # ---------------------------------------------------------------- resize
 
 
@@ -487,9 +310,9 @@ def resize(run: Run) -> Adapted:
     gallery.add("base")
     gallery.add(path.name, "input")
     results, rows = {}, []
-    for component, by_name in _layers(run).items():
+    for component, by_name in live_layers(run).items():
         for name, nest in tqdm(by_name.items(), desc=f"resize {component}", leave=False):
-            found = _difference(nest, "input")
+            found = difference(nest, "input")
             if found is None:
                 continue
             if isinstance(found, Factors):
@@ -497,14 +320,14 @@ def resize(run: Run) -> Adapted:
             else:
                 cut = cut_delta(found, r.rank, r.energy)
             results.setdefault(component, {})[name] = cut
-            rows.append(_cut_row(component, name, cut))
-    _install(run, results)
+            rows.append(cut_row(component, name, cut))
+    install(run, results)
     gallery.add("resized", "default")
     gallery.write()
-    summary = _cut_summary(rows)
-    _report(run, "resize", summary, rows)
+    summary = cut_summary(rows)
+    report(run, "resize", summary, rows)
     asked = " and ".join(x for x in (f"rank {r.rank}" if r.rank else "", f"energy {r.energy}" if r.energy else "") if x)
-    lines = [f"`{path.name}` resized ({asked}) by each module's singular values.", "", *_cut_lines(summary)]
+    lines = [f"`{path.name}` resized ({asked}) by each module's singular values.", "", *cut_lines(summary)]
     run.results[Made] = Made(
         "resized by tuner",
         tuple(lines),
@@ -513,122 +336,3 @@ def resize(run: Run) -> Adapted:
     )
     print(f"[tuner] resize: {len(rows)} modules; kept energy per module in {run.dir / 'resize.json'}", flush=True)
     return Adapted(None, tuple(loaded.tokens), base_weights_changed=bool(loaded.tokens))
-
-
-# ---------------------------------------------------------------- inspect
-
-
-@stage(main_only=True, writes=("inspect.json", "README.md", "gallery"), check=_check_inspect)
-def inspect(run: Run) -> None:
-    """Say what an adapter is: format, family, rank and alpha per module, metadata, trigger words; with
-    ``model.path``, which of its keys this base would not load, and a gallery of the base with and without it."""
-    path = Path(run.cfg.checkpoint).expanduser()
-    d = describe(path)
-    report = {
-        "path": str(d.path),
-        "format": d.format,
-        "kind": d.kind,
-        "families": list(d.families),
-        "family_evidence": d.evidence,
-        "modules_per_component": d.counts(),
-        "ranks": dict(sorted(_tally(m.rank for m in d.modules.values()).items(), key=lambda kv: str(kv[0]))),
-        "alphas": dict(sorted(_tally(m.alpha for m in d.modules.values()).items(), key=lambda kv: str(kv[0]))),
-        "triggers": d.triggers,
-        "metadata": {k: (v if len(v) <= 2000 else v[:2000] + "...") for k, v in d.metadata.items()},
-        "modules": [
-            {
-                "module": m.name,
-                "component": m.component,
-                "kind": m.kind,
-                "rank": m.rank,
-                "alpha": m.alpha,
-                "shape": list(m.shape),
-            }
-            for m in d.modules.values()
-        ],
-    }
-    if run.cfg.model.path or run.cfg.model.builtin:
-        from tuner.stages.base import base as base_stage
-
-        run.results[Base] = base_stage(run)
-        report["base"] = str(run.base)
-        report["not_loading"] = _not_loading(run, path, d)
-        if not report["not_loading"]["error"]:
-            gallery = Gallery(run, d.triggers)
-            gallery.add("base", None)
-            gallery.add(d.path.name, "inspected")
-            gallery.write()
-    run.outputs["inspect"] = str(write_atomic(run.dir / "inspect.json", json.dumps(report, indent=2)))
-    run.outputs["model_card"] = str(write_atomic(run.dir / "README.md", _inspect_card(report)))
-    print(_inspect_text(report), flush=True)
-
-
-def _tally(values) -> dict:
-    out: dict = {}
-    for v in values:
-        key = "not stated" if v is None else (int(v) if float(v).is_integer() else v)
-        out[key] = out.get(key, 0) + 1
-    return out
-
-
-def _not_loading(run: Run, path: Path, d: Described) -> dict:
-    """What of the adapter this base would not take: modules that land nowhere, or the loader's refusal."""
-    try:
-        if d.format in ("diffusers", "kohya") and d.kind in ("lora", "dora"):
-            layers, keys = apply_lora(run, d.path, "inspected")
-            # layers are not modules (Flux's fused qkv lands as three): the file's modules less those named unplaced
-            missed = {k.split(".lora")[0].removesuffix(".alpha") for k in keys}
-            landed = len(d.modules) - len(missed) if layers else 0
-            return {"modules": len(d.modules), "landed": landed, "keys": keys, "error": None}
-        load_checkpoint(run, path, adapter_name="inspected")
-        return {"modules": len(d.modules), "landed": len(d.modules), "keys": [], "error": None}
-    except ConfigError as e:
-        return {"modules": len(d.modules), "landed": 0, "keys": [], "error": str(e)}
-
-
-def _inspect_text(report: dict) -> str:
-    lines = [
-        f"\n== {report['path']} ==",
-        f"format       {report['format']} ({report['kind']})",
-        f"family       {' or '.join(report['families']) or '-'}: {report['family_evidence']}",
-        f"modules      {json.dumps(report['modules_per_component'])}",
-        f"ranks        {json.dumps(report['ranks'])} (rank: modules)",
-        f"alphas       {json.dumps(report['alphas'])}",
-        f"triggers     {', '.join(report['triggers']) or '-'}",
-        f"metadata     {len(report['metadata'])} keys: {', '.join(list(report['metadata'])[:12])}",
-    ]
-    n = report.get("not_loading")
-    if n:
-        if n["error"]:
-            lines.append(f"on the base  does not load: {n['error']}")
-        else:
-            missing = n["modules"] - n["landed"]
-            lines.append(
-                f"on the base  {n['landed']} of {n['modules']} modules load"
-                + (f"; not: {', '.join(n['keys'][:8])}" if missing else "")
-            )
-    return "\n".join(lines)
-
-
-def _inspect_card(report: dict) -> str:
-    lines = [f"# {Path(report['path']).name}", "", "What `python -m tuner recipe=inspect` read in it.", ""]
-    lines += ["| | |", "|---|---|"]
-    lines += [
-        f"| format | {report['format']} ({report['kind']}) |",
-        f"| family | {' or '.join(report['families']) or '-'} ({report['family_evidence']}) |",
-        f"| modules | {', '.join(f'{k}: {v}' for k, v in report['modules_per_component'].items())} |",
-        f"| ranks (rank: modules) | {', '.join(f'{k}: {v}' for k, v in report['ranks'].items())} |",
-        f"| alphas | {', '.join(f'{k}: {v}' for k, v in report['alphas'].items())} |",
-        f"| trigger words | {', '.join(report['triggers']) or '-'} |",
-    ]
-    n = report.get("not_loading")
-    if n:
-        said = n["error"] or f"{n['landed']} of {n['modules']} modules load" + (
-            f"; not: {', '.join(n['keys'])}" if n["keys"] else ""
-        )
-        lines.append(f"| on `{Path(report['base']).name}` | {said} |")
-        if not n["error"]:
-            lines += ["", "The base without and with it, same prompts and seeds:", "", "![gallery](gallery/grid.png)"]
-    lines += ["", "## Metadata", "", "| key | value |", "|---|---|"]
-    lines += [f"| `{k}` | {str(v)[:200].replace('|', '/')} |" for k, v in report["metadata"].items()]
-    return "\n".join(lines) + "\n"
