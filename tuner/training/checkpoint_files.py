@@ -150,12 +150,24 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         import torch
 
+        if (module, name) == ("builtins", "getattr"):  # Python before 3.11.5 pickles an enum member so
+            return _enum_member
         allowed = module in self.MODULES or (module, name) in self.NAMES
         allowed = allowed or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout)))
         allowed = allowed or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath"))
         if not allowed:
             raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
         return super().find_class(module, name)
+
+
+def _enum_member(cls, name: str):
+    """``getattr(cls, name)`` as an older Python's pickle of an enum member asks for it, for an enum class the
+    unpickler let through and one of its members only (never an attribute of anything else)."""
+    import enum
+
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and isinstance(name, str) and name in cls.__members__):
+        raise pickle.UnpicklingError(f"getattr({cls!r}, {name!r}) is not an enum member of a checkpoint's metadata")
+    return cls.__members__[name]
 
 
 def read_sharded_metadata(folder: Path):
