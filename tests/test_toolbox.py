@@ -652,3 +652,16 @@ def test_extract_refuses_a_fine_tune_of_another_model_before_anything_loads(tmp_
     cfg = compose("lora_extract", [f"model.path={tiny('sd15')}", f"extract.tuned={tiny(other)}"])
     with pytest.raises(ConfigError, match=r"extract\.tuned"):
         validate(cfg)
+
+
+def test_an_sd3_kohya_file_is_refused_as_an_input_naming_the_exports_diffusers_reads(tmp_path, tiny):
+    """diffusers has no reader of SD3 kohya files (ComfyUI's): refused when the config is checked, not after
+    the base loads."""
+    from tuner.checks import validate
+    from tuner.compose import compose
+
+    name = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    bad = _fake(tmp_path / "sd3.safetensors", {f"{name}.lora_down.weight": (4, 32), f"{name}.lora_up.weight": (96, 4)})
+    cfg = compose("lora_resize", ["model=sd3", f"model.path={tiny('sd3')}", f"checkpoint={bad}", "resize.rank=2"])
+    with pytest.raises(ConfigError, match="diffusers cannot load"):
+        validate(cfg)

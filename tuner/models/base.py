@@ -119,6 +119,7 @@ class Family:
     # how exports name the family: kohya's key prefixes, ss_base_model_version, modelspec.architecture
     KOHYA_PREFIXES: dict[str, str] = {}
     KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it
+    DIFFUSERS_READS_KOHYA = True  # diffusers' load_lora_weights reads this family's kohya LoRA files
     # parts a format cannot hold for this family, beyond what the format itself cannot (tuner/export/formats.py)
     FORMAT_LIMITS: dict[str, set[str]] = {}
     BASE_VERSION = ""

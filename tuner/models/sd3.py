@@ -40,6 +40,7 @@ class SD3(FlowFamily):
     # the CLIPs as lora_te1 (L) and lora_te2 (G); q, k and v are one module there: LoRAs stack into one
     # exactly, a LoHa's or LoKr's products do not
     KOHYA_PREFIXES = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+    DIFFUSERS_READS_KOHYA = False  # its kohya files are ComfyUI's; diffusers has no reader of them
     FORMAT_LIMITS = {"kohya": {"loha", "lokr"}}
     BASE_VERSION = "sd3"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v3-medium"

@@ -132,7 +132,8 @@ def _named_failures(file: Path, what: str):
     as one line naming the file."""
     try:
         yield
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError) as e:
+    # (AssertionError: diffusers' Flux kohya reader asserts FLUX.1's own widths)
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError, OSError, AssertionError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{file}: does not load as {what} onto this base ({reason[:300]})") from None
 

@@ -60,6 +60,11 @@ def check_input(cfg, path: str, key: str, kinds=("lora", "loha", "lokr")) -> Des
             "give the run's peft/ folder instead"
         )
     family = cfg.model.family
+    if described.format == "kohya" and not get_family(family).DIFFUSERS_READS_KOHYA:
+        raise ConfigError(
+            f"{key}: {described.path} is a model={family} LoRA in kohya's keys, which diffusers cannot load (ComfyUI "
+            "reads them); give the run's diffusers/ or peft/ export, or a diffusers-format file"
+        )
     if family not in described.families:
         made_for = " or ".join(described.families)
         raise ConfigError(
