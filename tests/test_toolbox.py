@@ -241,6 +241,7 @@ def test_merge_at_a_rank_loses_exactly_the_discarded_singular_values(tmp_path, l
         assert report[name]["energy"] == pytest.approx(float((s[:2] ** 2).sum() / (s**2).sum()), rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_merge_into_base_writes_the_base_with_the_merge_fused_in(tmp_path, loras):
     base, a, b = loras
     run_recipe_here(
@@ -343,6 +344,7 @@ def test_extract_recovers_a_known_low_rank_difference_and_only_the_changed_modul
     )
 
 
+@pytest.mark.e2e
 def test_extract_by_energy_picks_each_modules_rank_and_skips_tiny_changes(tmp_path, tiny):
     from diffusers import StableDiffusionPipeline
 
@@ -374,6 +376,7 @@ def test_extract_by_energy_picks_each_modules_rank_and_skips_tiny_changes(tmp_pa
 # ---------------------------------------------------------------- inspect
 
 
+@pytest.mark.e2e
 def test_inspect_reads_format_family_ranks_alphas_triggers_and_what_a_base_would_not_load(tmp_path, loras):
     base, a, b = loras
     alone = tmp_path / "a.safetensors"  # outside its run folder, whose base it would otherwise bring
