@@ -64,19 +64,20 @@ SHAPE_KEYS = (
 
 
 def extract_targets(family, targets: str, module: torch.nn.Module, denoiser: bool) -> list[str]:
-    """The modules a LoRA may go into: a denoiser's by ``targets`` (the adapter presets: attn, attn_ff,
-    all_linear, locon), every linear layer of a text encoder."""
+    """The modules a LoRA may go into, by full name: a denoiser's of the adapter preset ``targets`` (attn, attn_ff,
+    all_linear, locon: the training's own ``denoiser_target_modules``, less the family's ``TARGETS_EXCLUDE``),
+    every linear layer of a text encoder."""
     import re
+    from types import SimpleNamespace
+
+    from tuner.training.trainables import denoiser_target_modules
 
     if not denoiser:
         return [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    wanted = denoiser_target_modules(module, SimpleNamespace(target_modules=[], targets=targets), family)
+    ends = tuple("." + n for n in wanted)  # a preset names modules by their last parts, as peft matches them
+    names = [n for n, _ in module.named_modules() if n in set(wanted) or n.endswith(ends)]
     exclude = re.compile(family.TARGETS_EXCLUDE) if family.TARGETS_EXCLUDE else None
-    if targets in family.TARGETS:
-        suffixes = tuple(family.TARGETS[targets])
-        names = [n for n, _ in module.named_modules() if n in suffixes or n.endswith(tuple("." + s for s in suffixes))]
-    else:
-        kinds = (torch.nn.Linear,) if targets == "all_linear" else (torch.nn.Linear, torch.nn.Conv2d)
-        names = [n for n, m in module.named_modules() if n.startswith(family.BLOCKS) and isinstance(m, kinds)]
     return [n for n in names if not (exclude and exclude.fullmatch(n))]
 
 
