@@ -15,6 +15,8 @@ from PIL import Image
 from tests.helpers import train_in_process
 from tuner.training.cache import Store, cached, evict, fingerprint, read_index
 
+LATENTS = "latents-" + "0" * 32  # an encoder's folder in the cache
+
 
 def items(n: int, seed: int = 0, prefix: str = "k") -> dict[str, dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
@@ -31,7 +33,7 @@ def accelerator():
 
 
 def test_entries_read_back_bit_exact_in_the_order_asked(tmp_path):
-    store = Store(tmp_path, "latents-x")
+    store = Store(tmp_path, LATENTS)
     written = items(5)
     store.write({k: written[k] for k in ("k0", "k1", "k2")})
     store.write({k: written[k] for k in ("k3", "k4")})
@@ -71,7 +73,7 @@ def flip_a_data_byte(shard: Path) -> None:
 
 
 def test_an_entry_failing_its_hash_or_a_damaged_shard_is_encoded_again(tmp_path, capsys):
-    store, written = Store(tmp_path, "latents-x"), items(4)
+    store, written = Store(tmp_path, LATENTS), items(4)
     calls = []
 
     def compute(ids):
@@ -87,14 +89,15 @@ def test_an_entry_failing_its_hash_or_a_damaged_shard_is_encoded_again(tmp_path,
     assert "fail their hash" in capsys.readouterr().out
     assert all(torch.equal(entries[i]["std"], written[k]["std"]) for i, k in enumerate(keys))
     [shard] = store.shards()
-    shard.write_bytes(shard.read_bytes()[:100])  # truncated mid-header
-    entries, encoded = cached(store, keys, compute, accelerator(), "test")
-    assert encoded == 4 and "damaged" in capsys.readouterr().out
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated mid-header: nothing shows tuner wrote it, so it is
+    entries, encoded = cached(store, keys, compute, accelerator(), "test")  # not read, and not deleted either
+    assert encoded == 4 and "not a shard tuner can read" in capsys.readouterr().out
     assert torch.equal(entries[3]["mean"], written["k3"]["mean"])
+    assert store.shards() == [shard] and read_index(shard)[0].keys() == {"k0", "k1", "k2", "k3"}  # written anew
 
 
 def _write_many(root: str, seed: int, times: int) -> None:
-    store = Store(Path(root), "latents-x")
+    store = Store(Path(root), LATENTS)
     for _ in range(times):
         store.write(items(3, seed))
 
@@ -106,7 +109,7 @@ def test_concurrent_writers_of_the_same_entries_never_leave_a_broken_shard(tmp_p
     writers = [ctx.Process(target=_write_many, args=(str(tmp_path), 0, 60)) for _ in range(2)]
     for w in writers:
         w.start()
-    store, reads = Store(tmp_path, "latents-x"), 0
+    store, reads = Store(tmp_path, LATENTS), 0
     while any(w.is_alive() for w in writers) or reads == 0:
         for shard in store.shards():
             entries, hashes = read_index(shard)  # raises on a partial file
@@ -121,7 +124,7 @@ def test_concurrent_writers_of_the_same_entries_never_leave_a_broken_shard(tmp_p
 
 
 def test_eviction_removes_the_least_recently_used_shards_first_and_never_those_in_use(tmp_path):
-    store = Store(tmp_path, "latents-x")
+    store = Store(tmp_path, LATENTS)
     shards = [store.write(items(2, seed, prefix=f"s{seed}-")) for seed in range(4)]
     for age, shard in enumerate(shards):  # shards[0] the oldest
         os.utime(shard, (1_000_000 + age, 1_000_000 + age))
@@ -129,9 +132,9 @@ def test_eviction_removes_the_least_recently_used_shards_first_and_never_those_i
     removed = evict(tmp_path, max_gb=2.5 * size / 2**30, keep={shards[1]})
     assert removed == [shards[0], shards[2]]
     assert sorted(store.shards()) == sorted([shards[1], shards[3]])
-    (tmp_path / "latents-x" / "notes.txt").write_text("not tuner's")
+    (tmp_path / LATENTS / "notes.txt").write_text("not tuner's")
     evict(tmp_path, max_gb=0, keep=set())
-    assert [p.name for p in (tmp_path / "latents-x").iterdir()] == ["notes.txt"]
+    assert [p.name for p in (tmp_path / LATENTS).iterdir()] == ["notes.txt"]
 
 
 def test_fingerprint_follows_weights_not_names():

@@ -22,9 +22,11 @@ from omegaconf import DictConfig
 from tuner.errors import ConfigError
 from tuner.models import checks as family_checks
 from tuner.numbers import check_numbers
-from tuner.run_folder import check_output_dir
+from tuner.run_folder import check_output_dir, refuse_inside_inputs
 from tuner.runner import BUILTINS, STAGES, entries
+from tuner.stages.context import cache_dir_of
 from tuner.training import selection
+from tuner.training.cache import check_cache_dir
 
 
 def validate(cfg: DictConfig) -> None:
@@ -49,8 +51,12 @@ def validate(cfg: DictConfig) -> None:
         selection.check(cfg, builtin.judged(cfg) if builtin is not None else set())
     if cfg.resume is not None:
         _check_resume(cfg)
+    if "train" in cfg.stages:  # its encoders' outputs go to the shared cache, where old entries are evicted
+        key = f"cache.dir={cfg.cache.dir}" if cfg.cache.dir else "the cache ($TUNER_HOME/cache)"
+        refuse_inside_inputs(cfg, cache_dir_of(cfg), key)
+        check_cache_dir(cache_dir_of(cfg), key)
     if os.environ.get("RANK", "0") == "0":  # several processes: rank 0's check, before it writes the folder
-        check_output_dir(cfg, entries(cfg))
+        check_output_dir(cfg, entries(cfg), {name for s in STAGES.values() for name in s.writes})
 
 
 def _check_stages(cfg: DictConfig) -> None:

@@ -1,4 +1,5 @@
-"""Atomic writes: a file or folder appears whole at its final path or not at all."""
+"""Atomic writes: a file or folder appears whole at its final path or not at all; names read from files
+confined to their folder."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from PIL import Image
+
+from tuner.errors import ConfigError
 
 
 def _umask() -> int:
@@ -127,3 +130,31 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if failed is None:
             raise
         raise failed from e
+
+
+def inside(folder: Path, name: object, source: Path | str | None = None) -> Path:
+    """``folder / name`` for a ``name`` read from the file ``source`` (a manifest, an index; None: a name of
+    tuner's own), when it is a plain relative name (no ``..``, ``.``, absolute path, empty part or NUL) that stays
+    inside ``folder`` without passing through a link. Tuner reads and deletes by such names, so anything else
+    makes ``source`` damaged.
+
+    Raises:
+        ConfigError: naming ``source`` (or the link) and the name.
+    """
+    text = name if isinstance(name, str) else None
+    parts = text.split("/") if text else []
+    if not parts or "\x00" in text or any(part in ("", ".", "..") for part in parts):
+        raise ConfigError(
+            f"{source or folder} is damaged: it names {name!r}, not a plain name inside {folder}; tuner reads and "
+            "deletes only by such names: restore the file from tuner's own copy or remove it"
+        )
+    path = Path(folder)
+    for part in parts:
+        path = path / part
+        if path.is_symlink():
+            named = f"{source} names {text!r}, and " if source else ""
+            raise ConfigError(
+                f"{named}{path} is a link: tuner does not follow links out of the folders it writes and deletes "
+                "in; put the folder itself there, or remove the link"
+            )
+    return path

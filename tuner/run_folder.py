@@ -24,7 +24,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from tuner.errors import ConfigError
-from tuner.files import write_atomic
+from tuner.files import inside, write_atomic
 
 MANIFEST = "tuner-run.json"
 ALWAYS = ("config.yaml", "summary.json")  # every run writes these
@@ -34,13 +34,29 @@ TEMP = re.compile(r"\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.(?P<kind>tmp|old)")
 RUN_CONTROL = ("output_dir", "overwrite", "resume")
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest of a run folder, or None when tuner did not write the folder."""
+def read_manifest(folder: Path, known: set[str] | None = None) -> dict | None:
+    """The manifest of a run folder, or None when tuner did not write the folder.
+
+    Its entries are what overwrite deletes, so each must be a plain top-level name inside the folder (never
+    ``..``, ``.``, a path or a link's way out) and, given ``known`` (every name a stage may write), one of those.
+
+    Raises:
+        ConfigError: the manifest lists anything else (it is damaged, or was edited), naming the entry.
+    """
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) and isinstance(manifest.get("entries"), list) else None
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("entries"), list)):
+        return None
+    for entry in manifest["entries"]:
+        inside(folder, entry, folder / MANIFEST)
+        if "/" in entry or (known is not None and entry not in {*known, *ALWAYS}):
+            raise ConfigError(
+                f"{folder / MANIFEST} is damaged: it lists {entry!r}, which no tuner stage writes; tuner deletes "
+                "only what it wrote: remove that entry from the file (or the file), or choose another output_dir"
+            )
+    return manifest
 
 
 def _inputs(cfg: DictConfig) -> list[tuple[str, str]]:
@@ -52,6 +68,23 @@ def _inputs(cfg: DictConfig) -> list[tuple[str, str]]:
     found += [(f"generate.adapters[{k}].path", a.path) for k, a in enumerate(cfg.generate.adapters)]
     found += [("generate.prompt_file", cfg.generate.prompt_file), ("generate.init_image", cfg.generate.init_image)]
     return [(key, value) for key, value in found if value]
+
+
+def refuse_inside_inputs(cfg: DictConfig, folder: Path, what: str) -> None:
+    """Refuse a folder tuner writes and deletes in (``what``: its key and value) that is one of the run's input
+    folders or lies inside one (a run folder of tuner's own excepted).
+
+    Raises:
+        ConfigError: naming both keys.
+    """
+    folder = folder.expanduser().resolve()
+    for key, value in _inputs(cfg):
+        source = Path(value).expanduser().resolve()
+        if source.is_dir() and (folder == source or source in folder.parents) and read_manifest(source) is None:
+            raise ConfigError(
+                f"{what} is inside {key}={value}: tuner never writes into the folders it reads; choose a folder "
+                "outside it"
+            )
 
 
 def _own_temp(name: str) -> bool:
@@ -82,11 +115,12 @@ def _same_config(cfg: DictConfig, folder: Path) -> bool:
     return before == _comparable(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def check_output_dir(cfg: DictConfig, declared: list[str]) -> None:
+def check_output_dir(cfg: DictConfig, declared: list[str], known: set[str] | None = None) -> None:
     """Refuse an ``output_dir`` tuner must not write into, naming it and the way out, before anything runs.
 
     Args:
         declared: the entries this run writes (``run.entries(cfg)``), so foreign files at those names are found.
+        known: every entry any stage may write: a manifest listing another name is refused as damaged.
 
     Raises:
         ConfigError: the folder is a file, lies inside one of the run's inputs, holds files tuner did not
@@ -95,20 +129,14 @@ def check_output_dir(cfg: DictConfig, declared: list[str]) -> None:
     if not cfg.output_dir:
         return
     folder = Path(cfg.output_dir).expanduser().resolve()
-    for key, value in _inputs(cfg):
-        source = Path(value).expanduser().resolve()
-        if source.is_dir() and (folder == source or source in folder.parents) and read_manifest(source) is None:
-            raise ConfigError(
-                f"output_dir={cfg.output_dir} is inside {key}={value}: tuner never writes into the folders it "
-                "reads; choose an output_dir outside it"
-            )
+    refuse_inside_inputs(cfg, folder, f"output_dir={cfg.output_dir}")
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"output_dir={cfg.output_dir} is a file; choose a folder (new or empty)")
     names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     names = [n for n in names if not _own_temp(n)]  # killed as it started: only its first temp file is there
     if not names:
         return
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, known)
     if manifest is None:
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise ConfigError(

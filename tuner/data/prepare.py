@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
@@ -27,10 +28,11 @@ from tqdm.auto import tqdm
 from tuner.config import DataConfig
 from tuner.data.images import NearDuplicates, Rejected, image_key, process
 from tuner.data.sources import Source, read_source
-from tuner.files import atomic_dir, write_atomic
+from tuner.files import atomic_dir, inside, write_atomic
 
 REPORT = "report.json"
 FINGERPRINT = "fingerprint"
+KEY_FILE = re.compile(r"[0-9a-f]{64}\.json")  # a processed image in the cache (tuner/data/images.py)
 
 
 @dataclass
@@ -153,7 +155,7 @@ def prepare(
             for item in found:
                 item.name = f"{k}:{item.name}"
         items += found
-    cache = out / "cache"
+    cache = inside(out.parent, f"{out.name}/cache")  # its stale files are deleted: never through a link
     cache.mkdir(parents=True, exist_ok=True)
     report = Report(source=", ".join(str(Path(x.path).expanduser().resolve()) for x in sources))
     used: set[str] = set()
@@ -223,8 +225,8 @@ def prepare(
             del written
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    for stale in cache.glob("*.json"):  # images no longer in the sources
-        if stale.name not in used:
+    for stale in cache.iterdir():  # images no longer in the sources: only files of the names tuner gives them
+        if KEY_FILE.fullmatch(stale.name) and stale.name not in used and stale.is_file() and not stale.is_symlink():
             stale.unlink()
     write_atomic(out / REPORT, json.dumps(asdict(report), indent=2))
     write_atomic(out / FINGERPRINT, fingerprint)

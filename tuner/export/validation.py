@@ -11,9 +11,10 @@ from urllib.parse import quote
 
 import torch
 
+from tuner.errors import ConfigError
 from tuner.export.charts import line_chart
 from tuner.export.gallery import cells_of, labelled_grid
-from tuner.files import write_atomic
+from tuner.files import inside, write_atomic
 
 STYLE = (
     "<style>body{font-family:sans-serif}img{image-rendering:pixelated}th{text-align:left;vertical-align:top}"
@@ -47,6 +48,45 @@ def _header(prompts: list[str], seeds: list[int], lead: list[str], last: str, nu
     return f'<tr>{heads}{tops}<th rowspan="2">{last}</th></tr><tr>{seed_row}</tr>'
 
 
+def step_files(step: int, prompts: int, seeds: list[int]) -> dict:
+    """The files of validation step ``step``, relative to the validation folder: the grid and each cell (by prompt,
+    then seed). Always derived from the step, never read back from ``steps.json``: a resumed run deletes the files
+    of the steps it samples again, and a name read from a file must not choose what is deleted."""
+    return {
+        "grid": f"step_{step:06d}.png",
+        "cells": [[f"cells/step_{step:06d}_p{k}_s{seed}.png" for seed in seeds] for k in range(prompts)],
+    }
+
+
+def read_steps(record: Path) -> dict:
+    """A validation folder's ``steps.json``, each step's files derived anew from its number and its numbers kept.
+
+    Raises:
+        ConfigError: the file is not what tuner writes (not JSON, a step that is not a whole number, ...).
+    """
+    try:
+        data = json.loads(record.read_text())
+        prompts, seeds = list(data["prompts"]), list(data["seeds"])
+        if not all(isinstance(p, str) for p in prompts) or not all(type(x) is int for x in seeds):
+            raise ValueError("prompts and seeds")
+        steps = []
+        for e in data["steps"]:
+            step, values = e["step"], e.get("values", {})
+            if type(step) is not int or step < 0 or not isinstance(values, dict):
+                raise ValueError(f"step {step!r}")
+            values = {str(k): v for k, v in values.items() if v is None or type(v) in (int, float)}
+            steps.append({"step": step, **step_files(step, len(prompts), seeds), "values": values})
+        chosen = data.get("chosen")
+        if chosen is not None and not (isinstance(chosen, dict) and type(chosen.get("step")) is int):
+            raise ValueError("chosen")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(
+            f"{record} is damaged ({e}): tuner wrote it as a record of validation steps; remove it (the page "
+            "starts again) or restore it"
+        ) from e
+    return {"prompts": prompts, "seeds": seeds, "steps": steps, "chosen": chosen}
+
+
 class ValidationGallery:
     """Validation samples taken every N training steps at fixed prompts and seeds; grows during the run."""
 
@@ -61,7 +101,7 @@ class ValidationGallery:
         self.chosen: dict | None = None  # {"step", "note"}: the step the run's weights come from
         record = self.folder / "steps.json"
         if record.exists():  # a resumed run continues its page (if it samples the same prompts and seeds)
-            data = json.loads(record.read_text())
+            data = read_steps(record)
             if data.get("prompts") == self.prompts and data.get("seeds") == self.seeds:
                 self._entries = data["steps"]
 
@@ -86,12 +126,12 @@ class ValidationGallery:
             raise ValueError(f"expected {len(self.prompts) * n} images, got {images.shape[0]}")
         cells = cells_of(images, self.display_size)
         rows = [cells[k * n : (k + 1) * n] for k in range(len(self.prompts))]
-        names = [[f"cells/step_{step:06d}_p{k}_s{seed}.png" for seed in self.seeds] for k in range(len(rows))]
+        entry = {"step": step, **step_files(step, len(self.prompts), self.seeds), "values": dict(values or {})}
+        names = entry["cells"]
         for row, row_names in zip(rows, names):
             for cell, name in zip(row, row_names):
                 write_atomic(self.folder / name, cell)
         grid = labelled_grid(self.prompts, rows, self.seeds)
-        entry = {"step": step, "grid": f"step_{step:06d}.png", "cells": names, "values": dict(values or {})}
         path = write_atomic(self.folder / entry["grid"], grid)
         dropped = [e for e in self._entries if e["step"] >= step]  # a resumed run re-samples these steps
         self._entries = [e for e in self._entries if e["step"] < step] + [entry]
@@ -99,8 +139,8 @@ class ValidationGallery:
         keep = {entry["grid"], *(c for row in names for c in row)}
         for old in dropped:  # files of replaced steps that this step did not overwrite
             for name in [old["grid"], *(c for row in old["cells"] for c in row)]:
-                if name not in keep:
-                    (self.folder / name).unlink(missing_ok=True)
+                if name not in keep:  # never through a link out of the folder
+                    inside(self.folder, name, self.folder / "steps.json").unlink(missing_ok=True)
         return path
 
     def mark(self, step: int, note: str) -> None:
@@ -149,7 +189,7 @@ def write_sweep_gallery(folder: Path, runs: list[tuple[str, Path]]) -> Path:
     records = []
     for _, run in runs:
         record = Path(run) / "validation" / "steps.json"
-        data = json.loads(record.read_text()) if record.exists() else {}
+        data = read_steps(record) if record.exists() else {}
         records.append(data if data.get("steps") else None)
     first = next((d for d in records if d), {"prompts": [], "seeds": []})
     prompts, seeds = first["prompts"], first["seeds"]

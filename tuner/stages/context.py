@@ -211,12 +211,11 @@ class Run:
 
     @property
     def home(self) -> Path:
-        return Path(self.cfg.home or os.environ.get("TUNER_HOME") or "~/.cache/tuner").expanduser()
+        return home_of(self.cfg)
 
     @property
     def cache_dir(self) -> Path:
-        """Where frozen outputs are cached for every run (``cache.dir``, else $TUNER_HOME/cache)."""
-        return Path(self.cfg.cache.dir).expanduser() if self.cfg.cache.dir else self.home / "cache"
+        return cache_dir_of(self.cfg)
 
     @property
     def base(self) -> Path:
@@ -314,6 +313,16 @@ class Run:
         return self.family.refiner_pipeline(
             Path(path).expanduser(), self.accelerator.device, components or self.components
         )
+
+
+def home_of(cfg: DictConfig) -> Path:
+    """Tuner's own folder: ``home``, else $TUNER_HOME, else ~/.cache/tuner (embedded bases, the cache)."""
+    return Path(cfg.home or os.environ.get("TUNER_HOME") or "~/.cache/tuner").expanduser()
+
+
+def cache_dir_of(cfg: DictConfig) -> Path:
+    """Where frozen outputs are cached for every run (``cache.dir``, else $TUNER_HOME/cache)."""
+    return Path(cfg.cache.dir).expanduser() if cfg.cache.dir else home_of(cfg) / "cache"
 
 
 def cache_key(*parts: str) -> str:

@@ -19,7 +19,7 @@ from tuner.data.prepare import Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.distributed import decide
 from tuner.errors import ConfigError
-from tuner.files import write_atomic
+from tuner.files import inside, write_atomic
 from tuner.sampling import to_uint8
 from tuner.stages.context import Run, Subject, stage
 
@@ -41,7 +41,7 @@ def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str 
             sources.append(Source(**{f.name: getattr(x, f.name) for f in dataclasses.fields(Source)}))
     if role == "class":  # class images keep their class prompt: no trigger word, never rejected for no caption
         d = dataclasses.replace(d, trigger=None, caption_missing="default")
-    out = run.dir / "data" / role
+    out = inside(run.dir, f"data/{role}/cache").parent  # what prepare deletes in there: never through a link
     report = prepare_sources(sources, out, d, default_caption or "", run.cfg.seed, desc=f"prepare {role}")
     print(f"[tuner] {report.summary()}", flush=True)
     for reason, files in report.rejected.items():

@@ -31,9 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tuner.distributed import barrier, decide
+from tuner.errors import ConfigError
 from tuner.files import write_atomic
 
 SHARD = re.compile(r"[0-9a-f]{32}\.safetensors")
+STORE = re.compile(r"(latents|prompts)-[0-9a-f]{32}")  # one encoder's folder (``fingerprint``)
+MARKER = "tuner-cache.json"  # in ``cache.dir``: tuner made this folder its cache
 SHARD_BYTES = 256 * 2**20  # an encoding process writes a shard each time this much is encoded
 ITEMS_AT_ONCE = 64  # items handed to the encoder per call (it batches them further itself)
 DTYPES = {
@@ -90,20 +93,53 @@ class Slot:
     shape: tuple[int, ...]
 
 
+class NotAShard(ValueError):
+    """A file whose header does not show that tuner wrote it: never read as a shard, never deleted."""
+
+
+def _header(shard: Path) -> tuple[dict, int, int]:
+    """A shard's safetensors header with tuner's cache metadata, its length and the file's size.
+
+    Raises:
+        NotAShard: the file does not carry tuner's header (someone else's file, or damage before the metadata).
+    """
+    try:
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
+            if n > size - 8:
+                raise NotAShard("no whole safetensors header")
+            header = json.loads(f.read(n))
+        meta = header.pop("__metadata__", None) or {}
+    except (ValueError, UnicodeDecodeError, AttributeError, IsADirectoryError) as e:
+        raise NotAShard(f"no safetensors header: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != "tuner-cache":
+        raise NotAShard("not a tuner cache shard")
+    return header | {"__metadata__": meta}, n, size
+
+
+def is_shard(path: Path) -> bool:
+    """Whether ``path`` is a plain file (no link) carrying a tuner cache shard's header: only such files are ever
+    deleted from the cache."""
+    if not (path.is_file() and not path.is_symlink() and SHARD.fullmatch(path.name)):
+        return False
+    try:
+        _header(path)
+    except (NotAShard, OSError):
+        return False
+    return True
+
+
 def read_index(shard: Path) -> tuple[dict[str, dict[str, Slot]], dict[str, str]]:
-    """A shard's entries (key -> name -> Slot) and their hashes, from its header; ValueError if it is damaged."""
-    size = shard.stat().st_size
-    with open(shard, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError("shorter than a header")
-        n = struct.unpack("<Q", head)[0]
-        if n > size - 8:
-            raise ValueError("header longer than the file")
-        header = json.loads(f.read(n))
-    meta = header.pop("__metadata__", None) or {}
-    if meta.get("format") != "tuner-cache":
-        raise ValueError("not a tuner cache shard")
+    """A shard's entries (key -> name -> Slot) and their hashes, from its header.
+
+    Raises:
+        NotAShard: the file does not carry tuner's header.
+        ValueError, KeyError: it does, and it is damaged (tuner wrote it: it may be removed).
+    """
+    header, n, size = _header(shard)
+    meta = header.pop("__metadata__")
     hashes = json.loads(meta["hashes"])
     entries: dict[str, dict[str, Slot]] = {}
     for full, info in header.items():
@@ -188,14 +224,20 @@ class Store:
         self.root, self.dir = Path(root), Path(root) / name
 
     def shards(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob("*.safetensors") if SHARD.fullmatch(p.name)) if self.dir.is_dir() else []
+        if not self.dir.is_dir() or self.dir.is_symlink():
+            return []
+        return sorted(p for p in self.dir.iterdir() if SHARD.fullmatch(p.name) and p.is_file() and not p.is_symlink())
 
     def index(self) -> dict[str, tuple[dict[str, Slot], str]]:
-        """Every readable entry: key -> (its slots, its hash). Damaged shards are removed (tuner wrote them)."""
+        """Every readable entry: key -> (its slots, its hash). Damaged shards are removed when their header shows
+        tuner wrote them; a file without it is left as it is and not read."""
         found: dict[str, tuple[dict[str, Slot], str]] = {}
         for shard in self.shards():
             try:
                 entries, hashes = read_index(shard)
+            except NotAShard as e:
+                print(f"[tuner] cache: {shard} is not a shard tuner can read ({e}); left as it is", flush=True)
+                continue
             except (ValueError, KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
                 print(f"[tuner] cache: {shard} is damaged ({e}); removed, its entries are encoded again", flush=True)
                 shard.unlink(missing_ok=True)
@@ -257,8 +299,10 @@ class Store:
 
 def evict(root: Path, max_gb: float, keep: set[Path]) -> list[Path]:
     """Remove the least recently used shards under ``root`` until they hold at most ``max_gb`` (never ``keep``,
-    the shards the run has open)."""
-    shards = [p for p in Path(root).glob("*/*.safetensors") if SHARD.fullmatch(p.name)]
+    the shards the run has open). Only files that carry a shard's header in an encoder's folder count: anything
+    else in the cache folder is neither counted nor deleted."""
+    folders = [f for f in Path(root).iterdir() if STORE.fullmatch(f.name) and f.is_dir() and not f.is_symlink()]
+    shards = [p for f in folders for p in Store(root, f.name).shards() if is_shard(p)]
     stats = {}
     for p in shards:
         try:
@@ -276,6 +320,33 @@ def evict(root: Path, max_gb: float, keep: set[Path]) -> list[Path]:
         total -= stats[p].st_size
         removed.append(p)
     return removed
+
+
+def check_cache_dir(root: Path, key: str) -> None:
+    """Refuse a cache folder tuner did not make: it must be new, empty, hold tuner's marker (``MARKER``), or hold
+    only encoders' folders (a cache from before the marker). Eviction deletes in it.
+
+    Raises:
+        ConfigError: naming ``key`` and what the folder holds.
+    """
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise ConfigError(f"{key}: {root} is a file; give a folder for the cache (new, empty, or tuner's cache)")
+    names = sorted(p.name for p in root.iterdir())
+    if (root / MARKER).is_file() or all(STORE.fullmatch(n) for n in names):
+        return
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    raise ConfigError(
+        f"{key}: {root} holds files tuner did not write ({shown}) and is not a tuner cache (no {MARKER}); tuner "
+        "deletes old entries in its cache: give a new or empty folder, or tuner's own cache"
+    )
+
+
+def mark_cache_dir(root: Path) -> None:
+    """Make ``root`` tuner's cache folder: its marker says so to later runs (``check_cache_dir``)."""
+    if not (root / MARKER).is_file():
+        write_atomic(root / MARKER, json.dumps({"tuner": "cache", "stores": STORE.pattern}, indent=2))
 
 
 def cached(
