@@ -2,12 +2,15 @@
 
 A checkpoint (see ``tuner.training.checkpoints``) is checked without loading it: the header of
 ``trained.safetensors`` against the file's size (or, saved sharded, torch.distributed.checkpoint's
-metadata against its data files' sizes), and ``state.pt``'s zip directory and pickle (with ``thorough``,
-its checksums too). Nothing damaged is ever deleted here.
+metadata against its data files' sizes), ``state.pt``'s zip directory and pickle, and ``sha256.json``
+(``HASHES``: the sha256 of every file, written with the checkpoint) listing each file that is read. With
+``thorough`` (the checkpoint about to be resumed), also ``state.pt``'s checksums and every file's sha256:
+bytes altered in place, whatever the format, are found. Nothing damaged is ever deleted here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pickle
@@ -21,6 +24,8 @@ import torch
 from tuner.errors import ConfigError
 
 PATTERN = re.compile(r"step-(\d+)")
+# the sha256 of every file of a checkpoint, by its path in the checkpoint folder, written with it
+HASHES = "sha256.json"
 
 
 def _steps(folder: Path) -> list[Path]:
@@ -53,7 +58,7 @@ def newest_intact(folder: Path) -> Path | None:
         problem = damage(path, thorough=True)
         if problem is None:
             return path
-        why = f"{problem[0].name} {problem[1]}"
+        why = f"{problem[0].relative_to(path).as_posix()} {problem[1]}"
         skipped.append(f"{path.name} ({why})")
         print(f"[tuner] resume=auto: skipping the damaged checkpoint {path}: {why}", flush=True)
     raise ConfigError(
@@ -227,8 +232,8 @@ def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
     """Why checkpoint ``path`` cannot be resumed from, as (file, reason), or None when it is intact.
 
     Cheap: the safetensors header against the file's size, ``state.pt``'s zip directory and pickle (its
-    tensors memory-mapped, not read). ``thorough`` (the checkpoint about to be resumed) also reads ``state.pt``
-    against its checksums. Bytes of ``trained.safetensors`` altered in place have no checksum to fail.
+    tensors memory-mapped, not read), ``sha256.json`` listing every file read. ``thorough`` (the checkpoint
+    about to be resumed) also reads ``state.pt`` against its checksums and every file against its sha256.
     """
     if (path / SHARDED).is_dir():  # distributed.strategy=fsdp
         try:
@@ -247,6 +252,54 @@ def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
             read(file, thorough) if name == "state.pt" else read(file)
         except ValueError as e:
             return file, str(e)
+        except OSError as e:
+            return file, f"cannot be read ({e.strerror or e})"
+    return hash_damage(path, thorough)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_files(path: Path) -> list[Path]:
+    """The files of checkpoint ``path`` that resuming reads (config.yaml only when there: it is optional)."""
+    files = [path / "state.pt", *([path / "config.yaml"] if (path / "config.yaml").is_file() else [])]
+    if (path / SHARDED).is_dir():
+        return files + sorted(p for p in (path / SHARDED).rglob("*") if p.is_file())
+    return [*files, path / "trained.safetensors"]
+
+
+def write_hashes(path: Path) -> None:
+    """Write ``sha256.json`` into the checkpoint folder ``path`` (still its temp folder: it is renamed into place
+    with the files it lists)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != HASHES)
+    hashes = {p.relative_to(path).as_posix(): file_sha256(p) for p in files}
+    (path / HASHES).write_text(json.dumps(hashes, indent=1, sort_keys=True) + "\n")
+
+
+def hash_damage(path: Path, thorough: bool = True) -> tuple[Path, str] | None:
+    """A file of checkpoint ``path`` that ``sha256.json`` does not list or (``thorough``) whose bytes differ
+    from the sha256 saved with it, as (file, reason); None when every file read is as it was saved."""
+    listing = path / HASHES
+    if not listing.is_file():
+        return listing, "is missing (the sha256 of its files, saved with every checkpoint)"
+    try:
+        hashes = json.loads(listing.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        hashes = None
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+        return listing, "is damaged (it does not parse)"
+    for file in _read_files(path):
+        name = file.relative_to(path).as_posix()
+        if name not in hashes:
+            return file, f"is not listed in {HASHES} (not saved with the checkpoint)"
+        try:
+            if thorough and file_sha256(file) != hashes[name]:
+                return file, f"is damaged: its sha256 differs from the one saved with the checkpoint ({HASHES})"
         except OSError as e:
             return file, f"cannot be read ({e.strerror or e})"
     return None

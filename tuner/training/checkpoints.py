@@ -7,7 +7,8 @@ A checkpoint is a folder ``checkpoints/step-NNNNNNN/`` in the run folder, writte
 - ``state.pt``: optimizer, LR scheduler, EMA, loss scaler (fp16), the loop's random generator (the
   same on every rank), each rank's torch RNG and running loss, the data order still to come and the
   epochs started, the step and the losses so far;
-- ``config.yaml``: the run's resolved configuration.
+- ``config.yaml``: the run's resolved configuration;
+- ``sha256.json``: the sha256 of each file above, checked before the checkpoint is used.
 
 Under ``distributed.strategy=fsdp`` the tensors are saved sharded instead (``save_sharded``): ``sharded/``
 holds torch.distributed.checkpoint's files (one per rank, and ``.metadata``) with the trained tensors, the
@@ -18,7 +19,7 @@ of processes (``load_sharded``), each rank reading its new shards.
 is ever unpickled.
 
 A checkpoint is resumed from only when it is whole and was made with the settings of this run (see
-``check_resume``): a truncated or unreadable file, a checkpoint of another adapter or optimizer, or one
+``check_resume``): a truncated, unreadable or altered file, a checkpoint of another adapter or optimizer, or one
 past ``train.max_steps`` is refused with a ``ConfigError`` naming the file or the settings. ``resume=auto``
 skips damaged checkpoints (saying so) and takes the newest intact one; nothing damaged is ever deleted.
 Finding checkpoints and telling intact ones from damaged ones is ``tuner.training.checkpoint_files``.
@@ -44,14 +45,17 @@ import torch
 from tuner.errors import ConfigError
 from tuner.files import atomic_dir, put_in_place
 from tuner.training.checkpoint_files import (
+    PATTERN,
     SHARDED,
     damage,
     find,
+    hash_damage,
     safetensors_header,
     sharded_header,
     sharded_reader,
     state_header,
     step_number,
+    write_hashes,
 )
 
 
@@ -95,6 +99,7 @@ def save(ck: Checkpointing, step: int, params: list[torch.nn.Parameter], state: 
             torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
             if ck.config:
                 (tmp / "config.yaml").write_text(ck.config)
+            write_hashes(tmp)
     except OSError as e:  # disk full, permission denied: say so; the earlier checkpoints are untouched
         raise _save_error(ck, path, e) from e
     _prune(ck)
@@ -138,6 +143,7 @@ def save_sharded(ck: Checkpointing, step: int, tensors: dict, state: dict, accel
             torch.save({**state, "step": step, "data": ck.data_state()}, tmp / "state.pt")
             if ck.config:
                 (tmp / "config.yaml").write_text(ck.config)
+            write_hashes(tmp)
             put_in_place(tmp, path)  # an intact checkpoint of this step (resumed at it) is replaced whole
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,11 +157,14 @@ def save_sharded(ck: Checkpointing, step: int, tensors: dict, state: dict, accel
     return Path(decide(accelerator, finish))
 
 
-def load_sharded(path: Path, tensors: dict, one_process: bool) -> dict:
+def load_sharded(path: Path, tensors: dict, one_process: bool, verify: bool = True) -> dict:
     """Read a sharded checkpoint's tensors into ``tensors`` (in place, each rank its shards, resharded when the
-    number of processes changed); returns its state (step, scheduler, generator, ...)."""
+    number of processes changed); returns its state (step, scheduler, generator, ...). ``verify``: every file
+    against its sha256 first (``check_resume`` did that already for a resumed one)."""
     import torch.distributed.checkpoint as dcp
 
+    if verify and (problem := hash_damage(path)) is not None:
+        raise _damaged(path, *problem)
     try:
         with _one_process_quiet():
             dcp.load(tensors, storage_reader=sharded_reader(path / SHARDED), no_dist=one_process)
@@ -178,7 +187,7 @@ def _one_process_quiet():
 
 def _set_aside_damaged(path: Path) -> None:
     """A damaged checkpoint of this step is kept beside, never written over."""
-    if not (path.is_dir() and damage(path) is not None):
+    if not (path.is_dir() and damage(path, thorough=True) is not None):
         return
     aside = path.with_name(f"{path.name}.damaged")
     n = 1
@@ -299,13 +308,7 @@ def check_resume(
 
     problem = damage(path, thorough=True)
     if problem is not None:
-        file, reason = problem
-        earlier = [p for p in find(path.parent) if p != path and step_number(p) < step_number(path)]
-        hint = f", or name an earlier one: resume={earlier[-1]}" if earlier else ""
-        raise ConfigError(
-            f"resume={path}: the checkpoint is damaged: {file} {reason}. resume=auto (with output_dir=RUN) takes "
-            f"the newest intact checkpoint{hint}"
-        )
+        raise _damaged(path, *problem)
     saved_config = path / "config.yaml"
     if config and saved_config.is_file():
         try:
@@ -367,24 +370,32 @@ def _check_tensors(path: Path, params: list[torch.nn.Parameter], names: list[str
             raise _refuse(path, f"{file}: trained tensor {i} has the shape {shape}, this run's {tuple(p.shape)}")
 
 
-def load(path: Path, params: list[torch.nn.Parameter]) -> dict:
+def _damaged(path: Path, file: Path, reason: str) -> ConfigError:
+    """The refusal of a damaged checkpoint, naming the file and the fixes: resume=auto, or an earlier one."""
+    step = step_number(path) if PATTERN.fullmatch(path.name) else None
+    earlier = [p for p in find(path.parent) if step is not None and step_number(p) < step]
+    hint = f", or name an earlier one: resume={earlier[-1]}" if earlier else ""
+    return ConfigError(
+        f"resume={path}: the checkpoint is damaged: {file} {reason}. resume=auto (with output_dir=RUN) takes the "
+        f"newest intact checkpoint{hint}"
+    )
+
+
+def load(path: Path, params: list[torch.nn.Parameter], verify: bool = True) -> dict:
     """Copy the trained tensors of checkpoint ``path`` into ``params``; returns its state (step, optimizer, ...).
 
-    ``check_resume`` has vetted it (on rank 0); a file that changed since, or tensor bytes of
-    ``trained.safetensors`` altered in place where safetensors sees it, are refused here too.
+    ``verify``: every file against its sha256 first (``check_resume`` did that for a resumed checkpoint).
 
     Raises:
-        ConfigError: a file of the checkpoint cannot be read, or its tensors do not fit ``params``.
+        ConfigError: a file of the checkpoint is altered or cannot be read, or its tensors do not fit ``params``.
     """
     from safetensors.torch import load_file
 
     def damaged(file: Path, e: Exception) -> ConfigError:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return ConfigError(
-            f"resume={path}: the checkpoint is damaged: {file} cannot be read ({reason}). resume=auto (with "
-            "output_dir=RUN) takes the newest intact checkpoint, or name an earlier step-N folder"
-        )
+        return _damaged(path, file, f"cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
 
+    if verify and (problem := hash_damage(path)) is not None:  # every file as it was saved (its sha256)
+        raise _damaged(path, *problem)
     file = path / "trained.safetensors"
     try:
         tensors = load_file(file)

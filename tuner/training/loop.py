@@ -200,12 +200,12 @@ class Training:
             from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
             tensors, optimizer_state = self._sharded_state()
-            state = checkpoints.load_sharded(ck.resume, tensors, a.num_processes == 1)
+            state = checkpoints.load_sharded(ck.resume, tensors, a.num_processes == 1, verify=False)
             groups = zip(state["optimizer"]["param_groups"], optimizer_state["param_groups"])
             optimizer_state["param_groups"] = [{**saved, "params": now["params"]} for saved, now in groups]
             set_optimizer_state_dict(self.trained_box, self.optimizer.optimizer, optimizer_state)
         else:
-            state = checkpoints.load(ck.resume, self.params)
+            state = checkpoints.load(ck.resume, self.params, verify=False)
             self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.ema is not None:  # sharded: its averages were read in place above, the rest is here

@@ -1,0 +1,144 @@
+"""Inputs that used to give a wrong result with exit 0: each is now refused with one ``tuner: ...`` line naming the
+file or key and the fix (exit 2), and no file outside the run folder changes (sha256 of the user's folders).
+
+- a checkpoint whose bytes changed in place (a flipped bit in a sharded ``.distcp`` or in ``trained.safetensors``):
+  its sha256 differs from the one saved with it;
+- an export whose float16 cast overflows to infinity;
+- a CLIP or DINO folder that is damaged, of another kind, or lacks weights;
+- ``data.val_dir`` that shares images with ``data.instance_dir`` (by path or by content).
+"""
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+from safetensors import safe_open
+
+from tests.helpers import FORMATS, PROMPT, train_in_process
+from tuner.__main__ import main
+
+pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """sha256 (and mode) of every file under ``folder``, by relative path (as tests/test_hostile_files.py)."""
+    out = {}
+    for path in sorted(Path(folder).rglob("*")):
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[str(path.relative_to(folder))] = f"{digest} {oct(path.stat().st_mode & 0o777)}"
+    return out
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``python -m tuner ARGS`` in this process: the exit code, and what it printed on stdout and stderr."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("tuner:")]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def lora_args(tiny: Path, photos: Path, *more: str) -> list[str]:
+    """train_in_process's run as a command line (tests/helpers.py)."""
+    return [
+        "recipe=lora",
+        f"model.path={tiny}",
+        "data.resolution=16",
+        f"data.instance_dir={photos}",
+        f"data.instance_prompt={PROMPT}",
+        "train.batch_size=2",
+        "train.learning_rate=1e-2",
+        "train.log_every=1",
+        "validation.every=0",
+        "log.tensorboard=false",
+        "stages=[base,prepare,train,export]",
+        FORMATS,
+        *more,
+    ]
+
+
+def flip_a_byte(file: Path, at: int) -> None:
+    """One byte of ``file`` changed in place: every size, header and offset stays right."""
+    data = bytearray(file.read_bytes())
+    data[at] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- checkpoints altered in place
+
+CHECKPOINTED = ["train.max_steps=4", "checkpoints.every=2", "checkpoints.keep=2", "export.formats=[diffusers]"]
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def checkpointed(request, tmp_path_factory, tiny_pipeline_dir):
+    """A run of 4 steps with checkpoints at 2 and 4, saved whole or (distributed.strategy=fsdp, one process, as
+    several processes save them) sharded by torch.distributed.checkpoint; and its arguments."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    more = [*CHECKPOINTED, f"distributed.strategy={request.param}"]
+    run = train_in_process(tmp, tiny_pipeline_dir, *more)
+    return run.dir, lora_args(tiny_pipeline_dir, tmp / "photos", *more), tmp / "photos"
+
+
+def _data_file(checkpoint: Path) -> tuple[Path, int]:
+    """The file holding the trained tensors' bytes, and an offset inside the first tensor's data."""
+    sharded = sorted((checkpoint / "sharded").glob("*.distcp"))
+    if sharded:
+        return sharded[0], sharded[0].stat().st_size // 2
+    file = checkpoint / "trained.safetensors"
+    with open(file, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    with safe_open(file, "pt") as f:
+        first = f.get_tensor("0")
+    return file, 8 + header + first.numel() * first.element_size() // 2
+
+
+def test_a_checkpoint_altered_in_place_is_refused_naming_the_file_and_auto_takes_an_earlier_one(
+    capsys, checkpointed, tiny_pipeline_dir, tmp_path
+):
+    """A flipped bit in the tensors' data (sharded or not) has every size right: it was resumed from silently, or
+    surfaced as torch's UnpicklingError. Its sha256 differs from the one saved with the checkpoint: resume=PATH
+    refuses it naming the file; resume=auto says so and resumes from the step before; the damaged one is kept."""
+    source, args, photos = checkpointed
+    folder = tmp_path / "run"
+    shutil.copytree(source, folder)
+    damaged = folder / "checkpoints" / "step-0000004"
+    file, at = _data_file(damaged)
+    flip_a_byte(file, at)
+    mine = {"photos": tree(photos), "base": tree(tiny_pipeline_dir)}
+    before = tree(damaged)
+
+    code, out, err = cli(capsys, *args, f"output_dir={folder}", f"resume={damaged}")
+    line = one_line(err)
+    assert code == 2, err
+    assert f"resume={damaged}: the checkpoint is damaged: {file} is damaged: its sha256 differs" in line, line
+    assert f"resume={folder / 'checkpoints' / 'step-0000002'}" in line and "resume=auto" in line  # the fixes
+    assert "weights_only" not in line
+    assert tree(damaged) == before
+
+    code, out, err = cli(capsys, *args, f"output_dir={folder}", "resume=auto", "train.max_steps=5")
+    assert code == 0, err[-3000:]
+    assert f"skipping the damaged checkpoint {damaged}: {file.relative_to(damaged)} is damaged: its sha256" in out, out
+    assert f"resumed from {folder / 'checkpoints' / 'step-0000002'} at step 2 of 5" in out
+    assert tree(damaged.with_name("step-0000004.damaged")) == before  # kept, byte for byte, when step 4 came again
+    assert {"photos": tree(photos), "base": tree(tiny_pipeline_dir)} == mine
+
+
+def test_a_checkpoint_without_its_sha256_is_refused(capsys, checkpointed, tmp_path):
+    source, args, _ = checkpointed
+    folder = tmp_path / "run"
+    shutil.copytree(source, folder)
+    checkpoint = folder / "checkpoints" / "step-0000004"
+    (checkpoint / "sha256.json").unlink()
+    code, out, err = cli(capsys, *args, f"output_dir={folder}", f"resume={checkpoint}")
+    assert code == 2 and f"{checkpoint / 'sha256.json'} is missing" in one_line(err), err
