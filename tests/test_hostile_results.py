@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors import safe_open
 
@@ -142,3 +143,54 @@ def test_a_checkpoint_without_its_sha256_is_refused(capsys, checkpointed, tmp_pa
     (checkpoint / "sha256.json").unlink()
     code, out, err = cli(capsys, *args, f"output_dir={folder}", f"resume={checkpoint}")
     assert code == 2 and f"{checkpoint / 'sha256.json'} is missing" in one_line(err), err
+
+
+# ---------------------------------------------------------------- an export whose cast overflows
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_pipeline_dir):
+    """A LoRA run's diffusers file (U-Net only)."""
+    tmp = tmp_path_factory.mktemp("exported")
+    run = train_in_process(tmp, tiny_pipeline_dir, "export.formats=[diffusers]")
+    return run.dir / "diffusers" / "pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize(
+    "setting, fmt, scale, names",
+    [
+        # a LoRA value past float16's 65504: the adapter formats' cast, checked before anything is written
+        ("export.dtype=float16", "[diffusers,kohya,peft]", 1e5, ("export: unet.", "to_q.lora_B", "nothing")),
+        # values float16 holds, whose product fused into the base does not: the format's own cast
+        ("export.single_file_dtype=float16", "[single_file]", 300.0, ("export single_file: ", "to_q", "single_file")),
+        ("export.variant=fp16", "[merged]", 300.0, ("export merged: ", "to_q", "merged")),
+    ],
+)
+def test_an_export_that_overflows_in_its_dtype_is_refused_naming_the_tensor(
+    capsys, exported, tiny_pipeline_dir, tmp_path, setting, fmt, scale, names
+):
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(exported, "pt") as f:
+        metadata = f.metadata()
+    state = load_file(exported)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for key in [k for k in state if "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" in k]:
+        state[key] = torch.full_like(state[key], scale if scale < 1e4 else 1.0)
+        if "lora_B" in key:
+            state[key][0, 0] = scale  # finite in float32 (the diverged-run check passes it)
+    save_file(state, mine / "big.safetensors", metadata=metadata)
+    before = {"mine": tree(mine), "base": tree(tiny_pipeline_dir)}
+    out = tmp_path / "out"
+    file = mine / "big.safetensors"
+    code, _, err = cli(capsys, "recipe=export", f"model.path={tiny_pipeline_dir}", f"checkpoint={file}",
+                       f"export.formats={fmt}", setting, f"output_dir={out}")  # fmt: skip
+    line = one_line(err)
+    key, value = setting.split("=")
+    assert code == 2, err
+    assert all(n in line for n in names) and f"is infinite as {value}" in line, line
+    assert f"was not written; set {key}=" in line or "so nothing was exported; set export.dtype=bfloat16" in line
+    assert key in line.rsplit("; set ", 1)[1]  # the fix names the setting
+    assert not [p for p in out.iterdir() if p.name not in ("config.yaml", "tuner-run.json")]  # no format written
+    assert {"mine": tree(mine), "base": tree(tiny_pipeline_dir)} == before

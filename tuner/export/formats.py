@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 
 from tuner.errors import ConfigError
+from tuner.export.finite import finite_as
 from tuner.export.metadata import tensor_hashes
 from tuner.export.tensors import (
     Trained,
@@ -93,7 +94,7 @@ def _write_diffusers(x: Export) -> None:
                     state, config = peft_state(module)
                     prefix = LEGACY_PREFIXES.get(type(module).__name__, "")  # as every diffusers version reads
                     state = {(k if k.startswith(prefix) else prefix + k): v.to(x.dtype) for k, v in state.items()}
-                    layers[component] = (state, peft_config_dict(config))
+                    layers[component] = (finite_as(state, "export.dtype", "diffusers"), peft_config_dict(config))
             x.family.save_lora(tmp, layers)
         for token, by_encoder in x.trained.tokens.items():
             path = tmp / "embeddings" / f"{token_file_name(token)}.safetensors"
@@ -153,7 +154,7 @@ def _write_kohya(x: Export) -> None:
     family = x.family
     with atomic_dir(x.folder) as tmp:
         if x.trained.adapter in ("lora", "loha", "lokr"):
-            state = kohya_state(x.trained, family, x.dtype)
+            state = finite_as(kohya_state(x.trained, family, x.dtype), "export.dtype", "kohya")
             meta = {**x.metadata, **kohya_network_metadata(x.trained.adapter, state)}
             meta.update(tensor_hashes(state, meta))
             write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
@@ -174,8 +175,8 @@ def embedding_tensors(x: Export, by_encoder: dict[str, torch.Tensor], one: str) 
     them and diffusers' ``load_textual_inversion`` takes them one encoder at a time."""
     keys = x.family.EMBEDDINGS
     if len(keys) == 1:
-        return {one: by_encoder[next(iter(keys))].to(x.dtype)}
-    return {keys[encoder]: vectors.to(x.dtype) for encoder, vectors in by_encoder.items()}
+        return finite_as({one: by_encoder[next(iter(keys))].to(x.dtype)}, "export.dtype", "embedding")
+    return finite_as({keys[e]: v.to(x.dtype) for e, v in by_encoder.items()}, "export.dtype", "embedding")
 
 
 # the programs that read a family's kohya LoRA (A1111 reads no Flux or SD3 file; InvokeAI no SD3 LoRA)
@@ -218,7 +219,9 @@ def _write_peft(x: Export) -> None:
             config = copy.deepcopy(config)
             config.base_model_name_or_path = None  # never a path of this machine
             config.save_pretrained(tmp / component)
-            state = {f"base_model.model.{k}": v.to(x.dtype) for k, v in state.items()}
+            state = finite_as(
+                {f"base_model.model.{k}": v.to(x.dtype) for k, v in state.items()}, "export.dtype", "peft"
+            )
             write_safetensors(tmp / component / "adapter_model.safetensors", state, {"format": "pt"})
 
 
@@ -239,6 +242,8 @@ def _write_merged(x: Export) -> None:
         if x.variant:  # first, from copies: the configs both share (transformers records a dtype) end up fp32
             dtype = DTYPES[{"fp16": "float16", "bf16": "bfloat16"}[x.variant]]
             half = {name: copy.deepcopy(module).to(dtype) for name, module in merged.items()}
+            params = {f"{name}.{n}": p.detach() for name, m in half.items() for n, p in m.named_parameters()}
+            finite_as(params, "export.variant", "merged")
             x.family.pipeline_with(x.base, **tokenizers, **half).save_pretrained(
                 tmp, safe_serialization=True, variant=x.variant
             )
@@ -288,7 +293,9 @@ def _write_single_file(x: Export) -> None:
     state = x.family.single_file_state(x.merged(), vocab)
     meta = {**x.metadata, "modelspec.architecture": x.family.MODELSPEC_ARCHITECTURE}
     with atomic_dir(x.folder) as tmp:
-        state = {k: v.to(x.single_file_dtype) for k, v in state.items()}
+        state = finite_as(
+            {k: v.to(x.single_file_dtype) for k, v in state.items()}, "export.single_file_dtype", "single_file"
+        )
         write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
 
 
@@ -390,26 +397,6 @@ def check_held(parts: set[str], chosen, family) -> None:
             f"export.formats={list(chosen)} cannot hold {', '.join(sorted(missing))} (what this run trains); "
             f"add {' or '.join(fits)}, e.g. 'export.formats=[{','.join([*chosen, fits[0]])}]'"
         )
-
-
-def check_finite(trained: Trained) -> None:
-    """Refuse to export NaN or infinite weights (a diverged run), naming the first such tensor.
-
-    Raises:
-        ConfigError: naming the module and tensor; nothing has been written.
-    """
-    named = {f"token {t} ({e})": v for t, by_encoder in trained.tokens.items() for e, v in by_encoder.items()}
-    for component, module in trained.components.trainable().items():
-        if trained.base_weights:
-            named.update({f"{component}.{n}": p for n, p in module.named_parameters()})
-        for name, layer in tuner_layers(module).items():
-            named.update({f"{component}.{name}.{n}": p for n, p in layer.named_parameters() if "base_layer" not in n})
-    for name, tensor in named.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ConfigError(
-                f"export: {name} holds NaN or infinite values, so nothing was exported; the training diverged "
-                "(lower train.learning_rate, or keep train.nonfinite=stop to stop at the first such step)"
-            )
 
 
 def usage(files: dict, base: str, pipeline: str, prompt: str) -> str:

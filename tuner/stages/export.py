@@ -19,6 +19,7 @@ from tuner.data.prepare import load_prepared
 from tuner.errors import ConfigError
 from tuner.export import formats, tensors
 from tuner.export.card import write_model_card
+from tuner.export.finite import check_finite
 from tuner.export.formats import FORMATS, check_held, holds
 from tuner.export.metadata import file_hashes, folder_hash, tag_frequency, training_metadata
 from tuner.models import get_family
@@ -183,7 +184,7 @@ def export(run: Run) -> Exported:
     if e.formats is None:
         print(f"[tuner] export: {', '.join(chosen)} (model={run.family.NAME}'s; export.formats= to choose)", flush=True)
     formats.check_held(parts, chosen, run.family)
-    formats.check_finite(trained)
+    check_finite(trained, formats.DTYPES[e.dtype])
     name = e.name or run.dir.name
     info = _export_info(run, trained, name, trained_here=what is not None)
     made = run.results.get(Made)
