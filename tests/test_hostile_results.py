@@ -17,7 +17,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors import safe_open
 
-from tests.helpers import FORMATS, PROMPT, train_in_process
+from tests.helpers import FORMATS, PROMPT, make_photos, train_in_process
 from tuner.__main__ import main
 
 pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
@@ -194,3 +194,96 @@ def test_an_export_that_overflows_in_its_dtype_is_refused_naming_the_tensor(
     assert key in line.rsplit("; set ", 1)[1]  # the fix names the setting
     assert not [p for p in out.iterdir() if p.name not in ("config.yaml", "tuner-run.json")]  # no format written
     assert {"mine": tree(mine), "base": tree(tiny_pipeline_dir)} == before
+
+
+# ---------------------------------------------------------------- feature models (eval.clip, eval.dino)
+
+
+@pytest.fixture(scope="module")
+def feature_models(tmp_path_factory):
+    from tuner.models.tiny import make_tiny_feature_model
+
+    root = tmp_path_factory.mktemp("features")
+    return {kind: make_tiny_feature_model(root / kind, kind) for kind in ("clip", "dino")}
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(folder / "model.safetensors")
+    save_file(change(state), folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def _no_vision_tower(folder: Path) -> None:
+    _rewrite_weights(folder, lambda state: {k: v for k, v in state.items() if not k.startswith("vision_model.")})
+
+
+def _with_a_head(folder: Path) -> None:
+    _rewrite_weights(folder, lambda state: {**state, "classifier.weight": torch.zeros(3, 32)})
+
+
+def _truncate(file: Path) -> None:
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+
+FOLDERS = {  # name: (kind, made from, damage, what the line says)
+    "no_config": ("clip", "clip", lambda f: (f / "config.json").unlink(), "(config.json missing)"),
+    "bad_config": ("dino", "dino", lambda f: (f / "config.json").write_text("{not json"), "config.json does not parse"),
+    "dino_as_clip": (
+        "clip",
+        "dino",
+        lambda f: None,
+        "describes a dinov2 model (model_type), not one of clip",
+    ),
+    "clip_as_dino": (
+        "dino",
+        "clip",
+        lambda f: None,
+        "describes a clip model (model_type), not one of dinov2",
+    ),
+    "no_weights": ("clip", "clip", lambda f: (f / "model.safetensors").unlink(), "no weights in it"),
+    "truncated": ("dino", "dino", lambda f: _truncate(f / "model.safetensors"), "model.safetensors is truncated"),
+    "no_vision_tower": ("clip", "clip", _no_vision_tower, "its weights lack the vision_model.embeddings"),
+    "with_a_head": ("dino", "dino", _with_a_head, "its weights hold classifier, which the dinov2 model"),
+}
+
+
+@pytest.mark.parametrize("case", FOLDERS)
+def test_a_damaged_or_wrong_kind_feature_model_folder_is_refused_at_config_time(
+    capsys, case, feature_models, tiny_pipeline_dir, tmp_path
+):
+    kind, source, damage, says = FOLDERS[case]
+    folder = tmp_path / "models" / case
+    shutil.copytree(feature_models[source], folder)
+    damage(folder)
+    photos = make_photos(tmp_path / "photos")
+    before = {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)}
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *lora_args(tiny_pipeline_dir, photos, f"eval.{kind}={folder}", "validation.every=1",
+                                          f"output_dir={out}"))  # fmt: skip
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"tuner: config error: eval.{kind}={folder}: "), line
+    assert says in line and "save_pretrained" in line, line
+    assert not out.exists()  # refused before the run folder is made
+    assert {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)} == before
+
+
+def test_a_feature_model_lacking_one_weight_is_refused_by_name_not_loaded_at_random(
+    capsys, feature_models, tiny_pipeline_dir, tmp_path
+):
+    """One tensor of the vision tower gone (its part is there, so the headers pass): transformers would initialise
+    it at random, with no warning, and every clip_i would be noise. The first validation step refuses it."""
+    folder = tmp_path / "models" / "clip"
+    shutil.copytree(feature_models["clip"], folder)
+    gone = "vision_model.post_layernorm.weight"
+    _rewrite_weights(folder, lambda state: {k: v for k, v in state.items() if k != gone})
+    photos = make_photos(tmp_path / "photos")
+    before = {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)}
+    code, _, err = cli(capsys, *lora_args(tiny_pipeline_dir, photos, f"eval.clip={folder}", "validation.every=1",
+                                          "validation.seeds=[0]", "validation.steps=1", "validation.samples=1",
+                                          "train.max_steps=1", f"output_dir={tmp_path / 'run'}"))  # fmt: skip
+    line = one_line(err)
+    assert code == 2, err
+    assert f"eval.clip={folder}: its weights file lacks 1 of the CLIPModel's tensors" in line, line
+    assert f"({gone})" in line and "save_pretrained" in line, line
+    assert {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)} == before

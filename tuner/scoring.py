@@ -20,6 +20,7 @@ the class the prompt names) and drift (the share of class-prompt samples it call
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -92,26 +93,46 @@ def _pooled(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+# the model types (config.json's model_type) each key takes, and the parts of a model its features do not use
+# (ViT's pooler: DINO's features are the last layer's CLS token)
+MODEL_TYPES = {"clip": ("clip",), "dino": ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit")}
+UNUSED = {"clip": (), "dino": ("pooler.",)}
+
+
 class FeatureModel:
     """A local CLIP (``kind="clip"``) or DINO / DINOv2 (``kind="dino"``) model: image features (and, for CLIP,
-    text features), one row per image, on the CPU in float32."""
+    text features), one row per image, on the CPU in float32.
+
+    Every weight of the model must come from the folder: one it lacks (transformers would initialise it at
+    random) or holds for no part of the model is refused by name."""
 
     DESCRIBED = {"clip": "CLIP model folder (transformers' CLIPModel)", "dino": "DINO or DINOv2 model folder"}
 
     def __init__(self, path: str, kind: str, device, allow_pickle: bool = False, batch_size: int = 32):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPModel
 
-        folder = check_folder(path, kind)
+        folder = check_folder(path, kind, allow_pickle)
         self.kind, self.device, self.batch_size = kind, device, batch_size
         try:
             loader = CLIPModel if kind == "clip" else AutoModel
             # safetensors unless model.allow_pickle (then transformers reads .bin files with weights_only)
-            self.model = loader.from_pretrained(folder, local_files_only=True, use_safetensors=not allow_pickle or None)
+            self.model, info = loader.from_pretrained(
+                folder, local_files_only=True, use_safetensors=not allow_pickle or None, output_loading_info=True
+            )
             self.processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True) if kind == "clip" else None
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # RuntimeError: a weight of another shape
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"eval.{kind}={path}: cannot be loaded as a {self.DESCRIBED[kind]}: {reason}") from e
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(UNUSED[kind]))
+        unexpected, mismatched = sorted(info["unexpected_keys"]), sorted(map(str, info["mismatched_keys"]))
+        for names, what in ((missing, "lacks"), (unexpected, "holds, for no part of it,"), (mismatched, "misshapes")):
+            if names:
+                raise ConfigError(
+                    f"eval.{kind}={path}: its weights file {what} {len(names)} of the {type(self.model).__name__}'s "
+                    f"tensors ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): not a whole "
+                    f"{self.DESCRIBED[kind]}; give one written by save_pretrained of the whole model"
+                )
         self.model.eval().to(device)
 
     @torch.no_grad()
@@ -135,22 +156,93 @@ class FeatureModel:
         return _pooled(self.model.get_text_features(**tokens)).float().cpu()
 
 
-def check_folder(path: str, kind: str) -> Path:
-    """``eval.clip`` / ``eval.dino``: a local model folder (a ConfigError naming the key otherwise)."""
-    folder = Path(path).expanduser()
+def check_folder(path: str, kind: str, allow_pickle: bool = False) -> Path:
+    """``eval.clip`` / ``eval.dino``: a local model folder of that kind, before anything loads: its config.json (of a
+    model type the key takes), its weights files (safetensors, read by their headers; ``allow_pickle``: or a .bin)
+    holding every part of the model its config describes, and nothing else.
+
+    Raises:
+        ConfigError: naming the key, what is wrong with the folder, and the fix.
+    """
+    folder, described = Path(path).expanduser(), FeatureModel.DESCRIBED[kind]
+
+    def refuse(what: str) -> ConfigError:
+        return ConfigError(f"eval.{kind}={path}: {what}; give a local {described} written by transformers' "
+                           "save_pretrained: nothing is downloaded")  # fmt: skip
+
     if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"eval.{kind}={path}: no {FeatureModel.DESCRIBED[kind]} there (config.json missing); give a local folder "
-            "written by transformers' save_pretrained: nothing is downloaded"
-        )
+        raise refuse(f"no {described} there (config.json missing)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        raise refuse("its config.json does not parse") from None
+    if model_type not in MODEL_TYPES[kind]:
+        wanted = ", ".join(MODEL_TYPES[kind])
+        raise refuse(f"its config.json describes a {model_type} model (model_type), not one of {wanted}")
+    keys = _weight_keys(folder, allow_pickle, refuse)
+    if keys is None:  # pickled weights (model.allow_pickle): their names are read when they load
+        return folder
+    expected, prefix = _parts(folder, kind, refuse)
+    found = {_part(k.removeprefix(prefix)) for k in keys}
+    missing = sorted(p for p in expected - found if not f"{p}.".startswith(UNUSED[kind]))
+    if missing:
+        raise refuse(f"its weights lack the {', '.join(missing)} of the {model_type} model its config.json describes")
+    if found - expected:
+        parts = ", ".join(sorted(found - expected))
+        raise refuse(f"its weights hold {parts}, which the {model_type} model its config.json describes has not")
     return folder
 
 
+def _part(name: str) -> str:
+    """The part of a model a weight belongs to: its module path's first two names (``vision_model.encoder``)."""
+    return ".".join(name.split(".")[:-1][:2]) or name
+
+
+def _weight_keys(folder: Path, allow_pickle: bool, refuse) -> set[str] | None:
+    """The tensor names of the folder's safetensors weights (sharded ones by their index), from their headers;
+    None for pickled weights only (``allow_pickle``)."""
+    from tuner.training.checkpoint_files import safetensors_header
+
+    files, index = [folder / "model.safetensors"], folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+            raise refuse(f"its {index.name} does not parse") from None
+    if not any(f.is_file() for f in files):
+        if allow_pickle and any(folder.glob("pytorch_model*.bin")):
+            return None
+        raise refuse(f"no weights in it ({files[0].name} missing)")
+    keys = set()
+    for file in files:
+        try:
+            keys |= set(safetensors_header(file))
+        except (ValueError, OSError) as e:
+            raise refuse(f"its weights file {file.name} {e}" if file.is_file() else f"{file.name} is missing") from None
+    return keys
+
+
+def _parts(folder: Path, kind: str, refuse) -> tuple[set[str], str]:
+    """The parts of the model folder's config.json describes (built on the meta device: no weight is read), and
+    the prefix its weights may carry (transformers' ``base_model_prefix``)."""
+    from transformers import AutoConfig, AutoModel, CLIPModel
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            model = CLIPModel(config) if kind == "clip" else AutoModel.from_config(config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise refuse(f"its config.json does not describe a model ({reason})") from None
+    names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+    return {_part(n) for n in names}, f"{model.base_model_prefix}."
+
+
 def check(cfg) -> None:
-    """The feature models' folders exist (before anything loads)."""
+    """The feature models' folders are whole models of their kind (before anything loads)."""
     for kind in ("clip", "dino"):
         if cfg.eval[kind]:
-            check_folder(cfg.eval[kind], kind)
+            check_folder(cfg.eval[kind], kind, cfg.model.allow_pickle)
 
 
 def available(cfg, judged: set[str] = frozenset()) -> set[str]:
