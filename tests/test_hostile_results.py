@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
 from safetensors import safe_open
 
 from tests.helpers import FORMATS, PROMPT, make_photos, train_in_process
@@ -198,6 +199,9 @@ def test_an_export_that_overflows_in_its_dtype_is_refused_naming_the_tensor(
 
 # ---------------------------------------------------------------- feature models (eval.clip, eval.dino)
 
+# a run that validates (were it not refused, a test that fails does so in seconds)
+CHEAP = ["train.max_steps=1", "validation.seeds=[0]", "validation.steps=1", "validation.samples=1"]
+
 
 @pytest.fixture(scope="module")
 def feature_models(tmp_path_factory):
@@ -260,7 +264,7 @@ def test_a_damaged_or_wrong_kind_feature_model_folder_is_refused_at_config_time(
     before = {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)}
     out = tmp_path / "run"
     code, _, err = cli(capsys, *lora_args(tiny_pipeline_dir, photos, f"eval.{kind}={folder}", "validation.every=1",
-                                          f"output_dir={out}"))  # fmt: skip
+                                          *CHEAP, f"output_dir={out}"))  # fmt: skip
     line = one_line(err)
     assert code == 2 and line.startswith(f"tuner: config error: eval.{kind}={folder}: "), line
     assert says in line and "save_pretrained" in line, line
@@ -280,10 +284,66 @@ def test_a_feature_model_lacking_one_weight_is_refused_by_name_not_loaded_at_ran
     photos = make_photos(tmp_path / "photos")
     before = {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)}
     code, _, err = cli(capsys, *lora_args(tiny_pipeline_dir, photos, f"eval.clip={folder}", "validation.every=1",
-                                          "validation.seeds=[0]", "validation.steps=1", "validation.samples=1",
-                                          "train.max_steps=1", f"output_dir={tmp_path / 'run'}"))  # fmt: skip
+                                          *CHEAP, f"output_dir={tmp_path / 'run'}"))  # fmt: skip
     line = one_line(err)
     assert code == 2, err
     assert f"eval.clip={folder}: its weights file lacks 1 of the CLIPModel's tensors" in line, line
     assert f"({gone})" in line and "save_pretrained" in line, line
     assert {"models": tree(tmp_path / "models"), "photos": tree(photos), "base": tree(tiny_pipeline_dir)} == before
+
+
+# ---------------------------------------------------------------- held-out images the run trains on
+
+
+def _held_out(tmp_path: Path, case: str) -> tuple[Path, Path, str]:
+    """(data.instance_dir, data.val_dir, what the line says) of each way a held-out folder can be trained on."""
+    photos = make_photos(tmp_path / "all" / "photos", 4)
+    if case == "same":
+        return photos, photos, f"data.val_dir={photos} is data.instance_dir={photos}:"
+    if case == "link":  # another name for the same folder
+        (tmp_path / "link").symlink_to(photos)
+        return photos, tmp_path / "link", f"data.val_dir={tmp_path / 'link'} is data.instance_dir={photos}:"
+    if case == "inside":
+        (photos / "held").mkdir()
+        shutil.copy(photos / "photo_3.png", photos / "held" / "photo_3.png")
+        return photos, photos / "held", f"data.val_dir={photos / 'held'} is inside data.instance_dir={photos}:"
+    if case == "holds":
+        make_photos(tmp_path / "all" / "more", 2)
+        return photos, tmp_path / "all", f"data.val_dir={tmp_path / 'all'} holds data.instance_dir={photos}:"
+    held = tmp_path / "all" / "held"  # an image of its own, and a training image under another name
+    held.mkdir()
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(held / "green.png")
+    shutil.copy(photos / "photo_2.png", held / "zz_copy.png")
+    line = (f"data.val_dir={held} and data.instance_dir={photos} hold the same image: {held / 'zz_copy.png'} is "
+            f"{photos / 'photo_2.png'} by content (sha256)")  # fmt: skip
+    return photos, held, line
+
+
+@pytest.mark.parametrize("case", ["same", "link", "inside", "holds", "content"])
+def test_held_out_images_the_run_trains_on_are_refused_at_config_time(capsys, case, tiny_pipeline_dir, tmp_path):
+    photos, held, says = _held_out(tmp_path, case)
+    before = {"data": tree(tmp_path / "all"), "base": tree(tiny_pipeline_dir)}
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *lora_args(tiny_pipeline_dir, photos, f"data.val_dir={held}", "validation.every=1",
+                                          *CHEAP, f"output_dir={out}"))  # fmt: skip
+    line = one_line(err)
+    assert code == 2 and f"tuner: config error: {says}" in line, line
+    assert "held-out loss would score images the run trains on" in line and "data.val_split" in line, line
+    assert not out.exists()  # refused before the run folder is made
+    assert {"data": tree(tmp_path / "all"), "base": tree(tiny_pipeline_dir)} == before
+
+
+def test_held_out_images_apart_from_the_trained_ones_are_taken(tiny_pipeline_dir, tmp_path):
+    """Files of the same name, or of the same size, but other content, are not the same image."""
+    from tuner.checks import validate
+    from tuner.compose import compose
+
+    photos = make_photos(tmp_path / "photos", 3)
+    held = tmp_path / "held"
+    held.mkdir()
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(held / "green.png")
+    data = bytearray((photos / "photo_0.png").read_bytes())
+    data[-20] ^= 0xFF  # the same size, another sha256
+    (held / "photo_0.png").write_bytes(bytes(data))
+    args = lora_args(tiny_pipeline_dir, photos, f"data.val_dir={held}", f"output_dir={tmp_path / 'run'}")
+    validate(compose("lora", [a for a in args if not a.startswith("recipe=")]))

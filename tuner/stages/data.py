@@ -15,6 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from tuner.data.apart import check_apart
 from tuner.data.prepare import Source, load_prepared
 from tuner.data.prepare import prepare as prepare_sources
 from tuner.distributed import decide
@@ -60,6 +61,7 @@ def _check_prepare(cfg) -> None:
             raise ConfigError(f"data.instance_dir={d.instance_dir}: no such folder")
     if d.val_dir and not Path(d.val_dir).expanduser().is_dir():
         raise ConfigError(f"data.val_dir={d.val_dir}: no such folder (held-out images for the validation loss)")
+    check_apart(d)  # none of them trained on
     for k, x in enumerate(d.sources):
         if not Path(x.path).expanduser().exists():
             raise ConfigError(f"data.sources[{k}].path={x.path}: no such folder or file")
