@@ -186,15 +186,6 @@ def broken(found: list[dict]) -> list[str]:
     return [i["src"] for i in found if not (i["complete"] and i["width"] > 0)]
 
 
-STEPS_SEEN: list[int] = []
-
-
-def record_step(pipe, step, timestep, callback_kwargs):
-    """A user's step callback for generate.callback (tests.helpers.record_step): notes each step it sees."""
-    STEPS_SEEN.append(int(step))
-    return callback_kwargs
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

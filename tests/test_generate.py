@@ -195,18 +195,20 @@ def test_bad_generate_settings_are_refused_by_name(tiny_pipeline_dir, tmp_path):
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
 def test_previews_every_n_steps_end_at_the_image_and_a_user_callback_sees_every_step(tmp_path, family):
-    from tests import helpers
+    from tuner.generation import user_callback
     from tuner.models.tiny import make_tiny_pipeline
 
     folder = make_tiny_pipeline(tmp_path / "pipe", family=family)
-    helpers.STEPS_SEEN.clear()
+    hook = tmp_path / "record.py"  # a user's callback file, named on the command line
+    hook.write_text("SEEN = []\n\n\ndef record_step(pipe, step, timestep, kwargs):\n    SEEN.append(int(step))\n")
     images, entries = generate(
         tmp_path, folder, f"model={family}", "data.resolution=32", "generate.prompts=[a photo of a dog]",
         "generate.images_per_prompt=2", "generate.steps=4", "generate.preview_every=2",
-        "generate.callback=tests.helpers.record_step",
+        f"generate.callback={hook}:record_step",
         *(["model.max_sequence_length=32"] if family == "flux" else []),
     )  # fmt: skip
-    assert helpers.STEPS_SEEN == [0, 1, 2, 3]  # every step of the one pipeline call that drew both images
+    seen = user_callback(f"{hook}:record_step").__globals__["SEEN"]  # the file ran once: the check's is the run's
+    assert seen == [0, 1, 2, 3]  # every step of the one pipeline call that drew both images
     for entry in entries:
         previews = sorted((images / "previews" / entry["file"].removesuffix(".png")).glob("*.png"))
         assert [p.name for p in previews] == ["step-002.png", "step-004.png"]
@@ -218,7 +220,7 @@ def test_previews_every_n_steps_end_at_the_image_and_a_user_callback_sees_every_
 def test_a_callback_that_is_not_there_is_refused_before_loading(tiny_pipeline_dir, tmp_path):
     cfg = compose(
         "generate",
-        [f"model.path={tiny_pipeline_dir}", "generate.prompts=[x]", "generate.callback=tests.helpers.no_such_function"],
+        [f"model.path={tiny_pipeline_dir}", "generate.prompts=[x]", "generate.callback=json.no_such_function"],
     )
-    with pytest.raises(ConfigError, match="generate.callback=tests.helpers.no_such_function: no function there"):
+    with pytest.raises(ConfigError, match="generate.callback=json.no_such_function: no function no_such_function"):
         validate(cfg)

@@ -9,7 +9,8 @@ inside functions count the same as those at the top of a file.
     2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder, tuner.scoring
     1  tuner.errors, tuner.files, tuner.choices,      errors, atomic files, the config schema (its
        tuner.config, tuner.output_config,             vocabularies as Enums, its sections) and its
-       tuner.compose, tuner.numbers                   composition, the rule table of its numbers
+       tuner.compose, tuner.numbers,                  composition, the rule table of its numbers, the
+       tuner.user_code                                user's code a run calls (generate.callback)
 
 A new module must be placed in the table: one that is not fails the test, naming it.
 """
@@ -29,6 +30,7 @@ LAYERS = {
     "tuner.output_config": 1,
     "tuner.compose": 1,
     "tuner.numbers": 1,
+    "tuner.user_code": 1,
     "tuner.data": 2,
     "tuner.models": 2,
     "tuner.distributed": 2,

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe = next((a.split("=", 1)[1] for a in argv if a.startswith("recipe=")), None)
     overrides = [a for a in argv if not a.startswith("recipe=") and a != "print_config"]
     from tuner.compose import compose, list_recipes
-    from tuner.errors import ConfigError
+    from tuner.errors import ConfigError, Interrupted
 
     if recipe is None or "-h" in argv or "--help" in argv:
         print("usage: python -m tuner [-m] recipe=NAME [key=value ...]")
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         report(f"error: {where}{e.strerror or e}; what was written before is intact", e)
         return 1
+    except Interrupted as e:  # a stage's Ctrl-C, after it listed what it made (generate's images)
+        report(f"interrupted: {e}; exit 130", e)
+        return 130
     except Stopped as e:
         code = 130 if e.signum == signal.SIGINT else 0
         if rank:

@@ -75,6 +75,7 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(explain(e, recipe, list(overrides or []))) from None
     cfg.recipe = recipe
+    _code_only_from_the_command_line(cfg, recipe, list(overrides or []))
     _native_resolution(cfg, list(overrides or []))
     _inherit_model(cfg, list(overrides or []))
     if cfg.resume not in (None, "auto") and not cfg.output_dir:  # resume=PATH: the checkpoint's own run folder
@@ -93,6 +94,25 @@ def _spelled(override: str) -> str:
     key, eq, value = override.partition("=")
     prefix = key[: len(key) - len(key.lstrip("+~"))]
     return f"{prefix}{SPELLED.get(key.lstrip('+~'), key.lstrip('+~'))}{eq}{value}"
+
+
+# keys whose value names code of the user's that a run calls: taken from the command line only
+CODE_KEYS = ("generate.callback",)
+
+
+def _code_only_from_the_command_line(cfg: DictConfig, recipe: str, overrides: list[str]) -> None:
+    """A key naming code to run (``CODE_KEYS``) is refused when a recipe preset or a config group set it, not the
+    user's own ``key=value``: a preset or a copied config must not run a file it names."""
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for key in CODE_KEYS:
+        section, name = key.rsplit(".", 1)
+        value = raw.get(section, {}).get(name)
+        if value is not None and not given & {key, section}:
+            raise ConfigError(
+                f"{key}={value}: set by recipes/{recipe}.yaml or a config in {CONF_DIR.name}/, not on the command "
+                f"line; it names code to run, so tuner takes it only from your own {key}=... (delete it there)"
+            )
 
 
 def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:

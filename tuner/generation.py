@@ -25,6 +25,7 @@ from tuner.config import SEED_MAX
 from tuner.errors import ConfigError
 from tuner.models import get_family
 from tuner.models.samplers import schedulers
+from tuner.numbers import MAX_SIDE
 from tuner.sampling import to_uint8
 
 # the fewest steps a sampler runs (PNDM's Runge-Kutta warm-up takes 4 when the base does not skip it)
@@ -101,8 +102,13 @@ def check(cfg) -> None:
             f"generate.scheduler={g.scheduler}: model={cfg.model.family} samples with {', '.join(offered)}"
         )
     for key in ("width", "height"):
-        if g[key] is not None and (g[key] < 8 or g[key] % 8):
-            raise ConfigError(f"generate.{key}={g[key]}: a positive multiple of 8 (or null for data.resolution)")
+        if g[key] is not None and not (8 <= g[key] <= MAX_SIDE and g[key] % 8 == 0):
+            raise ConfigError(f"generate.{key}={g[key]}: a multiple of 8 from 8 to {MAX_SIDE} (or null)")
+        if g[key] is None and cfg.data.resolution > MAX_SIDE:
+            raise ConfigError(
+                f"data.resolution={cfg.data.resolution}: generate draws at most {MAX_SIDE} px a side; "
+                f"set generate.{key}"
+            )
     if g.post.color_correct and not g.init_image:
         raise ConfigError("generate.post.color_correct matches colours to generate.init_image: set one, or turn it off")
     for k, a in enumerate(g.adapters):
@@ -111,8 +117,6 @@ def check(cfg) -> None:
     for key in ("prompt_file", "init_image"):
         if g[key] and not Path(g[key]).expanduser().is_file():
             raise ConfigError(f"generate.{key}={g[key]}: no such file")
-    if g.callback:
-        user_callback(g.callback)
     if g.refiner:
         if g.init_image:
             raise ConfigError(
@@ -123,22 +127,45 @@ def check(cfg) -> None:
 
 
 REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
+# what the refiner's pipeline is built from (its first encoder and tokenizer are null in a refiner): the classes
+# each component's entry of model_index.json may name
+REFINER_COMPONENTS = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "scheduler": None,  # any scheduler: tuner sets the base's sampler on it
+}
 
 
 def check_refiner(family: str, path: str, key: str) -> None:
-    """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after an SDXL base."""
+    """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after an SDXL base: its
+    model_index.json names the refiner's pipeline and, for each component the pipeline needs, a class that fits
+    and a folder beside it."""
     if family != "sdxl":
         raise ConfigError(f"{key}: a refiner follows an SDXL base, not model={family}")
-    index = Path(path).expanduser() / "model_index.json"
+    folder = Path(path).expanduser()
     try:
-        kind = json.loads(index.read_text()).get("_class_name")
+        index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
-        kind = None
-    if kind != REFINER_PIPELINE:
+        index = None
+    if not isinstance(index, dict) or index.get("_class_name") != REFINER_PIPELINE:
         raise ConfigError(
             f"{key}={path}: not a local SDXL refiner folder ({REFINER_PIPELINE} in its "
             "model_index.json), e.g. stable-diffusion-xl-refiner-1.0 saved with diffusers"
         )
+    for name, classes in REFINER_COMPONENTS.items():
+        entry = index.get(name)
+        named = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+        if named is None:
+            raise ConfigError(f"{key}={path}: its model_index.json has no {name}, which {REFINER_PIPELINE} needs")
+        if classes is not None and named not in classes or classes is None and not named.endswith("Scheduler"):
+            wanted = " or ".join(classes) if classes else "a scheduler"
+            raise ConfigError(
+                f"{key}={path}: its {name} is {named} in model_index.json; {REFINER_PIPELINE} needs {wanted}"
+            )
+        if not (folder / name).is_dir():
+            raise ConfigError(f"{key}={path}: no {name}/ folder, which its model_index.json lists")
 
 
 def refine(base, refiner, jobs, start: float, decode, **call) -> torch.Tensor:
@@ -160,21 +187,20 @@ def refine(base, refiner, jobs, start: float, decode, **call) -> torch.Tensor:
     return decode(refiner, refined, first.height, first.width).float().clamp(-1, 1).cpu()
 
 
-def user_callback(path: str):
-    """``generate.callback``: the function at an import path, found the way Hydra finds a ``_target_``.
+CALLBACK_PARAMS = ("pipe", "step", "timestep", "callback_kwargs")  # diffusers' callback_on_step_end
+
+
+def user_callback(value: str):
+    """``generate.callback``: the user's function, ``path/to/file.py:function`` or an installed
+    ``package.module.function``, checked before any of it runs (tuner/user_code.py).
 
     Raises:
-        ConfigError: nothing callable is there.
+        ConfigError: no such function, a place tuner does not import from, or a signature that does not take
+            ``(pipe, step, timestep, callback_kwargs)``.
     """
-    from hydra.utils import get_method
+    from tuner.user_code import load_function
 
-    try:
-        return get_method(path)
-    except Exception as e:  # Hydra wraps the import error
-        reason = str(e.__cause__ or e).splitlines()[0]
-        raise ConfigError(
-            f"generate.callback={path}: no function there ({reason}); give package.module.function, importable here"
-        ) from None
+    return load_function("generate.callback", value, CALLBACK_PARAMS)
 
 
 def step_callbacks(every: int, user, on_preview) -> dict:
@@ -230,8 +256,12 @@ def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:
             raise ConfigError(f"{where}: {e}") from None
         if values["scheduler"] not in offered:
             raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(offered)}")
-        if min(values["width"], values["height"]) < 8 or values["width"] % 8 or values["height"] % 8:
-            raise ConfigError(f"{where}: width and height must be positive multiples of 8")
+        sides = (values["width"], values["height"])
+        if not all(8 <= v <= MAX_SIDE and v % 8 == 0 for v in sides):
+            raise ConfigError(
+                f"{where}: width and height {sides[0]}x{sides[1]} (--w/--h, else generate.width/height): each a "
+                f"multiple of 8 from 8 to {MAX_SIDE}"
+            )
         if values["steps"] < 1 or (g.init_image and int(values["steps"] * g.strength) < 1):
             raise ConfigError(f"{where}: steps must be at least 1, and steps x generate.strength at least 1")
         fewest = MIN_STEPS.get(values["scheduler"], 1)

@@ -43,6 +43,15 @@ def _seed(v) -> bool:
     return 0 <= v <= SEED_MAX
 
 
+# the largest image side generate draws: 8192 px is 1024 latents a side at the VAE's factor 8, where one
+# attention map of SD's first level alone would take terabytes
+MAX_SIDE = 8192
+
+
+def _side(v) -> bool:
+    return 8 <= v <= MAX_SIDE and v % 8 == 0
+
+
 # What the schema's types cannot say about a number: (keys, test, the fix the message gives). A key's
 # [*] stands for every item of its list. Values are finite here (NaN and inf are refused first, by
 # _check_finite, with the same fix), so a test need not repeat that.
@@ -109,6 +118,7 @@ NUMBER_RULES: tuple[tuple[tuple[str, ...], Callable, str], ...] = (
     (("extract.threshold",), _at_least(0), "a share of a weight's norm, 0 or more, e.g. 1e-3 (0: keep every change)"),
     (("validation.steps",), _or_null(_at_least(1)), "at least 1, or null for sample.steps"),
     (("generate.images_per_prompt", "generate.batch_size", "generate.steps"), _at_least(1), "at least 1"),
+    (("generate.width", "generate.height"), _or_null(_side), f"a multiple of 8 from 8 to {MAX_SIDE}, or null"),
     (("generate.post.upscale",), _at_least(1), "a factor, at least 1 (1: none)"),
     (("generate.post.sharpen",), _at_least(0), "0 (none) or more"),
     (("generate.preview_every",), _at_least(0), "0 (no previews) or a step count, e.g. 5"),

@@ -193,6 +193,7 @@ class GenerateConfig:
     refiner_start: float = 0.8
     # every N denoising steps, each image's decoded preview in images/previews/<image>/step-NNN.png; 0: none
     preview_every: int = 0
-    # a function of yours, by import path (package.module.function, as Hydra's _target_), that diffusers calls
-    # after every step: fn(pipe, step, timestep, callback_kwargs) -> callback_kwargs (``callback_on_step_end``)
+    # a function of yours that diffusers calls after every step: fn(pipe, step, timestep, callback_kwargs) ->
+    # callback_kwargs (``callback_on_step_end``). path/to/file.py:fn, or package.module.fn of an installed package
+    # (never a module in the current folder); from the command line only, not a recipe (tuner/user_code.py)
     callback: str | None = None

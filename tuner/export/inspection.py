@@ -330,6 +330,55 @@ def families_of(modules: dict[str, Module]) -> tuple[tuple[str, ...], str]:
     return tuple(order), said + ("" if len(order) == 1 else "; more than one family fits")
 
 
+def base_shapes(folder: Path, component: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """(weight key, shape) of one component of a diffusers folder (``unet``, ``text_encoder``, ...) by module
+    name, "." and "_" alike (``down_blocks_0_attentions_0_proj_in``), from its safetensors headers alone; empty
+    where it has none that read (the loaders name what is wrong with a damaged base)."""
+    shapes = {}
+    for file in sorted((folder / component).glob("*.safetensors")):
+        try:
+            with open(file, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(size)) if 0 < size < 1 << 28 else {}
+        except (OSError, ValueError):
+            continue
+        for key, info in header.items() if isinstance(header, dict) else ():
+            if key.endswith(".weight") and isinstance(info, dict) and isinstance(info.get("shape"), list):
+                shapes[key.removesuffix(".weight").replace(".", "_")] = (key, tuple(info["shape"]))
+    return shapes
+
+
+# a module name's prefixes that say its component, "." as "_" (longest first: lora_te1_ before lora_te_)
+COMPONENT_PREFIXES = sorted(
+    {*(f"{p}_" for p in KOHYA_COMPONENTS), *(f"{c}_" for c in DIFFUSERS_COMPONENTS), "diffusion_model_"},
+    key=len,
+    reverse=True,
+)
+
+
+def misfit(described: Described, base: Path, denoiser: str) -> str | None:
+    """The first module of an adapter whose weight difference is not the shape of the base's module of that
+    name (``base``: a diffusers folder, its denoiser in ``denoiser/``), said with both shapes; None when every
+    module the base names fits. Names the base does not have in diffusers' layout (kohya's original-layout names,
+    fused qkv) are left to the loaders, which name what they cannot place."""
+    components: dict[str, dict] = {}
+    for m in described.modules.values():
+        component = denoiser if m.component == "denoiser" else m.component
+        if len(m.shape) < 2 or not component:
+            continue
+        if component not in components:
+            components[component] = base_shapes(base, component)
+        name = m.name.replace(".", "_")
+        name = name.removeprefix(next((p for p in COMPONENT_PREFIXES if name.startswith(p)), ""))
+        key, shape = components[component].get(name.removeprefix("base_model_model_"), (None, None))
+        if shape is not None and tuple(shape[:2]) != tuple(m.shape[:2]):
+            return (
+                f"its module {m.name} changes a weight of shape {tuple(m.shape[:2])} (out, in), but the base's "
+                f"{component} has {key} of shape {shape}"
+            )
+    return None
+
+
 def _inner(m: Module) -> str:
     """A denoiser module's name without its file's prefixes, "." and "_" alike."""
     name = m.name.replace(".", "_")

@@ -13,25 +13,59 @@ from tqdm.auto import tqdm
 
 from tuner import generation as gen
 from tuner import run_folder
+from tuner.errors import Interrupted
 from tuner.export.gallery import write_image_page
 from tuner.files import write_atomic
 from tuner.models import samplers
 from tuner.stages.adapters import load_checkpoint
 from tuner.stages.context import Run, stage
+from tuner.stages.toolbox import check_adapter
 
 
-@stage(main_only=True, after=("base",), writes=("images",), check=gen.check)
+def _check(cfg) -> None:
+    """generate's settings (tuner/generation.py), then each adapter against the base from its header (family,
+    shapes: tuner/stages/toolbox.py), then the user's callback, the only check that runs code of the user's."""
+    gen.check(cfg)
+    for k, a in enumerate(cfg.generate.adapters):
+        check_adapter(cfg, a.path, f"generate.adapters[{k}]")
+    if cfg.generate.callback:
+        gen.user_callback(cfg.generate.callback)
+
+
+@stage(main_only=True, after=("base",), writes=("images",), check=_check)
 def generate(run: Run) -> None:
     """Images from the base plus ``generate.adapters`` (each at its weight, diffusers' ``set_adapters``),
     for ``generate.prompts`` and the lines of ``generate.prompt_file``; see tuner/generation.py.
 
     Writes ``images/NNNN-seedS.png`` (the settings in the PNG's ``parameters`` text, as A1111 does),
     ``images/images.jsonl`` (one line of settings per image) and ``images/index.html``; with
-    ``generate.preview_every`` each image's decoded previews in ``images/previews/NNNN-seedS/``.
+    ``generate.preview_every`` each image's decoded previews in ``images/previews/NNNN-seedS/``. Stopped by
+    Ctrl-C, it writes the list and the page of the images made so far, then raises ``Interrupted``.
     """
 
     cfg, g = run.cfg, run.cfg.generate
     jobs = gen.make_jobs(g, cfg.data.resolution, samplers.schedulers(run.family))
+    folder, entries = run.dir / "images", []
+    run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
+    try:
+        pipe, refiner, user = _prepare(run)
+        with tqdm(total=len(jobs), desc="generate") as bar:
+            for batch in gen.batches(jobs, g.batch_size):
+                _draw(run, pipe, refiner, user, batch, folder, entries)
+                bar.update(len(batch))
+    except KeyboardInterrupt:
+        _write_index(run, folder, entries)
+        raise Interrupted(
+            f"Ctrl-C after {len(entries)} of {len(jobs)} images; {folder / 'images.jsonl'} and index.html list "
+            "those made"
+        ) from None
+    _write_index(run, folder, entries)
+
+
+def _prepare(run: Run) -> tuple:
+    """The pipeline with ``generate.adapters`` loaded at their weights (image-to-image when asked), the refiner
+    (or None) and the user's callback (or None)."""
+    g = run.cfg.generate
     names, weights = [], []
     for k, a in enumerate(g.adapters):
         name = f"adapter{k}"
@@ -43,48 +77,53 @@ def generate(run: Run) -> None:
     if names:
         run.pipe.set_adapters(names, weights)
     pipe = run.family.img2img(run.pipe) if g.init_image else run.pipe
-    folder, entries = run.dir / "images", []
-    run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
     user = gen.user_callback(g.callback) if g.callback else None
     refiner = None
     if g.refiner:  # its scheduler is the base's sampler, from its own config
         refiner = run.family.refiner_pipeline(Path(g.refiner).expanduser(), run.accelerator.device, run.components)
-    bar = tqdm(total=len(jobs), desc="generate")
-    for batch in gen.batches(jobs, g.batch_size):
-        first = batch[0][1]
-        pipe.scheduler = samplers.scheduler(first.scheduler, run.family, run.components.noise_scheduler.config)
-        init, call = None, {}
-        if g.init_image:
-            init = gen.load_init_image(g.init_image, first.width, first.height)
-            call = {"image": init, "strength": g.strength}
+    return pipe, refiner, user
 
-        def preview(step: int, latents, batch=batch, first=first) -> None:
-            """Each image of the batch as it stands after ``step`` denoising steps."""
-            decoded = run.family.decode(pipe, latents, first.height, first.width).float().clamp(-1, 1).cpu()
-            for (i, job), picture in zip(batch, gen.to_pil(decoded)):
-                write_atomic(folder / "previews" / f"{i:04d}-seed{job.seed}" / f"step-{step:03d}.png", picture)
 
-        call.update(gen.step_callbacks(g.preview_every, user, preview))
-        if refiner is not None:
-            refiner.scheduler = samplers.scheduler(first.scheduler, run.family, refiner.scheduler.config)
-            with torch.no_grad(), run.accelerator.autocast():
-                images = gen.refine(pipe, refiner, [j for _, j in batch], g.refiner_start, run.family.decode, **call)
-        else:
-            images = run.sample_with(pipe, [j for _, j in batch], call)
-        for (i, job), image in zip(batch, gen.to_pil(images)):
-            image = gen.post_process(image, g.post, init)
-            settings = {**dataclasses.asdict(job), "adapters": [dict(a) for a in g.adapters]}
-            if g.init_image:
-                settings.update(init_image=Path(g.init_image).name, strength=g.strength)
-            if g.refiner:
-                settings.update(refiner=Path(g.refiner).name, refiner_start=g.refiner_start)
-            name = f"{i:04d}-seed{job.seed}.png"
-            write_atomic(folder / name, _png_with_parameters(image, job, g.post.upscale))
-            entries.append({"file": name, **settings})
-        bar.update(len(batch))
-    bar.close()
+def _write_index(run: Run, folder: Path, entries: list[dict]) -> None:
+    """``images.jsonl`` (one line of settings per image) and ``index.html`` of the images in ``entries``."""
     write_atomic(folder / "images.jsonl", "".join(json.dumps(e) + "\n" for e in entries))
     run.outputs["images"] = str(write_image_page(folder, entries))
+
+
+def _draw(run: Run, pipe, refiner, user, batch, folder: Path, entries: list[dict]) -> None:
+    """One batch of jobs (same settings): drawn, post-processed, written with their settings; each image's
+    entry is added to ``entries`` once its file is in place."""
+    g = run.cfg.generate
+    first = batch[0][1]
+    pipe.scheduler = samplers.scheduler(first.scheduler, run.family, run.components.noise_scheduler.config)
+    init, call = None, {}
+    if g.init_image:
+        init = gen.load_init_image(g.init_image, first.width, first.height)
+        call = {"image": init, "strength": g.strength}
+
+    def preview(step: int, latents, batch=batch, first=first) -> None:
+        """Each image of the batch as it stands after ``step`` denoising steps."""
+        decoded = run.family.decode(pipe, latents, first.height, first.width).float().clamp(-1, 1).cpu()
+        for (i, job), picture in zip(batch, gen.to_pil(decoded)):
+            write_atomic(folder / "previews" / f"{i:04d}-seed{job.seed}" / f"step-{step:03d}.png", picture)
+
+    call.update(gen.step_callbacks(g.preview_every, user, preview))
+    if refiner is not None:
+        refiner.scheduler = samplers.scheduler(first.scheduler, run.family, refiner.scheduler.config)
+        with torch.no_grad(), run.accelerator.autocast():
+            images = gen.refine(pipe, refiner, [j for _, j in batch], g.refiner_start, run.family.decode, **call)
+    else:
+        images = run.sample_with(pipe, [j for _, j in batch], call)
+    for (i, job), image in zip(batch, gen.to_pil(images)):
+        image = gen.post_process(image, g.post, init)
+        settings = {**dataclasses.asdict(job), "adapters": [dict(a) for a in g.adapters]}
+        if g.init_image:
+            settings.update(init_image=Path(g.init_image).name, strength=g.strength)
+        if g.refiner:
+            settings.update(refiner=Path(g.refiner).name, refiner_start=g.refiner_start)
+        name = f"{i:04d}-seed{job.seed}.png"
+        write_atomic(folder / name, _png_with_parameters(image, job, g.post.upscale))
+        entries.append({"file": name, **settings})
 
 
 A1111_SAMPLERS = {

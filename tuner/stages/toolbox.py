@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from tuner.errors import ConfigError
 from tuner.export import formats
 from tuner.export.gallery import write_gallery
-from tuner.export.inspection import Described, describe
+from tuner.export.inspection import Described, describe, misfit
 from tuner.export.lowrank import Cut, Factors, cut_delta, cut_factors, stack
 from tuner.export.tensors import install_lora, layer_factors, tuner_layers, unwrap
 from tuner.files import write_atomic
@@ -59,11 +59,42 @@ def check_input(cfg, path: str, key: str, kinds=("lora", "loha", "lokr")) -> Des
             f"{key}: {described.path} is a {described.kind} in kohya / LyCORIS keys, which diffusers cannot load; "
             "give the run's peft/ folder instead"
         )
+    check_fit(cfg, described, key)
+    return described
+
+
+def check_adapter(cfg, path: str, key: str) -> None:
+    """A generate adapter, from its header where ``describe`` reads it: a LoRA, LoHa or LoKr must fit the base
+    (``check_fit``); an embedding is checked against the encoders when it loads, and what ``describe`` cannot
+    read (a folder of several files, which loads whole) is left to the loader, which names what is wrong."""
+    try:
+        described = describe(Path(path))
+    except ConfigError:
+        return
+    if described.kind != "embedding":
+        check_fit(cfg, described, key)
+
+
+def check_fit(cfg, described: Described, key: str) -> None:
+    """An adapter against the base (``model.*``): a key style diffusers reads for this family, every module the
+    base's folder names of the base's shape (from the headers of both: ``misfit``), names and widths of this
+    family.
+
+    Raises:
+        ConfigError: naming ``key``, the file and the first thing that does not fit.
+    """
     family = cfg.model.family
     if described.format == "kohya" and not get_family(family).DIFFUSERS_READS_KOHYA:
         raise ConfigError(
             f"{key}: {described.path} is a model={family} LoRA in kohya's keys, which diffusers cannot load (ComfyUI "
             "reads them); give the run's diffusers/ or peft/ export, or a diffusers-format file"
+        )
+    base = Path(cfg.model.path).expanduser() if cfg.model.path else None
+    why = misfit(described, base, get_family(family, cfg.model).DENOISER) if base and base.is_dir() else None
+    if why:
+        raise ConfigError(
+            f"{key}: {described.path} does not fit model.path={cfg.model.path}: {why}; a LoRA for another model "
+            f"(family or size){f' ({described.evidence})' if described.evidence else ''}"
         )
     if family not in described.families:
         made_for = " or ".join(described.families)
@@ -71,7 +102,6 @@ def check_input(cfg, path: str, key: str, kinds=("lora", "loha", "lokr")) -> Des
             f"{key}: {described.path} is a LoRA for {made_for} ({described.evidence}), but model.family={family}; "
             f"pass model={described.families[0]} with that family's model.path"
         )
-    return described
 
 
 def _a(kind: str) -> str:
