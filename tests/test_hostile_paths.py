@@ -262,3 +262,21 @@ def test_cache_eviction_and_cache_dir_never_touch_a_users_files(capsys, tiny_pip
     assert not stale.exists()
     assert {p: p.read_bytes() for p in mine} == mine and (store / f"{'c' * 32}.safetensors").is_dir()
     assert os.path.islink(store / f"{'d' * 32}.safetensors")
+
+
+def test_a_run_folders_config_never_passes_on_loading_pickles(tmp_path):
+    """``checkpoint=RUN`` takes that run's base from its config.yaml, but not ``model.allow_pickle``: a copied or
+    edited run folder must not switch on loading pickled (code-running) weights."""
+    from omegaconf import OmegaConf
+
+    from tuner.compose import compose
+
+    made = compose("lora", [f"model.path={tmp_path / 'base'}", "model.allow_pickle=true", "model.resolution=16"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(made))
+    (run / "summary.json").write_text("{}")
+    cfg = compose("generate", [f"checkpoint={run}"])
+    assert cfg.model.path == str(tmp_path / "base") and cfg.model.resolution == 16
+    assert cfg.model.allow_pickle is False
+    assert compose("generate", [f"checkpoint={run}", "model.allow_pickle=true"]).model.allow_pickle is True
