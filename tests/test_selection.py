@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import PROMPT, adapter, assert_same, make_photos, train_in_process
+from tests.helpers import PROMPT, ROOT, adapter, assert_same, make_photos, train_in_process
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
@@ -177,7 +177,7 @@ def test_a_chart_draws_each_point_and_marks_the_chosen_step():
         (["checkpoints.select=clip_i", "validation.every=5"], r"it needs eval.clip=PATH"),
         (["export.from=best"], "export.from=best needs checkpoints.select"),
         (["train.early_stop.patience=2"], "train.early_stop.patience needs checkpoints.select"),
-        (["data.val_split=0.1", "data.val_dir=/tmp"], "data.val_split and data.val_dir both"),
+        (["data.val_split=0.1", f"data.val_dir={ROOT / 'tests' / 'data'}"], "data.val_split and data.val_dir both"),
         (["eval.clip=/nowhere/clip"], r"eval.clip=/nowhere/clip: no CLIP model folder \(transformers' CLIPModel"),
         (["train.early_stop.max_drift=0.1", "validation.every=5"], "nothing in this run measures drift"),
         (["data.val_split=1.5"], "data.val_split"),
