@@ -1,13 +1,16 @@
 """Atomic writes: a file or folder appears whole at its final path or not at all; names read from files
-confined to their folder."""
+confined to their folder; a safetensors file's header read and checked without its data."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,3 +161,46 @@ def inside(folder: Path, name: object, source: Path | str | None = None) -> Path
                 "in; put the folder itself there, or remove the link"
             )
     return path
+
+
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
+_DTYPE_BYTES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def safetensors_header(path: Path) -> dict:
+    """The tensors a safetensors file holds ({name: {dtype, shape, data_offsets}}), read from its header alone.
+
+    Raises:
+        ValueError: the file is shorter or longer than its header says, or the header does not parse.
+    """
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"is truncated ({size} bytes, not even a header)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:  # safetensors' own limit: the first bytes are not a header's length
+            raise ValueError("is not a safetensors file (its header does not parse)")
+        if n > size - 8:
+            raise ValueError(f"is truncated ({size:,} bytes; its header alone says {n + 8:,})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ValueError("is not a safetensors file (its header does not parse)")
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = 0
+    for name, t in tensors.items():
+        try:
+            begin, stop = (int(x) for x in t["data_offsets"])
+            count = math.prod(int(d) for d in t["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"is not a safetensors file (its header's entry {name!r} does not parse)") from None
+        width = _DTYPE_BYTES.get(t.get("dtype"))
+        if not 0 <= begin <= stop or (width is not None and stop - begin != count * width):
+            raise ValueError(f"is damaged (its header's entry {name!r} is inconsistent)")
+        end = max(end, stop)
+    if size - 8 - n != end:
+        short = size - 8 - n < end
+        raise ValueError(f"is {'truncated' if short else 'damaged'} ({size:,} bytes; its header says {8 + n + end:,})")
+    return tensors

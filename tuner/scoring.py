@@ -201,7 +201,7 @@ def _part(name: str) -> str:
 def _weight_keys(folder: Path, allow_pickle: bool, refuse) -> set[str] | None:
     """The tensor names of the folder's safetensors weights (sharded ones by their index), from their headers;
     None for pickled weights only (``allow_pickle``)."""
-    from tuner.training.checkpoint_files import safetensors_header
+    from tuner.files import safetensors_header
 
     files, index = [folder / "model.safetensors"], folder / "model.safetensors.index.json"
     if index.is_file():

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 import re
-import struct
 import zipfile
 from pathlib import Path
 
 import torch
 
 from tuner.errors import ConfigError
+from tuner.files import safetensors_header
 
 PATTERN = re.compile(r"step-(\d+)")
 # the sha256 of every file of a checkpoint, by its path in the checkpoint folder, written with it
@@ -68,51 +67,10 @@ def newest_intact(folder: Path) -> Path | None:
 
 
 # bytes per element of the safetensors dtypes
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2}
-_DTYPE_BYTES |= {"U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 # what every state.pt holds (``ema`` and ``scaler`` may be None)
 # the folder of a checkpoint saved sharded (distributed.strategy=fsdp), in place of trained.safetensors
 SHARDED = "sharded"
 _STATE_KEYS = ("step", "optimizer", "lr_scheduler", "generator", "ranks", "losses", "data")
-
-
-def safetensors_header(path: Path) -> dict:
-    """The tensors a safetensors file holds ({name: {dtype, shape, data_offsets}}), read from its header alone.
-
-    Raises:
-        ValueError: the file is shorter or longer than its header says, or the header does not parse.
-    """
-    size = path.stat().st_size
-    if size < 8:
-        raise ValueError(f"is truncated ({size} bytes, not even a header)")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:  # safetensors' own limit: the first bytes are not a header's length
-            raise ValueError("is not a safetensors file (its header does not parse)")
-        if n > size - 8:
-            raise ValueError(f"is truncated ({size:,} bytes; its header alone says {n + 8:,})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            header = None
-    if not isinstance(header, dict):
-        raise ValueError("is not a safetensors file (its header does not parse)")
-    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-    end = 0
-    for name, t in tensors.items():
-        try:
-            begin, stop = (int(x) for x in t["data_offsets"])
-            count = math.prod(int(d) for d in t["shape"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"is not a safetensors file (its header's entry {name!r} does not parse)") from None
-        width = _DTYPE_BYTES.get(t.get("dtype"))
-        if not 0 <= begin <= stop or (width is not None and stop - begin != count * width):
-            raise ValueError(f"is damaged (its header's entry {name!r} is inconsistent)")
-        end = max(end, stop)
-    if size - 8 - n != end:
-        short = size - 8 - n < end
-        raise ValueError(f"is {'truncated' if short else 'damaged'} ({size:,} bytes; its header says {8 + n + end:,})")
-    return tensors
 
 
 def state_header(path: Path, thorough: bool = False) -> dict:
