@@ -240,7 +240,7 @@ def test_a_value_outside_its_vocabulary_fails_at_compose_naming_the_key_and_the_
 @pytest.mark.parametrize(
     "stages, message",
     [
-        ("[prepare,train]", "train needs base before it; e.g. stages=[prepare,base,train]"),
+        ("[prepare,train]", "train needs base before it; e.g. stages=[base,prepare,train]"),
         ("[base,train]", "train needs prepare before it"),
         ("[base,prepare,gallery]", "gallery needs train or load_adapter before it"),
         ("[base,prepare,trian]", "unknown stage(s) ['trian']"),

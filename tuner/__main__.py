@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import signal
 
-    from tuner.distributed import end
+    from tuner.distributed import end, peer_failure
     from tuner.runner import run_recipe
     from tuner.training.checkpoints import SaveError, Stopped
 
@@ -106,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (FloatingPointError, SaveError) as e:
         report(f"training stopped: {e}", e)
+        return 1
+    except RuntimeError as e:  # a collective failed: another rank was killed, crashed or did not come in time
+        told = peer_failure(e)
+        if told is None:
+            raise
+        print(f"tuner: rank {rank}: {told}; exit 1", file=sys.stderr, flush=True)
         return 1
     except OSError as e:  # the machine, not the input: a full disk, a read-only or missing folder
         where = f"{e.filename}: " if e.filename else ""

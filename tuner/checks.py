@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 from omegaconf import DictConfig
 
+from tuner.distributed import barrier_timeout
 from tuner.errors import ConfigError
+from tuner.export.reading import check_peft_folders
 from tuner.models import checks as family_checks
 from tuner.numbers import check_numbers
 from tuner.run_folder import check_output_dir, refuse_inside_inputs
@@ -60,18 +63,56 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_stages(cfg: DictConfig) -> None:
-    """Every stage is known and comes after the stages it needs (``@stage(after=...)``)."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
+    """Every stage is known, listed once, and comes after the stages it needs (``@stage(after=...)``)."""
+    stages = list(cfg.stages)
+    if not stages:
+        example = ",".join(_recipe_stages(cfg))
+        raise ConfigError(f"stages=[] runs nothing: list the stages to run, e.g. stages=[{example}]")
+    unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ConfigError(f"stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
-    stages = list(cfg.stages)
+    twice = [s for s in dict.fromkeys(stages) if stages.count(s) > 1]
+    if twice:
+        raise ConfigError(
+            f"stages=[{','.join(stages)}]: {', '.join(twice)} listed more than once; each stage runs once, "
+            f"e.g. stages=[{','.join(stage_order(stages))}]"
+        )
     for i, name in enumerate(stages):
         for need in STAGES[name].after:
             choices = need.split("|")
             if not any(c in stages[:i] for c in choices):
-                fixed = ",".join([*stages[:i], choices[0], *stages[i:]])
                 need = " or ".join(choices)
-                raise ConfigError(f"stages=[{','.join(stages)}]: {name} needs {need} before it; e.g. stages=[{fixed}]")
+                raise ConfigError(
+                    f"stages=[{','.join(stages)}]: {name} needs {need} before it; "
+                    f"e.g. stages=[{','.join(stage_order(stages))}]"
+                )
+
+
+def stage_order(stages: list[str]) -> list[str]:
+    """``stages`` each once, with the stages they need and lack (the first of ``a|b``, unless one is listed), in
+    the order of the registry (tuner/runner.py's ``STAGES``: each after the stages it needs)."""
+    wanted = list(dict.fromkeys(stages))
+    for name in list(wanted):
+        _add_needs(name, wanted)
+    return sorted(wanted, key=list(STAGES).index)
+
+
+def _add_needs(name: str, wanted: list[str]) -> None:
+    for need in STAGES[name].after:
+        choices = need.split("|")
+        if not any(c in wanted for c in choices):
+            wanted.append(choices[0])
+            _add_needs(choices[0], wanted)
+
+
+def _recipe_stages(cfg: DictConfig) -> list[str]:
+    """The stages the recipe itself lists (its preset, without the command line's overrides)."""
+    from tuner.compose import compose
+
+    try:
+        return list(compose(cfg.recipe).stages) or ["base"]
+    except ConfigError:
+        return ["base"]
 
 
 def _check_every_run(cfg: DictConfig) -> None:
@@ -82,6 +123,13 @@ def _check_every_run(cfg: DictConfig) -> None:
         raise ConfigError("log.wandb=true needs the wandb package: pip install wandb (or log.wandb=false)")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("log.tensorboard=true needs the tensorboard package: pip install tensorboard")
+    barrier_timeout()  # TUNER_BARRIER_TIMEOUT, read by every run with several processes
+    # the peft configs of the adapters a run loads (merge.inputs: read whole by the merge stage's check)
+    if cfg.checkpoint:
+        check_peft_folders(Path(cfg.checkpoint), "checkpoint")
+    if "generate" in cfg.stages:
+        for k, a in enumerate(cfg.generate.adapters):
+            check_peft_folders(Path(a.path), f"generate.adapters[{k}].path")
 
 
 def _check_resume(cfg: DictConfig) -> None:

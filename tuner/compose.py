@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import re
+import shlex
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -58,6 +59,7 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra.core.config_store import ConfigStore
 
     overrides = [_spelled(o) for o in overrides or []]
+    _check_dirs()
     if not (RECIPES_DIR / f"{recipe}.yaml").is_file():
         known = ", ".join(list_recipes()) or "none"
         raise ConfigError(f"unknown recipe {recipe!r}: {RECIPES_DIR} has {known}")
@@ -75,6 +77,7 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(explain(e, recipe, list(overrides or []))) from None
     cfg.recipe = recipe
+    _check_loops(cfg)
     _code_only_from_the_command_line(cfg, recipe, list(overrides or []))
     _native_resolution(cfg, list(overrides or []))
     _inherit_model(cfg, list(overrides or []))
@@ -83,6 +86,56 @@ def compose(recipe: str, overrides: list[str] | None = None) -> DictConfig:
         if (checkpoint / "state.pt").is_file():
             cfg.output_dir = str(checkpoint.parent.parent)
     return cfg
+
+
+def _check_dirs() -> None:
+    """The folders ``TUNER_CONF_DIR`` and ``TUNER_RECIPES_DIR`` name (read at import) exist and hold what they must."""
+    for variable, folder, inside in (
+        ("TUNER_CONF_DIR", CONF_DIR, "config.yaml"),
+        ("TUNER_RECIPES_DIR", RECIPES_DIR, None),
+    ):
+        if variable not in os.environ:
+            continue
+        like = f"point it at a folder like {_BASE / ('conf' if inside else 'recipes')}, or unset it"
+        if not folder.is_dir():
+            raise ConfigError(f"{variable}={folder}: no such folder; {like}")
+        if inside and not (folder / inside).is_file():
+            raise ConfigError(f"{variable}={folder}: no {inside} in it; {like}")
+
+
+# the keys that name files or folders (``[]``: in every item of a list)
+PATH_KEYS = (
+    "output_dir", "home", "checkpoint", "resume", "model.path", "model.config", "data.instance_dir", "data.class_dir",
+    "data.val_dir", "data.sources[].path", "cache.dir", "sample.refiner", "eval.clip", "eval.dino",
+    "generate.adapters[].path", "generate.prompt_file", "generate.init_image", "generate.refiner",
+    "merge.inputs[].path", "extract.tuned",
+)  # fmt: skip
+
+
+def _check_loops(cfg: DictConfig) -> None:
+    """A path that is a symbolic link loop (``ln -s loop loop``), or runs through one, is refused naming its key
+    before anything resolves it."""
+    import errno
+
+    for key in PATH_KEYS:
+        section, _, name = key.partition("[].")
+        found = OmegaConf.select(cfg, section or key, default=None, throw_on_resolution_failure=False)
+        items = [(key, found)]
+        if name:  # a key of every item of a list
+            items = [(f"{section}[{i}].{name}", item.get(name)) for i, item in enumerate(found or [])]
+        for where, value in items:
+            if not isinstance(value, str) or not value:
+                continue
+            try:
+                os.stat(Path(value).expanduser())
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ConfigError(
+                        f"{where}={value}: a symbolic link loop (a link that points back to itself, directly or "
+                        f"through other links); point {where} at a real file or folder"
+                    ) from None
+            except ValueError:  # a NUL byte: not a path at all; the checks of the key name it
+                continue
 
 
 # keys whose schema field cannot carry their name (a Python keyword): as written -> as stored
@@ -196,15 +249,27 @@ def _unparsable(overrides: list[str]) -> str | None:
     return None
 
 
+def _quoted(key: str, value: str) -> str:
+    """``key='value'`` as Hydra reads it, and the whole argument quoted for a shell."""
+    inner = f'"{value}"' if "'" in value and '"' not in value else "'" + value.replace("'", "\\'") + "'"
+    argument = f"{key}={inner}"
+    whole = shlex.quote(argument) if any(c in argument for c in '"$`\\!') else f'"{argument}"'
+    return f"{argument} (in a shell, quote the whole argument too: {whole})"
+
+
 def explain(error: Exception, recipe: str, overrides: list[str] = ()) -> str:
     """A Hydra or OmegaConf error as one readable message naming the key, with a suggestion where one fits."""
     text = str(error)
     unparsed = _unparsable(overrides)
     if unparsed:  # a value with characters Hydra's override grammar reserves (<, >, brackets, ...) unquoted
         key, value = unparsed.split("=", 1)
+        return f"{unparsed}: Hydra cannot read this value as written; quote it, {_quoted(key, value)}"
+    ambiguous = re.match(r"Ambiguous value for argument '(([^=']+)=(.*))'", text)
+    if ambiguous:  # `key=a, b`: a comma makes a list or a sweep unless the value is quoted
+        written, key, value = ambiguous.groups()
         return (
-            f"{unparsed}: Hydra cannot read this value as written; quote it, {key}='{value}' "
-            f"(in a shell, quote the whole argument too: \"{key}='{value}'\")"
+            f"{written}: Hydra reads an unquoted comma as several values. To use it as string, quote the value: "
+            f"{_quoted(key, value)}; to use it as a list, {key}=[value1,value2]; to sweep over it, add -m"
         )
     match = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
     keys = None

@@ -15,6 +15,7 @@ run follows on top of it, so that N processes behave as one:
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Callable
@@ -48,6 +49,31 @@ def launched_world_size() -> int:
     return 1
 
 
+BARRIER_TIMEOUT = 7200  # seconds a rank waits for the others at a barrier or collective (TUNER_BARRIER_TIMEOUT)
+
+
+def barrier_timeout() -> float:
+    """``TUNER_BARRIER_TIMEOUT``: the seconds a rank waits for the others (rank 0 alone writes galleries and
+    exports while they wait), a positive number; 7200 when unset.
+
+    Raises:
+        ConfigError: naming the variable, its value and what it takes.
+    """
+    text = os.environ.get("TUNER_BARRIER_TIMEOUT", "").strip()
+    if not text:
+        return BARRIER_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(
+            f"TUNER_BARRIER_TIMEOUT={text}: the seconds a rank waits for the others at a barrier, a positive number "
+            f"(default {BARRIER_TIMEOUT}); set it so, or unset it"
+        )
+    return seconds
+
+
 def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int):
     """accelerate's Accelerator, on the CPUs with gloo when several processes run on a machine with no GPU.
 
@@ -63,7 +89,7 @@ def make_accelerator(mixed_precision: str, gradient_accumulation_steps: int):
     world = launched_world_size()
     cpu = world > 1 and not torch.cuda.is_available()
     # rank 0 alone writes galleries and exports while the others wait: give barriers time
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=int(os.environ.get("TUNER_BARRIER_TIMEOUT", 7200))))
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=barrier_timeout()))
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
@@ -202,7 +228,43 @@ def check_visible(accelerator, path: Path, what: str) -> None:
         )
 
 
+# what gloo and NCCL say when a peer went away mid-collective, and when one did not come in time
+_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "remote process exited",
+         "communicator was aborted", "socket closed", "econnreset", "connection refused")  # fmt: skip
+_LATE = ("timed out", "timeout", "deadline exceeded")
+
+# set once a collective failed: the process group is broken, so ``end`` leaves it to the process's exit
+_broken = False
+
+
+def peer_failure(error: BaseException) -> str | None:
+    """One line saying which rank stopped or did not come when a collective failed on this rank (gloo's or NCCL's
+    error from a barrier, broadcast or all-reduce); None when ``error`` is not such a failure."""
+    global _broken
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    text = str(error).lower()
+    late = any(word in text for word in _LATE)
+    if not (late or any(word in text for word in _GONE)) and not isinstance(error, _backend_errors()):
+        return None
+    _broken = True
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    others = [r for r in range(world) if r != rank]
+    who = f"rank {others[0]}" if len(others) == 1 else f"another rank (of {', '.join(map(str, others))})"
+    if late:
+        return (
+            f"{who} did not reach the barrier within TUNER_BARRIER_TIMEOUT={barrier_timeout():g} s (stuck, stopped "
+            "or still busy); see its log, and raise TUNER_BARRIER_TIMEOUT if it was only slow"
+        )
+    return f"{who} stopped (killed or crashed) while this rank waited for it; see its log"
+
+
+def _backend_errors() -> tuple[type, ...]:
+    return tuple(e for e in (getattr(torch.distributed, "DistBackendError", None),) if e is not None)
+
+
 def end() -> None:
-    """Destroy the process group, if one was started, so every rank exits cleanly (no hang, no warning)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """Destroy the process group, if one was started, so every rank exits cleanly (no hang, no warning); after a
+    failed collective it is left to the exit (destroying a group whose peer is gone can wait for it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _broken:
         torch.distributed.destroy_process_group()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner.errors import ConfigError
-from tuner.export.reading import LORA_PAIRS, check_header
+from tuner.export.reading import LORA_PAIRS, check_header, peft_config
 
 # kohya's key prefixes -> the diffusers component they name
 KOHYA_COMPONENTS = {
@@ -268,7 +268,7 @@ def _describe_peft(folder: Path) -> Described:
     parts += [(folder / c, c) for c in DIFFUSERS_COMPONENTS if (folder / c / "adapter_config.json").is_file()]
     modules, kinds = {}, set()
     for sub, component in parts:
-        config = json.loads((sub / "adapter_config.json").read_text())
+        config = peft_config(sub)
         weights = sub / "adapter_model.safetensors"
         if not weights.is_file():
             raise ConfigError(f"{sub}: adapter_config.json without adapter_model.safetensors beside it")

@@ -147,6 +147,67 @@ def check_embedding(path: Path, tensors: dict[str, torch.Tensor], widths: list[i
             )
 
 
+PEFT_RANKED = ("LORA", "LOHA", "LOKR")  # the peft types tuner writes and loads: each has a rank r
+
+
+def peft_config(folder: Path) -> dict:
+    """A peft adapter folder's ``adapter_config.json``, read and checked: a JSON object naming its ``peft_type``
+    (one tuner loads), its ``target_modules`` and its rank ``r``.
+
+    Raises:
+        ConfigError: naming the file, what is wrong and the fix.
+    """
+    file = Path(folder) / "adapter_config.json"
+    fix = "a peft adapter_config.json is the JSON object peft's save_pretrained writes; export the adapter again"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file}: not text, so not JSON; {fix}") from None
+    except ValueError as e:
+        raise ConfigError(f"{file}: not valid JSON ({e}); {fix}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: a JSON {type(config).__name__}, not an object of settings; {fix}")
+    missing = [k for k in ("peft_type", "target_modules", "r") if k not in config]
+    if missing:
+        raise ConfigError(f"{file}: no {', '.join(missing)} in it; {fix}")
+    kind, targets, rank = config["peft_type"], config["target_modules"], config["r"]
+    if kind not in PEFT_RANKED:
+        raise ConfigError(f"{file}: peft_type={kind!r}; tuner loads peft adapters of type {', '.join(PEFT_RANKED)}")
+    if not (isinstance(targets, str) or isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise ConfigError(f"{file}: target_modules={targets!r}; peft takes a list of module names or a regex; {fix}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"{file}: r={rank!r}; the rank is a whole number of at least 1; {fix}")
+    return config
+
+
+def peft_folders(path: Path) -> list[Path]:
+    """The peft adapter folders (each with an ``adapter_config.json``) an adapter input names: itself, its
+    components (``unet/``, ``text_encoder/``, ...), or a run folder's ``peft/`` export where that is what loads
+    (a run with a diffusers file loads that)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return []
+    if (path / "summary.json").is_file():  # a run folder: its diffusers/ file, else its peft/ export
+        if (path / "diffusers" / "pytorch_lora_weights.safetensors").is_file():
+            return []
+        path = path / "peft"
+    return sorted({config.parent for config in [path / "adapter_config.json", *path.glob("*/adapter_config.json")]
+                   if config.is_file()})  # fmt: skip
+
+
+def check_peft_folders(path: Path, key: str) -> None:
+    """Every peft ``adapter_config.json`` of the adapter input ``key`` names, checked before anything loads.
+
+    Raises:
+        ConfigError: ``KEY: FILE: what is wrong and the fix``.
+    """
+    for folder in peft_folders(path):
+        try:
+            peft_config(folder)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from None
+
+
 def unexpected_keys(messages: list[str]) -> list[str]:
     """The keys diffusers' or peft's loader reported as fitting no module, from their log messages."""
     keys = []

@@ -6,6 +6,7 @@ family does (its training objective's options, textual inversion, export formats
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,6 +19,8 @@ def check(cfg: DictConfig) -> None:
     """Raises ``ConfigError`` naming the key and the fix."""
     m, t = cfg.model, cfg.train
     family = get_family(m.family, m)
+    if m.path:
+        refuse_a_part("model.path", m.path, family)
     if m.path and Path(m.path).expanduser().is_file():
         if not str(m.path).endswith(".safetensors"):
             raise ConfigError(
@@ -116,3 +119,81 @@ def _check_blocks(cfg: DictConfig, family) -> None:
             f"{folder}; names look like {', '.join(tops[:6])} ... (model={family.NAME}'s default: "
             f"{', '.join(family.PARTIAL_BLOCKS)})"
         )
+
+
+# the top-level names of a diffusers denoiser's or VAE's own weights file (its diffusion_pytorch_model.safetensors)
+_UNET = {"conv_in", "conv_norm_out", "conv_out", "down_blocks", "mid_block", "up_blocks", "time_embedding",
+         "add_embedding", "class_embedding", "encoder_hid_proj"}  # fmt: skip
+_TRANSFORMER = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "time_text_embed",
+                "norm_out", "proj_out", "pos_embed", "time_embed"}  # fmt: skip
+_VAE = {"encoder", "decoder", "quant_conv", "post_quant_conv"}
+_ADAPTER_KEYS = ("lora_", ".lora.", "_lora.", "hada_", "lokr_")
+
+
+def what_part(path: str | Path, family) -> str | None:
+    """What ``path`` is when it is a part of a model or an adapter rather than a whole model (a LoRA, an embedding,
+    one component's folder or weights), read from names and safetensors headers only; None when it may be whole."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return None
+        if (path / "summary.json").is_file() and (path / "config.yaml").is_file():
+            return "a tuner run folder (its base is the model.path of its config.yaml)"
+        if (path / "adapter_config.json").is_file() or any(path.glob("*/adapter_config.json")):
+            return "a peft adapter folder (adapter_config.json)"
+        if (path / "pytorch_lora_weights.safetensors").is_file():
+            return "a LoRA folder (pytorch_lora_weights.safetensors)"
+        try:
+            name = json.loads((path / "config.json").read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not name:
+            return None
+        whole = " that holds it" + (f", {path.parent}" if (path.parent / "model_index.json").is_file() else "")
+        return f"a diffusers {name} folder, one component of a pipeline (give the pipeline folder{whole})"
+    if not path.is_file() or path.suffix != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as handle:
+            shapes = {k: handle.get_slice(k).get_shape() for k in handle.keys()}
+    except Exception:  # a damaged file: the header checks name what is wrong
+        return None
+    tops = {k.split(".")[0] for k in shapes}
+    if any(a in k for k in shapes for a in _ADAPTER_KEYS):
+        return "a LoRA (adapter) file"
+    if shapes and len(shapes) <= 8 and all(len(s) <= 2 for s in shapes.values()):
+        return "a textual-inversion embedding"
+    if tops and tops <= _UNET and "down_blocks" in tops:
+        return "a diffusers U-Net's weights alone (a pipeline's unet/diffusion_pytorch_model.safetensors)"
+    if tops and tops <= _TRANSFORMER and "transformer_blocks" in tops:
+        return "a diffusers transformer's weights alone (a pipeline's transformer/ weights)"
+    if tops and tops <= _VAE and "decoder" in tops:
+        return "a VAE's weights alone"
+    if family.SINGLE_FILE_TEXT and shapes and all(k.startswith("model.diffusion_model.") for k in shapes):
+        return "the U-Net's weights alone (model.diffusion_model.*: no VAE, no text encoder)"
+    return None
+
+
+def refuse_a_part(key: str, path: str | Path, family) -> None:
+    """Refuse, naming ``key``, a path that is a part of a model or an adapter (``what_part``) where a whole model
+    goes: a diffusers pipeline folder or a single-file checkpoint.
+
+    Raises:
+        ConfigError: ``KEY=PATH is WHAT; KEY takes ...``.
+    """
+    what = what_part(path, family)
+    if what is None:
+        return
+    whole = "the whole fine-tuned model" if key == "extract.tuned" else "a whole base model"
+    hint = ""
+    if any(word in what for word in ("adapter", "LoRA", "embedding", "run folder")):
+        hint = (
+            "; a LoRA needs no extracting (recipe=lora_resize changes its rank)" if key == "extract.tuned" else
+            "; an adapter goes in checkpoint= (recipe=evaluate, inspect), generate.adapters or merge.inputs"
+        )  # fmt: skip
+    raise ConfigError(
+        f"{key}={path} is {what}; {key} takes {whole}: a diffusers {family.PIPELINE} folder (with model_index.json) "
+        f"or a single-file .safetensors checkpoint{' (with model.config)' if key == 'model.path' else ''}{hint}"
+    )

@@ -214,6 +214,7 @@ def _load_peft(module, folder: Path, adapter_name: str) -> None:
             raise ConfigError(f"{folder}: adapter_config.json without adapter_model.safetensors beside it")
         weights = pickled[0]  # a safetensors file under a .bin name
     tensors, _ = reading.read_tensors(weights)
+    reading.peft_config(folder)  # a readable object with its type, targets and rank, or one line naming the file
     try:
         config = PeftConfig.from_pretrained(folder)
     except (ValueError, TypeError, KeyError) as e:

@@ -60,6 +60,18 @@ def single_file_folder(run: Run, file: Path, config: Path, what: str = "base") -
         return folder
     check_header(file, f"a {what} model")
     print(f"[tuner] {what}: converting the single file {file} to a diffusers folder {folder}", flush=True)
-    with atomic_dir(folder) as tmp:
-        run.family.from_single_file(file, config, tmp)
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    try:
+        with atomic_dir(folder) as tmp:
+            run.family.from_single_file(file, config, tmp)
+    except ConfigError:
+        raise
+    except (SingleFileComponentError, ValueError, KeyError) as e:  # a file of parts: diffusers says which is missing
+        key = "model.path" if what == "base" else "extract.tuned"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"{key}={file}: diffusers cannot read it as a whole {run.family.PIPELINE} single-file checkpoint "
+            f"({reason[:300]}); give a single file with every part of the model, or a diffusers pipeline folder"
+        ) from None
     return folder

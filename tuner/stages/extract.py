@@ -20,6 +20,7 @@ from tuner.errors import ConfigError
 from tuner.export.lowrank import Factors, cut_delta
 from tuner.export.reading import check_header
 from tuner.models import get_family
+from tuner.models.checks import refuse_a_part
 from tuner.stages.context import Adapted, Made, Run, stage
 from tuner.stages.toolbox import Gallery, check_formats, cut_lines, cut_row, cut_summary, install, report
 
@@ -34,13 +35,16 @@ def _check_extract(cfg) -> None:
     if not tuned.exists():
         raise ConfigError(f"extract.tuned={e.tuned}: no such file or folder")
     family = get_family(cfg.model.family, cfg.model)
+    refuse_a_part("extract.tuned", e.tuned, family)
     try:
         if tuned.is_dir():
             family.check_folder(tuned, cfg.model.allow_pickle)
         else:
             check_header(tuned, "a fine-tuned model")
-    except ConfigError as e:
-        raise ConfigError(f"extract.tuned: {e}") from None
+    except ConfigError as error:  # the folder's checks speak of model.path: here it is extract.tuned
+        said = str(error)
+        said = said.replace(f"model.path={tuned}", f"extract.tuned={e.tuned}", 1)
+        raise ConfigError(said if said.startswith("extract.tuned") else f"extract.tuned: {said}") from None
     base = Path(cfg.model.path or "").expanduser()
     if tuned.is_dir() and base.is_dir():  # the two denoisers' shapes, from their configs
         mine, theirs = (json.loads((f / family.DENOISER / "config.json").read_text()) for f in (base, tuned))
