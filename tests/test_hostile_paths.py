@@ -280,3 +280,30 @@ def test_a_run_folders_config_never_passes_on_loading_pickles(tmp_path):
     assert cfg.model.path == str(tmp_path / "base") and cfg.model.resolution == 16
     assert cfg.model.allow_pickle is False
     assert compose("generate", [f"checkpoint={run}", "model.allow_pickle=true"]).model.allow_pickle is True
+
+
+@pytest.mark.parametrize("name", ["../../victim.bin", "/etc/hostname", "sub/__0_0.distcp", "LINK"])
+def test_a_sharded_checkpoint_whose_metadata_names_a_file_outside_it_is_damaged(tmp_path, name):
+    """torch reads the data files a sharded checkpoint's ``.metadata`` names: only plain names in its folder."""
+    import dataclasses
+    import pickle
+
+    from tests.test_sharding import ONE, state, tensors
+    from tuner.training import checkpoints
+    from tuner.training.checkpoint_files import SHARDED, damage, read_sharded_metadata
+
+    (tmp_path / "victim.bin").write_bytes(b"\0" * 4096)
+    path = checkpoints.save_sharded(checkpoints.Checkpointing(folder=tmp_path / "checkpoints", keep=3), 3,
+                                    tensors(0), state(), ONE)  # fmt: skip
+    folder = path / SHARDED
+    if name == "LINK":  # a data file's name, but a link to a file outside
+        [data] = folder.glob("*.distcp")
+        data.rename(tmp_path / "moved.distcp")
+        data.symlink_to(tmp_path / "moved.distcp")
+        name = data.name
+    metadata = read_sharded_metadata(folder)
+    metadata.storage_data = {k: dataclasses.replace(v, relative_path=name) for k, v in metadata.storage_data.items()}
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    file, reason = damage(path)
+    assert file == folder and f"names a data file {name!r} that is not a plain file name" in reason, reason
+    assert (tmp_path / "victim.bin").read_bytes() == b"\0" * 4096

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.files import safetensors_header
+from tuner.files import inside, safetensors_header
 
 PATTERN = re.compile(r"step-(\d+)")
 # the sha256 of every file of a checkpoint, by its path in the checkpoint folder, written with it
@@ -31,7 +31,7 @@ def _steps(folder: Path) -> list[Path]:
     """Every checkpoint folder in ``folder`` (whole or not), oldest first."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if PATTERN.fullmatch(p.name) and p.is_dir()]
+    found = [p for p in folder.iterdir() if PATTERN.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
     return sorted(found, key=lambda p: int(PATTERN.fullmatch(p.name)[1]))
 
 
@@ -174,7 +174,12 @@ def sharded_header(folder: Path) -> dict[str, tuple[int, ...]]:
     for info in (metadata.storage_data or {}).values():
         ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
     for name, end in ends.items():
-        file = folder / name
+        try:  # torch reads the files the metadata names: only plain names in this folder, no link
+            file = inside(folder, name, folder / ".metadata")
+            if "/" in name:
+                raise ConfigError(name)
+        except ConfigError:
+            raise ValueError(f"names a data file {name!r} that is not a plain file name in its folder") from None
         if not file.is_file():
             raise ValueError(f"lacks its data file {name}")
         if file.stat().st_size < end:
