@@ -204,7 +204,8 @@ def test_prepare_again_never_sweeps_through_a_linked_cache_and_keeps_files_it_di
     root, victim, _ = around
     photos = make_photos(root / "photos")
     args = ["recipe=lora", f"model.path={tiny_pipeline_dir}", "data.resolution=16", f"data.instance_dir={photos}",
-            "data.instance_prompt=a photo of sks ball", "stages=[base,prepare]", f"output_dir={root / 'run'}"]  # fmt: skip
+            "data.instance_prompt=a photo of sks ball", "stages=[base,prepare]",
+            f"output_dir={root / 'run'}"]  # fmt: skip
     code, err = cli(capsys, *args)
     assert code == 0, err
     data = root / "run" / "data" / "instance"
