@@ -19,7 +19,8 @@ from tuner.config import DIGIT_WORDS, TunerConfig
 from tuner.errors import ConfigError
 
 _HERE = Path(__file__).resolve().parent
-_BASE = _HERE.parent if (_HERE.parent / "recipes").is_dir() else _HERE
+# a checkout: conf/ and recipes/ at the top of the repo; the installed wheel: tuner/presets/{conf,recipes}
+_BASE = _HERE.parent if (_HERE.parent / "recipes").is_dir() and (_HERE.parent / "conf").is_dir() else _HERE / "presets"
 CONF_DIR = Path(os.environ.get("TUNER_CONF_DIR", _BASE / "conf"))
 RECIPES_DIR = Path(os.environ.get("TUNER_RECIPES_DIR", _BASE / "recipes"))
 
@@ -194,6 +195,10 @@ def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
         cfg.model.resolution = vae["sample_size"]
 
 
+# keys a run folder's config.yaml never passes on: loading pickles (code) is the user's own say, each time
+NEVER_INHERITED = ("model.allow_pickle",)
+
+
 def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
     """With ``checkpoint=`` (or a generate adapter, or a merge input) inside a tuner run and no model chosen, take
     that run's base model and resolution, and its prompts and instance images; keys the user set stay as set."""
@@ -206,7 +211,7 @@ def _inherit_model(cfg: DictConfig, overrides: list[str]) -> None:
         given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
         for group in ("model", "base"):
             for key, value in source[group].items():
-                if f"{group}.{key}" not in given:
+                if f"{group}.{key}" not in given and f"{group}.{key}" not in NEVER_INHERITED:
                     cfg[group][key] = value
         if "data.resolution" not in given:
             cfg.data.resolution = source.data.resolution
