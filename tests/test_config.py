@@ -37,7 +37,8 @@ def test_every_recipe_composes_and_validates(recipe, tmp_path, tiny_pipeline_dir
 
         lora = tmp_path / "lora.safetensors"
         name = "lora_unet_down_blocks_0_attentions_0_proj_in"
-        save_file({f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)}, lora)
+        down, up = torch.zeros(2, 16, 1, 1), torch.zeros(16, 2, 1, 1)  # the tiny U-Net's 1x1 proj_in, 16 wide
+        save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up}, lora)
         overrides = [f"model.path={tiny_pipeline_dir}", *TOOLBOX[recipe](lora, tiny_pipeline_dir)]
     cfg = compose(recipe, overrides)
     validate(cfg)
