@@ -5,7 +5,6 @@ folder is made; exit 1 for a rank), no traceback, and no file of the user's chan
 """
 
 import contextlib
-import hashlib
 import itertools
 import os
 import re
@@ -16,42 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from tests.helpers import ROOT, Launch, free_port, make_photos, run_tuner, train_in_process
-from tuner.__main__ import main
+from tests.test_hostile_files import cli, one_line, tree
 
 pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """sha256 (and mode) of every file under ``folder``, by relative path; a link by where it points."""
-    out = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_symlink():
-            out[str(path.relative_to(folder))] = f"-> {os.readlink(path)}"
-        elif path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            out[str(path.relative_to(folder))] = f"{digest} {oct(path.stat().st_mode & 0o777)}"
-    return out
-
-
-def cli(capsys, *args: str) -> tuple[int, str]:
-    """``python -m tuner ARGS`` in this process: the exit code and what it printed on stderr."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    capsys.readouterr()
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("tuner:")]
-    assert "Traceback" not in err, err
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def refused(capsys, out: Path, *args: str) -> str:

@@ -29,10 +29,12 @@ pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
 
 
 def tree(folder: Path) -> dict[str, str]:
-    """sha256 (and mode) of every file under ``folder``, by relative path."""
+    """sha256 (and mode) of every file under ``folder``, by relative path; a link by where it points."""
     out = {}
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
+        if path.is_symlink():
+            out[str(path.relative_to(folder))] = f"-> {os.readlink(path)}"
+        elif path.is_file():
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             out[str(path.relative_to(folder))] = f"{digest} {oct(path.stat().st_mode & 0o777)}"
     return out

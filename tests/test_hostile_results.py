@@ -8,7 +8,6 @@ file or key and the fix (exit 2), and no file outside the run folder changes (sh
 - ``data.val_dir`` that shares images with ``data.instance_dir`` (by path or by content).
 """
 
-import hashlib
 import shutil
 from pathlib import Path
 
@@ -19,19 +18,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.helpers import FORMATS, PROMPT, make_photos, train_in_process
+from tests.test_hostile_files import tree
 from tuner.__main__ import main
 
 pytestmark = pytest.mark.hostile  # the hostile-input corpus: pytest -m hostile
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """sha256 (and mode) of every file under ``folder``, by relative path (as tests/test_hostile_files.py)."""
-    out = {}
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file():
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            out[str(path.relative_to(folder))] = f"{digest} {oct(path.stat().st_mode & 0o777)}"
-    return out
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

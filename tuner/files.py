@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -204,3 +205,12 @@ def safetensors_header(path: Path) -> dict:
         short = size - 8 - n < end
         raise ValueError(f"is {'truncated' if short else 'damaged'} ({size:,} bytes; its header says {8 + n + end:,})")
     return tensors
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

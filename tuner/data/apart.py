@@ -5,10 +5,10 @@ run trains on: a training loss, and checkpoints.select and train.early_stop woul
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from tuner.errors import ConfigError
+from tuner.files import file_sha256
 
 # files a folder source reads beside its images (captions, metadata), not images trained on themselves
 _SIDECARS = (".txt", ".caption", ".json", ".jsonl")
@@ -36,14 +36,6 @@ def _files(path: Path) -> list[Path]:
     return found
 
 
-def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _shared(held: list[Path], trained: list[Path]) -> list[tuple[Path, Path]]:
     """(held-out file, trained file) pairs of the same content; only files of a size both sides have are read."""
     sizes = {f.stat().st_size for f in trained}
@@ -54,8 +46,8 @@ def _shared(held: list[Path], trained: list[Path]) -> list[tuple[Path, Path]]:
     by_hash = {}
     for f in trained:
         if f.stat().st_size in wanted:
-            by_hash.setdefault(_sha256(f), f)
-    return [(f, by_hash[h]) for f in candidates if (h := _sha256(f)) in by_hash]
+            by_hash.setdefault(file_sha256(f), f)
+    return [(f, by_hash[h]) for f in candidates if (h := file_sha256(f)) in by_hash]
 
 
 def _nesting(held: Path, path: Path) -> str | None:

@@ -10,7 +10,6 @@ bytes altered in place, whatever the format, are found. Nothing damaged is ever 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import re
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.files import inside, safetensors_header
+from tuner.files import file_sha256, inside, safetensors_header
 
 PATTERN = re.compile(r"step-(\d+)")
 # the sha256 of every file of a checkpoint, by its path in the checkpoint folder, written with it
@@ -218,14 +217,6 @@ def damage(path: Path, thorough: bool = False) -> tuple[Path, str] | None:
         except OSError as e:
             return file, f"cannot be read ({e.strerror or e})"
     return hash_damage(path, thorough)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_files(path: Path) -> list[Path]:
