@@ -110,7 +110,9 @@ def test_a_cache_folder_tuner_did_not_make_is_refused_unless_new_empty_or_marked
     check_cache_dir(tmp_path / "new", "cache.dir=new")
     (tmp_path / "empty").mkdir()
     check_cache_dir(tmp_path / "empty", "cache.dir=empty")
-    _tuner_shard(Store(tmp_path / "old", LATENTS), 0)  # a cache written before the marker: encoders' folders only
+    _tuner_shard(Store(tmp_path / "old", LATENTS), 0)
+    assert (tmp_path / "old" / MARKER).is_file()  # writing a shard marks the folder
+    (tmp_path / "old" / MARKER).unlink()  # a cache written before the marker: encoders' folders only
     check_cache_dir(tmp_path / "old", "cache.dir=old")
     _foreign(tmp_path / "mine" / "loras" / f"{'a' * 32}.safetensors")
     with pytest.raises(ConfigError, match=r"cache.dir=mine: .* holds files tuner did not write \(loras\)"):

@@ -20,7 +20,7 @@ from tuner.stages.context import Adapted, Run, stage
 from tuner.stages.data import image_keys, images_of, latent_masks, subject_images
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
-from tuner.training.cache import Store, cached, evict, fingerprint, mark_cache_dir
+from tuner.training.cache import Store, cached, evict, fingerprint
 from tuner.training.checkpoints import Checkpointing
 from tuner.training.held_out import HeldOutLoss, HeldOutSet, split
 from tuner.training.loop import Training, TrainResult
@@ -367,8 +367,6 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str], l
     loaded, opened, report, started = [], [], {"entries": {}, "encoded": {}}, time.perf_counter()
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     vae_dtype = next(c.vae.parameters()).dtype
-    if run.is_main:
-        mark_cache_dir(run.cache_dir)  # later runs know the folder for tuner's cache (check_cache_dir)
     latents_store = Store(run.cache_dir, f"latents-{fingerprint('latents', str(vae_dtype), modules=[c.vae])}")
     for role, weight, dataset in _parts(run, roles):
         entries, report["encoded"][f"latents-{role}"] = cached(

@@ -293,6 +293,7 @@ class Store:
         hashes = {k: entry_hash(item) for k, item in items.items()}
         name = hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()[:32]
         path = self.dir / f"{name}.safetensors"
+        mark_cache_dir(self.root)  # later runs know the folder for tuner's cache (check_cache_dir)
         write_atomic(path, save(tensors, metadata={"format": "tuner-cache", "hashes": json.dumps(hashes)}))
         return path
 
