@@ -310,3 +310,17 @@ def test_a_sharded_checkpoint_whose_metadata_names_a_file_outside_it_is_damaged(
     file, reason = damage(path)
     assert file == folder and f"names a data file {name!r} that is not a plain file name" in reason, reason
     assert (tmp_path / "victim.bin").read_bytes() == b"\0" * 4096
+
+
+def test_a_feature_models_weight_index_naming_a_file_outside_its_folder_is_refused(tmp_path):
+    """``model.safetensors.index.json`` names the weights files to read: only the folder's own."""
+    from tuner.scoring import check_folder
+
+    _foreign(tmp_path / "outside.safetensors")
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    index = {"weight_map": {"text_model.embeddings.token_embedding.weight": "../outside.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConfigError, match=r"eval.clip=.*index\.json is damaged: it names '\.\./outside"):
+        check_folder(str(folder), "clip")

@@ -201,12 +201,15 @@ def _part(name: str) -> str:
 def _weight_keys(folder: Path, allow_pickle: bool, refuse) -> set[str] | None:
     """The tensor names of the folder's safetensors weights (sharded ones by their index), from their headers;
     None for pickled weights only (``allow_pickle``)."""
-    from tuner.files import safetensors_header
+    from tuner.files import inside, safetensors_header
 
     files, index = [folder / "model.safetensors"], folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            files = [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [inside(folder, name, index) for name in names]  # only the folder's own files, no link
+        except ConfigError as e:
+            raise refuse(str(e)) from None
         except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
             raise refuse(f"its {index.name} does not parse") from None
     if not any(f.is_file() for f in files):
