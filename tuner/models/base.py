@@ -102,7 +102,8 @@ class Family:
     EMBEDDING_REFUSAL = ""
     TRAINING_SCHEDULER = "DDPMScheduler"
     FLOW = False  # trained by flow matching (its samplers: tuner.generation.FLOW_SCHEDULERS)
-    DEFAULT_SCHEDULER = "ddim"  # the sampler of galleries, validation and generate's default
+    # the sampler when none is named and the base folder's own scheduler is not one the pipeline draws with
+    DEFAULT_SCHEDULER = "ddim"
     NO_SCHEDULERS: tuple[str, ...] = ()  # samplers of its kind that its diffusers pipeline cannot drive
     # the denoiser's blocks (for the locon / all_linear presets) and its LoRA target presets
     BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")
@@ -211,6 +212,8 @@ class Family:
         c.extra["pipeline_config"] = {
             k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)
         }
+        entry = index.get("scheduler")  # the class pipe(prompt) samples with (samplers.default)
+        c.extra["scheduler_class"] = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         c.prediction_type = self.prediction(c, prediction_type)
         return c
 
@@ -308,8 +311,9 @@ class Family:
         return {}
 
     def sampling_scheduler(self, c: Components):
-        """The family's default sampler (``DEFAULT_SCHEDULER``), from the base's scheduler config."""
-        return samplers.scheduler(self.DEFAULT_SCHEDULER, self, c.noise_scheduler.config)
+        """The sampler when none is named: the base folder's own scheduler where this family's pipeline draws
+        with it, else ``DEFAULT_SCHEDULER``; from the base's scheduler config (``samplers.default``)."""
+        return samplers.scheduler(samplers.default(self, c).name, self, c.noise_scheduler.config)
 
     def sampling_settings(self) -> dict:
         """Scheduler settings every sampler of this family takes beyond the base's config."""
