@@ -24,7 +24,7 @@ ALL_FORMATS = "export.formats=[diffusers,kohya,peft,merged,single_file]"
 def sd15_tiny(tmp_path_factory) -> Path:
     from tuner.models.tiny import make_tiny_pipeline
 
-    return make_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "pipe", size="sd15")
+    return make_tiny_pipeline(tmp_path_factory.mktemp("sd15") / "pipe", size="layout")
 
 
 def train(tmp_path, tiny, *overrides, name="run"):

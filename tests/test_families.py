@@ -179,7 +179,7 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
     from tuner.runner import BUILTINS, entries, run_stage
     from tuner.stages.context import Run
 
-    folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="sd15") if name != "sdxl" else tiny(name)
+    folder = make_tiny_pipeline(tmp_path / "pipe", family=name, size="layout") if name != "sdxl" else tiny(name)
     family = get_family(name)
     c = family.load(folder)
     vocab = {n: m.config.vocab_size for n, m in c.text_encoders.items()}

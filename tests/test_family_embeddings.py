@@ -125,7 +125,7 @@ def test_an_sdxl_embedding_conditions_the_refiner_too(tmp_path, tiny):
     reads the token with its clip_g vectors, as diffusers draws it with the file's clip_g loaded into both."""
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from tuner.models.tiny import make_tiny_sdxl_refiner
+    from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
     base = tiny("sdxl")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
@@ -177,7 +177,7 @@ def test_the_gallerys_base_row_with_a_refiner_reads_the_prompt_without_the_new_t
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tests.helpers import gallery_cell
-    from tuner.models.tiny import make_tiny_sdxl_refiner
+    from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
     base = tiny("sdxl")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)

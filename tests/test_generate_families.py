@@ -143,7 +143,7 @@ def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path
     """generate.refiner: the base draws the first 80% of the steps, the refiner the rest (diffusers' own split)."""
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    from tuner.models.tiny import make_tiny_sdxl_refiner
+    from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
     base = tiny("sdxl")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
@@ -188,7 +188,7 @@ def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
 @pytest.mark.e2e  # the SDXL refiner
 def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny):
     """Base and refiner draw one image: its previews are numbered over both, the last is the image."""
-    from tuner.models.tiny import make_tiny_sdxl_refiner
+    from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
     base = tiny("sdxl")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
@@ -208,7 +208,7 @@ def test_the_gallery_with_a_refiner_draws_what_diffusers_base_lora_and_refiner_d
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tests.helpers import gallery_cell, train_in_process
-    from tuner.models.tiny import make_tiny_sdxl_refiner
+    from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
     base = tiny("sdxl")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)

@@ -107,7 +107,7 @@ def bench(size: int, tmp: Path, steps: int) -> dict:
     images, pipe, home = work / "images", tmp / "pipe", work / "home"  # a cold cache per size
     make_set(images, size)
     if not (pipe / "model_index.json").exists():
-        make_tiny_pipeline(pipe, size="sd15")
+        make_tiny_pipeline(pipe, size="layout")
     common = [
         f"model.path={pipe}",
         f"data.instance_dir={images}",

@@ -23,7 +23,6 @@ def _choices(name: str, *values: str) -> type[Choice]:
     return Choice(name, [(v, v) for v in values])  # type: ignore[return-value]
 
 
-Family = _choices("Family", "sd15", "sd2", "sdxl", "flux", "sd3")
 Builtin = _choices("Builtin", "digits")
 Quantize = _choices("Quantize", "nf4", "int8")
 # several processes: each holds the whole model (ddp) or a shard of the trained modules (fsdp: FSDP2)

@@ -20,7 +20,6 @@ from tuner.choices import (
     CaptionMissing,
     Crop,
     Dtype,
-    Family,
     Loss,
     LrScheduler,
     MixedPrecision,
@@ -56,8 +55,8 @@ from tuner.output_config import (
 
 @dataclass
 class ModelConfig:
-    # sd15 | sd2 | sdxl | flux | sd3 (tuner/models/)
-    family: Family = Family.sd15
+    # a registered model family (tuner.models.FAMILIES); conf/model/NAME.yaml sets it with its defaults
+    family: str = ""
     # a local diffusers pipeline folder, or a single-file .safetensors checkpoint (with config)
     path: str | None = None
     # for a single-file path: a local diffusers folder of the same family whose configs and tokenizers

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from tuner.models import get_family
+
 BOS, EOS, TOKENS = 49406, 49407, 77
 
 
@@ -141,7 +143,8 @@ def build_sdxl(folder: Path, seed: int = 0, text_layers: int | None = None) -> P
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from tuner.export.formats import legacy_text_encoder_keys
-    from tuner.models.tiny import char_tokenizer, sdxl_unet
+    from tuner.models.sdxl import real_unet as sdxl_unet
+    from tuner.models.tiny import char_tokenizer
 
     torch.manual_seed(seed)
     unet = sdxl_unet((1, 1, 2), sample_size=8)
@@ -174,10 +177,11 @@ def build_flux(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextModel
 
     from tuner.export.formats import legacy_text_encoder_keys
-    from tuner.models.tiny import _t5, _vae, char_tokenizer, save_pipeline
-    from tuner.models.tiny import build_flux as tiny_flux
+    from tuner.models.tiny import char_tokenizer, save_pipeline
+    from tuner.models.tiny import t5_encoder as _t5
+    from tuner.models.tiny import tiny_vae as _vae
 
-    components = tiny_flux(seed)
+    components = get_family("flux").build_tiny(seed)
     torch.manual_seed(seed)
     components["transformer"] = FluxTransformer2DModel(
         patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
@@ -217,10 +221,10 @@ def build_sd3(folder: Path, seed: int = 0) -> Path:
     reads the transformer alone)."""
     from diffusers import SD3Transformer2DModel
 
-    from tuner.models.tiny import _vae, save_pipeline
-    from tuner.models.tiny import build_sd3 as tiny_sd3
+    from tuner.models.tiny import save_pipeline
+    from tuner.models.tiny import tiny_vae as _vae
 
-    components = tiny_sd3(seed)
+    components = get_family("sd3").build_tiny(seed)
     torch.manual_seed(seed)
     components["transformer"] = SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,

@@ -8,10 +8,10 @@ and LoKr files in LyCORIS' names are ``kohya`` too), ``peft`` (a folder of ``<co
 and ``adapter_model.safetensors``), ``embedding`` (textual inversion vectors). A run folder is read through
 its export, as ``checkpoint=`` loads it.
 
-The family comes from names only one family's modules have (Flux's single-stream blocks, SD3's joint
-blocks, SDXL's second text encoder or its original-layout U-Net names), then from widths: the
-cross-attention input (768 SD1.x, 1024 SD2.x, 2048 SDXL), the transformer width (3072 Flux, 1536 / 2432 SD3).
-A file that names none of these (a small or partial LoRA) leaves more than one family possible, and says so.
+The family comes from what each registered family says of its own modules (``Family.DENOISER``, its text
+encoders, ``SIGNS``: names only it has, ``NEVER``: names it never has), then from widths (``WIDTHS``: its
+cross-attention input or transformer width). A file that names none of these (a small or partial LoRA)
+leaves more than one family possible, and says so.
 """
 
 from __future__ import annotations
@@ -38,19 +38,12 @@ DIFFUSERS_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2",
 COMFYUI_PREFIX = "diffusion_model."  # ComfyUI's own LoRA files: the denoiser's modules by their original names
 # LyCORIS' LoHa and LoKr tensors, by the key suffix; the first of each kind's names its rank (the inner dimension)
 LYCORIS = {"loha": ("hada_w1_b", "hada_w1_a", "hada_w2_a", "hada_w2_b"), "lokr": ("lokr_w2_b", "lokr_w1", "lokr_w2")}
-# names only one family's modules have (module names with "." and "_" alike), SD3's before Flux's (both have an
-# x_embedder, with other names beside it)
-SIGNS = (
-    ("sd3", r"joint_blocks|context_block|x_block_|pos_embed|text_encoder_3"),
-    ("flux", r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"),
-)
 # how a denoiser module's name starts (the file's prefix taken off): a transformer's, a U-Net's
 TRANSFORMER_NAMES = (
     r"^(transformer_blocks|single_transformer_blocks|joint_blocks|double_blocks|single_blocks|x_embedder|"
     r"context_embedder|time_text_embed|pos_embed|final_layer)"
 )
 UNET_NAMES = r"^(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block|conv_in|time_embedding)"
-WIDTHS = {"sd15": {768}, "sd2": {1024}, "sdxl": {2048}, "flux": {3072}, "sd3": {1536, 2432}}
 
 
 @dataclass
@@ -292,9 +285,12 @@ def _describe_peft(folder: Path) -> Described:
 
 def families_of(modules: dict[str, Module]) -> tuple[tuple[str, ...], str]:
     """The families a file's modules may be for, and why: the candidates narrowed by the kind of denoiser its
-    names show (U-Net or transformer), by names only one family has, then by widths (see the module's
-    docstring). A file that narrows to none (contradicting names) leaves every family possible."""
-    every = tuple(WIDTHS)
+    names show (U-Net or transformer), by the text encoders it adapts, by names only one family has, then by
+    widths (see the module's docstring). A file that narrows to none (contradicting names) leaves every family
+    possible."""
+    from tuner.models import families
+
+    every = {f.NAME: f for f in families()}
     names = [m.name.replace(".", "_") for m in modules.values()]
     text = " ".join(names)
     candidates, why = set(every), []
@@ -302,30 +298,29 @@ def families_of(modules: dict[str, Module]) -> tuple[tuple[str, ...], str]:
     if any(re.search(TRANSFORMER_NAMES, n) for n in denoiser) or any(
         m.name.startswith("transformer.") for m in modules.values()
     ):
-        candidates &= {"flux", "sd3"}
+        candidates = {n for n in candidates if every[n].DENOISER == "transformer"}
         why.append("a transformer")
     elif any(re.search(UNET_NAMES, n) for n in denoiser):
-        candidates &= {"sd15", "sd2", "sdxl"}
+        candidates = {n for n in candidates if every[n].DENOISER == "unet"}
         why.append("a U-Net")
-    if any(m.component == "text_encoder_2" for m in modules.values()) and candidates & {"sd15", "sd2"}:
-        candidates -= {"sd15", "sd2"}  # one text encoder
-        why.append("a second text encoder")
-    for name, pattern in SIGNS:
-        found = re.search(pattern, text)
-        if found:
-            candidates &= {name}
-            why.append(f"names only {name} has ({found[0]})")
-            break
-    if re.search(r"down_blocks_0_attentions", text):
-        candidates -= {"sdxl"}  # SDXL's first down block has no attention
+    encoders = {m.component for m in modules.values() if m.component.startswith("text_encoder")}
+    fewer = {n for n in candidates if not encoders <= set(every[n].TEXT_ENCODERS)}
+    if fewer and candidates - fewer:
+        candidates -= fewer
+        why.append(f"its text encoders ({', '.join(sorted(encoders))})")
+    signed = {n: found[0] for n in every if every[n].SIGNS and (found := re.search(every[n].SIGNS, text))}
+    if signed:
+        candidates &= set(signed)
+        why += [f"names only {n} has ({found})" for n, found in signed.items()]
+    candidates -= {n for n in candidates if every[n].NEVER and re.search(every[n].NEVER, text)}
     widths = _widths(modules)
-    fitting = {f for f in candidates if WIDTHS[f] & widths}
+    fitting = {n for n in candidates if every[n].WIDTHS & widths}
     if fitting:
         candidates = fitting
         why.append(f"widths {', '.join(map(str, sorted(widths)))}")
     if not candidates:
-        return every, "names and widths of no one family"
-    order = [f for f in every if f in candidates]
+        return tuple(every), "names and widths of no one family"
+    order = [n for n in every if n in candidates]
     said = "; ".join(why) or "names any family may have"
     return tuple(order), said + ("" if len(order) == 1 else "; more than one family fits")
 

@@ -65,6 +65,23 @@ class Components:
         return {**self.trainable(), "vae": self.vae}
 
 
+@dataclass(frozen=True)
+class RealWidths:
+    """A family's real model at its real widths and a chosen depth, built on whatever device or fake-tensor mode
+    is current: ``denoiser(units)`` with ``units`` of its repeated unit (``real``: how many the real model has;
+    None: built whole, ``units`` ignored), ``inputs(resolution, batch, dtype)`` the keyword arguments of one
+    denoiser call, ``text_encoders()`` and ``vae()`` its frozen encoders. ``published``: other trainers' memory
+    figures, for the plan's table."""
+
+    denoiser: object  # (units: int | None) -> torch.nn.Module
+    real: int | None
+    inputs: object  # (resolution: int, batch: int, dtype) -> dict of the denoiser's keyword arguments
+    text_encoders: object  # () -> list[torch.nn.Module]
+    vae: object  # () -> torch.nn.Module
+    unit: str = "the whole denoiser"
+    published: dict = field(default_factory=dict)
+
+
 def tree_map(fn, x):
     """``fn`` on a tensor, on each tensor of a dict of tensors, or None for None."""
     if x is None:
@@ -102,6 +119,7 @@ class Family:
     EMBEDDING_REFUSAL = ""
     TRAINING_SCHEDULER = "DDPMScheduler"
     FLOW = False  # trained by flow matching (its samplers: tuner.generation.FLOW_SCHEDULERS)
+    ZERO_TERMINAL_SNR = False  # takes model.zero_terminal_snr (a v-prediction family)
     # the sampler when none is named and the base folder's own scheduler is not one the pipeline draws with
     DEFAULT_SCHEDULER = "ddim"
     NO_SCHEDULERS: tuple[str, ...] = ()  # samplers of its kind that its diffusers pipeline cannot drive
@@ -126,13 +144,32 @@ class Family:
     BASE_VERSION = ""
     MODELSPEC_ARCHITECTURE = ""
     SINGLE_FILE_TEXT = True  # the single file holds the text encoders (Flux's, as BFL ships it, does not)
-    DEFAULT_RESOLUTION = 512
+    DEFAULT_RESOLUTION = 512  # conf/model/NAME.yaml's model.resolution (tests/test_kit.py holds them equal)
     RESOLUTION_MULTIPLE = 8  # pixel sizes the VAE and the denoiser's patches divide
+    # how recipe=inspect and the toolbox tell this family's adapter files from others' (tuner/export/inspection.py):
+    # the widths of its denoiser's cross-attention input or transformer, a regex of module names only it has
+    # ("." and "_" alike), and one of names it never has
+    WIDTHS: frozenset[int] = frozenset()
+    SIGNS: str | None = None
+    NEVER: str | None = None
+    # what its tiny pipeline (build_tiny) needs on the command line, beyond model=NAME and data.resolution=32
+    TINY_OPTIONS: tuple[str, ...] = ()
 
     def __init__(self, model: ModelConfig | None = None):
         """``model``: the ``model`` section (zero_terminal_snr, timestep_shift, guidance, max_sequence_length,
         weighting_scheme, ...); the schema's defaults when None."""
         self.model = model if model is not None else ModelConfig()
+
+    # --- tiny and real-width models: tests, tools, benches ---------------------------------------
+    def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
+        """A tiny pipeline's components of this family's real classes (deterministic for a seed), for
+        ``tuner.models.tiny.make_tiny_pipeline``; ``size`` names a variant where the family has several."""
+        raise NotImplementedError(f"{type(self).__name__} builds no tiny pipeline")
+
+    def real_widths(self) -> RealWidths:
+        """The family's denoiser and frozen encoders at the real model's widths (the memory plan, the toolbox
+        bench): see ``RealWidths``."""
+        raise NotImplementedError(f"{type(self).__name__} has no real-width builder")
 
     # --- loading -------------------------------------------------------------------------------
     def check_folder(self, path: str | Path, allow_pickle: bool = False) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from tuner.errors import ConfigError
-from tuner.models import get_family
+from tuner.models import families, get_family
 
 
 def check(cfg: DictConfig) -> None:
@@ -44,10 +44,12 @@ def check(cfg: DictConfig) -> None:
         )
     if not flow and (m.weighting_scheme != "none" or m.timestep_shift is not None):
         raise ConfigError(
-            f"model.weighting_scheme / model.timestep_shift are for flow-matching families (flux, sd3), not {m.family}"
+            "model.weighting_scheme / model.timestep_shift are for flow-matching families "
+            f"({', '.join(f.NAME for f in families() if f.FLOW)}), not {m.family}"
         )
-    if m.zero_terminal_snr and m.family != "sd2":
-        raise ConfigError("model.zero_terminal_snr is an sd2 (v-prediction) option")
+    if m.zero_terminal_snr and not family.ZERO_TERMINAL_SNR:
+        having = ", ".join(f.NAME for f in families() if f.ZERO_TERMINAL_SNR)
+        raise ConfigError(f"model.zero_terminal_snr is an option of v-prediction families ({having}), not {m.family}")
     if cfg.embedding.tokens and not family.EMBEDDINGS:
         raise ConfigError(
             f"embedding.tokens: no textual inversion for model={m.family} ({family.EMBEDDING_REFUSAL}); "

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from tuner.models.base import Components, FlowFamily, _ids
+from tuner.models import real, tiny
+from tuner.models.base import Components, FlowFamily, RealWidths, _ids
 from tuner.models.bfl_layout import SWAPPED_HALVES, bfl_name, original_state
 
 
@@ -48,6 +49,87 @@ class Flux(FlowFamily):
     DEFAULT_EXPORTS = ("diffusers", "kohya")
     BASE_VERSION = "flux1"
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
+    WIDTHS = frozenset({3072})  # the transformer's
+    SIGNS = r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"
+    TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens
+
+    def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
+        """A tiny Flux.1: one double-stream and one single-stream block over 2x2-packed latents of a
+        4-channel VAE, CLIP (pooled) + T5 (sequence) text encoders, Flux's scheduler settings.
+        ``size="schnell"``: the shape without dev's guidance embedding."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+        from transformers import CLIPTextModel
+
+        guidance = size != "schnell"
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=16,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=guidance,
+            axes_dims_rope=(2, 2, 4),
+        )
+        torch.manual_seed(seed + 1)
+        vae = tiny.tiny_vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
+        torch.manual_seed(seed + 2)
+        scheduler = FlowMatchEulerDiscreteScheduler(
+            shift=3.0,
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        )
+        return {
+            "transformer": transformer,
+            "vae": vae,
+            "text_encoder": tiny.clip_text(CLIPTextModel, 16, 2, 32),
+            "text_encoder_2": tiny.t5_encoder(32),
+            "tokenizer": tiny.char_tokenizer(32),
+            "tokenizer_2": tiny.t5_tokenizer(32),
+            "scheduler": scheduler,
+        }
+
+    def real_widths(self) -> RealWidths:
+        """Flux.1-dev's transformer with one double- and two single-stream blocks per unit (19 units), CLIP-L,
+        T5-XXL, its 16-channel VAE."""
+
+        def transformer(units):
+            from diffusers import FluxTransformer2DModel
+
+            return FluxTransformer2DModel(
+                in_channels=64, num_layers=units, num_single_layers=2 * units, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56),
+            )  # fmt: skip
+
+        def inputs(resolution, batch, dtype):
+            tokens = (resolution // 16) ** 2
+            return {
+                "hidden_states": torch.randn(batch, tokens, 64, dtype=dtype),
+                "encoder_hidden_states": torch.randn(batch, 512, 4096, dtype=dtype),
+                "pooled_projections": torch.randn(batch, 768, dtype=dtype),
+                "timestep": torch.rand(batch),
+                "img_ids": torch.zeros(tokens, 3),
+                "txt_ids": torch.zeros(512, 3),
+                "guidance": torch.ones(batch),
+            }
+
+        published = {
+            "Flux LoRA r16 512 px target": "<= 8 GB NF4, <= 5 GB offloaded",
+            "diffusers QLoRA (4090)": "~9 GB", "diffusers bf16 LoRA": "~26 GB",
+            "SimpleTuner bf16/int8/int4/nf4": ">30 / 18 / 13 / 9 GB", "kohya fp8 + 28 blocks swapped": "8 GB",
+            "OneTrainer offloaded 512 px": "6 GB",
+        }  # fmt: skip
+        return RealWidths(
+            transformer, 19, inputs, lambda: [real.clip(768, 12, 12), real.t5_xxl()], lambda: real.vae(16),
+            unit="1 double + 2 single blocks", published=published,
+        )
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         clip = c.tokenizers["tokenizer"]

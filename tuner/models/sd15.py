@@ -6,7 +6,8 @@ single-file layout (tuner/models/ldm_layout.py).
 
 from __future__ import annotations
 
-from tuner.models.base import Family
+from tuner.models import real, tiny
+from tuner.models.base import Family, RealWidths
 from tuner.models.ldm_layout import to_original
 
 
@@ -17,6 +18,24 @@ class SD15(Family):
     KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
     BASE_VERSION = "sd_v1"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v1"
+    WIDTHS = frozenset({768})  # CLIP-L's, the U-Net's cross-attention input
+
+    def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
+        """SD1.x's classes at one of ``tiny.SIZES`` (``test``, ``layout``: SD1.5's block structure, ...)."""
+        return tiny.build_components(tiny.SIZES[size], seed)
+
+    def real_widths(self) -> RealWidths:
+        """SD1.5's U-Net (diffusers' defaults are its shape), CLIP-L, its VAE: built whole."""
+
+        def unet(units):
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+
+        return RealWidths(
+            unet, None, real.unet_inputs(768), lambda: [real.clip(768, 12, 12)], real.vae,
+            published={"SD1.5 LoRA 512 px target": "<= 3 GB"},
+        )  # fmt: skip
 
     def pipeline_extras(self) -> dict:
         return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}

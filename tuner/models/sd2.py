@@ -9,6 +9,8 @@ timesteps then start at the last one (``timestep_spacing="trailing"``); it needs
 from __future__ import annotations
 
 from tuner.errors import ConfigError
+from tuner.models import real, tiny
+from tuner.models.base import RealWidths
 from tuner.models.ldm_layout import to_original
 from tuner.models.sd15 import SD15, base_vocabulary
 
@@ -20,8 +22,28 @@ class SD2(SD15):
     DEFAULT_EXPORTS = ("diffusers", "kohya")  # diffusers and peft load the first, A1111/ComfyUI the second
     BASE_VERSION = "sd_v2"
     KOHYA_V2 = True
+    ZERO_TERMINAL_SNR = True
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v2-768-v"
     DEFAULT_RESOLUTION = 768
+    WIDTHS = frozenset({1024})  # OpenCLIP-H's
+
+    def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
+        """SD1.x's tiny shapes with what SD2.x changes: linear projections, a GELU text encoder, v-prediction."""
+        return tiny.build_components(
+            tiny.SIZES[size], seed, linear_projection=True, text_act="gelu", prediction_type="v_prediction"
+        )
+
+    def real_widths(self) -> RealWidths:
+        """SD2.x's U-Net (64-channel heads, linear projections, 1024-wide context), OpenCLIP-H, its VAE: whole."""
+
+        def unet(units):
+            from diffusers import UNet2DConditionModel
+
+            return UNet2DConditionModel(
+                cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True
+            )
+
+        return RealWidths(unet, None, real.unet_inputs(1024), lambda: [real.clip(1024, 23, 16)], real.vae)
 
     @property
     def zero_terminal_snr(self) -> bool:

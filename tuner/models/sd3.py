@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tuner.models.base import Components, FlowFamily, _ids
+from tuner.models import real, tiny
+from tuner.models.base import Components, FlowFamily, RealWidths, _ids
 from tuner.models.mmdit_layout import mmdit_name, original_state, swapped
 
 
@@ -45,6 +46,72 @@ class SD3(FlowFamily):
     BASE_VERSION = "sd3"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v3-medium"
     MAX_SEQUENCE_LENGTH = 256
+    WIDTHS = frozenset({1536, 2432})  # SD3-medium's transformer, SD3.5-large's
+    # checked before Flux's (both have an x_embedder, with other names beside it)
+    SIGNS = r"joint_blocks|context_block|x_block_|pos_embed|text_encoder_3"
+    TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens
+
+    def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
+        """A tiny SD3: an MMDiT of two joint blocks, two CLIP encoders with projections and a T5 (whose width
+        is at least the CLIPs' together: SD3 pads their hidden states to it), shift 3 flow matching."""
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            caption_projection_dim=16,
+            pooled_projection_dim=32,
+            out_channels=4,
+            pos_embed_max_size=32,
+        )
+        torch.manual_seed(seed + 1)
+        vae = tiny.tiny_vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+        torch.manual_seed(seed + 2)
+        clip = {"projection_dim": 16, "hidden_act": "gelu"}
+        return {
+            "transformer": transformer,
+            "vae": vae,
+            "text_encoder": tiny.clip_text(CLIPTextModelWithProjection, 16, 2, 32, **clip),
+            "text_encoder_2": tiny.clip_text(CLIPTextModelWithProjection, 16, 2, 32, **clip),
+            "text_encoder_3": tiny.t5_encoder(32),
+            "tokenizer": tiny.char_tokenizer(32),
+            "tokenizer_2": tiny.char_tokenizer(32),
+            "tokenizer_3": tiny.t5_tokenizer(32),
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        }
+
+    def real_widths(self) -> RealWidths:
+        """SD3-medium's transformer by joint blocks (24), CLIP-L, OpenCLIP-G, T5-XXL, its 16-channel VAE."""
+
+        def transformer(units):
+            from diffusers import SD3Transformer2DModel
+
+            return SD3Transformer2DModel(
+                sample_size=128, patch_size=2, in_channels=16, num_layers=units, attention_head_dim=64,
+                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+            )  # fmt: skip
+
+        def inputs(resolution, batch, dtype):
+            side = resolution // 8
+            return {
+                "hidden_states": torch.randn(batch, 16, side, side, dtype=dtype),
+                "encoder_hidden_states": torch.randn(batch, 333, 4096, dtype=dtype),
+                "pooled_projections": torch.randn(batch, 2048, dtype=dtype),
+                "timestep": torch.rand(batch) * 1000,
+            }
+
+        def text_encoders():
+            return [real.clip(768, 12, 12), real.clip(1280, 32, 20, projection=True), real.t5_xxl()]
+
+        return RealWidths(transformer, 24, inputs, text_encoders, lambda: real.vae(16), unit="a joint block")
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = {}

@@ -9,9 +9,12 @@ same numbers at sampling time (``image_cond`` and the test against ``_get_add_ti
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from tuner.models.base import Components, Family, _ids
+from tuner.models import real, tiny
+from tuner.models.base import Components, Family, RealWidths, _ids
 from tuner.models.sd15 import base_vocabulary
 from tuner.models.sgm_layout import sdxl_unet_key, to_original
 
@@ -29,6 +32,58 @@ class SDXL(Family):
     BASE_VERSION = "sdxl_base_v1-0"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base"
     DEFAULT_RESOLUTION = 1024
+    WIDTHS = frozenset({2048})  # CLIP-L's and OpenCLIP-G's side by side
+    NEVER = r"down_blocks_0_attentions"  # its first down block has no attention
+
+    def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
+        """A tiny SDXL: SDXL's U-Net layout (no attention at the top level, two ResNets per block, deeper
+        transformers lower down, linear projections, text_time added embedding) over two CLIP encoders."""
+        from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            block_out_channels=(16, 32),
+            layers_per_block=2,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            cross_attention_dim=16 + 24,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 24,
+            norm_num_groups=8,
+        )
+        torch.manual_seed(seed + 1)
+        vae = tiny.tiny_vae()
+        torch.manual_seed(seed + 2)
+        text_encoder = tiny.clip_text(CLIPTextModel, 16, 2, 32)
+        # the widths differ, as in SDXL: diffusers' single-file loader tells the two encoders apart by width
+        text_encoder_2 = tiny.clip_text(CLIPTextModelWithProjection, 24, 2, 32, projection_dim=24, hidden_act="gelu")
+        scheduler = EulerDiscreteScheduler(  # SDXL's own
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
+        )
+        return {
+            "unet": unet,
+            "vae": vae,
+            "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2,
+            "tokenizer": tiny.char_tokenizer(32),
+            "tokenizer_2": tiny.char_tokenizer(32),
+            "scheduler": scheduler,
+        }
+
+    def real_widths(self) -> RealWidths:
+        """SDXL's U-Net with one layer in each of its 1280-wide transformers (10 in SDXL), CLIP-L, OpenCLIP-G,
+        its VAE."""
+        return RealWidths(
+            lambda units: real_unet((1, 2, units)), 10, real.unet_inputs(2048, added=1280),
+            lambda: [real.clip(768, 12, 12), real.clip(1280, 32, 20, projection=True)], real.vae,
+            unit="a layer of each 1280-wide transformer", published={"SDXL LoRA 1024 px target": "<= 6 GB"},
+        )  # fmt: skip
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {
@@ -95,3 +150,47 @@ class SDXL(Family):
         unet, vae = modules["unet"], modules["vae"]
         texts = [base_vocabulary(modules[name], vocab_sizes[name]) for name in self.TEXT_ENCODERS]
         return to_original(unet.state_dict(), dict(unet.config), vae.state_dict(), dict(vae.config), *texts)
+
+
+def real_unet(transformer_layers: tuple[int, int, int] = (1, 2, 10), **extra):
+    """SDXL's U-Net at its real widths and block structure (no attention at the 320-wide level, 64-channel
+    heads, the 2048-wide context, the text_time embedding), ``transformer_layers`` deep per level (SDXL's
+    own: 2 and 10 at the two attention levels). For the clients' bases and the memory plan."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(320, 640, 1280),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=transformer_layers,
+        attention_head_dim=(5, 10, 20),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        **extra,
+    )
+
+
+def make_tiny_refiner(folder: Path, base: Path, seed: int = 0) -> Path:
+    """A tiny SDXL refiner beside a tiny SDXL base (``base``, its VAE, second encoder and tokenizer): a U-Net
+    over the second encoder only, with SDXL-refiner's five time ids (sizes, crop, aesthetic score)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed + 7)
+    unet = UNet2DConditionModel(
+        sample_size=16, block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=24,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 24,
+    )  # fmt: skip
+    source = StableDiffusionXLImg2ImgPipeline.from_pretrained(base, use_safetensors=True)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=source.vae, text_encoder=None, text_encoder_2=source.text_encoder_2, tokenizer=None,
+        tokenizer_2=source.tokenizer_2, unet=unet.eval(), scheduler=source.scheduler,
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )  # fmt: skip
+    refiner.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

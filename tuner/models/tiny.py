@@ -1,13 +1,10 @@
-"""Tiny pipelines of every model family, built from the real diffusers and transformers classes.
+"""Tiny pipelines of the model families, built from the real diffusers and transformers classes.
 
-They are saved with ``save_pretrained`` and loaded back through exactly the code path a user's
-checkpoint takes, so tests and the embedded ``digits`` base exercise the real loaders. The text side
-is frozen text encoders over a character-level vocabulary that tuner writes itself: any lower-case
-prompt can be tokenized, and no tokenizer files come from a hub.
-
-    sd15  the SD1.x shapes (SIZES: digits, test, sd15)     sdxl  two CLIP encoders, added time ids
-    sd2   SD1.x's classes, linear projections, v-pred       flux  FluxTransformer2DModel, CLIP + T5
-    sd3   SD3Transformer2DModel, two CLIP + T5
+Each family builds its own (``Family.build_tiny`` in its module) from the parts here: text encoders over a
+character-level vocabulary that tuner writes itself (any lower-case prompt can be tokenized, and no
+tokenizer files come from a hub), a small VAE, a small T5, and the SD1.x shapes (SIZES) the embedded
+``digits`` base uses too. They are saved with ``save_pretrained`` and loaded back through exactly the code
+path a user's checkpoint takes, so tests and the embedded base exercise the real loaders.
 """
 
 from __future__ import annotations
@@ -45,7 +42,7 @@ SIZES = {
     "test": TinySize(unet_channels=(16, 32), vae_channels=(8, 16), text_width=16, text_layers=1),
     # SD1.5's block structure (four levels, cross-attention on the first three, two ResNets per down
     # block, four-level VAE) at small widths: what the original single-file layout assumes
-    "sd15": TinySize(
+    "layout": TinySize(
         unet_channels=(16, 16, 32, 32),
         vae_channels=(8, 8, 16, 16),
         text_width=16,
@@ -90,9 +87,12 @@ def char_tokenizer(max_tokens: int):
         return CLIPTokenizer.from_pretrained(folder)
 
 
-def build_components(size: TinySize, seed: int = 0, sd2: bool = False) -> dict:
-    """Build freshly initialised SD1.x pipeline components of the given size (deterministic for a seed);
-    ``sd2``: SD2.x's variant (linear projections in the transformers, GELU text encoder, v-prediction)."""
+def build_components(
+    size: TinySize, seed: int = 0, linear_projection: bool = False, text_act: str = "quick_gelu",
+    prediction_type: str = "epsilon",
+) -> dict:
+    """Build freshly initialised SD1.x-shaped pipeline components of the given size (deterministic for a seed);
+    the keywords: what SD2.x changes (linear projections in the transformers, GELU text encoder, v-prediction)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -111,7 +111,7 @@ def build_components(size: TinySize, seed: int = 0, sd2: bool = False) -> dict:
         cross_attention_dim=size.text_width,
         attention_head_dim=8,
         norm_num_groups=8,
-        use_linear_projection=sd2,
+        use_linear_projection=linear_projection,
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
@@ -137,7 +137,7 @@ def build_components(size: TinySize, seed: int = 0, sd2: bool = False) -> dict:
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
-            hidden_act="gelu" if sd2 else "quick_gelu",
+            hidden_act=text_act,
         )
     )
     # Stable Diffusion's own schedule; clip_sample=False matters for latent diffusion
@@ -147,7 +147,7 @@ def build_components(size: TinySize, seed: int = 0, sd2: bool = False) -> dict:
         beta_end=0.012,
         num_train_timesteps=1000,
         clip_sample=False,
-        prediction_type="v_prediction" if sd2 else "epsilon",
+        prediction_type=prediction_type,
         steps_offset=1,
     )
     tokenizer = char_tokenizer(size.max_tokens)
@@ -160,7 +160,7 @@ def build_components(size: TinySize, seed: int = 0, sd2: bool = False) -> dict:
     }
 
 
-def _clip(cls, width: int, layers: int, max_tokens: int, **extra):
+def clip_text(cls, width: int, layers: int, max_tokens: int, **extra):
     from transformers import CLIPTextConfig
 
     config = CLIPTextConfig(
@@ -178,7 +178,7 @@ def _clip(cls, width: int, layers: int, max_tokens: int, **extra):
     return cls(config)
 
 
-def _vae(channels=(8, 16), latent_channels=4, **extra):
+def tiny_vae(channels=(8, 16), latent_channels=4, **extra):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -191,92 +191,6 @@ def _vae(channels=(8, 16), latent_channels=4, **extra):
         sample_size=32,
         **extra,
     )
-
-
-def build_sdxl(seed: int = 0) -> dict:
-    """A tiny SDXL: SDXL's U-Net layout (no attention at the top level, two ResNets per block, deeper
-    transformers lower down, linear projections, text_time added embedding) over two CLIP encoders."""
-    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        block_out_channels=(16, 32),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2),
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        cross_attention_dim=16 + 24,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 24,
-        norm_num_groups=8,
-    )
-    torch.manual_seed(seed + 1)
-    vae = _vae()
-    torch.manual_seed(seed + 2)
-    text_encoder = _clip(CLIPTextModel, 16, 2, 32)
-    # the widths differ, as in SDXL: diffusers' single-file loader tells the two encoders apart by width
-    text_encoder_2 = _clip(CLIPTextModelWithProjection, 24, 2, 32, projection_dim=24, hidden_act="gelu")
-    scheduler = EulerDiscreteScheduler(  # SDXL's own
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
-    )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "text_encoder_2": text_encoder_2,
-        "tokenizer": char_tokenizer(32),
-        "tokenizer_2": char_tokenizer(32),
-        "scheduler": scheduler,
-    }
-
-
-def sdxl_unet(transformer_layers: tuple[int, int, int] = (1, 2, 10), **extra):
-    """SDXL's U-Net at its real widths and block structure (no attention at the 320-wide level, 64-channel
-    heads, the 2048-wide context, the text_time embedding), ``transformer_layers`` deep per level (SDXL's
-    own: 2 and 10 at the two attention levels). For the clients' bases and the memory plan."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        block_out_channels=(320, 640, 1280),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=transformer_layers,
-        attention_head_dim=(5, 10, 20),
-        use_linear_projection=True,
-        cross_attention_dim=2048,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816,
-        **extra,
-    )
-
-
-def make_tiny_sdxl_refiner(folder: Path, base: Path, seed: int = 0) -> Path:
-    """A tiny SDXL refiner beside a tiny SDXL base (``base``, its VAE, second encoder and tokenizer): a U-Net
-    over the second encoder only, with SDXL-refiner's five time ids (sizes, crop, aesthetic score)."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
-
-    torch.manual_seed(seed + 7)
-    unet = UNet2DConditionModel(
-        sample_size=16, block_out_channels=(16, 32), layers_per_block=2, norm_num_groups=8,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, cross_attention_dim=24,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=5 * 8 + 24,
-    )  # fmt: skip
-    source = StableDiffusionXLImg2ImgPipeline.from_pretrained(base, use_safetensors=True)
-    refiner = StableDiffusionXLImg2ImgPipeline(
-        vae=source.vae, text_encoder=None, text_encoder_2=source.text_encoder_2, tokenizer=None,
-        tokenizer_2=source.tokenizer_2, unet=unet.eval(), scheduler=source.scheduler,
-        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
-    )  # fmt: skip
-    refiner.save_pretrained(folder, safe_serialization=True)
-    return Path(folder)
 
 
 def t5_tokenizer(max_tokens: int = 32):
@@ -301,7 +215,7 @@ def t5_tokenizer(max_tokens: int = 32):
     )
 
 
-def _t5(width: int = 32, layers: int = 1, d_ff: int | None = None):
+def t5_encoder(width: int = 32, layers: int = 1, d_ff: int | None = None):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
@@ -321,90 +235,11 @@ def _t5(width: int = 32, layers: int = 1, d_ff: int | None = None):
     return T5EncoderModel(config)
 
 
-def build_flux(seed: int = 0, guidance: bool = True) -> dict:
-    """A tiny Flux.1: one double-stream and one single-stream block over 2x2-packed latents of a
-    4-channel VAE, CLIP (pooled) + T5 (sequence) text encoders, Flux's scheduler settings.
-    ``guidance``: dev's guidance embedding (False: schnell's shape)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel
+def save_pipeline(components: dict, folder: Path, family: str | None = None) -> Path:
+    """Save components as a diffusers pipeline folder of ``family`` (the first registered one when None)."""
+    from tuner.models import family_names, get_family
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=guidance,
-        axes_dims_rope=(2, 2, 4),
-    )
-    torch.manual_seed(seed + 1)
-    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
-    torch.manual_seed(seed + 2)
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    return {
-        "transformer": transformer,
-        "vae": vae,
-        "text_encoder": _clip(CLIPTextModel, 16, 2, 32),
-        "text_encoder_2": _t5(32),
-        "tokenizer": char_tokenizer(32),
-        "tokenizer_2": t5_tokenizer(32),
-        "scheduler": scheduler,
-    }
-
-
-def build_sd3(seed: int = 0) -> dict:
-    """A tiny SD3: an MMDiT of two joint blocks, two CLIP encoders with projections and a T5 (whose width
-    is at least the CLIPs' together: SD3 pads their hidden states to it), shift 3 flow matching."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=16,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,
-        out_channels=4,
-        pos_embed_max_size=32,
-    )
-    torch.manual_seed(seed + 1)
-    vae = _vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
-    torch.manual_seed(seed + 2)
-    clip = {"projection_dim": 16, "hidden_act": "gelu"}
-    return {
-        "transformer": transformer,
-        "vae": vae,
-        "text_encoder": _clip(CLIPTextModelWithProjection, 16, 2, 32, **clip),
-        "text_encoder_2": _clip(CLIPTextModelWithProjection, 16, 2, 32, **clip),
-        "text_encoder_3": _t5(32),
-        "tokenizer": char_tokenizer(32),
-        "tokenizer_2": char_tokenizer(32),
-        "tokenizer_3": t5_tokenizer(32),
-        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
-    }
-
-
-def save_pipeline(components: dict, folder: Path, family: str = "sd15") -> Path:
-    """Save components as a diffusers pipeline folder of ``family`` (safetensors weights)."""
-    from tuner.models import get_family
-
-    f = get_family(family)
+    f = get_family(family or family_names()[0])
     for module in components.values():  # built modules start in train mode (dropout): save them as loaded
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -413,21 +248,15 @@ def save_pipeline(components: dict, folder: Path, family: str = "sd15") -> Path:
     return folder
 
 
-BUILDERS = {
-    "sd15": lambda size, seed: build_components(SIZES[size], seed),
-    "sd2": lambda size, seed: build_components(SIZES[size], seed, sd2=True),
-    "sdxl": lambda size, seed: build_sdxl(seed),
-    "flux": lambda size, seed: build_flux(seed, guidance=size != "schnell"),
-    "sd3": lambda size, seed: build_sd3(seed),
-}
+def make_tiny_pipeline(folder: Path, size: str = "test", seed: int = 0, family: str | None = None) -> Path:
+    """Build a tiny randomly initialised pipeline of ``family`` (its ``build_tiny``) and save it to ``folder``.
 
+    ``size`` picks a variant where the family has several (the SD1.x shapes: SIZES); ``family`` None: the first
+    registered one (the SD1.x shape)."""
+    from tuner.models import family_names, get_family
 
-def make_tiny_pipeline(folder: Path, size: str = "test", seed: int = 0, family: str = "sd15") -> Path:
-    """Build a tiny randomly initialised pipeline of ``family`` and save it to ``folder``.
-
-    ``size`` picks one of SIZES for sd15 and sd2; flux takes ``schnell`` for the shape without the
-    guidance embedding; the other families have one tiny shape."""
-    return save_pipeline(BUILDERS[family](size, seed), Path(folder), family)
+    family = family or family_names()[0]
+    return save_pipeline(get_family(family).build_tiny(seed, size), Path(folder), family)
 
 
 def make_tiny_feature_model(folder: Path, kind: str, seed: int = 0, image_size: int = 32) -> Path:

@@ -1,0 +1,58 @@
+"""Parts at the real models' widths, which the families' ``real_widths`` build their models from: CLIP and T5
+text encoders, the KL VAE, the U-Net families' inputs. Nothing here reads a weight: the memory plan builds
+them under a fake-tensor mode, the clients' bases with random weights at reduced depth.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def clip(width: int, layers: int, heads: int, projection: bool = False, projection_dim: int = 1280):
+    """A CLIP text encoder of ``width`` x ``layers`` (CLIP-L 768 x 12, OpenCLIP-G 1280 x 32, OpenCLIP-H 1024 x 23)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+                            num_attention_heads=heads, projection_dim=projection_dim)  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def t5_xxl(layers: int = 24):
+    """T5-XXL's encoder (4096 wide, 24 layers): Flux's and SD3's long-prompt encoder."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=layers, vocab_size=32128,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    return T5EncoderModel(config)
+
+
+def vae(latent_channels: int = 4):
+    """Stable Diffusion's KL VAE (x8 down, four levels), with 4 latent channels (SD1.x, SDXL) or 16 (Flux, SD3)."""
+    from diffusers import AutoencoderKL
+
+    blocks = 4
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=latent_channels,
+    )  # fmt: skip
+
+
+def unet_inputs(context: int, added: int | None = None):
+    """``inputs(resolution, batch, dtype)`` of a U-Net: 4-channel latents at 1/8 the pixels, 77 tokens of
+    ``context`` width, and (``added``: the pooled width) SDXL's pooled prompt and six time ids."""
+
+    def make(resolution: int, batch: int, dtype) -> dict:
+        side = resolution // 8
+        x = {
+            "sample": torch.randn(batch, 4, side, side, dtype=dtype),
+            "timestep": torch.randint(0, 1000, (batch,)),
+            "encoder_hidden_states": torch.randn(batch, 77, context, dtype=dtype),
+        }
+        if added:
+            x["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, added, dtype=dtype),
+                "time_ids": torch.randn(batch, 6, dtype=dtype),
+            }
+        return x
+
+    return make
