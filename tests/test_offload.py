@@ -18,8 +18,6 @@ from tuner.compose import compose
 from tuner.errors import ConfigError
 from tuner.training.offload import BlockOffload, blocks_of, largest
 
-FAMILIES = ["sd2", "sdxl", "flux", "sd3"]
-
 
 @pytest.fixture(scope="module")
 def lora_unet(tiny_pipeline_dir):
@@ -131,34 +129,6 @@ def test_offloading_what_cannot_be_offloaded_is_refused_before_loading(overrides
 def test_more_blocks_than_the_denoiser_has_are_refused_with_the_count(tmp_path, tiny_pipeline_dir):
     with pytest.raises(ConfigError, match=r"train\.offload_blocks=999: this unet has \d+ blocks.*at most \d+"):
         train_in_process(tmp_path, tiny_pipeline_dir, "train.offload_blocks=999")
-
-
-@pytest.mark.e2e
-@pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_block_offload_gives_the_same_adapters_in_every_family(tmp_path, tiny, name, checkpointing):
-    """Every block of each family's denoiser offloaded, the encoders parked: the same LoRA after 2 steps.
-
-    With SGD, whose update is linear in the gradient: the device copies compute the same gradients up to float
-    rounding (3e-10 here), and Adam's first steps (about lr times the gradient's sign) would turn a rounding-level
-    difference in a near-zero gradient into a difference of lr (SDXL's tiny U-Net, 2e-3 on some CPUs)."""
-    from peft.utils import get_peft_model_state_dict
-
-    both = [
-        f"model={name}", "data.resolution=32", "train.max_steps=2", "train.optimizer=sgd",
-        f"train.gradient_checkpointing={str(checkpointing).lower()}",
-        *(["model.max_sequence_length=32"] if name in ("flux", "sd3") else []),
-    ]  # fmt: skip
-    plain = train_in_process(tmp_path, tiny(name), *both, name="plain")
-    every = len(blocks_of(plain.components.denoiser, plain.family.OFFLOAD_BLOCKS))
-    offload = [f"train.offload_blocks={every}", "model.offload_frozen=true"]
-    off = train_in_process(tmp_path, tiny(name), *both, *offload, name="off")
-    assert set(off.metrics["offload_frozen"]["modules"]) == {"vae", *off.components.text_encoders}
-    a = get_peft_model_state_dict(plain.components.denoiser)
-    b = get_peft_model_state_dict(off.components.denoiser)
-    assert a.keys() == b.keys() and a
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-6, atol=1e-7, msg=key)
 
 
 def test_the_vae_encodes_big_images_alone_and_the_latents_do_not_depend_on_the_batch(tiny_pipeline_dir):
