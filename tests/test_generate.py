@@ -55,11 +55,14 @@ def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")) / 255.0
 
 
-def reference(pipe, prompt, seed, scheduler="DDIMScheduler", **call):
-    """What diffusers draws with these settings (one generator per image, as tuner seeds them)."""
+def reference(pipe, prompt, seed, scheduler=None, **call):
+    """What diffusers draws with these settings (one generator per image, as tuner seeds them); ``scheduler``: a
+    diffusers class set on the pipeline, None: the one it loaded from its folder (what tuner draws with when no
+    sampler is named)."""
     import diffusers
 
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    if scheduler is not None:
+        pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     call = {"num_inference_steps": 3, "guidance_scale": 3.0, **call}
     if "image" not in call:
@@ -143,7 +146,10 @@ def test_prompt_file_options_are_honoured(tiny_pipeline_dir, tmp_path):
         num_inference_steps=2,
     )
     close(pixels(folder / first["file"]), expected)
-    close(pixels(folder / entries[1]["file"]), reference(pipe, "a photo of a ball", 3))
+    assert [e["scheduler_from"] for e in entries] == ["--ss", "base", "base"]
+    assert entries[1]["scheduler"] == "ddpm"  # no sampler named: the folder's own (the tiny pipeline saves DDPM)
+    own = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    close(pixels(folder / entries[1]["file"]), reference(own, "a photo of a ball", 3))
 
     for line, message in [
         ("--x 3", r"prompts\.txt:1: unknown option --x"),

@@ -42,7 +42,8 @@ REFERENCE = {
     "flow_dpm++": ("DPMSolverMultistepScheduler", FLOW_SIGMAS),
     "flow_unipc": ("UniPCMultistepScheduler", FLOW_SIGMAS),
 }
-# the default tier draws each family's default and one other sampler (about 6 s); -m e2e draws the rest
+# the default tier draws each family's first sampler (its DEFAULT_SCHEDULER) and one other (about 6 s), each named;
+# -m e2e draws the rest. With none named tuner draws with the base's own scheduler: tests/test_default_sampler.py
 QUICK = {("sd3", "flow_heun")}  # beside each family's first: the rest of the matrix is -m e2e
 CASES = [
     pytest.param(f, s, marks=() if s == OFFERED[f][0] or (f, s) in QUICK else pytest.mark.e2e)
@@ -92,10 +93,9 @@ def reference(folder, family, scheduler: str, steps: int, **settings) -> np.ndar
 @pytest.mark.parametrize("family, scheduler", CASES)
 def test_every_sampler_of_every_family_draws_what_its_diffusers_pipeline_draws(tmp_path, tiny, family, scheduler):
     folder = tiny(family)
-    default, steps = scheduler == OFFERED[family][0], STEPS.get(scheduler, 3)
-    choice = [] if default else [f"generate.scheduler={scheduler}"]
-    got, entry = generate(tmp_path, folder, family, f"generate.steps={steps}", *choice)
-    assert entry["scheduler"] == scheduler  # the default is the family's own, and recorded
+    steps = STEPS.get(scheduler, 3)
+    got, entry = generate(tmp_path, folder, family, f"generate.steps={steps}", f"generate.scheduler={scheduler}")
+    assert (entry["scheduler"], entry["scheduler_from"]) == (scheduler, "generate.scheduler")  # and recorded
     expected = reference(folder, family, scheduler, steps)
     assert expected.std() > 0.01
     assert np.abs(got - expected).max() <= 1 / 255 + 1e-5  # PNG rounding only
@@ -140,8 +140,10 @@ def test_a_sampler_given_too_few_steps_is_refused_before_loading(tmp_path):
 
 @pytest.mark.e2e  # the SDXL refiner
 def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path, tiny):
-    """generate.refiner: the base draws the first 80% of the steps, the refiner the rest (diffusers' own split)."""
-    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    """generate.refiner: the base draws the first 80% of the steps, the refiner the rest (diffusers' own split); no
+    sampler named: both with the base's own scheduler (the tiny refiner saves the base's Euler), as diffusers'
+    two pipelines draw without a scheduler set."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
@@ -154,7 +156,6 @@ def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path
     second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
     settings = dict(num_inference_steps=5, guidance_scale=3.0)
     for pipe in (first, second):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
     latents = first(
         PROMPT, height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent",
@@ -171,7 +172,7 @@ def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path
 
 def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
     given = [f"model.path={tmp_path}", "generate.prompts=[x]", f"generate.refiner={tmp_path}"]
-    with pytest.raises(ConfigError, match="a refiner follows an SDXL base, not model=sd15"):
+    with pytest.raises(ConfigError, match="generate.refiner: a refiner follows a base of model=sdxl, not model=sd15"):
         validate(compose("generate", given))
     with pytest.raises(ConfigError, match="not a local SDXL refiner folder"):
         validate(compose("generate", ["model=sdxl", *given]))
@@ -181,7 +182,7 @@ def test_a_refiner_is_refused_before_loading_where_it_cannot_apply(tmp_path):
         "data.instance_prompt=x",
         f"sample.refiner={tmp_path}",
     ]
-    with pytest.raises(ConfigError, match="sample.refiner: a refiner follows an SDXL base, not model=sd15"):
+    with pytest.raises(ConfigError, match="sample.refiner: a refiner follows a base of model=sdxl, not model=sd15"):
         validate(compose("lora", gallery))
 
 
@@ -204,8 +205,9 @@ def test_previews_of_a_refined_image_count_on_through_the_refiner(tmp_path, tiny
 @pytest.mark.e2e  # the SDXL refiner
 def test_the_gallery_with_a_refiner_draws_what_diffusers_base_lora_and_refiner_draw(tmp_path, tiny):
     """sample.refiner: each gallery image, base and fine-tuned, is the SDXL base's first 80% of the steps and
-    the refiner's rest; the fine-tuned row as diffusers draws it with the exported LoRA."""
-    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    the refiner's rest, with the base's own scheduler (Euler); the fine-tuned row as diffusers draws it with the
+    exported LoRA."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tests.helpers import gallery_cell, train_in_process
     from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
@@ -219,7 +221,6 @@ def test_the_gallery_with_a_refiner_draws_what_diffusers_base_lora_and_refiner_d
     first = StableDiffusionXLPipeline.from_pretrained(base)
     second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
     for pipe in (first, second):
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
     def drawn():

@@ -6,7 +6,8 @@ prompt per line with options after it (``#`` starts a comment line)::
     a photo of sks dog on a beach --n blurry, lowres --w 512 --h 768 --d 42 --l 6.5 --s 30 --ss euler_a
 
 ``--n`` negative prompt, ``--w``/``--h`` size, ``--d`` seed, ``--l`` guidance scale, ``--s`` steps,
-``--ss`` scheduler. Unset options take the ``generate.*`` defaults.
+``--ss`` scheduler. Unset options take the ``generate.*`` defaults; with no sampler named (``--ss``,
+``generate.scheduler``) an image is drawn with the base's own scheduler (``tuner.models.samplers.default``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from PIL import Image, ImageFilter
 
 from tuner.config import SEED_MAX
 from tuner.errors import ConfigError
-from tuner.models import get_family
-from tuner.models.samplers import schedulers
+from tuner.models import family_names, get_family
+from tuner.models.samplers import Default, schedulers
 from tuner.numbers import MAX_SIDE
 from tuner.sampling import to_uint8
 
-# the fewest steps a sampler runs (PNDM's Runge-Kutta warm-up takes 4 when the base does not skip it)
+# the fewest steps a named sampler runs (PNDM's Runge-Kutta warm-up takes 4 when the base does not skip it); the
+# base's own sampler: as its config says (``Default.fewest_steps``)
 MIN_STEPS = {"pndm": 4}
 
 
@@ -46,7 +48,10 @@ class Job:
     seed: int
     guidance: float
     steps: int
-    scheduler: str
+    scheduler: str  # tuner's short name, or the class of the base's own scheduler (samplers.default)
+    # where the sampler came from: "base" (the base folder's own), "family" (the family's default: the base's
+    # cannot serve), "generate.scheduler", "--ss" (the prompt line's); "" before the base is known
+    scheduler_from: str = ""
 
     def settings(self) -> tuple:
         """What images must share to go through the pipeline in one batch."""
@@ -138,12 +143,18 @@ REFINER_COMPONENTS = {
 }
 
 
+def refiner_families() -> list[str]:
+    """The families a refiner can follow: those that build one's pipeline (``refiner_pipeline``)."""
+    return [name for name in family_names() if hasattr(get_family(name), "refiner_pipeline")]
+
+
 def check_refiner(family: str, path: str, key: str) -> None:
-    """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after an SDXL base: its
-    model_index.json names the refiner's pipeline and, for each component the pipeline needs, a class that fits
-    and a folder beside it."""
-    if family != "sdxl":
-        raise ConfigError(f"{key}: a refiner follows an SDXL base, not model={family}")
+    """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after the base of a family
+    that builds a refiner's pipeline (``refiner_pipeline``): its model_index.json names the refiner's pipeline
+    and, for each component the pipeline needs, a class that fits and a folder beside it."""
+    if not hasattr(get_family(family), "refiner_pipeline"):
+        takes = " or ".join(f"model={name}" for name in refiner_families()) or "no family tuner knows"
+        raise ConfigError(f"{key}: a refiner follows a base of {takes}, not model={family}")
     folder = Path(path).expanduser()
     try:
         index = json.loads((folder / "model_index.json").read_text())
@@ -222,10 +233,12 @@ def step_callbacks(every: int, user, on_preview) -> dict:
     return {"callback_on_step_end": callback}
 
 
-def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:
+def make_jobs(g, resolution: int, offered: dict[str, tuple], default_sampler: Default | None = None) -> list[Job]:
     """The images ``generate.*`` asks for, in order: each prompt ``images_per_prompt`` times.
 
-    ``offered``: the family's samplers (``schedulers``), its default first.
+    ``offered``: the family's samplers by name (``schedulers``). ``default_sampler``: the sampler of an image whose
+    line names none (``--ss``) when ``generate.scheduler`` is unset (``samplers.default``: the base's own); None
+    before the base is loaded, when such jobs carry no sampler yet (the checks before anything loads).
 
     Seeds: a line's ``--d`` and the ones after it for its further images; otherwise ``generate.seed``
     counting up over every image without its own seed, so each image has a seed of its own.
@@ -239,7 +252,15 @@ def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:
     if not lines:
         raise ConfigError('generate: no prompt; pass generate.prompts=["a photo of sks dog"] or generate.prompt_file')
     size = (g.width or resolution, g.height or resolution)
-    default = Job("", g.negative_prompt, *size, 0, g.guidance_scale, g.steps, g.scheduler or next(iter(offered)))
+    if g.scheduler is not None:
+        sampler, source, fewest = g.scheduler, "generate.scheduler", MIN_STEPS.get(g.scheduler, 1)
+    elif default_sampler is not None:
+        own = default_sampler
+        sampler, source = own.name, "base" if own.from_base else "family"
+        fewest = own.fewest_steps if own.from_base else MIN_STEPS.get(own.name, 1)
+    else:
+        sampler, source, fewest = "", "", 1
+    default = Job("", g.negative_prompt, *size, 0, g.guidance_scale, g.steps, sampler, source)
     jobs, next_seed = [], g.seed
     for prompt, options, where in lines:
         try:
@@ -254,8 +275,10 @@ def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:
             }
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        if values["scheduler"] not in offered:
-            raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(offered)}")
+        if "scheduler" in options:
+            values["scheduler_from"] = "--ss"
+            if values["scheduler"] not in offered:
+                raise ConfigError(f"{where}: scheduler {values['scheduler']!r}; choose one of {', '.join(offered)}")
         sides = (values["width"], values["height"])
         if not all(8 <= v <= MAX_SIDE and v % 8 == 0 for v in sides):
             raise ConfigError(
@@ -264,9 +287,14 @@ def make_jobs(g, resolution: int, offered: dict[str, tuple]) -> list[Job]:
             )
         if values["steps"] < 1 or (g.init_image and int(values["steps"] * g.strength) < 1):
             raise ConfigError(f"{where}: steps must be at least 1, and steps x generate.strength at least 1")
-        fewest = MIN_STEPS.get(values["scheduler"], 1)
-        if values["steps"] < fewest:
-            raise ConfigError(f"{where}: the {values['scheduler']} sampler takes at least {fewest} steps")
+        least = MIN_STEPS.get(values["scheduler"], 1) if "scheduler" in options else fewest
+        if values["steps"] < least:
+            if values.get("scheduler_from", default.scheduler_from) != "base":
+                raise ConfigError(f"{where}: the {values['scheduler']} sampler takes at least {least} steps")
+            raise ConfigError(
+                f"{where}: the base's own sampler ({values['scheduler']}) takes at least {least} steps; raise the "
+                "steps or name another sampler (generate.scheduler, --ss)"
+            )
         if not math.isfinite(values["guidance"]):
             name = (
                 f"{where}: --l {options['guidance']}"

@@ -280,8 +280,9 @@ class Run:
     def sample(
         self, prompts: list[str], seeds: list[int], steps: int, guidance: float, desc=None, pipe=None, refiner=None
     ):
-        """Images (N, 3, H, W) in [-1, 1] at the family's sampler; ``refiner``: an SDXL refiner draws the
-        last steps after the base's first ``sample.refiner_start`` (the gallery's ``sample.refiner``)."""
+        """Images (N, 3, H, W) in [-1, 1] at the base's sampler (``samplers.default``: its own scheduler where the
+        family's pipeline draws with it); ``refiner``: an SDXL refiner draws the last steps after the base's first
+        ``sample.refiner_start`` (the gallery's ``sample.refiner``), with the same sampler."""
         resolution, batch = self.cfg.data.resolution, self.cfg.sample.batch_size
         pipe = pipe or self.pipe
         if refiner is not None:
@@ -294,7 +295,7 @@ class Run:
     def _refined(self, pipe, refiner, prompts, seeds, steps, guidance, desc) -> torch.Tensor:
         from tqdm.auto import tqdm
 
-        name, size = self.family.DEFAULT_SCHEDULER, self.cfg.data.resolution  # the base pipe's sampler
+        name, size = samplers.default(self.family, self.components).name, self.cfg.data.resolution  # the base's
         refiner.scheduler = samplers.scheduler(name, self.family, refiner.scheduler.config)
         jobs = [Job(p, "", size, size, seed, guidance, steps, name) for p, seed in zip(prompts, seeds)]
         images, batch = [], self.cfg.sample.batch_size

@@ -8,6 +8,7 @@ from __future__ import annotations
 from tuner.errors import ConfigError
 from tuner.export.gallery import write_gallery
 from tuner.generation import check_refiner
+from tuner.models import samplers
 from tuner.stages.context import Run, stage
 
 
@@ -50,8 +51,12 @@ def _check_gallery(cfg) -> None:
 
 @stage(main_only=True, after=("base", "train|load_adapter"), writes=("gallery",), check=_check_gallery)
 def gallery(run: Run) -> None:
-    """Base vs fine-tuned, for the instance prompt and the class prompt, at fixed seeds."""
+    """Base vs fine-tuned, for the instance prompt and the class prompt, at fixed seeds, with the base's sampler
+    (``samplers.default``: its own scheduler where the family's pipeline draws with it), named in the log and
+    the summary."""
     d, s = run.cfg.data, run.cfg.sample
+    run.metrics["sampler"] = samplers.default(run.family, run.components).describe()
+    print(f"[tuner] gallery: sampler {run.metrics['sampler']}", flush=True)
     seeds = list(s.seeds)
     prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     every_prompt = [prompt for prompt in prompts for _ in seeds]

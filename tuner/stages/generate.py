@@ -44,7 +44,10 @@ def generate(run: Run) -> None:
     """
 
     cfg, g = run.cfg, run.cfg.generate
-    jobs = gen.make_jobs(g, cfg.data.resolution, samplers.schedulers(run.family))
+    own = samplers.default(run.family, run.components)  # the sampler of images that name none
+    jobs = gen.make_jobs(g, cfg.data.resolution, samplers.schedulers(run.family), own)
+    run.metrics["sampler"] = "; ".join(dict.fromkeys(_sampler_used(job, own) for job in jobs))
+    print(f"[tuner] generate: sampler {run.metrics['sampler']}", flush=True)
     folder, entries = run.dir / "images", []
     run_folder.remove(run.dir, "images")  # an earlier try's images in this run folder would mix with these
     try:
@@ -60,6 +63,13 @@ def generate(run: Run) -> None:
             "those made"
         ) from None
     _write_index(run, folder, entries)
+
+
+def _sampler_used(job, own) -> str:
+    """Which sampler drew ``job``'s image and where it came from, for the log and the summary."""
+    if job.scheduler_from in ("base", "family"):
+        return own.describe()
+    return f"{job.scheduler} ({'a prompt line' if job.scheduler_from == '--ss' else job.scheduler_from})"
 
 
 def _prepare(run: Run) -> tuple:
@@ -140,6 +150,10 @@ A1111_SAMPLERS = {
     "flow_heun": "Heun",
     "flow_dpm++": "DPM++ 2M",
     "flow_unipc": "UniPC",
+    # a base's own scheduler that tuner names by its class (samplers.default); others keep their class name
+    "LMSDiscreteScheduler": "LMS",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
 }
 
 
@@ -151,8 +165,9 @@ def _png_with_parameters(image, job, upscale: int) -> bytes:
 
     info = PngInfo()
     text = job.prompt + (f"\nNegative prompt: {job.negative}" if job.negative else "")
+    sampler = A1111_SAMPLERS.get(job.scheduler, job.scheduler)
     text += (
-        f"\nSteps: {job.steps}, Sampler: {A1111_SAMPLERS[job.scheduler]}, CFG scale: {job.guidance}, "
+        f"\nSteps: {job.steps}, Sampler: {sampler}, CFG scale: {job.guidance}, "
         f"Seed: {job.seed}, Size: {job.width}x{job.height}" + (f", Upscale: {upscale}" if upscale > 1 else "")
     )
     info.add_text("parameters", text)
