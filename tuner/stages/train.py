@@ -12,21 +12,25 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from tuner import scoring
 from tuner.data.prepare import load_prepared
 from tuner.distributed import decide
 from tuner.errors import ConfigError
-from tuner.models.base import Cond, tree_map
+from tuner.models.base import tree_map
 from tuner.stages.context import Adapted, Run, stage
 from tuner.stages.data import image_keys, images_of, latent_masks, subject_images
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
 from tuner.training.cache import Store, cached, evict, fingerprint
 from tuner.training.checkpoints import Checkpointing
+from tuner.training.checks import check_fsdp, check_train
 from tuner.training.held_out import HeldOutLoss, HeldOutSet, split
 from tuner.training.loop import Training, TrainResult
+from tuner.training.monitor import Measures, Monitor
 from tuner.training.monitor import start as start_monitor
 from tuner.training.offload import BlockOffload, Parked, blocks_of, largest
 from tuner.training.selection import Selection
+from tuner.training.setup import SampleSets, StepModel, TrainingSetup, set_up
 
 # captions the text encoders encode at once: T5-XXL takes 0.33 GB a caption at 512 tokens (tools/bench_memory.py)
 PROMPTS_AT_ONCE = 1
@@ -51,115 +55,17 @@ def _channels_last_pays(cfg, accelerator, trained) -> bool:
     return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
 
 
-def _check_train(cfg) -> None:
-    """What trains, how, and on what: the choices that do not fit together, and resume=."""
-    d, t, a, te, emb = cfg.data, cfg.train, cfg.adapter, cfg.text_encoder, cfg.embedding
-    if t.max_timestep is not None and not 0 <= t.min_timestep < t.max_timestep:
-        raise ConfigError(f"train.min_timestep={t.min_timestep} must be below train.max_timestep={t.max_timestep}")
-    if t.lr_scheduler == "one_cycle" and t.warmup_steps >= t.max_steps:
-        raise ConfigError("train.lr_scheduler=one_cycle: train.warmup_steps must be below train.max_steps")
-    if emb.init_words and len(emb.init_words) != len(emb.tokens):
-        raise ConfigError("embedding.init_words needs one word per token in embedding.tokens (or leave it empty)")
-    if te.train == "full" and a.type in ("lora", "loha", "lokr"):
-        raise ConfigError(
-            f"text_encoder.train=full with adapter={a.type}: a fully trained text encoder ships in a pipeline "
-            "folder, a U-Net adapter as an adapter file; use text_encoder.train=lora, or adapter=full/partial_unet"
-        )
-    if te.train == "lora" and a.type in ("partial_unet", "full"):
-        raise ConfigError(
-            f"text_encoder.train=lora with adapter={a.type}: use text_encoder.train=full (both ship in the "
-            "pipeline folder), or a U-Net adapter (adapter=lora)"
-        )
-    if te.stop_at < 1 and a.type == "none":
-        raise ConfigError(
-            "text_encoder.stop_at < 1 with adapter=none: nothing would train after the stop; set stop_at=1"
-        )
-    if a.type == "none" and te.train == "none" and not emb.tokens:
-        raise ConfigError(
-            "nothing to train: adapter=none, text_encoder.train=none and no embedding.tokens; "
-            "choose an adapter (adapter=lora), text_encoder.train=lora or embedding.tokens=[<sks>]"
-        )
-    if cfg.prior.enabled and not d.instance_prompt:
-        raise ConfigError('data.instance_prompt is not set: pass data.instance_prompt="a photo of sks dog"')
-    if cfg.prior.enabled and not d.class_prompt:
-        raise ConfigError(
-            'prior.enabled=true needs data.class_prompt (e.g. data.class_prompt="a photo of a dog"), '
-            "or set prior.enabled=false"
-        )
-    if t.offload_blocks < 0:
-        raise ConfigError(f"train.offload_blocks={t.offload_blocks}: a number of blocks, 0 (none) or more")
-    if t.offload_blocks and a.type == "full":
-        raise ConfigError(
-            "train.offload_blocks moves frozen weights to host memory, and adapter=full trains every weight: "
-            "use train.offload_blocks=0, or an adapter (adapter=lora)"
-        )
-    if t.offload_blocks and cfg.model.quantize:
-        raise ConfigError(
-            f"train.offload_blocks with model.quantize={cfg.model.quantize}: quantized weights stay on the device "
-            "(bitsandbytes keeps their scales there); use one of the two"
-        )
-    if t.fused_backward:
-        _check_fused_backward(t)
-    if cfg.distributed.strategy == "fsdp":
-        check_fsdp(cfg)
-    if cfg.resume not in (None, "auto"):
-        path = Path(cfg.resume).expanduser()
-        trained = (path / "trained.safetensors").is_file() or (path / checkpoint_files.SHARDED).is_dir()
-        if not (path / "state.pt").is_file() or not trained:
-            raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (RUN/checkpoints/step-N with state.pt)")
-
-
-def check_fsdp(cfg) -> None:
-    """What FSDP2 sharding does not combine with (each changes how weights or their gradients are held)."""
-    t, m = cfg.train, cfg.model
-    clashes = {
-        "train.offload_blocks (it moves whole weights to host memory; sharding already splits them)": t.offload_blocks,
-        "model.quantize (bitsandbytes' quantized weights are not sharded)": m.quantize,
-        "train.fused_backward (it steps each weight before the ranks reduce its gradient)": t.fused_backward,
-        "train.channels_last=true (the shards are cut along the first dimension of the default layout)": (
-            t.channels_last is True
-        ),
-        f"train.optimizer={t.optimizer} (sharded states are tested with adamw and sgd)": t.optimizer
-        not in ("adamw", "sgd"),
-        "embedding.tokens (new token rows train by a gradient mask on the whole embedding)": bool(cfg.embedding.tokens),
-        "text_encoder.stop_at below 1 (a sharded module's trained tensors are fixed at the start)": (
-            cfg.text_encoder.train != "none" and cfg.text_encoder.stop_at < 1
-        ),
-    }
-    clash = [name for name, on in clashes.items() if on]
-    if clash:
-        raise ConfigError(
-            f"distributed.strategy=fsdp does not combine with {'; nor with '.join(clash)}. Change those settings, "
-            "or use distributed.strategy=ddp"
-        )
-
-
-def _check_fused_backward(t) -> None:
-    """Each weight steps as its gradient arrives: nothing may need every gradient (or several) first."""
-    needs = {
-        "train.max_grad_norm=0 (clipping needs the norm of every gradient first)": t.max_grad_norm > 0,
-        "train.gradient_accumulation_steps=1 (each step would come after the first micro-batch)": (
-            t.gradient_accumulation_steps > 1
-        ),
-        "another train.optimizer than prodigy (it sizes its steps from every gradient)": t.optimizer == "prodigy",
-        "train.mixed_precision=bf16 or no (fp16's loss scaler unscales every gradient first)": (
-            t.mixed_precision == "fp16"
-        ),
-    }
-    broken = [need for need, bad in needs.items() if bad]
-    if broken:
-        raise ConfigError(f"train.fused_backward=true needs {'; and '.join(broken)}")
-
-
-@stage(after=("base", "prepare"), writes=("checkpoints", "logs", "validation"), check=_check_train)
+@stage(after=("base", "prepare"), writes=("checkpoints", "logs", "validation"), check=check_train)
 def train(run: Run) -> Adapted:
     """Train what the config names (see tuner/training/trainables.py) on instance plus prior batches.
 
-    Frozen work happens once, before the loop: images become latent distributions, captions become
-    embeddings (or token ids, when the text encoder runs in the step because it or a new token trains).
+    The setup comes first, each part built from those before it (the shape of torchtune's recipes): the model and
+    what of it trains; the frozen work, done once (images become latent distributions, captions embeddings, or
+    token ids when the text encoder runs in the step because it or a new token trains); the monitor; then the
+    optimizer, its schedule, checkpointing and the rest of the ``TrainingSetup`` (tuner/training/setup.py) that
+    the loop (tuner/training/loop.py) reads. After the loop: the report, the weights kept, FSDP's shards gathered.
     """
-    cfg, c, accelerator = run.cfg, run.components, run.accelerator
-    t = cfg.train
+    cfg, c = run.cfg, run.components
     if run.strategy == "fsdp":  # also when the launcher's accelerate config asked for it
         check_fsdp(cfg)
     torch.manual_seed(cfg.seed)
@@ -168,81 +74,108 @@ def train(run: Run) -> Adapted:
     parked = _frozen_parts(run, in_step)
     if parked is not None:  # the encoders on the device while they encode, then in host memory
         parked.unpark()
-    sets, texts, held_out_sets, rows = _sample_sets(run, in_step)
+    data = _sample_sets(run, in_step)
     if parked is not None:
         parked.park()
     for name, module in c.modules().items():  # what runs in the steps, on the device
         if parked is None or name not in parked.modules:
-            module.to(accelerator.device)
-    if t.scale_lr:
-        for group in what.groups:
-            group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    stop = cfg.text_encoder.stop_at
-    encode = (lambda ids: run.family.encode_ids(c.text_encoders, ids)) if in_step else None
-    held_out = None
-    if held_out_sets and cfg.validation.every:
-        plain_t = OmegaConf.to_object(t)
-        held_out = HeldOutLoss(held_out_sets, rows, run.family.objective(c), plain_t, cfg.validation.loss_timesteps,
-                               cfg.seed, t.batch_size)  # fmt: skip
-    subject = lambda: subject_images(run.dir)  # noqa: E731
-    monitor = start_monitor(run, [c.denoiser, *c.text_encoders.values()], texts, parked, held_out, encode, subject)
-    ck, early = cfg.checkpoints, t.early_stop
-    selection = Selection(ck.select, ck.select_mode, ck.best, early.patience, early.min_delta, early.max_drift)
-    fsdp = run.strategy == "fsdp"
+            module.to(run.accelerator.device)
+    monitor = _set_up_monitor(run, data, parked, in_step)
     try:
-        training = Training(
-            accelerator,
-            c.denoiser,
-            what.groups,
-            run.family.objective(c),
-            # train.batch_size is each process's: every rank draws the global batch and trains on its slice
-            next_batch=lambda generator: draw_batch(
-                sets,
-                t.batch_size * accelerator.num_processes,
-                generator,
-                accelerator.process_index,
-                accelerator.num_processes,
-            ),
-            t=t,
-            seed=cfg.seed,
-            desc=f"train {', '.join(g['name'] for g in what.groups)}",
-            text_encoders=c.text_encoders if in_step else None,
-            encode=run.family.encode_ids,
-            text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
-            channels_last=(not fsdp and _channels_last_pays(cfg, accelerator, what.params))
-            if t.channels_last is None
-            else t.channels_last,
-            checkpointing=_checkpointing(run, sets),
-            monitor=monitor,
-            offload=_block_offload(run),
-            shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
-            sharded_checkpoints=fsdp,
-            selection=selection,
-        )
-        if training.sharded is not None:  # the unsharded parameters are freed once nothing holds them
-            what.groups = training.groups
+        setup = _set_up(run, what, data, monitor, in_step)
+        if setup.sharded is not None:  # the unsharded parameters are freed once nothing holds them
+            what.groups = setup.groups
+        training = Training(setup)
         result = training.train()
     finally:  # also when training stops: the logs so far are complete, the later stages find the model whole
         monitor.finish()
         if parked is not None:
             parked.unpark()
-    _report(run, result, what, sets)
+    _report(run, result, what, data.sets)
     _keep_chosen(run, training, result, monitor)
     if result.ema is not None:  # the gallery, evaluation and export use the averaged weights
-        result.ema.copy_to(training.params)
-    if training.sharded is not None:  # FSDP: the modules whole again, on rank 0 only
-        _gather(run, training.sharded, what)
-    if t.gradient_checkpointing:
+        result.ema.copy_to(setup.params)
+    if setup.sharded is not None:  # FSDP: the modules whole again, on rank 0 only
+        _gather(run, setup.sharded, what)
+    if cfg.train.gradient_checkpointing:
         c.denoiser.disable_gradient_checkpointing()
-    accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
+    run.accelerator.free_memory()  # the optimizer state goes before the gallery loads anything
     return Adapted(what, tuple(cfg.embedding.tokens), what.base_weights_train or bool(what.new_tokens))
+
+
+def _set_up(run: Run, what: trainables.Trainables, data: SampleSets, monitor, in_step: bool) -> TrainingSetup:
+    """The rest of what the loop reads, around the model, the data and the monitor: the learning rates scaled,
+    the step's model, the batches, the selection of the best step, checkpointing, block offload and sharding;
+    ``set_up`` builds the optimizer, its schedule, accelerate's wrapping and the EMA from them."""
+    cfg, c, accelerator, family = run.cfg, run.components, run.accelerator, run.family
+    t, ck, early = cfg.train, cfg.checkpoints, cfg.train.early_stop
+    if t.scale_lr:
+        for group in what.groups:
+            group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    selection = Selection(ck.select, ck.select_mode, ck.best, early.patience, early.min_delta, early.max_drift)
+    fsdp, stop = run.strategy == "fsdp", cfg.text_encoder.stop_at
+    channels_last = t.channels_last
+    if channels_last is None:
+        channels_last = not fsdp and _channels_last_pays(cfg, accelerator, what.params)
+    model = StepModel(
+        c.denoiser,
+        family.objective(c),
+        text_encoders=c.text_encoders if in_step else None,
+        encode=family.encode_ids,
+        text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
+        channels_last=channels_last,
+    )
+
+    def next_batch(generator):  # train.batch_size is each process's: every rank draws the global batch
+        n, rank = accelerator.num_processes, accelerator.process_index
+        return draw_batch(data.sets, t.batch_size * n, generator, rank, n)
+
+    return set_up(
+        accelerator,
+        model,
+        what.groups,
+        t,
+        next_batch,
+        cfg.seed,
+        desc=f"train {', '.join(g['name'] for g in what.groups)}",
+        checkpointing=_checkpointing(run, data.sets),
+        monitor=monitor,
+        selection=selection,
+        offload=_block_offload(run),
+        shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
+        sharded_checkpoints=fsdp,
+    )
+
+
+def _set_up_monitor(run: Run, data: SampleSets, parked: Parked | None, in_step: bool) -> Monitor:
+    """Logs and validation (tuner/training/monitor.py): the held-out loss, the metrics of samples against the
+    subject's images, the validation page."""
+    cfg, c, accelerator = run.cfg, run.components, run.accelerator
+    encode = (lambda ids: run.family.encode_ids(c.text_encoders, ids)) if in_step else None
+    held_out = None
+    if data.held_out and cfg.validation.every:
+        plain_t = OmegaConf.to_object(cfg.train)
+        held_out = HeldOutLoss(data.held_out, data.rows, run.family.objective(c), plain_t,
+                               cfg.validation.loss_timesteps, cfg.seed, cfg.train.batch_size)  # fmt: skip
+
+    def scorer():
+        subject = subject_images(run.dir)
+        return scoring.scorer(cfg, subject, accelerator.device, run.feature_models, run.judge(subject))
+
+    measure = Measures(cfg, accelerator, run.sample, c.denoiser, held_out, encode, scorer, run.judged())
+    modules = [c.denoiser, *c.text_encoders.values()]
+    collective = run.strategy == "fsdp" and accelerator.num_processes > 1
+    monitor = start_monitor(cfg, run.dir, accelerator, run.sample, modules, data.captions, parked, measure, collective)
+    if monitor.gallery is not None:
+        run.outputs["validation"] = str(run.dir / "validation" / "index.html")
+    return monitor
 
 
 def _keep_chosen(run: Run, training: Training, result: TrainResult, monitor) -> None:
     """The weights the run keeps: the last step's, or with ``export.from=best`` the best checkpoint's by
     ``checkpoints.select``, or when drift passed ``train.early_stop.max_drift`` the last step within it. The summary,
     the model card and the validation page say which step and why."""
-    sel, last = training.selection, result.last_step
+    sel, last = training.setup.selection, result.last_step
     if run.is_main and monitor.gallery is not None:
         run.metrics["validation"] = {name: dict(points) for name, points in monitor.gallery.values().items()}
     if sel is None:
@@ -354,13 +287,13 @@ def _block_offload(run: Run) -> BlockOffload | None:
     return offload
 
 
-def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str], list[HeldOutSet], Cond]:
+def _sample_sets(run: Run, in_step: bool) -> SampleSets:
     """The instance set (and the class set, with prior preservation), their latents and captions encoded
     once into the shared cache (tuner/training/cache.py), where any run finds them again by content; and the
     held-out images (``data.val_split`` of each set, or ``data.val_dir``), encoded the same way.
 
     Returns the sets, the distinct captions (the empty one last, for caption dropout), the held-out sets and each
-    caption's conditioning (or token ids).
+    caption's conditioning (or token ids): a ``SampleSets``.
     """
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
@@ -418,7 +351,7 @@ def _sample_sets(run: Run, in_step: bool) -> tuple[list[SampleSet], list[str], l
         for role, latents, captions, weight, _, _, mask, image_cond in loaded
         if weight is None
     ]
-    return sets, texts, held_out, rows
+    return SampleSets(sets, texts, held_out, rows)
 
 
 # a held-out part's name in the cache report -> the metric its loss is

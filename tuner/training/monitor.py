@@ -158,19 +158,25 @@ def start_trackers(cfg, run_dir: Path, accelerator) -> list:
 
 
 class Measures:
-    """The numbers of a validation step: the held-out losses (``held_out``: a ``HeldOutLoss``, or None) and the
-    metrics of ``validation.samples`` samples of the instance and the class prompt (tuner/scoring.py; rank 0
-    scores them, the feature models loaded on first use). Drift is measured from the untrained model's samples
-    at step 0 (kept in checkpoints, so a resumed run measures from the same zero).
+    """The numbers of a validation step: the held-out losses and the metrics of ``validation.samples`` samples of
+    the instance and the class prompt (tuner/scoring.py; rank 0 scores them). Drift is measured from the untrained
+    model's samples at step 0 (kept in checkpoints, so a resumed run measures from the same zero).
 
-    ``encode``: the conditioning of token ids, when the text encoder trains (None: captions are embeddings);
-    ``subject``: reads the subject's real images the samples are compared with.
+    Args:
+        cfg: the run's config (the data's prompts, ``validation.*``, ``sample.*``, ``eval.*``).
+        accelerator: accelerate's ``Accelerator`` (the device, autocast, which rank is the main one).
+        sample: ``sample(prompts, seeds, steps, guidance, desc=...)``: images of the model as it is now.
+        denoiser: the model the held-out loss runs.
+        held_out: a ``HeldOutLoss`` (tuner/training/held_out.py), or None.
+        encode: the conditioning of token ids, when the text encoder trains (None: captions are embeddings).
+        scorer: makes the ``Scorer`` (``tuner.scoring.scorer`` of the subject's real images) on first use.
+        judged: the metrics the embedded base's judge gives, if it has one.
     """
 
-    def __init__(self, run, held_out=None, encode=None, subject=list):
-        self.run, self.held_out, self.encode, self.subject = run, held_out, encode, subject
-        cfg = run.cfg
-        self.scores = bool(scoring.available(cfg, run.judged()) - {"val_loss", "val_loss_class"})
+    def __init__(self, cfg, accelerator, sample, denoiser, held_out=None, encode=None, scorer=None, judged=frozenset()):
+        self.cfg, self.accelerator, self.sample, self.denoiser = cfg, accelerator, sample, denoiser
+        self.held_out, self.encode, self._make_scorer = held_out, encode, scorer
+        self.scores = bool(scoring.available(cfg, judged) - {"val_loss", "val_loss_class"})
         self.seeds = [cfg.eval.seed + i for i in range(cfg.validation.samples)]
         self.reference: float | None = None  # the base's class similarity: drift's zero
         self._scorer, self._loaded, self._said = None, False, False
@@ -178,26 +184,23 @@ class Measures:
     def scorer(self):
         if not self._loaded:
             self._loaded = True
-            run, subject = self.run, self.subject()
-            judge = run.judge(subject)
-            self._scorer = scoring.scorer(run.cfg, subject, run.accelerator.device, run.feature_models, judge)
+            self._scorer = self._make_scorer() if self._make_scorer is not None else None
         return self._scorer
 
     def __call__(self, step: int) -> dict[str, float]:
-        run, out = self.run, {}
-        a, c = run.accelerator, run.components
+        a, out = self.accelerator, {}
         if self.held_out is not None:
-            out |= self.held_out(c.denoiser, a.device, a.autocast, self.encode)
+            out |= self.held_out(self.denoiser, a.device, a.autocast, self.encode)
         if not self.scores:
             return out
-        d, v, s = run.cfg.data, run.cfg.validation, run.cfg.sample
+        d, v, s = self.cfg.data, self.cfg.validation, self.cfg.sample
         prompts = [p for p in (d.instance_prompt, d.class_prompt) if p]
         n = len(self.seeds)
         guidance = s.guidance_scale if v.guidance_scale is None else v.guidance_scale
-        desc = "validation metrics" if run.is_main else None
-        images = run.sample([p for p in prompts for _ in self.seeds], self.seeds * len(prompts), v.steps or s.steps,
-                            guidance, desc=desc)  # fmt: skip
-        if not run.is_main:
+        desc = "validation metrics" if a.is_main_process else None
+        images = self.sample([p for p in prompts for _ in self.seeds], self.seeds * len(prompts), v.steps or s.steps,
+                             guidance, desc=desc)  # fmt: skip
+        if not a.is_main_process:
             return out
         scorer = self.scorer()
         instance, classes = images[:n], (images[n:] if d.class_prompt else None)
@@ -216,18 +219,37 @@ class Measures:
 
 
 def start(
-    run, modules: list[torch.nn.Module], captions: list[str], parked=None, held_out=None, encode=None, subject=list
+    cfg,
+    folder: Path,
+    accelerator,
+    sample: Callable[..., torch.Tensor],
+    modules: list[torch.nn.Module] = (),
+    captions: list[str] = (),
+    parked=None,
+    measure: Measures | None = None,
+    collective: bool = False,
 ) -> Monitor:
-    """The train stage's monitor: trackers as configured, validation sampling as ``validation.*`` asks
-    (``captions``: the training captions, the prompts when no other is given; ``parked``: the modules
-    ``model.offload_frozen`` holds in host memory, brought back to sample; ``held_out``, ``encode``, ``subject``:
-    the held-out loss, how it conditions, the subject's images, see ``Measures``)."""
+    """The train stage's monitor: trackers as configured (in ``folder/logs``), validation sampling as
+    ``validation.*`` asks, its page in ``folder/validation``.
 
-    cfg = run.cfg
+    Args:
+        cfg: the run's config (``log.*``, ``validation.*``, ``sample.*``, the data's prompts).
+        folder: the run folder.
+        accelerator: accelerate's ``Accelerator``.
+        sample: ``sample(prompts, seeds, steps, guidance, desc=...)``: images of the model as it is now.
+        modules: the modules sampling puts in eval mode (and back in their mode afterwards).
+        captions: the training captions, the prompts when no other is given.
+        parked: the modules ``model.offload_frozen`` holds in host memory (``Parked``), brought back to sample.
+        measure: the step's numbers (``Measures``).
+        collective: FSDP with several processes: every rank samples (each forward gathers the sharded weights).
+
+    Raises:
+        ConfigError: ``checkpoints.select`` or ``train.early_stop`` and no prompt to validate with.
+    """
     v = cfg.validation
-    trackers = start_trackers(cfg, run.dir, run.accelerator)
+    trackers = start_trackers(cfg, folder, accelerator)
     if not v.every:
-        return Monitor(run.accelerator, trackers)
+        return Monitor(accelerator, trackers)
     d, s = cfg.data, cfg.sample
     prompts = list(v.prompts) or list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     prompts = prompts or [c for c in captions if c][:2]
@@ -238,18 +260,15 @@ def start(
                 "with (every caption is empty): set validation.prompts=[...]"
             )
         print("[tuner] validation: no prompt (every caption is empty); set validation.prompts=[...]", flush=True)
-        return Monitor(run.accelerator, trackers)
+        return Monitor(accelerator, trackers)
     seeds = list(v.seeds)
     steps = v.steps or s.steps
     guidance = s.guidance_scale if v.guidance_scale is None else v.guidance_scale
     every_prompt = [p for p in prompts for _ in seeds]
 
-    def sample() -> torch.Tensor:
-        desc = "validation" if run.is_main else None
-        return run.sample(every_prompt, seeds * len(prompts), steps, guidance, desc=desc)
+    def sample_prompts() -> torch.Tensor:
+        desc = "validation" if accelerator.is_main_process else None
+        return sample(every_prompt, seeds * len(prompts), steps, guidance, desc=desc)
 
-    gallery = ValidationGallery(run.dir / "validation", prompts, seeds, s.display_size)
-    run.outputs["validation"] = str(run.dir / "validation" / "index.html")
-    collective = run.strategy == "fsdp" and run.accelerator.num_processes > 1
-    measure = Measures(run, held_out, encode, subject)
-    return Monitor(run.accelerator, trackers, v.every, sample, gallery, modules, parked, collective, measure)
+    gallery = ValidationGallery(folder / "validation", prompts, seeds, s.display_size)
+    return Monitor(accelerator, trackers, v.every, sample_prompts, gallery, modules, parked, collective, measure)
