@@ -21,9 +21,9 @@ from tuner.export import formats, tensors
 from tuner.export.card import write_model_card
 from tuner.export.finite import check_finite
 from tuner.export.formats import FORMATS, check_held, holds
+from tuner.export.loading import load_configured
 from tuner.export.metadata import file_hashes, folder_hash, tag_frequency, training_metadata
 from tuner.models import get_family
-from tuner.stages.adapters import load_adapter
 from tuner.stages.context import Adapted, Exported, Made, Run, stage
 
 
@@ -166,8 +166,9 @@ def export(run: Run) -> Exported:
 
     cfg, c, e = run.cfg, run.components, run.cfg.export
     adapted = run.results.get(Adapted)
-    if adapted is None and cfg.checkpoint:
-        adapted = load_adapter(run)  # recipe=export checkpoint=PATH
+    if adapted is None and cfg.checkpoint:  # recipe=export checkpoint=PATH
+        loaded = load_configured(run)
+        adapted = Adapted(None, tuple(loaded.tokens), base_weights_changed=bool(loaded.tokens))
     what = adapted.trainables if adapted else None
     if what is not None:
         base_weights = what.base_weights_train

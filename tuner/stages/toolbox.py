@@ -30,11 +30,11 @@ from tuner.errors import ConfigError
 from tuner.export import formats
 from tuner.export.gallery import write_gallery
 from tuner.export.inspection import Described, describe, misfit
+from tuner.export.loading import load_checkpoint
 from tuner.export.lowrank import Cut, Factors, cut_delta, cut_factors, stack
 from tuner.export.tensors import install_lora, layer_factors, tuner_layers, unwrap
 from tuner.files import write_atomic
 from tuner.models import get_family
-from tuner.stages.adapters import load_checkpoint
 from tuner.stages.context import Adapted, Made, Run, stage
 
 # ---------------------------------------------------------------- checks (from the inputs' headers)
