@@ -140,17 +140,21 @@ def test_a_sampler_given_too_few_steps_is_refused_before_loading(tmp_path):
 
 @pytest.mark.e2e  # the SDXL refiner
 def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path, tiny):
-    """generate.refiner: the base draws the first 80% of the steps, the refiner the rest (diffusers' own split); no
-    sampler named: both with the base's own scheduler (the tiny refiner saves the base's Euler), as diffusers'
-    two pipelines draw without a scheduler set."""
+    """generate.refiner: the base draws the first generate.refiner_start of the steps, the refiner the rest
+    (diffusers' own split); no sampler named: both with the base's own scheduler (the tiny refiner saves the base's
+    Euler), as diffusers' two pipelines draw without a scheduler set. Half the steps each: Euler's last fifth
+    (one step, from a small sigma) changes too little to show the refiner drew it."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
     base = tiny("sdxl")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
-    got, entry = generate(tmp_path, base, "sdxl", "generate.steps=5", f"generate.refiner={refiner}")
-    assert entry["refiner"] == "refiner" and entry["refiner_start"] == 0.8
+    start = 0.6
+    got, entry = generate(
+        tmp_path, base, "sdxl", "generate.steps=5", f"generate.refiner={refiner}", f"generate.refiner_start={start}"
+    )
+    assert entry["refiner"] == "refiner" and entry["refiner_start"] == start
 
     first = StableDiffusionXLPipeline.from_pretrained(base)
     second = StableDiffusionXLImg2ImgPipeline.from_pretrained(refiner)
@@ -158,11 +162,11 @@ def test_sdxl_base_then_refiner_draws_what_diffusers_two_pipelines_draw(tmp_path
     for pipe in (first, second):
         pipe.set_progress_bar_config(disable=True)
     latents = first(
-        PROMPT, height=SIZE, width=SIZE, denoising_end=0.8, output_type="latent",
+        PROMPT, height=SIZE, width=SIZE, denoising_end=start, output_type="latent",
         generator=[torch.Generator().manual_seed(0)], **settings,
     ).images  # fmt: skip
     expected = second(
-        PROMPT, image=latents, denoising_start=0.8, output_type="np", generator=[torch.Generator().manual_seed(0)],
+        PROMPT, image=latents, denoising_start=start, output_type="np", generator=[torch.Generator().manual_seed(0)],
         **settings,
     ).images[0]  # fmt: skip
     assert np.abs(got - expected).max() <= 1 / 255 + 1e-5
