@@ -1,5 +1,13 @@
-"""The train stage: what trains (tuner/training/trainables.py), the frozen work done once (latents,
-caption embeddings), then the loop (tuner/training/loop.py), checkpoints and resume.
+"""The train stage: its setup in dependency order, the loop, then what the run keeps.
+
+    the model and what of it trains (tuner/training/trainables.py)
+    -> the frozen work, done once: latents and caption embeddings, through the shared cache (tuner/training/cache.py)
+    -> the monitor: logs and validation (tuner/training/monitor.py)
+    -> the optimizer, its schedule, checkpointing, offload, sharding: a TrainingSetup (tuner/training/setup.py)
+    -> the loop (tuner/training/loop.py), resuming a checkpoint if asked (tuner/training/state.py)
+    -> the report, the weights kept (the last step's or the best one's), FSDP's shards gathered on rank 0
+
+The stage's checks of the config are tuner/training/checks.py.
 """
 
 from __future__ import annotations
@@ -30,29 +38,10 @@ from tuner.training.monitor import Measures, Monitor
 from tuner.training.monitor import start as start_monitor
 from tuner.training.offload import BlockOffload, Parked, blocks_of, largest
 from tuner.training.selection import Selection
-from tuner.training.setup import SampleSets, StepModel, TrainingSetup, set_up
+from tuner.training.setup import SampleSets, StepModel, TrainingSetup, channels_last_pays, set_up
 
 # captions the text encoders encode at once: T5-XXL takes 0.33 GB a caption at 512 tokens (tools/bench_memory.py)
 PROMPTS_AT_ONCE = 1
-
-
-def _resume_from(run: Run) -> Path | None:
-    """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
-    if run.cfg.resume is None:
-        return None
-    if run.cfg.resume != "auto":
-        return Path(run.cfg.resume).expanduser()
-    return checkpoint_files.newest_intact(run.dir / "checkpoints")
-
-
-def _channels_last_pays(cfg, accelerator, trained) -> bool:
-    """train.channels_last=null: on for float32 LoRA training on a CPU (faster there, see tools/bench.py)
-    when no convolution weight trains; not under peft's DoRA, LoHa and LoKr, whose convolution code
-    assumes the default layout."""
-    a = cfg.adapter
-    convs_train = any(p.dim() == 4 for p in trained)
-    layout_safe = a.type == "lora" and not a.use_dora and not convs_train
-    return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
 
 
 @stage(after=("base", "prepare"), writes=("checkpoints", "logs", "validation"), check=check_train)
@@ -103,98 +92,6 @@ def train(run: Run) -> Adapted:
     return Adapted(what, tuple(cfg.embedding.tokens), what.base_weights_train or bool(what.new_tokens))
 
 
-def _set_up(run: Run, what: trainables.Trainables, data: SampleSets, monitor, in_step: bool) -> TrainingSetup:
-    """The rest of what the loop reads, around the model, the data and the monitor: the learning rates scaled,
-    the step's model, the batches, the selection of the best step, checkpointing, block offload and sharding;
-    ``set_up`` builds the optimizer, its schedule, accelerate's wrapping and the EMA from them."""
-    cfg, c, accelerator, family = run.cfg, run.components, run.accelerator, run.family
-    t, ck, early = cfg.train, cfg.checkpoints, cfg.train.early_stop
-    if t.scale_lr:
-        for group in what.groups:
-            group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
-    selection = Selection(ck.select, ck.select_mode, ck.best, early.patience, early.min_delta, early.max_drift)
-    fsdp, stop = run.strategy == "fsdp", cfg.text_encoder.stop_at
-    channels_last = t.channels_last
-    if channels_last is None:
-        channels_last = not fsdp and _channels_last_pays(cfg, accelerator, what.params)
-    model = StepModel(
-        c.denoiser,
-        family.objective(c),
-        text_encoders=c.text_encoders if in_step else None,
-        encode=family.encode_ids,
-        text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
-        channels_last=channels_last,
-    )
-
-    def next_batch(generator):  # train.batch_size is each process's: every rank draws the global batch
-        n, rank = accelerator.num_processes, accelerator.process_index
-        return draw_batch(data.sets, t.batch_size * n, generator, rank, n)
-
-    return set_up(
-        accelerator,
-        model,
-        what.groups,
-        t,
-        next_batch,
-        cfg.seed,
-        desc=f"train {', '.join(g['name'] for g in what.groups)}",
-        checkpointing=_checkpointing(run, data.sets),
-        monitor=monitor,
-        selection=selection,
-        offload=_block_offload(run),
-        shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
-        sharded_checkpoints=fsdp,
-    )
-
-
-def _set_up_monitor(run: Run, data: SampleSets, parked: Parked | None, in_step: bool) -> Monitor:
-    """Logs and validation (tuner/training/monitor.py): the held-out loss, the metrics of samples against the
-    subject's images, the validation page."""
-    cfg, c, accelerator = run.cfg, run.components, run.accelerator
-    encode = (lambda ids: run.family.encode_ids(c.text_encoders, ids)) if in_step else None
-    held_out = None
-    if data.held_out and cfg.validation.every:
-        plain_t = OmegaConf.to_object(cfg.train)
-        held_out = HeldOutLoss(data.held_out, data.rows, run.family.objective(c), plain_t,
-                               cfg.validation.loss_timesteps, cfg.seed, cfg.train.batch_size)  # fmt: skip
-
-    def scorer():
-        subject = subject_images(run.dir)
-        return scoring.scorer(cfg, subject, accelerator.device, run.feature_models, run.judge(subject))
-
-    measure = Measures(cfg, accelerator, run.sample, c.denoiser, held_out, encode, scorer, run.judged())
-    modules = [c.denoiser, *c.text_encoders.values()]
-    collective = run.strategy == "fsdp" and accelerator.num_processes > 1
-    monitor = start_monitor(cfg, run.dir, accelerator, run.sample, modules, data.captions, parked, measure, collective)
-    if monitor.gallery is not None:
-        run.outputs["validation"] = str(run.dir / "validation" / "index.html")
-    return monitor
-
-
-def _keep_chosen(run: Run, training: Training, result: TrainResult, monitor) -> None:
-    """The weights the run keeps: the last step's, or with ``export.from=best`` the best checkpoint's by
-    ``checkpoints.select``, or when drift passed ``train.early_stop.max_drift`` the last step within it. The summary,
-    the model card and the validation page say which step and why."""
-    sel, last = training.setup.selection, result.last_step
-    if run.is_main and monitor.gallery is not None:
-        run.metrics["validation"] = {name: dict(points) for name, points in monitor.gallery.values().items()}
-    if sel is None:
-        return
-    if sel.stopped is not None:
-        run.metrics["early_stop"] = {"step": sel.stopped["step"], "reason": sel.stopped["reason"]}
-    keep, why = sel.chosen(last, run.cfg.export.from_ == "best")
-    if keep != last:
-        path = run.dir / "checkpoints" / f"step-{keep:07d}"
-        training.restore(path)
-        if run.is_main:
-            print(f"[tuner] train: keeping the weights of step {keep} ({why}), from {path}", flush=True)
-    run.metrics["selected"] = {"step": keep, "of": last, "why": why}
-    if sel.metric:
-        run.metrics["selected"] |= {"metric": sel.metric, "mode": sel.mode, "value": sel.value(keep)}
-    if run.is_main and monitor.gallery is not None:
-        monitor.gallery.mark(keep, why)
-
-
 def _set_up_model(run: Run) -> trainables.Trainables:
     """What trains (adapters injected, the rest frozen), checkpointing of activations, the frozen modules'
     precision."""
@@ -212,44 +109,6 @@ def _set_up_model(run: Run) -> trainables.Trainables:
     return what
 
 
-def _shard(run: Run):
-    """``distributed.strategy=fsdp``: how the modules that train are sharded (tuner/training/sharding.py): the
-    denoiser's repeated blocks (the family's ``OFFLOAD_BLOCKS``) and the text encoders' layers (transformers'
-    ``_no_split_modules``) as units of their own."""
-    from tuner.training.sharding import Sharded
-
-    family, c = run.family, run.components
-    classes = {"denoiser": family.OFFLOAD_BLOCKS}
-    classes |= {name: getattr(te, "_no_split_modules", None) or () for name, te in c.text_encoders.items()}
-    mixed, reshard, main = run.accelerator.mixed_precision, run.reshard_after_forward, run.is_main
-    return lambda modules: Sharded(modules, {k: classes[k] for k in modules}, mixed, reshard, main)
-
-
-def _gather(run: Run, sharded, what: trainables.Trainables) -> None:
-    """After FSDP training: every rank sends its shards, rank 0 puts the whole modules in the run's components
-    (and the trained parameters in ``what``); the other ranks keep nothing (they leave after this stage).
-    The summary gets rank 0's share of the weights (gradients and optimizer state follow suit)."""
-    run.metrics["fsdp"] = {
-        "processes": run.accelerator.num_processes,
-        "weights_mib_rank0": round(sharded.bytes / 2**20, 3),
-        "weights_mib_whole": round(sharded.whole_bytes / 2**20, 3),
-    }
-    started = time.perf_counter()
-    whole = sharded.gather("cpu")  # the stages after training move what they run to the device
-    if not run.is_main:
-        return
-    c = run.components
-    for name, module in whole.items():
-        if name == "denoiser":
-            c.denoiser = module
-        else:
-            c.text_encoders[name] = module
-    run.replaced_modules()  # validation's pipeline held the sharded ones
-    what.groups = [{**g, "params": sharded.parameters(g["params"], whole)} for g in what.groups]
-    seconds = time.perf_counter() - started
-    print(f"[tuner] train: gathered {', '.join(whole)} from the shards on rank 0 in {seconds:.1f} s", flush=True)
-
-
 def _frozen_parts(run: Run, in_step: bool) -> Parked | None:
     """``model.offload_frozen``: the VAE (and the text encoders, when their outputs are cached) in host memory
     while the loop runs."""
@@ -264,29 +123,6 @@ def _frozen_parts(run: Run, in_step: bool) -> Parked | None:
     return parked
 
 
-def _block_offload(run: Run) -> BlockOffload | None:
-    """``train.offload_blocks``: the denoiser's N largest blocks' frozen weights in host memory."""
-    t, c, family = run.cfg.train, run.components, run.family
-    if not t.offload_blocks:
-        return None
-    every = blocks_of(c.denoiser, family.OFFLOAD_BLOCKS)
-    if t.offload_blocks > len(every):
-        raise ConfigError(
-            f"train.offload_blocks={t.offload_blocks}: this {family.DENOISER} has {len(every)} blocks "
-            f"({', '.join(family.OFFLOAD_BLOCKS)}); use at most {len(every)}"
-        )
-    offload = BlockOffload(largest(every, t.offload_blocks), run.accelerator.device, t.gradient_checkpointing)
-    gib = round(offload.bytes / 2**30, 4)
-    run.metrics["offload_blocks"] = {"blocks": t.offload_blocks, "of": len(every), "gib": gib}
-    if run.is_main:
-        print(
-            f"[tuner] train: {t.offload_blocks} of the {family.DENOISER}'s {len(every)} blocks "
-            f"({offload.bytes / 2**30:.2f} GiB) in host memory, fetched as they run",
-            flush=True,
-        )
-    return offload
-
-
 def _sample_sets(run: Run, in_step: bool) -> SampleSets:
     """The instance set (and the class set, with prior preservation), their latents and captions encoded
     once into the shared cache (tuner/training/cache.py), where any run finds them again by content; and the
@@ -297,7 +133,8 @@ def _sample_sets(run: Run, in_step: bool) -> SampleSets:
     """
     cfg, c, accelerator = run.cfg, run.components, run.accelerator
     roles = [("instance", 1.0)] + ([("class", cfg.prior.loss_weight)] if cfg.prior.enabled else [])
-    loaded, opened, report, started = [], [], {"entries": {}, "encoded": {}}, time.perf_counter()
+    kept, held_out, opened = [], [], []
+    report, started = {"entries": {}, "encoded": {}}, time.perf_counter()
     caption_ids: dict[str, int] = {}  # each distinct caption is encoded once
     vae_dtype = next(c.vae.parameters()).dtype
     latents_store = Store(run.cache_dir, f"latents-{fingerprint('latents', str(vae_dtype), modules=[c.vae])}")
@@ -314,8 +151,13 @@ def _sample_sets(run: Run, in_step: bool) -> SampleSets:
         scaling, shift = c.vae.config.scaling_factor, c.vae.config.get("shift_factor") or 0.0
         latents = LatentCache(entries.column("mean"), entries.column("std"), float(scaling), float(shift))
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
-        per_image = (list(dataset["repeats"]), torch.tensor(dataset["weight"]), latent_masks(dataset, latents))
-        loaded.append((role, latents, captions, weight, *per_image, run.family.image_cond(dataset)))
+        mask, image_cond = latent_masks(dataset, latents), run.family.image_cond(dataset)
+        if weight is None:  # a held-out part, named by the metric it gives
+            held_out.append(HeldOutSet(HELD_OUT[role], latents, captions, image_cond, mask))
+            continue
+        repeats, image_weight = list(dataset["repeats"]), torch.tensor(dataset["weight"])
+        kept.append(dict(latents=latents, caption=captions, weight=weight, mask=mask, repeats=repeats,
+                         image_weight=image_weight, image_cond=image_cond))  # fmt: skip
     texts = list(caption_ids) + [""]
     if in_step:
         rows = run.family.tokenize(c, texts)
@@ -341,17 +183,7 @@ def _sample_sets(run: Run, in_step: bool) -> SampleSets:
     cond = Captions(
         texts, rows, d.caption_dropout, d.shuffle_tags, d.keep_tags, tokenize=lambda t: run.family.tokenize(c, t)
     )
-    sets = [
-        SampleSet(latents, cond, captions, weight, mask, repeats, image_weight, image_cond=image_cond)
-        for _, latents, captions, weight, repeats, image_weight, mask, image_cond in loaded
-        if weight is not None
-    ]
-    held_out = [  # the held-out parts, named by the metric they give
-        HeldOutSet(HELD_OUT[role], latents, captions, image_cond, mask)
-        for role, latents, captions, weight, _, _, mask, image_cond in loaded
-        if weight is None
-    ]
-    return SampleSets(sets, texts, held_out, rows)
+    return SampleSets([SampleSet(cond=cond, **k) for k in kept], texts, held_out, rows)
 
 
 # a held-out part's name in the cache report -> the metric its loss is
@@ -405,6 +237,74 @@ def encode_captions(family, c, texts: list[str], autocast) -> list[dict[str, tor
     return items
 
 
+def _set_up_monitor(run: Run, data: SampleSets, parked: Parked | None, in_step: bool) -> Monitor:
+    """Logs and validation (tuner/training/monitor.py): the held-out loss, the metrics of samples against the
+    subject's images, the validation page."""
+    cfg, c, accelerator = run.cfg, run.components, run.accelerator
+    encode = (lambda ids: run.family.encode_ids(c.text_encoders, ids)) if in_step else None
+    held_out = None
+    if data.held_out and cfg.validation.every:
+        plain_t = OmegaConf.to_object(cfg.train)
+        held_out = HeldOutLoss(data.held_out, data.rows, run.family.objective(c), plain_t,
+                               cfg.validation.loss_timesteps, cfg.seed, cfg.train.batch_size)  # fmt: skip
+
+    def scorer():
+        subject = subject_images(run.dir)
+        return scoring.scorer(cfg, subject, accelerator.device, run.feature_models, run.judge(subject))
+
+    measure = Measures(cfg, accelerator, run.sample, c.denoiser, held_out, encode, scorer, run.judged())
+    modules = [c.denoiser, *c.text_encoders.values()]
+    collective = run.strategy == "fsdp" and accelerator.num_processes > 1
+    monitor = start_monitor(cfg, run.dir, accelerator, run.sample, modules, data.captions, parked, measure, collective)
+    if monitor.gallery is not None:
+        run.outputs["validation"] = str(run.dir / "validation" / "index.html")
+    return monitor
+
+
+def _set_up(run: Run, what: trainables.Trainables, data: SampleSets, monitor, in_step: bool) -> TrainingSetup:
+    """The rest of what the loop reads, around the model, the data and the monitor: the learning rates scaled,
+    the step's model, the batches, the selection of the best step, checkpointing, block offload and sharding;
+    ``set_up`` builds the optimizer, its schedule, accelerate's wrapping and the EMA from them."""
+    cfg, c, accelerator, family = run.cfg, run.components, run.accelerator, run.family
+    t, ck, early = cfg.train, cfg.checkpoints, cfg.train.early_stop
+    if t.scale_lr:
+        for group in what.groups:
+            group["lr"] *= t.batch_size * t.gradient_accumulation_steps * accelerator.num_processes
+    selection = Selection(ck.select, ck.select_mode, ck.best, early.patience, early.min_delta, early.max_drift)
+    fsdp, stop = run.strategy == "fsdp", cfg.text_encoder.stop_at
+    channels_last = t.channels_last
+    if channels_last is None:
+        channels_last = not fsdp and channels_last_pays(cfg.adapter, accelerator, what.params)
+    model = StepModel(
+        c.denoiser,
+        family.objective(c),
+        text_encoders=c.text_encoders if in_step else None,
+        encode=family.encode_ids,
+        text_encoder_steps=round(stop * t.max_steps) if stop < 1 else None,
+        channels_last=channels_last,
+    )
+
+    def next_batch(generator):  # train.batch_size is each process's: every rank draws the global batch
+        n, rank = accelerator.num_processes, accelerator.process_index
+        return draw_batch(data.sets, t.batch_size * n, generator, rank, n)
+
+    return set_up(
+        accelerator,
+        model,
+        what.groups,
+        t,
+        next_batch,
+        cfg.seed,
+        desc=f"train {', '.join(g['name'] for g in what.groups)}",
+        checkpointing=_checkpointing(run, data.sets),
+        monitor=monitor,
+        selection=selection,
+        offload=_block_offload(run),
+        shard=_shard(run) if fsdp and accelerator.num_processes > 1 else None,
+        sharded_checkpoints=fsdp,
+    )
+
+
 def _checkpointing(run: Run, sets: list[SampleSet]) -> Checkpointing:
     """Checkpoints in RUN/checkpoints/ on ``checkpoints.every``, and the one ``resume=`` names (if any)."""
     cfg = run.cfg
@@ -417,6 +317,51 @@ def _checkpointing(run: Run, sets: list[SampleSet]) -> Checkpointing:
         set_data_state=lambda state: [s.sampler.__dict__.update(x) for s, x in zip(sets, state)],
         config=OmegaConf.to_yaml(cfg, resolve=True),
     )
+
+
+def _resume_from(run: Run) -> Path | None:
+    """The checkpoint ``resume=`` names: a folder, or with ``auto`` the newest complete one of this run."""
+    if run.cfg.resume is None:
+        return None
+    if run.cfg.resume != "auto":
+        return Path(run.cfg.resume).expanduser()
+    return checkpoint_files.newest_intact(run.dir / "checkpoints")
+
+
+def _block_offload(run: Run) -> BlockOffload | None:
+    """``train.offload_blocks``: the denoiser's N largest blocks' frozen weights in host memory."""
+    t, c, family = run.cfg.train, run.components, run.family
+    if not t.offload_blocks:
+        return None
+    every = blocks_of(c.denoiser, family.OFFLOAD_BLOCKS)
+    if t.offload_blocks > len(every):
+        raise ConfigError(
+            f"train.offload_blocks={t.offload_blocks}: this {family.DENOISER} has {len(every)} blocks "
+            f"({', '.join(family.OFFLOAD_BLOCKS)}); use at most {len(every)}"
+        )
+    offload = BlockOffload(largest(every, t.offload_blocks), run.accelerator.device, t.gradient_checkpointing)
+    gib = round(offload.bytes / 2**30, 4)
+    run.metrics["offload_blocks"] = {"blocks": t.offload_blocks, "of": len(every), "gib": gib}
+    if run.is_main:
+        print(
+            f"[tuner] train: {t.offload_blocks} of the {family.DENOISER}'s {len(every)} blocks "
+            f"({offload.bytes / 2**30:.2f} GiB) in host memory, fetched as they run",
+            flush=True,
+        )
+    return offload
+
+
+def _shard(run: Run):
+    """``distributed.strategy=fsdp``: how the modules that train are sharded (tuner/training/sharding.py): the
+    denoiser's repeated blocks (the family's ``OFFLOAD_BLOCKS``) and the text encoders' layers (transformers'
+    ``_no_split_modules``) as units of their own."""
+    from tuner.training.sharding import Sharded
+
+    family, c = run.family, run.components
+    classes = {"denoiser": family.OFFLOAD_BLOCKS}
+    classes |= {name: getattr(te, "_no_split_modules", None) or () for name, te in c.text_encoders.items()}
+    mixed, reshard, main = run.accelerator.mixed_precision, run.reshard_after_forward, run.is_main
+    return lambda modules: Sharded(modules, {k: classes[k] for k in modules}, mixed, reshard, main)
 
 
 def _report(run: Run, result: TrainResult, what: trainables.Trainables, sets: list[SampleSet]) -> None:
@@ -432,3 +377,52 @@ def _report(run: Run, result: TrainResult, what: trainables.Trainables, sets: li
     if result.skipped:
         run.metrics["skipped_steps"] = result.skipped
         print(f"[tuner] train: skipped {result.skipped} micro-batches with a non-finite loss", flush=True)
+
+
+def _keep_chosen(run: Run, training: Training, result: TrainResult, monitor) -> None:
+    """The weights the run keeps: the last step's, or with ``export.from=best`` the best checkpoint's by
+    ``checkpoints.select``, or when drift passed ``train.early_stop.max_drift`` the last step within it. The summary,
+    the model card and the validation page say which step and why."""
+    sel, last = training.setup.selection, result.last_step
+    if run.is_main and monitor.gallery is not None:
+        run.metrics["validation"] = {name: dict(points) for name, points in monitor.gallery.values().items()}
+    if sel is None:
+        return
+    if sel.stopped is not None:
+        run.metrics["early_stop"] = {"step": sel.stopped["step"], "reason": sel.stopped["reason"]}
+    keep, why = sel.chosen(last, run.cfg.export.from_ == "best")
+    if keep != last:
+        path = run.dir / "checkpoints" / f"step-{keep:07d}"
+        training.restore(path)
+        if run.is_main:
+            print(f"[tuner] train: keeping the weights of step {keep} ({why}), from {path}", flush=True)
+    run.metrics["selected"] = {"step": keep, "of": last, "why": why}
+    if sel.metric:
+        run.metrics["selected"] |= {"metric": sel.metric, "mode": sel.mode, "value": sel.value(keep)}
+    if run.is_main and monitor.gallery is not None:
+        monitor.gallery.mark(keep, why)
+
+
+def _gather(run: Run, sharded, what: trainables.Trainables) -> None:
+    """After FSDP training: every rank sends its shards, rank 0 puts the whole modules in the run's components
+    (and the trained parameters in ``what``); the other ranks keep nothing (they leave after this stage).
+    The summary gets rank 0's share of the weights (gradients and optimizer state follow suit)."""
+    run.metrics["fsdp"] = {
+        "processes": run.accelerator.num_processes,
+        "weights_mib_rank0": round(sharded.bytes / 2**20, 3),
+        "weights_mib_whole": round(sharded.whole_bytes / 2**20, 3),
+    }
+    started = time.perf_counter()
+    whole = sharded.gather("cpu")  # the stages after training move what they run to the device
+    if not run.is_main:
+        return
+    c = run.components
+    for name, module in whole.items():
+        if name == "denoiser":
+            c.denoiser = module
+        else:
+            c.text_encoders[name] = module
+    run.replaced_modules()  # validation's pipeline held the sharded ones
+    what.groups = [{**g, "params": sharded.parameters(g["params"], whole)} for g in what.groups]
+    seconds = time.perf_counter() - started
+    print(f"[tuner] train: gathered {', '.join(whole)} from the shards on rank 0 in {seconds:.1f} s", flush=True)

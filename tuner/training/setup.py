@@ -60,6 +60,15 @@ class StepModel:
     channels_last: bool = False
 
 
+def channels_last_pays(adapter, accelerator, trained: list[torch.nn.Parameter]) -> bool:
+    """``train.channels_last=null``: on for float32 LoRA training on a CPU (faster there, see tools/bench.py) when
+    no convolution weight trains; not under peft's DoRA, LoHa and LoKr, whose convolution code assumes the default
+    layout. ``adapter``: the config's ``adapter`` section."""
+    convs_train = any(p.dim() == 4 for p in trained)
+    layout_safe = adapter.type == "lora" and not adapter.use_dora and not convs_train
+    return layout_safe and accelerator.device.type == "cpu" and accelerator.mixed_precision == "no"
+
+
 @dataclass
 class TrainingSetup:
     """Everything one training run is made of, built once by ``set_up``; ``Training(setup).train()`` runs it."""
