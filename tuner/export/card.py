@@ -75,7 +75,7 @@ def write_model_card(path: Path, info: dict, files: dict, cfg, family) -> Path:
             "![gallery](gallery/grid.png)",
             "",
         ]
-    lines += ["## How to use", "", usage(files, base, family.PIPELINE, info.get("trigger") or "your prompt")]
+    lines += ["## How to use", "", usage(files, base, family, info.get("trigger") or "your prompt")]
     if info.get("made"):
         lines += ["## How it was made", "", *info["made"], ""]
     if info.get("steps"):

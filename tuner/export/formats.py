@@ -70,7 +70,7 @@ class Format:
     holds: frozenset[str]
     write: Callable[[Export], None]
     loaded_by: str
-    usage: Callable[[list[str], str, str, str], list[str]]  # (its files, base, pipeline class, prompt)
+    usage: Callable[[list[str], str, object, str], list[str]]  # (its files, base, family, prompt)
 
 
 # transformers 5 names a CLIPTextModel's weights without the ``text_model.`` prefix (and saves them so when they
@@ -101,11 +101,12 @@ def _write_diffusers(x: Export) -> None:
             write_safetensors(path, embedding_tensors(x, by_encoder, one=token), {"token": token})
 
 
-def _diffusers_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+def _diffusers_usage(files: list[str], base: str, family, prompt: str) -> list[str]:
+    pipeline = family.PIPELINE
     lines = ["```python", f"from diffusers import {pipeline}", "", f'pipe = {pipeline}.from_pretrained("{base}")']
     if "diffusers/pytorch_lora_weights.safetensors" in files:
         lines.append('pipe.load_lora_weights("diffusers", weight_name="pytorch_lora_weights.safetensors")')
-    embeddings = _embedding_usage([n for n in files if n.startswith("diffusers/embeddings/")], pipeline, prompt)
+    embeddings = _embedding_usage([n for n in files if n.startswith("diffusers/embeddings/")], family, prompt)
     if any("load_file" in line for line in embeddings):
         lines.insert(2, "from safetensors.torch import load_file")
     lines += embeddings
@@ -115,14 +116,12 @@ def _diffusers_usage(files: list[str], base: str, pipeline: str, prompt: str) ->
     return ["### diffusers", "", *note, *lines, f'image = pipe("{prompt}").images[0]', "```", ""]
 
 
-def _embedding_usage(files: list[str], pipeline: str, prompt: str) -> list[str]:
+def _embedding_usage(files: list[str], family, prompt: str) -> list[str]:
     """Loading each embedding file: whole (one encoder), or each encoder's vectors into it (the token is the
     trigger, ``prompt``, whose file name the file has)."""
-    from tuner.models import family_of_pipeline, get_family
-
     if not files:
         return []
-    keys = get_family(family_of_pipeline(pipeline)).EMBEDDINGS
+    keys = family.EMBEDDINGS
     if len(keys) == 1:
         return [f'pipe.load_textual_inversion("{n}")' for n in files]
     tokens = {token_file_name(t): t for t in prompt.split(", ")}
@@ -179,12 +178,8 @@ def embedding_tensors(x: Export, by_encoder: dict[str, torch.Tensor], one: str) 
     return finite_as({keys[e]: v.to(x.dtype) for e, v in by_encoder.items()}, "export.dtype", "embedding")
 
 
-# the programs that read a family's kohya LoRA (A1111 reads no Flux or SD3 file; InvokeAI no SD3 LoRA)
-KOHYA_CLIENTS = {"FluxPipeline": "Forge / ComfyUI / InvokeAI", "StableDiffusion3Pipeline": "ComfyUI"}
-
-
-def _kohya_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
-    clients = KOHYA_CLIENTS.get(pipeline, "A1111 / Forge / ComfyUI / InvokeAI")
+def _kohya_usage(files: list[str], base: str, family, prompt: str) -> list[str]:
+    clients = family.KOHYA_READERS
     out = [f"### {clients}", ""]
     for n in (n for n in files if n.count("/") == 1):
         if "Forge" in clients:
@@ -225,7 +220,8 @@ def _write_peft(x: Export) -> None:
             write_safetensors(tmp / component / "adapter_model.safetensors", state, {"format": "pt"})
 
 
-def _peft_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
+def _peft_usage(files: list[str], base: str, family, prompt: str) -> list[str]:
+    pipeline = family.PIPELINE
     components = sorted({n.split("/")[1] for n in files})
     lines = [f'pipe.{c} = PeftModel.from_pretrained(pipe.{c}, "peft/{c}")' for c in components]
     out = ["### PEFT", "", "```python", f"from diffusers import {pipeline}", "from peft import PeftModel", ""]
@@ -273,8 +269,8 @@ def legacy_text_encoder_keys(component: Path) -> None:
         write_safetensors(path, state, metadata)
 
 
-def _merged_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
-    load = f'pipe = {pipeline}.from_pretrained("merged")  # or variant="fp16", torch_dtype=torch.float16'
+def _merged_usage(files: list[str], base: str, family, prompt: str) -> list[str]:
+    load = f'pipe = {family.PIPELINE}.from_pretrained("merged")  # or variant="fp16", torch_dtype=torch.float16'
     return ["### Merged pipeline", "", "```python", load, "```", ""]
 
 
@@ -299,17 +295,12 @@ def _write_single_file(x: Export) -> None:
         write_safetensors(tmp / f"{x.name}.safetensors", state, meta)
 
 
-# families whose single file is the denoiser alone, as the original ships it: (its diffusers class, subfolder)
-DENOISER_ONLY = {
-    "FluxPipeline": ("FluxTransformer2DModel", "transformer"),
-    "StableDiffusion3Pipeline": ("SD3Transformer2DModel", "transformer"),
-}
-
-
-def _single_file_usage(files: list[str], base: str, pipeline: str, prompt: str) -> list[str]:
-    out = []
-    for n in (n for n in files if pipeline in DENOISER_ONLY):
-        cls, sub = DENOISER_ONLY[pipeline]
+def _single_file_usage(files: list[str], base: str, family, prompt: str) -> list[str]:
+    """A family whose single file is the denoiser alone, as the original ships it (``SINGLE_FILE_TEXT`` false):
+    loaded into its diffusers class; else the whole checkpoint."""
+    out, pipeline = [], family.PIPELINE
+    for n in (n for n in files if not family.SINGLE_FILE_TEXT):
+        cls, sub = family.DENOISER_CLASS, family.DENOISER
         out += [
             "### Single-file transformer",
             "",
@@ -322,7 +313,7 @@ def _single_file_usage(files: list[str], base: str, pipeline: str, prompt: str) 
             "```",
             "",
         ]
-    for n in (n for n in files if pipeline not in DENOISER_ONLY):
+    for n in (n for n in files if family.SINGLE_FILE_TEXT):
         out += [
             "### Single-file checkpoint",
             "",
@@ -399,11 +390,11 @@ def check_held(parts: set[str], chosen, family) -> None:
         )
 
 
-def usage(files: dict, base: str, pipeline: str, prompt: str) -> str:
+def usage(files: dict, base: str, family, prompt: str) -> str:
     """The model card's "How to use": each format's lines for the files it wrote, in ``FORMATS``' order."""
     out = []
     for name, f in FORMATS.items():
         mine = sorted(n for n in files if n.startswith(f"{name}/"))
         if mine:
-            out += f.usage(mine, base, pipeline, prompt)
+            out += f.usage(mine, base, family, prompt)
     return "\n".join(out)

@@ -110,6 +110,7 @@ class Family:
     PIPELINE = "StableDiffusionPipeline"  # the diffusers pipeline class: loading, sampling and LoRA files
     IMG2IMG: str | None = "StableDiffusionImg2ImgPipeline"
     DENOISER = "unet"
+    DENOISER_CLASS = "UNet2DConditionModel"  # its diffusers class (the model card's single-file usage)
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
     LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
     # the text encoders new tokens (embedding.tokens) go into, each with the key its vectors have in A1111's and
@@ -139,6 +140,7 @@ class Family:
     KOHYA_PREFIXES: dict[str, str] = {}
     KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it
     DIFFUSERS_READS_KOHYA = True  # diffusers' load_lora_weights reads this family's kohya LoRA files
+    KOHYA_READERS = "A1111 / Forge / ComfyUI / InvokeAI"  # the programs that read its kohya LoRA (the model card)
     # parts a format cannot hold for this family, beyond what the format itself cannot (tuner/export/formats.py)
     FORMAT_LIMITS: dict[str, set[str]] = {}
     BASE_VERSION = ""

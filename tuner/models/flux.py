@@ -19,6 +19,7 @@ from tuner.models.bfl_layout import SWAPPED_HALVES, bfl_name, original_state
 class Flux(FlowFamily):
     NAME = "flux"
     PIPELINE = "FluxPipeline"
+    DENOISER_CLASS = "FluxTransformer2DModel"
     IMG2IMG = "FluxImg2ImgPipeline"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP, T5
     LORA_TEXT_ENCODERS = ("text_encoder",)  # as diffusers' Flux scripts: T5 stays frozen
@@ -47,6 +48,7 @@ class Flux(FlowFamily):
     # q, k and v are one module there: LoRAs stack into one exactly, a LoHa's or LoKr's products do not
     FORMAT_LIMITS = {"kohya": {"loha", "lokr"}}
     DEFAULT_EXPORTS = ("diffusers", "kohya")
+    KOHYA_READERS = "Forge / ComfyUI / InvokeAI"  # A1111 reads no Flux LoRA
     BASE_VERSION = "flux1"
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
     WIDTHS = frozenset({3072})  # the transformer's
@@ -127,8 +129,13 @@ class Flux(FlowFamily):
             "OneTrainer offloaded 512 px": "6 GB",
         }  # fmt: skip
         return RealWidths(
-            transformer, 19, inputs, lambda: [real.clip(768, 12, 12), real.t5_xxl()], lambda: real.vae(16),
-            unit="1 double + 2 single blocks", published=published,
+            transformer,
+            19,
+            inputs,
+            lambda: [real.clip(768, 12, 12), real.t5_xxl()],
+            lambda: real.vae(16),
+            unit="1 double + 2 single blocks",
+            published=published,
         )
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:

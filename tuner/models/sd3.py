@@ -19,6 +19,7 @@ from tuner.models.mmdit_layout import mmdit_name, original_state, swapped
 class SD3(FlowFamily):
     NAME = "sd3"
     PIPELINE = "StableDiffusion3Pipeline"
+    DENOISER_CLASS = "SD3Transformer2DModel"
     IMG2IMG = "StableDiffusion3Img2ImgPipeline"
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")  # CLIP-L, CLIP-G, T5
     LORA_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # as diffusers' SD3 scripts: T5 stays frozen
@@ -42,6 +43,7 @@ class SD3(FlowFamily):
     # exactly, a LoHa's or LoKr's products do not
     KOHYA_PREFIXES = {"transformer": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
     DIFFUSERS_READS_KOHYA = False  # its kohya files are ComfyUI's; diffusers has no reader of them
+    KOHYA_READERS = "ComfyUI"  # A1111 and InvokeAI read no SD3 LoRA
     FORMAT_LIMITS = {"kohya": {"loha", "lokr"}}
     BASE_VERSION = "sd3"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v3-medium"

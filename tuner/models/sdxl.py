@@ -64,8 +64,9 @@ class SDXL(Family):
         # the widths differ, as in SDXL: diffusers' single-file loader tells the two encoders apart by width
         text_encoder_2 = tiny.clip_text(CLIPTextModelWithProjection, 24, 2, 32, projection_dim=24, hidden_act="gelu")
         scheduler = EulerDiscreteScheduler(  # SDXL's own
-            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading"
-        )
+            beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+            timestep_spacing="leading",
+        )  # fmt: skip
         return {
             "unet": unet,
             "vae": vae,

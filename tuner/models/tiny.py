@@ -88,7 +88,10 @@ def char_tokenizer(max_tokens: int):
 
 
 def build_components(
-    size: TinySize, seed: int = 0, linear_projection: bool = False, text_act: str = "quick_gelu",
+    size: TinySize,
+    seed: int = 0,
+    linear_projection: bool = False,
+    text_act: str = "quick_gelu",
     prediction_type: str = "epsilon",
 ) -> dict:
     """Build freshly initialised SD1.x-shaped pipeline components of the given size (deterministic for a seed);
