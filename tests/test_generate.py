@@ -13,6 +13,7 @@ from tests.helpers import PROMPT, train_in_process
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
+from tuner.models import family_names, get_family
 from tuner.runner import run_recipe
 
 SIZE = 16
@@ -199,7 +200,11 @@ def test_bad_generate_settings_are_refused_by_name(tiny_pipeline_dir, tmp_path):
             validate(compose("generate", [f"model.path={tiny_pipeline_dir}", "generate.prompts=[a ball]", override]))
 
 
-@pytest.mark.parametrize("family", ["sd15", "flux"])
+# a U-Net family and a flow family, the first of each in the registry
+ONE_OF_EACH_KIND = list({get_family(name).FLOW: name for name in reversed(family_names())}.values())
+
+
+@pytest.mark.parametrize("family", ONE_OF_EACH_KIND)
 def test_previews_every_n_steps_end_at_the_image_and_a_user_callback_sees_every_step(tmp_path, family):
     from tuner.generation import user_callback
     from tuner.models.tiny import make_tiny_pipeline
@@ -211,7 +216,7 @@ def test_previews_every_n_steps_end_at_the_image_and_a_user_callback_sees_every_
         tmp_path, folder, f"model={family}", "data.resolution=32", "generate.prompts=[a photo of a dog]",
         "generate.images_per_prompt=2", "generate.steps=4", "generate.preview_every=2",
         f"generate.callback={hook}:record_step",
-        *(["model.max_sequence_length=32"] if family == "flux" else []),
+        *get_family(family).TINY_OPTIONS,
     )  # fmt: skip
     seen = user_callback(f"{hook}:record_step").__globals__["SEEN"]  # the file ran once: the check's is the run's
     assert seen == [0, 1, 2, 3]  # every step of the one pipeline call that drew both images

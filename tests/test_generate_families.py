@@ -13,18 +13,19 @@ from tests.helpers import PROMPT
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
-from tuner.models import get_family
+from tuner.models import family_names, get_family
 from tuner.runner import run_recipe
 
 SIZE = 32
 STEPS = {"pndm": 4}  # its warm-up takes 4 (tuner refuses fewer); the others 3
-# what each family offers (its default first): pinned here, so a change to the offer is a visible change
+# what each kind of family offers (its DEFAULT_SCHEDULER first): pinned here, so a change to the offer is a visible
+# change; a family leaves out those its pipeline cannot drive (NO_SCHEDULERS: Flux's flow_heun)
+NOISE_OFFER = ["ddim", "ddpm", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc", "pndm"]
+FLOW_OFFER = ["flow_euler", "flow_heun", "flow_dpm++", "flow_unipc"]
 OFFERED = {
-    "sd15": ["ddim", "ddpm", "euler", "euler_a", "heun", "dpm++", "dpm++_karras", "unipc", "pndm"],
-    "flux": ["flow_euler", "flow_dpm++", "flow_unipc"],
-    "sd3": ["flow_euler", "flow_heun", "flow_dpm++", "flow_unipc"],
+    name: [s for s in (FLOW_OFFER if f.FLOW else NOISE_OFFER) if s not in f.NO_SCHEDULERS]
+    for name, f in ((name, get_family(name)) for name in family_names())
 }
-OFFERED["sd2"] = OFFERED["sdxl"] = OFFERED["sd15"]
 FLOW_SIGMAS = {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}
 # the diffusers scheduler a user sets for each name
 REFERENCE = {
@@ -106,7 +107,7 @@ def test_each_family_offers_its_samplers_and_refuses_the_others_before_loading(t
     from tuner.generation import schedulers
 
     assert list(schedulers(get_family(family))) == OFFERED[family]
-    wrong = "flow_euler" if family in ("sd15", "sd2", "sdxl") else "ddim"
+    wrong = "ddim" if get_family(family).FLOW else "flow_euler"
     cfg = compose(
         "generate",
         [f"model={family}", f"model.path={tmp_path}", "generate.prompts=[x]", f"generate.scheduler={wrong}"],
