@@ -1,15 +1,36 @@
-"""tools/bench.py end to end on a few steps: tuner's numbers, and a reference program's read from its progress bar."""
+"""The benches: tools/bench.py end to end on a few steps (tuner's numbers, and a reference program's read from its
+progress bar), and tools/bench_memory.py's memory plan, for every registered family.
 
+No silent regressions in memory: each family's planned peak (the plan is deterministic) at its target setting
+(the first row of bench_memory's table) is pinned in ``tests/data/memory_plan.json``; a plan that grows or
+shrinks by more than 2% fails until it is pinned again on purpose, with
+``TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k pin`` (the test then fails once more as a reminder
+that the file was written, not compared; say why in the commit). A family is found in the file by its name,
+else by its model: a pin whose model digest (what the plan measures: the real-width denoiser's and encoders'
+parameter names and shapes, the real unit count, the denoiser call's input shapes, the family's LoRA targets
+and offload blocks) equals the family's holds for it too, so a renamed copy of a family (tests/added_family.py)
+passes with no file changed; any other family without a pin fails, saying how to pin it.
+"""
+
+import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._pytree import tree_map
 
 from tests.helpers import ROOT
+from tuner.models import family_names, get_family
 
-pytestmark = pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
+PINS = Path(__file__).parent / "data" / "memory_plan.json"
+WRITE = os.environ.get("TUNER_WRITE_GOLDEN") == "1"
+DRIFT = 0.02  # how far a pinned plan may move either way
+PINNED = ("train", "encode", "peak")  # the numbers compared: the steps' phase, the encode phase, the larger
 
 # a stand-in for another trainer: it sleeps through --max_train_steps steps under a tqdm bar named "Steps"
 REFERENCE = """
@@ -22,6 +43,7 @@ for _ in tqdm(range(steps), desc="Steps", mininterval=0, miniters=1):
 """
 
 
+@pytest.mark.e2e  # runs `python -m tuner` in processes: `pytest -m e2e`
 def test_bench_prints_the_table_with_a_reference(tmp_path):
     reference = tmp_path / "reference.py"
     reference.write_text(REFERENCE)
@@ -71,26 +93,135 @@ def test_the_step_counter_counts_each_storage_once_while_it_lives():
     assert counter.live == 0
 
 
-def test_the_memory_plan_extrapolates_to_the_measured_third_unit_and_counts_the_weights_exactly(tmp_path):
-    """tools/bench_memory.py for SD3 at 256 px: the weights equal the real SD3-medium's parameter count in bf16
-    (counted here on the meta device), and the plan of 3 blocks from 1 and 2 is within 10% of 3 measured."""
-    from diffusers import SD3Transformer2DModel
+def _resolution(family, near: int = 256) -> int:
+    return max(near - near % family.RESOLUTION_MULTIPLE, family.RESOLUTION_MULTIPLE)
 
+
+@pytest.mark.e2e  # three reduced models planned in a process: 10 to 60 s a family on 2 cores
+@pytest.mark.parametrize("name", family_names())
+def test_the_memory_plan_extrapolates_to_the_measured_third_unit_and_counts_the_weights_exactly(name):
+    """tools/bench_memory.py --check at 256 px: the weights equal the real model's parameter count in bf16 (its
+    real-width denoiser at the real depth, counted here on the meta device), and the plan of 3 units from 1 and
+    2 is within 10% of 3 measured. A family built whole has no units to extrapolate."""
+    family = get_family(name)
+    rw = family.real_widths()
+    if rw.real is None:
+        pytest.skip(f"{name}'s real_widths() is built whole (real=None): its plan measures the whole denoiser")
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--family", "sd3", "--resolution", "256", "--check"],
+        [sys.executable, str(ROOT / "tools" / "bench_memory.py"), "--family", name,
+         "--resolution", str(_resolution(family)), "--check"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    row = next(line for line in out.stdout.splitlines() if line.startswith("| sd3 |"))
+    row = next(line for line in out.stdout.splitlines() if line.startswith(f"| {name} |"))
     weights = float(row.split("|")[3].strip().removesuffix(" GB"))
     with torch.device("meta"):
-        real = SD3Transformer2DModel(
-            sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-            joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-            pos_embed_max_size=192,
-        )  # fmt: skip
+        real = rw.denoiser(rw.real)
     assert weights == pytest.approx(sum(p.numel() for p in real.parameters()) * 2 / 1e9, abs=0.006)
-    check = re.search(r"check sd3 .*planned from 1 and 2 ([\d.]+) GB, measured ([\d.]+) GB", out.stdout)
+    check = re.search(rf"check {re.escape(name)} .*planned from 1 and 2 ([\d.]+) GB, measured ([\d.]+) GB", out.stdout)
     assert check, out.stdout
     planned, measured = float(check[1]), float(check[2])
     assert measured > 0 and abs(planned / measured - 1) <= 0.10
+
+
+def model_digest(family, rw, setting) -> str:
+    """What the memory plan of ``family`` measures, as a digest: its real-width denoiser's parameter names and
+    shapes (at 1 and 2 units, or whole), the real unit count, its text encoders' and VAE's, the shapes and dtypes
+    of one denoiser call's inputs at ``setting``, and the family's LoRA target presets and offload blocks."""
+
+    def layout(module):
+        return [type(module).__name__, [[n, list(p.shape)] for n, p in module.named_parameters()]]
+
+    with torch.device("meta"):
+        units = (1,) if rw.real is None else (1, 2)
+        inputs = rw.inputs(setting.resolution, setting.batch, torch.bfloat16)
+        what = {
+            "denoiser": [layout(rw.denoiser(n)) for n in units],
+            "real": rw.real,
+            "encoders": [layout(m) for m in [*rw.text_encoders(), rw.vae()]],
+            "inputs": tree_map(lambda t: [str(t.dtype), *t.shape], inputs),
+            "targets": [family.TARGETS, family.TARGETS_EXCLUDE, list(family.OFFLOAD_BLOCKS)],
+        }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_pin(pins: dict, name: str, digest: str) -> tuple[str, dict] | tuple[None, None]:
+    """The pin that holds for a family: its own (by name), else the first whose model digest is the family's."""
+    if name in pins:
+        return name, pins[name]
+    return next(((other, pin) for other, pin in pins.items() if pin["model"] == digest), (None, None))
+
+
+def drift(pin: dict, observed: dict) -> list[str]:
+    """How the observed plan moved from its pin: a changed setting, or a pinned number more than 2% off."""
+    if pin["setting"] != observed["setting"]:
+        return [f"setting: {observed['setting']}, pinned at {pin['setting']}"]
+    out = []
+    for key in PINNED:
+        moved = observed[key] / pin[key] - 1
+        if abs(moved) > DRIFT:
+            what = "grew" if moved > 0 else "shrank"
+            out.append(f"{key}: {observed[key] / 1e9:.3f} GB, pinned {pin[key] / 1e9:.3f} GB ({what} {moved:+.1%})")
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_memory():
+    return _bench_memory()
+
+
+@pytest.fixture(scope="module")
+def rates(bench_memory):
+    return {kind: bench_memory.quantized_bytes_per_value(kind) for kind in ("nf4", "int8")}
+
+
+@pytest.mark.e2e  # planning takes 5 to 40 s a family on 2 cores (the U-Nets' fake steps the longest)
+@pytest.mark.parametrize("name", family_names())
+def test_each_familys_planned_peak_stays_at_its_pin(name, bench_memory, rates):
+    """The family's plan at its target setting (bench_memory's first row) against tests/data/memory_plan.json:
+    the steps' phase, the encode phase and the peak each within 2% of the pin (see this module's docstring)."""
+    family = get_family(name)
+    rw = family.real_widths()
+    setting = bench_memory.settings(family, rw)[0]
+    plan = bench_memory.plan(family, setting, rates, rw=rw)
+    real = plan["at"]["real"]
+    observed = {
+        "model": model_digest(family, rw, setting),
+        "setting": bench_memory.describe(setting),
+        **{key: real[key] for key in ("weights", "resident", "lora", "step", "train")},
+        "encode": plan["encode"],
+        "peak": plan["peak"],
+    }
+    pins = json.loads(PINS.read_text()) if PINS.is_file() else {}
+    if WRITE:
+        pins[name] = observed
+        PINS.parent.mkdir(exist_ok=True)
+        PINS.write_text(json.dumps(pins, indent=1, sort_keys=True) + "\n")
+        pytest.fail(f"wrote {PINS} [{name}]: run again without TUNER_WRITE_GOLDEN to compare")
+    source, pin = find_pin(pins, name, observed["model"])
+    assert pin, (
+        f"{PINS.name} has no pin for {name!r} nor for a family of the same model (digest {observed['model']}): "
+        f"pin it with TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k 'pin and {name}'"
+    )
+    moved = drift(pin, observed)
+    via = "" if source == name else f" (the pin of {source!r}, the same model)"
+    assert not moved, (
+        f"{name}'s memory plan moved from its pin{via}:\n" + "\n".join(moved) + "\nif on purpose, pin it again: "
+        f"TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k 'pin and {name}', and say why in the commit"
+    )
+
+
+def test_the_pin_check_sees_a_plan_grow_shrink_or_change_setting_and_finds_a_pin_by_model():
+    """drift and find_pin on numbers made up here (the planning itself is the e2e test above)."""
+    pin = {"model": "abc", "setting": "512 px b1", "train": 4e9, "encode": 2e9, "peak": 4e9}
+    assert drift(pin, {**pin, "train": 4.07e9, "peak": 4.07e9, "encode": 1.97e9}) == []
+    assert drift(pin, {**pin, "train": 4.12e9, "peak": 4.12e9}) == [
+        "train: 4.120 GB, pinned 4.000 GB (grew +3.0%)",
+        "peak: 4.120 GB, pinned 4.000 GB (grew +3.0%)",
+    ]
+    assert drift(pin, {**pin, "encode": 1.8e9}) == ["encode: 1.800 GB, pinned 2.000 GB (shrank -10.0%)"]
+    assert drift(pin, {**pin, "setting": "256 px b1"}) == ["setting: 256 px b1, pinned at 512 px b1"]
+    pins = {"one": pin, "two": {**pin, "model": "def"}}
+    assert find_pin(pins, "two", "abc") == ("two", pins["two"])  # its own name first
+    assert find_pin(pins, "copy", "def") == ("two", pins["two"])  # else the same model
+    assert find_pin(pins, "new", "xyz") == (None, None)

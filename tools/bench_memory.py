@@ -1,22 +1,25 @@
 """Plan the device memory of a LoRA run, per family, at the real models' widths.
 
-    python tools/bench_memory.py                       # the plan table of every family's target settings
+    python tools/bench_memory.py                       # the plan table of every registered family's targets
     python tools/bench_memory.py --check               # and the method's check: 3 units planned from 1 and 2
     python tools/bench_memory.py --family flux --resolution 512 --quantize nf4 --offload-blocks 0
 
-How: each family's denoiser is built at its real widths (hidden sizes, heads, channels) with its repeated
-unit cut to 1 and 2 (Flux: a double- and two single-stream blocks, 19 of them in Flux.1; SDXL: one layer of
-each of the six 1280-wide transformers, 10 in SDXL; SD3: a joint block, 24 in SD3-medium; SD1.5 is
-measured whole). Its tensors are fake (PyTorch's FakeTensorMode: shapes and dtypes, no memory, no compute),
-so the real widths cost nothing; one training step runs on them (tuner's LoRA targets, bf16 autocast, the
-frozen base in bf16 or NF4, gradient checkpointing) and every tensor the step creates is counted while it
-lives: the step's peak (activations, transients, gradients, optimizer state) beyond the weights held.
-Weights and step peak are linear in the unit count; the plan extrapolates them to the real depth.
+How: each registered family's denoiser is built at its real widths (hidden sizes, heads, channels; the
+family's ``real_widths()``) with its repeated unit cut to 1 and 2 (Flux: a double- and two single-stream
+blocks, 19 of them in Flux.1; SDXL: one layer of each of the six 1280-wide transformers, 10 in SDXL; SD3: a
+joint block, 24 in SD3-medium; SD1.5 and SD2 are measured whole). Its tensors are fake (PyTorch's
+FakeTensorMode: shapes and dtypes, no memory, no compute), so the real widths cost nothing; one training
+step runs on them (tuner's LoRA targets, bf16 autocast, the frozen base in bf16 or NF4, gradient
+checkpointing) and every tensor the step creates is counted while it lives: the step's peak (activations,
+transients, gradients, optimizer state) beyond the weights held. Weights and step peak are linear in the
+unit count; the plan extrapolates them to the real depth. The rows: each family's published target
+(``RealWidths.published``) and the ways around it (``settings``).
 
 The planned peak is the larger of the two phases of a run with ``model.offload_frozen`` (on by default on
 a GPU): the frozen encoders caching their outputs (text encoders and VAE as held; their activations are
 not counted), then the steps (the denoiser as held, less the blocks ``train.offload_blocks`` keeps in host
-memory plus the two it holds at a time, its LoRA, the step's peak). It is what
+memory plus the two it holds at a time (the blocks: ``family.OFFLOAD_BLOCKS``), its LoRA, the step's
+peak). It is what
 ``torch.cuda.max_memory_allocated`` would report: the CUDA context (about 0.5 GB) and the allocator's
 slack come on top. NF4 weights take the bytes bitsandbytes holds (measured on one layer here); a
 dequantized NF4 weight lives only inside its layer's call, counted as one layer's bf16 weight.
@@ -28,9 +31,10 @@ On a GPU (``--gpu``) the same reduced models also run one real step there, and t
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +42,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tuner.models import family_names, get_family  # noqa: E402  (after the path: the checkout's tuner)
 
 GB = 1e9  # the published figures are in GB
 
@@ -85,138 +90,28 @@ class Setting:
     targets: str = "attn_ff"
 
 
-@dataclass
-class Spec:
-    """A family's real widths: ``build(units)`` the denoiser with ``units`` of its repeated unit, ``real``
-    the units the real model has (None: built whole), its inputs, and its frozen encoders."""
+def settings(family, rw) -> list[Setting]:
+    """The family's rows: its published target's settings (``published``: "... N px target"; else its default
+    resolution) in bf16 with checkpointing; for a model cut to units (a large one), its base and text encoders
+    in NF4 too; for a target met by offloading, the whole ladder, from no checkpointing to every block of
+    ``family.OFFLOAD_BLOCKS`` in host memory (with the text encoders in NF4)."""
+    targets = {what: value for what, value in rw.published.items() if what.endswith(" target")}
+    sizes = [int(m[1]) for m in (re.search(r"(\d+) px target$", what) for what in targets) if m]
+    res = sizes[0] if sizes else family.DEFAULT_RESOLUTION
+    rows = [Setting(res)]
+    if rw.real is not None:
+        rows.append(Setting(res, quantize="nf4", quantize_text_encoders="nf4"))
+    if any("offload" in value for value in targets.values()):
+        from tuner.training.offload import blocks_of
 
-    name: str
-    build: callable
-    real: int | None
-    inputs: callable
-    encoders: callable
-    unit: str = ""
-    blocks: tuple[str, ...] = ()
-    published: dict = field(default_factory=dict)
-
-
-def _unet_sd15(units):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
-
-
-def _unet_sdxl(units):
-    from tuner.models.tiny import sdxl_unet
-
-    return sdxl_unet((1, 2, units))
-
-
-def _flux(units):
-    from diffusers import FluxTransformer2DModel
-
-    return FluxTransformer2DModel(
-        in_channels=64, num_layers=units, num_single_layers=2 * units, attention_head_dim=128,
-        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )  # fmt: skip
-
-
-def _sd3(units):
-    from diffusers import SD3Transformer2DModel
-
-    return SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, num_layers=units, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-    )  # fmt: skip
-
-
-def _unet_inputs(context: int, added: bool):
-    def make(s: Setting, dtype):
-        side = s.resolution // 8
-        x = {
-            "sample": torch.randn(s.batch, 4, side, side, dtype=dtype),
-            "timestep": torch.randint(0, 1000, (s.batch,)),
-            "encoder_hidden_states": torch.randn(s.batch, 77, context, dtype=dtype),
-        }
-        if added:
-            x["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(s.batch, 1280, dtype=dtype),
-                "time_ids": torch.randn(s.batch, 6, dtype=dtype),
-            }
-        return x
-
-    return make
-
-
-def _flux_inputs(s: Setting, dtype):
-    tokens = (s.resolution // 16) ** 2
-    return {
-        "hidden_states": torch.randn(s.batch, tokens, 64, dtype=dtype),
-        "encoder_hidden_states": torch.randn(s.batch, 512, 4096, dtype=dtype),
-        "pooled_projections": torch.randn(s.batch, 768, dtype=dtype),
-        "timestep": torch.rand(s.batch),
-        "img_ids": torch.zeros(tokens, 3),
-        "txt_ids": torch.zeros(512, 3),
-        "guidance": torch.ones(s.batch),
-    }
-
-
-def _sd3_inputs(s: Setting, dtype):
-    side = s.resolution // 8
-    return {
-        "hidden_states": torch.randn(s.batch, 16, side, side, dtype=dtype),
-        "encoder_hidden_states": torch.randn(s.batch, 333, 4096, dtype=dtype),
-        "pooled_projections": torch.randn(s.batch, 2048, dtype=dtype),
-        "timestep": torch.rand(s.batch) * 1000,
-    }
-
-
-def _clip(width, layers, heads, projection=False):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
-                            num_attention_heads=heads, projection_dim=1280)  # fmt: skip
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
-
-
-def _t5_xxl():
-    from transformers import T5Config, T5EncoderModel
-
-    config = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
-    return T5EncoderModel(config)
-
-
-def _vae(latent_channels=4):
-    from diffusers import AutoencoderKL
-
-    blocks = 4
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=latent_channels,
-    )  # fmt: skip
-
-
-SPECS = {
-    "sd15": Spec("sd15", _unet_sd15, None, _unet_inputs(768, False), lambda: [_clip(768, 12, 12), _vae()],
-                 "the whole U-Net", ("ResnetBlock2D", "BasicTransformerBlock"),
-                 {"SD1.5 LoRA 512 px target": "<= 3 GB"}),
-    "sdxl": Spec("sdxl", _unet_sdxl, 10, _unet_inputs(2048, True),
-                 lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True), _vae()],
-                 "a layer of each 1280-wide transformer", ("ResnetBlock2D", "BasicTransformerBlock"),
-                 {"SDXL LoRA 1024 px target": "<= 6 GB"}),
-    "flux": Spec("flux", _flux, 19, _flux_inputs, lambda: [_clip(768, 12, 12), _t5_xxl(), _vae(16)],
-                 "1 double + 2 single blocks", ("FluxTransformerBlock", "FluxSingleTransformerBlock"),
-                 {"Flux LoRA r16 512 px target": "<= 8 GB NF4, <= 5 GB offloaded",
-                  "diffusers QLoRA (4090)": "~9 GB", "diffusers bf16 LoRA": "~26 GB",
-                  "SimpleTuner bf16/int8/int4/nf4": ">30 / 18 / 13 / 9 GB", "kohya fp8 + 28 blocks swapped": "8 GB",
-                  "OneTrainer offloaded 512 px": "6 GB"}),
-    "sd3": Spec("sd3", _sd3, 24, _sd3_inputs,
-                lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True), _t5_xxl(), _vae(16)],
-                "a joint block", ("JointTransformerBlock",)),
-}  # fmt: skip
+        with torch.device("meta"):
+            every = len(blocks_of(rw.denoiser(rw.real), family.OFFLOAD_BLOCKS))
+        rows = [
+            Setting(res, checkpointing=False),
+            *rows,
+            Setting(res, quantize_text_encoders="nf4", offload_blocks=every),
+        ]
+    return rows
 
 
 def quantized_bytes_per_value(kind: str) -> float:
@@ -249,21 +144,19 @@ def held_bytes(module: torch.nn.Module, kind: str | None, rates: dict) -> tuple[
     return int(total), biggest
 
 
-def _lora(denoiser, spec: Spec, s: Setting):
+def _lora(denoiser, family, s: Setting):
     from peft import inject_adapter_in_model
 
     from tuner.compose import compose
-    from tuner.models import get_family
     from tuner.training.trainables import denoiser_target_modules, peft_config
 
-    a = compose("lora", [f"model={spec.name}", f"adapter.rank={s.rank}", f"adapter.targets={s.targets}"]).adapter
-    family = get_family(spec.name, None)
+    a = compose("lora", [f"model={family.NAME}", f"adapter.rank={s.rank}", f"adapter.targets={s.targets}"]).adapter
     targets = denoiser_target_modules(denoiser, a, family)
     return inject_adapter_in_model(peft_config(a, targets, family.TARGETS_EXCLUDE), denoiser)
 
 
-def _step(denoiser, spec: Spec, s: Setting, device_type: str) -> None:
-    inputs = spec.inputs(s, torch.bfloat16)
+def _step(denoiser, rw, s: Setting, device_type: str) -> None:
+    inputs = rw.inputs(s.resolution, s.batch, torch.bfloat16)
     with torch.autocast(device_type, dtype=torch.bfloat16):
         out = denoiser(**inputs, return_dict=False)[0]
     out.float().square().mean().backward()
@@ -283,17 +176,19 @@ def _fake(module: torch.nn.Module, mode) -> None:
                 m._buffers[name] = convert(mode, b, cpu)
 
 
-def measure(spec: Spec, units: int, s: Setting, rates: dict) -> dict:
+def measure(family, rw, units: int, s: Setting, rates: dict) -> dict:
     """Bytes of one reduced model (``units`` of its unit) on fake tensors: weights as held, its LoRA, the
     step's peak beyond them, the largest offload block, and its dequantized-layer transient."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from tuner.training.offload import blocks_of
+
     with torch.device("meta"):  # built and adapted on the meta device, then made fake
-        denoiser = spec.build(units).to(torch.bfloat16).requires_grad_(False)
+        denoiser = rw.denoiser(units).to(torch.bfloat16).requires_grad_(False)
         weights, dequantized = held_bytes(denoiser, s.quantize, rates)
-        blocks = [m for m in denoiser.modules() if type(m).__name__ in spec.blocks]
+        blocks = blocks_of(denoiser, family.OFFLOAD_BLOCKS)
         block_bytes = [held_bytes(b, s.quantize, rates)[0] for b in blocks]
-        denoiser = _lora(denoiser, spec, s)
+        denoiser = _lora(denoiser, family, s)
         for p in denoiser.parameters():
             if p.requires_grad:  # the adapters train in fp32
                 p.data = p.data.float()
@@ -308,13 +203,13 @@ def measure(spec: Spec, units: int, s: Setting, rates: dict) -> dict:
         optimizer = torch.optim.AdamW(trained, foreach=False)
         counter = StepMemory([*denoiser.parameters(), *denoiser.buffers()])
         with counter:
-            _step(denoiser, spec, s, "cpu")
+            _step(denoiser, rw, s, "cpu")
             optimizer.step()
     step = counter.peak + (dequantized if s.quantize else 0)
     return {"weights": weights, "lora": lora, "step": step, "blocks": sorted(block_bytes)}
 
 
-def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
+def measure_gpu(family, rw, units: int, s: Setting) -> int:
     """``torch.cuda.max_memory_allocated`` of one real step of the reduced model (quantized as tuner does)."""
     from tuner.models.quantize import quantize_linears
     from tuner.training.offload import BlockOffload, blocks_of, largest
@@ -322,10 +217,10 @@ def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     baseline = torch.cuda.memory_allocated()
-    denoiser = spec.build(units).to(torch.bfloat16).requires_grad_(False)
+    denoiser = rw.denoiser(units).to(torch.bfloat16).requires_grad_(False)
     if s.quantize:
         quantize_linears(denoiser, s.quantize, device, torch.bfloat16)
-    denoiser = _lora(denoiser.to(device), spec, s)
+    denoiser = _lora(denoiser.to(device), family, s)
     trained = [p for p in denoiser.parameters() if p.requires_grad]
     for p in trained:
         p.data = p.data.float()
@@ -334,13 +229,13 @@ def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
     denoiser.train()
     offload = None
     if s.offload_blocks:
-        every = blocks_of(denoiser, spec.blocks)
+        every = blocks_of(denoiser, family.OFFLOAD_BLOCKS)
         offload = BlockOffload(largest(every, min(s.offload_blocks, len(every))), device, s.checkpointing)
         offload.install()
     torch.cuda.reset_peak_memory_stats()  # from here: what the run holds (offloaded blocks already in host memory)
     optimizer = torch.optim.AdamW(trained)
     with torch.device(device):
-        _step(denoiser, spec, s, "cuda")
+        _step(denoiser, rw, s, "cuda")
     optimizer.step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - baseline
@@ -350,7 +245,7 @@ def measure_gpu(spec: Spec, units: int, s: Setting) -> int:
     return peak
 
 
-def encode_phase(spec: Spec, s: Setting, rates: dict) -> dict:
+def encode_phase(rw, s: Setting, rates: dict) -> dict:
     """The frozen encoders while they cache: their weights as held (text encoders bf16 or quantized, the VAE in
     fp32), plus the larger of their activations, measured on fake tensors: the VAE encoding the images tuner
     encodes at once at this resolution, the text encoders a batch of captions at their lengths."""
@@ -360,7 +255,7 @@ def encode_phase(spec: Spec, s: Setting, rates: dict) -> dict:
     from tuner.training.batches import encode_batch
 
     with torch.device("meta"):
-        *texts, vae = spec.encoders()
+        texts, vae = rw.text_encoders(), rw.vae()
         for t in texts:
             t.to(torch.bfloat16)
     weights = sum(held_bytes(t, s.quantize_text_encoders, rates)[0] for t in texts)
@@ -384,14 +279,15 @@ def encode_phase(spec: Spec, s: Setting, rates: dict) -> dict:
     return {"weights": weights, "activations": max(peaks), "total": weights + max(peaks)}
 
 
-def plan(spec: Spec, s: Setting, rates: dict, check: bool = False) -> dict:
-    """The planned peak at the real depth, from 1 and 2 units (or the whole model); with ``check`` also the
-    3-unit plan and measurement."""
-    if spec.real is None:
-        real = measure(spec, 1, s, rates)
+def plan(family, s: Setting, rates: dict, check: bool = False, rw=None) -> dict:
+    """The planned peak of ``family`` (its ``real_widths()``, or ``rw``) at the real depth, from 1 and 2 units (or
+    the whole model); with ``check`` also the 3-unit plan and measurement."""
+    rw = rw or family.real_widths()
+    if rw.real is None:
+        real = measure(family, rw, 1, s, rates)
         at = {"real": real}
     else:
-        one, two = measure(spec, 1, s, rates), measure(spec, 2, s, rates)
+        one, two = measure(family, rw, 1, s, rates), measure(family, rw, 2, s, rates)
 
         def line(n):  # n units: the sums on the line through 1 and 2 units, the unit's blocks n times
             out = {k: one[k] + (n - 1) * (two[k] - one[k]) for k in ("weights", "lora", "step")}
@@ -400,31 +296,18 @@ def plan(spec: Spec, s: Setting, rates: dict, check: bool = False) -> dict:
                 unit.remove(b)
             return out | {"blocks": sorted(one["blocks"] + unit * (n - 1))}
 
-        real = line(spec.real)
+        real = line(rw.real)
         at = {"real": real, 1: one, 2: two}
         if check:
-            at["planned 3"], at["measured 3"] = line(3), measure(spec, 3, s, rates)
+            at["planned 3"], at["measured 3"] = line(3), measure(family, rw, 3, s, rates)
     total = {}
     for key, m in at.items():
         # train.offload_blocks: the largest blocks in host memory, two of them on the device at a time
         offloaded = m["blocks"][::-1][: s.offload_blocks]
         resident = m["weights"] - sum(offloaded) + sum(offloaded[:2])
         total[key] = {"train": resident + m["lora"] + m["step"], **m, "resident": resident}
-    encode = encode_phase(spec, s, rates)["total"]
+    encode = encode_phase(rw, s, rates)["total"]
     return {"at": total, "encode": encode, "peak": max(total["real"]["train"], encode)}
-
-
-ROWS = {  # each family's settings of the issue's targets, and the ways around them
-    "sd15": [Setting(512)],
-    "sdxl": [Setting(1024), Setting(1024, quantize="nf4", quantize_text_encoders="nf4")],
-    "flux": [
-        Setting(512, checkpointing=False),
-        Setting(512),
-        Setting(512, quantize="nf4", quantize_text_encoders="nf4"),
-        Setting(512, quantize_text_encoders="nf4", offload_blocks=57),
-    ],
-    "sd3": [Setting(1024), Setting(1024, quantize="nf4", quantize_text_encoders="nf4")],
-}
 
 
 def describe(s: Setting) -> str:
@@ -439,7 +322,7 @@ def describe(s: Setting) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", action="append", choices=list(SPECS), help="default: every family")
+    parser.add_argument("--family", action="append", choices=family_names(), help="default: every family")
     parser.add_argument("--resolution", type=int)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
@@ -451,22 +334,23 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="also run the reduced models on CUDA")
     args = parser.parse_args()
     rates = {kind: quantized_bytes_per_value(kind) for kind in ("nf4", "int8")}
-    families = args.family or list(SPECS)
+    names = args.family or family_names()
     print(f"bytes bitsandbytes holds per weight value: nf4 {rates['nf4']:.4f}, int8 {rates['int8']:.4f}")
     print("| family | settings | denoiser as held | on device | LoRA | step peak | encode phase | planned peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     checks, published = [], {}
-    for name in families:
-        spec = SPECS[name]
-        published |= spec.published
-        settings = ROWS[name]
+    for name in names:
+        family = get_family(name)
+        rw = family.real_widths()
+        published |= rw.published
+        rows = settings(family, rw)
         if args.resolution:
-            settings = [Setting(
+            rows = [Setting(
                 args.resolution, args.batch, args.rank, args.quantize, args.quantize_text_encoders,
                 not args.no_checkpointing, args.offload_blocks,
             )]  # fmt: skip
-        for i, s in enumerate(settings):
-            p = plan(spec, s, rates, check=args.check and i == 0 and spec.real is not None)
+        for i, s in enumerate(rows):
+            p = plan(family, s, rates, check=args.check and i == 0 and rw.real is not None, rw=rw)
             r = p["at"]["real"]
             print(
                 f"| {name} | {describe(s)} | {r['weights'] / GB:.2f} GB | {r['resident'] / GB:.2f} GB | "
@@ -475,10 +359,10 @@ def main() -> None:
             )
             if "measured 3" in p["at"]:
                 planned, measured = p["at"]["planned 3"]["train"], p["at"]["measured 3"]["train"]
-                checks.append((name, spec.unit, s, planned, measured))
-            if args.gpu and torch.cuda.is_available() and spec.real is not None:
+                checks.append((name, rw.unit, s, planned, measured))
+            if args.gpu and torch.cuda.is_available() and rw.real is not None:
                 for units in (1, 2):
-                    got = measure_gpu(spec, units, s)
+                    got = measure_gpu(family, rw, units, s)
                     want = p["at"][units]["train"]
                     print(f"|  | {units} unit(s) on {torch.cuda.get_device_name()} | max_memory_allocated "
                           f"{got / GB:.2f} GB | plan {want / GB:.2f} GB | | | | |")  # fmt: skip

@@ -1,11 +1,11 @@
 """How long the LoRA toolbox's arithmetic takes at the real models' widths, on this machine.
 
-    python tools/bench_toolbox.py                          # sd15, sdxl (every family with --family all)
+    python tools/bench_toolbox.py                          # the U-Net families (every family with --family all)
     python tools/bench_toolbox.py --family flux --rank 32  # one family
 
-For each family the denoiser (and the text encoders recipe=lora_extract reads) is built on the meta device at
-its real widths and depth (tools/bench_memory.py's builders: no memory, no weights), and the modules
-``extract.targets=locon`` puts a LoRA into are listed. Each distinct weight shape is timed once on random
+For each family the denoiser (and the text encoders recipe=lora_extract reads: ``LORA_TEXT_ENCODERS``) is built
+on the meta device at its real widths and depth (the family's ``real_widths()``: no memory, no weights), and the
+modules ``extract.targets=locon`` puts a LoRA into are listed. Each distinct weight shape is timed once on random
 tensors, then counted as often as it occurs:
 
 - extract: the truncated SVD of a whole difference of that shape (``lowrank.cut_delta``), the heavy part of
@@ -20,30 +20,27 @@ number of modules and of distinct shapes. On a GPU (CUDA present) the SVDs run t
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
-from bench_memory import _clip, _flux, _sd3, _unet_sd15, _unet_sdxl  # tools/ is this script's folder
 
-from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack
-from tuner.models import get_family
-from tuner.stages.extract import extract_targets
-
-FAMILIES = {
-    "sd15": (lambda: _unet_sd15(None), lambda: [_clip(768, 12, 12)]),
-    "sdxl": (lambda: _unet_sdxl(10), lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True)]),
-    "flux": (lambda: _flux(19), lambda: [_clip(768, 12, 12)]),
-    "sd3": (lambda: _sd3(24), lambda: [_clip(768, 12, 12), _clip(1280, 32, 20, projection=True)]),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack  # noqa: E402  (the checkout's tuner)
+from tuner.models import family_names, get_family  # noqa: E402
+from tuner.stages.extract import extract_targets  # noqa: E402
 
 
 def shapes(name: str) -> Counter:
     """The weight shapes of every module lora_extract reads (locon targets, text encoders' linear layers)."""
     family = get_family(name)
-    build, encoders = FAMILIES[name]
+    rw = family.real_widths()
     with torch.device("meta"):
-        modules = [(build(), True)] + [(e, False) for e in encoders()]
+        encoders = dict(zip(family.TEXT_ENCODERS, rw.text_encoders()))
+        modules = [(rw.denoiser(rw.real), True)]
+        modules += [(encoders[e], False) for e in family.LORA_TEXT_ENCODERS]
     found = Counter()
     for module, denoiser in modules:
         for target in extract_targets(family, "locon", module, denoiser):
@@ -63,10 +60,13 @@ def timed(fn, device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="sd15,sdxl", help="comma-separated, or all")
+    parser.add_argument("--family", help="comma-separated, or all (default: the families whose denoiser is a U-Net)")
     parser.add_argument("--rank", type=int, default=32)
     args = parser.parse_args()
-    names = list(FAMILIES) if args.family == "all" else args.family.split(",")
+    if args.family is None:  # the quicker ones on a CPU
+        names = [name for name in family_names() if get_family(name).DENOISER == "unet"]
+    else:
+        names = family_names() if args.family == "all" else args.family.split(",")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     print(f"| family | modules | shapes | extract at rank {args.rank} (s) | merge/resize to rank {args.rank} (s) |")
