@@ -118,20 +118,21 @@ def test_the_kit_checks_can_fail():
 
 @pytest.mark.e2e
 def test_a_family_added_at_test_time_runs_through_the_whole_conformance_suite(tmp_path):
-    """A renamed copy of the first family, registered by a pytest plugin (tests/added_family.py) with its
-    YAML in a copy of conf/: the conformance suite (fast and e2e cases) runs it as one of its own and passes,
-    with no file of tuner, its tests or its tools changed."""
+    """A renamed copy of the first family, registered by a pytest plugin (tests/added_family.py) with its YAML in
+    a copy of conf/: the conformance suite (fast and e2e cases) and the memory plan's pin run it as one of their
+    own and pass, with no file of tuner, its tests or its tools changed."""
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}  # not CI's JUnit file of this tier
     env["TUNER_ADDED_FAMILY_CONF"] = str(tmp_path / "conf")
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "tests.added_family", "tests/test_conformance.py",
-         "-m", "not clients", "-k", "added", "-rA", "-p", "no:cacheprovider"],
+         "tests/test_bench.py", "-m", "not clients", "-k", "added", "-rA", "-p", "no:cacheprovider"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500,
     )  # fmt: skip
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-5000:]
     ran = re.findall(r"^PASSED (\S+)", out, re.M)
     assert ran and all("added" in case for case in ran), out[-3000:]
+    assert any("test_bench.py" in case for case in ran), out[-3000:]  # its memory plan held to a pin
     tests = {case.split("::")[1].split("[")[0] for case in ran}
     suite = ast.parse((ROOT / "tests" / "test_conformance.py").read_text())
     family_tests = {
