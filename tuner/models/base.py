@@ -65,23 +65,6 @@ class Components:
         return {**self.trainable(), "vae": self.vae}
 
 
-@dataclass(frozen=True)
-class RealWidths:
-    """A family's real model at its real widths and a chosen depth, built on whatever device or fake-tensor mode
-    is current: ``denoiser(units)`` with ``units`` of its repeated unit (``real``: how many the real model has;
-    None: built whole, ``units`` ignored), ``inputs(resolution, batch, dtype)`` the keyword arguments of one
-    denoiser call, ``text_encoders()`` and ``vae()`` its frozen encoders. ``published``: other trainers' memory
-    figures, for the plan's table."""
-
-    denoiser: object  # (units: int | None) -> torch.nn.Module
-    real: int | None
-    inputs: object  # (resolution: int, batch: int, dtype) -> dict of the denoiser's keyword arguments
-    text_encoders: object  # () -> list[torch.nn.Module]
-    vae: object  # () -> torch.nn.Module
-    unit: str = "the whole denoiser"
-    published: dict = field(default_factory=dict)
-
-
 def tree_map(fn, x):
     """``fn`` on a tensor, on each tensor of a dict of tensors, or None for None."""
     if x is None:
@@ -168,9 +151,9 @@ class Family:
         ``tuner.models.tiny.make_tiny_pipeline``; ``size`` names a variant where the family has several."""
         raise NotImplementedError(f"{type(self).__name__} builds no tiny pipeline")
 
-    def real_widths(self) -> RealWidths:
+    def real_widths(self):
         """The family's denoiser and frozen encoders at the real model's widths (the memory plan, the toolbox
-        bench): see ``RealWidths``."""
+        bench): a ``tuner.models.real.RealWidths``."""
         raise NotImplementedError(f"{type(self).__name__} has no real-width builder")
 
     # --- loading -------------------------------------------------------------------------------

@@ -5,7 +5,26 @@ them under a fake-tensor mode, the clients' bases with random weights at reduced
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+
+
+@dataclass(frozen=True)
+class RealWidths:
+    """A family's real model at its real widths and a chosen depth, built on whatever device or fake-tensor mode
+    is current: ``denoiser(units)`` with ``units`` of its repeated unit (``real``: how many the real model has;
+    None: built whole, ``units`` ignored), ``inputs(resolution, batch, dtype)`` the keyword arguments of one
+    denoiser call, ``text_encoders()`` and ``vae()`` its frozen encoders. ``published``: other trainers' memory
+    figures, for the plan's table."""
+
+    denoiser: object  # (units: int | None) -> torch.nn.Module
+    real: int | None
+    inputs: object  # (resolution: int, batch: int, dtype) -> dict of the denoiser's keyword arguments
+    text_encoders: object  # () -> list[torch.nn.Module]
+    vae: object  # () -> torch.nn.Module
+    unit: str = "the whole denoiser"
+    published: dict = field(default_factory=dict)
 
 
 def clip(width: int, layers: int, heads: int, projection: bool = False, projection_dim: int = 1280):

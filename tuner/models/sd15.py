@@ -7,8 +7,9 @@ single-file layout (tuner/models/ldm_layout.py).
 from __future__ import annotations
 
 from tuner.models import real, tiny
-from tuner.models.base import Family, RealWidths
+from tuner.models.base import Family
 from tuner.models.ldm_layout import to_original
+from tuner.models.real import RealWidths
 
 
 class SD15(Family):

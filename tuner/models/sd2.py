@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from tuner.errors import ConfigError
 from tuner.models import real, tiny
-from tuner.models.base import RealWidths
 from tuner.models.ldm_layout import to_original
+from tuner.models.real import RealWidths
 from tuner.models.sd15 import SD15, base_vocabulary
 
 

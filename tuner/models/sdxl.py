@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from tuner.models import real, tiny
-from tuner.models.base import Components, Family, RealWidths, _ids
+from tuner.models.base import Components, Family, _ids
+from tuner.models.real import RealWidths
 from tuner.models.sd15 import base_vocabulary
 from tuner.models.sgm_layout import sdxl_unet_key, to_original
 
