@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.clients.bases import build, inputs
 from tests.helpers import ROOT, make_photos, run_tuner
+from tuner.models import family_names, get_family
 
 pytestmark = pytest.mark.clients
 
@@ -52,7 +53,6 @@ TI = ["adapter=none", "embedding.tokens=['<sks>']", "embedding.vectors=2", "expo
 TI_PROMPT, TI_AT = "a photo of <sks> ball", 5  # where the checks put the token's vectors among the fixed ids
 # the clients run the U-Net and CLIP in their own code (their attention, their layer norms): round-off only
 ATOL = 2e-5  # measured: at most 2.7e-6 (ComfyUI 0.8, InvokeAI 6.14)
-ONE_CLIP = (("text_encoder", "CLIPTextModel", "lora_te_"),)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Client:
     # which diffusers drops (SD2 conditions on the penultimate layer's states)
     missing: str
     # each text encoder's folder, its transformers class, and the prefix of its keys in kohya's files
-    text_encoders: tuple[tuple[str, str, str], ...] = ONE_CLIP
+    text_encoders: tuple[tuple[str, str, str], ...] = ()
     embedding_keys: tuple[str, ...] = ("emb_params",)  # each text encoder's vectors in an embedding file
     # the states ComfyUI's conditioning takes from each text encoder, side by side: the last layer's, or (SDXL)
     # the penultimate layer's before the final layer norm, as diffusers' SDXL pipeline takes them
@@ -80,26 +80,36 @@ class Client:
         return torch.cat([outputs[f"{folder}{layer}"] for folder, _, _ in self.text_encoders], dim=-1)
 
 
-# CLIP's image-text head, which no conditioning reads: SD1.5 checkpoints never carry it, nor tuner's SD2 files
-HEAD = r"(logit_scale|transformer\.text_projection\.weight)"
-LAST = r"transformer\.text_model\.encoder\.layers\.23\.\S+"
-SDXL_CLIPS = (
-    ("text_encoder", "CLIPTextModel", "lora_te1_"),
-    ("text_encoder_2", "CLIPTextModelWithProjection", "lora_te2_"),
-)
-SD2_TOKENIZER = "text_encoders.sd2_clip.SD2Tokenizer"
-FAMILIES = {
-    "sd15": Client("SD15", ("l",), "sd1_clip.SD1Tokenizer", "sd-1", ("lora", "loha", "lokr"), rf"clip_l\.{HEAD}"),
-    "sd2": Client("SD20", ("h",), SD2_TOKENIZER, "sd-2", ("lora",), rf"clip_h\.({HEAD}|{LAST})"),
-    # the base has SDXL's widths at Segmind Vega's depth: ComfyUI detects its Segmind_Vega, a kind of its SDXL
-    "sdxl": Client(
-        "SDXL", ("l", "g"), "sdxl_clip.SDXLTokenizer", "sdxl", ("lora",), rf"clip_[lg]\.{HEAD}", SDXL_CLIPS,
-        ("clip_l", "clip_g"), penultimate=True,
-    ),
-}  # fmt: skip
+def client_of(name: str) -> Client:
+    """What the clients call the family and its parts (its ``CLIENTS``), and what the checks read of it: each text
+    encoder's folder, transformers class (its real-width one's) and kohya key prefix, its embedding file's keys."""
+    from accelerate import init_empty_weights
+
+    family = get_family(name)
+    comfyui, invokeai = family.CLIENTS["comfyui"], family.CLIENTS["invokeai"]
+    with init_empty_weights():
+        classes = [type(m).__name__ for m in family.real_widths().text_encoders()]
+    encoders = tuple(
+        (folder, cls, f"{family.KOHYA_PREFIXES[folder]}_") for folder, cls in zip(family.TEXT_ENCODERS, classes)
+    )
+    keys = tuple(family.EMBEDDINGS.values()) if len(family.EMBEDDINGS) > 1 else ("emb_params",)
+    runs = ("lora", "loha", "lokr") if name == family_names()[0] else ("lora",)  # LoHa/LoKr names: any family's
+    return Client(
+        comfyui["model"], comfyui["clips"], comfyui["tokenizer"], invokeai["base"], runs, comfyui["missing"],
+        encoders, keys, comfyui.get("penultimate", False),
+    )  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+# the families the generic checks below take: a single file with the text encoders, read by both clients (the
+# transformer families' single file is the transformer alone: their checks are their own, further down)
+CHECKED = [
+    n
+    for n in family_names()
+    if get_family(n).SINGLE_FILE_TEXT and {"comfyui", "invokeai"} <= set(get_family(n).CLIENTS)
+]
+
+
+@pytest.fixture(scope="module", params=CHECKED)
 def family(request, tmp_path_factory):
     """The family's real-width base, a run per method on it, the base as a single file, and the outputs peft
     computes for each run on fixed inputs: what every client must reproduce."""
@@ -110,7 +120,7 @@ def family(request, tmp_path_factory):
     from tuner.export.tensors import write_safetensors
     from tuner.models import get_family
 
-    name, client = request.param, FAMILIES[request.param]
+    name, client = request.param, client_of(request.param)
     comfyui, invokeai = (bool(python and Path(python).exists()) for python in (COMFYUI_PYTHON, INVOKEAI_PYTHON))
     if not (comfyui or invokeai):
         pytest.skip(f"{COMFYUI_NEEDS}; {INVOKEAI_NEEDS}")  # before training: no client would read the files

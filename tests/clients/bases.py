@@ -47,10 +47,30 @@ class RealWidths:
         )
 
 
-FAMILIES = {
-    "sd15": RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False),
-    "sd2": RealWidths(context=1024, text_layers=23, text_heads=16, head_channels=64, sd2=True),
-}
+CLIP_L = RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False)
+
+
+def widths(family: str) -> RealWidths:
+    """The family's real widths, read from its real-width model (``Family.real_widths``) built on the meta device:
+    its first text encoder's width, depth and heads, its U-Net's head size and projections."""
+    from accelerate import init_empty_weights
+
+    real = get_family(family).real_widths()
+    with init_empty_weights():
+        text, unet = real.text_encoders()[0].config, real.denoiser(1).config
+    heads = unet.attention_head_dim  # diffusers' name for a head count (SD1.5: 8 heads at every level)
+    head_channels = None if isinstance(heads, int) else unet.block_out_channels[0] // heads[0]
+    return RealWidths(
+        text.hidden_size, text.num_hidden_layers, text.num_attention_heads, head_channels, unet.use_linear_projection
+    )
+
+
+def context_width(family: str) -> int:
+    """The width of the family's U-Net's cross-attention input (SDXL's: both CLIPs side by side)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return get_family(family).real_widths().denoiser(1).config.cross_attention_dim
 
 
 def tiny_vae():
@@ -79,7 +99,7 @@ def build(family: str, folder: Path, seed: int = 0, text_layers: int | None = No
     from tuner.export.formats import legacy_text_encoder_keys
     from tuner.models.tiny import char_tokenizer
 
-    w, channels = FAMILIES[family], (320, 640, 1280, 1280)
+    w, channels = widths(family), (320, 640, 1280, 1280)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -124,7 +144,7 @@ def inputs(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
     out = {
         "latents": torch.randn(1, 4, 8, 8, generator=g),
         "timestep": torch.tensor([500.0]),
-        "context": torch.randn(1, TOKENS, 2048 if family == "sdxl" else FAMILIES[family].context, generator=g),
+        "context": torch.randn(1, TOKENS, context_width(family), generator=g),
         "ids": ids,
     }
     if family == "sdxl":  # the pooled prompt and the size/crop ids of the added embedding
@@ -149,7 +169,7 @@ def build_sdxl(folder: Path, seed: int = 0, text_layers: int | None = None) -> P
     torch.manual_seed(seed)
     unet = sdxl_unet((1, 1, 2), sample_size=8)
     vae = tiny_vae()
-    clip_l = RealWidths(context=768, text_layers=12, text_heads=12, head_channels=None, sd2=False)
+    clip_l = CLIP_L
     clip_g = RealWidths(context=1280, text_layers=32, text_heads=20, head_channels=None, sd2=True)
     pipe = StableDiffusionXLPipeline(
         vae=vae,
@@ -188,7 +208,7 @@ def build_flux(folder: Path, seed: int = 0) -> Path:
         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
         axes_dims_rope=(16, 56, 56),
     )  # fmt: skip
-    components["text_encoder"] = CLIPTextModel(FAMILIES["sd15"].text_config())
+    components["text_encoder"] = CLIPTextModel(CLIP_L.text_config())
     components["tokenizer"] = char_tokenizer(TOKENS)
     components["text_encoder_2"] = _t5(4096, d_ff=64)
     components["vae"] = _vae(

@@ -124,6 +124,10 @@ class Family:
     KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it
     DIFFUSERS_READS_KOHYA = True  # diffusers' load_lora_weights reads this family's kohya LoRA files
     KOHYA_READERS = "A1111 / Forge / ComfyUI / InvokeAI"  # the programs that read its kohya LoRA (the model card)
+    # what the clients that read its files call the family and its parts, as tests/test_clients.py checks them in
+    # those clients: ComfyUI's model class and CLIP keys, its tokenizer class, the keys its single-file loader may
+    # find missing (a regex), whether its conditioning takes the penultimate states; InvokeAI's base model type
+    CLIENTS: dict[str, dict] = {}
     # parts a format cannot hold for this family, beyond what the format itself cannot (tuner/export/formats.py)
     FORMAT_LIMITS: dict[str, set[str]] = {}
     BASE_VERSION = ""

@@ -55,6 +55,7 @@ class Flux(FlowFamily):
     WIDTHS = frozenset({3072})  # the transformer's
     SIGNS = r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"
     TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens
+    CLIENTS = {"comfyui": {"model": "Flux"}, "invokeai": {"base": "flux"}}  # dev (FluxSchnell: no guidance)
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny Flux.1: one double-stream and one single-stream block over 2x2-packed latents of a

@@ -20,6 +20,11 @@ class SD15(Family):
     BASE_VERSION = "sd_v1"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v1"
     WIDTHS = frozenset({768})  # CLIP-L's, the U-Net's cross-attention input
+    CLIENTS = {
+        "comfyui": {"model": "SD15", "clips": ("l",), "tokenizer": "sd1_clip.SD1Tokenizer",
+                    "missing": r"clip_l\.(logit_scale|transformer\.text_projection\.weight)"},  # CLIP's image-text head
+        "invokeai": {"base": "sd-1"},
+    }  # fmt: skip
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """SD1.x's classes at one of ``tiny.SIZES`` (``test``, ``layout``: SD1.5's block structure, ...)."""

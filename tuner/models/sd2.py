@@ -26,6 +26,13 @@ class SD2(SD15):
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v2-768-v"
     DEFAULT_RESOLUTION = 768
     WIDTHS = frozenset({1024})  # OpenCLIP-H's
+    CLIENTS = {
+        # besides CLIP's image-text head, the last text layer, which diffusers drops (SD2 reads the penultimate)
+        "comfyui": {"model": "SD20", "clips": ("h",), "tokenizer": "text_encoders.sd2_clip.SD2Tokenizer",
+                    "missing": r"clip_h\.((logit_scale|transformer\.text_projection\.weight)"
+                               r"|transformer\.text_model\.encoder\.layers\.23\.\S+)"},
+        "invokeai": {"base": "sd-2"},
+    }  # fmt: skip
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """SD1.x's tiny shapes with what SD2.x changes: linear projections, a GELU text encoder, v-prediction."""

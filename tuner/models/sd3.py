@@ -53,6 +53,7 @@ class SD3(FlowFamily):
     # checked before Flux's (both have an x_embedder, with other names beside it)
     SIGNS = r"joint_blocks|context_block|x_block_|pos_embed|text_encoder_3"
     TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens
+    CLIENTS = {"comfyui": {"model": "SD3"}}  # InvokeAI reads no SD3 LoRA
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny SD3: an MMDiT of two joint blocks, two CLIP encoders with projections and a T5 (whose width

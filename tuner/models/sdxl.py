@@ -35,6 +35,11 @@ class SDXL(Family):
     DEFAULT_RESOLUTION = 1024
     WIDTHS = frozenset({2048})  # CLIP-L's and OpenCLIP-G's side by side
     NEVER = r"down_blocks_0_attentions"  # its first down block has no attention
+    CLIENTS = {
+        "comfyui": {"model": "SDXL", "clips": ("l", "g"), "tokenizer": "sdxl_clip.SDXLTokenizer",
+                    "missing": r"clip_[lg]\.(logit_scale|transformer\.text_projection\.weight)", "penultimate": True},
+        "invokeai": {"base": "sdxl"},
+    }  # fmt: skip
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny SDXL: SDXL's U-Net layout (no attention at the top level, two ResNets per block, deeper
