@@ -8,6 +8,7 @@ from tuner.config import TrainConfig
 from tuner.models import get_family
 from tuner.training.batches import Batch, LatentCache
 from tuner.training.loop import Training
+from tuner.training.setup import StepModel, TrainingSetup, set_up
 
 sd15 = get_family("sd15")
 
@@ -23,15 +24,10 @@ def test_lora_training_changes_only_the_adapter(tiny_pipeline_dir):
     def next_batch(generator):
         return Batch(latents, embeds, torch.full((4,), 0.25))
 
-    result = Training(
-        Accelerator(),
-        c.unet,
-        c.unet.parameters(),
-        sd15.objective(c),
-        next_batch=next_batch,
-        t=TrainConfig(max_steps=6, learning_rate=1e-2, log_every=3),
-        seed=0,
-    ).train()
+    t = TrainConfig(max_steps=6, learning_rate=1e-2, log_every=3)
+    setup = set_up(Accelerator(), StepModel(c.unet, sd15.objective(c)), c.unet.parameters(), t, next_batch, seed=0)
+    assert isinstance(setup, TrainingSetup) and setup.params and all("lora_" in n for n in setup.names)
+    result = Training(setup).train()
     assert len(result.losses) == 2 and all(loss > 0 for loss in result.losses)
     after = c.unet.state_dict()
     lora_keys = [k for k in after if "lora_" in k]

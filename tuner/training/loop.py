@@ -57,11 +57,12 @@ class Training:
 
     Raises:
         ConfigError: the checkpoint to resume from is damaged or was made with other settings.
+        ValueError: (the plain form) nothing in ``groups`` requires a gradient.
     """
 
     def __init__(self, setup: TrainingSetup, *args, **kwargs):
         s = setup if isinstance(setup, TrainingSetup) else plain(setup, *args, **kwargs)
-        self.setup, self.params = s, s.params
+        self.setup, self.params = s, s.params  # (the trained tensors: what benchmarks and tests read)
         self.guard = NonFiniteGuard(s.accelerator, s.optimizer, s.t.nonfinite, s.desc)
         self.timer = PhaseTimer(s.accelerator.device, s.t.profile)
         self.result = TrainResult(ema=s.ema)
