@@ -453,11 +453,12 @@ def test_no_export_names_a_path_of_this_machine(lora_run, sd15_tiny):
 def test_the_cards_kohya_lines_name_only_the_programs_that_read_the_familys_file():
     """A1111 reads no Flux or SD3 LoRA and InvokeAI no SD3 LoRA (its loader has no SD3 branch): the card says so."""
     from tuner.export.formats import _kohya_usage
+    from tuner.models import get_family
 
-    def card(pipeline):
-        return "\n".join(_kohya_usage(["kohya/r.safetensors"], "base", pipeline, "x"))
+    def card(name):
+        return "\n".join(_kohya_usage(["kohya/r.safetensors"], "base", get_family(name), "x"))
 
-    assert all(p in card("StableDiffusionXLPipeline") for p in ("A1111", "Forge", "ComfyUI", "InvokeAI"))
-    assert "A1111" not in card("FluxPipeline") and "InvokeAI" in card("FluxPipeline")
-    sd3 = card("StableDiffusion3Pipeline")
+    assert all(p in card("sdxl") for p in ("A1111", "Forge", "ComfyUI", "InvokeAI"))
+    assert "A1111" not in card("flux") and "InvokeAI" in card("flux")
+    sd3 = card("sd3")
     assert "ComfyUI" in sd3 and not any(p in sd3 for p in ("A1111", "Forge", "InvokeAI"))
