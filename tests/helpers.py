@@ -30,11 +30,10 @@ def run_tuner(*args: str, home: Path, cwd: Path, timeout: int = 900) -> subproce
 
 
 def sample_like_the_gallery(pipe, prompt: str, seed: int, steps: int, size: int = 16):
-    """One image as tuner's gallery samples it (DDIM, guidance 3, one generator per image), in [0, 1]."""
+    """One image as tuner's gallery samples it with no sampler named (the pipeline's own scheduler, the one saved in
+    its folder; guidance 3, one generator per image), in [0, 1]."""
     import torch
-    from diffusers import DDIMScheduler
 
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(seed)
     return pipe(
         prompt,
