@@ -123,7 +123,7 @@ def test_sd3_refuses_new_tokens_before_loading_saying_why(tmp_path, tiny):
 def test_an_sdxl_embedding_conditions_the_refiner_too(tmp_path, tiny):
     """Textual inversion alone (adapter=none), generated with generate.refiner: the refiner's CLIP-G (the base's)
     reads the token with its clip_g vectors, as diffusers draws it with the file's clip_g loaded into both."""
-    from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
@@ -153,7 +153,6 @@ def test_an_sdxl_embedding_conditions_the_refiner_too(tmp_path, tiny):
         pipe.load_textual_inversion(
             state["clip_g"], token="<sks>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
         )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
 
     def drawn(second):
@@ -174,13 +173,20 @@ def test_an_sdxl_embedding_conditions_the_refiner_too(tmp_path, tiny):
 def test_the_gallerys_base_row_with_a_refiner_reads_the_prompt_without_the_new_token(tmp_path, tiny):
     """sample.refiner after textual inversion: the fine-tuned row's refiner reads the token (its CLIP-G gets the
     clip_g vectors), the base row's does not, each as diffusers draws base + refiner with and without the file."""
+    import shutil
+
     from diffusers import DDIMScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
     from tests.helpers import gallery_cell
     from tuner.models.sdxl import make_tiny_refiner as make_tiny_sdxl_refiner
 
-    base = tiny("sdxl")
+    base = shutil.copytree(tiny("sdxl"), tmp_path / "base")
     refiner = make_tiny_sdxl_refiner(tmp_path / "refiner", base)
+    for folder, cls in ((base, StableDiffusionXLPipeline), (refiner, StableDiffusionXLImg2ImgPipeline)):
+        # saved with DDIM, whose last steps show what the refiner reads (Euler's, from small sigmas, barely move it)
+        pipe = cls.from_pretrained(folder)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.save_pretrained(folder)
     run = train_in_process(
         tmp_path, base, "model=sdxl", "adapter=none", "embedding.tokens=['<sks>']", "embedding.learning_rate=0.5",
         f"data.instance_prompt='{PROMPT}'", "export.formats=[kohya]", f"sample.refiner={refiner}",
@@ -200,7 +206,6 @@ def test_the_gallerys_base_row_with_a_refiner_reads_the_prompt_without_the_new_t
                         pipe.load_textual_inversion(
                             state[key], token="<sks>", text_encoder=getattr(pipe, encoder), tokenizer=tokenizer
                         )
-            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
             pipe.set_progress_bar_config(disable=True)
         return first, second
 

@@ -180,8 +180,10 @@ class GenerateConfig:
     # null: data.resolution
     width: int | None = None
     height: int | None = None
-    # null: the family's default. sd15, sd2, sdxl: ddim | ddpm | euler | euler_a | heun | dpm++ | dpm++_karras |
-    # unipc | pndm. flux, sd3: flow_euler | flow_dpm++ | flow_unipc, and flow_heun on sd3 (tuner/generation.py)
+    # null: the scheduler saved in the base's folder (what its pipeline draws with) where the family's pipeline drives
+    # it, else the family's default. Named: the DDPM-type families' ddim | ddpm | euler | euler_a | heun | dpm++ |
+    # dpm++_karras | unipc | pndm, the flow-matching ones' flow_euler | flow_dpm++ | flow_unipc | flow_heun, less
+    # what a family's pipeline cannot drive (tuner/models/samplers.py)
     scheduler: str | None = None
     batch_size: int = 4
     # image-to-image: start from this image, keeping (1 - strength) of it

@@ -102,7 +102,7 @@ class Family:
     EMBEDDINGS: dict[str, str] = {"text_encoder": "clip_l"}
     EMBEDDING_REFUSAL = ""
     TRAINING_SCHEDULER = "DDPMScheduler"
-    FLOW = False  # trained by flow matching (its samplers: tuner.generation.FLOW_SCHEDULERS)
+    FLOW = False  # trained by flow matching (its samplers: tuner.models.samplers.FLOW_SCHEDULERS)
     ZERO_TERMINAL_SNR = False  # takes model.zero_terminal_snr (a v-prediction family)
     # the sampler when none is named and the base folder's own scheduler is not one the pipeline draws with
     DEFAULT_SCHEDULER = "ddim"
