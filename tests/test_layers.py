@@ -5,7 +5,8 @@ inside functions count the same as those at the top of a file.
     6  tuner.__main__, tuner.sweep, tuner.checks     the command line, sweeps, the checks of a whole config
     5  tuner.runner                                   the registry of stages; runs a recipe's stages in order
     4  tuner.stages, tuner.digits                     one module per stage; the embedded digits demo's wing
-    3  tuner.training, tuner.export, tuner.generation   the loop, export formats and reports, generation
+    3  tuner.training, tuner.export, tuner.generation,  the loop, export formats and reports, generation,
+       tuner.base_model                                the base model's folder (the base and inspect stages')
     2  tuner.data, tuner.models, tuner.distributed, tuner.sampling, tuner.run_folder, tuner.scoring
     1  tuner.errors, tuner.files, tuner.choices,      errors, atomic files, the config schema (its
        tuner.config, tuner.output_config,             vocabularies as Enums, its sections) and its
@@ -13,6 +14,9 @@ inside functions count the same as those at the top of a file.
        tuner.user_code                                user's code a run calls (generate.callback)
 
 A new module must be placed in the table: one that is not fails the test, naming it.
+
+Stages do not call other stages: a module of tuner/stages/ (or the digits demo's stages) imports no other stage's
+module; what two stages share lives in a library module below them (``test_stages_do_not_import_other_stages``).
 """
 
 import ast
@@ -40,6 +44,7 @@ LAYERS = {
     "tuner.training": 3,
     "tuner.export": 3,
     "tuner.generation": 3,
+    "tuner.base_model": 3,
     "tuner.stages": 4,
     "tuner.digits": 4,
     "tuner.runner": 5,
@@ -161,3 +166,37 @@ def test_the_core_does_not_know_the_digits_demo():
     outside = {m: edges for m, edges in graph().items() if not m.startswith("tuner.digits")}
     knowing = sorted(m for m, edges in outside.items() if any(e.startswith("tuner.digits") for e in edges))
     assert knowing == ["tuner.runner"]
+
+
+# what the stage modules may import of tuner/stages/ besides library modules: the declaration machinery, which is no
+# stage. context.py holds the ``@stage`` declaration, ``Run`` (the state the stages share) and the results stages
+# return (Base, Subject, Adapted, Made, Exported); every stage imports it, and it calls no stage.
+STAGE_MACHINERY = {"tuner.stages.context"}
+
+
+def stage_calls(edges: dict[str, set[str]]) -> list[str]:
+    """Each import of a stage's module by another stage's: the modules of tuner/stages/ (one module per stage) and
+    the digits demo's stages, less the package itself and ``STAGE_MACHINERY``."""
+    stages = {m for m in edges if m.startswith("tuner.stages.") or m == "tuner.digits.stages"} - STAGE_MACHINERY
+    return sorted(f"{a} imports {b}" for a in stages for b in edges[a] if b in stages and b != a)
+
+
+def test_stages_do_not_import_other_stages():
+    """A stage never reaches into another stage's module (for its helpers or to run it): what stages share is a
+    library module below them (tuner/data/prepared.py, tuner/export/live.py, tuner/export/fitting.py,
+    tuner/export/loading.py, tuner/base_model.py, ...), and the runner alone runs stages."""
+    assert stage_calls(graph()) == []
+
+
+def test_the_stage_check_finds_a_stage_calling_a_stage():
+    edges = {
+        "tuner.stages.evaluate": {"tuner.stages.gallery", "tuner.stages.context", "tuner.export.live"},
+        "tuner.stages.gallery": {"tuner.stages.context"},
+        "tuner.digits.stages": {"tuner.stages.data", "tuner.stages.context"},
+        "tuner.stages.data": set(),
+        "tuner.stages.context": set(),
+    }
+    assert stage_calls(edges) == [
+        "tuner.digits.stages imports tuner.stages.data",
+        "tuner.stages.evaluate imports tuner.stages.gallery",
+    ]

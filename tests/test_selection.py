@@ -212,7 +212,7 @@ def test_held_out_loss_equals_diffusers_by_hand(tmp_path, tiny_pipeline_dir):
     from diffusers import StableDiffusionPipeline
 
     from tuner.data.prepare import load_prepared
-    from tuner.stages.data import images_of
+    from tuner.data.prepared import images_of
 
     run = train_in_process(tmp_path, tiny_pipeline_dir, *VAL, "train.max_steps=2", "validation.loss_timesteps=1")
     got = run.metrics["validation"]["val_loss"][0]

@@ -131,18 +131,6 @@ def check(cfg) -> None:
     make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
 
 
-REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"
-# what the refiner's pipeline is built from (its first encoder and tokenizer are null in a refiner): the classes
-# each component's entry of model_index.json may name
-REFINER_COMPONENTS = {
-    "unet": ("UNet2DConditionModel",),
-    "vae": ("AutoencoderKL",),
-    "text_encoder_2": ("CLIPTextModelWithProjection",),
-    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
-    "scheduler": None,  # any scheduler: tuner sets the base's sampler on it
-}
-
-
 def refiner_families() -> list[str]:
     """The families a refiner can follow: those that build one's pipeline (``refiner_pipeline``)."""
     return [name for name in family_names() if hasattr(get_family(name), "refiner_pipeline")]
@@ -151,8 +139,10 @@ def refiner_families() -> list[str]:
 def check_refiner(family: str, path: str, key: str) -> None:
     """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after the base of a family
     that builds a refiner's pipeline (``refiner_pipeline``): its model_index.json names the refiner's pipeline
-    and, for each component the pipeline needs, a class that fits and a folder beside it."""
-    if not hasattr(get_family(family), "refiner_pipeline"):
+    and, for each component the pipeline needs, a class that fits and a folder beside it (the family's
+    ``REFINER_PIPELINE`` and ``REFINER_COMPONENTS``)."""
+    fam = get_family(family)
+    if not hasattr(fam, "refiner_pipeline"):
         takes = " or ".join(f"model={name}" for name in refiner_families()) or "no family tuner knows"
         raise ConfigError(f"{key}: a refiner follows a base of {takes}, not model={family}")
     folder = Path(path).expanduser()
@@ -160,20 +150,20 @@ def check_refiner(family: str, path: str, key: str) -> None:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
         index = None
-    if not isinstance(index, dict) or index.get("_class_name") != REFINER_PIPELINE:
+    if not isinstance(index, dict) or index.get("_class_name") != fam.REFINER_PIPELINE:
         raise ConfigError(
-            f"{key}={path}: not a local SDXL refiner folder ({REFINER_PIPELINE} in its "
+            f"{key}={path}: not a local SDXL refiner folder ({fam.REFINER_PIPELINE} in its "
             "model_index.json), e.g. stable-diffusion-xl-refiner-1.0 saved with diffusers"
         )
-    for name, classes in REFINER_COMPONENTS.items():
+    for name, classes in fam.REFINER_COMPONENTS.items():
         entry = index.get(name)
         named = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
         if named is None:
-            raise ConfigError(f"{key}={path}: its model_index.json has no {name}, which {REFINER_PIPELINE} needs")
+            raise ConfigError(f"{key}={path}: its model_index.json has no {name}, which {fam.REFINER_PIPELINE} needs")
         if classes is not None and named not in classes or classes is None and not named.endswith("Scheduler"):
             wanted = " or ".join(classes) if classes else "a scheduler"
             raise ConfigError(
-                f"{key}={path}: its {name} is {named} in model_index.json; {REFINER_PIPELINE} needs {wanted}"
+                f"{key}={path}: its {name} is {named} in model_index.json; {fam.REFINER_PIPELINE} needs {wanted}"
             )
         if not (folder / name).is_dir():
             raise ConfigError(f"{key}={path}: no {name}/ folder, which its model_index.json lists")

@@ -125,6 +125,17 @@ class SDXL(Family):
     def pipeline_extras(self) -> dict:
         return {"add_watermarker": False}
 
+    REFINER_PIPELINE = "StableDiffusionXLImg2ImgPipeline"  # what a refiner folder's model_index.json names
+    # what the refiner's pipeline is built from (its first encoder and tokenizer are null in a refiner): the classes
+    # each component's entry of model_index.json may name (tuner/generation.py's check_refiner)
+    REFINER_COMPONENTS = {
+        "unet": ("UNet2DConditionModel",),
+        "vae": ("AutoencoderKL",),
+        "text_encoder_2": ("CLIPTextModelWithProjection",),
+        "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+        "scheduler": None,  # any scheduler: tuner sets the base's sampler on it
+    }
+
     def refiner_pipeline(self, folder, device, c: Components):
         """An SDXL refiner (``StableDiffusionXLImg2ImgPipeline``) from a local folder, on ``device``. Its CLIP-G
         is the base's: the new tokens of the base's (``c``) go into it too, with their vectors."""

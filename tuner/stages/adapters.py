@@ -8,12 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tuner.errors import ConfigError
-from tuner.export.loading import (  # generate and inspect import the loader from here still (its home is loading.py)
-    Loaded,  # noqa: F401
-    apply_lora,  # noqa: F401
-    load_checkpoint,  # noqa: F401
-    load_configured,
-)
+from tuner.export.loading import load_configured
 from tuner.stages.context import Adapted, Run, stage
 
 

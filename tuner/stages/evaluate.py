@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 
 from tuner import scoring
+from tuner.data.prepared import subject_images
+from tuner.export.live import with_and_without_adapter
 from tuner.files import write_atomic
 from tuner.stages.context import Run, stage
-from tuner.stages.data import subject_images
-from tuner.stages.gallery import with_and_without_adapter
 
 
 def _check_evaluate(cfg) -> None:

@@ -3,7 +3,7 @@
 ``extract.tuned`` (a diffusers folder, or a single file read with the base's configs) and the base load whole;
 each module ``extract.targets`` names (and the text encoders' linear layers) gives its difference, cut by
 truncated SVD (tuner/export/lowrank.py) to ``extract.rank`` or by ``extract.energy``; the cuts become one LoRA
-on the base (tuner/stages/toolbox.py), which the export stage writes. ``extract.json`` lists every module's
+on the base (tuner/export/live.py), which the export stage writes. ``extract.json`` lists every module's
 rank and kept energy, the modules skipped below ``extract.threshold``, and each changed tensor the LoRA does
 not hold, with why.
 """
@@ -16,13 +16,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tuner.base_model import single_file_folder
 from tuner.errors import ConfigError
+from tuner.export.fitting import check_formats
+from tuner.export.live import Gallery, cut_lines, cut_row, cut_summary, install, report
 from tuner.export.lowrank import Factors, cut_delta
 from tuner.export.reading import check_header
 from tuner.models import get_family
 from tuner.models.checks import refuse_a_part
 from tuner.stages.context import Adapted, Made, Run, stage
-from tuner.stages.toolbox import Gallery, check_formats, cut_lines, cut_row, cut_summary, install, report
 
 
 def _check_extract(cfg) -> None:
@@ -86,8 +88,6 @@ def extract_targets(family, targets: str, module: torch.nn.Module, denoiser: boo
 
 
 def _tuned_folder(run: Run) -> Path:
-    from tuner.stages.base import single_file_folder
-
     tuned = Path(run.cfg.extract.tuned).expanduser()
     return single_file_folder(run, tuned, run.base, "tuned") if tuned.is_file() else tuned
 

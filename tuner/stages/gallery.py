@@ -1,4 +1,5 @@
-"""The gallery stage (rank 0): samples of the base against the fine-tuned model, at fixed seeds.
+"""The gallery stage (rank 0): samples of the base against the fine-tuned model, at fixed seeds (drawn as the
+evaluate stage draws its own: tuner/export/live.py's ``with_and_without_adapter``).
 
 (The digits demo's evaluation, which scores such samples, is in tuner/digits/stages.py.)
 """
@@ -7,39 +8,10 @@ from __future__ import annotations
 
 from tuner.errors import ConfigError
 from tuner.export.gallery import write_gallery
+from tuner.export.live import with_and_without_adapter
 from tuner.generation import check_refiner
 from tuner.models import samplers
 from tuner.stages.context import Run, stage
-
-
-def with_and_without_adapter(run: Run, prompts, seeds, steps, guidance, desc):
-    """Sample the same prompts and seeds from the base and from the fine-tuned model (each followed by
-    ``sample.refiner``, an SDXL refiner, when set).
-
-    With only peft adapters trained, the base is the same model with its adapters switched off; when
-    base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed (with a
-    refiner of its own: a refiner reads the prompt with the base's CLIP-G, new tokens and all).
-    """
-    c = run.components
-    adapted = [m for m in c.trainable().values() if getattr(m, "peft_config", None)]
-    changed = run.adapted.base_weights_changed
-    if not adapted and not changed:
-        raise ConfigError("gallery/evaluate need an adapter: put train or load_adapter (checkpoint=PATH) before them")
-    if changed:
-        base = run.family.load(run.base, run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
-        base_pipe = run.family.pipeline(base)
-        base_pipe.to(run.accelerator.device)
-        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", base_pipe, run.load_refiner(base))
-        del base_pipe
-    refiner = run.load_refiner()
-    if not changed:
-        for module in adapted:
-            module.disable_adapters()
-        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", refiner=refiner)
-        for module in adapted:
-            module.enable_adapters()
-    tuned_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (fine-tuned)", refiner=refiner)
-    return base_images, tuned_images
 
 
 def _check_gallery(cfg) -> None:

@@ -14,17 +14,17 @@ from tqdm.auto import tqdm
 from tuner import generation as gen
 from tuner import run_folder
 from tuner.errors import Interrupted
+from tuner.export.fitting import check_adapter
 from tuner.export.gallery import write_image_page
+from tuner.export.loading import load_checkpoint
 from tuner.files import write_atomic
 from tuner.models import samplers
-from tuner.stages.adapters import load_checkpoint
 from tuner.stages.context import Run, stage
-from tuner.stages.toolbox import check_adapter
 
 
 def _check(cfg) -> None:
     """generate's settings (tuner/generation.py), then each adapter against the base from its header (family,
-    shapes: tuner/stages/toolbox.py), then the user's callback, the only check that runs code of the user's."""
+    shapes: tuner/export/fitting.py), then the user's callback, the only check that runs code of the user's."""
     gen.check(cfg)
     for k, a in enumerate(cfg.generate.adapters):
         check_adapter(cfg, a.path, f"generate.adapters[{k}]")

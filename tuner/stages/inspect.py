@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tuner.base_model import base_folder
 from tuner.errors import ConfigError
 from tuner.export.inspection import Described, describe
+from tuner.export.live import Gallery
+from tuner.export.loading import apply_lora, load_checkpoint
 from tuner.files import write_atomic
-from tuner.stages.adapters import apply_lora, load_checkpoint
 from tuner.stages.context import Base, Run, stage
-from tuner.stages.toolbox import Gallery
 
 
 def _check_inspect(cfg) -> None:
@@ -56,9 +57,7 @@ def inspect(run: Run) -> None:
         ],
     }
     if run.cfg.model.path or run.cfg.model.builtin:
-        from tuner.stages.base import base as base_stage
-
-        run.results[Base] = base_stage(run)
+        run.results[Base] = Base(base_folder(run))
         report["base"] = str(run.base)
         report["not_loading"] = _not_loading(run, path, d)
         if not report["not_loading"]["error"]:

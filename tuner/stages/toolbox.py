@@ -1,5 +1,6 @@
-"""The LoRA toolbox (rank 0): the merge and resize stages, and what they share with extract.py and inspect.py
-(the inputs' checks, the live adapters, the gallery of base / inputs / result, the reports).
+"""The LoRA toolbox (rank 0): the merge and resize stages. What they share with extract.py and inspect.py is in
+tuner/export/fitting.py (the inputs' checks) and tuner/export/live.py (the live adapters, the gallery of base /
+inputs / result, the reports).
 
 Each stage works on the base model's live modules: its inputs load onto the base as peft adapters (through the
 same loaders as ``checkpoint=``, so every format tuner reads), the result is computed per module with the
@@ -20,97 +21,18 @@ made for another family is refused by name before any model loads.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from tuner.errors import ConfigError
-from tuner.export import formats
-from tuner.export.gallery import write_gallery
-from tuner.export.inspection import Described, describe, misfit
+from tuner.export.fitting import check_formats, check_input
+from tuner.export.inspection import describe
+from tuner.export.live import Gallery, cut_lines, cut_row, cut_summary, difference, install, live_layers, report
 from tuner.export.loading import load_checkpoint
 from tuner.export.lowrank import Cut, Factors, cut_delta, cut_factors, stack
-from tuner.export.tensors import install_lora, layer_factors, tuner_layers, unwrap
-from tuner.files import write_atomic
-from tuner.models import get_family
+from tuner.export.tensors import tuner_layers, unwrap
 from tuner.stages.context import Adapted, Made, Run, stage
-
-# ---------------------------------------------------------------- checks (from the inputs' headers)
-
-
-def check_input(cfg, path: str, key: str, kinds=("lora", "loha", "lokr")) -> Described:
-    """An input read from its header: an adapter of an allowed kind, for ``model.family``.
-
-    Raises:
-        ConfigError: naming ``key``, the file and what is wrong.
-    """
-    if not path:
-        raise ConfigError(f"{key} is not set: pass a LoRA file, an export folder or a tuner run folder")
-    try:
-        described = describe(Path(path))
-    except ConfigError as e:
-        raise ConfigError(f"{key}: {e}") from None
-    if described.kind not in kinds:
-        raise ConfigError(f"{key}: {described.path} is {_a(described.kind)}, not {' / '.join(kinds)}")
-    if described.format == "kohya" and described.kind in ("loha", "lokr"):
-        raise ConfigError(
-            f"{key}: {described.path} is a {described.kind} in kohya / LyCORIS keys, which diffusers cannot load; "
-            "give the run's peft/ folder instead"
-        )
-    check_fit(cfg, described, key)
-    return described
-
-
-def check_adapter(cfg, path: str, key: str) -> None:
-    """A generate adapter, from its header where ``describe`` reads it: a LoRA, LoHa or LoKr must fit the base
-    (``check_fit``); an embedding is checked against the encoders when it loads, and what ``describe`` cannot
-    read (a folder of several files, which loads whole) is left to the loader, which names what is wrong."""
-    try:
-        described = describe(Path(path))
-    except ConfigError:
-        return
-    if described.kind != "embedding":
-        check_fit(cfg, described, key)
-
-
-def check_fit(cfg, described: Described, key: str) -> None:
-    """An adapter against the base (``model.*``): a key style diffusers reads for this family, every module the
-    base's folder names of the base's shape (from the headers of both: ``misfit``), names and widths of this
-    family.
-
-    Raises:
-        ConfigError: naming ``key``, the file and the first thing that does not fit.
-    """
-    family = cfg.model.family
-    if described.format == "kohya" and not get_family(family).DIFFUSERS_READS_KOHYA:
-        raise ConfigError(
-            f"{key}: {described.path} is a model={family} LoRA in kohya's keys, which diffusers cannot load (ComfyUI "
-            "reads them); give the run's diffusers/ or peft/ export, or a diffusers-format file"
-        )
-    base = Path(cfg.model.path).expanduser() if cfg.model.path else None
-    why = misfit(described, base, get_family(family, cfg.model).DENOISER) if base and base.is_dir() else None
-    if why:
-        raise ConfigError(
-            f"{key}: {described.path} does not fit model.path={cfg.model.path}: {why}; a LoRA for another model "
-            f"(family or size){f' ({described.evidence})' if described.evidence else ''}"
-        )
-    if family not in described.families:
-        made_for = " or ".join(described.families)
-        raise ConfigError(
-            f"{key}: {described.path} is a LoRA for {made_for} ({described.evidence}), but model.family={family}; "
-            f"pass model={described.families[0]} with that family's model.path"
-        )
-
-
-def _a(kind: str) -> str:
-    return {"embedding": "an embedding (textual inversion)", "dora": "a DoRA adapter"}.get(kind, f"a {kind}")
-
-
-def check_formats(cfg, parts: set[str]) -> None:
-    if cfg.export.formats is not None and "export" in cfg.stages:
-        formats.check_held(parts, list(cfg.export.formats), get_family(cfg.model.family, cfg.model))
 
 
 def _check_merge(cfg) -> None:
@@ -137,128 +59,6 @@ def _check_resize(cfg) -> None:
         raise ConfigError("resize: set resize.rank=R (e.g. 8) or resize.energy=E (e.g. 0.95), or both (E, at most R)")
     check_input(cfg, cfg.checkpoint, "checkpoint", ("lora", "loha", "lokr"))
     check_formats(cfg, {"lora"})
-
-
-# ---------------------------------------------------------------- the live adapters
-
-
-def live_layers(run: Run) -> dict[str, dict[str, list[torch.nn.Module]]]:
-    """The peft layers on the base, by component, then the name of the module they sit on (peft layers of
-    different kinds on one module nest, a LoHa's base layer being a LoRA layer: all of them)."""
-    out = {}
-    for component, module in run.components.trainable().items():
-        by_module: dict[str, list] = {}
-        for name, layer in tuner_layers(module).items():
-            by_module.setdefault(name.replace(".base_layer", ""), []).append(layer)
-        out[component] = by_module
-    return out
-
-
-def difference(layers: list, adapter: str) -> Factors | torch.Tensor | None:
-    """One adapter's difference on one module: its factors (a LoRA), else the whole difference (LoHa, LoKr)."""
-    for layer in layers:
-        factors = layer_factors(layer, adapter)
-        if factors is not None:
-            return factors
-        if any(adapter in getattr(layer, n, {}) for n in layer.adapter_layer_names):
-            return layer.get_delta_weight(adapter).detach().float()
-    return None
-
-
-def install(run: Run, results: dict[str, dict[str, Cut | Factors]]) -> None:
-    """Take every loaded adapter out and put the result in, one LoRA named ``default``."""
-    for component, module in run.components.trainable().items():
-        unwrap(module)
-        factors = {n: r.factors if isinstance(r, Cut) else r for n, r in results.get(component, {}).items()}
-        install_lora(module, factors)
-    run.replaced_modules()
-
-
-def activate(run: Run, adapter: str | None) -> None:
-    """Make ``adapter`` the one that acts on every layer holding it (None: the base, every adapter off)."""
-    for module in run.components.trainable().values():
-        for layer in tuner_layers(module).values():
-            layer.enable_adapters(adapter is not None)
-            if adapter is not None:
-                layer.set_adapter(adapter)
-
-
-def _prompts(run: Run, triggers: list[str]) -> list[str]:
-    """The gallery's prompts: sample.prompts, else the instance and class prompts, else the inputs' triggers."""
-    s, d = run.cfg.sample, run.cfg.data
-    return list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p] or triggers[:2]
-
-
-class Gallery:
-    """Rows of samples collected as a toolbox stage goes (base, inputs, result), written at the end."""
-
-    def __init__(self, run: Run, triggers: list[str]):
-        self.run, self.prompts, self.rows = run, _prompts(run, triggers), []
-        if not self.prompts:
-            print('[tuner] no gallery: no prompt (set sample.prompts=["a photo of ..."])', flush=True)
-
-    def add(self, label: str, adapter: str | None = None, pipe=None) -> None:
-        """Samples of every prompt at ``sample.seeds``, with ``adapter`` acting (or ``pipe``'s own modules)."""
-        if not self.prompts:
-            return
-        s = self.run.cfg.sample
-        if pipe is None:
-            activate(self.run, adapter)
-        seeds = list(s.seeds)
-        every = [p for p in self.prompts for _ in seeds]
-        images = self.run.sample(
-            every, seeds * len(self.prompts), s.steps, s.guidance_scale, f"gallery ({label})", pipe
-        )
-        for k, prompt in enumerate(self.prompts):
-            self.rows.append((k, f"{label}: {prompt}", images[k * len(seeds) : (k + 1) * len(seeds)]))
-
-    def write(self) -> None:
-        if not self.rows:
-            return
-        rows = [(label, images) for _, label, images in sorted(self.rows, key=lambda r: r[0])]
-        s = self.run.cfg.sample
-        self.run.outputs["gallery"] = str(write_gallery(self.run.dir / "gallery", rows, list(s.seeds), s.display_size))
-
-
-def report(run: Run, name: str, summary: dict, modules: list[dict]) -> None:
-    """``RUN/<name>.json``: the summary and every module's row; the summary goes to summary.json too."""
-    run.metrics[name] = summary
-    path = write_atomic(run.dir / f"{name}.json", json.dumps({**summary, "modules": modules}, indent=2))
-    run.outputs[name] = str(path)
-
-
-def cut_row(component: str, name: str, cut: Cut) -> dict:
-    return {
-        "module": f"{component}.{name}",
-        "rank_before": cut.rank_before,
-        "rank": cut.factors.rank,
-        "energy": round(cut.energy, 6),
-        "relative_error": round(cut.error / cut.norm, 6) if cut.norm else 0.0,
-    }
-
-
-def cut_summary(rows: list[dict]) -> dict:
-    if not rows:
-        return {"modules": 0}
-    energies = [r["energy"] for r in rows]
-    ranks = [r["rank"] for r in rows]
-    return {
-        "modules": len(rows),
-        "rank": {"min": min(ranks), "max": max(ranks)},
-        "energy": {"min": min(energies), "mean": round(sum(energies) / len(energies), 6)},
-        "worst_relative_error": max(r["relative_error"] for r in rows),
-    }
-
-
-def cut_lines(summary: dict) -> list[str]:
-    if not summary.get("modules"):
-        return []
-    r, e = summary["rank"], summary["energy"]
-    ranks = f"{r['min']}" if r["min"] == r["max"] else f"{r['min']} to {r['max']}"
-    return [
-        f"{summary['modules']} modules at rank {ranks}; each keeps {e['min']:.4f} or more of its difference's squared "
-        f"norm (mean {e['mean']:.4f}); the largest relative error is {summary['worst_relative_error']:.2e}."
-    ]
 
 
 # ---------------------------------------------------------------- merge

@@ -22,11 +22,11 @@ from omegaconf import OmegaConf
 
 from tuner import scoring
 from tuner.data.prepare import load_prepared
+from tuner.data.prepared import image_keys, images_of, latent_masks, subject_images
 from tuner.distributed import decide
 from tuner.errors import ConfigError
 from tuner.models.base import tree_map
 from tuner.stages.context import Adapted, Run, stage
-from tuner.stages.data import image_keys, images_of, latent_masks, subject_images
 from tuner.training import checkpoint_files, trainables
 from tuner.training.batches import Captions, LatentCache, SampleSet, draw_batch, encode_latent_dist
 from tuner.training.cache import Store, cached, evict, fingerprint
