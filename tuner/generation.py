@@ -132,17 +132,16 @@ def check(cfg) -> None:
 
 
 def refiner_families() -> list[str]:
-    """The families a refiner can follow: those that build one's pipeline (``refiner_pipeline``)."""
-    return [name for name in family_names() if hasattr(get_family(name), "refiner_pipeline")]
+    """The families a refiner can follow: those that name a refiner's pipeline (``REFINER_PIPELINE``)."""
+    return [name for name in family_names() if get_family(name).REFINER_PIPELINE]
 
 
 def check_refiner(family: str, path: str, key: str) -> None:
-    """``key`` (generate.refiner, sample.refiner) names a local SDXL refiner folder, after the base of a family
-    that builds a refiner's pipeline (``refiner_pipeline``): its model_index.json names the refiner's pipeline
-    and, for each component the pipeline needs, a class that fits and a folder beside it (the family's
-    ``REFINER_PIPELINE`` and ``REFINER_COMPONENTS``)."""
+    """``key`` (generate.refiner, sample.refiner) names a local refiner folder, after the base of a family that
+    takes one: its model_index.json names the refiner's pipeline and, for each component the pipeline needs, a
+    class that fits and a folder beside it (the family's ``REFINER_PIPELINE`` and ``REFINER_COMPONENTS``)."""
     fam = get_family(family)
-    if not hasattr(fam, "refiner_pipeline"):
+    if not fam.REFINER_PIPELINE:
         takes = " or ".join(f"model={name}" for name in refiner_families()) or "no family tuner knows"
         raise ConfigError(f"{key}: a refiner follows a base of {takes}, not model={family}")
     folder = Path(path).expanduser()

@@ -92,6 +92,10 @@ class Family:
     NAME = ""
     PIPELINE = "StableDiffusionPipeline"  # the diffusers pipeline class: loading, sampling and LoRA files
     IMG2IMG: str | None = "StableDiffusionImg2ImgPipeline"
+    # a refiner after this family's base (generate.refiner, sample.refiner): its pipeline class, the class each of
+    # its components must have ({name: classes}); its ``refiner_pipeline`` builds it. None: no refiner
+    REFINER_PIPELINE: str | None = None
+    REFINER_COMPONENTS: dict[str, tuple[str, ...] | None] = {}
     DENOISER = "unet"
     DENOISER_CLASS = "UNet2DConditionModel"  # its diffusers class (the model card's single-file usage)
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)

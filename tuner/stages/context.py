@@ -6,9 +6,7 @@ which stages must come before it, which entries of the run folder it writes).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -324,7 +322,3 @@ def home_of(cfg: DictConfig) -> Path:
 def cache_dir_of(cfg: DictConfig) -> Path:
     """Where frozen outputs are cached for every run (``cache.dir``, else $TUNER_HOME/cache)."""
     return Path(cfg.cache.dir).expanduser() if cfg.cache.dir else home_of(cfg) / "cache"
-
-
-def cache_key(*parts: str) -> str:
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
