@@ -55,11 +55,11 @@ def train_vae(vae, images: torch.Tensor, cfg: BaseConfig) -> float:
     return mse.item()
 
 
-def build(cfg: BaseConfig, folder, accelerator) -> dict:
+def build(cfg: BaseConfig, folder, accelerator, family: str) -> dict:
     """Train the base and save it as a diffusers pipeline folder (None: do not save). Returns build statistics.
 
     ``unet_batch_size`` is the global batch: with several processes each trains on its slice, and the
-    base is the one a single process builds.
+    base is the one a single process builds. ``family``: the SD1.x family whose prompts and objective it trains with.
     """
     size = tiny.SIZES[cfg.size]
     components = tiny.build_components(size, seed=cfg.seed)
@@ -81,7 +81,7 @@ def build(cfg: BaseConfig, folder, accelerator) -> dict:
 
     # ten captions plus the empty one (index 10) used for caption dropout
     text_encoder.requires_grad_(False).eval()
-    sd15 = get_family("sd15")
+    sd15 = get_family(family)  # the SD1.x family conf/model/digits.yaml names
     model = Components(unet, vae, {"text_encoder": text_encoder}, {"tokenizer": tokenizer}, scheduler, "epsilon")
     embeddings = sd15.encode_prompts(model, [digits.caption(k) for k in range(10)] + [""])
 
@@ -139,11 +139,11 @@ def ensure(run) -> Path:
     start = time.time()
     if run.is_main:
         with atomic_dir(folder) as tmp:
-            stats = build(run.cfg.base, tmp, run.accelerator)
+            stats = build(run.cfg.base, tmp, run.accelerator, run.cfg.model.family)
             stats["build_seconds"] = round(time.time() - start, 1)
             write_atomic(tmp / "tuner_base.json", json.dumps(stats, indent=2))
     else:  # the same training, its slice of every batch; rank 0 saves
-        stats = build(run.cfg.base, None, run.accelerator)
+        stats = build(run.cfg.base, None, run.accelerator, run.cfg.model.family)
     run.accelerator.free_memory()  # drop the base's optimizer and EMA before anything else trains
     run.wait()
     distributed.check_visible(run.accelerator, folder / "model_index.json", "the digits base")
