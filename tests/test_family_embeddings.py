@@ -18,12 +18,15 @@ from tests.helpers import image_of, train_in_process
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
-from tuner.models import get_family
+from tuner.models import family_names, get_family
 from tuner.runner import run_recipe
 
 PROMPT = "a photo of <sks>"
 SIZE = 32
-FLOW = ["model.max_sequence_length=32"]
+# the families whose new tokens get a vector in each of several text encoders (pivotal tuning); the first in the
+# fast tier, the others -m e2e
+SEVERAL = [name for name in family_names() if len(get_family(name).EMBEDDINGS) > 1]
+CASES = [n if i == 0 else pytest.param(n, marks=pytest.mark.e2e) for i, n in enumerate(SEVERAL)]
 
 
 def draw(family, pipe, prompt=PROMPT):
@@ -56,7 +59,7 @@ def generate(tmp_path, folder, name, adapter, *overrides):
     GradientState._reset_state()
     given = [f"model={name}", f"model.path={folder}", f"data.resolution={SIZE}", f"generate.prompts=['{PROMPT}']"]
     given += ["generate.guidance_scale=3.0", "generate.steps=3", f"output_dir={tmp_path / 'gen'}"]
-    given += [f"generate.adapters=[{{path:{adapter}}}]", *(FLOW if name == "flux" else []), *overrides]
+    given += [f"generate.adapters=[{{path:{adapter}}}]", *get_family(name).TINY_OPTIONS, *overrides]
     cfg = compose("generate", given)
     validate(cfg)
     run_recipe(cfg)
@@ -65,7 +68,9 @@ def generate(tmp_path, folder, name, adapter, *overrides):
     return np.asarray(Image.open(images / entry["file"]).convert("RGB")) / 255.0
 
 
-@pytest.mark.parametrize("name", ["sdxl", pytest.param("flux", marks=pytest.mark.e2e)])  # Flux: -m e2e
+@pytest.mark.parametrize(
+    "name", [n if i == 0 else pytest.param(n, marks=pytest.mark.e2e) for i, n in enumerate(SEVERAL)]
+)
 def test_pivotal_tuning_trains_a_vector_per_text_encoder_and_every_file_reloads_to_the_trained_image(
     tmp_path, tiny, name, monkeypatch
 ):
@@ -79,7 +84,7 @@ def test_pivotal_tuning_trains_a_vector_per_text_encoder_and_every_file_reloads_
         "embedding.vectors=2",
         f"data.instance_prompt='{PROMPT}'",
         "export.formats=[diffusers,kohya,merged]",
-        *(FLOW if name == "flux" else []),
+        *get_family(name).TINY_OPTIONS,
     )
     family, base = run.family, get_family(name).load(folder)
     expected = image_of(run, PROMPT)

@@ -86,7 +86,8 @@ def _lists_of_families(tree: ast.AST, names: set[str]):
     for node in ast.walk(tree):
         items = node.keys if isinstance(node, ast.Dict) else getattr(node, "elts", None)
         if isinstance(node, (ast.List, ast.Tuple, ast.Set, ast.Dict)) and items:
-            named = {i.value for i in items if isinstance(i, ast.Constant) and i.value in names}
+            values = [i.args[0] if isinstance(i, ast.Call) and i.args else i for i in items]  # pytest.param("x")
+            named = {v.value for v in values if isinstance(v, ast.Constant) and v.value in names}
             if len(named) >= 2:
                 yield node.lineno, sorted(named)
 
@@ -112,6 +113,7 @@ def test_the_kit_checks_can_fail():
         (1, ["alpha", "beta"]),
         (2, ["alpha", "beta"]),
     ]
+    assert list(_lists_of_families(ast.parse("x = ['alpha', pytest.param('beta')]"), names)) == [(1, ["alpha", "beta"])]
     assert not list(_lists_of_families(ast.parse("x = ['alpha', 'gamma']"), names))
     assert [n.value for n in _strings(ast.parse("f('alpha')"))] == ["alpha"]
 
