@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from tuner.models.objectives import diffusion_loss
 from tuner.training import checkpoints, state
 from tuner.training.batches import Batch, merge_by_shape
-from tuner.training.setup import TrainingSetup, plain
+from tuner.training.setup import LeanAttention, LeanLora, TrainingSetup, plain
 from tuner.training.watch import NonFiniteGuard, PhaseTimer
 
 
@@ -74,6 +74,8 @@ class Training:
         # frozen convolutions (adapters on linear layers)
         native = s.model.channels_last and s.accelerator.device.type == "cpu" and all(p.dim() != 4 for p in s.params)
         self.kernels = (lambda: torch.backends.mkldnn.flags(enabled=False)) if native else contextlib.nullcontext
+        modules = [s.model.denoiser, *(s.model.text_encoders or {}).values()]
+        self.lean = [LeanLora(modules), LeanAttention(modules)]  # peft's LoRA layers and diffusers' attention, leaner
         self.stop_asked = False
         self.grad_norm = None  # the last clipped step's gradient norm, a device tensor: read at log intervals
         self.samples = 0  # images trained on (all ranks) since the last log
@@ -136,13 +138,18 @@ class Training:
     @contextlib.contextmanager
     def _installed(self):
         """For the steps only, however they end: ``train.offload_blocks`` (the blocks' weights in host memory,
-        once accelerate placed the model) and ``train.fused_backward`` (the optimizer's gradient hooks)."""
+        once accelerate placed the model), ``train.fused_backward`` (the optimizer's gradient hooks) and the LoRA
+        layers' and attention's lean calls (``LeanLora``, ``LeanAttention``)."""
         s = self.setup
         if s.offload is not None:
             s.offload.install()
+        for lean in self.lean:
+            lean.install()
         try:
             yield
         finally:
+            for lean in self.lean:
+                lean.remove()
             if s.offload is not None:
                 s.offload.remove()
             if s.fused is not None:
