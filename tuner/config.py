@@ -99,12 +99,18 @@ class BaseConfig:
 
     size: str = "digits"
     seed: int = 0
-    vae_steps: int = 400
+    vae_steps: int = 250
     vae_batch_size: int = 32
-    vae_lr: float = 2e-3
-    unet_steps: int = 700
+    vae_lr: float = 4e-3
+    unet_steps: int = 400
     unet_batch_size: int = 64
-    unet_lr: float = 2e-3
+    unet_lr: float = 4e-3
+    # the cross-attention's key and value projections (where the caption enters) learn this many times faster
+    cross_attention_lr: float = 4.0
+    # min-SNR-gamma loss weighting of the U-Net's training; null: off
+    snr_gamma: float | None = 5.0
+    # later: the noisiest quarter of the timesteps, where the digit is decided, drawn twice as often; none: uniform
+    timestep_bias: TimestepBias = TimestepBias.later
     ema_decay: float = 0.995
     caption_dropout: float = 0.1
 
