@@ -20,7 +20,7 @@ def test_sd2_reads_v_prediction_from_its_scheduler_and_its_target_is_the_velocit
     torch.testing.assert_close(
         sd2.noise_target(c, latents, noise, t), c.noise_scheduler.get_velocity(latents, noise, t)
     )
-    zero = get_family("sd2", ModelConfig(zero_terminal_snr=True)).load(tiny("sd2"))
+    zero = get_family(sd2.NAME, ModelConfig(zero_terminal_snr=True)).load(tiny(sd2.NAME))
     assert float(zero.noise_scheduler.alphas_cumprod[-1]) < 1e-6  # the last timestep is pure noise
 
 

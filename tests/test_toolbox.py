@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from tuner.errors import ConfigError
 from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack
-from tuner.models import family_names
+from tuner.models import family_names, get_family
 
 PROMPT = "a photo of sks ball"
 SAMPLE = ['sample.prompts=["a photo of sks ball"]', "sample.seeds=[0,1]", "sample.steps=3", "data.resolution=16"]
@@ -430,12 +430,6 @@ def _fake(path: Path, keys: dict[str, tuple[int, ...]]) -> Path:
 @pytest.mark.parametrize(
     "keys,said",
     [
-        ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 2048),
-          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": (640, 4)}, "a LoRA for sdxl"),
-        ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 32),
-          "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": (32, 4)}, "a LoRA for sdxl or"),
-        ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": (4, 32),
-          "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": (96, 4)}, "a LoRA for flux"),
         ({"model.diffusion_model.input_blocks.0.0.weight": (8, 4, 3, 3)}, "no LoRA, LoHa or LoKr keys"),
         ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": (4, 16),
           "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": (16, 3)}, "do not form a LoRA"),
@@ -464,37 +458,44 @@ def test_bad_inputs_are_refused_by_name_before_anything_is_written(tmp_path, tin
     assert not (tmp_path / "out").exists()
 
 
-# (keys: shapes) of LoRA files at the real models' widths, in each key style; the family inspect must name
-REAL_WIDTHS = [
-    ({"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (4, 768)}, "sd15"),
-    ({"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (4, 768)}, "sd15"),  # original (LDM) names
-    ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (4, 1024)}, "sd2"),
-    ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (4, 2048)}, "sdxl"),
-    ({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (4, 1280),
-      "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (4, 640)}, "sdxl"),
-    ({"transformer.transformer_blocks.0.attn.to_q": (4, 3072)}, "flux"),
-    ({"lora_unet_double_blocks_0_img_attn_qkv": (4, 3072)}, "flux"),
-    ({"lora_transformer_single_transformer_blocks_0_attn_to_q": (4, 3072)}, "flux"),
-    ({"diffusion_model.double_blocks.0.img_attn.qkv": (4, 3072)}, "flux"),  # ComfyUI's own keys
-    ({"lora_unet_joint_blocks_0_x_block_attn_qkv": (4, 1536), "lora_unet_x_embedder_proj": (4, 64)}, "sd3"),
-    ({"transformer.transformer_blocks.0.attn.to_q": (4, 1536)}, "sd3"),
-    ({"transformer.transformer_blocks.0.attn.to_q": (4, 2432)}, "sd3"),  # SD3.5 Large
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("modules,family", REAL_WIDTHS)
-def test_the_family_of_a_real_width_file_is_named_from_its_header(tmp_path, modules, family):
-    from tuner.export.inspection import describe
-
+def _sample_file(path: Path, modules: dict[str, tuple[int, int]]) -> Path:
+    """A LoRA file of zeros with a family's ``SAMPLE_FILES`` modules: kohya's factor names for ``lora_`` keys,
+    peft's for the rest."""
     state = {}
     for name, (rank, width) in modules.items():
         kohya = name.startswith("lora_")
         down, up = (".lora_down.weight", ".lora_up.weight") if kohya else (".lora_A.weight", ".lora_B.weight")
         state |= {name + down: torch.zeros(rank, width), name + up: torch.zeros(8, rank)}
-    path = tmp_path / "lora.safetensors"
     save_file(state, path)
-    described = describe(path)
+    return path
+
+
+SAMPLES = [pytest.param(name, i, id=f"{name}-{i}") for name in family_names()
+           for i in range(len(get_family(name).SAMPLE_FILES))]  # fmt: skip
+
+
+@pytest.mark.parametrize("family,which", SAMPLES)
+def test_the_family_of_a_real_width_file_is_named_from_its_header(tmp_path, family, which):
+    """Each family's sample files (its real widths, each key style its clients write) name it, and only it."""
+    from tuner.export.inspection import describe
+
+    described = describe(_sample_file(tmp_path / "lora.safetensors", get_family(family).SAMPLE_FILES[which]))
     assert described.families == (family,), described.evidence
+
+
+@pytest.mark.parametrize("other", family_names()[1:])
+def test_another_familys_lora_is_refused_by_name_as_a_merge_input(tmp_path, tiny, other, capsys):
+    """A real-width LoRA of another family, merged onto the first family's base: exit 2 before anything is
+    written, naming the file and the family it was made for."""
+    from tuner.__main__ import main
+
+    bad = _sample_file(tmp_path / "other.safetensors", get_family(other).SAMPLE_FILES[0])
+    first = family_names()[0]
+    args = ["recipe=lora_merge", f"model={first}", f"model.path={tiny(first)}", f"output_dir={tmp_path / 'out'}"]
+    assert main([*args, "merge.inputs=[{path: " + str(bad) + "}]"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and other in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_pickle_and_an_embedding_are_refused_as_merge_inputs(tmp_path, tiny):

@@ -66,9 +66,11 @@ def check_fit(cfg, described: Described, key: str) -> None:
     base = Path(cfg.model.path).expanduser() if cfg.model.path else None
     why = misfit(described, base, get_family(family, cfg.model).DENOISER) if base and base.is_dir() else None
     if why:
+        made_for = " or ".join(f for f in described.families if f != family)
         raise ConfigError(
-            f"{key}: {described.path} does not fit model.path={cfg.model.path}: {why}; a LoRA for another model "
-            f"(family or size){f' ({described.evidence})' if described.evidence else ''}"
+            f"{key}: {described.path} does not fit model.path={cfg.model.path}: {why}; "
+            + (f"a LoRA for {made_for}" if made_for else "a LoRA for another model (family or size)")
+            + (f" ({described.evidence})" if described.evidence else "")
         )
     if family not in described.families:
         made_for = " or ".join(described.families)

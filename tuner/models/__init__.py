@@ -29,7 +29,7 @@ _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 KIT = (
     "NAME", "PIPELINE", "DENOISER", "TEXT_ENCODERS", "EXPORTS", "DEFAULT_EXPORTS", "DEFAULT_RESOLUTION",
     "RESOLUTION_MULTIPLE", "TARGETS", "BLOCKS", "PARTIAL_BLOCKS", "OFFLOAD_BLOCKS", "WIDTHS", "MODELSPEC_ARCHITECTURE",
-    "build_tiny", "real_widths",
+    "SAMPLE_FILES", "build_tiny", "real_widths",
 )  # fmt: skip
 
 

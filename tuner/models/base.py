@@ -145,6 +145,9 @@ class Family:
     WIDTHS: frozenset[int] = frozenset()
     SIGNS: str | None = None
     NEVER: str | None = None
+    # adapter files at the real model's widths, one per key style its clients write ({module: (rank, width)} of the
+    # down factors): recipe=inspect must name this family, and only it, from each (tests/test_toolbox.py)
+    SAMPLE_FILES: tuple[dict[str, tuple[int, int]], ...] = ()
     # what its tiny pipeline (build_tiny) needs on the command line, beyond model=NAME and data.resolution=32
     TINY_OPTIONS: tuple[str, ...] = ()
 

@@ -54,6 +54,12 @@ class Flux(FlowFamily):
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
     WIDTHS = frozenset({3072})  # the transformer's
     SIGNS = r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"
+    SAMPLE_FILES = (
+        {"transformer.transformer_blocks.0.attn.to_q": (4, 3072)},
+        {"lora_unet_double_blocks_0_img_attn_qkv": (4, 3072)},
+        {"lora_transformer_single_transformer_blocks_0_attn_to_q": (4, 3072)},
+        {"diffusion_model.double_blocks.0.img_attn.qkv": (4, 3072)},  # ComfyUI's own keys
+    )
     TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens
     CLIENTS = {"comfyui": {"model": "Flux"}, "invokeai": {"base": "flux"}}  # dev (FluxSchnell: no guidance)
 

@@ -20,6 +20,10 @@ class SD15(Family):
     BASE_VERSION = "sd_v1"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v1"
     WIDTHS = frozenset({768})  # CLIP-L's, the U-Net's cross-attention input
+    SAMPLE_FILES = (
+        {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k": (4, 768)},
+        {"lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k": (4, 768)},  # original (LDM) names
+    )
     CLIENTS = {
         "comfyui": {"model": "SD15", "clips": ("l",), "tokenizer": "sd1_clip.SD1Tokenizer",
                     "missing": r"clip_l\.(logit_scale|transformer\.text_projection\.weight)"},  # CLIP's image-text head

@@ -26,6 +26,7 @@ class SD2(SD15):
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v2-768-v"
     DEFAULT_RESOLUTION = 768
     WIDTHS = frozenset({1024})  # OpenCLIP-H's
+    SAMPLE_FILES = ({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (4, 1024)},)
     CLIENTS = {
         # besides CLIP's image-text head, the last text layer, which diffusers drops (SD2 reads the penultimate)
         "comfyui": {"model": "SD20", "clips": ("h",), "tokenizer": "text_encoders.sd2_clip.SD2Tokenizer",

@@ -50,6 +50,11 @@ class SD3(FlowFamily):
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v3-medium"
     MAX_SEQUENCE_LENGTH = 256
     WIDTHS = frozenset({1536, 2432})  # SD3-medium's transformer, SD3.5-large's
+    SAMPLE_FILES = (
+        {"lora_unet_joint_blocks_0_x_block_attn_qkv": (4, 1536), "lora_unet_x_embedder_proj": (4, 64)},
+        {"transformer.transformer_blocks.0.attn.to_q": (4, 1536)},
+        {"transformer.transformer_blocks.0.attn.to_q": (4, 2432)},  # SD3.5 Large
+    )
     # checked before Flux's (both have an x_embedder, with other names beside it)
     SIGNS = r"joint_blocks|context_block|x_block_|pos_embed|text_encoder_3"
     TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens

@@ -35,6 +35,11 @@ class SDXL(Family):
     DEFAULT_RESOLUTION = 1024
     WIDTHS = frozenset({2048})  # CLIP-L's and OpenCLIP-G's side by side
     NEVER = r"down_blocks_0_attentions"  # its first down block has no attention
+    SAMPLE_FILES = (
+        {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": (4, 2048)},
+        {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj": (4, 1280),
+         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (4, 640)},
+    )  # fmt: skip
     CLIENTS = {
         "comfyui": {"model": "SDXL", "clips": ("l", "g"), "tokenizer": "sdxl_clip.SDXLTokenizer",
                     "missing": r"clip_[lg]\.(logit_scale|transformer\.text_projection\.weight)", "penultimate": True},
