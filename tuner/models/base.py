@@ -310,6 +310,17 @@ class Family:
     def encode_prompts(self, c: Components, prompts: list[str]) -> Cond:
         return self.encode_ids(c.text_encoders, self.tokenize(c, prompts))
 
+    # --- latents -------------------------------------------------------------------------------
+    def encode_images(self, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's posterior mean and std (B, C, h, w) of images in [-1, 1] (B, 3, H, W)."""
+        dist = vae.encode(images).latent_dist
+        return dist.mean, dist.std
+
+    def latent_normalization(self, vae) -> tuple:
+        """(scale, shift) of a training latent, ``(sample - shift) * scale``: floats, or per-channel (C, 1, 1)
+        tensors, from the VAE's config."""
+        return float(vae.config.scaling_factor), float(vae.config.get("shift_factor") or 0.0)
+
     def image_cond(self, dataset) -> dict[str, torch.Tensor] | None:
         """Per-image conditioning from the prepared dataset (SDXL's size and crop); None: none."""
         return None

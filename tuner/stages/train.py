@@ -142,14 +142,13 @@ def _sample_sets(run: Run, in_step: bool) -> SampleSets:
         entries, report["encoded"][f"latents-{role}"] = cached(
             latents_store,
             image_keys(dataset),
-            lambda ids: encode_latent_dist(c.vae, images_of(dataset, ids)).items(),  # noqa: B023
+            lambda ids: encode_latent_dist(c.vae, images_of(dataset, ids), family=run.family).items(),  # noqa: B023
             accelerator,
             f"{role} latents",
         )
         report["entries"][f"latents-{role}"] = len(entries)
         opened.append(entries)
-        scaling, shift = c.vae.config.scaling_factor, c.vae.config.get("shift_factor") or 0.0
-        latents = LatentCache(entries.column("mean"), entries.column("std"), float(scaling), float(shift))
+        latents = LatentCache(entries.column("mean"), entries.column("std"), *run.family.latent_normalization(c.vae))
         captions = torch.tensor([caption_ids.setdefault(text, len(caption_ids)) for text in dataset["caption"]])
         mask, image_cond = latent_masks(dataset, latents), run.family.image_cond(dataset)
         if weight is None:  # a held-out part, named by the metric it gives

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from tuner.config import TrainConfig
 from tuner.data.buckets import BucketSampler
-from tuner.models.base import Cond, tree_cat, tree_map
+from tuner.models.base import Cond, Family, tree_cat, tree_map
 from tuner.models.objectives import draw_noise
 from tuner.training.cache import Column
 
@@ -109,14 +109,17 @@ class LatentCache:
 
     mean: torch.Tensor | list[torch.Tensor] | Column
     std: torch.Tensor | list[torch.Tensor] | Column
-    scaling_factor: float
-    shift_factor: float = 0.0  # the VAE's (Flux, SD3): latents are (sample - shift) * scale
+    scaling_factor: float | torch.Tensor  # a float, or per channel (C, 1, 1): ``Family.latent_normalization``
+    shift_factor: float | torch.Tensor = 0.0  # the VAE's (Flux, SD3): latents are (sample - shift) * scale
 
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None, keep: range | None = None):
         """Latents of the images at ``index``; with ``keep``, only those rows are read (see ``take``)."""
         mean, std = take(self.mean, index, keep), take(self.std, index, keep)
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
-        return (mean + std * eps - self.shift_factor) * self.scaling_factor
+        shift, scale = self.shift_factor, self.scaling_factor
+        if isinstance(scale, torch.Tensor):
+            shift, scale = torch.as_tensor(shift).to(mean), scale.to(mean)
+        return (mean + std * eps - shift) * scale
 
     def shape(self, i: int) -> tuple[int, ...]:
         return self.mean.shape(i) if isinstance(self.mean, Column) else tuple(self.mean[i].shape)
@@ -233,12 +236,14 @@ def encode_batch(height: int, width: int) -> int:
 
 
 @torch.no_grad()
-def encode_latent_dist(vae, images, batch_size: int | None = None, desc: str | None = None) -> LatentCache:
+def encode_latent_dist(vae, images, batch_size: int | None = None, desc: str | None = None, family=None) -> LatentCache:
     """Encode images in [-1, 1] once; the VAE never runs inside the training loop.
 
     ``images``: an (N, 3, H, W) tensor, or a list of (3, H, W) tensors of several sizes (encoded in
-    batches of one size each, ``batch_size`` or ``encode_batch``'s for the size).
+    batches of one size each, ``batch_size`` or ``encode_batch``'s for the size). ``family``: how its VAE
+    encodes and scales (``Family.encode_images``, ``latent_normalization``); the KL VAE's way when None.
     """
+    family = family or Family()
     device = next(vae.parameters()).device
     images = list(images)
     by_size: dict[tuple, list[int]] = {}
@@ -253,9 +258,10 @@ def encode_latent_dist(vae, images, batch_size: int | None = None, desc: str | N
     ]
     for chunk in tqdm(chunks, desc=desc, disable=desc is None, leave=False):
         batch = torch.stack([images[i] for i in chunk]).to(device, vae.dtype)
-        dist = vae.encode(batch).latent_dist
-        for i, mean, std in zip(chunk, dist.mean.float().cpu(), dist.std.float().cpu()):
-            means[i], stds[i] = mean, std
+        mean, std = family.encode_images(vae, batch)
+        for i, m, s in zip(chunk, mean.float().cpu(), std.float().cpu()):
+            means[i], stds[i] = m, s
+    scaling = family.latent_normalization(vae)
     if len(by_size) == 1:  # one size: keep whole tensors
-        return LatentCache(torch.stack(means), torch.stack(stds), float(vae.config.scaling_factor))
-    return LatentCache(means, stds, float(vae.config.scaling_factor))
+        return LatentCache(torch.stack(means), torch.stack(stds), *scaling)
+    return LatentCache(means, stds, *scaling)
