@@ -88,7 +88,7 @@ def reference(folder, family, scheduler: str, steps: int, **settings) -> np.ndar
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(0)]
     call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=3.0, generator=generator)
-    return pipe(PROMPT, output_type="np", **call, **f.call_kwargs()).images[0]
+    return pipe(prompt=PROMPT, output_type="np", **call, **f.call_kwargs()).images[0]
 
 
 @pytest.mark.parametrize("family, scheduler", CASES)

@@ -46,7 +46,7 @@ def sample_images(
             size = {} if "image" in call else {"height": resolution, "width": width or resolution}
             negative = {"negative_prompt": negative_prompts[chunk]} if negative_prompts else {}
             latents = pipe(
-                prompts[chunk],
+                prompt=prompts[chunk],  # by name: Flux.2's pipelines take reference images first
                 num_inference_steps=steps,
                 guidance_scale=guidance_scale,
                 generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],

@@ -261,6 +261,10 @@ class Family:
     def pipeline_class(self):
         return _class("diffusers", self.PIPELINE)
 
+    def check_trainable(self, folder: Path) -> None:
+        """Refuse, with advice, a base folder this family should not be trained on (a step-distilled checkpoint);
+        checked before anything loads, for runs that train."""
+
     def partial_blocks(self, adapter) -> list[BlockGroup]:
         """``adapter.blocks``, or (empty) this family's default globs (``PARTIAL_BLOCKS``) at the run's rate."""
         return list(adapter.blocks) or [BlockGroup(pattern=pattern, lr=None) for pattern in self.PARTIAL_BLOCKS]

@@ -36,6 +36,8 @@ def check(cfg: DictConfig) -> None:
         family.check_config_folder(m.config)
     elif m.path:
         family.check_folder(m.path, m.allow_pickle)
+        if "train" in cfg.stages:
+            family.check_trainable(Path(m.path))
     flow = family.FLOW
     if flow and (t.snr_gamma or t.timestep_bias != "none" or t.min_timestep or t.max_timestep is not None):
         raise ConfigError(

@@ -54,6 +54,7 @@ class Flux(FlowFamily):
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
     WIDTHS = frozenset({3072})  # the transformer's
     SIGNS = r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"
+    NEVER = r"to_qkv_mlp_proj|linear_in|linear_out|stream_modulation|time_guidance_embed"  # Flux.2's names
     SAMPLE_FILES = (
         {"transformer.transformer_blocks.0.attn.to_q": (4, 3072)},
         {"lora_unet_double_blocks_0_img_attn_qkv": (4, 3072)},
