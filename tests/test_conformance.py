@@ -31,6 +31,11 @@ def args_of(name: str) -> list[str]:
     return [f"model={name}", "data.resolution=32", *get_family(name).TINY_OPTIONS]
 
 
+def te_lora(name: str) -> list[str]:
+    """``text_encoder.train=lora`` where the family trains text-encoder LoRAs (Qwen-Image's LLM stays frozen)."""
+    return ["text_encoder.train=lora"] if get_family(name).LORA_TEXT_ENCODERS else []
+
+
 def draw(family, pipe) -> np.ndarray:
     """The gallery's image for PROMPT at seed 0 (3 steps, guidance 3), in [0, 1] (H, W, 3)."""
     from tuner.sampling import sample_images
@@ -69,7 +74,7 @@ def test_lora_trains_and_every_file_reloads_through_the_familys_pipeline(tmp_pat
     folder, family = tiny(name), get_family(name)
     formats = reloadable_formats(family)
     run = train_in_process(
-        tmp_path, folder, *args_of(name), "text_encoder.train=lora", "train.learning_rate=5e-2",
+        tmp_path, folder, *args_of(name), *te_lora(name), "train.learning_rate=5e-2",
         f"export.formats=[{','.join(formats)}]",
     )  # fmt: skip
     family = run.family  # with the run's model settings
@@ -120,7 +125,9 @@ def refusals(family) -> list[tuple[list[str], str]]:
         cases += [([f"adapter={m}", f"export.formats=[{fmt}]"], "export.formats") for m in sorted(methods)]
     if not family.EMBEDDINGS:
         cases.append((["embedding.tokens=[sks]", "adapter=none"], "embedding.tokens"))
-    if not family.SINGLE_FILE_TEXT and "single_file" in family.EXPORTS:
+    if not family.LORA_TEXT_ENCODERS:
+        cases.append((["text_encoder.train=lora"], "text_encoder.train"))
+    if not family.SINGLE_FILE_TEXT and "single_file" in family.EXPORTS and family.LORA_TEXT_ENCODERS:
         cases.append((["text_encoder.train=lora", "export.formats=[single_file]"], "export.formats=[single_file]"))
     cases.append(
         ([f"data.resolution={family.RESOLUTION_MULTIPLE * 4 + family.RESOLUTION_MULTIPLE // 2}"], "data.resolution")
@@ -209,6 +216,8 @@ def _method_cases():
         for method in METHODS:
             if method == "locon" and get_family(name).DENOISER != "unet":
                 continue  # a transformer's blocks have no convolutions: locon is all_linear there
+            if method == "text_encoder_lora" and not get_family(name).LORA_TEXT_ENCODERS:
+                continue  # refused (the refusals above)
             yield pytest.param(name, method, id=f"{name}-{method}")
 
 
@@ -253,11 +262,11 @@ def _same_adapters(a_run, b_run, rtol, atol):
 def test_gradient_checkpointing_gives_the_same_adapters(tmp_path, tiny, name, quantize):
     """The denoiser's and text encoders' LoRA after 2 steps with and without gradient checkpointing (on an NF4
     base too): the same tensors, to float round-off."""
-    both = [*args_of(name), "train.max_steps=2", "text_encoder.train=lora",
+    both = [*args_of(name), "train.max_steps=2", *te_lora(name),
             *([f"model.quantize={quantize}"] if quantize else [])]  # fmt: skip
     plain = train_in_process(tmp_path, tiny(name), *both, name="plain")
     ckpt = train_in_process(tmp_path, tiny(name), *both, "train.gradient_checkpointing=true", name="ckpt")
-    assert len(_same_adapters(plain, ckpt, 1e-5, 1e-6)) > 1  # the denoiser and a text encoder
+    assert len(_same_adapters(plain, ckpt, 1e-5, 1e-6)) > len(te_lora(name))  # the denoiser and a text encoder
 
 
 @pytest.mark.e2e
@@ -286,7 +295,7 @@ def test_block_offload_gives_the_same_adapters(tmp_path, tiny, name, checkpointi
 @pytest.mark.parametrize("name", NAMES)
 def test_resume_from_a_checkpoint_ends_where_the_whole_run_ends(tmp_path, tiny, name):
     """4 steps straight, and 2 steps resumed from the checkpoint at step 2: the same adapter and loss."""
-    settings = [*args_of(name), "text_encoder.train=lora", "train.max_steps=4", "checkpoints.every=2"]
+    settings = [*args_of(name), *te_lora(name), "train.max_steps=4", "checkpoints.every=2"]
     whole = train_in_process(tmp_path, tiny(name), *settings, name="whole")
     step = whole.dir / "checkpoints" / "step-0000002"
     resumed = train_in_process(tmp_path, tiny(name), *settings, f"resume={step}", name="resumed")
@@ -362,7 +371,7 @@ def test_an_nf4_base_trains_only_the_adapters_and_merges_onto_its_own_weights(tm
         *args_of(name),
         "model.quantize=nf4",
         "model.quantize_text_encoders=nf4",
-        "text_encoder.train=lora",
+        *te_lora(name),
         f"export.formats=[peft,merged{',kohya' if 'kohya' in get_family(name).EXPORTS else ''}]",
     )
     c, denoiser = run.components, run.family.DENOISER

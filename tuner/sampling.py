@@ -25,6 +25,7 @@ def sample_images(
     negative_prompts: list[str] | None = None,
     width: int | None = None,
     decode=None,
+    guidance=None,
     **call,
 ) -> torch.Tensor:
     """Images (N, 3, H, W) in [-1, 1] for ``prompts[i]`` sampled from ``seeds[i]``.
@@ -33,7 +34,8 @@ def sample_images(
     pipeline as is (an image-to-image pipeline's ``image`` and ``strength``, which take no size).
     The denoising runs under ``autocast`` (mixed precision); the VAE decodes outside it, in its own
     dtype (float32 unless asked), since half-precision VAE decoding is known to produce NaNs.
-    ``decode(pipe, latents, height, width)``: the family's (``Family.decode``: Flux's latents come packed).
+    ``decode(pipe, latents, height, width)``: the family's (``Family.decode``: Flux's latents come packed);
+    ``guidance(scale)``: the call's guidance arguments (``Family.guidance_kwargs``), ``guidance_scale`` if None.
     """
 
     decode = decode or Family().decode
@@ -48,7 +50,7 @@ def sample_images(
             latents = pipe(
                 prompt=prompts[chunk],  # by name: Flux.2's pipelines take reference images first
                 num_inference_steps=steps,
-                guidance_scale=guidance_scale,
+                **(guidance(guidance_scale) if guidance else {"guidance_scale": guidance_scale}),
                 generator=[torch.Generator().manual_seed(s) for s in seeds[chunk]],
                 output_type="latent",
                 **size,

@@ -371,6 +371,10 @@ class Family:
         """Extra keyword arguments of every pipeline call (the gallery's and the tests')."""
         return {}
 
+    def guidance_kwargs(self, scale: float) -> dict:
+        """The pipeline call's arguments for a sampling guidance scale (Qwen-Image's is ``true_cfg_scale``)."""
+        return {"guidance_scale": scale}
+
     def decode(self, pipe, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Images in [-1, 1] from the latents a pipeline returns with ``output_type="latent"``."""
         vae = pipe.vae

@@ -57,6 +57,11 @@ def check(cfg: DictConfig) -> None:
             f"embedding.tokens: no textual inversion for model={m.family} ({family.EMBEDDING_REFUSAL}); "
             "train a LoRA with a rare trigger word instead"
         )
+    if "train" in cfg.stages and cfg.text_encoder.train != "none" and not family.LORA_TEXT_ENCODERS:
+        raise ConfigError(
+            f"text_encoder.train={cfg.text_encoder.train}: model={m.family} keeps its text encoders frozen (its "
+            f"pipeline loads adapters into its {family.DENOISER} only); use text_encoder.train=none"
+        )
     if "export" in cfg.stages and cfg.export.formats is not None:
         refused = [x for x in cfg.export.formats if x not in family.EXPORTS]
         if refused:

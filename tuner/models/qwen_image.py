@@ -11,17 +11,20 @@ decodes one frame (B, C, 1, H, W). Sampling: true classifier-free guidance runs 
 
 Qwen-Image 2.1 (``QwenImage21Pipeline``) is another architecture (a Qwen3-VL encoder read through its processor,
 a single-stream block-causal transformer over unpatched 64-channel latents of a x16 VAE): not this family.
-Distilled checkpoints (Lightning and the like, few steps, no CFG) load as a base folder like any other, but a
-LoRA is trained on the base model and then applied to the distilled one: training on a distilled transformer
-collapses it (see ``DISTILLED``).
+A step-distilled checkpoint (Lightning and the like: a few steps, no CFG) is refused as a training base with the
+advice to train on the base Qwen-Image; it samples as a base, and a LoRA trained on the base loads onto it (the
+same modules).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
+from tuner.errors import ConfigError
 from tuner.models.base import Components, FlowFamily
 from tuner.models.real import RealWidths
 
@@ -209,6 +212,21 @@ class QwenImage(FlowFamily):
         embeds = hidden.hidden_states[-1][:, DROPPED:] * kept.unsqueeze(-1).to(hidden.hidden_states[-1].dtype)
         rest = {k: v for k, v in ids.items() if k not in (*self.TEXT_ENCODERS, "text_mask")}
         return {**rest, "prompt_embeds": embeds, "prompt_embeds_mask": kept}
+
+    def guidance_kwargs(self, scale: float) -> dict:
+        """True CFG's scale (the pipeline runs it only with a negative prompt; it has no guidance embedding)."""
+        return {"true_cfg_scale": scale}
+
+    def check_trainable(self, folder: Path) -> None:
+        """Refuse a step-distilled Qwen-Image as a training base: named so, or saved with Lightning's sampler (a
+        fixed shift, ``base_shift == max_shift``, no terminal stretch)."""
+        file = Path(folder) / "scheduler" / "scheduler_config.json"
+        config = json.loads(file.read_text()) if file.is_file() else {}
+        fixed = "max_shift" in config and config.get("base_shift") == config["max_shift"]
+        fixed = fixed and not config.get("shift_terminal")
+        if fixed or re.search(r"lightning|turbo|distill", Path(folder).name, re.I):
+            said = "its scheduler's fixed shift (Lightning's)" if fixed else "its folder name"
+            raise ConfigError(f"model.path={folder} is a distilled checkpoint ({said}): {DISTILLED}")
 
     # --- latents ---------------------------------------------------------------------------------
     def encode_images(self, vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

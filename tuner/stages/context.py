@@ -272,7 +272,7 @@ class Run:
         return sampling.sample_images(
             pipe, prompts, seeds, first.height, first.steps, first.guidance, len(jobs), None,
             self.accelerator.autocast, negative_prompts=negative, width=first.width, decode=self.family.decode,
-            **self.family.call_kwargs(), **call,
+            guidance=self.family.guidance_kwargs, **self.family.call_kwargs(), **call,
         )  # fmt: skip
 
     def sample(
@@ -287,7 +287,7 @@ class Run:
             return self._refined(pipe, refiner, prompts, seeds, steps, guidance, desc)
         return sampling.sample_images(
             pipe, prompts, seeds, resolution, steps, guidance, batch, desc, self.accelerator.autocast,
-            decode=self.family.decode, **self.family.call_kwargs(),
+            decode=self.family.decode, guidance=self.family.guidance_kwargs, **self.family.call_kwargs(),
         )  # fmt: skip
 
     def _refined(self, pipe, refiner, prompts, seeds, steps, guidance, desc) -> torch.Tensor:
