@@ -57,7 +57,7 @@ def own_pipeline(folder, family, scheduler=None) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.0)
     generator = [torch.Generator().manual_seed(0)]
-    return pipe(PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs()).images[0]
+    return pipe(prompt=PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs()).images[0]
 
 
 def resave(folder, family, scheduler: str, **config):

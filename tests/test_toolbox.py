@@ -60,7 +60,9 @@ def random_lora(base: Path, out: Path, rank: int, alpha: float, seed: int, famil
     layers = {}
     for name, modules in targets.items():
         module = c.trainable()[name]
-        module.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules, init_lora_weights=False))
+        exclude = f.TARGETS_EXCLUDE if name == c.denoiser_name else None  # Flux.2's to_out ModuleList
+        config = dict(r=rank, lora_alpha=alpha, target_modules=modules, init_lora_weights=False)
+        module.add_adapter(LoraConfig(**config, exclude_modules=exclude))
         with torch.no_grad():
             for key, p in module.named_parameters():
                 if "lora_" in key:
@@ -110,7 +112,7 @@ def pipeline(base: Path, loras: list[tuple[Path, float]], family: str = "sd15"):
 def draw(pipe, size: int = 16) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     out = pipe(
-        PROMPT,
+        prompt=PROMPT,
         num_inference_steps=3,
         height=size,
         width=size,
