@@ -143,3 +143,21 @@ def test_a_distilled_checkpoint_is_refused_as_a_training_base_and_takes_a_lora_t
     distilled = family.load_pipeline(named)
     distilled.load_lora_weights(lora.parent, weight_name=lora.name)
     assert len(tuner_layers(distilled.transformer)) == 4 * distilled.transformer.config.num_layers  # q, k, v, out
+
+
+def test_the_single_file_is_the_transformer_by_its_native_names_and_diffusers_reads_it_back(tmp_path, qwen):
+    """Comfy-Org's layout (the diffusers names, which are Qwen-Image's own, no prefix): read back whole by
+    ``QwenImageTransformer2DModel.from_single_file``, as the model card says."""
+    from diffusers import QwenImageTransformer2DModel
+    from safetensors.torch import save_file
+
+    family, c, pipe = qwen
+    file = tmp_path / "qwen_image.safetensors"
+    save_file(family.single_file_state(c.modules(), {}), file)
+    folder = tmp_path / "base"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    back = QwenImageTransformer2DModel.from_single_file(
+        str(file), config=str(folder), subfolder="transformer", local_files_only=True
+    ).state_dict()
+    ours = c.denoiser.state_dict()
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)

@@ -105,7 +105,8 @@ class QwenImage(FlowFamily):
         ],
     }  # fmt: skip
     TARGETS_EXCLUDE = "proj_out"  # the transformer's last projection, which no client's Qwen LoRA holds
-    NO_SCHEDULERS = ("flow_heun",)  # the pipeline passes sigmas and mu, which FlowMatchHeun's set_timesteps lacks
+    # the pipeline always passes sigmas (and mu), which FlowMatchHeun's and DPM-Solver's set_timesteps do not take
+    NO_SCHEDULERS = ("flow_heun", "flow_dpm++")
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     # kohya's names are the diffusers module names under lora_unet_ (musubi-tuner's files), which ComfyUI and
     # diffusers' QwenImageLoraLoaderMixin both read, with each module's alpha
@@ -114,7 +115,7 @@ class QwenImage(FlowFamily):
     KOHYA_READERS = "ComfyUI / musubi-tuner"
     SINGLE_FILE_TEXT = False  # the transformer alone, as Comfy-Org ships qwen_image_bf16.safetensors
     BASE_VERSION = "qwen_image"
-    MODELSPEC_ARCHITECTURE = "qwen-image"
+    MODELSPEC_ARCHITECTURE = "Qwen-Image"  # musubi-tuner's (modelspec.architecture)
     MAX_SEQUENCE_LENGTH = 512  # QwenImagePipeline's default (1024 at most)
     DEFAULT_RESOLUTION = 1024  # 1328 px is its native square; 1024 is what its trainers default to
     # its attention is 3072 wide, as Flux.1's: names tell them apart (SIGNS); the width kept here is the text
