@@ -161,3 +161,18 @@ def test_the_single_file_is_the_transformer_by_its_native_names_and_diffusers_re
     ).state_dict()
     ours = c.denoiser.state_dict()
     assert back.keys() == ours.keys() and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
+def test_image_to_image_draws_at_the_given_images_size(qwen):
+    """QwenImageImg2ImgPipeline draws 1024 px unless told the size: tuner's sampling passes the image's."""
+    from PIL import Image
+
+    from tuner.sampling import sample_images
+
+    family, c, pipe = qwen
+    image = Image.fromarray((torch.rand(32, 48, 3) * 255).byte().numpy())
+    img2img = family.img2img(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    out = sample_images(img2img, ["a cat"], [0], 32, 3, 3.0, decode=family.decode, image=image, strength=0.6,
+                        **family.call_kwargs())  # fmt: skip
+    assert out.shape == (1, 3, 32, 48) and out.std() > 0.01

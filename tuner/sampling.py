@@ -4,6 +4,7 @@ seed, never on what else shares its batch. Used by the gallery, class images and
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from tqdm.auto import tqdm
@@ -45,7 +46,10 @@ def sample_images(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, leave=False):
         chunk = slice(start, start + batch_size)
         with autocast():
-            size = {} if "image" in call else {"height": resolution, "width": width or resolution}
+            size = {"height": resolution, "width": width or resolution}
+            if "image" in call:  # the given image's size, where the pipeline takes one (else it draws 1024 px)
+                takes = "height" in inspect.signature(pipe.__call__).parameters
+                size = {"height": call["image"].height, "width": call["image"].width} if takes else {}
             negative = {"negative_prompt": negative_prompts[chunk]} if negative_prompts else {}
             latents = pipe(
                 prompt=prompts[chunk],  # by name: Flux.2's pipelines take reference images first

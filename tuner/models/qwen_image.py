@@ -104,7 +104,6 @@ class QwenImage(FlowFamily):
             "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
         ],
     }  # fmt: skip
-    TARGETS_EXCLUDE = "proj_out"  # the transformer's last projection, which no client's Qwen LoRA holds
     # the pipeline always passes sigmas (and mu), which FlowMatchHeun's and DPM-Solver's set_timesteps do not take
     NO_SCHEDULERS = ("flow_heun", "flow_dpm++")
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
