@@ -176,3 +176,13 @@ def test_image_to_image_draws_at_the_given_images_size(qwen):
     out = sample_images(img2img, ["a cat"], [0], 32, 3, 3.0, decode=family.decode, image=image, strength=0.6,
                         **family.call_kwargs())  # fmt: skip
     assert out.shape == (1, 3, 32, 48) and out.std() > 0.01
+
+
+def test_a_qwen_image_2_1_folder_is_refused_saying_it_is_another_architecture(tmp_path):
+    import json
+
+    from tuner.errors import ConfigError
+
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImage21Pipeline"}))
+    with pytest.raises(ConfigError, match=r"Qwen-Image 2.1 \(QwenImage21Pipeline\), another architecture"):
+        QwenImage().check_folder(tmp_path)

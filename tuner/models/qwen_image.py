@@ -6,8 +6,11 @@ each prompt keeps its own length there, which tuner holds at ``model.max_sequenc
 after the prompt and a mask the transformer reads (the pipeline's ``encoder_hidden_states_mask``: a masked key
 changes nothing the image stream sees). The transformer reads timesteps in [0, 1] and the latents' grid
 (``img_shapes``) for its RoPE. Latents are per channel ``(z - latents_mean) / latents_std``; the VAE encodes and
-decodes one frame (B, C, 1, H, W). Sampling: true classifier-free guidance runs only with a negative prompt
-(``true_cfg_scale``, the pipeline's default 4.0); without one, one pass per step.
+decodes one frame (B, C, 1, H, W). Sampling: true classifier-free guidance runs only with a negative prompt, at
+the sampling's guidance scale (``true_cfg_scale``; a negative prompt of " " turns it on, as Qwen's examples do);
+without one, one pass per step and the guidance scale does nothing (the transformer has no guidance embedding).
+Training: flow matching over the plain schedule (as diffusers' DreamBooth script; ``model.timestep_shift`` and
+``model.weighting_scheme`` shift it), the text encoder frozen and its prompts cached.
 
 Qwen-Image 2.1 (``QwenImage21Pipeline``) is another architecture (a Qwen3-VL encoder read through its processor,
 a single-stream block-causal transformer over unpatched 64-channel latents of a x16 VAE): not this family.
@@ -212,6 +215,17 @@ class QwenImage(FlowFamily):
         embeds = hidden.hidden_states[-1][:, DROPPED:] * kept.unsqueeze(-1).to(hidden.hidden_states[-1].dtype)
         rest = {k: v for k, v in ids.items() if k not in (*self.TEXT_ENCODERS, "text_mask")}
         return {**rest, "prompt_embeds": embeds, "prompt_embeds_mask": kept}
+
+    def check_folder(self, path, allow_pickle: bool = False) -> Path:
+        """As every family's, and a Qwen-Image 2.1 folder refused saying what it is."""
+        index = Path(path).expanduser() / "model_index.json"
+        if index.is_file() and json.loads(index.read_text()).get("_class_name") == "QwenImage21Pipeline":
+            raise ConfigError(
+                f"model.path={path} holds Qwen-Image 2.1 (QwenImage21Pipeline), another architecture than Qwen-Image's "
+                "(a Qwen3-VL encoder read through its processor, a single-stream transformer over the 64-channel "
+                "latents of a x16 VAE): model=qwen_image trains QwenImagePipeline folders; tuner has no 2.1 family yet"
+            )
+        return super().check_folder(path, allow_pickle)
 
     def guidance_kwargs(self, scale: float) -> dict:
         """True CFG's scale (the pipeline runs it only with a negative prompt; it has no guidance embedding)."""
