@@ -113,7 +113,7 @@ def _diffusers_usage(files: list[str], base: str, family, prompt: str) -> list[s
     note = []
     if "diffusers/pytorch_lora_weights.safetensors" in files:  # ComfyUI skips its attention and text-encoder keys
         note = [DIFFUSERS_ONLY, ""]
-    return ["### diffusers", "", *note, *lines, f'image = pipe("{prompt}").images[0]', "```", ""]
+    return ["### diffusers", "", *note, *lines, f'image = pipe(prompt="{prompt}").images[0]', "```", ""]
 
 
 def _embedding_usage(files: list[str], family, prompt: str) -> list[str]:
