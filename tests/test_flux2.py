@@ -13,7 +13,7 @@ from tuner.config import ModelConfig
 from tuner.models import register, unregister
 from tuner.models.flux2 import Flux2, Flux2Klein
 
-CLASSES = {"flux2": Flux2, "flux2_klein": Flux2Klein}
+CLASSES = {cls.NAME: cls for cls in (Flux2, Flux2Klein)}  # this module tests these two (by name below)
 LENGTH = 64  # the tiny tokenizers' system message and prompt fit in 64 tokens
 
 
