@@ -187,3 +187,25 @@ def test_a_distilled_klein_is_refused_as_a_training_base_and_samples_without_cfg
         pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=4.0, max_sequence_length=LENGTH)
         calls[kind] = len(count)
     assert calls == {"test": 4, "distilled": 2}  # CFG: two transformer calls a step on the base, one distilled
+
+
+def test_a_folder_naming_pixtrals_processor_loads_without_torchvision(tmp_path, folder):
+    """FLUX.2-dev's folder names a PixtralProcessor (torchvision for its image half): tuner reads its tokenizer and
+    the processor's chat template (chat_template.json), and encodes prompts as the tokenizer saved alone does."""
+    import importlib.util
+    import json
+    import shutil
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the folder's PixtralProcessor itself loads")
+    copy = shutil.copytree(folder("flux2"), tmp_path / "dev")
+    index = json.loads((copy / "model_index.json").read_text())
+    (copy / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}))
+    template = (copy / "tokenizer" / "chat_template.jinja").read_text()
+    (copy / "tokenizer" / "chat_template.jinja").unlink()
+    (copy / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    family, c, pipe = loaded("flux2", copy)
+    _, original, _ = loaded("flux2", folder("flux2"))
+    ours = family.encode_prompts(c, [PROMPT])["prompt_embeds"]
+    torch.testing.assert_close(ours, family.encode_prompts(original, [PROMPT])["prompt_embeds"], rtol=0, atol=0)
+    torch.testing.assert_close(pipe.encode_prompt([PROMPT], device="cpu", max_sequence_length=LENGTH)[0], ours)

@@ -236,7 +236,7 @@ class Family:
         for i in range(len(self.TEXT_ENCODERS)):
             name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
             library, cls = index[name]
-            tokenizers[name] = _class(library, cls).from_pretrained(folder / name)
+            tokenizers[name] = self.load_tokenizer(folder / name, library, cls)
         scheduler = _class("diffusers", self.TRAINING_SCHEDULER).from_pretrained(folder / "scheduler")
         for module in (denoiser, vae, *encoders.values()):
             module.requires_grad_(False).eval()
@@ -249,6 +249,10 @@ class Family:
         c.extra["scheduler_class"] = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         c.prediction_type = self.prediction(c, prediction_type)
         return c
+
+    def load_tokenizer(self, folder: Path, library: str, cls: str):
+        """The tokenizer (or processor) in ``folder``, of the class its model_index.json entry names."""
+        return _class(library, cls).from_pretrained(folder)
 
     def prediction(self, c: Components, override: str | None) -> str:
         """epsilon | v_prediction: from the scheduler config unless overridden (model.prediction_type)."""

@@ -15,6 +15,7 @@ channel normalised by the VAE's batch-norm statistics, ``(patch - mean) / std`` 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import string
 from pathlib import Path
@@ -310,6 +311,31 @@ class Flux2(_Flux2):
         config = MistralConfig(hidden_size=5120, intermediate_size=32768, num_hidden_layers=layers, head_dim=128,
                                num_attention_heads=32, num_key_value_heads=8, vocab_size=131072)  # fmt: skip
         return MistralModel(config)
+
+    def load_tokenizer(self, folder: Path, library: str, cls: str):
+        """FLUX.2-dev's folder names a PixtralProcessor, which cannot be built without torchvision; the pipeline uses
+        its image half only to upsample captions with images. Without torchvision: the folder's tokenizer with the
+        processor's chat template, which is all ``encode_prompt`` calls."""
+        if cls != "PixtralProcessor" or importlib.util.find_spec("torchvision") is not None:
+            return super().load_tokenizer(folder, library, cls)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.chat_template is None and (folder / "chat_template.jinja").is_file():
+            tokenizer.chat_template = (folder / "chat_template.jinja").read_text()
+        if tokenizer.chat_template is None and (folder / "chat_template.json").is_file():
+            tokenizer.chat_template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
+        return tokenizer
+
+    def pipeline_with(self, path: str | Path, **components):
+        """The pipeline of the base folder ``path``, its tokenizer as ``load_tokenizer`` reads it."""
+        folder = self.check_folder(path)
+        library, cls = json.loads((folder / "model_index.json").read_text())["tokenizer"]
+        if "tokenizer" in components or cls != "PixtralProcessor" or importlib.util.find_spec("torchvision"):
+            return super().pipeline_with(folder, **components)
+        pipe = super().pipeline_with(folder, **components, tokenizer=None)  # diffusers checks a passed one's class
+        pipe.tokenizer = self.load_tokenizer(folder / "tokenizer", library, cls)
+        return pipe
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """As ``Flux2Pipeline``: BFL's system message and the prompt in Mistral's chat template, padded."""
