@@ -210,9 +210,11 @@ class QwenImage(FlowFamily):
         device = next(encoder.parameters()).device
         mask = ids["text_mask"].to(device)
         model = getattr(encoder, "model", encoder)  # the LLM without its vocabulary head
-        hidden = model(input_ids=ids["text_encoder"].to(device), attention_mask=mask, output_hidden_states=True)
+        # the pipeline's hidden_states[-1], which transformers 5 ties to last_hidden_state: read without keeping
+        # every layer's states (tests/test_qwen_image.py holds the two encodings equal)
+        hidden = model(input_ids=ids["text_encoder"].to(device), attention_mask=mask).last_hidden_state
         kept = mask[:, DROPPED:]
-        embeds = hidden.hidden_states[-1][:, DROPPED:] * kept.unsqueeze(-1).to(hidden.hidden_states[-1].dtype)
+        embeds = hidden[:, DROPPED:] * kept.unsqueeze(-1).to(hidden.dtype)
         rest = {k: v for k, v in ids.items() if k not in (*self.TEXT_ENCODERS, "text_mask")}
         return {**rest, "prompt_embeds": embeds, "prompt_embeds_mask": kept}
 
