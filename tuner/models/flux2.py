@@ -174,22 +174,21 @@ class _Flux2(FlowFamily):
         call it; its output in the same shape."""
         from diffusers import Flux2Pipeline
 
-        patches = noisy
         text = cond["prompt_embeds"]
         config = getattr(denoiser, "module", denoiser).config  # DistributedDataParallel wraps it
         guidance = None
         if config.guidance_embeds:
             guidance = torch.full((len(noisy),), float(self.model.guidance), device=noisy.device)
         out = denoiser(
-            hidden_states=Flux2Pipeline._pack_latents(patches),
+            hidden_states=Flux2Pipeline._pack_latents(noisy),
             timestep=timesteps.to(noisy.dtype) / 1000,
             guidance=guidance,
             encoder_hidden_states=text,
             txt_ids=Flux2Pipeline._prepare_text_ids(text).to(noisy.device),
-            img_ids=Flux2Pipeline._prepare_latent_ids(patches).to(noisy.device),
+            img_ids=Flux2Pipeline._prepare_latent_ids(noisy).to(noisy.device),
             return_dict=False,
         )[0]
-        return out.transpose(1, 2).reshape(patches.shape)
+        return out.transpose(1, 2).reshape(noisy.shape)
 
     # --- exports -------------------------------------------------------------------------------------------
     def kohya_module_name(self, component: str, name: str, config) -> str:
@@ -232,7 +231,7 @@ class _Flux2(FlowFamily):
             }
 
         return RealWidths(
-            transformer, double, inputs, lambda: [self._real_text_encoder(text_layers)], lambda: _real_vae(),
+            transformer, double, inputs, lambda: [self._real_text_encoder(text_layers)], _real_vae,
             unit=f"1 double + {per} single blocks", published=published,
         )  # fmt: skip
 
