@@ -139,7 +139,7 @@ def model_digest(family, rw, setting) -> str:
             "denoiser": [layout(rw.denoiser(n)) for n in units],
             "real": rw.real,
             "encoders": [layout(m) for m in [*rw.text_encoders(), rw.vae()]],
-            "inputs": tree_map(lambda t: [str(t.dtype), *t.shape], inputs),
+            "inputs": tree_map(lambda t: [str(t.dtype), *t.shape] if torch.is_tensor(t) else repr(t), inputs),
             "targets": [family.TARGETS, family.TARGETS_EXCLUDE, list(family.OFFLOAD_BLOCKS)],
         }
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]

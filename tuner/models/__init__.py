@@ -21,6 +21,9 @@ FAMILIES = {
     "sdxl": "sdxl:SDXL",
     "flux": "flux:Flux",
     "sd3": "sd3:SD3",
+    "flux2": "flux2:Flux2",
+    "flux2_klein": "flux2:Flux2Klein",
+    "qwen_image": "qwen_image:QwenImage",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 

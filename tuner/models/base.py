@@ -23,7 +23,7 @@ import torch
 from tuner.config import BlockGroup, ModelConfig
 from tuner.errors import ConfigError
 from tuner.models import samplers
-from tuner.models.objectives import FlowObjective, NoiseObjective
+from tuner.models.objectives import NoiseObjective
 
 Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
 
@@ -428,41 +428,3 @@ def _ids(tokenizer, prompts: list[str], length: int) -> torch.Tensor:
 
     prompts = TextualInversionLoaderMixin().maybe_convert_prompt(list(prompts), tokenizer)
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-
-
-class FlowFamily(Family):
-    """What the flow-matching transformer families (Flux, SD3) share."""
-
-    DENOISER = "transformer"
-    TRAINING_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
-    FLOW = True
-    DEFAULT_SCHEDULER = "flow_euler"
-    EXPORTS = ("diffusers", "peft", "merged")
-    RESOLUTION_MULTIPLE = 16
-    DEFAULT_RESOLUTION = 1024
-    MAX_SEQUENCE_LENGTH = 512  # the pipeline's default T5 prompt length
-
-    def prediction(self, c: Components, override: str | None) -> str:
-        if override not in (None, "flow"):
-            raise ConfigError(f"model.prediction_type={override}: model={self.NAME} trains by flow matching")
-        return "flow"
-
-    def objective(self, c: Components):
-
-        m = self.model
-        return FlowObjective(
-            c.noise_scheduler,
-            self.predict,
-            weighting=m.weighting_scheme,
-            logit_mean=m.logit_mean,
-            logit_std=m.logit_std,
-            mode_scale=m.mode_scale,
-            shift=m.timestep_shift,
-        )
-
-    @property
-    def max_sequence_length(self) -> int:
-        return self.model.max_sequence_length or self.MAX_SEQUENCE_LENGTH
-
-    def call_kwargs(self) -> dict:
-        return {"max_sequence_length": self.max_sequence_length}

@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 
 from tuner.models import real, tiny
-from tuner.models.base import Components, FlowFamily, _ids
+from tuner.models.base import Components, _ids
 from tuner.models.bfl_layout import SWAPPED_HALVES, bfl_name, original_state
+from tuner.models.flow import FlowFamily
 from tuner.models.real import RealWidths
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.models.base import Components, FlowFamily
+from tuner.models.base import Components
+from tuner.models.flow import FlowFamily
 from tuner.models.flux2_layout import SWAPPED_HALVES, flux2_name, original_state
 from tuner.models.real import RealWidths
 

@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.models.base import Components, FlowFamily
+from tuner.models.base import Components
+from tuner.models.flow import FlowFamily
 from tuner.models.real import RealWidths
 
 # QwenImagePipeline's prompt template and the tokens of its system prefix it drops (prompt_template_encode...)

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from tuner.models import real, tiny
-from tuner.models.base import Components, FlowFamily, _ids
+from tuner.models.base import Components, _ids
+from tuner.models.flow import FlowFamily
 from tuner.models.mmdit_layout import mmdit_name, original_state, swapped
 from tuner.models.real import RealWidths
 
