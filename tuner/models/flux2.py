@@ -300,6 +300,7 @@ class Flux2(_Flux2):
         """Flux.2 dev's 32B transformer (8 double-stream blocks, 48 single-stream, 6144 wide, guidance embedding)
         by units of one double- and six single-stream blocks, Mistral Small 3.1 (5120 x 40), its 32-channel VAE."""
         published = {
+            "Flux.2 dev LoRA r16 1024 px target": "<= 20 GB offloaded",
             "SimpleTuner (int8 model, int4 text encoder)": "~22 GB",
             "diffusion-pipe without block swap": ">= 48 GB",
         }
@@ -404,7 +405,11 @@ class Flux2Klein(_Flux2):
     def real_widths(self) -> RealWidths:
         """Flux.2 klein 4B's transformer (5 double-stream blocks, 20 single-stream, 3072 wide) by units of one
         double- and four single-stream blocks, Qwen3-4B (2560 x 36), the 32-channel VAE."""
-        published = {"klein 4B LoRA (int8)": "~8 GB", "klein 9B LoRA (int8)": "~14 GB"}
+        published = {
+            "klein 4B LoRA r16 1024 px target": "<= 6 GB NF4",
+            "klein 4B LoRA (int8)": "~8 GB",
+            "klein 9B LoRA (int8)": "~14 GB",
+        }
         return self._real(24, 5, 20, 2560, 36, False, published)
 
     def _real_text_encoder(self, layers):

@@ -190,6 +190,7 @@ class QwenImage(FlowFamily):
             return _OneFrame(AutoencoderKLQwenImage())
 
         published = {
+            "Qwen-Image LoRA r16 1024 px target": "<= 16 GB NF4, <= 10 GB offloaded",
             "musubi-tuner bf16": "42 GB", "musubi-tuner fp8": "30 GB", "musubi-tuner fp8 + 16 blocks swapped": "24 GB",
             "musubi-tuner fp8 + 45 blocks swapped": "12 GB",
         }  # fmt: skip
