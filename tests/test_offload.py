@@ -168,3 +168,22 @@ def test_captions_are_encoded_a_few_at_a_time_to_what_one_batch_gives(tiny):
     for i, item in enumerate(items):
         for key, value in item.items():
             torch.testing.assert_close(value, whole[key][i], rtol=1e-5, atol=1e-6, msg=f"{i} {key}")
+
+
+def test_parked_encoders_come_to_the_device_only_for_what_the_cache_lacks(tmp_path, tiny_pipeline_dir):
+    """``model.offload_frozen``: the first run brings the VAE and the text encoder to the device to fill an empty
+    cache; a second run of the same images and captions finds everything cached and brings neither (the encode
+    phase of a large text encoder is then not paid again), and trains the same adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    shared = [f"cache.dir={tmp_path / 'cache'}", "model.offload_frozen=true"]
+    first = train_in_process(tmp_path, tiny_pipeline_dir, *shared, name="first")
+    again = train_in_process(tmp_path, tiny_pipeline_dir, *shared, name="again")
+    assert first.metrics["offload_frozen"]["brought_to_encode"] == sorted({"vae", *first.components.text_encoders})
+    assert first.metrics["cache"]["encoded"]["prompts"] > 0
+    assert again.metrics["offload_frozen"]["brought_to_encode"] == []
+    assert set(again.metrics["cache"]["encoded"].values()) == {0}
+    a, b = (get_peft_model_state_dict(r.components.unet) for r in (first, again))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)

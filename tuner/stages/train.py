@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,10 +62,11 @@ def train(run: Run) -> Adapted:
     what = _set_up_model(run)
     in_step = what.text_encoder_trains or cfg.data.shuffle_tags  # the text encoder runs in every step
     parked = _frozen_parts(run, in_step)
-    if parked is not None:  # the encoders on the device while they encode, then in host memory
-        parked.unpark()
-    data = _sample_sets(run, in_step)
+    # the VAE and the text encoders come to the device only to encode what the shared cache does not hold yet,
+    # then go back to host memory: captions cached by an earlier run never bring their encoder
+    data = _sample_sets(run, in_step, parked.unpark if parked is not None else lambda *names: None)
     if parked is not None:
+        run.metrics["offload_frozen"]["brought_to_encode"] = sorted(parked.brought)
         parked.park()
     for name, module in c.modules().items():  # what runs in the steps, on the device
         if parked is None or name not in parked.modules:
@@ -123,10 +125,11 @@ def _frozen_parts(run: Run, in_step: bool) -> Parked | None:
     return parked
 
 
-def _sample_sets(run: Run, in_step: bool) -> SampleSets:
+def _sample_sets(run: Run, in_step: bool, bring: Callable[..., None]) -> SampleSets:
     """The instance set (and the class set, with prior preservation), their latents and captions encoded
     once into the shared cache (tuner/training/cache.py), where any run finds them again by content; and the
-    held-out images (``data.val_split`` of each set, or ``data.val_dir``), encoded the same way.
+    held-out images (``data.val_split`` of each set, or ``data.val_dir``), encoded the same way. ``bring(*names)``
+    puts the named modules on the device before they encode anything.
 
     Returns the sets, the distinct captions (the empty one last, for caption dropout), the held-out sets and each
     caption's conditioning (or token ids): a ``SampleSets``.
@@ -139,12 +142,13 @@ def _sample_sets(run: Run, in_step: bool) -> SampleSets:
     vae_dtype = next(c.vae.parameters()).dtype
     latents_store = Store(run.cache_dir, f"latents-{fingerprint('latents', str(vae_dtype), modules=[c.vae])}")
     for role, weight, dataset in _parts(run, roles):
+
+        def latents_of(ids, dataset=dataset):
+            bring("vae")
+            return encode_latent_dist(c.vae, images_of(dataset, ids), family=run.family).items()
+
         entries, report["encoded"][f"latents-{role}"] = cached(
-            latents_store,
-            image_keys(dataset),
-            lambda ids: encode_latent_dist(c.vae, images_of(dataset, ids), family=run.family).items(),  # noqa: B023
-            accelerator,
-            f"{role} latents",
+            latents_store, image_keys(dataset), latents_of, accelerator, f"{role} latents"
         )
         report["entries"][f"latents-{role}"] = len(entries)
         opened.append(entries)
@@ -163,7 +167,11 @@ def _sample_sets(run: Run, in_step: bool) -> SampleSets:
     else:
         store = Store(run.cache_dir, f"prompts-{_prompts_fingerprint(run)}")
         keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
-        encode = lambda ids: encode_captions(run.family, c, [texts[i] for i in ids], accelerator.autocast)  # noqa: E731
+
+        def encode(ids):
+            bring(*c.text_encoders)
+            return encode_captions(run.family, c, [texts[i] for i in ids], accelerator.autocast)
+
         entries, report["encoded"]["prompts"] = cached(store, keys, encode, accelerator, "captions")
         report["entries"]["prompts"] = len(entries)
         names = list(entries.slots[0])

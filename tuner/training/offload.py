@@ -33,6 +33,7 @@ class Parked:
     def __init__(self, modules: dict[str, torch.nn.Module], device: torch.device):
         self.modules, self.device = modules, device
         self.bytes = sum(module_bytes(m) for m in modules.values())
+        self.brought: set[str] = set()
 
     def park(self) -> None:
         for module in self.modules.values():
@@ -40,9 +41,12 @@ class Parked:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def unpark(self) -> None:
-        for module in self.modules.values():
-            module.to(self.device)
+    def unpark(self, *names: str) -> None:
+        """The modules named (all when none are) on the device; each name brought once is in ``brought``."""
+        for name in names or tuple(self.modules):
+            if name in self.modules:
+                self.modules[name].to(self.device)
+                self.brought.add(name)
 
     @contextlib.contextmanager
     def on_device(self):
