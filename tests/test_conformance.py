@@ -293,6 +293,35 @@ def test_block_offload_gives_the_same_adapters(tmp_path, tiny, name, checkpointi
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", NAMES)
+def test_lora_under_fsdp_on_two_processes_trains_what_one_process_trains(tmp_path, tiny, name):
+    """``distributed.strategy=fsdp`` under torchrun, 2 ranks at batch 1 each (gloo on the CPUs): the family's
+    denoiser sharded, the LoRA of the same global batch as one process at batch 2 (SGD: fp32 round-off apart),
+    exported by rank 0 in diffusers' format."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import make_photos, torchrun
+
+    photos = make_photos(tmp_path / "photos", 2)
+    args = ["recipe=lora", *args_of(name), f"model.path={tiny(name)}", f"data.instance_dir={photos}",
+            f"data.instance_prompt={PROMPT}", "train.optimizer=sgd", "train.learning_rate=5e-2", "train.max_steps=2",
+            "validation.every=0", "log.tensorboard=false", "stages=[base,prepare,train,export]",
+            "export.formats=[diffusers]"]  # fmt: skip
+    two = torchrun([*args, "distributed.strategy=fsdp", "train.batch_size=1", f"output_dir={tmp_path / 'two'}"],
+                   tmp_path, "two")  # fmt: skip
+    assert two.wait() == 0, two.text[-3000:]
+    one = torchrun([*args, "train.batch_size=2", f"output_dir={tmp_path / 'one'}"], tmp_path, "one", nproc=1)
+    assert one.wait() == 0, one.text[-3000:]
+    lora = "diffusers/pytorch_lora_weights.safetensors"
+    sharded, whole = load_file(tmp_path / "two" / lora), load_file(tmp_path / "one" / lora)
+    assert sharded.keys() == whole.keys() and any("lora_B" in k for k in whole)
+    assert max(v.abs().max().item() for k, v in whole.items() if "lora_B" in k) > 1e-4  # it trained
+    for key in whole:
+        torch.testing.assert_close(sharded[key], whole[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", NAMES)
 def test_resume_from_a_checkpoint_ends_where_the_whole_run_ends(tmp_path, tiny, name):
     """4 steps straight, and 2 steps resumed from the checkpoint at step 2: the same adapter and loss."""
     settings = [*args_of(name), *te_lora(name), "train.max_steps=4", "checkpoints.every=2"]
