@@ -10,6 +10,7 @@ one ResNet per block. The VAE is tiny: no client check reads it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -265,3 +266,72 @@ def sd3_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
         "context": torch.randn(1, 16, 32, generator=g),
         "y": torch.randn(1, 32, generator=g),
     }
+
+
+def build_flux2_klein(folder: Path, seed: int = 0) -> Path:
+    """Flux.2 klein 4B's transformer at its real widths (24 heads of 128 channels: 3072 wide, MLP ratio 3, the
+    7680-wide context of three 2560-wide Qwen3-4B layers side by side: the shapes InvokeAI tells klein 4B from
+    Flux.1 and the other Flux.2 by) with one double- and one single-stream block; a Qwen3 of the 28 layers the
+    pipeline reads (9, 18, 27) at Qwen3-4B's 2560 width with tiny attention and MLP; the tiny VAE. 0.5 B
+    parameters."""
+    from diffusers import Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from tuner.models.tiny import save_pipeline
+
+    components = get_family("flux2_klein").build_tiny(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = Flux2Transformer2DModel(
+        num_layers=1, num_single_layers=1, num_attention_heads=24, joint_attention_dim=3 * 2560, guidance_embeds=False
+    )
+    tokenizer = components["tokenizer"]
+    components["text_encoder"] = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=2560, intermediate_size=16, num_hidden_layers=28,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
+            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    return save_pipeline(components, folder, "flux2_klein")
+
+
+def build_qwen_image(folder: Path, seed: int = 0) -> Path:
+    """Qwen-Image's transformer at its real widths (24 heads of 128 channels: 3072 wide, the 3584-wide context of
+    Qwen2.5-VL-7B) with one MMDiT block of its 60; a two-layer Qwen2.5-VL at the 3584 width with a tiny MLP and
+    vision tower; the tiny VAE and byte-level tokenizer of its tiny pipeline. 0.4 B parameters."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from tuner.models.qwen_image import DROPPED
+    from tuner.models.tiny import save_pipeline
+
+    components = get_family("qwen_image").build_tiny(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = QwenImageTransformer2DModel(num_layers=1)  # the config's defaults are Qwen-Image's
+    tokenizer = components["tokenizer"]
+    text = {
+        "vocab_size": len(tokenizer), "hidden_size": 3584, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 1024 + DROPPED,
+        "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6},
+        "pad_token_id": tokenizer.pad_token_id, "bos_token_id": None, "eos_token_id": tokenizer.pad_token_id,
+    }  # fmt: skip
+    vision = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 3584,
+              "fullatt_block_indexes": [0]}  # fmt: skip
+    components["text_encoder"] = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    )
+    save_pipeline(components, folder, "qwen_image")
+    # the published folder's config (transformers 4.x's flat Qwen2.5-VL one) names its vocabulary at the top, where
+    # tuner's single-file export reads it; transformers 5 writes it under text_config alone
+    config = folder / "text_encoder" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": len(tokenizer)}, indent=2))
+    return folder
+
+
+# the families InvokeAI runs whose base is not built here, and why
+UNBUILT = {
+    "flux2": "Flux.2 dev's transformer at its real 6144 width is 2.29 B parameters with one block of each kind "
+    "(its shared modulations alone 0.57 B): 9.2 GB per fp32 copy (the base, the run's, peft's merge, InvokeAI's, "
+    "its single file), past the CPU tier's memory and minutes. InvokeAI tells dev by the same rules as klein "
+    "(a block width or context width that is not Flux.1's) and loads it by the same code",
+}

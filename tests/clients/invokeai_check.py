@@ -4,7 +4,9 @@ they compute; read a merged pipeline folder's text encoders with InvokeAI's pinn
 
     python invokeai_check.py SPEC.json OUT.safetensors
     (SPEC: base, merged, inputs, loras {name: file}, text_encoders {folder: [class, LoRA key prefix]}, and
-    optionally embedding {file, at}; or, for Flux, inputs and flux {single_file, lora, clip (CLIP-L's folder)})
+    optionally embedding {file, at}; or, for Flux, inputs and flux {single_file, lora, clip (CLIP-L's folder)};
+    or, for a diffusers-layout transformer family, transformer {class, base (its folder), expected (the merged
+    weights), loras {name: file}, single_file})
 
 The patching is what InvokeAI's denoise and prompt nodes do: LoRA layers from the file
 (``lora_model_from_sd_state_dict``, SDXL keys converted first), applied with ``LayerPatcher`` under the
@@ -34,7 +36,7 @@ from invokeai.backend.textual_inversion import TextualInversionModelRaw
 from safetensors.torch import load_file, save_file
 
 spec, out_path = json.load(open(sys.argv[1])), sys.argv[2]
-inputs = load_file(spec["inputs"])
+inputs = load_file(spec["inputs"]) if spec.get("inputs") else {}
 
 
 class Collect(logging.Handler):
@@ -103,8 +105,117 @@ def check_flux(flux):
     sys.exit(0)
 
 
+def check_transformer(t):
+    """A diffusers-layout transformer family (FLUX.2, Qwen-Image), as InvokeAI runs it: its diffusers class read
+    from the base folder; each LoRA file probed, loaded by InvokeAI's ``LoRALoader`` (the routing of its probed
+    base and format), handed on as the family's denoise node hands it on (FLUX.2's converts BFL names to
+    diffusers' and splits fused q, k, v) and patched into the transformer under the node's prefix; and a
+    single file read by its checkpoint loader. Reports, per file, each patched or loaded weight's largest
+    difference from ``expected`` (the merged transformer's weights), and what was left over."""
+    import diffusers
+    from invokeai.backend.model_manager.load.model_loaders import flux
+    from invokeai.backend.model_manager.load.model_loaders import qwen_image as qwen
+    from invokeai.backend.model_manager.load.model_loaders.lora import LoRALoader
+    from invokeai.backend.patches.lora_conversions.flux_bfl_peft_lora_conversion_utils import (
+        convert_bfl_lora_patch_to_diffusers,
+    )
+    from invokeai.backend.patches.lora_conversions.flux_lora_constants import FLUX_LORA_TRANSFORMER_PREFIX
+    from invokeai.backend.patches.lora_conversions.qwen_image_lora_constants import (
+        QWEN_IMAGE_EDIT_LORA_TRANSFORMER_PREFIX,
+    )
+
+    # what each base's denoise node does with a loaded LoRA (flux2_denoise's _lora_iterator converts BFL-named
+    # layers to diffusers' names; qwen_image_denoise's passes it on as loaded), the prefix it patches under, and
+    # the loader of its single-file checkpoints
+    nodes = {
+        "flux2": (convert_bfl_lora_patch_to_diffusers, FLUX_LORA_TRANSFORMER_PREFIX, flux.Flux2CheckpointModel),
+        "qwen-image": (lambda patch: patch, QWEN_IMAGE_EDIT_LORA_TRANSFORMER_PREFIX, qwen.QwenImageCheckpointModel),
+    }
+    cls = getattr(diffusers, t["class"])
+    expected = load_file(t["expected"])
+    transformer = cls.from_pretrained(t["base"]).eval()
+    apply_custom_layers_to_model(transformer)
+    base = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+
+    def compare(state):
+        """The largest difference of ``state`` from ``expected`` (cast to its dtype), the keys it lacks or adds, and
+        how many of its weights differ from the base's."""
+        shared = [k for k in expected if k in state]
+
+        def cast(t, k):
+            return t.to(state[k].dtype).float()
+
+        return {
+            "max_diff": max(float((state[k].float() - cast(expected[k], k)).abs().max()) for k in shared),
+            "missing": sorted(set(expected) - set(state)),
+            "extra": sorted(set(state) - set(expected)),
+            "changed": sum(not torch.equal(state[k].float(), cast(base[k], k)) for k in shared),
+        }
+
+    report = {"loras": {}}
+    for name, path in t["loras"].items():
+        config = ModelConfigFactory.from_model_on_disk(path).config
+        kind = {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
+        loader = LoRALoader.__new__(LoRALoader)  # its _load_model reads no more of the app than these
+        loader._model_base, loader._torch_dtype = config.base, torch.float32
+        hand_on, prefix, _ = nodes[kind["base"]]
+        patch = hand_on(loader._load_model(config))
+        unmatched = []
+        for key in patch.layers:
+            try:
+                transformer.get_submodule(key.removeprefix(prefix))
+            except AttributeError:
+                unmatched.append(key)
+        with LayerPatcher.apply_smart_model_patches(
+            model=transformer, patches=[(patch, 1.0)], prefix=prefix, dtype=torch.float32, force_direct_patching=True
+        ):
+            result = compare({k: v.detach() for k, v in transformer.state_dict().items()})
+        modules = {
+            key.split(".")[0] if key.startswith("lora_unet_") else key.rsplit(".", 2)[0] for key in load_file(path)
+        }
+        report["loras"][name] = {
+            "probe": kind, "format": getattr(config.format, "value", None), "modules": len(modules),
+            "layers": len(patch.layers), "not_loaded": unmatched + collect.lines, **result,
+        }  # fmt: skip
+        collect.lines = []
+        restored = transformer.state_dict()
+        assert all(torch.equal(restored[k], v) for k, v in base.items()), "the patcher left the weights changed"
+    if t.get("single_file"):
+        config = ModelConfigFactory.from_model_on_disk(t["single_file"]).config
+        kind = {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
+        loader_cls = nodes[kind["base"]][2]
+        loader = loader_cls.__new__(loader_cls)
+        loader._ram_cache = type("Room", (), {"make_room": lambda self, size: None})()  # no model cache here
+        given = {}
+        module = sys.modules[loader_cls.__module__]
+        strict = module.load_state_dict_ignoring_extras  # it drops keys the class lacks: record what it was given
+
+        def recording(model, state_dict, *args, **kwargs):
+            given.update(state_dict)
+            return strict(model, state_dict, *args, **kwargs)
+
+        module.load_state_dict_ignoring_extras = recording
+        try:
+            model = loader._load_from_singlefile(config)
+        finally:
+            module.load_state_dict_ignoring_extras = strict
+        state = model.state_dict()
+        report["single_file"] = {
+            "probe": kind, "dropped": sorted(set(given) - set(state)),
+            "unloaded": sorted(k for k, v in state.items() if v.is_meta),
+            "added": sorted(set(state) - set(expected)), "dtype": str(next(iter(state.values())).dtype),
+            **compare({k: state[k] for k in expected if k in state}),
+        }  # fmt: skip
+    with open(out_path + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+    sys.exit(0)
+
+
 if spec.get("flux"):
     check_flux(spec["flux"])
+if spec.get("transformer"):
+    check_transformer(spec["transformer"])
 
 
 def text_encoders(folder):

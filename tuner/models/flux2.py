@@ -256,7 +256,8 @@ class Flux2(_Flux2):
         {"lora_unet_double_blocks_0_img_attn_qkv": (4, 6144), "lora_unet_single_blocks_0_linear1": (4, 6144)},
         {"diffusion_model.double_blocks.0.img_attn.qkv": (4, 6144)},  # ComfyUI's own keys
     )  # fmt: skip
-    CLIENTS = {"comfyui": {"model": "Flux2"}}
+    # InvokeAI 6.14's base for FLUX.2 klein and dev alike; it runs the transformer as diffusers' class
+    CLIENTS = {"comfyui": {"model": "Flux2"}, "invokeai": {"base": "flux2", "runs": "diffusers"}}
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny Flux.2 dev: the transformer with its guidance embedding, a Mistral 3 text encoder of 31 layers (the
@@ -379,7 +380,7 @@ class Flux2Klein(_Flux2):
         {"diffusion_model.single_transformer_blocks.0.attn.to_qkv_mlp_proj": (4, 3072),
          "diffusion_model.transformer_blocks.0.attn.to_q": (4, 3072)},  # ComfyUI reads diffusers' names too
     )  # fmt: skip
-    CLIENTS = {"comfyui": {"model": "Flux2"}, "invokeai": {"base": "flux2"}}
+    CLIENTS = {"comfyui": {"model": "Flux2"}, "invokeai": {"base": "flux2", "runs": "diffusers"}}
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny Flux.2 klein: the transformer without guidance embedding, a Qwen3 of 28 layers (the pipeline reads

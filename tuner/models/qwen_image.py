@@ -132,7 +132,8 @@ class QwenImage(FlowFamily):
         {"diffusion_model.transformer_blocks.59.attn.to_q": (4, 3072)},  # ComfyUI's own keys
     )
     TINY_OPTIONS = ("model.max_sequence_length=32",)
-    CLIENTS = {"comfyui": {"model": "QwenImage"}}  # InvokeAI reads no Qwen-Image LoRA
+    # InvokeAI (6.14) reads its LoRAs (kohya's and diffusers' names) and single file into diffusers' class
+    CLIENTS = {"comfyui": {"model": "QwenImage"}, "invokeai": {"base": "qwen-image", "runs": "diffusers"}}
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny Qwen-Image: two MMDiT blocks over 2x2-packed 16-channel latents of an x8 AutoencoderKLQwenImage,
