@@ -382,6 +382,42 @@ def test_a_single_file_checkpoint_loads_as_the_base_and_draws_the_folders_images
     assert again.base == from_file.base  # converted once
 
 
+def _denoiser_file_families():
+    for name in NAMES:
+        family = get_family(name)
+        if "single_file" in family.EXPORTS and not family.SINGLE_FILE_TEXT and family.TINY_SINGLE_FILE:
+            yield name
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", list(_denoiser_file_families()))
+def test_a_single_file_denoiser_as_its_maker_ships_it_trains_and_exports(tmp_path, tiny, name):
+    """The denoiser alone in its original layout (the file users download; the family's single_file export), as
+    model.path with model.config (the text encoders and VAE from that folder): converted once by diffusers'
+    loader to the folder's own weights, then a LoRA trains on it and exports the family's default formats."""
+    from safetensors.torch import save_file
+
+    family, folder = get_family(name), tiny(name)
+    c = family.load(folder)
+    file = tmp_path / "model.safetensors"
+    save_file(family.single_file_state(c.modules(), {}), file)
+    formats = f"export.formats=[{','.join(family.DEFAULT_EXPORTS)}]"
+    run = train_in_process(tmp_path, file, f"model.config={folder}", *args_of(name), "train.max_steps=2",
+                           f"home={tmp_path / 'home'}", formats)  # fmt: skip
+    assert run.base.parent == tmp_path / "home" / "single_file"
+    converted = family.load(run.base).denoiser.state_dict()
+    ours = c.denoiser.state_dict()
+    assert converted.keys() == ours.keys()
+    for key in ours:
+        torch.testing.assert_close(converted[key], ours[key], rtol=0, atol=0, msg=key)
+    for fmt in family.DEFAULT_EXPORTS:
+        files = list((run.dir / fmt).glob("*.safetensors"))
+        assert files, f"{fmt}: nothing exported"
+        with safe_open(files[0], "pt") as f:
+            trained = [f.get_tensor(k) for k in f.keys() if "lora_B" in k or "lora_up" in k]
+        assert trained and max(t.abs().max().item() for t in trained) > 0, fmt
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", NAMES)
 def test_an_nf4_base_trains_only_the_adapters_and_merges_onto_its_own_weights(tmp_path, tiny, name):

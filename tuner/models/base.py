@@ -137,6 +137,7 @@ class Family:
     BASE_VERSION = ""
     MODELSPEC_ARCHITECTURE = ""
     SINGLE_FILE_TEXT = True  # the single file holds the text encoders (Flux's, as BFL ships it, does not)
+    TINY_SINGLE_FILE = True  # diffusers converts its single file at any width (tests/test_conformance.py)
     DEFAULT_RESOLUTION = 512  # conf/model/NAME.yaml's model.resolution (tests/test_kit.py holds them equal)
     RESOLUTION_MULTIPLE = 8  # pixel sizes the VAE and the denoiser's patches divide
     # how recipe=inspect and the toolbox tell this family's adapter files from others' (tuner/export/inspection.py):
@@ -293,14 +294,23 @@ class Family:
         return self.pipeline_class().from_pretrained(self.check_folder(path), use_safetensors=True, **components)
 
     def from_single_file(self, file: Path, config: Path, out: Path) -> Path:
-        """Convert a single-file checkpoint to a diffusers folder ``out`` with diffusers' own loader.
+        """Convert a single-file checkpoint to a diffusers folder ``out`` with diffusers' own loaders.
 
-        ``config`` is a local diffusers folder of the same family: its configs and tokenizers (weights
-        are not read), so nothing comes from a hub.
+        ``config`` is a local diffusers folder of the same family, so nothing comes from a hub. A whole
+        checkpoint (``SINGLE_FILE_TEXT``) takes only its configs and tokenizers; a family whose file is the
+        denoiser alone, as its maker ships it, takes the text encoders and the VAE from it too (their weights).
         """
-        if not hasattr(self.pipeline_class(), "from_single_file"):
+        if not self.SINGLE_FILE_TEXT:
+            library, cls = json.loads((Path(config) / "model_index.json").read_text())[self.DENOISER]
+            loader = getattr(_class(library, cls), "from_single_file", None)
+            if loader is None:
+                raise ConfigError(f"model={self.NAME}: diffusers cannot read a {cls} from a single file")
+            denoiser = loader(str(file), config=str(config), subfolder=self.DENOISER, local_files_only=True)
+            pipe = self.pipeline_with(config, **{self.DENOISER: denoiser})
+        elif hasattr(self.pipeline_class(), "from_single_file"):
+            pipe = self.pipeline_class().from_single_file(str(file), config=str(config), local_files_only=True)
+        else:
             raise ConfigError(f"model={self.NAME}: diffusers cannot load this family from a single file")
-        pipe = self.pipeline_class().from_single_file(str(file), config=str(config), local_files_only=True)
         pipe.save_pretrained(out, safe_serialization=True)
         return out
 

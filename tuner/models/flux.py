@@ -45,6 +45,8 @@ class Flux(FlowFamily):
     NO_SCHEDULERS = ("flow_heun",)
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     SINGLE_FILE_TEXT = False
+    # diffusers' Flux.1 converter has the 3072 width written in: tests/test_kohya_layouts.py reads a real-width one
+    TINY_SINGLE_FILE = False
     # kohya's Flux LoRAs (ComfyUI, Forge): the transformer's modules by their original names, CLIP as lora_te1
     KOHYA_PREFIXES = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
     # q, k and v are one module there: LoRAs stack into one exactly, a LoHa's or LoKr's products do not
