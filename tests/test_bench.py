@@ -225,3 +225,65 @@ def test_the_pin_check_sees_a_plan_grow_shrink_or_change_setting_and_finds_a_pin
     assert find_pin(pins, "two", "abc") == ("two", pins["two"])  # its own name first
     assert find_pin(pins, "copy", "def") == ("two", pins["two"])  # else the same model
     assert find_pin(pins, "new", "xyz") == (None, None)
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# a stand-in reference script's flags: what diffusers' Flux.2 and Qwen-Image DreamBooth scripts declare
+DECLARED = """
+parser.add_argument("--mixed_precision", type=str, default=None)
+parser.add_argument("--cache_latents", action="store_true")
+parser.add_argument("--max_sequence_length", type=int, default=512)
+parser.add_argument('--text_encoder_out_layers', type=int, nargs="+", default=[10, 20, 30])
+"""
+
+
+@pytest.mark.parametrize("name", family_names())
+def test_the_bench_gives_a_reference_the_familys_tiny_settings(name, tmp_path):
+    """Each family's tiny prompt length and text-encoder layers reach a reference that declares the flags; a flag it
+    does not declare is not passed, --reference-args win, and --reference-encodes drops the latent cache."""
+    import argparse
+
+    bench, family = _bench(), get_family(name)
+    script = tmp_path / "reference.py"
+    script.write_text(DECLARED)
+    args = argparse.Namespace(family=name, reference=script, reference_args=[], reference_encodes=False)
+    flags = bench.matching_flags(args)
+    assert flags[:3] == ["--mixed_precision", "no", "--cache_latents"]
+
+    def values(flag: str) -> list[str]:  # what follows the flag, up to the next flag; [] where it is not passed
+        if flag not in flags:
+            return []
+        rest = flags[flags.index(flag) + 1 :]
+        return rest[: next((i for i, a in enumerate(rest) if a.startswith("--")), len(rest))]
+
+    length = [o.split("=")[1] for o in family.TINY_OPTIONS if o.startswith("model.max_sequence_length=")]
+    assert values("--max_sequence_length") == length
+    assert values("--text_encoder_out_layers") == [str(t) for t in getattr(family, "TAPS", ())]
+    args.reference_args, args.reference_encodes = ["--mixed_precision=bf16"], True
+    assert "--mixed_precision" not in bench.matching_flags(args) and "--cache_latents" not in bench.matching_flags(args)
+    script.write_text('parser.add_argument("--rank", type=int)')  # declares none of them: nothing added
+    assert bench.matching_flags(args) == []
+
+
+@pytest.mark.e2e  # builds each family's tiny pipeline and runs `python -m tuner` beside a stand-in: 25 to 30 s a family
+@pytest.mark.parametrize("name", family_names())
+def test_the_bench_trains_each_familys_tiny_pipeline_beside_a_reference(name, tmp_path):
+    reference = tmp_path / "reference.py"
+    reference.write_text(REFERENCE)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--family", name, "--steps", "30", "--batch", "2",
+         "--images", "2", "--resolution", "64", "--work", str(tmp_path / "work"), "--reference", str(reference)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.stdout.splitlines() if "|" in line}
+    assert float(rows["steady steps/s"][0]) > 0 and 4.0 < float(rows["steady steps/s"][1]) < 6.0
+    assert f"model={name}" in out.stdout and "steady samples/s, tuner / reference" in out.stdout.splitlines()[-1]
