@@ -401,7 +401,7 @@ def test_a_single_file_denoiser_as_its_maker_ships_it_trains_and_exports(tmp_pat
     c = family.load(folder)
     file = tmp_path / "model.safetensors"
     save_file(family.single_file_state(c.modules(), {}), file)
-    formats = f"export.formats=[{','.join(family.DEFAULT_EXPORTS)}]"
+    formats = f"export.formats=[{','.join([*family.DEFAULT_EXPORTS, 'single_file'])}]"
     run = train_in_process(tmp_path, file, f"model.config={folder}", *args_of(name), "train.max_steps=2",
                            f"home={tmp_path / 'home'}", formats)  # fmt: skip
     assert run.base.parent == tmp_path / "home" / "single_file"
@@ -416,6 +416,11 @@ def test_a_single_file_denoiser_as_its_maker_ships_it_trains_and_exports(tmp_pat
         with safe_open(files[0], "pt") as f:
             trained = [f.get_tensor(k) for k in f.keys() if "lora_B" in k or "lora_up" in k]
         assert trained and max(t.abs().max().item() for t in trained) > 0, fmt
+    # the trained model's own single file, in the same layout, converts again: the base's keys, the LoRA merged in
+    again = family.from_single_file(next((run.dir / "single_file").glob("*.safetensors")), folder, tmp_path / "again")
+    merged = family.load(again).denoiser.state_dict()
+    assert merged.keys() == ours.keys()
+    assert any(not torch.equal(merged[k], ours[k]) for k in ours)
 
 
 @pytest.mark.e2e

@@ -277,15 +277,19 @@ def _merged_usage(files: list[str], base: str, family, prompt: str) -> list[str]
 # ---------------------------------------------------------------- single_file (the original layout)
 
 
+def _vocab_size(config: Path) -> int | None:
+    """A text encoder's base vocabulary from its config (a vision-language model's under ``text_config``, as
+    transformers 5 saves Qwen2.5-VL and Mistral 3); None where it names none (a family that ships no encoder)."""
+    found = json.loads(config.read_text())
+    return found.get("vocab_size") or found.get("text_config", {}).get("vocab_size")
+
+
 def _write_single_file(x: Export) -> None:
     """``<name>.safetensors``: the merged weights in the original single-file layout A1111 and ComfyUI load.
 
     New tokens stay out (each text encoder's base vocabulary rows only): they ship as embeddings beside it.
     """
-    vocab = {
-        te: json.loads((x.base / te / "config.json").read_text())["vocab_size"]
-        for te in x.trained.components.text_encoders
-    }
+    vocab = {te: _vocab_size(x.base / te / "config.json") for te in x.trained.components.text_encoders}
     state = x.family.single_file_state(x.merged(), vocab)
     meta = {**x.metadata, "modelspec.architecture": x.family.MODELSPEC_ARCHITECTURE}
     with atomic_dir(x.folder) as tmp:
