@@ -118,6 +118,17 @@ def test_the_kit_checks_can_fail():
     assert [n.value for n in _strings(ast.parse("f('alpha')"))] == ["alpha"]
 
 
+def test_a_family_module_that_subclasses_a_registered_family_joins_a_fresh_process():
+    """``TUNER_FAMILIES`` naming a module that asks the registry for the family it builds on while it is imported
+    (as tests/added_family.py does): a new process (torchrun's ranks, the bench's runs) registers it without
+    importing it again half-initialised."""
+    env = {**os.environ, "TUNER_FAMILIES": "tests.added_family:Added", "PYTHONPATH": str(ROOT)}
+    code = "from tuner.models import family_names; print(family_names()[-1])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "added"
+
+
 @pytest.mark.e2e
 def test_a_family_added_at_test_time_runs_through_the_whole_conformance_suite(tmp_path):
     """A renamed copy of the first family, registered by a pytest plugin (tests/added_family.py) with its YAML in

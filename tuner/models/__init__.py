@@ -36,14 +36,24 @@ KIT = (
 )  # fmt: skip
 
 
+_IMPORTING: set[str] = set()  # TUNER_FAMILIES modules being imported (one may build on a registered family)
+
+
 def _from_environment() -> None:
-    """Register the classes ``TUNER_FAMILIES`` names (``module:Class``, comma-separated), once each."""
+    """Register the classes ``TUNER_FAMILIES`` names (``module:Class``, comma-separated), once each. A module
+    that asks the registry for a family while it is being imported (to subclass it) gets the registry without
+    itself, instead of importing itself again."""
     for entry in filter(None, os.environ.get("TUNER_FAMILIES", "").split(",")):
         module, _, cls = entry.strip().partition(":")
+        if module in _IMPORTING:
+            continue
+        _IMPORTING.add(module)
         try:
             found = getattr(importlib.import_module(module), cls)
         except (ImportError, AttributeError) as e:
             raise ConfigError(f"TUNER_FAMILIES={entry}: cannot import {cls} from {module} ({e})") from None
+        finally:
+            _IMPORTING.discard(module)
         if _REGISTERED.get(found.NAME) is not found:
             register(found)
 
