@@ -14,6 +14,7 @@ from tuner.models import register, unregister
 from tuner.models.flux2 import Flux2, Flux2Klein
 
 CLASSES = {cls.NAME: cls for cls in (Flux2, Flux2Klein)}  # this module tests these two (by name below)
+DEV, KLEIN = Flux2.NAME, Flux2Klein.NAME
 LENGTH = 64  # the tiny tokenizers' system message and prompt fit in 64 tokens
 
 
@@ -103,7 +104,7 @@ def test_predict_is_the_pipelines_transformer_call(folder, name):
     with torch.no_grad():
         ours = family.predict(c.denoiser, noisy, kwargs["timestep"] * 1000, cond)
     torch.testing.assert_close(pipe._pack_latents(ours), output, rtol=0, atol=1e-5)
-    assert (kwargs["guidance"] is not None) == (name == "flux2")
+    assert (kwargs["guidance"] is not None) == (name == DEV)
 
 
 @pytest.mark.parametrize("name", CLASSES)
@@ -125,9 +126,9 @@ def test_the_kohya_file_loads_in_diffusers_as_the_diffusers_file(tmp_path, folde
 
     from tuner.export.tensors import tuner_layers
 
-    base = folder("flux2")
+    base = folder(DEV)
     run = train_in_process(
-        tmp_path, base, "model=flux2", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
+        tmp_path, base, f"model={DEV}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
         "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[diffusers,kohya]",
     )  # fmt: skip
     kohya = run.dir / "kohya" / f"{run.dir.name}.safetensors"
@@ -136,12 +137,12 @@ def test_the_kohya_file_loads_in_diffusers_as_the_diffusers_file(tmp_path, folde
     assert {"lora_unet_double_blocks_0_img_attn_qkv", "lora_unet_single_blocks_0_linear1"} <= modules
     draws = []
     for file in (run.dir / "diffusers" / "pytorch_lora_weights.safetensors", kohya):
-        _, _, pipe = loaded("flux2", base)
+        _, _, pipe = loaded(DEV, base)
         pipe.load_lora_weights(file.parent, weight_name=file.name)
         assert tuner_layers(pipe.transformer)
         draws.append(_one_call(pipe, generator=torch.Generator().manual_seed(0))[1])
     torch.testing.assert_close(draws[1], draws[0], rtol=0, atol=1e-5)
-    _, _, plain = loaded("flux2", base)
+    _, _, plain = loaded(DEV, base)
     assert (_one_call(plain, generator=torch.Generator().manual_seed(0))[1] - draws[0]).abs().max() > 1e-4
 
 
@@ -172,16 +173,16 @@ def test_a_distilled_klein_is_refused_as_a_training_base_and_samples_without_cfg
     from tuner.compose import compose
     from tuner.errors import ConfigError
 
-    distilled = folder("flux2_klein", "distilled")
+    distilled = folder(KLEIN, "distilled")
     (tmp_path / "photos").mkdir()
     data = [f"data.instance_dir={tmp_path / 'photos'}", "data.instance_prompt=x", f"output_dir={tmp_path / 'out'}"]
     with pytest.raises(ConfigError, match="model.path=.*step-distilled.*base checkpoint"):
-        validate(compose("lora", ["model=flux2_klein", f"model.path={distilled}", *data]))
-    validate(compose("generate", ["model=flux2_klein", f"model.path={distilled}", "generate.prompts=[x]"]))
-    validate(compose("lora", ["model=flux2_klein", f"model.path={folder('flux2_klein')}", *data]))
+        validate(compose("lora", [f"model={KLEIN}", f"model.path={distilled}", *data]))
+    validate(compose("generate", [f"model={KLEIN}", f"model.path={distilled}", "generate.prompts=[x]"]))
+    validate(compose("lora", [f"model={KLEIN}", f"model.path={folder(KLEIN)}", *data]))
     calls = {}
     for kind in ("test", "distilled"):
-        _, _, pipe = loaded("flux2_klein", folder("flux2_klein", kind))
+        _, _, pipe = loaded(KLEIN, folder(KLEIN, kind))
         count = []
         pipe.transformer.register_forward_hook(lambda *a, count=count: count.append(1))
         pipe(prompt=PROMPT, height=32, width=32, num_inference_steps=2, guidance_scale=4.0, max_sequence_length=LENGTH)
@@ -198,14 +199,14 @@ def test_a_folder_naming_pixtrals_processor_loads_without_torchvision(tmp_path, 
 
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: the folder's PixtralProcessor itself loads")
-    copy = shutil.copytree(folder("flux2"), tmp_path / "dev")
+    copy = shutil.copytree(folder(DEV), tmp_path / "dev")
     index = json.loads((copy / "model_index.json").read_text())
     (copy / "model_index.json").write_text(json.dumps({**index, "tokenizer": ["transformers", "PixtralProcessor"]}))
     template = (copy / "tokenizer" / "chat_template.jinja").read_text()
     (copy / "tokenizer" / "chat_template.jinja").unlink()
     (copy / "tokenizer" / "chat_template.json").write_text(json.dumps({"chat_template": template}))
-    family, c, pipe = loaded("flux2", copy)
-    _, original, _ = loaded("flux2", folder("flux2"))
+    family, c, pipe = loaded(DEV, copy)
+    _, original, _ = loaded(DEV, folder(DEV))
     ours = family.encode_prompts(c, [PROMPT])["prompt_embeds"]
     torch.testing.assert_close(ours, family.encode_prompts(original, [PROMPT])["prompt_embeds"], rtol=0, atol=0)
     torch.testing.assert_close(pipe.encode_prompt([PROMPT], device="cpu", max_sequence_length=LENGTH)[0], ours)

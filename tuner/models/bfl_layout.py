@@ -84,10 +84,13 @@ def _norm_name(module: str) -> str | None:
     return f"{block}.{norms[rest]}" if rest in norms else None
 
 
-def original_state(state: dict) -> dict:
+def original_state(state: dict, name_of=None, model: str = "Flux") -> dict:
     """A FluxTransformer2DModel state dict in the original layout, the single file BFL ships
     (``flux1-dev.safetensors``) that ComfyUI, Forge and diffusers' ``from_single_file`` read: fused modules
     concatenated in order along the output dimension, ``norm_out``'s halves swapped back.
+
+    ``name_of``: a module's original name and fused parts (``bfl_name``, Flux.1's; Flux.2 passes its own,
+    whose q/k norms and swapped halves are named as Flux.1's), ``model`` the name errors give.
 
     Raises:
         ValueError: a key has no place in the original layout, or a fused module lacks one of its parts.
@@ -100,7 +103,7 @@ def original_state(state: dict) -> dict:
         if norm := _norm_name(module):
             out[f"{norm}.scale"] = value
             continue
-        name, parts = bfl_name(module)
+        name, parts = (name_of or bfl_name)(module)
         if parts is not None:
             fused.setdefault(f"{name}.{kind}", {})[module] = (parts, value)
         elif module in SWAPPED_HALVES:
@@ -108,7 +111,7 @@ def original_state(state: dict) -> dict:
             out[f"{name}.{kind}"] = torch.cat([second, first])
         else:
             out[f"{name}.{kind}"] = value
-    return {**out, **concat_fused(fused, "Flux")}
+    return {**out, **concat_fused(fused, model)}
 
 
 def concat_fused(fused: dict, model: str) -> dict:

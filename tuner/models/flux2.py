@@ -24,8 +24,9 @@ import torch
 
 from tuner.errors import ConfigError
 from tuner.models.base import Components
+from tuner.models.bfl_layout import SWAPPED_HALVES
 from tuner.models.flow import FlowFamily
-from tuner.models.flux2_layout import SWAPPED_HALVES, flux2_name, original_state
+from tuner.models.flux2_layout import flux2_name, original_state
 from tuner.models.real import RealWidths
 
 # the tiny tokenizers' vocabulary: single characters, with and without SentencePiece's word-start marker

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from tuner.models.bfl_layout import concat_fused
+from tuner.models import bfl_layout
 
 _DOUBLE = {
     "attn.to_out.0": "img_attn.proj",
@@ -40,17 +40,6 @@ _TOP = {
     "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
     "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
     "single_stream_modulation.linear": "single_stream_modulation.lin",
-}
-SWAPPED_HALVES = {"norm_out.linear"}  # diffusers stores (scale, shift), the original (shift, scale)
-# RMSNorm scales on q and k: diffusers' ``norm_q.weight`` is the original's ``query_norm.scale``
-_NORMS = {
-    "double": {
-        "attn.norm_q": "img_attn.norm.query_norm",
-        "attn.norm_k": "img_attn.norm.key_norm",
-        "attn.norm_added_q": "txt_attn.norm.query_norm",
-        "attn.norm_added_k": "txt_attn.norm.key_norm",
-    },
-    "single": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"},
 }
 _BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
 
@@ -89,26 +78,10 @@ def flux2_name(name: str) -> tuple[str, tuple[str, ...] | None]:
 def original_state(state: dict) -> dict:
     """A Flux2Transformer2DModel state dict in BFL's original layout (the single file ComfyUI and
     ``Flux2Transformer2DModel.from_single_file`` read): q, k and v concatenated in order along the output
-    dimension, ``norm_out``'s halves swapped back, the q/k norms' weights as ``scale``.
+    dimension, ``norm_out``'s halves swapped back, the q/k norms' weights as ``scale`` (as Flux.1's, whose
+    conversion this is with Flux.2's names).
 
     Raises:
         ValueError: a key has no place in the original layout, or a fused module lacks one of its parts.
     """
-    import torch
-
-    out, fused = {}, {}
-    for key, value in state.items():
-        module, _, kind = key.rpartition(".")
-        found = _block(module)
-        if found and found[2] in _NORMS[found[0]]:
-            out[f"{found[1]}.{_NORMS[found[0]][found[2]]}.scale"] = value
-            continue
-        name, parts = flux2_name(module)
-        if parts is not None:
-            fused.setdefault(f"{name}.{kind}", {})[module] = (parts, value)
-        elif module in SWAPPED_HALVES:
-            first, second = value.chunk(2, dim=0)
-            out[f"{name}.{kind}"] = torch.cat([second, first])
-        else:
-            out[f"{name}.{kind}"] = value
-    return {**out, **concat_fused(fused, "Flux.2")}
+    return bfl_layout.original_state(state, flux2_name, "Flux.2")
