@@ -407,11 +407,8 @@ class Flux2Klein(_Flux2):
     def real_widths(self) -> RealWidths:
         """Flux.2 klein 4B's transformer (5 double-stream blocks, 20 single-stream, 3072 wide) by units of one
         double- and four single-stream blocks, Qwen3-4B (2560 x 36), the 32-channel VAE."""
-        published = {
-            "klein 4B LoRA r16 1024 px target": "<= 6 GB NF4",
-            "klein 4B LoRA (int8)": "~8 GB",
-            "klein 9B LoRA (int8)": "~14 GB",
-        }
+        published = {"klein 4B LoRA r16 1024 px target": "<= 6 GB NF4", "klein 4B LoRA (int8)": "~8 GB",
+                     "klein 9B LoRA (int8)": "~14 GB"}  # fmt: skip
         return self._real(24, 5, 20, 2560, 36, False, published)
 
     def _real_text_encoder(self, layers):
