@@ -175,13 +175,18 @@ def rates(bench_memory):
     return {kind: bench_memory.quantized_bytes_per_value(kind) for kind in ("nf4", "int8")}
 
 
+SIZED = [(n, size) for n in family_names() for size in (None, *get_family(n).REAL_SIZES)]
+
+
 @pytest.mark.e2e  # planning takes 5 to 40 s a family on 2 cores (the U-Nets' fake steps the longest)
-@pytest.mark.parametrize("name", family_names())
-def test_each_familys_planned_peak_stays_at_its_pin(name, bench_memory, rates):
+@pytest.mark.parametrize("family_name, size", SIZED, ids=[f"{n}-{s}" if s else n for n, s in SIZED])
+def test_each_familys_planned_peak_stays_at_its_pin(family_name, size, bench_memory, rates):
     """The family's plan at its target setting (bench_memory's first row) against tests/data/memory_plan.json:
-    the steps' phase, the encode phase and the peak each within 2% of the pin (see this module's docstring)."""
-    family = get_family(name)
-    rw = family.real_widths()
+    the steps' phase, the encode phase and the peak each within 2% of the pin (see this module's docstring).
+    Each published size of a family (``REAL_SIZES``: Flux.2 klein's 9B) has a pin of its own, "NAME SIZE"."""
+    family = get_family(family_name)
+    rw = family.real_widths(size) if size else family.real_widths()
+    name = f"{family_name} {size}" if size else family_name
     setting = bench_memory.settings(family, rw)[0]
     plan = bench_memory.plan(family, setting, rates, rw=rw)
     real = plan["at"]["real"]
@@ -201,13 +206,13 @@ def test_each_familys_planned_peak_stays_at_its_pin(name, bench_memory, rates):
     source, pin = find_pin(pins, name, observed["model"])
     assert pin, (
         f"{PINS.name} has no pin for {name!r} nor for a family of the same model (digest {observed['model']}): "
-        f"pin it with TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k 'pin and {name}'"
+        f"pin it with TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k 'pin and {family_name}'"
     )
     moved = drift(pin, observed)
     via = "" if source == name else f" (the pin of {source!r}, the same model)"
     assert not moved, (
         f"{name}'s memory plan moved from its pin{via}:\n" + "\n".join(moved) + "\nif on purpose, pin it again: "
-        f"TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k 'pin and {name}', and say why in the commit"
+        f"TUNER_WRITE_GOLDEN=1 pytest tests/test_bench.py -m e2e -k 'pin and {family_name}', and say why in the commit"
     )
 
 

@@ -339,9 +339,9 @@ def main() -> None:
     print("| family | settings | denoiser as held | on device | LoRA | step peak | encode phase | planned peak |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     checks, published = [], {}
-    for name in names:
+    for name, size in ((n, size) for n in names for size in (None, *get_family(n).REAL_SIZES)):
         family = get_family(name)
-        rw = family.real_widths()
+        rw = family.real_widths(size) if size else family.real_widths()
         published |= rw.published
         rows = settings(family, rw)
         if args.resolution:
@@ -349,11 +349,14 @@ def main() -> None:
                 args.resolution, args.batch, args.rank, args.quantize, args.quantize_text_encoders,
                 not args.no_checkpointing, args.offload_blocks,
             )]  # fmt: skip
+        if args.check and size:
+            continue  # the check is the method's: each family's default size shows it
+        label = f"{name} {size}" if size else name
         for i, s in enumerate(rows):
             p = plan(family, s, rates, check=args.check and i == 0 and rw.real is not None, rw=rw)
             r = p["at"]["real"]
             print(
-                f"| {name} | {describe(s)} | {r['weights'] / GB:.2f} GB | {r['resident'] / GB:.2f} GB | "
+                f"| {label} | {describe(s)} | {r['weights'] / GB:.2f} GB | {r['resident'] / GB:.2f} GB | "
                 f"{r['lora'] / GB:.3f} GB | {r['step'] / GB:.2f} GB | {p['encode'] / GB:.2f} GB | "
                 f"**{p['peak'] / GB:.2f} GB** |"
             )

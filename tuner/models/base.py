@@ -163,9 +163,11 @@ class Family:
         ``tuner.models.tiny.make_tiny_pipeline``; ``size`` names a variant where the family has several."""
         raise NotImplementedError(f"{type(self).__name__} builds no tiny pipeline")
 
-    def real_widths(self):
+    REAL_SIZES: tuple[str, ...] = ()  # the family's other published sizes ``real_widths(size)`` builds
+
+    def real_widths(self, size: str | None = None):
         """The family's denoiser and frozen encoders at the real model's widths (the memory plan, the toolbox
-        bench): a ``tuner.models.real.RealWidths``."""
+        bench): a ``tuner.models.real.RealWidths``; ``size``: one of ``REAL_SIZES`` (None: the default size)."""
         raise NotImplementedError(f"{type(self).__name__} has no real-width builder")
 
     # --- loading -------------------------------------------------------------------------------

@@ -233,7 +233,7 @@ class _Flux2(FlowFamily):
             }
 
         return RealWidths(
-            transformer, double, inputs, lambda: [self._real_text_encoder(text_layers)], _real_vae,
+            transformer, double, inputs, lambda: [self._real_text_encoder(text, text_layers)], _real_vae,
             unit=f"1 double + {per} single blocks", published=published,
         )  # fmt: skip
 
@@ -308,10 +308,10 @@ class Flux2(_Flux2):
         }
         return self._real(48, 8, 48, 5120, 40, True, published)
 
-    def _real_text_encoder(self, layers):
+    def _real_text_encoder(self, width, layers):
         from transformers import MistralConfig, MistralModel
 
-        config = MistralConfig(hidden_size=5120, intermediate_size=32768, num_hidden_layers=layers, head_dim=128,
+        config = MistralConfig(hidden_size=width, intermediate_size=32768, num_hidden_layers=layers, head_dim=128,
                                num_attention_heads=32, num_key_value_heads=8, vocab_size=131072)  # fmt: skip
         return MistralModel(config)
 
@@ -404,18 +404,25 @@ class Flux2Klein(_Flux2):
         out = {**parts, "text_encoder": Qwen3ForCausalLM(config), "tokenizer": tokenizer}
         return {**out, "is_distilled": True} if size == "distilled" else out
 
-    def real_widths(self) -> RealWidths:
+    REAL_SIZES = ("9B",)
+
+    def real_widths(self, size: str | None = None) -> RealWidths:
         """Flux.2 klein 4B's transformer (5 double-stream blocks, 20 single-stream, 3072 wide) by units of one
-        double- and four single-stream blocks, Qwen3-4B (2560 x 36), the 32-channel VAE."""
-        published = {"klein 4B LoRA r16 1024 px target": "<= 6 GB NF4", "klein 4B LoRA (int8)": "~8 GB",
-                     "klein 9B LoRA (int8)": "~14 GB"}  # fmt: skip
+        double- and four single-stream blocks, Qwen3-4B (2560 x 36), the 32-channel VAE; ``size="9B"``: 9B's
+        (8 double, 24 single, 4096 wide; units of one double and three single) and Qwen3-8B (4096 x 36)."""
+        if size == "9B":
+            published = {"klein 9B LoRA r16 1024 px target": "<= 10 GB NF4", "klein 9B LoRA (int8)": "~14 GB"}
+            return self._real(32, 8, 24, 4096, 36, False, published)
+        published = {"klein 4B LoRA r16 1024 px target": "<= 6 GB NF4", "klein 4B LoRA (int8)": "~8 GB"}
         return self._real(24, 5, 20, 2560, 36, False, published)
 
-    def _real_text_encoder(self, layers):
+    def _real_text_encoder(self, width, layers):
+        """Qwen3-4B (2560 wide) or Qwen3-8B (4096): 32 query heads of 128, 8 key-value heads."""
         from transformers import Qwen3Config, Qwen3Model
 
-        config = Qwen3Config(hidden_size=2560, intermediate_size=9728, num_hidden_layers=layers, num_attention_heads=32,
-                             num_key_value_heads=8, head_dim=128, vocab_size=151936)  # fmt: skip
+        config = Qwen3Config(hidden_size=width, intermediate_size={2560: 9728, 4096: 12288}[width], head_dim=128,
+                             num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                             vocab_size=151936)  # fmt: skip
         return Qwen3Model(config)
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
