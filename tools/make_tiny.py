@@ -10,14 +10,14 @@ For tests and for trying tuner without a GPU or a model download:
 import argparse
 from pathlib import Path
 
-from tuner.models import FAMILIES
+from tuner.models import family_names
 from tuner.models.tiny import SIZES, make_tiny_feature_model, make_tiny_pipeline
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write the pipeline into")
-    parser.add_argument("--family", default="sd15", choices=[*sorted(FAMILIES), "clip", "dino"])
+    parser.add_argument("--family", default="sd15", choices=[*sorted(family_names()), "clip", "dino"])
     parser.add_argument(
         "--size", default="test", choices=[*sorted(SIZES), "schnell"], help="sd15/sd2 sizes; flux: schnell"
     )
