@@ -104,6 +104,11 @@ def test_lora_trains_and_every_file_reloads_through_the_familys_pipeline(tmp_pat
         with caplog.at_level(logging.WARNING):
             pipe.load_lora_weights(file.parent, weight_name=file.name)
         warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        # diffusers saying the file holds no LoRA for a text encoder the family never trains one in is true (Flux's
+        # loader, which ChromaPipeline shares, looks in its T5)
+        untrained = tuple(f"prefix='{e}'" for e in family.TEXT_ENCODERS if e not in family.LORA_TEXT_ENCODERS)
+        quiet = [w for w in warnings if untrained and w.split(" found with the ")[-1].startswith(untrained)]
+        warnings = [w for w in warnings if not (w.startswith("No LoRA keys associated to") and w in quiet)]
         assert not [w for w in warnings if "lora" in w.lower() or "key" in w.lower()], (file, warnings)
         applied = sum(len(tuner_layers(getattr(pipe, c))) for c in (family.DENOISER, *family.TEXT_ENCODERS))
         assert applied == len(modules), file  # no key left unloaded

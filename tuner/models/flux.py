@@ -57,13 +57,18 @@ class Flux(FlowFamily):
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
     WIDTHS = frozenset({3072})  # the transformer's
     SIGNS = r"single_transformer_blocks|single_blocks_|double_blocks_|guidance_embedder|img_attn|txt_attn|proj_mlp"
-    NEVER = r"to_qkv_mlp_proj|linear_in|linear_out|stream_modulation|time_guidance_embed"  # Flux.2's names
+    # Flux.2's names, and Chroma's approximator (a LoRA of the blocks alone fits Flux and Chroma alike)
+    NEVER = r"to_qkv_mlp_proj|linear_in|linear_out|stream_modulation|time_guidance_embed|distilled_guidance_layer"
+    # each with a modulation linear, which Chroma (the same blocks, modulated by its approximator) lacks
     SAMPLE_FILES = (
-        {"transformer.transformer_blocks.0.attn.to_q": (4, 3072)},
-        {"lora_unet_double_blocks_0_img_attn_qkv": (4, 3072)},
-        {"lora_transformer_single_transformer_blocks_0_attn_to_q": (4, 3072)},
-        {"diffusion_model.double_blocks.0.img_attn.qkv": (4, 3072)},  # ComfyUI's own keys
-    )
+        {"transformer.transformer_blocks.0.attn.to_q": (4, 3072),
+         "transformer.transformer_blocks.0.norm1.linear": (4, 3072)},
+        {"lora_unet_double_blocks_0_img_attn_qkv": (4, 3072), "lora_unet_double_blocks_0_img_mod_lin": (4, 3072)},
+        {"lora_transformer_single_transformer_blocks_0_attn_to_q": (4, 3072),
+         "lora_transformer_single_transformer_blocks_0_norm_linear": (4, 3072)},
+        {"diffusion_model.double_blocks.0.img_attn.qkv": (4, 3072),
+         "diffusion_model.double_blocks.0.img_mod.lin": (4, 3072)},  # ComfyUI's own keys
+    )  # fmt: skip
     TINY_OPTIONS = ("model.max_sequence_length=32",)  # its tiny T5 reads 32 tokens
     CLIENTS = {"comfyui": {"model": "Flux"}, "invokeai": {"base": "flux"}}  # dev (FluxSchnell: no guidance)
 
