@@ -40,7 +40,8 @@ def draw(family, pipe) -> np.ndarray:
     """The gallery's image for PROMPT at seed 0 (3 steps, guidance 3), in [0, 1] (H, W, 3)."""
     from tuner.sampling import sample_images
 
-    image = sample_images(pipe, [PROMPT], [0], 32, 3, 3.0, decode=family.decode, **family.call_kwargs())[0]
+    image = sample_images(pipe, [PROMPT], [0], 32, 3, 3.0, decode=family.decode, guidance=family.guidance_kwargs,
+                          **family.call_kwargs())[0]  # fmt: skip
     return ((image + 1) / 2).permute(1, 2, 0).numpy()
 
 

@@ -76,19 +76,21 @@ def generate(tmp_path, folder, family, *overrides):
 
 
 def reference(folder, family, scheduler: str, steps: int, **settings) -> np.ndarray:
-    """``settings``: more scheduler config (SD2 zero terminal SNR's)."""
+    """``settings``: more scheduler config (SD2 zero terminal SNR's). The pipeline as the family loads its class from a
+    folder (a processor that needs torchvision read without it: Qwen-Image 2.1's), called with the family's guidance
+    arguments (``true_cfg_scale`` where the pipeline takes no ``guidance_scale``)."""
     import diffusers
 
     f = get_family(family)
-    pipe = getattr(diffusers, f.PIPELINE).from_pretrained(folder)
+    pipe = f.load_pipeline(folder)
     cls, extra = REFERENCE[scheduler]
     if extra.get("use_flow_sigmas"):
         extra = {**extra, "flow_shift": pipe.scheduler.config.shift}
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra, **settings)
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(0)]
-    call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, guidance_scale=3.0, generator=generator)
-    return pipe(prompt=PROMPT, output_type="np", **call, **f.call_kwargs()).images[0]
+    call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, generator=generator, **f.guidance_kwargs(3.0))
+    return pipe(prompt=PROMPT, output_type="np", **call, **f.call_kwargs()).images[0][..., :3]  # 2.1's is RGBA
 
 
 @pytest.mark.parametrize("family, scheduler", CASES)

@@ -228,7 +228,7 @@ class QwenImage(FlowFamily):
             raise ConfigError(
                 f"model.path={path} holds Qwen-Image 2.1 (QwenImage21Pipeline), another architecture than Qwen-Image's "
                 "(a Qwen3-VL encoder read through its processor, a single-stream transformer over the 64-channel "
-                "latents of a x16 VAE): model=qwen_image trains QwenImagePipeline folders; tuner has no 2.1 family yet"
+                "latents of a x16 VAE): model=qwen_image trains QwenImagePipeline folders; use model=qwen_image21"
             )
         return super().check_folder(path, allow_pickle)
 
