@@ -23,6 +23,8 @@ names with ``distilled_guidance_layer.*``), read by ``ChromaTransformer2DModel.f
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 
@@ -43,6 +45,31 @@ def chroma_name(name: str) -> tuple[str, tuple[str, ...] | None]:
         return bfl_name(name)
     head, _, last = name.rpartition(".")
     return (f"{head}.{_LAYER[last]}" if last in _LAYER else name), None
+
+
+@contextmanager
+def _checkpointed_with_mask(model, mask: torch.Tensor):
+    """Under gradient checkpointing, ChromaTransformer2DModel (diffusers 0.42) calls its single-stream blocks
+    without the attention mask it gives them otherwise: while the denoiser runs, its checkpointing function gets
+    the mask to them, so a checkpointed step computes what the pipeline computes (the recomputation in the
+    backward pass keeps the function it was given)."""
+    from diffusers.models.transformers.transformer_chroma import ChromaSingleTransformerBlock
+
+    inner = getattr(model, "_gradient_checkpointing_func", None)
+    if not getattr(model, "gradient_checkpointing", False) or inner is None:
+        yield
+        return
+
+    def checkpoint(block, *args):
+        if isinstance(block, ChromaSingleTransformerBlock) and len(args) == 3:  # (hidden, temb, rotary): no mask
+            return inner(partial(block, attention_mask=mask), *args)
+        return inner(block, *args)
+
+    model._gradient_checkpointing_func = checkpoint
+    try:
+        yield
+    finally:
+        model._gradient_checkpointing_func = inner
 
 
 class Chroma(Flux):
@@ -74,6 +101,8 @@ class Chroma(Flux):
         {"lora_unet_distilled_guidance_layer_layers_0_in_layer": (4, 5120)},
         {"diffusion_model.distilled_guidance_layer.in_proj": (4, 64)},  # ComfyUI's own keys
     )  # fmt: skip
+    # ChromaPipeline always passes sigmas (and mu), which FlowMatchHeun's and DPM-Solver's set_timesteps do not take
+    NO_SCHEDULERS = ("flow_heun", "flow_dpm++")
     TINY_OPTIONS = ("model.max_sequence_length=32",)
     CLIENTS = {"comfyui": {"model": "Chroma"}}  # InvokeAI 6.14 has no Chroma
 
@@ -156,15 +185,16 @@ class Chroma(Flux):
         text, mask = cond["prompt_embeds"], cond["prompt_mask"]
         image = torch.ones(b, packed.shape[1], device=noisy.device, dtype=torch.bool)
         mask = torch.cat([mask.to(noisy.dtype), image], 1)  # float and bool: float, as the pipeline's
-        out = denoiser(
-            hidden_states=packed,
-            timestep=timesteps.to(noisy.dtype) / 1000,
-            encoder_hidden_states=text,
-            txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-            img_ids=image_ids,
-            attention_mask=mask,
-            return_dict=False,
-        )[0]
+        with _checkpointed_with_mask(getattr(denoiser, "module", denoiser), mask):  # DDP wraps it
+            out = denoiser(
+                hidden_states=packed,
+                timestep=timesteps.to(noisy.dtype) / 1000,
+                encoder_hidden_states=text,
+                txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
+                img_ids=image_ids,
+                attention_mask=mask,
+                return_dict=False,
+            )[0]
         return ChromaPipeline._unpack_latents(out, h, w, 1)
 
     # --- exports ---------------------------------------------------------------------------------
