@@ -80,7 +80,9 @@ class ZImage(FlowFamily):
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],  # diffusers' DreamBooth script's default
         "attn_ff": ["to_q", "to_k", "to_v", "to_out.0", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"],
     }
-    NO_SCHEDULERS = ("flow_heun",)  # the pipeline passes sigmas, which FlowMatchHeun's set_timesteps does not take
+    # the pipeline passes its sigmas as a list (and mu): FlowMatchHeun's and DPM-Solver's set_timesteps take no
+    # sigmas, UniPC's cannot scale a list
+    NO_SCHEDULERS = ("flow_heun", "flow_dpm++", "flow_unipc")
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     DEFAULT_EXPORTS = ("diffusers", "kohya")
     # ComfyUI's own names (its Lumina2 / NextDiT model) under lora_unet_: q, k and v are one qkv module there, so
