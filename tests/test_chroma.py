@@ -90,6 +90,7 @@ def test_guidance_is_real_cfg_on_the_negative_prompt(chroma):
     assert (draw(4.0, ["blurry"]) - guided).abs().max() > 1e-3
 
 
+@pytest.mark.e2e  # real-width LoRA factors and deltas: a few seconds
 def test_kohya_file_reads_back_through_chromas_lora_loader_at_real_widths(tmp_path):
     """BFL's names (ComfyUI's for Chroma), q/k/v and a single block's MLP fused: diffusers' converter, which
     splits them by the real widths, gives back each module's weight change (meta-device base, real LoRA)."""
@@ -148,3 +149,34 @@ def test_single_file_is_lodestones_layout_and_reads_back_through_from_single_fil
     assert set(mine) == set(theirs)
     for name, value in mine.items():
         assert torch.equal(theirs[name], value), name
+
+
+@pytest.mark.e2e  # a training run
+def test_a_new_token_trains_a_t5_vector_that_chromas_own_loader_reads_to_the_trained_image(tmp_path, chroma):
+    """Textual inversion beside the LoRA: one T5 vector, in diffusers' file ({token: vectors}) and A1111's /
+    ComfyUI's (``emb_params``); ChromaPipeline's load_textual_inversion with the LoRA draws the run's image."""
+    from safetensors.torch import load_file
+
+    from tests.helpers import image_of, train_in_process
+    from tuner.sampling import sample_images
+
+    family, c, pipe = chroma
+    folder, prompt = pipe.config._name_or_path, "a photo of <sks>"
+    run = train_in_process(tmp_path, folder, f"model={NAME}", "data.resolution=32", "embedding.tokens=['<sks>']",
+                           f"data.instance_prompt='{prompt}'", "export.formats=[diffusers,kohya]",
+                           *Chroma.TINY_OPTIONS)  # fmt: skip
+    expected = image_of(run, prompt)
+    ours, theirs = (load_file(run.dir / f / "embeddings" / "sks.safetensors") for f in ("diffusers", "kohya"))
+    assert torch.equal(ours["<sks>"], theirs["emb_params"]) and ours["<sks>"].shape == (1, 32)  # T5's width
+    loaded = family.load_pipeline(folder)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.scheduler = run.family.sampling_scheduler(run.family.load(folder))
+    loaded.load_lora_weights(run.dir / "diffusers")
+
+    def draw():
+        image = sample_images(loaded, [prompt], [0], 32, 3, 3.0, decode=family.decode, **family.call_kwargs())[0]
+        return ((image + 1) / 2).permute(1, 2, 0).numpy()
+
+    assert abs(draw() - expected).max() > 2e-3  # the LoRA alone, the token unknown: another image
+    loaded.load_textual_inversion(ours, token="<sks>", text_encoder=loaded.text_encoder, tokenizer=loaded.tokenizer)
+    assert abs(draw() - expected).max() <= 1e-3
