@@ -110,8 +110,8 @@ class ZImage(FlowFamily):
     # --- tiny and real-width models --------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny Z-Image: two main layers and one of each refiner, 32 wide, over a 16-channel x8 AutoencoderKL
-        (Flux's scaling and shift), a two-layer Qwen3Model and a character tokenizer with Qwen3's chat template.
-        ``size="turbo"``: the same pipeline saved as Z-Image-Turbo's scheduler has it (shift 3)."""
+        (Flux's scaling and shift), a two-layer Qwen3Model, a character tokenizer with Qwen3's chat template, and
+        Z-Image-Turbo's published scheduler (a fixed shift of 3)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
 
@@ -142,13 +142,12 @@ class ZImage(FlowFamily):
             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
             pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
-        shift = 3.0 if size == "turbo" else 6.0
         return {
             "transformer": transformer,
             "vae": vae,
             "text_encoder": Qwen3Model(config),
             "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False),
+            "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
         }
 
     def real_widths(self) -> RealWidths:
