@@ -101,7 +101,7 @@ def checked(tmp_path_factory):
 def test_invokeai_applies_the_diffusers_file_as_peft_merges_it(checked):
     report, moved = checked
     lora = report["loras"]["diffusers"]
-    assert lora["probe"] == {"type": "lora", "base": "z-image"}
+    assert lora["probe"] == {"type": "lora", "base": ZImage.CLIENTS["invokeai"]["base"]}
     assert lora["not_loaded"] == [] and lora["missing"] == []
     assert lora["layers"] == lora["modules"] > 0 and len(moved) >= 8
     assert lora["max_diff"] <= ATOL, lora
@@ -112,12 +112,12 @@ def test_invokeai_does_not_take_the_kohya_file(checked):
     """ComfyUI's names (``lora_unet_layers_0_attention_qkv``): InvokeAI reads Z-Image LoRAs by diffusers' module
     names only (and kohya-style ones as ``lora_unet__layers_0_attention_to_q``); give it the diffusers file."""
     report, _ = checked
-    assert report["loras"]["kohya"]["probe"]["base"] != "z-image"
+    assert report["loras"]["kohya"]["probe"]["base"] != ZImage.CLIENTS["invokeai"]["base"]
 
 
 def test_invokeai_reads_the_single_file_as_the_trained_transformer(checked):
     report, moved = checked
     single = report["single_file"]
-    assert single["probe"] == {"type": "main", "base": "z-image"}
+    assert single["probe"] == {"type": "main", "base": ZImage.CLIENTS["invokeai"]["base"]}
     assert single["dropped"] == [] and single["unloaded"] == [] and single["missing"] == [] and single["added"] == []
     assert single["max_diff"] <= ATOL and single["changed"] == len(moved), single

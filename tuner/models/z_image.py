@@ -105,7 +105,9 @@ class ZImage(FlowFamily):
         {"diffusion_model.layers.29.attention.to_q": (4, 3840)},  # ai-toolkit's keys, which ComfyUI reads
     )  # fmt: skip
     TINY_OPTIONS = ("model.max_sequence_length=64",)
-    CLIENTS = {"comfyui": {"model": "Lumina2"}}
+    # ComfyUI's model class (its Lumina2 / NextDiT); InvokeAI 6.14's base (it runs diffusers' class too, but takes
+    # only the diffusers file: tests/test_clients_z_image.py checks it, not tests/test_clients_2026.py)
+    CLIENTS = {"comfyui": {"model": "Lumina2"}, "invokeai": {"base": "z-image"}}
 
     # --- tiny and real-width models --------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
