@@ -474,7 +474,7 @@ def test_loras_merge_exactly_resize_losslessly_and_are_recognised(tmp_path, tiny
 
     family = name
     base = tiny(family)
-    size = 32 if get_family(family).RESOLUTION_MULTIPLE == 16 else 16
+    size = 32 if get_family(family).RESOLUTION_MULTIPLE >= 16 else 16
     sample = [*SAMPLE[:3], f"data.resolution={size}", f"model={family}"]
     a = random_lora(base, tmp_path / "a", rank=4, alpha=2.0, seed=1, family=family)
     b = random_lora(base, tmp_path / "b", rank=3, alpha=6.0, seed=2, family=family)

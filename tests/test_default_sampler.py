@@ -51,20 +51,21 @@ def own_pipeline(folder, family, scheduler=None) -> np.ndarray:
     import diffusers
 
     f = get_family(family)
-    pipe = getattr(diffusers, f.PIPELINE).from_pretrained(folder)
+    pipe = f.load_pipeline(folder)  # as the family reads the folder (Qwen-Image 2.1's processor without torchvision)
     if scheduler is not None:
         pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=3.0)
+    call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, **f.guidance_kwargs(3.0))
     generator = [torch.Generator().manual_seed(0)]
-    return pipe(prompt=PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs()).images[0]
+    image = pipe(prompt=PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs()).images[0]
+    return image[..., :3]  # Qwen-Image 2.1 draws RGBA
 
 
 def resave(folder, family, scheduler: str, **config):
     """The pipeline folder saved again with another scheduler (its model_index.json and scheduler/ both)."""
     import diffusers
 
-    pipe = getattr(diffusers, get_family(family).PIPELINE).from_pretrained(folder)
+    pipe = get_family(family).load_pipeline(folder)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **config)
     pipe.save_pretrained(folder)
     return folder

@@ -157,3 +157,22 @@ def test_qwen_image_sends_a_2_1_folder_here_and_the_registry_finds_it(qwen):
     assert family_of_pipeline("QwenImage21Pipeline") == NAME
     with pytest.raises(ConfigError, match="model=qwen_image21"):
         get_family("qwen_image").check_folder(folder)
+
+
+def test_the_memory_plans_transformer_computes_what_diffusers_computes():
+    """The memory plan runs 2.1's transformer on fake tensors, which cannot do the index arithmetic its forward does
+    on img_mask: the plan's class takes that layout worked out beforehand and predicts what diffusers' class does."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    from tuner.models.qwen_image21 import _img_mask, _layout, _planned
+
+    config = {"num_layers": 2, "attention_head_dim": 128, "num_attention_heads": 2, "context_in_dim": 32}
+    torch.manual_seed(0)
+    real, planned = QwenImage21Transformer2DModel(**config), _planned()(**config)
+    planned.load_state_dict(real.state_dict())
+    text, side = 7, 4
+    h, e, t = torch.randn(2, side * side, 64), torch.randn(2, text, 32), torch.rand(2)
+    with torch.no_grad():
+        theirs = real(hidden_states=h, encoder_hidden_states=e, timestep=t, img_shapes=[[(1, side, side)]] * 2,
+                      img_mask=_img_mask(2, text, side * side), return_dict=False)[0]  # fmt: skip
+        torch.testing.assert_close(planned(h, e, t, _layout(text, side))[0], theirs, rtol=0, atol=0)

@@ -99,7 +99,7 @@ def pipeline(base: Path, loras: list[tuple[Path, float]], family: str = "sd15"):
     """diffusers' pipeline with each LoRA loaded by its own loader, at its weight (``set_adapters``)."""
     from tuner.models import get_family
 
-    pipe = get_family(family).pipeline_class().from_pretrained(base)
+    pipe = get_family(family).load_pipeline(base)  # as the family reads a folder (Qwen-Image 2.1's processor)
     names = []
     for i, (path, _) in enumerate(loras):
         pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name=f"l{i}")
@@ -110,7 +110,10 @@ def pipeline(base: Path, loras: list[tuple[Path, float]], family: str = "sd15"):
 
 
 def draw(pipe, size: int = 16) -> torch.Tensor:
+    import inspect
+
     generator = torch.Generator().manual_seed(0)
+    takes = "guidance_scale" in inspect.signature(pipe.__call__).parameters  # QwenImage21Pipeline's is true CFG's
     out = pipe(
         prompt=PROMPT,
         num_inference_steps=3,
@@ -118,7 +121,7 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
         width=size,
         generator=generator,
         output_type="pt",
-        guidance_scale=3.0,
+        **({"guidance_scale": 3.0} if takes else {}),
     )
     return out.images
 

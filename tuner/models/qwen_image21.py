@@ -169,6 +169,8 @@ class QwenImage21(FlowFamily):
         transformer = QwenImage21Transformer2DModel(
             num_layers=2, attention_head_dim=8, num_attention_heads=2, context_in_dim=32, axes_dims_rope=(2, 2, 4),
         )  # fmt: skip
+        with torch.no_grad():  # gates (tanh of the shared modulation) near 1, not 0.2: the tiny blocks' updates show
+            transformer.modulation[1].weight.mul_(4)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1)
         torch.manual_seed(seed + 2)
@@ -192,9 +194,7 @@ class QwenImage21(FlowFamily):
         """Qwen-Image 2.1's transformer by single-stream blocks (32, 4096 wide), Qwen3-VL-8B, its x16 RGBA VAE."""
 
         def transformer(units):
-            from diffusers import QwenImage21Transformer2DModel
-
-            return QwenImage21Transformer2DModel(num_layers=units)  # the config's defaults are 2.1's
+            return _planned()(num_layers=units)  # the config's defaults are 2.1's
 
         def inputs(resolution, batch, dtype):
             side, text = resolution // 16, self.max_sequence_length
@@ -202,8 +202,7 @@ class QwenImage21(FlowFamily):
                 "hidden_states": torch.randn(batch, side * side, 64, dtype=dtype),
                 "encoder_hidden_states": torch.randn(batch, text, 4096, dtype=dtype),
                 "timestep": torch.rand(batch),
-                "img_shapes": [[(1, side, side)]] * batch,
-                "img_mask": _img_mask(batch, text, side * side),
+                "layout": _layout(text, side),
             }
 
         def text_encoders():
@@ -369,6 +368,43 @@ class QwenImage21(FlowFamily):
 def _img_mask(batch: int, text: int, tokens: int) -> torch.Tensor:
     """The pipeline's ``img_mask`` of a text-to-image call: no image slot in the text, one per 2x2 target tokens."""
     return torch.cat([torch.zeros(batch, text, dtype=torch.bool), torch.ones(batch, tokens // 4, dtype=torch.bool)], 1)
+
+
+def _layout(text: int, side: int) -> tuple:
+    """The joint sequence's RoPE, target-token mask and attention segments of a text-to-image call, worked out on
+    real tensors as ``QwenImage21Transformer2DModel.forward`` does from ``img_mask`` (the memory plan's fake tensors
+    cannot run that index arithmetic)."""
+    from diffusers.models.transformers import transformer_qwenimage21 as q
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily(), torch.device("cpu"):
+        pad = torch.cat([torch.zeros(text, dtype=torch.bool), torch.ones(side * side, dtype=torch.bool)])
+        rotary = q.QwenImage21Rope(theta=10000, axes_dim=[16, 56, 56])([(1, side, side)], pad, torch.device("cpu"))
+        ids, target = q.QwenImage21Transformer2DModel.build_token_metadata(pad, [(1, side, side)])
+        return rotary, target, q._qwenimage21_prefix_segments(ids, text)
+
+
+def _planned():
+    """``QwenImage21Transformer2DModel`` whose forward takes that layout instead of ``img_mask``: the memory plan's
+    (``real_widths``) text-to-image step through the same modules and blocks, on fake tensors."""
+    from diffusers import QwenImage21Transformer2DModel
+
+    class Planned(QwenImage21Transformer2DModel):
+        def forward(self, hidden_states, encoder_hidden_states, timestep, layout, return_dict=False):
+            rotary, target, segments = layout
+            joint = torch.cat([self.txt_in(encoder_hidden_states), self.img_in(hidden_states)], dim=1)
+            timestep = torch.cat([timestep, timestep.new_zeros(1)]).to(joint.dtype)  # causal_condition's t = 0 row
+            temb = self.time_text_embed(timestep, joint)
+            modulation = self.modulation(temb)
+            for block in self.transformer_blocks:
+                args = (joint, modulation, rotary, None, target, None, None, None, segments, None)
+                if torch.is_grad_enabled() and self.gradient_checkpointing:
+                    joint = self._gradient_checkpointing_func(block, *args)
+                else:
+                    joint = block(*args)
+            return (self.proj_out(self.norm_out(joint, temb, target)),)
+
+    return Planned
 
 
 class _OneFrame(torch.nn.Module):
