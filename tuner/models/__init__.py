@@ -24,6 +24,7 @@ FAMILIES = {
     "flux2": "flux2:Flux2",
     "flux2_klein": "flux2:Flux2Klein",
     "qwen_image": "qwen_image:QwenImage",
+    "chroma": "chroma:Chroma",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 
