@@ -43,6 +43,8 @@ TRANSFORMER_NAMES = (
     r"^(transformer_blocks|single_transformer_blocks|joint_blocks|double_blocks|single_blocks|x_embedder|"
     r"context_embedder|time_text_embed|pos_embed|final_layer)"
 )
+# the modules whose input width tells families apart (``_widths``)
+WIDTH_NAMES = r"attn2_to_[kv]$|(^|_)attn_to_q$|img_attn_qkv$|x_block_attn_qkv$|(^|_)attention_(to_q|qkv)$"
 UNET_NAMES = r"^(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block|conv_in|time_embedding)"
 
 
@@ -384,11 +386,12 @@ def _inner(m: Module) -> str:
 
 def _widths(modules: dict[str, Module]) -> set[int]:
     """The widths that tell families apart: a U-Net's cross-attention input (attn2's to_k / to_v), a
-    transformer's attention input (to_q, or the fused qkv of the original layouts)."""
+    transformer's attention input (to_q, or the fused qkv of the original layouts; Z-Image's and Lumina 2's
+    ``attention`` modules by either name)."""
     out = set()
     for m in modules.values():
         name = m.name.replace(".", "_")
-        if m.shape and re.search(r"attn2_to_[kv]$|(^|_)attn_to_q$|img_attn_qkv$|x_block_attn_qkv$", name):
+        if m.shape and re.search(WIDTH_NAMES, name):
             out.add(m.shape[1])
     return out
 

@@ -96,9 +96,9 @@ class ZImage(FlowFamily):
     MODELSPEC_ARCHITECTURE = "Z-Image"
     DEFAULT_RESOLUTION = 1024
     WIDTHS = frozenset({3840})  # the transformer's (30 heads of 128)
-    # diffusers' names and ComfyUI's: attention, feed_forward.w1-3, the refiners (Lumina 2 shares ComfyUI's names;
-    # its 2304 width tells it apart)
-    SIGNS = r"attention_to_[qkv]|attention_to_out|attention_qkv|feed_forward_w[123]|noise_refiner|context_refiner"
+    # diffusers' names and ComfyUI's (Lumina 2 shares ComfyUI's, and its refiners' names: its 2304 width tells it
+    # apart)
+    SIGNS = r"attention_to_[qkv]|attention_to_out|attention_qkv|feed_forward_w[123]"
     SAMPLE_FILES = (
         {"transformer.layers.0.attention.to_q": (4, 3840), "transformer.layers.0.feed_forward.w1": (4, 3840)},
         {"lora_unet_layers_0_attention_qkv": (4, 3840), "lora_unet_layers_0_feed_forward_w1": (4, 3840)},
