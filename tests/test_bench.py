@@ -278,13 +278,13 @@ def test_the_bench_gives_a_reference_the_familys_tiny_settings(name, tmp_path):
     assert bench.matching_flags(args) == []
 
 
-@pytest.mark.e2e  # builds each family's tiny pipeline and runs `python -m tuner` beside a stand-in: 15 to 25 s a family
+@pytest.mark.e2e  # builds each family's tiny pipeline and runs `python -m tuner` beside a stand-in: 20 to 30 s a family
 @pytest.mark.parametrize("name", family_names())
 def test_the_bench_trains_each_familys_tiny_pipeline_beside_a_reference(name, tmp_path):
     reference = tmp_path / "reference.py"
     reference.write_text(REFERENCE)
     out = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench.py"), "--family", name, "--steps", "10", "--batch", "2",
+        [sys.executable, str(ROOT / "tools" / "bench.py"), "--family", name, "--steps", "30", "--batch", "2",
          "--images", "2", "--resolution", "64", "--work", str(tmp_path / "work"), "--reference", str(reference)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

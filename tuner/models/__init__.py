@@ -25,6 +25,7 @@ FAMILIES = {
     "flux2_klein": "flux2:Flux2Klein",
     "qwen_image": "qwen_image:QwenImage",
     "chroma": "chroma:Chroma",
+    "z_image": "z_image:ZImage",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 
