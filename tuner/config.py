@@ -91,6 +91,9 @@ class ModelConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     mode_scale: float = 1.29
+    # sd3: skip-layer guidance at sampling (StableDiffusion3Pipeline's skip_guidance_layers), the joint blocks an extra
+    # pass skips over the first steps; Stability advises [7, 8, 9] for SD3.5 Medium. null: none
+    skip_guidance_layers: list[int] | None = None
 
 
 @dataclass
