@@ -1,5 +1,13 @@
 """Stable Diffusion 3 / 3.5: an MMDiT transformer, two CLIP encoders and T5, flow matching.
 
+SD3.5 is this family, not one of its own: its checkpoints are the same pipeline and transformer class with other
+config values, the same encoders, VAE, objective and file layouts. SD3.5 Large (8B, 38 blocks 2432 wide) adds
+RMS qk norm (``qk_norm="rms_norm"``: ``attn.norm_q``/``norm_k``, the original's ``ln_q``/``ln_k``); SD3.5 Medium
+(2.5B, MMDiT-X) also a second image self-attention in its first 13 blocks (``dual_attention_layers``: ``attn2``,
+the original's ``x_block.attn2``), which the LoRA presets reach (``to_q`` ... match ``attn2.to_q``). Its pipeline
+draws with skip-layer guidance where ``model.skip_guidance_layers`` names blocks (Stability's advice for Medium:
+[7, 8, 9]). SD3.5 Large Turbo (timestep-distilled, 4 steps, no CFG) is refused as a training base.
+
 Prompts, as ``StableDiffusion3Pipeline.encode_prompt``: both CLIPs' penultimate hidden states side by
 side, zero-padded to T5's width, followed by T5's hidden states along the sequence; the pooled
 conditioning is both CLIPs' projected outputs side by side. The transformer reads timesteps in
@@ -8,14 +16,28 @@ conditioning is both CLIPs' projected outputs side by side. The transformer read
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
+from tuner.errors import ConfigError
 from tuner.models import real, tiny
 from tuner.models.base import Components, _ids
 from tuner.models.flow import FlowFamily
 from tuner.models.mmdit_layout import mmdit_name, original_state, swapped
 from tuner.models.real import RealWidths
+
+DISTILLED = (
+    "SD3.5 Large Turbo is timestep-distilled (4 steps, no CFG): a LoRA trained on it undoes the distillation. Train on "
+    "the base (stable-diffusion-3.5-large) and draw with the LoRA on the Turbo checkpoint (recipe=generate "
+    "model.path=TURBO generate.adapters=[...] generate.steps=4 generate.guidance_scale=0)"
+)
+# the tiny pipelines' variants (build_tiny's size): SD3's, SD3.5 Medium's (dual attention in its first block, qk
+# norm) and SD3.5 Large's (qk norm)
+TINY_SIZES = {"test": {}, "3.5-medium": {"qk_norm": "rms_norm", "dual_attention_layers": (0,)},
+              "3.5-large": {"qk_norm": "rms_norm"}}  # fmt: skip
 
 
 class SD3(FlowFamily):
@@ -50,11 +72,12 @@ class SD3(FlowFamily):
     BASE_VERSION = "sd3"
     MODELSPEC_ARCHITECTURE = "stable-diffusion-v3-medium"
     MAX_SEQUENCE_LENGTH = 256
-    WIDTHS = frozenset({1536, 2432})  # SD3-medium's transformer, SD3.5-large's
+    WIDTHS = frozenset({1536, 2432})  # SD3-medium's and SD3.5 Medium's transformer, SD3.5-large's
     SAMPLE_FILES = (
         {"lora_unet_joint_blocks_0_x_block_attn_qkv": (4, 1536), "lora_unet_x_embedder_proj": (4, 64)},
         {"transformer.transformer_blocks.0.attn.to_q": (4, 1536)},
         {"transformer.transformer_blocks.0.attn.to_q": (4, 2432)},  # SD3.5 Large
+        {"lora_unet_joint_blocks_0_x_block_attn2_qkv": (4, 1536)},  # SD3.5 Medium's kohya file: its dual attention
     )
     # checked before Flux's (both have an x_embedder, with other names beside it)
     SIGNS = r"joint_blocks|context_block|x_block_|pos_embed|text_encoder_3"
@@ -63,7 +86,8 @@ class SD3(FlowFamily):
 
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny SD3: an MMDiT of two joint blocks, two CLIP encoders with projections and a T5 (whose width
-        is at least the CLIPs' together: SD3 pads their hidden states to it), shift 3 flow matching."""
+        is at least the CLIPs' together: SD3 pads their hidden states to it), shift 3 flow matching.
+        ``size``: "3.5-medium" (qk norm, a dual-attention first block) or "3.5-large" (qk norm), SD3.5's shapes."""
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection
 
@@ -80,6 +104,7 @@ class SD3(FlowFamily):
             pooled_projection_dim=32,
             out_channels=4,
             pos_embed_max_size=32,
+            **TINY_SIZES[size],
         )
         torch.manual_seed(seed + 1)
         vae = tiny.tiny_vae(use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
@@ -97,16 +122,31 @@ class SD3(FlowFamily):
             "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
         }
 
-    def real_widths(self) -> RealWidths:
-        """SD3-medium's transformer by joint blocks (24), CLIP-L, OpenCLIP-G, T5-XXL, its 16-channel VAE."""
+    REAL_SIZES = ("3.5-medium", "3.5-large")
+
+    def real_widths(self, size: str | None = None) -> RealWidths:
+        """SD3-medium's transformer by joint blocks (24 of 1536), CLIP-L, OpenCLIP-G, T5-XXL, its 16-channel VAE;
+        ``size="3.5-large"``: SD3.5 Large's (38 blocks of 2432, qk norm); "3.5-medium": SD3.5 Medium's (24 of 1536, qk
+        norm, dual attention in the first 13), built whole (its blocks differ, so no line through 1 and 2 of them)."""
+        published, real_units, dual = {}, 24, None
+        heads, pos, qk = 24, 192, None
+        if size == "3.5-large":
+            heads, real_units, qk = 38, 38, "rms_norm"
+            published = {
+                "SD3.5 Large LoRA nf4 512 px target": "10-12 GB (SimpleTuner's lowest-VRAM config: nf4, Lion 8-bit)",
+            }
+        elif size == "3.5-medium":
+            pos, qk, dual, real_units = 384, "rms_norm", tuple(range(13)), None
 
         def transformer(units):
             from diffusers import SD3Transformer2DModel
 
             return SD3Transformer2DModel(
-                sample_size=128, patch_size=2, in_channels=16, num_layers=units, attention_head_dim=64,
-                num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+                sample_size=128, patch_size=2, in_channels=16, num_layers=units if real_units else 24,
+                attention_head_dim=64, num_attention_heads=heads, joint_attention_dim=4096,
+                caption_projection_dim=64 * heads, pooled_projection_dim=2048, out_channels=16,
+                pos_embed_max_size=pos, qk_norm=qk,
+                dual_attention_layers=dual or (),
             )  # fmt: skip
 
         def inputs(resolution, batch, dtype):
@@ -121,7 +161,19 @@ class SD3(FlowFamily):
         def text_encoders():
             return [real.clip(768, 12, 12), real.clip(1280, 32, 20, projection=True), real.t5_xxl()]
 
-        return RealWidths(transformer, 24, inputs, text_encoders, lambda: real.vae(16), unit="a joint block")
+        unit = "a joint block" if real_units else "the whole denoiser"
+        return RealWidths(transformer, real_units, inputs, text_encoders, lambda: real.vae(16), unit, published)
+
+    def check_trainable(self, folder: Path) -> None:
+        """Refuse SD3.5 Large Turbo (or another distilled SD3, by its folder's name) as a training base."""
+        if re.search(r"turbo|distill", Path(folder).name, re.I):
+            raise ConfigError(f"model.path={folder} is a distilled checkpoint (its folder name): {DISTILLED}")
+
+    def call_kwargs(self) -> dict:
+        """The T5 prompt length and, where ``model.skip_guidance_layers`` names blocks, the pipeline's skip-layer
+        guidance (``skip_guidance_layers``: those blocks skipped in an extra pass over the first 1-20% of steps)."""
+        layers = getattr(self.model, "skip_guidance_layers", None)
+        return {**super().call_kwargs(), **({"skip_guidance_layers": list(layers)} if layers else {})}
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         out = {}
