@@ -186,10 +186,10 @@ def _native_resolution(cfg: DictConfig, overrides: list[str]) -> None:
     try:
         size = json.loads(config.read_text()).get("sample_size") if config else None
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        levels = len(vae["block_out_channels"])
+        levels = len(vae.get("block_out_channels") or ())  # none in the video-style VAEs (Qwen-Image's)
     except (OSError, ValueError, KeyError, TypeError):
         return  # the checks name what is wrong with the folder
-    if isinstance(size, int) and size > 0:
+    if isinstance(size, int) and size > 0 and levels:
         cfg.model.resolution = size * 2 ** (levels - 1)
     elif isinstance(vae.get("sample_size"), int) and vae["sample_size"] > 0:  # Flux's: its VAE's, in pixels
         cfg.model.resolution = vae["sample_size"]

@@ -173,6 +173,7 @@ class QwenImage21(FlowFamily):
             transformer.modulation[1].weight.mul_(4)
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLQwenImage21(base_dim=8, decoder_base_dim=8, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=1)
+        vae.register_to_config(sample_size=32)  # what tuner's data.resolution defaults to (Flux's VAE has one)
         torch.manual_seed(seed + 2)
         tokenizer = tiny_tokenizer()
         text = {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
