@@ -176,3 +176,17 @@ def test_the_memory_plans_transformer_computes_what_diffusers_computes():
         theirs = real(hidden_states=h, encoder_hidden_states=e, timestep=t, img_shapes=[[(1, side, side)]] * 2,
                       img_mask=_img_mask(2, text, side * side), return_dict=False)[0]  # fmt: skip
         torch.testing.assert_close(planned(h, e, t, _layout(text, side))[0], theirs, rtol=0, atol=0)
+
+
+def test_a_saved_pipeline_keeps_the_folders_image_and_video_processor_configs(tmp_path, qwen):
+    """The processor tuner reads (tokenizer and chat template) saves the folder's image and video processors' configs
+    again, so a merged folder still loads in diffusers where torchvision is installed."""
+    family, _, _, folder = qwen
+    base = shutil.copytree(folder, tmp_path / "base")
+    configs = {"preprocessor_config.json": '{"merge_size": 2}', "video_preprocessor_config.json": '{"fps": 2}'}
+    for name, text in configs.items():
+        (base / "processor" / name).write_text(text)
+    family.load_pipeline(base).save_pretrained(tmp_path / "saved")
+    for name, text in configs.items():
+        assert (tmp_path / "saved" / "processor" / name).read_text() == text
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["processor"][1] == "Qwen3VLProcessor"

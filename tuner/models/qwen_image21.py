@@ -17,16 +17,16 @@ image, and decodes to its RGB. Sampling: ``sample_sigmas`` from the folder when 
 sampling's guidance (``true_cfg_scale``). Training: flow matching on the plain schedule (``model.timestep_shift``
 and ``model.weighting_scheme`` shift it), the text encoder frozen and its prompts cached.
 
-The folder names a ``Qwen3VLProcessor``, whose video processor needs torchvision: without it tuner builds the
-processor from the folder's tokenizer and chat template (``TextProcessor``: what a prompt-only pipeline calls).
+The folder names a ``Qwen3VLProcessor``, whose video processor needs torchvision: tuner builds the processor from the
+folder's tokenizer and chat template (``TextProcessor``: what a prompt-only pipeline calls), with or without it.
 Turbo (the folder ships ``sample_sigmas``, or is named so) is refused as a training base: train on the base.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -66,7 +66,8 @@ def _processor_class():
         def get_attributes(cls):
             return ["tokenizer"]
 
-        def __init__(self, tokenizer, chat_template=None, **_):
+        def __init__(self, tokenizer, chat_template=None, source=None, **_):
+            self.source = source  # the folder read: its image and video processors' configs are saved again
             self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
@@ -82,6 +83,16 @@ def _processor_class():
                 out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
             return out
 
+        def save_pretrained(self, save_directory, **kwargs):
+            out = super().save_pretrained(save_directory, **kwargs)
+            for file in Path(self.source).glob("*preprocessor_config.json") if self.source else ():
+                if not (Path(save_directory) / file.name).exists():
+                    shutil.copyfile(file, Path(save_directory) / file.name)
+            return out
+
+        def to_dict(self):
+            return {k: v for k, v in super().to_dict().items() if k != "source"}
+
         def get_vocab(self):
             return self.tokenizer.get_vocab()
 
@@ -93,9 +104,9 @@ def _processor_class():
     return TextProcessor
 
 
-def text_processor(tokenizer, chat_template: str | None = None):
-    """The folder's processor for prompts: the real one where torchvision imports, else ``TextProcessor``."""
-    return _processor_class()(tokenizer, chat_template)
+def text_processor(tokenizer, chat_template: str | None = None, source: Path | None = None):
+    """A ``TextProcessor`` of a tokenizer and chat template (``source``: the processor folder they came from)."""
+    return _processor_class()(tokenizer, chat_template, source)
 
 
 def tiny_tokenizer():
@@ -250,8 +261,9 @@ class QwenImage21(FlowFamily):
         return c
 
     def load_tokenizer(self, folder: Path, library: str, cls: str):
-        """The folder's Qwen3VLProcessor; without torchvision, its tokenizer and chat template (``TextProcessor``)."""
-        if cls != "Qwen3VLProcessor" or importlib.util.find_spec("torchvision") is not None:
+        """The folder's Qwen3VLProcessor as ``TextProcessor``: its tokenizer and chat template, all a prompt needs,
+        with or without torchvision (a merged folder saves the image and video processors' configs again)."""
+        if cls != "Qwen3VLProcessor":
             return super().load_tokenizer(folder, library, cls)
         from transformers import AutoTokenizer
 
@@ -261,7 +273,7 @@ class QwenImage21(FlowFamily):
             template = (folder / "chat_template.jinja").read_text()
         elif (folder / "chat_template.json").is_file():
             template = json.loads((folder / "chat_template.json").read_text())["chat_template"]
-        return text_processor(tokenizer, template)
+        return text_processor(tokenizer, template, folder)
 
     def pipeline_with(self, path, **components):
         """The pipeline of the base folder ``path``, its processor as ``load_tokenizer`` reads it."""
