@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from tests.helpers import train_in_process
+from tuner.config import ModelConfig
 from tuner.models import get_family
 from tuner.models.lumina2 import SYSTEM_PROMPT, Lumina2, _planned, native_name
 
 NAME = Lumina2.NAME
 CPU = torch.device("cpu")
+LENGTH = 64  # the tiny pipeline's model.max_sequence_length (TINY_OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,7 @@ def lumina(tmp_path_factory):
     if added:  # the registry does not list it yet: for this module only
         register(Lumina2)
     folder = make_tiny_pipeline(tmp_path_factory.mktemp(NAME) / "Lumina-Image-2.0", family=NAME)
-    family = get_family(NAME)
+    family = get_family(NAME, ModelConfig(max_sequence_length=LENGTH))
     pipe = family.load_pipeline(folder)
     pipe.set_progress_bar_config(disable=True)
     yield family, family.load(folder), pipe, folder
@@ -41,12 +43,13 @@ def test_prompts_are_encoded_as_the_pipeline_encodes_them(lumina):
     assert pipe.system_prompt == SYSTEM_PROMPT
     prompts = ["a cat", "a photo of a dog on a beach, 35mm", "", "a very long prompt " * 20]
     ours = family.encode_prompts(c, prompts)
-    embeds, mask, *_ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=CPU)
-    assert ours["prompt_embeds"].shape[:2] == (4, 256) == mask.shape
+    embeds, mask, *_ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=CPU,
+                                          max_sequence_length=LENGTH)  # fmt: skip
+    assert ours["prompt_embeds"].shape[:2] == (4, LENGTH) == mask.shape
     torch.testing.assert_close(ours["prompt_embeds"], embeds, rtol=0, atol=0)
     assert torch.equal(ours["prompt_mask"], mask.long())
     lengths = mask.sum(1).tolist()
-    assert lengths[0] < lengths[1] < lengths[3] == 256 and lengths[2] > len(SYSTEM_PROMPT)  # the system prompt is read
+    assert lengths[0] < lengths[1] < lengths[3] == LENGTH and lengths[2] == 26  # the system prompt: 25 words and "▁"
 
 
 def test_the_transformer_is_called_as_the_pipeline_calls_it(lumina):
@@ -54,6 +57,8 @@ def test_the_transformer_is_called_as_the_pipeline_calls_it(lumina):
     gives what it gives beside a longer one."""
     family, c, pipe, _ = lumina
     cond = family.encode_prompts(c, ["a cat", "a photo of a dog on a beach"])
+    lengths = cond["prompt_mask"].sum(1).tolist()
+    assert 26 < lengths[0] < lengths[1] < LENGTH  # prompts of two lengths, padded
     torch.manual_seed(0)
     noisy, t = torch.randn(2, 16, 4, 6), torch.tensor([900.0, 250.0])
     with torch.no_grad():
@@ -73,17 +78,18 @@ def test_cfg_is_the_pipelines_at_the_samplings_guidance(lumina):
 
     def draw(guidance, negative=None):
         kwargs = family.call_kwargs() | {"guidance": family.guidance_kwargs}
+        assert kwargs["max_sequence_length"] == LENGTH
         return sample_images(pipe, ["a cat"], [0], 32, 2, guidance, negative_prompts=negative, decode=family.decode,
                              **kwargs)  # fmt: skip
 
     plain, guided = draw(1.0), draw(4.0)
     assert (guided - plain).abs().max() > 1e-3 and (draw(6.0) - guided).abs().max() > 1e-3
     assert (draw(4.0, ["blurry"]) - guided).abs().max() > 1e-3
-    image = pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
+    image = pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=4.0, max_sequence_length=LENGTH,
                  generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
     torch.testing.assert_close(guided / 2 + 0.5, image, rtol=0, atol=1e-5)
     unnormalized = pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=4.0,
-                        cfg_normalization=False, generator=torch.Generator().manual_seed(0),
+                        cfg_normalization=False, max_sequence_length=LENGTH, generator=torch.Generator().manual_seed(0),
                         output_type="pt").images  # fmt: skip
     assert (unnormalized - image).abs().max() > 1e-4  # the pipeline's default (normalized) is the one drawn
 
@@ -135,7 +141,8 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
 
     family, c, pipe, base = lumina
     run = train_in_process(
-        tmp_path, base, f"model={NAME}", "data.resolution=32", "train.learning_rate=5e-2", "adapter.targets=attn_ff",
+        tmp_path, base, f"model={NAME}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
+        "train.learning_rate=5e-2", "adapter.targets=attn_ff",
         "export.formats=[kohya,merged]",
     )  # fmt: skip
     lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")

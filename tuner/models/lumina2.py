@@ -31,7 +31,7 @@ import torch
 
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
-from tuner.models.flux2 import _tokenizer
+from tuner.models.flux2 import _CHARACTERS, _WORD
 from tuner.models.real import RealWidths
 
 # Lumina2Pipeline's system prompt (its __init__ sets it on the instance), before " <Prompt Start> " and the prompt
@@ -116,16 +116,17 @@ class Lumina2(FlowFamily):
         {"lora_unet_layers_0_attention_qkv": (4, 2304), "lora_unet_layers_0_feed_forward_w1": (4, 2304)},
         {"diffusion_model.layers.25.attention.qkv": (4, 2304)},  # ComfyUI's own file's keys
     )  # fmt: skip
+    TINY_OPTIONS = ("model.max_sequence_length=64",)
     CLIENTS = {"comfyui": {"model": "Lumina2"}}  # InvokeAI 6.14 has no Lumina 2 base
 
     # --- tiny and real-width models --------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
         """A tiny Lumina 2: two main layers and one of each refiner, 32 wide (2 query heads, 1 key/value head),
         sampling 32 px by default, over a 16-channel x8 AutoencoderKL (Flux's scaling and shift), a two-layer
-        Gemma2Model, a Gemma tokenizer over characters, and Lumina-Image-2.0's
+        Gemma2Model, a Gemma tokenizer over characters and the system prompt's words, and Lumina-Image-2.0's
         scheduler (a fixed shift of 6)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
-        from transformers import Gemma2Config, Gemma2Model, GemmaTokenizerFast
+        from transformers import Gemma2Config, Gemma2Model
 
         width = 16
         torch.manual_seed(seed)
@@ -141,12 +142,7 @@ class Lumina2(FlowFamily):
             sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False,
         )  # fmt: skip
         torch.manual_seed(seed + 2)
-        # Gemma's tokenizer class rebuilds its byte-pair model from the vocabulary when it loads (no merges here):
-        # single characters, so the system prompt takes ~170 of the pipeline's 256 tokens, as words it does not
-        tokenizer = _tokenizer(
-            GemmaTokenizerFast, ["<pad>", "<eos>", "<bos>", "<unk>"], "", None,
-            pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        )  # fmt: skip
+        tokenizer = _gemma_tokenizer()
         config = Gemma2Config(
             vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=256, sliding_window=64,
@@ -251,6 +247,25 @@ class Lumina2(FlowFamily):
         width = modules["transformer"].config.hidden_size
         out["norm_final.weight"] = torch.ones(width, dtype=state["x_embedder.weight"].dtype)
         return out
+
+
+def _gemma_tokenizer():
+    """Gemma's tokenizer class over single characters and the system prompt's words (a few tokens instead of ~170,
+    so the tiny pipeline's prompts fit 64 tokens), built offline: Gemma's byte-pair model (spaces as ``▁``), each
+    word merged from its characters left to right."""
+    from transformers import GemmaTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", _WORD, *_CHARACTERS])}
+    merges = []
+    first, *rest = (SYSTEM_PROMPT + PROMPT_START).split()
+    for pieces in [list(first), *([_WORD, *w] for w in dict.fromkeys(rest))]:  # no word but the first without "▁"
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            if merged + piece not in vocab:
+                vocab[merged + piece] = len(vocab)
+                merges.append((merged, piece))
+            merged += piece
+    return GemmaTokenizerFast(vocab=vocab, merges=merges)
 
 
 def _planned():
