@@ -26,6 +26,7 @@ FAMILIES = {
     "qwen_image": "qwen_image:QwenImage",
     "chroma": "chroma:Chroma",
     "z_image": "z_image:ZImage",
+    "qwen_image21": "qwen_image21:QwenImage21",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 
