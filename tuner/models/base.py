@@ -86,6 +86,11 @@ def _class(library: str, name: str):
     return getattr(importlib.import_module(library), name)
 
 
+def _entry(value) -> bool:
+    """A model_index.json component entry ([library, class], or [null, null] for one left out), not a setting."""
+    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+
+
 class Family:
     """The interface, with what the UNet-and-CLIP families share. Subclasses set the class attributes."""
 
@@ -99,6 +104,9 @@ class Family:
     DENOISER = "unet"
     DENOISER_CLASS = "UNet2DConditionModel"  # its diffusers class (the model card's single-file usage)
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
+    TOKENIZERS: tuple[
+        str, ...
+    ] = ()  # the folder's tokenizer entries where not tokenizer, tokenizer_2, ... (a processor)
     LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
     # the text encoders new tokens (embedding.tokens) go into, each with the key its vectors have in A1111's and
     # ComfyUI's embedding file of a two-encoder family (a one-encoder family's files: {token: vectors} for
@@ -235,23 +243,23 @@ class Family:
         denoiser = component(self.DENOISER)
         vae = component("vae")
         encoders = {name: component(name) for name in self.TEXT_ENCODERS}
-        tokenizers = {}
-        for i in range(len(self.TEXT_ENCODERS)):
-            name = "tokenizer" if i == 0 else f"tokenizer_{i + 1}"
-            library, cls = index[name]
-            tokenizers[name] = self.load_tokenizer(folder / name, library, cls)
+        tokenizers = {name: self.load_tokenizer(folder / name, *index[name]) for name in self.tokenizer_names()}
         scheduler = _class("diffusers", self.TRAINING_SCHEDULER).from_pretrained(folder / "scheduler")
         for module in (denoiser, vae, *encoders.values()):
             module.requires_grad_(False).eval()
         c = Components(denoiser, vae, encoders, tokenizers, scheduler, "", self.DENOISER)
         # the pipeline's own settings (SDXL's force_zeros_for_empty_prompt, ...), for pipelines built in memory
-        c.extra["pipeline_config"] = {
-            k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)
-        }
+        c.extra["pipeline_config"] = {k: v for k, v in index.items() if not k.startswith("_") and not _entry(v)}
         entry = index.get("scheduler")  # the class pipe(prompt) samples with (samplers.default)
         c.extra["scheduler_class"] = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         c.prediction_type = self.prediction(c, prediction_type)
         return c
+
+    def tokenizer_names(self) -> tuple[str, ...]:
+        """The folder's tokenizer entries in the text encoders' order: ``TOKENIZERS``, else tokenizer, tokenizer_2..."""
+        return self.TOKENIZERS or tuple(
+            "tokenizer" if i == 0 else f"tokenizer_{i + 1}" for i in range(len(self.TEXT_ENCODERS))
+        )
 
     def load_tokenizer(self, folder: Path, library: str, cls: str):
         """The tokenizer (or processor) in ``folder``, of the class its model_index.json entry names."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
-from tuner.models.base import Components, _class
+from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
 from tuner.models.real import RealWidths
 
@@ -137,6 +137,7 @@ class QwenImage21(FlowFamily):
     DENOISER_CLASS = "QwenImage21Transformer2DModel"
     IMG2IMG = None  # its image input is reference conditioning (editing), not image-to-image
     TEXT_ENCODERS = ("text_encoder",)  # Qwen3-VL-8B, read through its processor
+    TOKENIZERS = ("processor",)  # the folder's Qwen3VLProcessor: its tokenizer and chat template (load_tokenizer)
     LORA_TEXT_ENCODERS = ()  # frozen and cached: the pipeline loads LoRAs into its transformer only
     EMBEDDINGS = {}
     EMBEDDING_REFUSAL = (
@@ -237,29 +238,6 @@ class QwenImage21(FlowFamily):
         return RealWidths(transformer, 32, inputs, text_encoders, vae, unit=unit, published=published)
 
     # --- loading ---------------------------------------------------------------------------------
-    def load(self, path, prediction_type=None, allow_pickle: bool = False) -> Components:
-        """As every family's, the processor (its tokenizer and chat template) in the tokenizer's place."""
-        folder = self.check_folder(path, allow_pickle)
-        index = json.loads((folder / "model_index.json").read_text())
-        kwargs = {"use_safetensors": None if allow_pickle else True}
-
-        def component(name: str):
-            library, cls = index[name]
-            return _class(library, cls).from_pretrained(folder / name, **kwargs)
-
-        denoiser, vae, encoder = component("transformer"), component("vae"), component("text_encoder")
-        processor = self.load_tokenizer(folder / "processor", *index["processor"])
-        scheduler = _class("diffusers", self.TRAINING_SCHEDULER).from_pretrained(folder / "scheduler")
-        for module in (denoiser, vae, encoder):
-            module.requires_grad_(False).eval()
-        c = Components(denoiser, vae, {"text_encoder": encoder}, {"processor": processor}, scheduler, "",
-                       self.DENOISER)  # fmt: skip
-        c.prediction_type = self.prediction(c, prediction_type)
-        c.extra["pipeline_config"] = {"sample_sigmas": index.get("sample_sigmas")}  # Turbo's grid, or None
-        entry = index.get("scheduler")
-        c.extra["scheduler_class"] = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-        return c
-
     def load_tokenizer(self, folder: Path, library: str, cls: str):
         """The folder's Qwen3VLProcessor as ``TextProcessor``: its tokenizer and chat template, all a prompt needs,
         with or without torchvision (a merged folder saves the image and video processors' configs again)."""
