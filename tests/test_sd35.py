@@ -184,3 +184,38 @@ def test_partial_and_full_training_move_large(tmp_path, folder, method):
     moved = {n for n, p in trained.named_parameters() if not torch.equal(p, original.get_parameter(n))}
     assert "transformer_blocks.0.attn.to_q.weight" in moved
     assert ("transformer_blocks.0.ff.net.0.proj.weight" in moved) == (method == "full")
+
+
+@pytest.mark.clients
+def test_invokeai_takes_a_merged_sd35_folder_as_sd3_and_none_of_its_lora_or_single_files(tmp_path, folder):
+    """InvokeAI 6.14 has SD3 main models as diffusers folders only (``Main_Diffusers_SD3_Config``; its starter models
+    list SD3.5 Medium and Large): its probe calls the merged export of a Medium-shaped run an sd-3 main model and its
+    transformer loads with qk norm and dual attention. It has no SD3 checkpoint config and no SD3 LoRA loader: the
+    single file and the LoRA files are not sd-3 to it (6.14 calls the diffusers LoRA a Qwen-Image LoRA), which is
+    why sd3's CLIENTS name no InvokeAI base (tests/clients/sd3_invokeai_check.py)."""
+    import json
+    import subprocess
+
+    from tests.helpers import ROOT
+    from tests.test_clients_2026 import invokeai_python
+
+    python = invokeai_python()
+    run = train_in_process(tmp_path, folder("3.5-medium"), *ARGS, "export.formats=[diffusers,kohya,single_file,merged]")
+    paths = {
+        "merged": run.dir / "merged",
+        "diffusers": run.dir / "diffusers" / "pytorch_lora_weights.safetensors",
+        "kohya": run.dir / "kohya" / f"{run.dir.name}.safetensors",
+        "single_file": next((run.dir / "single_file").glob("*.safetensors")),
+    }
+    spec, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec.write_text(json.dumps({"paths": {k: str(v) for k, v in paths.items()}}))
+    script = ROOT / "tests" / "clients" / "sd3_invokeai_check.py"
+    done = subprocess.run([python, str(script), str(spec), str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {k: report["merged"][k] for k in ("type", "base", "format")} == {
+        "type": "main", "base": "sd-3", "format": "diffusers"
+    }  # fmt: skip
+    assert report["merged"]["transformer"] == {"qk_norm": "rms_norm", "dual_attention_layers": [0], "num_layers": 2}
+    for name in ("diffusers", "kohya", "single_file"):
+        assert report[name]["base"] != "sd-3", (name, report[name])
