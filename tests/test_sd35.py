@@ -173,16 +173,17 @@ def test_a_medium_lora_reaches_attn2_and_its_files_reload(tmp_path, folder):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("method", ["partial_unet", "full"])
-def test_partial_and_full_training_move_large(tmp_path, folder, method):
-    """adapter=partial_unet (SD3's default blocks: the joint attentions, qk norms included) and adapter=full on Large's
-    shape: the merged transformer moved from the base."""
-    base = folder("3.5-large")
+@pytest.mark.parametrize("method, size", [("partial_unet", "3.5-medium"), ("full", "3.5-large")])
+def test_partial_and_full_training_move_sd35(tmp_path, folder, method, size):
+    """adapter=partial_unet on Medium (sd3's default glob ``transformer_blocks.*.attn*``: the joint attention, its qk
+    norms and Medium's attn2) and adapter=full on Large: the merged transformer moved from the base where it trains."""
+    base = folder(size)
     run = train_in_process(tmp_path, base, *ARGS, f"adapter={method}", "export.formats=[merged]")
     family = SD3(ModelConfig(max_sequence_length=32))
     trained, original = family.load(run.dir / "merged").denoiser, family.load(base).denoiser
     moved = {n for n, p in trained.named_parameters() if not torch.equal(p, original.get_parameter(n))}
     assert "transformer_blocks.0.attn.to_q.weight" in moved
+    assert ("transformer_blocks.0.attn2.to_q.weight" in moved) == (size == "3.5-medium")
     assert ("transformer_blocks.0.ff.net.0.proj.weight" in moved) == (method == "full")
 
 

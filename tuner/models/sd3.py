@@ -50,7 +50,7 @@ class SD3(FlowFamily):
     EMBEDDINGS = {}
     EMBEDDING_REFUSAL = "diffusers' StableDiffusion3Pipeline has no textual-inversion loader to read the embedding"
     BLOCKS = ("transformer_blocks.",)
-    PARTIAL_BLOCKS = ("transformer_blocks.*.attn.*",)
+    PARTIAL_BLOCKS = ("transformer_blocks.*.attn*",)  # the joint attention and SD3.5 Medium's attn2
     OFFLOAD_BLOCKS = ("JointTransformerBlock",)
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out.0"],
