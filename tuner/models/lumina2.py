@@ -217,7 +217,7 @@ class Lumina2(FlowFamily):
         output negated (flow matching's ``noise - latents``)."""
         out = denoiser(
             hidden_states=noisy,
-            timestep=1 - timesteps.to(noisy.dtype) / 1000,
+            timestep=1 - timesteps.float() / 1000,  # in float32, as the pipeline's
             encoder_hidden_states=cond["prompt_embeds"],
             encoder_attention_mask=cond["prompt_mask"],
             return_dict=False,
