@@ -1,14 +1,15 @@
 """The 2026 transformer families' files in InvokeAI, run there by its own loading code (``TUNER_INVOKEAI_PYTHON``,
 an environment with ``pip install invokeai``): the families InvokeAI runs as diffusers' transformer class
-(``CLIENTS["invokeai"]["runs"] == "diffusers"``: FLUX.2, Qwen-Image; Flux.1 runs as InvokeAI's own BFL class, in
-tests/test_clients.py).
+(``CLIENTS["invokeai"]["runs"] == "diffusers"``: FLUX.2, Qwen-Image, Z-Image; Flux.1 runs as InvokeAI's own BFL
+class, in tests/test_clients.py).
 
 Each family's base is built at the widths InvokeAI tells the family (and its variant) by, one block of each kind
 (``tests/clients/bases.py``), and trained two steps by ``python -m tuner``. InvokeAI's model probe must call each
-of the family's default LoRA files (``DEFAULT_EXPORTS``) and its single file the family; its ``LoRALoader``, the
-family's denoise node's hand-on and ``LayerPatcher`` must put every module of each LoRA file into the transformer,
-and its checkpoint loader must read the single file whole; the weights they give must be peft's merge of the
-run's adapter into the base (an independent implementation).
+of the family's default LoRA files (``DEFAULT_EXPORTS``) that InvokeAI reads (``CLIENTS["invokeai"]["loras"]``)
+and its single file the family, and no other; its ``LoRALoader``, the family's denoise node's hand-on and
+``LayerPatcher`` must put every module of each LoRA file into the transformer, and its checkpoint loader must read
+the single file whole; the weights they give must be peft's merge of the run's adapter into the base (an
+independent implementation).
 
     pytest -m clients tests/test_clients_2026.py
 """
@@ -37,6 +38,12 @@ INVOKEAI_NEEDS = (
 # to bf16 on the CPU, which the comparison casts the merge to as well
 ATOL = 2e-5
 CHECKED = [n for n in family_names() if get_family(n).CLIENTS.get("invokeai", {}).get("runs") == "diffusers"]
+
+
+def taken(name: str) -> tuple[str, ...]:
+    """The LoRA formats InvokeAI reads for the family (``CLIENTS["invokeai"]["loras"]``; by default its diffusers
+    and kohya files)."""
+    return get_family(name).CLIENTS["invokeai"].get("loras", ("diffusers", "kohya"))
 
 
 def invokeai_python() -> str:
@@ -72,12 +79,13 @@ def checked(request, tmp_path_factory):
         home=root / "home", cwd=root,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    loras = {
+    files = {
         fmt: str(file)
         for fmt in family.DEFAULT_EXPORTS
         for file in (root / "run" / fmt).glob("*.safetensors")  # the LoRA file each LoRA format writes
     }
-    assert loras, f"{name}'s default exports {family.DEFAULT_EXPORTS} wrote no LoRA file"
+    loras = {fmt: file for fmt, file in files.items() if fmt in taken(name)}
+    assert loras, f"{name}'s default exports {family.DEFAULT_EXPORTS} wrote no LoRA file InvokeAI takes"
     cls = getattr(diffusers, family.DENOISER_CLASS)
     transformer = cls.from_pretrained(base / "transformer").eval()
     before = {k: v.clone() for k, v in transformer.state_dict().items()}
@@ -89,6 +97,7 @@ def checked(request, tmp_path_factory):
     spec = {
         "transformer": {
             "class": family.DENOISER_CLASS, "base": str(base / "transformer"), "loras": loras,
+            "not_taken": {fmt: file for fmt, file in files.items() if fmt not in loras},
             "expected": str(root / "expected.safetensors"),
             "single_file": str(next((root / "run" / "single_file").glob("*.safetensors"))),
         }
@@ -106,9 +115,19 @@ def checked(request, tmp_path_factory):
 def test_invokeai_identifies_each_default_lora_file_as_the_family(checked):
     name, report, _ = checked
     base = get_family(name).CLIENTS["invokeai"]["base"]
-    assert sorted(report["loras"]) == sorted(f for f in get_family(name).DEFAULT_EXPORTS if f in ("diffusers", "kohya"))
+    assert sorted(report["loras"]) == sorted(f for f in get_family(name).DEFAULT_EXPORTS if f in taken(name))
     for fmt, lora in report["loras"].items():
         assert lora["probe"] == {"type": "lora", "base": base}, fmt
+
+
+def test_invokeai_does_not_take_the_files_the_family_says_it_does_not(checked):
+    """A default LoRA file the family says InvokeAI does not read (Z-Image's kohya file: ComfyUI's names, q, k, v
+    fused; InvokeAI reads Z-Image LoRAs by diffusers' names) is not one its probe calls a LoRA of the family: once
+    it is, the family's ``CLIENTS`` and the README are to say so."""
+    name, report, _ = checked
+    base = get_family(name).CLIENTS["invokeai"]["base"]
+    for fmt, probe in report["not_taken"].items():
+        assert probe.get("base") != base or probe.get("type") != "lora", fmt
 
 
 def test_invokeai_applies_every_module_of_each_lora_file_as_peft_merges_it(checked):

@@ -328,6 +328,29 @@ def build_qwen_image(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_z_image(folder: Path, seed: int = 0) -> Path:
+    """Z-Image's transformer at its real widths (3840 wide, Qwen3-4B's 2560-wide prompt states) with one main layer
+    and one refiner of each kind; a two-layer Qwen3 at the 2560 width with a tiny MLP; the tiny VAE and tokenizer of
+    its tiny pipeline. 0.55 B parameters."""
+    from diffusers import ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    from tuner.models.tiny import save_pipeline
+
+    components = get_family("z_image").build_tiny(seed)
+    torch.manual_seed(seed)
+    components["transformer"] = ZImageTransformer2DModel(n_layers=1, n_refiner_layers=1)  # else Z-Image's config
+    tokenizer = components["tokenizer"]
+    components["text_encoder"] = Qwen3Model(
+        Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=2560, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    return save_pipeline(components, folder, "z_image")
+
+
 # the families InvokeAI runs whose base is not built here, and why
 UNBUILT = {
     "flux2": "Flux.2 dev's transformer at its real 6144 width is 2.29 B parameters with one block of each kind "

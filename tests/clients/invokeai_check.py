@@ -6,7 +6,7 @@ they compute; read a merged pipeline folder's text encoders with InvokeAI's pinn
     (SPEC: base, merged, inputs, loras {name: file}, text_encoders {folder: [class, LoRA key prefix]}, and
     optionally embedding {file, at}; or, for Flux, inputs and flux {single_file, lora, clip (CLIP-L's folder)};
     or, for a diffusers-layout transformer family, transformer {class, base (its folder), expected (the merged
-    weights), loras {name: file}, single_file})
+    weights), loras {name: file}, not_taken {name: file} (probed only), single_file})
 
 The patching is what InvokeAI's denoise and prompt nodes do: LoRA layers from the file
 (``lora_model_from_sd_state_dict``, SDXL keys converted first), applied with ``LayerPatcher`` under the
@@ -106,14 +106,14 @@ def check_flux(flux):
 
 
 def check_transformer(t):
-    """A diffusers-layout transformer family (FLUX.2, Qwen-Image), as InvokeAI runs it: its diffusers class read
-    from the base folder; each LoRA file probed, loaded by InvokeAI's ``LoRALoader`` (the routing of its probed
+    """A diffusers-layout transformer family (FLUX.2, Qwen-Image, Z-Image), as InvokeAI runs it: its diffusers class
+    read from the base folder; each LoRA file probed, loaded by InvokeAI's ``LoRALoader`` (the routing of its probed
     base and format), handed on as the family's denoise node hands it on (FLUX.2's converts BFL names to
     diffusers' and splits fused q, k, v) and patched into the transformer under the node's prefix; and a
     single file read by its checkpoint loader. Reports, per file, each patched or loaded weight's largest
     difference from ``expected`` (the merged transformer's weights), and what was left over."""
     import diffusers
-    from invokeai.backend.model_manager.load.model_loaders import flux
+    from invokeai.backend.model_manager.load.model_loaders import flux, z_image
     from invokeai.backend.model_manager.load.model_loaders import qwen_image as qwen
     from invokeai.backend.model_manager.load.model_loaders.lora import LoRALoader
     from invokeai.backend.patches.lora_conversions.flux_bfl_peft_lora_conversion_utils import (
@@ -123,6 +123,7 @@ def check_transformer(t):
     from invokeai.backend.patches.lora_conversions.qwen_image_lora_constants import (
         QWEN_IMAGE_EDIT_LORA_TRANSFORMER_PREFIX,
     )
+    from invokeai.backend.patches.lora_conversions.z_image_lora_constants import Z_IMAGE_LORA_TRANSFORMER_PREFIX
 
     # what each base's denoise node does with a loaded LoRA (flux2_denoise's _lora_iterator converts BFL-named
     # layers to diffusers' names; qwen_image_denoise's passes it on as loaded), the prefix it patches under, and
@@ -130,6 +131,7 @@ def check_transformer(t):
     nodes = {
         "flux2": (convert_bfl_lora_patch_to_diffusers, FLUX_LORA_TRANSFORMER_PREFIX, flux.Flux2CheckpointModel),
         "qwen-image": (lambda patch: patch, QWEN_IMAGE_EDIT_LORA_TRANSFORMER_PREFIX, qwen.QwenImageCheckpointModel),
+        "z-image": (lambda patch: patch, Z_IMAGE_LORA_TRANSFORMER_PREFIX, z_image.ZImageCheckpointModel),
     }
     cls = getattr(diffusers, t["class"])
     expected = load_file(t["expected"])
@@ -152,7 +154,13 @@ def check_transformer(t):
             "changed": sum(not torch.equal(state[k].float(), cast(base[k], k)) for k in shared),
         }
 
-    report = {"loras": {}}
+    report = {"loras": {}, "not_taken": {}}
+    for name, path in t.get("not_taken", {}).items():  # files InvokeAI is not meant to take: what its probe says
+        try:
+            config = ModelConfigFactory.from_model_on_disk(path).config
+            report["not_taken"][name] = {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
+        except Exception as e:  # noqa: BLE001 - what InvokeAI says of a file it does not take
+            report["not_taken"][name] = {"type": None, "base": None, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     for name, path in t["loras"].items():
         config = ModelConfigFactory.from_model_on_disk(path).config
         kind = {k: getattr(getattr(config, k, None), "value", None) for k in ("type", "base")}
@@ -194,11 +202,21 @@ def check_transformer(t):
             given.update(state_dict)
             return strict(model, state_dict, *args, **kwargs)
 
+        # a loader that writes the family's real depth in (Z-Image's 30 layers) builds the class at the base's
+        # depth here, the rest of its config kept; for a loader that reads the depth from the file, the same
+        depth = {k: v for k, v in transformer.config.items() if "layers" in k}
+
+        class AtTheBasesDepth(cls):
+            def __new__(klass, *args, **config):
+                return cls(*args, **{**config, **depth})
+
         module.load_state_dict_ignoring_extras = recording
+        setattr(diffusers, t["class"], AtTheBasesDepth)  # what the loaders' `from diffusers import ...` finds
         try:
             model = loader._load_from_singlefile(config)
         finally:
             module.load_state_dict_ignoring_extras = strict
+            setattr(diffusers, t["class"], cls)
         state = model.state_dict()
         report["single_file"] = {
             "probe": kind, "dropped": sorted(set(given) - set(state)),

@@ -107,7 +107,11 @@ class ZImage(FlowFamily):
     TINY_OPTIONS = ("model.max_sequence_length=64",)
     # ComfyUI's model class (its Lumina2 / NextDiT); InvokeAI 6.14's base (it runs diffusers' class too, but takes
     # only the diffusers file: tests/test_clients_z_image.py checks it, not tests/test_clients_2026.py)
-    CLIENTS = {"comfyui": {"model": "Lumina2"}, "invokeai": {"base": "z-image"}}
+    # InvokeAI 6.14 runs it as diffusers' class and reads its LoRAs by diffusers' names only (not ComfyUI's kohya file)
+    CLIENTS = {
+        "comfyui": {"model": "Lumina2"},
+        "invokeai": {"base": "z-image", "runs": "diffusers", "loras": ("diffusers",)},
+    }
 
     # --- tiny and real-width models --------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
