@@ -27,6 +27,7 @@ FAMILIES = {
     "chroma": "chroma:Chroma",
     "z_image": "z_image:ZImage",
     "qwen_image21": "qwen_image21:QwenImage21",
+    "lumina2": "lumina2:Lumina2",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 
