@@ -346,8 +346,14 @@ class Family:
 
     def latent_normalization(self, vae) -> tuple:
         """(scale, shift) of a training latent, ``(sample - shift) * scale``: floats, or per-channel (C, 1, 1)
-        tensors, from the VAE's config."""
-        return float(vae.config.scaling_factor), float(vae.config.get("shift_factor") or 0.0)
+        tensors, from the VAE's config: its scaling and shift factors, or, for a VAE that has none (the Wan-style
+        VAEs of Qwen-Image and the video models), its channels' ``latents_mean`` and ``latents_std``."""
+        config = vae.config
+        if config.get("scaling_factor") is None and config.get("latents_mean") and config.get("latents_std"):
+            mean = torch.tensor(config.latents_mean, dtype=torch.float32).view(-1, 1, 1)
+            std = torch.tensor(config.latents_std, dtype=torch.float32).view(-1, 1, 1)
+            return 1.0 / std, mean
+        return float(config.scaling_factor), float(config.get("shift_factor") or 0.0)
 
     def image_cond(self, dataset) -> dict[str, torch.Tensor] | None:
         """Per-image conditioning from the prepared dataset (SDXL's size and crop); None: none."""

@@ -1,7 +1,10 @@
-"""What the flow-matching transformer families (Flux, SD3, Flux.2, Qwen-Image) share: a transformer trained
-by flow matching (``tuner.models.objectives.FlowObjective``), sampled with the flow schedulers, at 1024 px."""
+"""What the flow-matching transformer families (Flux.1 and 2, SD3, Qwen-Image, Chroma, Z-Image, Lumina 2) share: a
+transformer trained by flow matching (``tuner.models.objectives.FlowObjective``), sampled with the flow schedulers, at
+1024 px, and the prompts of those read by a chat language model (``chat_ids``)."""
 
 from __future__ import annotations
+
+import torch
 
 from tuner.errors import ConfigError
 from tuner.models.base import Components, Family
@@ -44,3 +47,18 @@ class FlowFamily(Family):
 
     def call_kwargs(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
+
+    def chat_ids(self, tokenizer, prompts: list[str], **switches) -> dict[str, torch.Tensor]:
+        """Each prompt as the user's turn of the tokenizer's chat template with the assistant's turn opened
+        (``switches``: the template's, e.g. ``enable_thinking``), padded to ``max_sequence_length``, and its mask:
+        the prompts of the families read by a chat language model's hidden states."""
+        texts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, **switches
+            )
+            for p in prompts
+        ]
+        inputs = tokenizer(
+            texts, return_tensors="pt", padding="max_length", truncation=True, max_length=self.max_sequence_length
+        )
+        return {"text_encoder": inputs["input_ids"], "text_encoder_mask": inputs["attention_mask"]}

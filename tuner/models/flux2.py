@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import string
 from pathlib import Path
 
 import torch
@@ -28,11 +27,9 @@ from tuner.models.bfl_layout import SWAPPED_HALVES
 from tuner.models.flow import FlowFamily
 from tuner.models.flux2_layout import flux2_name, original_state
 from tuner.models.real import RealWidths
+from tuner.models.tiny import qwen3_tokenizer, unigram_tokenizer
 
-# the tiny tokenizers' vocabulary: single characters, with and without SentencePiece's word-start marker
-_CHARACTERS = string.ascii_letters + string.digits + ".,:;!?'\"-_()[]/&+*#%@=<>\n"
-_WORD = "\u2581"
-# Mistral 3's chat template as Flux2Pipeline applies it (system, then user: text parts only), and Qwen3's
+# Mistral 3's chat template as Flux2Pipeline applies it (system, then user: text parts only)
 _MISTRAL_TEMPLATE = (
     "{{- bos_token }}{%- for m in messages %}{%- if m['content'] is string %}{%- set text = m['content'] %}"
     "{%- else %}{%- set text = m['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text')"
@@ -41,28 +38,6 @@ _MISTRAL_TEMPLATE = (
     "{%- elif m['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}{%- else %}{{- text + eos_token }}{%- endif %}"
     "{%- endfor %}"
 )
-_QWEN3_TEMPLATE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-
-
-def _tokenizer(cls, specials: list[str], words: str, template: str, **tokens):
-    """A tokenizer of class ``cls`` over single characters and the words of ``words`` (a system message: a few tokens
-    instead of hundreds), special tokens split out: a unigram model built with the tokenizers library, offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    pieces = [(s, 0.0) for s in specials] + [(_WORD, -2.0)]
-    pieces += [(c, -2.0) for c in _CHARACTERS] + [(_WORD + c, -2.0) for c in _CHARACTERS]
-    pieces += [(_WORD + w, -1.0) for w in sorted({w for w in words.split() if len(w) > 1})]
-    backend = Tokenizer(models.Unigram(pieces, unk_id=0))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    named = set(tokens.values())
-    extra = [s for s in specials if s not in named]
-    return cls(tokenizer_object=backend, additional_special_tokens=extra, chat_template=template, **tokens)
 
 
 def _batch_norm(vae) -> tuple[torch.Tensor, torch.Tensor]:
@@ -281,7 +256,7 @@ class Flux2(_Flux2):
             "[/SYSTEM_PROMPT]",
             "[IMG]",
         ]
-        tokenizer = _tokenizer(
+        tokenizer = unigram_tokenizer(
             PreTrainedTokenizerFast, specials, SYSTEM_MESSAGE, _MISTRAL_TEMPLATE,
             bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         )  # fmt: skip
@@ -387,15 +362,11 @@ class Flux2Klein(_Flux2):
         """A tiny Flux.2 klein: the transformer without guidance embedding, a Qwen3 of 28 layers (the pipeline reads
         9, 18, 27), a character tokenizer with Qwen3's chat template. ``size="distilled"``: the step-distilled
         checkpoint's pipeline (``is_distilled``: no CFG)."""
-        from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+        from transformers import Qwen3Config, Qwen3ForCausalLM
 
         width = 16
         parts = self._tiny_parts(seed, guidance=False, joint=3 * width)
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-        tokenizer = _tokenizer(
-            Qwen2TokenizerFast, specials, "", _QWEN3_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-            unk_token="<|endoftext|>",
-        )  # fmt: skip
+        tokenizer = qwen3_tokenizer()
         config = Qwen3Config(
             vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
             num_hidden_layers=max(self.TAPS) + 1, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
@@ -427,17 +398,7 @@ class Flux2Klein(_Flux2):
 
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """As ``Flux2KleinPipeline``: the prompt as the user's turn of Qwen3's chat template, thinking off, padded."""
-        tokenizer = c.tokenizer
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-            )
-            for p in prompts
-        ]
-        inputs = tokenizer(
-            texts, return_tensors="pt", padding="max_length", truncation=True, max_length=self.max_sequence_length
-        )
-        return {"text_encoder": inputs["input_ids"], "text_encoder_mask": inputs["attention_mask"]}
+        return self.chat_ids(c.tokenizer, prompts, enable_thinking=False)
 
     def decode(self, pipe, latents, height, width):
         """The pipeline's ``output_type="latent"``: the VAE's own latents (klein un-normalises before returning)."""

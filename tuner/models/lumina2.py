@@ -31,8 +31,8 @@ import torch
 
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
-from tuner.models.flux2 import _CHARACTERS, _WORD
 from tuner.models.real import RealWidths
+from tuner.models.tiny import PIECE_CHARACTERS, WORD_START
 
 # Lumina2Pipeline's system prompt (its __init__ sets it on the instance), before " <Prompt Start> " and the prompt
 SYSTEM_PROMPT = (
@@ -255,10 +255,11 @@ def _gemma_tokenizer():
     word merged from its characters left to right."""
     from transformers import GemmaTokenizerFast
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", _WORD, *_CHARACTERS])}
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab = {t: i for i, t in enumerate([*specials, WORD_START, *PIECE_CHARACTERS])}
     merges = []
     first, *rest = (SYSTEM_PROMPT + PROMPT_START).split()
-    for pieces in [list(first), *([_WORD, *w] for w in dict.fromkeys(rest))]:  # no word but the first without "▁"
+    for pieces in [list(first), *([WORD_START, *w] for w in dict.fromkeys(rest))]:  # no word but the first without "▁"
         merged = pieces[0]
         for piece in pieces[1:]:
             if merged + piece not in vocab:

@@ -252,11 +252,6 @@ class QwenImage(FlowFamily):
         dist = vae.encode(images.unsqueeze(2)).latent_dist  # one frame
         return dist.mean[:, :, 0], dist.std[:, :, 0]
 
-    def latent_normalization(self, vae) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(-1, 1, 1)
-        return 1.0 / std, mean
-
     def predict(self, denoiser, noisy, timesteps, cond):
         b, ch, h, w = noisy.shape
         packed = noisy.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, ch * 4)

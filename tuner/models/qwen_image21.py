@@ -308,11 +308,6 @@ class QwenImage21(FlowFamily):
         dist = vae.encode(rgba.unsqueeze(2)).latent_dist
         return dist.mean[:, :, 0], dist.std[:, :, 0]
 
-    def latent_normalization(self, vae) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(vae.config.latents_std, dtype=torch.float32).view(-1, 1, 1)
-        return 1.0 / std, mean
-
     def predict(self, denoiser, noisy, timesteps, cond):
         """The transformer as the pipeline calls it, on the batch's prompts cut back to the longest of them."""
         b, ch, h, w = noisy.shape

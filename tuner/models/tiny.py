@@ -291,3 +291,43 @@ def make_tiny_feature_model(folder: Path, kind: str, seed: int = 0, image_size: 
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# the tiny language-model tokenizers' vocabulary: single characters, with and without SentencePiece's word-start marker
+PIECE_CHARACTERS = string.ascii_letters + string.digits + ".,:;!?'\"-_()[]/&+*#%@=<>\n"
+WORD_START = "\u2581"
+# Qwen3's chat template (its user and assistant turns, thinking switched off or on)
+QWEN3_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def unigram_tokenizer(cls, specials: list[str], words: str, template: str, **tokens):
+    """A tokenizer of class ``cls`` over single characters and the words of ``words`` (a system message: a few tokens
+    instead of hundreds), special tokens split out: a unigram model built with the tokenizers library, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    pieces = [(s, 0.0) for s in specials] + [(WORD_START, -2.0)]
+    pieces += [(c, -2.0) for c in PIECE_CHARACTERS] + [(WORD_START + c, -2.0) for c in PIECE_CHARACTERS]
+    pieces += [(WORD_START + w, -1.0) for w in sorted({w for w in words.split() if len(w) > 1})]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=0))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    named = set(tokens.values())
+    extra = [s for s in specials if s not in named]
+    return cls(tokenizer_object=backend, additional_special_tokens=extra, chat_template=template, **tokens)
+
+
+def qwen3_tokenizer():
+    """A tiny Qwen3 tokenizer (Qwen2TokenizerFast, the class Qwen3's folders name) with its special tokens and chat
+    template."""
+    from transformers import Qwen2TokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    return unigram_tokenizer(
+        Qwen2TokenizerFast, specials, "", QWEN3_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )  # fmt: skip

@@ -32,8 +32,8 @@ import torch
 from tuner.errors import ConfigError
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
-from tuner.models.flux2 import _QWEN3_TEMPLATE, _tokenizer
 from tuner.models.real import RealWidths
+from tuner.models.tiny import qwen3_tokenizer
 
 DISTILLED = (
     "Z-Image-Turbo is step-distilled (8 steps, no CFG): a LoRA trained on it undoes the distillation. Train on the "
@@ -119,7 +119,7 @@ class ZImage(FlowFamily):
         (Flux's scaling and shift), a two-layer Qwen3Model, a character tokenizer with Qwen3's chat template, and
         Z-Image-Turbo's published scheduler (a fixed shift of 3)."""
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-        from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model
+        from transformers import Qwen3Config, Qwen3Model
 
         width = 16
         torch.manual_seed(seed)
@@ -138,11 +138,7 @@ class ZImage(FlowFamily):
             sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False,
         )  # fmt: skip
         torch.manual_seed(seed + 2)
-        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-        tokenizer = _tokenizer(
-            Qwen2TokenizerFast, specials, "", _QWEN3_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-            unk_token="<|endoftext|>",
-        )  # fmt: skip
+        tokenizer = qwen3_tokenizer()
         config = Qwen3Config(
             vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=128,
@@ -202,17 +198,7 @@ class ZImage(FlowFamily):
     # --- prompts ---------------------------------------------------------------------------------------------
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """As ``ZImagePipeline._encode_prompt``: the user's turn of the chat template, thinking on, padded."""
-        tokenizer = c.tokenizer
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
-            )
-            for p in prompts
-        ]
-        inputs = tokenizer(
-            texts, padding="max_length", max_length=self.max_sequence_length, truncation=True, return_tensors="pt"
-        )
-        return {"text_encoder": inputs.input_ids, "text_encoder_mask": inputs.attention_mask}
+        return self.chat_ids(c.tokenizer, prompts, enable_thinking=True)
 
     def encode_ids(self, text_encoders: dict, ids: dict) -> dict[str, torch.Tensor]:
         """The second-to-last hidden states, zero past each prompt's tokens, and the mask of those tokens."""
