@@ -90,6 +90,21 @@ SMALL = [
 PROMPT = "a photo of sks ball"
 
 
+def tiny_family(tmp_path_factory, name: str, folder: str = "pipe", **model) -> tuple:
+    """A family module's fixture: (the registered family ``name`` with the ``model`` section's options, its
+    components loaded from its tiny pipeline saved as a user's folder named ``folder``, that folder's own diffusers
+    pipeline, the folder)."""
+    from tuner.config import ModelConfig
+    from tuner.models import get_family
+    from tuner.models.tiny import make_tiny_pipeline
+
+    path = make_tiny_pipeline(tmp_path_factory.mktemp(name) / folder, family=name)
+    family = get_family(name, ModelConfig(**model))
+    pipe = family.load_pipeline(path)
+    pipe.set_progress_bar_config(disable=True)
+    return family, family.load(path), pipe, path
+
+
 def train_in_process(tmp_path, tiny, *overrides, stages="[base,prepare,train,export]", name="run", unchecked=None):
     """The lora recipe on the tiny pipeline, in this process (3 steps, no validation samples, no TensorBoard),
     with the given overrides.

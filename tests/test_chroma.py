@@ -10,8 +10,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from tests.helpers import tiny_family
 from tests.test_kohya_layouts import deltas_of, random_weights
-from tuner.config import ModelConfig
 from tuner.export.tensors import Trained, kohya_state, tuner_layers, write_safetensors
 from tuner.models import get_family
 from tuner.models.chroma import Chroma
@@ -23,19 +23,7 @@ LENGTH = 32  # the tiny pipeline's model.max_sequence_length (TINY_OPTIONS)
 @pytest.fixture(scope="module")
 def chroma(tmp_path_factory):
     """(the family at the tiny options, its components loaded as a user's folder, the folder's own pipeline)."""
-    from tuner.models import family_names, register, unregister
-    from tuner.models.tiny import make_tiny_pipeline
-
-    added = NAME not in family_names()
-    if added:  # the registry does not list it yet: for this module only
-        register(Chroma)
-    folder = make_tiny_pipeline(tmp_path_factory.mktemp(NAME) / "pipe", family=NAME)
-    family = get_family(NAME, ModelConfig(max_sequence_length=LENGTH))
-    pipe = family.load_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    yield family, family.load(folder), pipe
-    if added:
-        unregister(NAME)
+    return tiny_family(tmp_path_factory, NAME, "pipe", max_sequence_length=LENGTH)[:3]
 
 
 def test_prompts_encode_as_the_pipeline_with_one_pad_token_unmasked(chroma):

@@ -8,9 +8,7 @@ tests/test_conformance.py."""
 import pytest
 import torch
 
-from tests.helpers import train_in_process
-from tuner.config import ModelConfig
-from tuner.models import get_family
+from tests.helpers import tiny_family, train_in_process
 from tuner.models.lumina2 import SYSTEM_PROMPT, Lumina2, _planned, native_name
 
 NAME = Lumina2.NAME
@@ -21,19 +19,7 @@ LENGTH = 64  # the tiny pipeline's model.max_sequence_length (TINY_OPTIONS)
 @pytest.fixture(scope="module")
 def lumina(tmp_path_factory):
     """(the family, its components loaded as a user's folder, the folder's pipeline, folder)."""
-    from tuner.models import family_names, register, unregister
-    from tuner.models.tiny import make_tiny_pipeline
-
-    added = NAME not in family_names()
-    if added:  # the registry does not list it yet: for this module only
-        register(Lumina2)
-    folder = make_tiny_pipeline(tmp_path_factory.mktemp(NAME) / "Lumina-Image-2.0", family=NAME)
-    family = get_family(NAME, ModelConfig(max_sequence_length=LENGTH))
-    pipe = family.load_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    yield family, family.load(folder), pipe, folder
-    if added:
-        unregister(NAME)
+    return tiny_family(tmp_path_factory, NAME, "Lumina-Image-2.0", max_sequence_length=LENGTH)
 
 
 def test_prompts_are_encoded_as_the_pipeline_encodes_them(lumina):

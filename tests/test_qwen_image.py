@@ -6,8 +6,7 @@ family does is in tests/test_conformance.py."""
 import pytest
 import torch
 
-from tuner.config import ModelConfig
-from tuner.models import get_family
+from tests.helpers import tiny_family
 from tuner.models.qwen_image import DISTILLED, QwenImage
 
 NAME = QwenImage.NAME
@@ -17,19 +16,7 @@ LENGTH = 32  # the tiny pipeline's model.max_sequence_length (TINY_OPTIONS)
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     """(the family at the tiny options, its components loaded as a user's folder, the folder's own pipeline)."""
-    from tuner.models import family_names, register, unregister
-    from tuner.models.tiny import make_tiny_pipeline
-
-    added = NAME not in family_names()
-    if added:  # the registry does not list it yet: for this module only
-        register(QwenImage)
-    folder = make_tiny_pipeline(tmp_path_factory.mktemp(NAME) / "pipe", family=NAME)
-    family = get_family(NAME, ModelConfig(max_sequence_length=LENGTH))
-    pipe = family.load_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    yield family, family.load(folder), pipe
-    if added:
-        unregister(NAME)
+    return tiny_family(tmp_path_factory, NAME, "pipe", max_sequence_length=LENGTH)[:3]
 
 
 def test_the_tiny_tokenizer_reads_the_templates_prefix_as_the_tokens_the_pipeline_drops(qwen):

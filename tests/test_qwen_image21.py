@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from tuner.config import ModelConfig
+from tests.helpers import tiny_family
 from tuner.errors import ConfigError
 from tuner.models import get_family
 from tuner.models.qwen_image21 import DISTILLED, PREFIX, QwenImage21
@@ -24,19 +24,7 @@ CPU = torch.device("cpu")
 def qwen(tmp_path_factory):
     """(the family at the tiny options, its components loaded as a user's folder, the folder's own pipeline, the
     folder)."""
-    from tuner.models import family_names, register, unregister
-    from tuner.models.tiny import make_tiny_pipeline
-
-    added = NAME not in family_names()
-    if added:  # the registry does not list it yet: for this module only
-        register(QwenImage21)
-    folder = make_tiny_pipeline(tmp_path_factory.mktemp(NAME) / "pipe", family=NAME)
-    family = get_family(NAME, ModelConfig(max_sequence_length=LENGTH))
-    pipe = family.load_pipeline(folder)
-    pipe.set_progress_bar_config(disable=True)
-    yield family, family.load(folder), pipe, folder
-    if added:
-        unregister(NAME)
+    return tiny_family(tmp_path_factory, NAME, "pipe", max_sequence_length=LENGTH)
 
 
 def test_the_folder_names_qwen3vl_processor_and_loads_without_torchvision_as_the_pipeline_reads_it(qwen):
