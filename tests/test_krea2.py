@@ -1,0 +1,138 @@
+"""What Krea 2 alone does, against Krea2Pipeline on a tiny pipeline of its real classes: prompts as
+``get_text_hidden_states`` encodes them (the fixed-length template with its padding inside, the tapped layers
+stacked), the transformer called as the pipeline calls it, the pipeline's CFG (on whenever guidance > 0), Turbo
+refused as a training base; the kohya file is ComfyUI's names for Krea's single file, which diffusers' converter
+reads back. What every family does is in tests/test_conformance.py."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from tests.helpers import tiny_family, train_in_process
+from tuner.models.krea2 import DISTILLED, DROPPED, PREFIX, SUFFIX, Krea2
+
+NAME = Krea2.NAME
+LENGTH = 32  # the tiny pipeline's model.max_sequence_length (TINY_OPTIONS)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def krea(tmp_path_factory):
+    """(the family at the tiny options, its components loaded as a user's folder, the folder's pipeline, folder)."""
+    return tiny_family(tmp_path_factory, NAME, "Krea-2-Raw", max_sequence_length=LENGTH)
+
+
+def test_prompts_are_encoded_as_the_pipeline_encodes_them(krea):
+    """The folder's taps stacked per token past the 34-token system prefix, the padding inside the template (the
+    closing tokens last, read at positions that skip the padding), a long prompt cut where the pipeline cuts it."""
+    family, c, pipe, folder = krea
+    assert json.loads((folder / "model_index.json").read_text())["text_encoder_select_layers"] == [1, 2]
+    assert len(c.tokenizer(PREFIX).input_ids) == DROPPED and len(c.tokenizer(SUFFIX).input_ids) == 5
+    prompts = ["a cat", "a photo of a dog on a beach, 35mm", "", "a very long prompt " * 20]
+    ours = family.encode_prompts(c, prompts)
+    embeds, mask = pipe.get_text_hidden_states(prompts, max_sequence_length=LENGTH, device=CPU)
+    assert ours["prompt_embeds"].shape == embeds.shape == (4, LENGTH, 2, 32)
+    assert torch.equal(ours["prompt_embeds_mask"].bool(), mask) and mask[:, -5:].all() and not mask[0, -6]
+    torch.testing.assert_close(ours["prompt_embeds"][mask], embeds[mask], rtol=1e-5, atol=1e-6)
+    assert not ours["prompt_embeds"][~mask].any()
+
+
+def test_the_transformer_is_called_as_the_pipeline_calls_it(krea):
+    """Packed latents, t / 1000, the joint RoPE grid, the text mask: the pipeline's prediction, unpacked."""
+    family, c, pipe, _ = krea
+    prompts = ["a cat", "a photo of a dog on a beach"]
+    cond = family.encode_prompts(c, prompts)
+    torch.manual_seed(0)
+    noisy, t = torch.randn(2, 16, 4, 6), torch.tensor([900.0, 250.0])
+    with torch.no_grad():
+        ours = family.predict(c.denoiser, noisy, t, cond)
+        theirs = pipe.transformer(
+            hidden_states=pipe._pack_latents(noisy, 2, 16, 4, 6), encoder_hidden_states=cond["prompt_embeds"],
+            timestep=t / 1000, position_ids=pipe.prepare_position_ids(LENGTH, 2, 3, CPU),
+            encoder_attention_mask=cond["prompt_embeds_mask"].bool(), return_dict=False,
+        )[0]  # fmt: skip
+    theirs = pipe._unpack_latents(theirs, 4 * pipe.vae_scale_factor, 6 * pipe.vae_scale_factor)[:, :, 0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_cfg_is_the_pipelines_at_the_samplings_guidance(krea):
+    """Guidance 0 is one pass per step (Turbo's); above it, ``cond + s * (cond - uncond)``; equal to the pipeline's
+    image at the same seed."""
+    from tuner.sampling import sample_images
+
+    family, c, pipe, _ = krea
+
+    def draw(guidance, negative=None):
+        kwargs = family.call_kwargs() | {"guidance": family.guidance_kwargs}
+        return sample_images(pipe, ["a cat"], [0], 32, 2, guidance, negative_prompts=negative, decode=family.decode,
+                             **kwargs)  # fmt: skip
+
+    plain, guided = draw(0.0), draw(4.5)
+    assert (guided - plain).abs().max() > 1e-3 and (draw(2.0) - guided).abs().max() > 1e-3
+    assert (draw(4.5, ["blurry"]) - guided).abs().max() > 1e-3  # the negative prompt is read
+    image = pipe("a cat", height=32, width=32, num_inference_steps=2, guidance_scale=4.5, max_sequence_length=LENGTH,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images  # fmt: skip
+    torch.testing.assert_close(guided / 2 + 0.5, image, rtol=0, atol=1e-5)  # sample_images' are in [-1, 1]
+
+
+def test_turbo_is_refused_as_a_training_base_and_takes_a_lora_trained_on_the_base(tmp_path, krea):
+    """``is_distilled`` in model_index.json (or a Turbo folder name) stops before anything loads with the advice to
+    train on the base; the base passes; a LoRA of the base loads onto Turbo whole."""
+    from tests.test_toolbox import random_lora
+    from tuner.errors import ConfigError
+    from tuner.export.tensors import tuner_layers
+
+    family, c, pipe, base = krea
+    family.check_trainable(base)
+    turbo = shutil.copytree(base, tmp_path / "distilled")
+    index = json.loads((turbo / "model_index.json").read_text())
+    (turbo / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    for folder in (turbo, shutil.copytree(base, tmp_path / "Krea-2-Turbo")):
+        with pytest.raises(ConfigError, match="distilled checkpoint") as refused:
+            family.check_trainable(folder)
+        assert DISTILLED in str(refused.value)
+    lora = random_lora(base, tmp_path / "lora", rank=2, alpha=2.0, seed=1, family=NAME)
+    distilled = family.load_pipeline(turbo)
+    assert distilled.config.is_distilled
+    distilled.load_lora_weights(lora.parent, weight_name=lora.name)
+    config = distilled.transformer.config
+    blocks = config.num_layers + config.num_layerwise_text_blocks + config.num_refiner_text_blocks
+    assert len(tuner_layers(distilled.transformer)) == 5 * blocks  # q, k, v, gate, out of every attention
+
+
+@pytest.mark.e2e
+def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_path, krea):
+    """ComfyUI reads a LoRA key ``lora_unet_<its module, dots as _>`` onto ``<module>.weight`` of its model (Krea's
+    original names): each module of tuner's kohya file is one of the single file's. Adding each ``up @ down * alpha /
+    rank`` there, as ComfyUI patches, and reading the file back with diffusers' Krea 2 converter gives the merged
+    folder's transformer."""
+    from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    from tuner.models.base import Family
+
+    family, c, pipe, base = krea
+    run = train_in_process(
+        tmp_path, base, f"model={NAME}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
+        "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[kohya,merged]",
+    )  # fmt: skip
+    lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
+    state = family.single_file_state(c.modules(), {})
+    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
+    modules = {k.split(".")[0] for k in lora}
+    assert modules <= set(comfy), sorted(modules - set(comfy))
+    assert {"lora_unet_blocks_0_attn_wq", "lora_unet_blocks_1_mlp_up", "lora_unet_first", "lora_unet_tproj_1",
+            "lora_unet_txtfusion_projector", "lora_unet_txtfusion_refiner_blocks_0_attn_gate"} <= modules
+    for module in modules:
+        down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
+        alpha = float(lora[f"{module}.alpha"])
+        key = comfy[module]
+        state[key] = state[key] + (up @ down) * (alpha / down.shape[0])
+    back = convert_krea2_transformer_checkpoint_to_diffusers(dict(state))
+    merged = Family.load(family, run.dir / "merged").denoiser.state_dict()
+    assert back.keys() == merged.keys()
+    for key, value in merged.items():
+        torch.testing.assert_close(back[key], value, rtol=0, atol=1e-5, msg=key)
+    assert any((merged[k] - v).abs().max() > 1e-4 for k, v in c.denoiser.state_dict().items())  # it trained
