@@ -65,7 +65,7 @@ class HiDream(FlowFamily):
     EMBEDDINGS = {}
     EMBEDDING_REFUSAL = "diffusers' HiDreamImagePipeline has no textual-inversion loader to read the embedding"
     BLOCKS = ("double_stream_blocks.", "single_stream_blocks.")
-    PARTIAL_BLOCKS = ("*stream_blocks.*.block.attn1",)  # every block's attention
+    PARTIAL_BLOCKS = ("*stream_blocks.*.block.attn1.*",)  # every block's attention
     OFFLOAD_BLOCKS = ("HiDreamBlock",)
     TARGETS = {
         "attn": ["to_q", "to_k", "to_v", "to_out"],  # diffusers' DreamBooth script's default
@@ -173,8 +173,8 @@ class HiDream(FlowFamily):
 
             llama = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                                 num_key_value_heads=8, vocab_size=128256)  # fmt: skip
-            clips = [real.clip(768, 12, 12, projection=True, projection_dim=768), real.clip(1280, 32, 20, projection=True)]
-            return [*clips, real.t5_xxl(), LlamaForCausalLM(llama)]
+            clip_l = real.clip(768, 12, 12, projection=True, projection_dim=768)
+            return [clip_l, real.clip(1280, 32, 20, projection=True), real.t5_xxl(), LlamaForCausalLM(llama)]
 
         published = {
             "diffusers README (LoRA, nf4 transformer)": "36.9 GB",
