@@ -146,16 +146,17 @@ class HiDream(FlowFamily):
         }
 
     def real_widths(self, size: str | None = None) -> RealWidths:
-        """HiDream-I1's transformer whole (its blocks are of two kinds; the experts' routing runs dense in the plan:
-        ``_planned``), CLIP-L and CLIP-G with projections, T5-XXL, Llama 3.1 8B, Flux's 16-channel VAE."""
+        """HiDream-I1's transformer by a dual- and two single-stream blocks (16 dual and 32 single in all; each block
+        reads one Llama layer), its experts' routing run dense (``_planned``), CLIP-L and CLIP-G with projections,
+        T5-XXL, Llama 3.1 8B, Flux's 16-channel VAE."""
         text = self.max_sequence_length
 
         def transformer(units):
             return _planned()(
-                patch_size=2, in_channels=16, out_channels=16, num_layers=16, num_single_layers=32,
+                patch_size=2, in_channels=16, out_channels=16, num_layers=units, num_single_layers=2 * units,
                 attention_head_dim=128, num_attention_heads=20, caption_channels=[4096, 4096], text_emb_dim=2048,
                 num_routed_experts=4, num_activated_experts=2, axes_dims_rope=(64, 32, 32), max_resolution=(128, 128),
-                llama_layers=[*range(LLAMA_LAYERS)] + [LLAMA_LAYERS - 1] * 16,
+                llama_layers=[min(i, LLAMA_LAYERS - 1) for i in range(3 * units)],
             )  # fmt: skip
 
         def inputs(resolution, batch, dtype):
@@ -181,7 +182,8 @@ class HiDream(FlowFamily):
             "diffusers README (LoRA, bf16)": "59.9 GB",
             "HiDream LoRA nf4 1024 px target": "<= 36.9 GB",
         }
-        return RealWidths(transformer, None, inputs, text_encoders, lambda: real.vae(16), published=published)
+        unit = "a dual- and two single-stream blocks"
+        return RealWidths(transformer, 16, inputs, text_encoders, lambda: real.vae(16), unit, published)
 
     # --- loading ---------------------------------------------------------------------------------------------
     def check_trainable(self, folder: Path) -> None:
