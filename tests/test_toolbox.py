@@ -113,7 +113,10 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
     import inspect
 
     generator = torch.Generator().manual_seed(0)
-    takes = "guidance_scale" in inspect.signature(pipe.__call__).parameters  # QwenImage21Pipeline's is true CFG's
+    takes = inspect.signature(pipe.__call__).parameters  # QwenImage21Pipeline's guidance is true CFG's
+    guidance = {"guidance_scale": 3.0} if "guidance_scale" in takes else {}
+    if "guidance_schedule" in takes:  # Ideogram4Pipeline's default per-step schedule excludes a constant scale
+        guidance["guidance_schedule"] = None
     out = pipe(
         prompt=PROMPT,
         num_inference_steps=3,
@@ -121,7 +124,7 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
         width=size,
         generator=generator,
         output_type="pt",
-        **({"guidance_scale": 3.0} if takes else {}),
+        **guidance,
     )
     return out.images
 
