@@ -187,8 +187,8 @@ class Ideogram4(FlowFamily):
 
             return AutoencoderKLFlux2()
 
-        # no trainer has published an Ideogram 4 figure; diffusers' README trains it from an nf4 checkpoint
-        published = {"Ideogram 4 LoRA r16 1024 px target": "no published figure (diffusers' README: nf4 base)"}
+        # no trainer has published an Ideogram 4 figure; diffusers' README trains it from an nf4 checkpoint (or fp8)
+        published = {"Ideogram 4 LoRA r16 1024 px target": "none published (diffusers: nf4 or fp8 base); nf4, offload"}
         return RealWidths(transformer, 34, inputs, text_encoders, vae, unit="a block", published=published)
 
     # --- loading -----------------------------------------------------------------------------------------
