@@ -6,6 +6,8 @@ reads back. What every family does is in tests/test_conformance.py."""
 
 import json
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,15 +118,16 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
     family, c, pipe, base = krea
     run = train_in_process(
         tmp_path, base, f"model={NAME}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
-        "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[kohya,merged]",
+        "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[diffusers,kohya,merged]",
     )  # fmt: skip
     lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
     state = family.single_file_state(c.modules(), {})
     comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
     modules = {k.split(".")[0] for k in lora}
     assert modules <= set(comfy), sorted(modules - set(comfy))
-    assert {"lora_unet_blocks_0_attn_wq", "lora_unet_blocks_1_mlp_up", "lora_unet_first", "lora_unet_tproj_1",
-            "lora_unet_txtfusion_projector", "lora_unet_txtfusion_refiner_blocks_0_attn_gate"} <= modules
+    wanted = ("blocks_0_attn_wq", "blocks_1_mlp_up", "first", "tproj_1", "txtfusion_projector",
+              "txtfusion_refiner_blocks_0_attn_gate")  # fmt: skip
+    assert {f"lora_unet_{m}" for m in wanted} <= modules
     for module in modules:
         down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
         alpha = float(lora[f"{module}.alpha"])
@@ -136,3 +139,40 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
     for key, value in merged.items():
         torch.testing.assert_close(back[key], value, rtol=0, atol=1e-5, msg=key)
     assert any((merged[k] - v).abs().max() > 1e-4 for k, v in c.denoiser.state_dict().items())  # it trained
+    # InvokeAI 6.14 (its krea-2 base) reads both files onto diffusers' modules, the same layers at the same deltas
+    files = [
+        run.dir / "kohya" / f"{run.dir.name}.safetensors",
+        run.dir / "diffusers" / "pytorch_lora_weights.safetensors",
+    ]
+    if not INVOKEAI.exists():
+        pytest.skip(f"InvokeAI is not installed at {INVOKEAI}")
+    out = subprocess.run([str(INVOKEAI), "-c", INVOKEAI_READS, *map(str, files)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    kohya, diffusers = json.loads(out.stdout.strip().splitlines()[-1])
+    linear = {name for name, m in c.denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(kohya) == set(diffusers) and set(kohya) <= linear and len(kohya) == len(modules)
+    assert {"transformer_blocks.0.attn.to_q", "text_fusion.projector", "time_mod_proj"} <= set(kohya)
+    for name, delta in kohya.items():
+        assert abs(delta - diffusers[name]) <= 1e-4 * max(1.0, abs(delta)), name
+
+
+INVOKEAI = Path("/work/.invokeai-env/bin/python")
+# each file through InvokeAI's model probe (a krea-2 LoRA) and its LoRALoader: {diffusers module: its delta's norm}
+INVOKEAI_READS = """
+import json, sys
+import torch
+from invokeai.backend.model_manager.configs.factory import ModelConfigFactory
+from invokeai.backend.model_manager.load.model_loaders.lora import LoRALoader
+from invokeai.backend.patches.lora_conversions.krea2_lora_constants import KREA2_LORA_TRANSFORMER_PREFIX as prefix
+found = []
+for file in sys.argv[1:]:
+    config = ModelConfigFactory.from_model_on_disk(file).config
+    assert (config.type.value, config.base.value) == ("lora", "krea-2"), (file, config.type, config.base)
+    loader = LoRALoader.__new__(LoRALoader)  # its _load_model reads no more of the app than these
+    loader._model_base, loader._torch_dtype = config.base, torch.float32
+    layers = loader._load_model(config).layers
+    assert all(key.startswith(prefix) for key in layers), sorted(layers)
+    delta = {key[len(prefix):]: layer.get_weight(None).float().norm() * layer.scale() for key, layer in layers.items()}
+    found.append({key: float(value) for key, value in delta.items()})
+print(json.dumps(found))
+"""

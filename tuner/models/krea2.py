@@ -130,7 +130,8 @@ class Krea2(FlowFamily):
     # diffusers' names (the gated attention, the text fusion stage) and Krea's own (wq / txtfusion / mlp_up)
     SIGNS = r"attn_to_gate|text_fusion|txtfusion|blocks_\d+_attn_w[qkvo]\b|blocks_\d+_mlp_(up|down|gate)\b"
     SAMPLE_FILES = (
-        {"transformer.transformer_blocks.0.attn.to_q": (4, 6144), "transformer.transformer_blocks.0.attn.to_gate": (4, 6144)},
+        {"transformer.transformer_blocks.0.attn.to_q": (4, 6144),
+         "transformer.transformer_blocks.0.attn.to_gate": (4, 6144)},
         {"lora_unet_blocks_0_attn_wq": (4, 6144), "lora_unet_blocks_0_mlp_up": (4, 6144)},
         {"diffusion_model.blocks.27.attn.wq": (4, 6144)},  # Krea's reference trainer's and ComfyUI's keys
     )  # fmt: skip
@@ -219,7 +220,8 @@ class Krea2(FlowFamily):
             "Inline-Studio nf4 base (Krea 2 LoRA)": "16 GB card",
             "Inline-Studio nf4 base, 512 px": "12 GB card",
         }
-        return RealWidths(transformer, 28, inputs, text_encoders, vae, unit="a single-stream block", published=published)
+        unit = "a single-stream block"
+        return RealWidths(transformer, 28, inputs, text_encoders, vae, unit=unit, published=published)
 
     # --- loading ---------------------------------------------------------------------------------------------
     def check_trainable(self, folder: Path) -> None:
@@ -245,8 +247,8 @@ class Krea2(FlowFamily):
         return {"text_encoder": ids, "text_mask": mask, "taps": torch.tensor(list(taps)).expand(len(prompts), -1)}
 
     def encode_ids(self, text_encoders: dict, ids: dict) -> dict[str, torch.Tensor]:
-        """The tapped layers' (the folder's ``text_encoder_select_layers``) states stacked per token, read at positions that skip the padding, past the system
-        prefix; zero where the mask is."""
+        """The tapped layers' states (the folder's ``text_encoder_select_layers``) stacked per token, read at
+        positions that skip the padding, past the system prefix; zero where the mask is."""
         encoder = text_encoders["text_encoder"]
         device = next(encoder.parameters()).device
         mask = ids["text_mask"].to(device).bool()
