@@ -180,7 +180,7 @@ class Krea2(FlowFamily):
             "text_encoder_select_layers": taps,
         }
 
-    def real_widths(self) -> RealWidths:
+    def real_widths(self, size: str | None = None) -> RealWidths:
         """Krea 2's transformer by single-stream blocks (28, 6144 wide; the text fusion stage always), Qwen3-VL-4B
         (2560 x 36), Qwen-Image's 16-channel VAE."""
 
