@@ -163,7 +163,7 @@ class Ideogram4(FlowFamily):
 
         def inputs(resolution, batch, dtype):
             side, text = resolution // 16, self.max_sequence_length
-            ids = _layout([text] * batch, side, side, text, torch.device("cpu"))
+            ids = _layout([text] * batch, side, side, text, "cpu")
             return {
                 "hidden_states": torch.randn(batch, text + side * side, 128, dtype=dtype),
                 "timestep": torch.rand(batch),
@@ -323,6 +323,6 @@ def _layout(lengths, grid_h: int, grid_w: int, text: int, device) -> dict:
     from diffusers import Ideogram4Pipeline
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    with unset_fake_temporarily():
+    with unset_fake_temporarily(), torch.device("cpu"):
         ids = Ideogram4Pipeline._prepare_ids([int(n) for n in lengths], grid_h, grid_w, text, torch.device("cpu"))
     return {k: v.to(device) for k, v in zip(("position_ids", "segment_ids", "indicator"), ids)}
