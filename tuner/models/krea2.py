@@ -136,9 +136,12 @@ class Krea2(FlowFamily):
         {"diffusion_model.blocks.27.attn.wq": (4, 6144)},  # Krea's reference trainer's and ComfyUI's keys
     )  # fmt: skip
     TINY_OPTIONS = ("model.max_sequence_length=32",)
-    # ComfyUI's model (comfy/ldm/krea2: SingleStreamDiT, Krea's names); InvokeAI 6.14 has a krea-2 base, not
-    # checked here yet
-    CLIENTS = {"comfyui": {"model": "Krea2"}}
+    # ComfyUI's model (comfy/ldm/krea2: SingleStreamDiT, Krea's names); InvokeAI 6.14's krea-2 base runs diffusers'
+    # class and reads both LoRA files (tests/test_krea2.py; its real-width check: tests/clients/bases.py UNBUILT)
+    CLIENTS = {
+        "comfyui": {"model": "Krea2"},
+        "invokeai": {"base": "krea-2", "runs": "diffusers", "loras": ("diffusers", "kohya")},
+    }
 
     # --- tiny and real-width models --------------------------------------------------------------------------
     def build_tiny(self, seed: int = 0, size: str = "test") -> dict:
