@@ -71,6 +71,9 @@ class HiDream(FlowFamily):
         "attn": ["to_q", "to_k", "to_v", "to_out"],  # diffusers' DreamBooth script's default
         "attn_ff": ["to_q", "to_k", "to_v", "to_out", "to_q_t", "to_k_t", "to_v_t", "to_out_t", "w1", "w2", "w3"],
     }
+    # the pipeline hands every scheduler but UniPC ``mu=``: FlowMatch Heun's set_timesteps takes no mu, and DPM-Solver
+    # asserts it is dynamically shifted (which a flow-sigmas DPM-Solver is not)
+    NO_SCHEDULERS = ("flow_heun", "flow_dpm++")
     EXPORTS = ("diffusers", "kohya", "peft", "merged", "single_file")
     DEFAULT_EXPORTS = ("diffusers", "kohya")
     SINGLE_FILE_TEXT = False
