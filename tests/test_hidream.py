@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.helpers import tiny_family, train_in_process
-from tuner.models.hidream import DISTILLED, HiDream, _planned
+from tuner.models.hidream import DISTILLED, NO_LLAMA, HiDream, _planned
 
 NAME = HiDream.NAME
 CPU = torch.device("cpu")
@@ -149,6 +149,20 @@ def test_dev_and_fast_are_refused_as_training_bases(tmp_path, hidream):
             family.check_trainable(tmp_path / name)
         assert DISTILLED in str(refused.value) and "train on full, run on dev/fast" in str(refused.value).lower()
     assert c.noise_scheduler.config.shift == 3.0
+
+
+def test_a_folder_without_llama_is_refused_with_how_to_save_one(tmp_path, hidream):
+    """HiDream-ai's folders leave Llama out: such a folder stops before anything loads, saying how to put it in."""
+    import shutil
+
+    from tuner.errors import ConfigError
+
+    family, _, _, base = hidream
+    folder = shutil.copytree(base, tmp_path / "HiDream-I1-Full")
+    shutil.rmtree(folder / "text_encoder_4")
+    with pytest.raises(ConfigError, match="no text_encoder_4/") as refused:
+        family.check_folder(folder)
+    assert NO_LLAMA in str(refused.value)
 
 
 @pytest.mark.e2e

@@ -50,6 +50,11 @@ DISTILLED = (
     "distillation. Train on Full, run on Dev/Fast (recipe=generate model.path=<Dev or Fast folder> "
     "generate.adapters=[...] generate.guidance_scale=0)"
 )
+NO_LLAMA = (
+    "HiDream-ai's folders leave Llama 3.1 8B Instruct out; save a folder with it in once: "
+    "HiDreamImagePipeline.from_pretrained(FULL, text_encoder_4=LlamaForCausalLM.from_pretrained(LLAMA), "
+    "tokenizer_4=AutoTokenizer.from_pretrained(LLAMA)).save_pretrained(FOLDER), then model.path=FOLDER"
+)
 TRAINING_SHIFT = 3.0  # diffusers' train_dreambooth_lora_hidream.py: FlowMatchEulerDiscreteScheduler(shift=3.0)
 CLIP_TOKENS = 218  # the pipeline's cap on the CLIPs' prompt length
 LLAMA_LAYERS = 32  # Llama 3.1 8B's hidden states after the embeddings
@@ -193,6 +198,14 @@ class HiDream(FlowFamily):
         """Refuse HiDream-I1 Dev or Fast (or another distilled HiDream, by its folder's name) as a training base."""
         if re.search(r"(^|[-_. ])(dev|fast)($|[-_. ])|distill", Path(folder).name, re.I):
             raise ConfigError(f"model.path={folder} is a distilled checkpoint (its folder name): {DISTILLED}")
+
+    def check_folder(self, path, allow_pickle: bool = False) -> Path:
+        """The shared checks, first that the folder holds Llama: HiDream-ai's folders leave it out (a gated model),
+        and the pipeline's example passes it in."""
+        folder = Path(path).expanduser()
+        if (folder / "model_index.json").is_file() and not (folder / "text_encoder_4").is_dir():
+            raise ConfigError(f"model.path={path} has no text_encoder_4/: {NO_LLAMA}")
+        return super().check_folder(path, allow_pickle)
 
     def load(self, path, prediction_type=None, allow_pickle=False) -> Components:
         """The shared loading, the training scheduler at the script's shift of 3 (a Full folder's scheduler is a
