@@ -116,7 +116,9 @@ def test_sampling_is_the_pipelines_asymmetric_cfg_with_the_bases_unconditional_t
     torch.testing.assert_close(guided / 2 + 0.5, image, rtol=0, atol=1e-5)
 
 
-def test_a_distilled_folder_is_refused_as_a_training_base(tmp_path, ideogram):
+def test_a_distilled_folder_is_refused_as_a_training_base_and_the_unconditional_transformer_is_needed(
+    tmp_path, ideogram
+):
     import shutil
 
     from tuner.errors import ConfigError
@@ -127,6 +129,10 @@ def test_a_distilled_folder_is_refused_as_a_training_base(tmp_path, ideogram):
     with pytest.raises(ConfigError, match="distilled checkpoint") as refused:
         family.check_trainable(turbo)
     assert DISTILLED in str(refused.value)
+    for weights in (turbo / UNCONDITIONAL).glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(ConfigError, match=f"{UNCONDITIONAL}/ has no .safetensors"):
+        family.check_folder(turbo)
 
 
 @pytest.mark.e2e

@@ -197,6 +197,16 @@ class Ideogram4(FlowFamily):
         if re.search(r"turbo|lightning|distill", Path(folder).name, re.I):
             raise ConfigError(f"model.path={folder} is a distilled checkpoint (its folder name): {DISTILLED}")
 
+    def check_folder(self, path, allow_pickle: bool = False) -> Path:
+        """A diffusers folder of Ideogram4Pipeline whose unconditional transformer has safetensors weights too."""
+        folder = super().check_folder(path, allow_pickle)
+        if not allow_pickle and not list((folder / UNCONDITIONAL).glob("*.safetensors")):
+            raise ConfigError(
+                f"model.path={path}: {UNCONDITIONAL}/ has no .safetensors weights; Ideogram 4 samples with it (its "
+                "CFG's branch without text): give the whole pipeline folder, or model.allow_pickle=true for .bin"
+            )
+        return folder
+
     def load(self, path, prediction_type=None, allow_pickle=False) -> Components:
         """The components, and where the unconditional transformer is (loaded when a pipeline is first built)."""
         c = super().load(path, prediction_type, allow_pickle)
