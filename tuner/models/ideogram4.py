@@ -21,8 +21,9 @@ Ideogram's order (row, column, channel: channel fastest, not Flux.2's), normalis
 statistics.
 
 Training, as the DreamBooth script: sigma drawn logit-normal with std 1.5 and a mean shifted by
-``0.5 * log(pixels / 512**2)`` at ``model.resolution`` (the pipeline's resolution-aware schedule), on the plain
-(unshifted) sigmas; only ``transformer`` takes the LoRA. Sampling: the pipeline's logit-normal sigma schedule (it
+``0.5 * log(pixels / 512**2)`` at ``model.resolution`` (the pipeline's resolution-aware schedule; train at another
+size with ``model.resolution``, which ``data.resolution`` follows), on the plain (unshifted) sigmas; only
+``transformer`` takes the LoRA. Sampling: the pipeline's logit-normal sigma schedule (it
 passes ``sigmas`` to the scheduler) and ``v = s * v_text + (1 - s) * v_uncond`` at the sampling's guidance
 (``guidance_scale`` with ``guidance_schedule=None``), the unconditional transformer frozen and loaded from the base
 folder when a pipeline is first built (never trained; not in the memory plan, which is the training step's).
