@@ -238,10 +238,10 @@ class Krea2(FlowFamily):
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
         """The pipeline's fixed-length block: prefix and prompt padded (or cut) to ``max_sequence_length`` + 29
         tokens, then the 5 closing tokens; the mask of real tokens."""
-        tokenizer = c.tokenizer
+        tokenizer = c.tokenizer  # padding on its own side, as the pipeline's (Qwen's: the right)
         body = tokenizer(
             [PREFIX + p for p in prompts], truncation=True, padding="max_length", return_tensors="pt",
-            max_length=self.max_sequence_length + DROPPED - CLOSING, padding_side="right",
+            max_length=self.max_sequence_length + DROPPED - CLOSING,
         )  # fmt: skip
         tail = tokenizer([SUFFIX] * len(prompts), return_tensors="pt")
         ids = torch.cat([body.input_ids, tail.input_ids], dim=1)
