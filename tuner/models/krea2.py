@@ -219,7 +219,7 @@ class Krea2(FlowFamily):
             return _OneFrame(AutoencoderKLQwenImage())
 
         published = {
-            "Krea 2 LoRA r16 1024 px target": "<= 16 GB NF4",
+            "Krea 2 LoRA r16 1024 px target": "<= 16 GB NF4, <= 12 GB offloaded",  # the best published: 12 GB
             "Inline-Studio nf4 base (Krea 2 LoRA)": "16 GB card",
             "Inline-Studio nf4 base, 512 px": "12 GB card",
         }
