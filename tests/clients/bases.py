@@ -351,14 +351,20 @@ def build_z_image(folder: Path, seed: int = 0) -> Path:
     return save_pipeline(components, folder, "z_image")
 
 
+def build_krea2(folder: Path, seed: int = 0) -> Path:
+    """Not built: Krea 2's transformer at its real 6144 width is 1.10 B parameters with one block (its text fusion
+    stage's four 2560-wide blocks, 0.34 B, and its shared modulation, 0.23 B, come whole): 4.4 GB per fp32 copy,
+    five copies past the CPU tier's memory beside the rest. tests/test_krea2.py checks at tiny widths that InvokeAI's
+    probe calls both default LoRA files krea-2 LoRAs and its LoRALoader reads them onto the same modules."""
+    import pytest
+
+    pytest.skip(" ".join(build_krea2.__doc__.split()).removeprefix("Not built: "))  # the docstring, one line
+
+
 # the families InvokeAI runs whose base is not built here, and why
 UNBUILT = {
     "flux2": "Flux.2 dev's transformer at its real 6144 width is 2.29 B parameters with one block of each kind "
     "(its shared modulations alone 0.57 B): 9.2 GB per fp32 copy (the base, the run's, peft's merge, InvokeAI's, "
     "its single file), past the CPU tier's memory and minutes. InvokeAI tells dev by the same rules as klein "
     "(a block width or context width that is not Flux.1's) and loads it by the same code",
-    "krea2": "Krea 2's transformer at its real 6144 width is 1.10 B parameters with one block (its text fusion "
-    "stage's four 2560-wide blocks 0.34 B and its shared modulation 0.23 B come whole): 4.4 GB per fp32 copy, five "
-    "copies past the CPU tier's memory beside the rest. tests/test_krea2.py checks at tiny widths that InvokeAI's "
-    "probe calls both default LoRA files krea-2 LoRAs and its LoRALoader reads them onto the same modules",
 }
