@@ -165,3 +165,19 @@ def test_the_lora_trains_the_conditional_transformer_only_and_the_merged_folder_
         if (merged.transformer.state_dict()[k] - v).abs().max() > 1e-4
     ]
     assert moved  # it trained
+
+
+def test_a_negative_prompt_is_refused_before_anything_loads_naming_the_key(ideogram, tmp_path):
+    """Ideogram4Pipeline takes no negative prompt: generate.negative_prompt (or a prompt line's --negative) stops at
+    the config's check, naming the key and why, instead of a TypeError inside the pipeline; without one it passes."""
+    from tuner.checks import validate
+    from tuner.compose import compose
+    from tuner.errors import ConfigError
+
+    *_, folder = ideogram
+    args = [f"model={NAME}", f"model.path={folder}", "generate.prompts=[a photo of sks ball]"]
+    args.append(f"output_dir={tmp_path}/o")
+    validate(compose("generate", args))
+    with pytest.raises(ConfigError, match=r"generate\.negative_prompt .*Ideogram4Pipeline\) takes no negative prompt"):
+        validate(compose("generate", [*args, "generate.negative_prompt=blurry"]))
+    assert not (tmp_path / "o").exists()

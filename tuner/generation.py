@@ -128,7 +128,13 @@ def check(cfg) -> None:
                 "generate.refiner with generate.init_image: choose one (image-to-image or base + refiner)"
             )
         check_refiner(cfg.model.family, g.refiner, "generate.refiner")
-    make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
+    jobs = make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
+    family = get_family(cfg.model.family, cfg.model)
+    if not family.NEGATIVE_PROMPTS and any(j.negative for j in jobs):
+        raise ConfigError(
+            f"generate.negative_prompt (or a prompt line's --negative): model={cfg.model.family}'s pipeline "
+            f"({family.PIPELINE}) takes no negative prompt ({family.NEGATIVE_PROMPTS_WHY}); leave it empty"
+        )
 
 
 def refiner_families() -> list[str]:

@@ -104,9 +104,10 @@ class Family:
     DENOISER = "unet"
     DENOISER_CLASS = "UNet2DConditionModel"  # its diffusers class (the model card's single-file usage)
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
-    TOKENIZERS: tuple[
-        str, ...
-    ] = ()  # the folder's tokenizer entries where not tokenizer, tokenizer_2, ... (a processor)
+    # the folder's tokenizer entries where they are not tokenizer, tokenizer_2, ... (a processor in their place)
+    TOKENIZERS: tuple[str, ...] = ()
+    NEGATIVE_PROMPTS = True  # its pipeline takes a negative prompt (generate.negative_prompt); if not, why not:
+    NEGATIVE_PROMPTS_WHY = ""
     LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
     # the text encoders new tokens (embedding.tokens) go into, each with the key its vectors have in A1111's and
     # ComfyUI's embedding file of a two-encoder family (a one-encoder family's files: {token: vectors} for
