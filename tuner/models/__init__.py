@@ -28,6 +28,9 @@ FAMILIES = {
     "z_image": "z_image:ZImage",
     "qwen_image21": "qwen_image21:QwenImage21",
     "lumina2": "lumina2:Lumina2",
+    "krea2": "krea2:Krea2",
+    "hidream": "hidream:HiDream",
+    "ideogram4": "ideogram4:Ideogram4",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 
