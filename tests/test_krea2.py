@@ -7,7 +7,6 @@ reads back. What every family does is in tests/test_conformance.py."""
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -104,8 +103,19 @@ def test_turbo_is_refused_as_a_training_base_and_takes_a_lora_trained_on_the_bas
     assert len(tuner_layers(distilled.transformer)) == 5 * blocks  # q, k, v, gate, out of every attention
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, krea):
+    """A run on the tiny folder writing the diffusers, kohya and merged formats (LoRA on attention and MLP)."""
+    *_, base = krea
+    return train_in_process(
+        tmp_path_factory.mktemp("krea2-run"), base, f"model={NAME}", "data.resolution=32",
+        f"model.max_sequence_length={LENGTH}", "train.learning_rate=5e-2", "adapter.targets=attn_ff",
+        "export.formats=[diffusers,kohya,merged]",
+    )  # fmt: skip
+
+
 @pytest.mark.e2e
-def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_path, krea):
+def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(krea, trained):
     """ComfyUI reads a LoRA key ``lora_unet_<its module, dots as _>`` onto ``<module>.weight`` of its model (Krea's
     original names): each module of tuner's kohya file is one of the single file's. Adding each ``up @ down * alpha /
     rank`` there, as ComfyUI patches, and reading the file back with diffusers' Krea 2 converter gives the merged
@@ -116,10 +126,7 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
     from tuner.models.base import Family
 
     family, c, pipe, base = krea
-    run = train_in_process(
-        tmp_path, base, f"model={NAME}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
-        "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[diffusers,kohya,merged]",
-    )  # fmt: skip
+    run = trained
     lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
     state = family.single_file_state(c.modules(), {})
     comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
@@ -139,14 +146,23 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
     for key, value in merged.items():
         torch.testing.assert_close(back[key], value, rtol=0, atol=1e-5, msg=key)
     assert any((merged[k] - v).abs().max() > 1e-4 for k, v in c.denoiser.state_dict().items())  # it trained
-    # InvokeAI 6.14 (its krea-2 base) reads both files onto diffusers' modules, the same layers at the same deltas
+
+
+@pytest.mark.clients
+def test_invokeai_reads_both_default_files_onto_the_same_modules_at_the_same_deltas(krea, trained):
+    """InvokeAI 6.14 (its krea-2 base; ``TUNER_INVOKEAI_PYTHON``) probes the kohya and the diffusers file as krea-2
+    LoRAs and its LoRALoader reads both onto diffusers' modules, the same layers at the same deltas (tiny widths: the
+    real-width base of tests/test_clients_2026.py is past this tier's memory)."""
+    from tests.test_clients_2026 import invokeai_python
+
+    _, c, _, _ = krea
+    run = trained
     files = [
         run.dir / "kohya" / f"{run.dir.name}.safetensors",
         run.dir / "diffusers" / "pytorch_lora_weights.safetensors",
     ]
-    if not INVOKEAI.exists():
-        pytest.skip(f"InvokeAI is not installed at {INVOKEAI}")
-    out = subprocess.run([str(INVOKEAI), "-c", INVOKEAI_READS, *map(str, files)], capture_output=True, text=True)
+    modules = {k.split(".")[0] for k in load_file_keys(files[0])}
+    out = subprocess.run([invokeai_python(), "-c", INVOKEAI_READS, *map(str, files)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     kohya, diffusers = json.loads(out.stdout.strip().splitlines()[-1])
     linear = {name for name, m in c.denoiser.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -156,7 +172,13 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
         assert abs(delta - diffusers[name]) <= 1e-4 * max(1.0, abs(delta)), name
 
 
-INVOKEAI = Path("/work/.invokeai-env/bin/python")
+def load_file_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
 # each file through InvokeAI's model probe (a krea-2 LoRA) and its LoRALoader: {diffusers module: its delta's norm}
 INVOKEAI_READS = """
 import json, sys
