@@ -105,6 +105,23 @@ def tiny_family(tmp_path_factory, name: str, folder: str = "pipe", **model) -> t
     return family, family.load(path), pipe, path
 
 
+def patched_as_comfyui(family, components, kohya_file: Path) -> tuple[dict, set[str]]:
+    """The family's single file of ``components`` with each module of a kohya file added as ComfyUI patches a LoRA
+    (``lora_unet_<key, dots as _>`` onto ``<key>.weight`` of its model: ``up @ down * alpha / rank``), and the
+    file's module names; every module must name a weight of the single file."""
+    from safetensors.torch import load_file
+
+    lora = load_file(kohya_file)
+    state = family.single_file_state(components.modules(), {})
+    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
+    modules = {k.split(".")[0] for k in lora}
+    assert modules <= set(comfy), sorted(modules - set(comfy))
+    for module in modules:
+        down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
+        state[comfy[module]] = state[comfy[module]] + (up @ down) * (float(lora[f"{module}.alpha"]) / down.shape[0])
+    return state, modules
+
+
 def train_in_process(tmp_path, tiny, *overrides, stages="[base,prepare,train,export]", name="run", unchecked=None):
     """The lora recipe on the tiny pipeline, in this process (3 steps, no validation samples, no TensorBoard),
     with the given overrides.

@@ -8,7 +8,7 @@ file in ComfyUI's names (the single file's). What every family does is in tests/
 import pytest
 import torch
 
-from tests.helpers import tiny_family, train_in_process
+from tests.helpers import patched_as_comfyui, tiny_family, train_in_process
 from tuner.models.hidream import DISTILLED, NO_LLAMA, HiDream, _planned
 
 NAME = HiDream.NAME
@@ -171,7 +171,6 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
     whose names are the single file's (diffusers' own): each module of tuner's kohya file, the experts' among them,
     is one of the single file's; adding each ``up @ down * alpha / rank`` as ComfyUI patches gives the merged
     folder's transformer, which ``from_single_file`` reads back."""
-    from safetensors.torch import load_file
 
     from tuner.models.base import Family
 
@@ -180,20 +179,12 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
         tmp_path, base, f"model={NAME}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
         "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[kohya,merged]",
     )  # fmt: skip
-    lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
-    state = family.single_file_state(c.modules(), {})
-    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
-    modules = {k.split(".")[0] for k in lora}
-    assert modules <= set(comfy), sorted(modules - set(comfy))
+    state, modules = patched_as_comfyui(family, c, run.dir / "kohya" / f"{run.dir.name}.safetensors")
     expected = {
         "lora_unet_double_stream_blocks_0_block_ff_i_experts_1_w2",
         "lora_unet_single_stream_blocks_0_block_attn1_to_q",
     }
     assert expected <= modules
-    for module in modules:
-        down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
-        alpha = float(lora[f"{module}.alpha"])
-        state[comfy[module]] = state[comfy[module]] + (up @ down) * (alpha / down.shape[0])
     merged = Family.load(family, run.dir / "merged").denoiser.state_dict()
     assert state.keys() == merged.keys()
     for key, value in merged.items():

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from tests.helpers import tiny_family, train_in_process
+from tests.helpers import patched_as_comfyui, tiny_family, train_in_process
 from tuner.models.krea2 import DISTILLED, DROPPED, PREFIX, SUFFIX, Krea2
 
 NAME = Krea2.NAME
@@ -121,25 +121,15 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(krea, 
     rank`` there, as ComfyUI patches, and reading the file back with diffusers' Krea 2 converter gives the merged
     folder's transformer."""
     from diffusers.loaders.single_file_utils import convert_krea2_transformer_checkpoint_to_diffusers
-    from safetensors.torch import load_file
 
     from tuner.models.base import Family
 
     family, c, pipe, base = krea
     run = trained
-    lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
-    state = family.single_file_state(c.modules(), {})
-    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
-    modules = {k.split(".")[0] for k in lora}
-    assert modules <= set(comfy), sorted(modules - set(comfy))
+    state, modules = patched_as_comfyui(family, c, run.dir / "kohya" / f"{run.dir.name}.safetensors")
     wanted = ("blocks_0_attn_wq", "blocks_1_mlp_up", "first", "tproj_1", "txtfusion_projector",
               "txtfusion_refiner_blocks_0_attn_gate")  # fmt: skip
     assert {f"lora_unet_{m}" for m in wanted} <= modules
-    for module in modules:
-        down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
-        alpha = float(lora[f"{module}.alpha"])
-        key = comfy[module]
-        state[key] = state[key] + (up @ down) * (alpha / down.shape[0])
     back = convert_krea2_transformer_checkpoint_to_diffusers(dict(state))
     merged = Family.load(family, run.dir / "merged").denoiser.state_dict()
     assert back.keys() == merged.keys()

@@ -8,7 +8,7 @@ tests/test_conformance.py."""
 import pytest
 import torch
 
-from tests.helpers import tiny_family, train_in_process
+from tests.helpers import patched_as_comfyui, tiny_family, train_in_process
 from tuner.models.lumina2 import SYSTEM_PROMPT, Lumina2, _planned, native_name
 
 NAME = Lumina2.NAME
@@ -121,7 +121,6 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
     """ComfyUI reads a Lumina 2 LoRA key ``lora_unet_<its module, dots as _>`` onto ``<module>.weight`` of its model
     (comfy/lora.py, every model): adding each ``up @ down * alpha / rank`` to the single file's weights, as
     ComfyUI patches, gives the single file of the merged folder's transformer."""
-    from safetensors.torch import load_file
 
     from tuner.models.base import Family
 
@@ -131,16 +130,8 @@ def test_the_kohya_file_patches_the_single_file_to_the_merged_transformer(tmp_pa
         "train.learning_rate=5e-2", "adapter.targets=attn_ff",
         "export.formats=[kohya,merged]",
     )  # fmt: skip
-    lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
-    state = family.single_file_state(c.modules(), {})
-    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
-    modules = {k.split(".")[0] for k in lora}
-    assert modules <= set(comfy), sorted(modules - set(comfy))
+    state, modules = patched_as_comfyui(family, c, run.dir / "kohya" / f"{run.dir.name}.safetensors")
     assert {"lora_unet_layers_0_attention_qkv", "lora_unet_context_refiner_0_feed_forward_w2"} <= modules
-    for module in modules:
-        down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
-        key = comfy[module]
-        state[key] = state[key] + (up @ down) * (float(lora[f"{module}.alpha"]) / down.shape[0])
     merged = Family.load(family, run.dir / "merged").denoiser
     theirs = family.single_file_state({"transformer": merged}, {})
     assert theirs.keys() == state.keys()

@@ -7,7 +7,7 @@ fused exactly), which diffusers' converter reads back. What every family does is
 import pytest
 import torch
 
-from tests.helpers import tiny_family, train_in_process
+from tests.helpers import patched_as_comfyui, tiny_family, train_in_process
 from tuner.models.z_image import DISTILLED, ZImage
 
 NAME = ZImage.NAME
@@ -102,7 +102,6 @@ def test_the_kohya_file_patches_comfy_orgs_single_file_to_the_merged_transformer
     layout: q, k, v fused in ``qkv``). Adding each ``up @ down * alpha / rank`` there, as ComfyUI patches, and
     reading the file back with diffusers' Z-Image converter gives the merged folder's transformer."""
     from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
-    from safetensors.torch import load_file
 
     from tuner.models.base import Family
 
@@ -111,17 +110,8 @@ def test_the_kohya_file_patches_comfy_orgs_single_file_to_the_merged_transformer
         tmp_path, base, f"model={NAME}", "data.resolution=32", f"model.max_sequence_length={LENGTH}",
         "train.learning_rate=5e-2", "adapter.targets=attn_ff", "export.formats=[kohya,merged]",
     )  # fmt: skip
-    lora = load_file(run.dir / "kohya" / f"{run.dir.name}.safetensors")
-    state = family.single_file_state(c.modules(), {})
-    comfy = {"lora_unet_" + k.removesuffix(".weight").replace(".", "_"): k for k in state if k.endswith(".weight")}
-    modules = {k.split(".")[0] for k in lora}
-    assert modules <= set(comfy), sorted(modules - set(comfy))
+    state, modules = patched_as_comfyui(family, c, run.dir / "kohya" / f"{run.dir.name}.safetensors")
     assert {"lora_unet_layers_0_attention_qkv", "lora_unet_noise_refiner_0_feed_forward_w2"} <= modules
-    for module in modules:
-        down, up = lora[f"{module}.lora_down.weight"].float(), lora[f"{module}.lora_up.weight"].float()
-        alpha = float(lora[f"{module}.alpha"])
-        key = comfy[module]
-        state[key] = state[key] + (up @ down) * (alpha / down.shape[0])
     back = convert_z_image_transformer_checkpoint_to_diffusers(dict(state))
     merged = Family.load(family, run.dir / "merged").denoiser.state_dict()
     assert back.keys() == merged.keys()

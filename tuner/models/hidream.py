@@ -105,7 +105,7 @@ class HiDream(FlowFamily):
         experts (one chosen per token) and a shared one, two long-position CLIPs with projections, a T5, a two-layer
         Llama with a tokenizer of Llama 3's special tokens, a 16-channel VAE, shift-3 flow matching; its
         ``max_resolution`` of 4 latents draws at 32 px."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImageTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImageTransformer2DModel
         from transformers import CLIPTextModelWithProjection, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
         torch.manual_seed(seed)
@@ -115,12 +115,9 @@ class HiDream(FlowFamily):
             num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(4, 4), llama_layers=[0, 1],
         )  # fmt: skip
         torch.manual_seed(seed + 1)
-        blocks = 4
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-            sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False,
-        )  # fmt: skip
+        vae = tiny.tiny_vae(  # Flux's 16-channel VAE at tiny widths (its factors)
+            (8, 8, 16, 16), 16, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False
+        )
         torch.manual_seed(seed + 2)
         clip = {"projection_dim": 16, "hidden_act": "gelu"}
         llama_tokenizer = tiny.unigram_tokenizer(

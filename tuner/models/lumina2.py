@@ -29,6 +29,7 @@ import re
 
 import torch
 
+from tuner.models import tiny
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
 from tuner.models.real import RealWidths
@@ -125,7 +126,7 @@ class Lumina2(FlowFamily):
         sampling 32 px by default, over a 16-channel x8 AutoencoderKL (Flux's scaling and shift), a two-layer
         Gemma2Model, a Gemma tokenizer over characters and the system prompt's words, and Lumina-Image-2.0's
         scheduler (a fixed shift of 6)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Transformer2DModel
         from transformers import Gemma2Config, Gemma2Model
 
         width = 16
@@ -135,12 +136,9 @@ class Lumina2(FlowFamily):
             multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(300, 64, 64), cap_feat_dim=width,
         )  # fmt: skip
         torch.manual_seed(seed + 1)
-        blocks = 4
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-            sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False,
-        )  # fmt: skip
+        vae = tiny.tiny_vae(  # Flux's 16-channel VAE at tiny widths (its factors)
+            (8, 8, 16, 16), 16, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False
+        )
         torch.manual_seed(seed + 2)
         tokenizer = _gemma_tokenizer()
         config = Gemma2Config(

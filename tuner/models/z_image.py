@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tuner.errors import ConfigError
+from tuner.models import tiny
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
 from tuner.models.real import RealWidths
@@ -118,7 +119,7 @@ class ZImage(FlowFamily):
         """A tiny Z-Image: two main layers and one of each refiner, 32 wide, over a 16-channel x8 AutoencoderKL
         (Flux's scaling and shift), a two-layer Qwen3Model, a character tokenizer with Qwen3's chat template, and
         Z-Image-Turbo's published scheduler (a fixed shift of 3)."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+        from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
         from transformers import Qwen3Config, Qwen3Model
 
         width = 16
@@ -131,12 +132,9 @@ class ZImage(FlowFamily):
             transformer.x_pad_token.normal_()
             transformer.cap_pad_token.normal_()
         torch.manual_seed(seed + 1)
-        blocks = 4
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
-            block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=16, norm_num_groups=8,
-            sample_size=32, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False,
-        )  # fmt: skip
+        vae = tiny.tiny_vae(  # Flux's 16-channel VAE at tiny widths (its factors)
+            (8, 8, 16, 16), 16, scaling_factor=0.3611, shift_factor=0.1159, mid_block_add_attention=False
+        )
         torch.manual_seed(seed + 2)
         tokenizer = qwen3_tokenizer()
         config = Qwen3Config(
