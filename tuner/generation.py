@@ -130,10 +130,10 @@ def check(cfg) -> None:
         check_refiner(cfg.model.family, g.refiner, "generate.refiner")
     jobs = make_jobs(g, cfg.data.resolution, offered)  # every prompt line checked before anything loads
     family = get_family(cfg.model.family, cfg.model)
-    if not family.NEGATIVE_PROMPTS and any(j.negative for j in jobs):
+    if family.NEGATIVE_PROMPT_REFUSAL and any(j.negative for j in jobs):
         raise ConfigError(
             f"generate.negative_prompt (or a prompt line's --negative): model={cfg.model.family}'s pipeline "
-            f"({family.PIPELINE}) takes no negative prompt ({family.NEGATIVE_PROMPTS_WHY}); leave it empty"
+            f"({family.PIPELINE}) takes no negative prompt ({family.NEGATIVE_PROMPT_REFUSAL}); leave it empty"
         )
 
 

@@ -104,10 +104,8 @@ class Family:
     DENOISER = "unet"
     DENOISER_CLASS = "UNet2DConditionModel"  # its diffusers class (the model card's single-file usage)
     TEXT_ENCODERS = ("text_encoder",)  # in the order of their tokenizers (tokenizer, tokenizer_2, ...)
-    # the folder's tokenizer entries where they are not tokenizer, tokenizer_2, ... (a processor in their place)
-    TOKENIZERS: tuple[str, ...] = ()
-    NEGATIVE_PROMPTS = True  # its pipeline takes a negative prompt (generate.negative_prompt); if not, why not:
-    NEGATIVE_PROMPTS_WHY = ""
+    TOKENIZERS: tuple[str, ...] = ()  # its folder's tokenizer entries, where not tokenizer, tokenizer_2, ...
+    NEGATIVE_PROMPT_REFUSAL = ""  # why its pipeline takes no negative prompt (generate.negative_prompt), if none
     LORA_TEXT_ENCODERS = ("text_encoder",)  # those text_encoder.train=lora puts adapters into
     # the text encoders new tokens (embedding.tokens) go into, each with the key its vectors have in A1111's and
     # ComfyUI's embedding file of a two-encoder family (a one-encoder family's files: {token: vectors} for
@@ -244,7 +242,8 @@ class Family:
         denoiser = component(self.DENOISER)
         vae = component("vae")
         encoders = {name: component(name) for name in self.TEXT_ENCODERS}
-        tokenizers = {name: self.load_tokenizer(folder / name, *index[name]) for name in self.tokenizer_names()}
+        names = self.TOKENIZERS or ["tokenizer", *(f"tokenizer_{i}" for i in range(2, len(self.TEXT_ENCODERS) + 1))]
+        tokenizers = {name: self.load_tokenizer(folder / name, *index[name]) for name in names}
         scheduler = _class("diffusers", self.TRAINING_SCHEDULER).from_pretrained(folder / "scheduler")
         for module in (denoiser, vae, *encoders.values()):
             module.requires_grad_(False).eval()
@@ -255,12 +254,6 @@ class Family:
         c.extra["scheduler_class"] = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
         c.prediction_type = self.prediction(c, prediction_type)
         return c
-
-    def tokenizer_names(self) -> tuple[str, ...]:
-        """The folder's tokenizer entries in the text encoders' order: ``TOKENIZERS``, else tokenizer, tokenizer_2..."""
-        return self.TOKENIZERS or tuple(
-            "tokenizer" if i == 0 else f"tokenizer_{i + 1}" for i in range(len(self.TEXT_ENCODERS))
-        )
 
     def load_tokenizer(self, folder: Path, library: str, cls: str):
         """The tokenizer (or processor) in ``folder``, of the class its model_index.json entry names."""

@@ -62,8 +62,7 @@ DISTILLED = (
 class Ideogram4(FlowFamily):
     NAME = "ideogram4"
     PIPELINE = "Ideogram4Pipeline"
-    NEGATIVE_PROMPTS = False
-    NEGATIVE_PROMPTS_WHY = "its branch without text is a transformer of its own, trained to draw without a prompt"
+    NEGATIVE_PROMPT_REFUSAL = "its branch without text is a transformer of its own, trained to draw without a prompt"
     DENOISER_CLASS = "Ideogram4Transformer2DModel"
     IMG2IMG = None  # diffusers has no Ideogram 4 image-to-image pipeline
     TEXT_ENCODERS = ("text_encoder",)  # Qwen3-VL-8B (Qwen3VLModel, headless)
