@@ -43,7 +43,7 @@ from tuner.errors import ConfigError
 from tuner.models.base import Components, _class
 from tuner.models.flow import FlowFamily
 from tuner.models.objectives import FlowObjective
-from tuner.models.real import RealWidths
+from tuner.models.real import RealWidths, qwen3_vl
 from tuner.models.tiny import unigram_tokenizer
 
 UNCONDITIONAL = "unconditional_transformer"
@@ -174,15 +174,7 @@ class Ideogram4(FlowFamily):
             }
 
         def text_encoders():
-            from transformers import Qwen3VLConfig, Qwen3VLModel
-
-            rope = {"rope_type": "default", "mrope_section": [24, 20, 20], "rope_theta": 5e6, "mrope_interleaved": True}
-            text = {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
-                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                    "rope_parameters": rope}  # fmt: skip
-            vision = {"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
-                      "out_hidden_size": 4096}  # fmt: skip
-            return [Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))]
+            return [qwen3_vl("8B")]
 
         def vae():
             from diffusers import AutoencoderKLFlux2

@@ -44,7 +44,7 @@ from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
 from tuner.models.qwen_image import TEMPLATE, _OneFrame
 from tuner.models.qwen_image import tiny_tokenizer as qwen_tokenizer
-from tuner.models.real import RealWidths
+from tuner.models.real import RealWidths, qwen3_vl
 
 PREFIX, SUFFIX = TEMPLATE.split("{}")  # Krea2Pipeline's prompt_template_encode_prefix and _suffix
 DROPPED, CLOSING = 34, 5  # their token counts (prompt_template_encode_start_idx, _num_suffix_tokens)
@@ -203,15 +203,7 @@ class Krea2(FlowFamily):
             }
 
         def text_encoders():
-            from transformers import Qwen3VLConfig, Qwen3VLModel
-
-            rope = {"rope_type": "default", "mrope_section": [24, 20, 20], "rope_theta": 5e6, "mrope_interleaved": True}
-            text = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-                    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-                    "rope_parameters": rope}  # fmt: skip
-            vision = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
-                      "out_hidden_size": 2560}  # fmt: skip
-            return [Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))]
+            return [qwen3_vl("4B")]
 
         def vae():
             from diffusers import AutoencoderKLQwenImage

@@ -45,6 +45,23 @@ def t5_xxl(layers: int = 24):
     return T5EncoderModel(config)
 
 
+def qwen3_vl(size: str):
+    """Qwen3-VL's model (``Qwen3VLModel``: its language model and vision tower, no LM head) at ``size`` "4B" (2560
+    wide, Krea 2's encoder) or "8B" (4096 wide, Ideogram 4's), 36 layers of 32 query and 8 key-value heads of 128."""
+    from transformers import Qwen3VLConfig, Qwen3VLModel
+
+    width, mlp, depth, vision_width, vision_mlp = {
+        "4B": (2560, 9728, 24, 1024, 4096),
+        "8B": (4096, 12288, 27, 1152, 4304),
+    }[size]
+    rope = {"rope_type": "default", "mrope_section": [24, 20, 20], "rope_theta": 5e6, "mrope_interleaved": True}
+    text = {"vocab_size": 151936, "hidden_size": width, "intermediate_size": mlp, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "rope_parameters": rope}  # fmt: skip
+    vision = {"depth": depth, "hidden_size": vision_width, "intermediate_size": vision_mlp, "num_heads": 16,
+              "out_hidden_size": width}  # fmt: skip
+    return Qwen3VLModel(Qwen3VLConfig(text_config=text, vision_config=vision))
+
+
 def vae(latent_channels: int = 4):
     """Stable Diffusion's KL VAE (x8 down, four levels), with 4 latent channels (SD1.x, SDXL) or 16 (Flux, SD3)."""
     from diffusers import AutoencoderKL
