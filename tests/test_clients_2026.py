@@ -25,15 +25,12 @@ import torch
 from safetensors.torch import save_file
 
 from tests.clients import bases
+from tests.clients.common import invokeai_python
 from tests.helpers import ROOT, make_photos, run_tuner
 from tuner.models import family_names, get_family
 
 pytestmark = pytest.mark.clients
 
-INVOKEAI_NEEDS = (
-    "InvokeAI is not installed: set TUNER_INVOKEAI_PYTHON to the python of an environment with "
-    "`pip install invokeai` (it pins its own transformers; .ci/run makes one)"
-)
 # InvokeAI patches in fp32 as peft merges (measured: equal to the bit, InvokeAI 6.14); its checkpoint loaders cast
 # to bf16 on the CPU, which the comparison casts the merge to as well
 ATOL = 2e-5
@@ -44,16 +41,6 @@ def taken(name: str) -> tuple[str, ...]:
     """The LoRA formats InvokeAI reads for the family (``CLIENTS["invokeai"]["loras"]``; by default its diffusers
     and kohya files)."""
     return get_family(name).CLIENTS["invokeai"].get("loras", ("diffusers", "kohya"))
-
-
-def invokeai_python() -> str:
-    import os
-    from pathlib import Path
-
-    python = os.environ.get("TUNER_INVOKEAI_PYTHON")
-    if not python or not Path(python).exists():
-        pytest.skip(INVOKEAI_NEEDS)
-    return python
 
 
 @pytest.fixture(scope="module", params=CHECKED)

@@ -143,7 +143,7 @@ def test_invokeai_reads_both_default_files_onto_the_same_modules_at_the_same_del
     """InvokeAI 6.14 (its krea-2 base; ``TUNER_INVOKEAI_PYTHON``) probes the kohya and the diffusers file as krea-2
     LoRAs and its LoRALoader reads both onto diffusers' modules, the same layers at the same deltas (tiny widths: the
     real-width base of tests/test_clients_2026.py is past this tier's memory)."""
-    from tests.test_clients_2026 import invokeai_python
+    from tests.clients.common import invokeai_python
 
     _, c, _, _ = krea
     run = trained

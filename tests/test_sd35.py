@@ -197,8 +197,8 @@ def test_invokeai_takes_a_merged_sd35_folder_as_sd3_and_none_of_its_lora_or_sing
     import json
     import subprocess
 
+    from tests.clients.common import invokeai_python
     from tests.helpers import ROOT
-    from tests.test_clients_2026 import invokeai_python
 
     python = invokeai_python()
     run = train_in_process(tmp_path, folder("3.5-medium"), *ARGS, "export.formats=[diffusers,kohya,single_file,merged]")
