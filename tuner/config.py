@@ -94,6 +94,9 @@ class ModelConfig:
     # sd3: skip-layer guidance at sampling (StableDiffusion3Pipeline's skip_guidance_layers), the joint blocks an extra
     # pass skips over the first steps; Stability advises [7, 8, 9] for SD3.5 Medium. null: none
     skip_guidance_layers: list[int] | None = None
+    # flux_kontext: each reference resized to the nearest of Kontext's preferred ~1 MP sizes, as its pipeline does
+    # by default; false: kept at its own size (rounded down to the latents' multiple)
+    control_auto_resize: bool = True
 
 
 @dataclass
@@ -200,6 +203,13 @@ class DataConfig:
     # class images, with prior preservation), chosen by seed and never trained on; or a folder of its own
     val_split: float = 0.0
     val_dir: str | None = None
+    # edit families (Family.REFERENCES): folders of reference images, each matched to instance_dir's images by
+    # relative path without the extension (photo.jpg <- DIR/photo.png); a target without one trains as a plain
+    # text-to-image sample unless require_controls. Or a jsonl of {"target": ..., "controls": [...], "caption": ...}
+    # with paths relative to the file
+    controls: list[str] = field(default_factory=list)
+    pairs: str | None = None
+    require_controls: bool = False
 
 
 @dataclass

@@ -59,6 +59,9 @@ class ValidationConfig:
     samples: int = 8
     # the held-out loss (data.val_split, data.val_dir) of each image at this many fixed timesteps, fixed noise
     loss_timesteps: int = 8
+    # edit families: the pairs each validation step edits (the held-out ones first, then the first training ones),
+    # drawn as controls | base | fine-tuned | target
+    pairs: int = 4
 
 
 @dataclass
@@ -186,6 +189,8 @@ class GenerateConfig:
     # what a family's pipeline cannot drive (tuner/models/samplers.py)
     scheduler: str | None = None
     batch_size: int = 4
+    # edit families: the reference images each prompt edits (the family's pipeline prepares them)
+    controls: list[str] = field(default_factory=list)
     # image-to-image: start from this image, keeping (1 - strength) of it
     init_image: str | None = None
     strength: float = 0.75

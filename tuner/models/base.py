@@ -1,14 +1,12 @@
 """What every model family provides, and the parts most of them share.
 
-A family is a ``Family`` subclass in its own module (sd15.py, sd2.py, sdxl.py, flux.py, sd3.py): the
-names of its diffusers classes, how it encodes prompts, how its denoiser is called, and its training
-objective. The training loop, the trainables and the exports only ever talk to this interface, so
-adding a family is one module, one ``conf/model/`` file and one tiny configuration in tiny.py.
+A family is a ``Family`` subclass in its own module (sd15.py, flux.py, ...): the names of its diffusers classes,
+how it encodes prompts, how its denoiser is called, and its training objective. The training loop, the trainables
+and the exports only ever talk to this interface, so adding a family is one module and one ``conf/model/`` file.
 
-The components are loaded from a local diffusers folder, each with the class its ``model_index.json``
-names, weights from safetensors only (``allow_pickle``: ``.bin`` where there is no ``.safetensors``,
-which diffusers and transformers read with ``torch.load(weights_only=True)``). A single-file
-checkpoint is turned into such a folder once (see ``from_single_file``).
+The components are loaded from a local diffusers folder, each with the class its ``model_index.json`` names,
+weights from safetensors only (``allow_pickle``: ``.bin`` where there is no ``.safetensors``, which diffusers and
+transformers read with ``torch.load(weights_only=True)``). A single file becomes such a folder once.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from tuner.config import BlockGroup, ModelConfig
 from tuner.errors import ConfigError
 from tuner.models import samplers
 from tuner.models.objectives import NoiseObjective
+from tuner.models.references import References
 
 Cond = torch.Tensor | dict[str, torch.Tensor]  # prompt conditioning: one tensor, or named tensors
 
@@ -158,6 +157,7 @@ class Family:
     SAMPLE_FILES: tuple[dict[str, tuple[int, int]], ...] = ()
     # what its tiny pipeline (build_tiny) needs on the command line, beyond model=NAME and data.resolution=32
     TINY_OPTIONS: tuple[str, ...] = ()
+    REFERENCES: References | None = None  # an edit family's reference images (tuner/models/references.py)
 
     def __init__(self, model: ModelConfig | None = None):
         """``model``: the ``model`` section (zero_terminal_snr, timestep_shift, guidance, max_sequence_length,
