@@ -2,6 +2,10 @@
 
 ``process`` turns one input (``tuner/data/sources.py``) into a row of the prepared dataset or a named
 reason it is rejected; ``tuner/data/prepare.py`` runs it over every input and writes the dataset.
+
+An edit pair's controls are read and checked as images are, then resized by the family's rule (``References``,
+tuner/models/references.py: its pipeline's own resize), never by the data settings: the target's bucket decides
+the batch, each control keeps the size its pipeline gives it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 from tuner.config import DataConfig
 from tuner.data.buckets import BucketSettings, assign, bucket_sizes
-from tuner.data.sources import Item, inside_root
+from tuner.data.sources import Control, Item, inside_root
 from tuner.files import write_atomic
+from tuner.models.references import References
 
 MAX_FILE_BYTES = 256 << 20
 # what PIL may decode; anything else it recognises (PSD, ICO, EPS, ...) is an unsupported format
@@ -170,11 +175,47 @@ def dhash(image: Image.Image) -> int:
     return sum(1 << i for i in range(64) if small[i // 8 * 9 + i % 8] > small[i // 8 * 9 + i % 8 + 1])
 
 
-def process(item: Item, s: DataConfig, seed: int, cache: Path | None = None) -> dict:
+def _control_bytes(control: Control) -> bytes | None:
+    """A control's bytes; None where the target has no control there (optional)."""
+    if control.path is None:
+        return None
+    try:
+        return _read(Item(control.name, path=control.path, root=control.root))
+    except Rejected as why:
+        raise Rejected(f"control unreadable ({why})") from why
+
+
+def _controls(data: list[bytes | None], image_size, s: DataConfig, references: References) -> dict:
+    """The controls of one target, each as the family's pipeline prepares it (``references.vae_image``, and
+    ``prompt_image`` for a family whose text encoder reads them), as PNG bytes."""
+    vae, prompt, found = [], [], []
+    for k, blob in enumerate(data):
+        if blob is None:
+            continue
+        try:
+            image = _to_srgb_rgb(_decode(blob, s), s.background)
+        except Rejected as why:
+            raise Rejected(f"control unreadable ({why})") from why
+        ratio = (image.width / image.height) / (image_size[0] / image_size[1])
+        if max(ratio, 1 / ratio) > s.max_ratio:  # the pipeline squashes a reference: a far aspect would be distorted
+            raise Rejected("control aspect far from the target's (over data.max_ratio)")
+        vae.append(_png(references.vae_image(image)))
+        shown = references.prompt_image(image) if references.in_prompt else None
+        if shown is not None:
+            prompt.append(_png(shown))
+        found.append(k)
+    return {"controls": vae, "control_prompts": prompt, "control_found": found}
+
+
+def process(
+    item: Item, s: DataConfig, seed: int, cache: Path | None = None, references: References | None = None
+) -> dict:
     """Read, check and standardize one input (runs in a worker process); never raises.
 
     Returns ``{"name", "reason"}`` for a rejected input, else the row's fields with the image as PNG
-    bytes. A processed image is cached under ``cache`` by its content hash and the settings.
+    bytes. A processed image is cached under ``cache`` by its content hash and the settings. An edit pair's
+    controls (``item.controls``, prepared by ``references``' rule) come as ``controls``, ``control_prompts`` (PNG
+    bytes) and ``control_found`` (which of the item's controls exist); one unreadable control rejects the pair.
     """
     try:
         if item.rejected:
@@ -191,12 +232,18 @@ def process(item: Item, s: DataConfig, seed: int, cache: Path | None = None) -> 
             except UnicodeDecodeError as e:
                 raise Rejected("caption not UTF-8") from e
         mask_sha = hashlib.sha256(item.mask_path.read_bytes()).hexdigest() if item.mask_path else ""
+        controls = [_control_bytes(c) for c in item.controls] if references is not None else []
+        control_shas = [hashlib.sha256(c).hexdigest() if c is not None else "" for c in controls]
+        if controls:
+            mask_sha += "|" + json.dumps([control_shas, references.rule(), s.max_ratio], sort_keys=True)
         key = hashlib.sha256(f"{sha}|{mask_sha}|{image_key(s, seed)}".encode()).hexdigest()
         cached = cache / f"{key}.json" if cache else None
         if cached is not None and cached.is_file():
             row = json.loads(cached.read_text())
             row["png"] = base64.b64decode(row["png"])
             row["mask"] = base64.b64decode(row["mask"]) if row["mask"] else None
+            for name in ("controls", "control_prompts"):
+                row[name] = [base64.b64decode(x) for x in row.get(name, [])]
         else:
             image = _decode(data, s)
             mask = _mask(item, image.size)
@@ -211,11 +258,16 @@ def process(item: Item, s: DataConfig, seed: int, cache: Path | None = None) -> 
                 "bucket": list(bucket),
                 "dhash": dhash(image),
             }
+            if controls:
+                row |= _controls(controls, original_size, s, references)
             if cached is not None:
                 text = {**row, "png": base64.b64encode(row["png"]).decode()}
                 text["mask"] = base64.b64encode(row["mask"]).decode() if row["mask"] else None
+                for name in ("controls", "control_prompts"):
+                    text[name] = [base64.b64encode(x).decode() for x in row.get(name, [])]
                 write_atomic(cached, json.dumps(text))
-        return {**row, "name": item.name, "sha256": sha, "caption": caption, "key": key}
+        row.setdefault("controls", []), row.setdefault("control_prompts", []), row.setdefault("control_found", [])
+        return {**row, "name": item.name, "sha256": sha, "caption": caption, "key": key, "control_shas": control_shas}
     except Rejected as why:
         return {"name": item.name, "reason": str(why)}
     except Exception as e:  # one odd file must never abort the whole dataset

@@ -10,6 +10,12 @@ again with the same inputs does nothing; changed inputs are the only ones proces
 keyed by content hash and settings keeps the rest).
 
 The work on each input (reading, checking, standardizing) is in ``tuner/data/images.py``.
+
+Edit pairs (``references``, an edit family's ``Family.REFERENCES``): each target's controls from ``data.controls``'
+folders or ``data.pairs``' jsonl are prepared by the family's rule into the columns ``controls`` (what its VAE
+encodes), ``control_prompts`` (what its text encoder reads, for the families whose does) and ``control_sources``
+(the files as given, which sampling opens); a plain image has empty lists. The report's ``pairs`` names every
+pair: kept, kept without a control, or rejected with the reason, and every control that matches no target.
 """
 
 from __future__ import annotations
@@ -27,8 +33,9 @@ from tqdm.auto import tqdm
 
 from tuner.config import DataConfig
 from tuner.data.images import NearDuplicates, Rejected, image_key, process
-from tuner.data.sources import Source, read_source
+from tuner.data.sources import Source, attach_controls, pairs_items, read_source
 from tuner.files import atomic_dir, inside, write_atomic
+from tuner.models.references import References
 
 REPORT = "report.json"
 FINGERPRINT = "fingerprint"
@@ -44,6 +51,14 @@ class Report:
     files: list[dict] = field(default_factory=list)
     buckets: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    # edit pairs: {"target", "controls": [names], "status": kept|plain|rejected, "reason"?, "missing"?: [names]}
+    pairs: list[dict] = field(default_factory=list)
+
+    def pair(self, target: str, controls: list[str], status: str, reason: str | None = None, missing=()) -> None:
+        entry = {"target": target, "controls": controls, "status": status}
+        entry |= {"reason": reason} if reason else {}
+        entry |= {"missing": list(missing)} if missing else {}
+        self.pairs.append(entry)
 
     def reject(self, path: str, reason: str) -> None:
         self.rejected.setdefault(reason, []).append(path)
@@ -65,6 +80,12 @@ class Report:
         if self.buckets:
             lines.append("  buckets: " + ", ".join(f"{k} {v}" for k, v in sorted(self.buckets.items())))
             lines.append("  shorter side: " + ", ".join(f"{k} {v}" for k, v in self.sizes.items()))
+        if self.pairs:
+            counts: dict[str, int] = {}
+            for p in self.pairs:
+                what = p["status"] + (" without a control" if p.get("missing") and p["status"] == "kept" else "")
+                counts[what] = counts.get(what, 0) + 1
+            lines.append("  pairs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
         return "\n".join(lines)
 
 
@@ -89,13 +110,22 @@ def _caption_text(caption: str | None, item_default: str | None, s: DataConfig, 
     return text
 
 
-def _fingerprint(sources: list[Source], s: DataConfig, default_caption: str, seed: int) -> str:
-    """The sources (their settings, files, sizes and times) and every setting the dataset depends on."""
+def _fingerprint(
+    sources: list[Source], s: DataConfig, default_caption: str, seed: int, references: References | None = None
+) -> str:
+    """The sources (their settings, files, sizes and times) and every setting the dataset depends on; for an edit
+    family also its controls (folders, pairs file) and its rule for them."""
     captions = {k: getattr(s, k) for k in ("caption_missing", "trigger", "trigger_policy", "near_duplicate_bits")}
     settings = [image_key(s, seed), captions, default_caption]
+    paths = [Path(x.path).expanduser().resolve() for x in sources]
+    if references is not None:
+        settings += [references.rule(), list(s.controls), s.pairs, s.require_controls]
+        # a pairs file names files in its folder: the whole folder counts
+        paths += [Path(x).expanduser().resolve() for x in s.controls] + (
+            [Path(s.pairs).expanduser().resolve().parent] if s.pairs else []
+        )
     digest = hashlib.sha256(json.dumps([asdict(x) for x in sources] + settings, sort_keys=True).encode())
-    for source in sources:
-        root = Path(source.path).expanduser().resolve()
+    for root in paths:
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.exists())
         for path in files:
             stat = path.stat()
@@ -119,6 +149,9 @@ def _features():
             "mask": datasets.Image(),
             "repeats": datasets.Value("int32"),
             "weight": datasets.Value("float32"),
+            "controls": datasets.Sequence(datasets.Image()),
+            "control_prompts": datasets.Sequence(datasets.Image()),
+            "control_sources": datasets.Sequence(datasets.Value("string")),
         }
     )
 
@@ -130,13 +163,16 @@ def prepare(
     default_caption: str = "",
     seed: int = 0,
     desc: str = "prepare",
+    references: References | None = None,
 ) -> Report:
     """Standardize every source's images into ``out/dataset`` and write ``out/report.json``.
 
     Args:
-        d: the ``data`` settings (resolution, crop, buckets, captions and trigger, checks, workers).
+        d: the ``data`` settings (resolution, crop, buckets, captions and trigger, checks, workers; and with
+            ``references`` the pairs: ``controls``, ``pairs``, ``require_controls``).
         default_caption: the caption of an image with none of its own (the role's prompt).
         seed: random crops depend on it and on each image's bytes.
+        references: an edit family's rule for its reference images; None: no controls are read.
 
     Raises:
         FileNotFoundError: a source does not exist.
@@ -144,7 +180,7 @@ def prepare(
     import datasets
 
     out = Path(out)
-    fingerprint = _fingerprint(sources, d, default_caption, seed)
+    fingerprint = _fingerprint(sources, d, default_caption, seed, references)
     if (out / FINGERPRINT).is_file() and (out / FINGERPRINT).read_text() == fingerprint:
         return Report(**json.loads((out / REPORT).read_text()))
 
@@ -155,9 +191,15 @@ def prepare(
             for item in found:
                 item.name = f"{k}:{item.name}"
         items += found
+    if references is not None:
+        items += attach_controls(items, list(d.controls)) if d.controls else []
+        if d.pairs:
+            items += pairs_items(Path(d.pairs).expanduser())
     cache = inside(out.parent, f"{out.name}/cache")  # its stale files are deleted: never through a link
     cache.mkdir(parents=True, exist_ok=True)
-    report = Report(source=", ".join(str(Path(x.path).expanduser().resolve()) for x in sources))
+    report = Report(
+        source=", ".join([str(Path(x.path).expanduser().resolve()) for x in sources] + ([d.pairs] if d.pairs else []))
+    )
     used: set[str] = set()
 
     def processed():
@@ -166,13 +208,13 @@ def prepare(
             with ProcessPoolExecutor(d.workers) as pool:
                 n = len(items)
                 yield from tqdm(
-                    pool.map(process, items, [d] * n, [seed] * n, [cache] * n, chunksize=8),
+                    pool.map(process, items, [d] * n, [seed] * n, [cache] * n, [references] * n, chunksize=8),
                     total=n,
                     desc=desc,
                     leave=False,
                 )
         else:
-            yield from (process(item, d, seed, cache) for item in tqdm(items, desc=desc, leave=False))
+            yield from (process(item, d, seed, cache, references) for item in tqdm(items, desc=desc, leave=False))
 
     def rows():
         """The kept images' rows; the report records each input kept or rejected, with its reason."""
@@ -181,19 +223,33 @@ def prepare(
         for item, result in zip(items, processed()):
             if "key" in result:
                 used.add(f"{result['key']}.json")
+            names = [c.name for c in item.controls]
+            found = result.get("control_found", [])
+            missing = [names[k] for k in range(len(names)) if k not in found]
             try:
                 if "reason" in result:
                     raise Rejected(result["reason"])
-                if result["sha256"] in seen:
-                    raise Rejected("duplicate")
-                if d.near_duplicate_bits and near.near(result["dhash"]):
+                if references is not None and len(names) > references.most:
+                    raise Rejected(f"more controls than the family reads ({references.most})")
+                if references is not None and d.require_controls and (missing or not names):
+                    raise Rejected("missing control (data.require_controls)")
+                # a pair is a duplicate when its target and its controls are: one target may have several edits
+                identity = "|".join([result["sha256"], *(result["control_shas"][k] for k in found)])
+                if identity in seen:
+                    raise Rejected("duplicate pair" if found else "duplicate")
+                if d.near_duplicate_bits and not found and near.near(result["dhash"]):
                     raise Rejected("near-duplicate")
                 caption = _caption_text(result["caption"], item.default_caption, d, default_caption)
             except Rejected as why:
                 report.reject(item.name, str(why))
+                if names or str(why) == "control without a target":
+                    report.pair(item.name, names, "rejected", str(why))
                 continue
-            seen.add(result["sha256"])
-            near.keep(result["dhash"])
+            seen.add(identity)
+            if not found:
+                near.keep(result["dhash"])
+            if names:
+                report.pair(item.name, [names[k] for k in found], "kept" if found else "plain", missing=missing)
             report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]))
             yield {
                 "image": {"bytes": result["png"], "path": None},
@@ -206,6 +262,9 @@ def prepare(
                 "mask": {"bytes": result["mask"], "path": None} if result["mask"] else None,
                 "repeats": item.repeats,
                 "weight": item.weight,
+                "controls": [{"bytes": png, "path": None} for png in result["controls"]],
+                "control_prompts": [{"bytes": png, "path": None} for png in result["control_prompts"]],
+                "control_sources": [str(item.controls[k].path.resolve()) for k in found],
             }
 
     (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole

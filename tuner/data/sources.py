@@ -4,13 +4,17 @@ Kinds: a folder of images with sidecar captions (``photo.jpg`` + ``photo.txt``) 
 (``photo.mask.png``); a folder with ``metadata.jsonl``; kohya-style ``N_concept`` folders; a
 ``datasets`` dataset saved on disk; a parquet file. A reader never decodes an image: it finds
 inputs, their captions and repeats, and rejects what it can tell from names alone.
+
+Edit families (``Family.REFERENCES``) train on pairs: a target and the reference images ("controls") it is edited
+from. ``attach_controls`` finds each target's controls in ``data.controls``' folders by relative path without the
+extension; ``pairs_items`` reads a jsonl of ``{"target", "controls", "caption"}`` (``data.pairs``).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuner.config import Source
@@ -37,6 +41,17 @@ class Item:
     weight: float = 1.0
     default_caption: str | None = None  # the source's own default (kohya folder name, source.caption)
     rejected: str | None = None  # known before reading (hidden file, outside the root, ...)
+    # an edit pair's references, in order: each a Control (its file missing when the target has none there)
+    controls: list[Control] = field(default_factory=list)
+
+
+@dataclass
+class Control:
+    """One reference image of a target: where it should be, and how the report names it."""
+
+    name: str  # "data.controls[0]:photo.png", or the path the pairs file gives
+    path: Path | None  # None: no such control for this target (an optional control)
+    root: Path  # it must resolve inside it
 
 
 def inside_root(path: Path, root: Path) -> bool:
@@ -154,6 +169,73 @@ def _table_items(source: Source, root: Path) -> list[Item]:
             item.path, item.root = base / image["path"], base
         else:
             item.rejected = "no image in the row"
+        items.append(item)
+    return items
+
+
+def _control_files(folder: Path) -> dict[Path, Path]:
+    """A control folder's images by relative path without the extension (the first, sorted, of several)."""
+    found: dict[Path, Path] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        if path.name.startswith(".") or path.suffix.lower() in CAPTION_SUFFIXES or path.name.endswith(MASK_SUFFIX):
+            continue
+        found.setdefault(path.relative_to(folder).with_suffix(""), path)
+    return found
+
+
+def attach_controls(items: list[Item], folders: list[str]) -> list[Item]:
+    """Give each file target its control in each of ``folders`` (``data.controls``), matched by its path relative
+    to its own root without the extension; returns a rejected item for each control that matches no target."""
+    roots = [Path(f).expanduser().resolve() for f in folders]
+    files = [_control_files(root) for root in roots]
+    matched: set[tuple[int, Path]] = set()
+    for item in items:
+        if item.path is None or item.root is None or item.rejected:
+            continue
+        stem = item.path.relative_to(item.root).with_suffix("") if item.path.is_relative_to(item.root) else None
+        item.controls = []
+        for k, (root, found) in enumerate(zip(roots, files)):
+            path = found.get(stem) if stem is not None else None
+            name = f"data.controls[{k}]:{path.relative_to(root) if path else stem}"
+            item.controls.append(Control(name, path, root))
+            matched.add((k, stem))
+    return [
+        Item(f"data.controls[{k}]:{path.relative_to(roots[k])}", rejected="control without a target")
+        for k, found in enumerate(files)
+        for stem, path in found.items()
+        if (k, stem) not in matched
+    ]
+
+
+def pairs_items(path: Path, repeats: int = 1) -> list[Item]:
+    """``data.pairs``: one JSON object a line, ``{"target": ..., "controls": [...], "caption": ...}``, paths relative
+    to the file's folder (and inside it); a caption missing there comes from the target's sidecar, then the
+    default."""
+    root = path.parent.resolve()
+    items = []
+    for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            target, controls = str(record["target"]), record.get("controls") or []
+            if isinstance(controls, str):
+                controls = [controls]
+            controls = [str(c) for c in controls]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            items.append(Item(f"{path.name}:{number}", rejected="pairs line without a target"))
+            continue
+        file = root / target
+        caption_path = next((file.with_suffix(x) for x in CAPTION_SUFFIXES if file.with_suffix(x).is_file()), None)
+        item = Item(target, path=file, root=root, caption=record.get("caption"), caption_path=caption_path,
+                    repeats=repeats)  # fmt: skip
+        if Path(target).is_absolute() or not inside_root(file, root):
+            item.rejected = "outside the dataset root"
+        for c in controls:
+            escapes = Path(c).is_absolute() or not inside_root(root / c, root)
+            if escapes:
+                item.rejected = item.rejected or "control outside the dataset root"
+            item.controls.append(Control(c, None if escapes else root / c, root))
         items.append(item)
     return items
 

@@ -41,7 +41,10 @@ def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str 
     if role == "class":  # class images keep their class prompt: no trigger word, never rejected for no caption
         d = dataclasses.replace(d, trigger=None, caption_missing="default")
     out = inside(run.dir, f"data/{role}/cache").parent  # what prepare deletes in there: never through a link
-    report = prepare_sources(sources, out, d, default_caption or "", run.cfg.seed, desc=f"prepare {role}")
+    references = run.family.REFERENCES if role == "instance" else None  # edit pairs: the instance images' own
+    report = prepare_sources(
+        sources, out, d, default_caption or "", run.cfg.seed, desc=f"prepare {role}", references=references
+    )
     print(f"[tuner] {report.summary()}", flush=True)
     for reason, files in report.rejected.items():
         print(f"[tuner]   rejected ({reason}): {', '.join(files[:5])}{' ...' if len(files) > 5 else ''}")
@@ -49,10 +52,47 @@ def _prepare_here(run: Run, role: str, folder: str | None, default_caption: str 
         raise ConfigError(f"{report.source}: no usable {role} image (see {out / 'report.json'})")
 
 
+def _check_pairs(cfg) -> None:
+    """Edit pairs (``data.controls``, ``data.pairs``) only for a family that reads references, no more of them than
+    it reads, from folders and a file that exist; a family whose text encoder reads the references caches each
+    prompt with its images, so its text encoder cannot run in the step."""
+    from tuner.models import get_family
+
+    d = cfg.data
+    references = get_family(cfg.model.family, cfg.model).REFERENCES
+    if (d.controls or d.pairs) and references is None:
+        key = "data.controls" if d.controls else "data.pairs"
+        raise ConfigError(
+            f"{key}: model={cfg.model.family} reads no reference images (its pipeline edits nothing); train pairs "
+            "with an edit family (model=flux_kontext, model=qwen_image_edit, model=flux2), or leave out the key"
+        )
+    if references is None:
+        return
+    if len(d.controls) > references.most:
+        raise ConfigError(
+            f"data.controls: {len(d.controls)} folders, but model={cfg.model.family} reads at most "
+            f"{references.most} reference image(s) per sample; give at most {references.most}"
+        )
+    for k, folder in enumerate(d.controls):
+        if not Path(folder).expanduser().is_dir():
+            raise ConfigError(f"data.controls[{k}]={folder}: no such folder (reference images, named as the targets)")
+    if d.pairs and not Path(d.pairs).expanduser().is_file():
+        raise ConfigError(f"data.pairs={d.pairs}: no such file (a jsonl of {{target, controls, caption}} lines)")
+    if references.in_prompt:
+        why = f"model={cfg.model.family}'s text encoder reads the reference images: prompts are cached with them"
+        if d.shuffle_tags:
+            raise ConfigError(f"data.shuffle_tags=true: {why}, so tags cannot be shuffled in the step; set it false")
+        if cfg.text_encoder.train != "none":
+            raise ConfigError(f"text_encoder.train={cfg.text_encoder.train}: {why}; use text_encoder.train=none")
+        if cfg.embedding.tokens:
+            raise ConfigError(f"embedding.tokens: {why}, so new tokens cannot train in the step; leave them out")
+
+
 def _check_prepare(cfg) -> None:
     """The inputs exist and the data settings fit together."""
     d = cfg.data
-    if "subject" not in cfg.stages:  # the subject stage writes the instance images
+    _check_pairs(cfg)
+    if "subject" not in cfg.stages and not d.pairs:  # the subject stage writes the instance images
         if not d.instance_dir and not any(x.role == "instance" for x in d.sources):
             raise ConfigError("data.instance_dir is not set: pass data.instance_dir=/path/to/your/images")
         if d.instance_dir and not Path(d.instance_dir).expanduser().exists():

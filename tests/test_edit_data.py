@@ -1,0 +1,137 @@
+"""Edit pairs (issue #39) from the folders to the batches: prepare's controls and its report of every pair, the
+control latents in the shared cache, the batches that carry them, and (e2e) a pair dataset trained."""
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import pytest
+from PIL import Image
+
+from tuner.config import DataConfig
+from tuner.data.prepare import Source, load_prepared, prepare
+from tuner.models.references import References
+
+
+@dataclass(frozen=True)
+class Squash(References):
+    """A rule as the pipelines' (a LANCZOS squash), to a fixed size: enough to see prepare apply it."""
+
+    side: int = 16
+
+    def vae_image(self, image):
+        return image.resize((self.side, self.side), Image.Resampling.LANCZOS)
+
+
+@dataclass(frozen=True)
+class Prompted(Squash):
+    """A rule whose text encoder reads its references too (as Qwen-Image-Edit's)."""
+
+    def prompt_image(self, image):
+        return image.resize((8, 8), Image.Resampling.LANCZOS)
+
+
+def _png(size, color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _digest(folder):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def pairs(tmp_path):
+    """Targets and one control folder with every kind of pair: kept, optional control missing, control unreadable,
+    aspect far from the target's, a duplicate pair, the same target with another control, a control alone."""
+    targets, controls = tmp_path / "targets", tmp_path / "controls"
+    targets.mkdir(), controls.mkdir()
+    for name, color in [("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200)), ("d", (90, 90, 0))]:
+        (targets / f"{name}.png").write_bytes(_png((24, 20), color))
+    (targets / "e.png").write_bytes((targets / "a.png").read_bytes())  # a's target and control again
+    (targets / "f.png").write_bytes((targets / "a.png").read_bytes())  # a's target, another control
+    (targets / "a.txt").write_text("make it red")
+    (controls / "a.jpg").write_bytes(_png((20, 20), (10, 10, 10)))
+    (controls / "e.png").write_bytes((controls / "a.jpg").read_bytes())
+    (controls / "f.png").write_bytes(_png((20, 18), (50, 60, 70)))
+    (controls / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (controls / "d.png").write_bytes(_png((90, 20), (1, 2, 3)))
+    (controls / "orphan.png").write_bytes(_png((20, 20), (4, 5, 6)))
+    return targets, controls
+
+
+def test_prepare_names_every_pair_and_keeps_plain_images(pairs, tmp_path):
+    targets, controls = pairs
+    before = _digest(tmp_path)
+    d = DataConfig(resolution=16, controls=[str(controls)])
+    report = prepare([Source(str(targets))], tmp_path / "out", d, "edit", references=Squash(most=2))
+    assert _digest(tmp_path / "targets") | _digest(tmp_path / "controls") == before  # sources untouched
+    by_target = {p["target"]: p for p in report.pairs}
+    assert by_target["a.png"] == {"target": "a.png", "controls": ["data.controls[0]:a.jpg"], "status": "kept"}
+    assert by_target["b.png"] == {
+        "target": "b.png",
+        "controls": [],
+        "status": "plain",
+        "missing": ["data.controls[0]:b"],
+    }
+    assert by_target["c.png"]["reason"] == "control unreadable (not an image)"
+    assert by_target["d.png"]["reason"] == "control aspect far from the target's (over data.max_ratio)"
+    assert by_target["e.png"]["reason"] == "duplicate pair" and by_target["f.png"]["status"] == "kept"
+    assert by_target["data.controls[0]:orphan.png"]["reason"] == "control without a target"
+    assert sorted(report.kept) == ["a.png", "b.png", "f.png"]
+    assert "pairs: 2 kept, 1 plain, 4 rejected" in report.summary()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["pairs"] == report.pairs
+
+    rows = {r["source"]: r for r in load_prepared(tmp_path / "out")}
+    assert [c.size for c in rows["a.png"]["controls"]] == [(16, 16)] and rows["a.png"]["caption"] == "make it red"
+    assert rows["a.png"]["control_sources"] == [str((controls / "a.jpg").resolve())]
+    assert rows["b.png"]["controls"] == [] and rows["b.png"]["control_sources"] == []
+    assert rows["a.png"]["control_prompts"] == []  # only a family whose text encoder reads them gets these
+
+    again = prepare([Source(str(targets))], tmp_path / "out", d, "edit", references=Squash(most=2))
+    assert again.pairs == report.pairs  # nothing changed: nothing done
+    strict = DataConfig(resolution=16, controls=[str(controls)], require_controls=True)
+    report = prepare(
+        [Source(str(targets))],
+        tmp_path / "strict",
+        strict,
+        "edit",
+        references=Prompted(most=2, in_prompt=True, side=12),
+    )
+    assert report.rejected["missing control (data.require_controls)"] == ["b.png"]
+    rows = {r["source"]: r for r in load_prepared(tmp_path / "strict")}
+    assert [c.size for c in rows["a.png"]["controls"]] == [(12, 12)]
+    assert [c.size for c in rows["a.png"]["control_prompts"]] == [(8, 8)]
+
+
+def test_a_pairs_file_lists_targets_controls_and_captions(tmp_path):
+    root = tmp_path / "set"
+    (root / "in").mkdir(parents=True)
+    (root / "t1.png").write_bytes(_png((20, 20), (200, 0, 0)))
+    (root / "t2.png").write_bytes(_png((20, 20), (0, 200, 0)))
+    (root / "in" / "x.png").write_bytes(_png((20, 20), (0, 0, 200)))
+    (root / "in" / "y.png").write_bytes(_png((20, 20), (0, 90, 90)))
+    (tmp_path / "secret.png").write_bytes(_png((20, 20), (9, 9, 9)))
+    lines = [
+        {"target": "t1.png", "controls": ["in/x.png", "in/y.png"], "caption": "both"},
+        {"target": "t2.png", "controls": ["../secret.png"]},
+        {"target": "t2.png", "controls": ["in/gone.png"]},
+        {"target": "t2.png"},
+        {"controls": ["in/x.png"]},
+    ]
+    (root / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    d = DataConfig(resolution=16, pairs=str(root / "pairs.jsonl"))
+    report = prepare([], tmp_path / "out", d, "plain", references=Squash(most=2, side=8))
+    assert report.rejected == {
+        "control outside the dataset root": ["t2.png"],
+        "control unreadable (missing file)": ["t2.png"],
+        "pairs line without a target": ["pairs.jsonl:5"],
+    }
+    rows = list(load_prepared(tmp_path / "out"))
+    assert [(r["source"], r["caption"], len(r["controls"])) for r in rows] == [
+        ("t1.png", "both", 2),
+        ("t2.png", "plain", 0),
+    ]
+    assert rows[0]["control_sources"] == [str(root / "in" / "x.png"), str(root / "in" / "y.png")]
