@@ -140,15 +140,50 @@ def cut_lines(summary: dict) -> list[str]:
     ]
 
 
-def with_and_without_adapter(run, prompts, seeds, steps, guidance, desc):
+def sample_pairs(run, pairs, seeds, steps, guidance, desc=None, pipe=None, refiner=None) -> list[torch.Tensor]:
+    """An edit family's edits of ``pairs`` (``tuner.sampling.Pair``) at ``seeds`` with the run's model (or ``pipe``),
+    at the base's sampler: one (len(seeds), 3, H, W) tensor per pair. (No refiner: SDXL's edits nothing.)"""
+    from tuner import sampling
+
+    return sampling.sample_edits(
+        pipe or run.pipe, run.family.REFERENCES, pairs, seeds, run.cfg.data.resolution, steps=steps,
+        guidance_scale=guidance, batch_size=run.cfg.sample.batch_size, desc=desc, autocast=run.accelerator.autocast,
+        decode=run.family.decode, guidance=run.family.guidance_kwargs, **run.family.call_kwargs(),
+    )  # fmt: skip
+
+
+def validation_edits(run):
+    """An edit family's validation (``tuner.training.monitor.Edits``): ``validation.pairs`` of the run's prepared
+    pairs, the held-out ones first, edited by ``sample_pairs``; None for a family that reads no references."""
+    from tuner.sampling import edit_pairs
+    from tuner.training.monitor import Edits
+
+    references = run.family.REFERENCES
+    if references is None:
+        return None
+
+    def sample(pairs, seeds, steps, guidance, desc=None):
+        return sample_pairs(run, pairs, seeds, steps, guidance, desc)
+
+    return Edits(edit_pairs(run.dir, run.cfg, run.cfg.validation.pairs), sample, references.required)
+
+
+def with_and_without_adapter(run, prompts, seeds, steps, guidance, desc, pairs=None):
     """Sample the same prompts and seeds from the base and from the fine-tuned model (each followed by
-    ``sample.refiner``, an SDXL refiner, when set).
+    ``sample.refiner``, an SDXL refiner, when set); with ``pairs``, an edit family's edits of them at ``seeds``
+    instead (``sample_pairs``: one tensor per pair).
 
     With only peft adapters trained, the base is the same model with its adapters switched off; when
     base weights or the vocabulary changed, it is a fresh copy of the base, loaded for this and freed (with a
     refiner of its own: a refiner reads the prompt with the base's CLIP-G, new tokens and all).
     """
     c = run.components
+    if pairs is not None:
+
+        def draw(prompts, seeds, steps, guidance, desc, pipe=None, refiner=None):
+            return sample_pairs(run, pairs, seeds, steps, guidance, desc, pipe)
+    else:
+        draw = run.sample
     adapted = [m for m in c.trainable().values() if getattr(m, "peft_config", None)]
     changed = run.adapted.base_weights_changed
     if not adapted and not changed:
@@ -157,14 +192,14 @@ def with_and_without_adapter(run, prompts, seeds, steps, guidance, desc):
         base = run.family.load(run.base, run.cfg.model.prediction_type, run.cfg.model.allow_pickle)
         base_pipe = run.family.pipeline(base)
         base_pipe.to(run.accelerator.device)
-        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", base_pipe, run.load_refiner(base))
+        base_images = draw(prompts, seeds, steps, guidance, f"{desc} (base)", base_pipe, run.load_refiner(base))
         del base_pipe
     refiner = run.load_refiner()
     if not changed:
         for module in adapted:
             module.disable_adapters()
-        base_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (base)", refiner=refiner)
+        base_images = draw(prompts, seeds, steps, guidance, f"{desc} (base)", refiner=refiner)
         for module in adapted:
             module.enable_adapters()
-    tuned_images = run.sample(prompts, seeds, steps, guidance, f"{desc} (fine-tuned)", refiner=refiner)
+    tuned_images = draw(prompts, seeds, steps, guidance, f"{desc} (fine-tuned)", refiner=refiner)
     return base_images, tuned_images

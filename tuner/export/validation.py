@@ -1,5 +1,9 @@
 """Validation galleries: samples at fixed prompts and seeds every N training steps, gathered into a page that grows
-during the run, and a comparison page across the runs of a Hydra multirun sweep."""
+during the run, and a comparison page across the runs of a Hydra multirun sweep.
+
+An edit run's page edits fixed pairs instead of prompts: a row shows each pair's control(s) and target once, the
+step-0 row the base model's edits, every later row the fine-tuned edits; each step's grid (what the trackers get)
+has a row per pair: control(s) | base | this step's edits | target."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import torch
 
 from tuner.errors import ConfigError
 from tuner.export.charts import line_chart
-from tuner.export.gallery import cells_of, labelled_grid
+from tuner.export.gallery import cells_of, labelled_grid, shown
 from tuner.files import inside, write_atomic
 
 STYLE = (
@@ -90,13 +94,16 @@ def read_steps(record: Path) -> dict:
 class ValidationGallery:
     """Validation samples taken every N training steps at fixed prompts and seeds; grows during the run."""
 
-    def __init__(self, folder: Path, prompts: list[str], seeds: list[int], display_size: int = 64):
+    def __init__(self, folder: Path, prompts: list[str], seeds: list[int], display_size: int = 64, pairs=()):
         self.folder, self.prompts, self.seeds, self.display_size = (
             Path(folder),
             list(prompts),
             list(seeds),
             display_size,
         )
+        # an edit run's pairs (``tuner.sampling.Pair``, one per prompt): their controls' and targets' files
+        self.pairs = [self._pair_files(k, pair) for k, pair in enumerate(pairs)]
+        self._pairs_written = False  # (by the first ``add``: rank 0 alone writes)
         self._entries: list[dict] = []
         self.chosen: dict | None = None  # {"step", "note"}: the step the run's weights come from
         record = self.folder / "steps.json"
@@ -104,6 +111,26 @@ class ValidationGallery:
             data = read_steps(record)
             if data.get("prompts") == self.prompts and data.get("seeds") == self.seeds:
                 self._entries = data["steps"]
+
+    def _pair_files(self, k: int, pair) -> dict:
+        """Pair ``k``'s control(s) and target as the page shows them: their files' names and images."""
+        target = shown(pair.target, self.display_size) if pair.target is not None else None
+        side = max(target.size) if target is not None else None
+        files = {"controls": [], "target": None, "images": []}
+        for j, control in enumerate(pair.controls):
+            files["controls"].append(f"pairs/p{k}_control{j}.png")
+            files["images"].append(shown(control, self.display_size, side))
+        files["target"] = f"pairs/p{k}_target.png" if target is not None else None
+        files["target_image"] = target
+        return files
+
+    def _write_pairs(self) -> None:
+        for files in self.pairs:
+            for name, image in zip(files["controls"], files["images"]):
+                write_atomic(self.folder / name, image)
+            if files["target"]:
+                write_atomic(self.folder / files["target"], files["target_image"])
+        self._pairs_written = True
 
     @property
     def steps(self) -> list[int]:
@@ -117,22 +144,29 @@ class ValidationGallery:
                 series.setdefault(name, []).append((e["step"], value))
         return series
 
-    def add(self, step: int, images: torch.Tensor, values: dict[str, float] | None = None) -> Path:
-        """Save step ``step``'s samples (prompt-major, (len(prompts) * len(seeds), 3, H, W) in [-1, 1]) as a labelled
-        grid and one PNG per cell, and its numbers (``values``: losses, metrics), record them in ``steps.json`` and
-        rewrite ``index.html`` (with a chart of each number). Returns the grid path."""
+    def add(self, step: int, images, values: dict[str, float] | None = None) -> Path:
+        """Save step ``step``'s samples (prompt-major, (len(prompts) * len(seeds), 3, H, W) in [-1, 1]; an edit run:
+        a list of one (len(seeds), 3, H, W) tensor per pair) as a labelled grid and one PNG per cell, and its numbers
+        (``values``: losses, metrics), record them in ``steps.json`` and rewrite ``index.html`` (with a chart of
+        each number). Returns the grid path."""
         n = len(self.seeds)
-        if images.shape[0] != len(self.prompts) * n:
-            raise ValueError(f"expected {len(self.prompts) * n} images, got {images.shape[0]}")
-        cells = cells_of(images, self.display_size)
-        rows = [cells[k * n : (k + 1) * n] for k in range(len(self.prompts))]
+        images = torch.cat(images) if isinstance(images, list) and not self.pairs else images
+        count = sum(t.shape[0] for t in images) if isinstance(images, list) else images.shape[0]
+        if count != len(self.prompts) * n:
+            raise ValueError(f"expected {len(self.prompts) * n} images, got {count}")
+        if isinstance(images, list):
+            rows = [cells_of(t, self.display_size) for t in images]
+        else:
+            cells = cells_of(images, self.display_size)
+            rows = [cells[k * n : (k + 1) * n] for k in range(len(self.prompts))]
+        if not self._pairs_written:
+            self._write_pairs()
         entry = {"step": step, **step_files(step, len(self.prompts), self.seeds), "values": dict(values or {})}
         names = entry["cells"]
         for row, row_names in zip(rows, names):
             for cell, name in zip(row, row_names):
                 write_atomic(self.folder / name, cell)
-        grid = labelled_grid(self.prompts, rows, self.seeds)
-        path = write_atomic(self.folder / entry["grid"], grid)
+        path = write_atomic(self.folder / entry["grid"], self._grid(step, rows))
         dropped = [e for e in self._entries if e["step"] >= step]  # a resumed run re-samples these steps
         self._entries = [e for e in self._entries if e["step"] < step] + [entry]
         self._write()
@@ -142,6 +176,22 @@ class ValidationGallery:
                 if name not in keep:  # never through a link out of the folder
                     inside(self.folder, name, self.folder / "steps.json").unlink(missing_ok=True)
         return path
+
+    def _grid(self, step: int, rows: list[list]):
+        """The step's grid: a row per prompt of its seeds; an edit run's: control(s) | base | step | target."""
+        if not self.pairs:
+            return labelled_grid(self.prompts, rows, self.seeds)
+        most = max(len(p["controls"]) for p in self.pairs)
+        base = next((e for e in self._entries if e["step"] == 0), None) if step else None
+        heads = ["control"] * most + [f"base, seed {s}" for s in self.seeds] * (base is not None)
+        heads += [f"step {step}, seed {s}" for s in self.seeds] + ["target"]
+        grid_rows = []
+        for k, (pair, row) in enumerate(zip(self.pairs, rows)):
+            cells = pair["images"] + [None] * (most - len(pair["images"]))
+            if base is not None:
+                cells += [_open(self.folder / name) for name in base["cells"][k]]
+            grid_rows.append(cells + row + [pair["target_image"]])
+        return labelled_grid(self.prompts, grid_rows, self.seeds, heads)
 
     def mark(self, step: int, note: str) -> None:
         """Mark ``step`` as the one the run's weights come from (``note`` says why) on the page and its charts."""
@@ -172,13 +222,34 @@ class ValidationGallery:
             )
             numbers = "".join(f"<td>{_number(e.get('values', {}).get(n))}</td>" for n in names)
             mark = ' class="chosen"' if step == chosen else ""
-            rows.append(f'<tr{mark}><th>{step}</th>{tds}{numbers}<td><a href="{_src(e["grid"])}">grid</a></td></tr>')
+            label = f"{step} (base)" if self.pairs and step == 0 else step
+            rows.append(f'<tr{mark}><th>{label}</th>{tds}{numbers}<td><a href="{_src(e["grid"])}">grid</a></td></tr>')
         header = _header(self.prompts, self.seeds, ["step"], "grid", [html.escape(n) for n in names])
+        if self.pairs:  # each pair's control(s) -> target, over its seeds' columns
+            refs = "".join(
+                f'<td colspan="{len(self.seeds)}">'
+                + " ".join(_img(c, f"control {j + 1}") for j, c in enumerate(p["controls"]))
+                + (f" &rarr; {_img(p['target'], 'target')}" if p["target"] else "")
+                + "</td>"
+                for p in self.pairs
+            )
+            header += f'<tr><th>control(s) &rarr; target</th>{refs}<td colspan="{len(names) + 1}"></td></tr>'
         return (
             f"<!doctype html><meta charset=utf-8><title>tuner validation</title>{STYLE}"
             f"<h1>Validation samples</h1>{f'<p>{html.escape(note)}</p>' if note else ''}"
             f"<div>{charts}</div><table>{header}{''.join(rows)}</table>"
         )
+
+
+def _open(path: Path):
+    """A cell written earlier (the base's, step 0), or None where it is gone."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError:
+        return None
 
 
 def write_sweep_gallery(folder: Path, runs: list[tuple[str, Path]]) -> Path:

@@ -1,5 +1,7 @@
 """The gallery stage (rank 0): samples of the base against the fine-tuned model, at fixed seeds (drawn as the
-evaluate stage draws its own: tuner/export/live.py's ``with_and_without_adapter``).
+evaluate stage draws its own: tuner/export/live.py's ``with_and_without_adapter``). An edit run's gallery (its
+prepared data has pairs) edits ``validation.pairs`` pairs, the held-out ones first: control(s) | base | fine-tuned
+| target per row.
 
 (The digits demo's evaluation, which scores such samples, is in tuner/digits/stages.py.)
 """
@@ -7,15 +9,21 @@ evaluate stage draws its own: tuner/export/live.py's ``with_and_without_adapter`
 from __future__ import annotations
 
 from tuner.errors import ConfigError
-from tuner.export.gallery import write_gallery
+from tuner.export.gallery import write_edit_gallery, write_gallery
 from tuner.export.live import with_and_without_adapter
 from tuner.generation import check_refiner
-from tuner.models import samplers
+from tuner.models import get_family, samplers
+from tuner.sampling import edit_pairs
 from tuner.stages.context import Run, stage
 
 
+def _edits(cfg) -> bool:
+    """The run trains pairs: its gallery edits them."""
+    return bool(cfg.data.controls or cfg.data.pairs) and get_family(cfg.model.family, cfg.model).REFERENCES is not None
+
+
 def _check_gallery(cfg) -> None:
-    if not (cfg.sample.prompts or cfg.data.instance_prompt or cfg.data.class_prompt):
+    if not (_edits(cfg) or cfg.sample.prompts or cfg.data.instance_prompt or cfg.data.class_prompt):
         raise ConfigError('gallery: no prompt to sample; set sample.prompts=["a photo of ..."]')
     if cfg.sample.refiner:
         check_refiner(cfg.model.family, cfg.sample.refiner, "sample.refiner")
@@ -30,6 +38,9 @@ def gallery(run: Run) -> None:
     run.metrics["sampler"] = samplers.default(run.family, run.components).describe()
     print(f"[tuner] gallery: sampler {run.metrics['sampler']}", flush=True)
     seeds = list(s.seeds)
+    pairs = edit_pairs(run.dir, run.cfg, run.cfg.validation.pairs) if run.family.REFERENCES is not None else []
+    if pairs or (run.family.REFERENCES is not None and run.family.REFERENCES.required):
+        return _edit_gallery(run, pairs, seeds)
     prompts = list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     every_prompt = [prompt for prompt in prompts for _ in seeds]
     base_images, tuned_images = with_and_without_adapter(
@@ -43,3 +54,16 @@ def gallery(run: Run) -> None:
             (f"fine-tuned{refined}: {prompt}", tuned_images[cells]),
         ]
     run.outputs["gallery"] = str(write_gallery(run.dir / "gallery", rows, seeds, s.display_size))
+
+
+def _edit_gallery(run: Run, pairs: list, seeds: list[int]) -> None:
+    """Each pair's control(s), the base's edit and the fine-tuned edit at ``seeds``, and its target."""
+    s = run.cfg.sample
+    if not pairs:
+        raise ConfigError(
+            f"gallery: model={run.cfg.model.family}'s pipeline ({run.family.PIPELINE}) only edits, and the prepared "
+            "data has no pair to edit; give data.controls=[DIR] or data.pairs=FILE"
+        )
+    base, tuned = with_and_without_adapter(run, [], seeds, s.steps, s.guidance_scale, "gallery", pairs=pairs)
+    rows = [(f"{p.label}: {p.prompt}", p.controls, b, t, p.target) for p, b, t in zip(pairs, base, tuned)]
+    run.outputs["gallery"] = str(write_edit_gallery(run.dir / "gallery", rows, seeds, s.display_size))

@@ -1,5 +1,6 @@
 """The generate stage (recipe=generate): prompt-file jobs drawn with the base and its adapters, written as
-PNG files with A1111-style parameters.
+PNG files with A1111-style parameters. An edit family (tuner/models/references.py) edits ``generate.controls``:
+its pipeline gets them as they are and prepares them by its own rule.
 """
 
 from __future__ import annotations
@@ -13,19 +14,22 @@ from tqdm.auto import tqdm
 
 from tuner import generation as gen
 from tuner import run_folder
-from tuner.errors import Interrupted
+from tuner.errors import ConfigError, Interrupted
 from tuner.export.fitting import check_adapter
 from tuner.export.gallery import write_image_page
 from tuner.export.loading import load_checkpoint
 from tuner.files import write_atomic
-from tuner.models import samplers
+from tuner.models import get_family, samplers
+from tuner.sampling import edit_call, open_control
 from tuner.stages.context import Run, stage
 
 
 def _check(cfg) -> None:
-    """generate's settings (tuner/generation.py), then each adapter against the base from its header (family,
-    shapes: tuner/export/fitting.py), then the user's callback, the only check that runs code of the user's."""
+    """generate's settings (tuner/generation.py) and its controls, then each adapter against the base from its
+    header (family, shapes: tuner/export/fitting.py), then the user's callback, the only check that runs code of
+    the user's."""
     gen.check(cfg)
+    _check_controls(cfg)
     for k, a in enumerate(cfg.generate.adapters):
         check_adapter(cfg, a.path, f"generate.adapters[{k}]")
     if cfg.generate.callback:
@@ -63,6 +67,48 @@ def generate(run: Run) -> None:
             "those made"
         ) from None
     _write_index(run, folder, entries)
+
+
+def _check_controls(cfg) -> None:
+    """``generate.controls``: an edit family's, no more than it reads, files there, not with ``init_image``; a family
+    whose pipeline only edits needs them."""
+    g, name = cfg.generate, cfg.model.family
+    references = get_family(name, cfg.model).REFERENCES
+    if not g.controls:
+        if references is not None and references.required:
+            raise ConfigError(
+                f"generate.controls: model={name}'s pipeline edits reference images and draws nothing without one; "
+                "give generate.controls=[IMAGE]"
+            )
+        return
+    if references is None:
+        raise ConfigError(
+            f"generate.controls: model={name} reads no reference images; edit with an edit family's base "
+            "(model=flux_kontext, model=qwen_image_edit, or Flux.2's), or leave generate.controls empty"
+        )
+    if g.init_image:
+        raise ConfigError(
+            "generate.controls with generate.init_image: an edit starts from noise beside its references; choose "
+            "one (leave generate.init_image empty to edit)"
+        )
+    if len(g.controls) > references.most:
+        raise ConfigError(
+            f"generate.controls: {len(g.controls)} images, and model={name} reads at most {references.most}"
+        )
+    for k, path in enumerate(g.controls):
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"generate.controls[{k}]={path}: no such file")
+
+
+def _controls(g) -> list:
+    """``generate.controls`` as the pipeline is handed them (read, never resized nor modified)."""
+    out = []
+    for k, path in enumerate(g.controls):
+        try:
+            out.append(open_control(path))
+        except OSError as e:
+            raise ConfigError(f"generate.controls[{k}]={path}: not an image PIL can read ({e})") from None
+    return out
 
 
 def _sampler_used(job, own) -> str:
@@ -110,6 +156,11 @@ def _draw(run: Run, pipe, refiner, user, batch, folder: Path, entries: list[dict
     if g.init_image:
         init = gen.load_init_image(g.init_image, first.width, first.height)
         call = {"image": init, "strength": g.strength}
+    if g.controls:  # the pipeline's references, drawn at the job's size (a copy of each beside the images)
+        controls = _controls(g)
+        for k, control in enumerate(controls):
+            write_atomic(folder / "controls" / f"control{k}.png", control)
+        call = edit_call(run.family.REFERENCES, controls, first.height, first.width)
 
     def preview(step: int, latents, batch=batch, first=first) -> None:
         """Each image of the batch as it stands after ``step`` denoising steps."""
@@ -129,6 +180,9 @@ def _draw(run: Run, pipe, refiner, user, batch, folder: Path, entries: list[dict
         settings = {**dataclasses.asdict(job), "adapters": [dict(a) for a in g.adapters]}
         if g.init_image:
             settings.update(init_image=Path(g.init_image).name, strength=g.strength)
+        if g.controls:  # the files given, and the copies the page shows
+            shown = [f"controls/control{k}.png" for k in range(len(g.controls))]
+            settings.update(controls=[str(Path(c).expanduser()) for c in g.controls], control_files=shown)
         if g.refiner:
             settings.update(refiner=Path(g.refiner).name, refiner_start=g.refiner_start)
         name = f"{i:04d}-seed{job.seed}.png"

@@ -26,6 +26,7 @@ from tuner.data.prepare import load_prepared
 from tuner.data.prepared import image_keys, images_of, latent_masks, subject_images
 from tuner.distributed import decide
 from tuner.errors import ConfigError
+from tuner.export.live import validation_edits
 from tuner.models.base import tree_map
 from tuner.stages.context import Adapted, Run, stage
 from tuner.training import checkpoint_files, trainables
@@ -262,7 +263,9 @@ def _set_up_monitor(run: Run, data: SampleSets, parked: Parked | None, in_step: 
     measure = Measures(cfg, accelerator, run.sample, c.denoiser, held_out, encode, scorer, run.judged())
     modules = [c.denoiser, *c.text_encoders.values()]
     collective = run.strategy == "fsdp" and accelerator.num_processes > 1
-    monitor = start_monitor(cfg, run.dir, accelerator, run.sample, modules, data.captions, parked, measure, collective)
+    edits = validation_edits(run)  # an edit family's pairs, sampled instead of prompts
+    monitor = start_monitor(cfg, run.dir, accelerator, run.sample, modules, data.captions, parked, measure, collective,
+                            edits)  # fmt: skip
     if monitor.gallery is not None:
         run.outputs["validation"] = str(run.dir / "validation" / "index.html")
     return monitor

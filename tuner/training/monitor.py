@@ -10,12 +10,16 @@
   charts, and returned to the loop, which picks the best step and stops early on them
   (tuner/training/selection.py). Training is the same with or without validation: the models' modes and the
   RNG are put back afterwards, and the held-out loss draws from a generator of its own.
+- An edit run (``Edits``: its data has pairs) samples ``validation.pairs`` fixed pairs instead of prompts, the
+  held-out ones first: each row of the page shows every pair's edits at the fixed seeds, beside its control(s) and
+  target (tuner/export/validation.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +161,16 @@ def start_trackers(cfg, run_dir: Path, accelerator) -> list:
     return trackers
 
 
+@dataclass
+class Edits:
+    """An edit family's validation: the pairs it edits (``tuner.sampling.Pair``), how it draws them, and whether
+    its pipeline draws nothing else (then a run without pairs samples no prompts)."""
+
+    pairs: list
+    sample: Callable[..., list[torch.Tensor]]  # (pairs, seeds, steps, guidance, desc=...) -> a tensor per pair
+    required: bool = False
+
+
 class Measures:
     """The numbers of a validation step: the held-out losses and the metrics of ``validation.samples`` samples of
     the instance and the class prompt (tuner/scoring.py; rank 0 scores them). Drift is measured from the untrained
@@ -228,6 +242,7 @@ def start(
     parked=None,
     measure: Measures | None = None,
     collective: bool = False,
+    edits: Edits | None = None,
 ) -> Monitor:
     """The train stage's monitor: trackers as configured (in ``folder/logs``), validation sampling as
     ``validation.*`` asks, its page in ``folder/validation``.
@@ -242,6 +257,7 @@ def start(
         parked: the modules ``model.offload_frozen`` holds in host memory (``Parked``), brought back to sample.
         measure: the step's numbers (``Measures``).
         collective: FSDP with several processes: every rank samples (each forward gathers the sharded weights).
+        edits: an edit family's pairs: sampled instead of prompts where there are any.
 
     Raises:
         ConfigError: ``checkpoints.select`` or ``train.early_stop`` and no prompt to validate with.
@@ -251,6 +267,8 @@ def start(
     if not v.every:
         return Monitor(accelerator, trackers)
     d, s = cfg.data, cfg.sample
+    if edits is not None and (edits.pairs or edits.required):
+        return _edit_monitor(cfg, folder, accelerator, trackers, edits, modules, parked, collective, measure)
     prompts = list(v.prompts) or list(s.prompts) or [p for p in (d.instance_prompt, d.class_prompt) if p]
     prompts = prompts or [c for c in captions if c][:2]
     if not prompts:
@@ -272,3 +290,21 @@ def start(
 
     gallery = ValidationGallery(folder / "validation", prompts, seeds, s.display_size)
     return Monitor(accelerator, trackers, v.every, sample_prompts, gallery, modules, parked, collective, measure)
+
+
+def _edit_monitor(cfg, folder, accelerator, trackers, edits: Edits, modules, parked, collective, measure) -> Monitor:
+    """``start``'s monitor of an edit run: the fixed pairs edited at ``validation.seeds`` every step."""
+    v, s = cfg.validation, cfg.sample
+    if not edits.pairs:
+        print("[tuner] validation: no pair to edit (the prepared data has no control); no samples", flush=True)
+        return Monitor(accelerator, trackers, measure=measure)
+    seeds, steps = list(v.seeds), v.steps or s.steps
+    guidance = s.guidance_scale if v.guidance_scale is None else v.guidance_scale
+
+    def sample_pairs() -> list[torch.Tensor]:
+        desc = "validation" if accelerator.is_main_process else None
+        return edits.sample(edits.pairs, seeds, steps, guidance, desc=desc)
+
+    labels = [f"{p.label}: {p.prompt}" if p.label else p.prompt for p in edits.pairs]
+    gallery = ValidationGallery(folder / "validation", labels, seeds, s.display_size, edits.pairs)
+    return Monitor(accelerator, trackers, v.every, sample_pairs, gallery, modules, parked, collective, measure)
