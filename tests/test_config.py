@@ -15,6 +15,8 @@ NEEDS = {
     "lora": ["sample.prompts=[a watercolour of a harbour]"],
     "dreambooth_partial_unet": ["data.instance_prompt=a photo of sks dog", "data.class_prompt=a photo of a dog"],
     "generate": ["generate.prompts=[a photo of a dog]"],
+    # (the recipe on a tiny edit family: tests/test_edit_outputs.py)
+    "edit_lora": ["model=sd15", "data.instance_prompt=make it a watercolour", "data.bucket_step=8"],
 }
 TOOLBOX = {
     "lora_merge": lambda lora, base: [f"merge.inputs=[{{path: {lora}}}]"],
@@ -22,7 +24,15 @@ TOOLBOX = {
     "lora_extract": lambda lora, base: [f"extract.tuned={base}"],
     "inspect": lambda lora, base: [f"checkpoint={lora}"],
 }
-USER_MODEL = ("dreambooth_lora", "lora", "dreambooth_partial_unet", "textual_inversion", "export", "generate")
+USER_MODEL = (
+    "dreambooth_lora",
+    "lora",
+    "dreambooth_partial_unet",
+    "textual_inversion",
+    "export",
+    "generate",
+    "edit_lora",
+)
 
 
 @pytest.mark.parametrize("recipe", sorted(list_recipes()))
