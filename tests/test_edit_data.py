@@ -135,3 +135,53 @@ def test_a_pairs_file_lists_targets_controls_and_captions(tmp_path):
         ("t2.png", "plain", 0),
     ]
     assert rows[0]["control_sources"] == [str(root / "in" / "x.png"), str(root / "in" / "y.png")]
+
+
+def test_a_batch_carries_its_references_and_never_mixes_their_shapes():
+    """Pairs and plain images of one target size: each batch is all pairs (with ``control_k``, the mean normalised
+    as the target latents) or all plain; batches of other references' shapes are not merged; caption dropout of a
+    row whose prompt reads its references goes to that row's own empty caption."""
+    import torch
+
+    from tuner.training.batches import (
+        Batch,
+        Captions,
+        ControlLatents,
+        LatentCache,
+        SampleSet,
+        draw_batch,
+        merge_by_shape,
+    )
+
+    n, g = 6, torch.Generator().manual_seed(0)
+    latents = LatentCache(torch.randn(n, 4, 2, 2), torch.zeros(n, 4, 2, 2), 2.0, 0.5)
+    means = [torch.randn(4, 2, 2), torch.randn(4, 3, 2), torch.randn(4, 2, 2)]
+    rows = [[0], [1], [], [2], [0, 2], []]  # samples 0 and 3 share a shape; 4 has two references; 2 and 5 none
+    controls = ControlLatents(means, rows, 2.0, 0.5)
+    cond = Captions(["a", "b", ""], {"embeds": torch.arange(3.0)[:, None]}, dropout=1.0, empty=torch.tensor([2, 0, 2]))
+    s = SampleSet(latents, cond, torch.tensor([0, 1, 1, 0, 0, 1]), controls=controls)
+    seen = []
+    for _ in range(5):
+        (batch,) = draw_batch([s], 2, g)
+        keys = sorted(k for k in batch.cond if k.startswith("control_"))
+        seen.append(len(keys))
+        for k in keys:
+            assert batch.cond[k].shape[0] == len(batch.latents)
+        if keys == ["control_0"] and batch.cond["control_0"].shape[-2] == 2 and len(batch.latents) == 2:
+            expected = [(means[0] - 0.5) * 2, (means[2] - 0.5) * 2]  # samples 0 and 3, in either order
+            assert sorted(any(torch.equal(row, e) for row in batch.cond["control_0"]) for e in expected) == [True] * 2
+        assert batch.cond["embeds"].flatten().tolist() in ([2.0], [2.0, 2.0], [0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 0.0])
+    assert set(seen) == {0, 1, 2}
+
+    def part(shape):
+        b = len(shape[0])
+        return Batch(
+            torch.zeros(b, 4, 2, 2),
+            {"embeds": torch.zeros(b, 1), "control_0": torch.zeros(b, *shape[1])},
+            torch.ones(b),
+        )
+
+    merged = merge_by_shape([part(([0], (4, 2, 2))), part(([0, 1], (4, 3, 2))), part(([0], (4, 2, 2)))])
+    assert [len(m.latents) for m in merged] == [2, 2]
+    plain = Batch(torch.zeros(1, 4, 2, 2), {"embeds": torch.zeros(1, 1)}, torch.ones(1))
+    assert len(merge_by_shape([part(([0], (4, 2, 2))), plain])) == 2

@@ -73,3 +73,46 @@ def latent_masks(dataset, latents) -> LatentMasks | None:
     if all(row["mask"] is None for row in _undecoded(dataset, "mask")):
         return None
     return LatentMasks(dataset, latents)
+
+
+# ---------------------------------------------------------------- edit pairs (tuner/models/references.py)
+
+
+def has_controls(dataset) -> bool:
+    """Whether any row of a prepared dataset is an edit pair (a dataset prepared before pairs has no column)."""
+    return "control_sources" in dataset.column_names and any(dataset["control_sources"])
+
+
+def control_keys(dataset, rule: dict) -> list[list[str]]:
+    """Each row's controls' keys in the cache of latents: a hash of the prepared control's bytes and the family's
+    rule for its references (``References.rule``), so equal controls are encoded once, across pairs and runs."""
+    suffix = json.dumps(rule, sort_keys=True).encode()
+    return [
+        [hashlib.sha256(image["bytes"] + suffix).hexdigest() for image in row["controls"]]
+        for row in _undecoded_list(dataset, "controls")
+    ]
+
+
+def control_pixels(dataset, row: int, k: int) -> torch.Tensor:
+    """Control ``k`` of row ``row`` as the VAE encodes it: a (3, H, W) float tensor in [-1, 1]."""
+    image = dataset.select_columns(["controls"])[int(row)]["controls"][k]
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def control_prompt_images(dataset) -> list[list]:
+    """Each row's controls as its family's text encoder reads them (``References.prompt_image``), as PIL images."""
+    return [[image.convert("RGB") for image in row] for row in dataset["control_prompts"]]
+
+
+def prompt_reference_keys(dataset) -> list[str]:
+    """Each row's references' identity for its cached prompt: the hashes of its ``control_prompts`` bytes."""
+    return [
+        ",".join(hashlib.sha256(image["bytes"]).hexdigest() for image in row["control_prompts"])
+        for row in _undecoded_list(dataset, "control_prompts")
+    ]
+
+
+def _undecoded_list(dataset, column: str):
+    import datasets
+
+    return dataset.select_columns([column]).cast_column(column, datasets.Sequence(datasets.Image(decode=False)))

@@ -4,6 +4,10 @@ Images are encoded to latent distributions once (``encode_latent_dist``) and cap
 conditioning once (the family's ``encode_prompts``); a ``SampleSet`` holds them with how its images
 are drawn, and ``draw_batch`` makes a step's ``Batch``es from them, with the step's random draws
 (``draw_noise``) made on the CPU from one generator, so every device and rank draws the same.
+
+An edit pair's references (tuner/models/references.py) ride in its conditioning: ``cond["control_k"]`` holds the
+latents of reference k of each sample (``ControlLatents``), and a batch's samples share the number of references
+and their shapes (the sampler's buckets say so).
 """
 
 from __future__ import annotations
@@ -86,11 +90,19 @@ def take(rows, index: torch.Tensor, keep: range | None = None) -> torch.Tensor:
     return out
 
 
+def control_shapes(cond: Cond) -> dict[str, tuple]:
+    """The shapes of a batch's references (``cond["control_k"]``), per sample; empty for plain samples."""
+    if not isinstance(cond, dict):
+        return {}
+    return {k: tuple(v.shape[1:]) for k, v in cond.items() if k.startswith("control_")}
+
+
 def merge_by_shape(parts: list[Batch]) -> list[Batch]:
-    """Batches of the same latent size joined into one (one denoiser call each)."""
+    """Batches of the same latent size (and the same references' shapes) joined into one (one denoiser call each)."""
     merged: list[Batch] = []
     for part in parts:
-        same = next((m for m in merged if m.latents.shape[1:] == part.latents.shape[1:]), None)
+        shapes = part.latents.shape[1:], control_shapes(part.cond)
+        same = next((m for m in merged if (m.latents.shape[1:], control_shapes(m.cond)) == shapes), None)
         if same is None:
             merged.append(part)
             continue
@@ -133,13 +145,50 @@ class LatentCache:
 
 
 @dataclass
+class ControlLatents:
+    """The reference latents of a set's samples (an edit family's): each the posterior MEAN of a prepared control,
+    as the pipelines encode references (``sample_mode="argmax"``), normalised as the target latents are.
+
+    ``mean`` holds each distinct control once (a cache column, or tensors); ``rows[i]`` lists sample i's controls'
+    positions in it, in order (empty for a plain text-to-image sample).
+    """
+
+    mean: list[torch.Tensor] | Column
+    rows: list[list[int]]
+    scaling_factor: float | torch.Tensor
+    shift_factor: float | torch.Tensor = 0.0
+
+    def shapes(self, i: int) -> tuple[tuple[int, ...], ...]:
+        """Sample i's references' shapes (they join its bucket: a batch shares them)."""
+        get = self.mean.shape if isinstance(self.mean, Column) else lambda j: tuple(self.mean[j].shape)
+        return tuple(get(j) for j in self.rows[i])
+
+    def take(self, index: torch.Tensor, keep: range | None = None) -> dict[str, torch.Tensor]:
+        """``{"control_k": latents}`` of the samples at ``index`` (which share their references' count and shapes)."""
+        picked = [self.rows[i] for i in index.tolist()]
+        out = {}
+        for k in range(len(picked[0])):
+            mean = take(self.mean, torch.tensor([row[k] for row in picked]), keep)
+            shift, scale = self.shift_factor, self.scaling_factor
+            if isinstance(scale, torch.Tensor):
+                shift, scale = torch.as_tensor(shift).to(mean), scale.to(mean)
+            out[f"control_{k}"] = (mean - shift) * scale
+        return out
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+@dataclass
 class Captions:
     """The distinct captions of a training run and what a batch gets for them.
 
     ``rows`` holds each caption's prompt embeddings, or its token ids when the text encoder runs in
     the step. Caption dropout swaps a caption for the empty one (the last row) with probability
     ``dropout``; tag shuffling reorders a caption's comma-separated tags after the first ``keep``,
-    which needs the text encoder in the step (``tokenize`` turns the new texts into ids).
+    which needs the text encoder in the step (``tokenize`` turns the new texts into ids). Where a prompt's
+    embeddings depend on its references too (``References.in_prompt``), each row's empty caption is a row of its
+    own, with the same references: ``empty[row]``.
     """
 
     texts: list[str]
@@ -148,11 +197,13 @@ class Captions:
     shuffle: bool = False
     keep: int = 1
     tokenize: Callable[[list[str]], torch.Tensor] | None = None
+    empty: torch.Tensor | None = None  # per row: its empty caption's row; None: the last row
 
     def lookup(self, index: torch.Tensor, generator: torch.Generator, keep: range | None = None) -> Cond:
         if self.dropout:
             dropped = torch.rand(len(index), generator=generator) < self.dropout
-            index = torch.where(dropped, torch.full_like(index, len(self.texts) - 1), index)
+            empty = torch.full_like(index, len(self.texts) - 1) if self.empty is None else self.empty[index]
+            index = torch.where(dropped, empty, index)
         if not self.shuffle:
             return tree_map(lambda rows: take(rows, index, keep), self.rows)
         return self.tokenize([self._shuffled(self.texts[i], generator) for i in index.tolist()])
@@ -182,11 +233,15 @@ class SampleSet:
     sampler: BucketSampler | None = None
     # per image: conditioning of its own, joined to its caption's (SDXL's sizes and crop); None: none
     image_cond: dict[str, torch.Tensor] | None = None
+    # an edit family's pairs: each image's references' latents (``cond["control_k"]``); None: none
+    controls: ControlLatents | None = None
 
     def __post_init__(self):
         if self.sampler is None:  # batches group images of one latent size: the aspect-ratio bucket
             n = len(self.latents)
             shapes = [self.latents.shape(i) for i in range(n)]
+            if self.controls is not None:  # and of the same references: their count and shapes
+                shapes = [(shape, self.controls.shapes(i)) for i, shape in enumerate(shapes)]
             self.sampler = BucketSampler(shapes, self.repeats or [1] * n)
 
 
@@ -221,6 +276,8 @@ def draw_batch(
             cond = tree_map(lambda rows, index=index, keep=keep: take(rows, index, keep), s.cond)
         if s.image_cond is not None:
             cond = {**cond, **{k: v[pick] for k, v in s.image_cond.items()}}
+        if s.controls is not None:
+            cond = {**cond, **s.controls.take(pick, keep)}
         parts.append(Batch(latents, cond, weights, mask))
     return parts
 

@@ -16,7 +16,7 @@ import torch
 from tuner.errors import ConfigError
 from tuner.models.base import tree_map
 from tuner.models.objectives import diffusion_loss
-from tuner.training.batches import LatentCache, take
+from tuner.training.batches import ControlLatents, LatentCache, take
 
 
 def split(n: int, share: float, seed: int, what: str) -> tuple[list[int], list[int]]:
@@ -40,13 +40,15 @@ def split(n: int, share: float, seed: int, what: str) -> tuple[list[int], list[i
 @dataclass
 class HeldOutSet:
     """One set of held-out images: their latents, the index of each one's caption in ``rows`` (embeddings, or
-    token ids when the text encoder trains), and per-image conditioning (SDXL's sizes) and masks, if any."""
+    token ids when the text encoder trains), and per-image conditioning (SDXL's sizes), masks and an edit pair's
+    references (``cond["control_k"]``, as ``draw_batch`` gives them), if any."""
 
     name: str  # the metric: val_loss (instance images), val_loss_class (class images)
     latents: LatentCache
     caption: torch.Tensor
     image_cond: dict[str, torch.Tensor] | None = None
     mask: object | None = None
+    controls: ControlLatents | None = None
 
 
 class HeldOutLoss:
@@ -88,8 +90,9 @@ class HeldOutLoss:
         for name, items in self.items.items():
             s = self.sets[name]
             by_shape: dict[tuple, list[dict]] = {}
-            for item in items:
-                by_shape.setdefault(tuple(item["latent"].shape), []).append(item)
+            for item in items:  # one call per latent size and references' shapes
+                shapes = s.controls.shapes(item["image"]) if s.controls is not None else ()
+                by_shape.setdefault((tuple(item["latent"].shape), shapes), []).append(item)
             total, count = 0.0, 0
             for group in by_shape.values():
                 for start in range(0, len(group), self.batch_size):
@@ -107,6 +110,8 @@ class HeldOutLoss:
         cond = tree_map(lambda rows: take(rows, s.caption[index]), self.rows)
         if s.image_cond is not None:  # as draw_batch: beside the caption's rows (the text encoders pass it on)
             cond = {**cond, **{k: v[index] for k, v in s.image_cond.items()}}
+        if s.controls is not None:
+            cond = {**cond, **s.controls.take(index)}
         cond = tree_map(lambda x: x.to(device), cond)
         mask = torch.stack([s.mask[int(i)] for i in index]).to(device) if s.mask is not None else None
         with autocast():
