@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from tuner.errors import ConfigError
 from tuner.models.base import Components
@@ -27,6 +29,7 @@ from tuner.models.bfl_layout import SWAPPED_HALVES
 from tuner.models.flow import FlowFamily
 from tuner.models.flux2_layout import flux2_name, original_state
 from tuner.models.real import RealWidths
+from tuner.models.references import References
 from tuner.models.tiny import qwen3_tokenizer, unigram_tokenizer
 
 # Mistral 3's chat template as Flux2Pipeline applies it (system, then user: text parts only)
@@ -38,6 +41,24 @@ _MISTRAL_TEMPLATE = (
     "{%- elif m['role'] == 'user' %}{{- '[INST]' + text + '[/INST]' }}{%- else %}{{- text + eos_token }}{%- endif %}"
     "{%- endfor %}"
 )
+
+
+@dataclass(frozen=True)
+class Flux2References(References):
+    """Flux.2's rule for its references (the pipelines' "process images"): a reference over 1024 x 1024 px scaled
+    to that area (LANCZOS), then center-cropped to sides that are multiples of 16; one smaller is only cropped. The
+    pipelines refuse one under 64 px a side or of an aspect beyond 8:1 (``vae_image`` raises ValueError, as they)."""
+
+    most: int = 10  # BFL's figure for FLUX.2's multi-reference editing; the pipelines take any number
+
+    def vae_image(self, image: Image.Image) -> Image.Image:
+        from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+
+        processor = Flux2ImageProcessor(vae_scale_factor=16)
+        processor.check_image_input(image)
+        if image.width * image.height > 1024 * 1024:
+            image = processor._resize_to_target_area(image, 1024 * 1024)
+        return processor.resize(image, image.height // 16 * 16, image.width // 16 * 16, resize_mode="crop")
 
 
 def _batch_norm(vae) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +107,7 @@ class _Flux2(FlowFamily):
     # names only Flux.2 has (diffusers') and BFL's block names, which Flux.1 shares (widths tell them apart)
     SIGNS = r"to_qkv_mlp_proj|linear_in|linear_out|stream_modulation|time_guidance_embed|double_blocks_|single_blocks_"
     TINY_OPTIONS = ("model.max_sequence_length=64",)  # its tiny tokenizer's system message and prompt fit 64 tokens
+    REFERENCES = Flux2References()  # reference images (editing): cond["control_k"] in predict
 
     # --- tiny and real-width models ------------------------------------------------------------------------
     def _tiny_parts(self, seed: int, guidance: bool, joint: int) -> dict:
@@ -148,24 +170,34 @@ class _Flux2(FlowFamily):
 
     def predict(self, denoiser, noisy, timesteps, cond):
         """The transformer on ``noisy`` (normalised patches, B x 128 x h/2 x w/2) as a sequence, as the pipelines
-        call it; its output in the same shape."""
+        call it; its output in the same shape. References (``cond["control_0"]``, ... in the same layout): their
+        tokens follow the target's, reference k's position ids at time 10 + 10 k (``_prepare_image_ids``), and the
+        output is the target's tokens alone, as the pipelines draw an edit."""
         from diffusers import Flux2Pipeline
 
+        cond, references = dict(cond), []
+        while f"control_{len(references)}" in cond:
+            references.append(cond.pop(f"control_{len(references)}").to(noisy.dtype))
         text = cond["prompt_embeds"]
         config = getattr(denoiser, "module", denoiser).config  # DistributedDataParallel wraps it
         guidance = None
         if config.guidance_embeds:
             guidance = torch.full((len(noisy),), float(self.model.guidance), device=noisy.device)
+        tokens = [Flux2Pipeline._pack_latents(x) for x in (noisy, *references)]
+        ids = Flux2Pipeline._prepare_latent_ids(noisy)
+        if references:
+            shown = Flux2Pipeline._prepare_image_ids([r[:1] for r in references]).repeat(len(noisy), 1, 1)
+            ids = torch.cat([ids, shown.to(ids)], dim=1)
         out = denoiser(
-            hidden_states=Flux2Pipeline._pack_latents(noisy),
+            hidden_states=torch.cat(tokens, dim=1),
             timestep=timesteps.to(noisy.dtype) / 1000,
             guidance=guidance,
             encoder_hidden_states=text,
             txt_ids=Flux2Pipeline._prepare_text_ids(text).to(noisy.device),
-            img_ids=Flux2Pipeline._prepare_latent_ids(noisy).to(noisy.device),
+            img_ids=ids.to(noisy.device),
             return_dict=False,
         )[0]
-        return out.transpose(1, 2).reshape(noisy.shape)
+        return out[:, : tokens[0].shape[1]].transpose(1, 2).reshape(noisy.shape)
 
     # --- exports -------------------------------------------------------------------------------------------
     def kohya_module_name(self, component: str, name: str, config) -> str:
