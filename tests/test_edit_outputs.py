@@ -1,0 +1,182 @@
+"""What an edit run shows (issue #39), on a tiny Flux.1 Kontext of diffusers' real classes: an edit tuner samples is
+the pipeline's own edit of the control at the seed; the gallery's and the validation page's rows are control(s) |
+base | fine-tuned | target; ``recipe=generate generate.controls=[...]`` edits, and is refused where it cannot."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.helpers import PROMPT, tiny_family
+from tuner.errors import ConfigError
+from tuner.export.gallery import LABEL_WIDTH, PAD, write_edit_gallery
+from tuner.export.validation import ValidationGallery
+from tuner.models import register, unregister
+from tuner.models.flux_kontext import FluxKontext
+from tuner.sampling import Pair, sample_edits
+
+LENGTH = 32  # the tiny T5's prompt length
+
+
+@pytest.fixture(scope="module")
+def kontext(tmp_path_factory):
+    """(family with control_auto_resize=false, its components, its pipeline, the folder)."""
+    register(FluxKontext)
+    try:
+        yield tiny_family(tmp_path_factory, FluxKontext.NAME, max_sequence_length=LENGTH, control_auto_resize=False)
+    finally:
+        unregister(FluxKontext.NAME)
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_an_edit_is_the_pipelines_own_edit_of_the_control_at_the_seed(kontext):
+    """``sample_edits`` draws each pair once for all seeds at its target's size; each image is what the family's
+    pipeline draws for that control, prompt and seed alone (the control of another size than the target's)."""
+    family, _, pipe, _ = kontext
+    control, target = photo(48, 32), photo(32, 48, seed=1)  # (width, height)
+    pair = Pair(PROMPT, [control], target)
+    ours = sample_edits(pipe, family.REFERENCES, [pair], [0, 3], 16, steps=2, guidance_scale=3.0,
+                        decode=family.decode, guidance=family.guidance_kwargs, **family.call_kwargs())  # fmt: skip
+    assert len(ours) == 1 and ours[0].shape == (2, 3, 48, 32)
+    for k, seed in enumerate([0, 3]):
+        theirs = pipe(
+            prompt=PROMPT, image=control, height=48, width=32, max_area=48 * 32, _auto_resize=False,
+            num_inference_steps=2, guidance_scale=3.0, max_sequence_length=LENGTH,
+            generator=torch.Generator().manual_seed(seed), output_type="pt",
+        ).images[0]  # fmt: skip
+        torch.testing.assert_close((ours[0][k] + 1) / 2, theirs.clamp(0, 1), rtol=0, atol=2e-3)
+    plain = sample_edits(pipe, family.REFERENCES, [Pair(PROMPT, [photo(48, 32, seed=5)], target)], [0], 16, steps=2,
+                         decode=family.decode, guidance=family.guidance_kwargs, **family.call_kwargs())  # fmt: skip
+    assert (plain[0][0] - ours[0][0]).abs().max() > 1e-3  # the control is read
+
+
+def edits(n: int, h: int, w: int, shift: float) -> torch.Tensor:
+    return torch.linspace(-1, 1, n * 3 * h * w).reshape(n, 3, h, w) * 0.5 + shift
+
+
+def test_the_gallery_row_of_a_pair_is_controls_base_fine_tuned_target(tmp_path):
+    """One row per pair, columns control(s) | base at each seed | fine-tuned at each seed | target; a pair with fewer
+    controls leaves its cell blank; controls larger than the edits are shown at their size, aspect kept."""
+    seeds = [0, 1]
+    rows = [
+        (
+            "a.png: make it red",
+            [photo(40, 20), photo(16, 16)],
+            edits(2, 16, 16, 0),
+            edits(2, 16, 16, 0.3),
+            photo(16, 16),
+        ),
+        ("b.png: make it blue", [photo(300, 100)], edits(2, 16, 24, -0.3), edits(2, 16, 24, 0.1), None),
+    ]
+    grid = Image.open(write_edit_gallery(tmp_path, rows, seeds, display_size=32))
+    page = (tmp_path / "index.html").read_text()
+    heads = ["control 1", "control 2", "base, seed 0", "base, seed 1", "fine-tuned, seed 0", "fine-tuned, seed 1",
+             "target"]  # fmt: skip
+    assert [page.index(f"<th>{h}</th>") for h in heads] == sorted(page.index(f"<th>{h}</th>") for h in heads)
+    cells = tmp_path / "cells"
+    assert {p.name for p in cells.iterdir()} == {
+        "row0_control0.png", "row0_control1.png", "row0_base_seed0.png", "row0_base_seed1.png",
+        "row0_tuned_seed0.png", "row0_tuned_seed1.png", "row0_target.png",
+        "row1_control0.png", "row1_base_seed0.png", "row1_base_seed1.png", "row1_tuned_seed0.png",
+        "row1_tuned_seed1.png",
+    }  # fmt: skip
+    assert Image.open(cells / "row1_control0.png").size == (48, 16)  # thumbnailed to the edits' side, 3:1 kept
+    assert Image.open(cells / "row1_tuned_seed0.png").size == (48, 32)  # 16 x 24 upscaled x2 to display 32
+    tuned = np.asarray(Image.open(cells / "row0_tuned_seed1.png"), dtype=np.float32)[::2, ::2]
+    expected = ((edits(2, 16, 16, 0.3)[1].clamp(-1, 1) + 1) * 127.5).permute(1, 2, 0).numpy()
+    assert np.abs(tuned - expected).max() <= 1
+    cell_w = 48  # the widest cell
+    assert grid.size[0] == LABEL_WIDTH + 7 * (cell_w + PAD)
+    assert page.index("row0_control0.png") < page.index("row0_base_seed0.png") < page.index("row0_tuned_seed0.png")
+    assert page.index("row0_tuned_seed1.png") < page.index("row0_target.png") < page.index("row1_control0.png")
+
+
+def test_the_validation_page_of_an_edit_run_shows_each_pair_beside_the_base_and_each_step(tmp_path):
+    """Each pair's control(s) and target head its columns; step 0 is the base's edit; a later step's grid has the
+    base's edits beside the step's, between the controls and the target; the record resumes as a prompt page's."""
+    pairs = [Pair("make it red", [photo(24, 16)], photo(16, 16), "a.png"), Pair("blue", [photo(16, 16)], None, "b.png")]
+    labels = ["a.png: make it red", "b.png: blue"]
+    seeds = [0, 1]
+    page = ValidationGallery(tmp_path, labels, seeds, 16, pairs)
+    assert not (tmp_path / "pairs").exists()  # rank 0 writes them with its first step
+    page.add(0, [edits(2, 16, 16, 0), edits(2, 16, 16, 0.1)], {"val_loss": 0.5})
+    grid = Image.open(page.add(2, [edits(2, 16, 16, 0.4), edits(2, 16, 16, 0.5)], {"val_loss": 0.4}))
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == [
+        "p0_control0.png",
+        "p0_target.png",
+        "p1_control0.png",
+    ]
+    html = (tmp_path / "index.html").read_text()
+    assert "<th>0 (base)</th>" in html and "<th>2</th>" in html
+    refs = html.index("control(s) &rarr; target")
+    assert refs < html.index("pairs/p0_control0.png") < html.index("pairs/p0_target.png") < html.index("<th>0 (base)")
+    # control | base s0 s1 | step s0 s1 | target, the cells 16 px
+    assert grid.size == (LABEL_WIDTH + 6 * (16 + PAD), 18 + 2 * (16 + PAD))
+    base_cell = np.asarray(grid)[18 : 18 + 16, LABEL_WIDTH + (16 + PAD) : LABEL_WIDTH + (16 + PAD) + 16]
+    assert np.array_equal(base_cell, np.asarray(Image.open(tmp_path / "cells" / "step_000000_p0_s0.png")))
+    record = json.loads((tmp_path / "steps.json").read_text())
+    assert [s["step"] for s in record["steps"]] == [0, 2] and record["prompts"] == labels
+    assert ValidationGallery(tmp_path, labels, seeds, 16, pairs).steps == [0, 2]  # a resumed run continues it
+    with pytest.raises(ValueError, match="expected 4 images"):
+        page.add(4, [edits(1, 16, 16, 0), edits(2, 16, 16, 0)])
+
+
+def generate_cfg(folder, tmp_path, *overrides):
+    from tuner.compose import compose
+
+    return compose("generate", [
+        "model=flux_kontext", f"model.path={folder}", "model.control_auto_resize=false", "data.resolution=32",
+        f"model.max_sequence_length={LENGTH}", 'generate.prompts=["make it red"]', "generate.steps=2",
+        f"output_dir={tmp_path / 'out'}", *overrides,
+    ])  # fmt: skip
+
+
+def test_generate_edits_its_controls_and_is_refused_where_it_cannot(kontext, tmp_path):
+    """``generate.controls`` draws the pipeline's edit of the control (the file given, unchanged) and lists it; it is
+    refused without an edit family, with init_image, above the family's count, for a missing file."""
+    from tuner.checks import validate
+    from tuner.runner import run_recipe
+
+    family, _, pipe, folder = kontext
+    control = tmp_path / "control.png"
+    photo(48, 32).save(control)
+    before = control.read_bytes()
+    cfg = generate_cfg(folder, tmp_path, f"generate.controls=[{control}]", "generate.seed=7")
+    validate(cfg)
+    run_recipe(cfg)
+    entries = [json.loads(line) for line in (tmp_path / "out" / "images" / "images.jsonl").read_text().splitlines()]
+    assert entries[0]["controls"] == [str(control)] and control.read_bytes() == before
+    drawn = np.asarray(Image.open(tmp_path / "out" / "images" / entries[0]["file"]), dtype=np.float32)
+    theirs = pipe(
+        prompt="make it red", image=Image.open(control), height=32, width=32, max_area=32 * 32, _auto_resize=False,
+        num_inference_steps=2, guidance_scale=cfg.generate.guidance_scale or cfg.sample.guidance_scale,
+        max_sequence_length=LENGTH, generator=torch.Generator().manual_seed(entries[0]["seed"]), output_type="np",
+    ).images[0]  # fmt: skip
+    assert np.abs(drawn - theirs * 255).max() <= 1  # uint8 rounding (without the control it is 1.9 off)
+    html = (tmp_path / "out" / "images" / "index.html").read_text()
+    assert html.index("controls/control0.png") < html.index(entries[0]["file"])
+    for overrides, said in [
+        ([f"generate.controls=[{control},{control}]"], "reads at most 1"),
+        ([f"generate.controls=[{control}]", f"generate.init_image={control}"], "generate.init_image"),
+        ([f"generate.controls=[{tmp_path / 'gone.png'}]"], r"generate.controls\[0\]=.*gone.png: no such file"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            validate(generate_cfg(folder, tmp_path, *overrides))
+
+
+def test_generate_controls_on_a_family_without_references_is_refused(tiny_pipeline_dir, tmp_path):
+    from tuner.checks import validate
+    from tuner.compose import compose
+
+    control = tmp_path / "control.png"
+    photo(16, 16).save(control)
+    cfg = compose("generate", [f"model.path={tiny_pipeline_dir}", "data.resolution=16", 'generate.prompts=["a"]',
+                               f"generate.controls=[{control}]", f"output_dir={tmp_path / 'out'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match="model=sd15 reads no reference images"):
+        validate(cfg)
