@@ -117,8 +117,8 @@ def test_the_validation_page_of_an_edit_run_shows_each_pair_beside_the_base_and_
     refs = html.index("control(s) &rarr; target")
     assert refs < html.index("pairs/p0_control0.png") < html.index("pairs/p0_target.png") < html.index("<th>0 (base)")
     # control | base s0 s1 | step s0 s1 | target, the cells 16 px
-    assert grid.size == (LABEL_WIDTH + 6 * (16 + PAD), 18 + 2 * (16 + PAD))
-    base_cell = np.asarray(grid)[18 : 18 + 16, LABEL_WIDTH + (16 + PAD) : LABEL_WIDTH + (16 + PAD) + 16]
+    assert grid.size == (LABEL_WIDTH + 6 * (16 + PAD), 32 + 2 * (16 + PAD))  # heads of two lines: "base\nseed 0"
+    base_cell = np.asarray(grid)[32 : 32 + 16, LABEL_WIDTH + (16 + PAD) : LABEL_WIDTH + (16 + PAD) + 16]
     assert np.array_equal(base_cell, np.asarray(Image.open(tmp_path / "cells" / "step_000000_p0_s0.png")))
     record = json.loads((tmp_path / "steps.json").read_text())
     assert [s["step"] for s in record["steps"]] == [0, 2] and record["prompts"] == labels

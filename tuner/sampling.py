@@ -147,10 +147,11 @@ def edit_pairs(run_dir: Path, cfg, count: int) -> list[Pair]:
             kept += [(dataset, i) for i in train if i in with_controls]
         else:
             kept += [(dataset, i) for i in sorted(with_controls)]
-    return [_pair(dataset, i, cfg.data.background) for dataset, i in (held + kept)[:count]]
+    chosen = [(d, i, True) for d, i in held] + [(d, i, False) for d, i in kept]
+    return [_pair(dataset, i, cfg.data.background, out) for dataset, i, out in chosen[:count]]
 
 
-def _pair(dataset, i: int, background) -> Pair:
+def _pair(dataset, i: int, background, held_out: bool) -> Pair:
     row = dataset[i]
     controls = []
     for k, source in enumerate(row["control_sources"]):
@@ -159,7 +160,7 @@ def _pair(dataset, i: int, background) -> Pair:
         else:  # moved since prepare: the prepared control (the pipeline's rule applied twice changes little)
             print(f"[tuner] {source} is gone: its prepared copy stands in for it", flush=True)
             controls.append(row["controls"][k].convert("RGB"))
-    label = Path(row["source"]).name if row.get("source") else f"pair {i}"
+    label = (Path(row["source"]).name if row.get("source") else f"pair {i}") + (" (held out)" if held_out else "")
     return Pair(row["caption"], controls, row["image"].convert("RGB"), label, list(row["control_sources"]))
 
 

@@ -25,17 +25,17 @@ def _upscale(image: Image.Image, display_size: int) -> Image.Image:
 def labelled_grid(
     labels: list[str], rows: list[list[Image.Image | None]], seeds: list[int], heads: list[str] | None = None
 ) -> Image.Image:
-    """One image of ``rows`` of cells under ``seed N`` headers (or ``heads``), each row's label at its left. Cells
-    of other sizes are centred in the largest one's box; a None cell is left blank."""
+    """One image of ``rows`` of cells under ``seed N`` headers (or ``heads``, each of one or more lines), each row's
+    label at its left. Cells of other sizes are centred in the largest one's box; a None cell is left blank."""
     cell_w = max(c.size[0] for row in rows for c in row if c is not None)
     cell_h = max(c.size[1] for row in rows for c in row if c is not None)
     heads = heads or [f"seed {seed}" for seed in seeds]
-    header = 18
+    header = 4 + 14 * max(h.count("\n") + 1 for h in heads)  # a head may have lines
     grid = Image.new("RGB", (LABEL_WIDTH + len(heads) * (cell_w + PAD), header + len(rows) * (cell_h + PAD)), "white")
     draw = ImageDraw.Draw(grid)
     font = ImageFont.load_default(size=12)
     for j, head in enumerate(heads):
-        draw.text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), head, fill="black", font=font)
+        draw.multiline_text((LABEL_WIDTH + j * (cell_w + PAD) + 2, 2), head, fill="black", font=font, spacing=2)
     for i, (label, row) in enumerate(zip(labels, rows)):
         y = header + i * (cell_h + PAD)
         draw.text((4, y + cell_h // 2 - 6), label, fill="black", font=font)
@@ -107,7 +107,7 @@ def write_edit_gallery(folder: Path, rows: list[tuple], seeds: list[int], displa
     (folder / "cells").mkdir(exist_ok=True)
     most = max(len(controls) for _, controls, *_ in rows)
     heads = [f"control {k + 1}" if most > 1 else "control" for k in range(most)]
-    heads += [f"base, seed {s}" for s in seeds] + [f"fine-tuned, seed {s}" for s in seeds] + ["target"]
+    heads += [f"base\nseed {s}" for s in seeds] + [f"fine-tuned\nseed {s}" for s in seeds] + ["target"]
     grid_rows, table = [], []
     for i, (label, controls, base, tuned, target) in enumerate(rows):
         edits = cells_of(base, display_size) + cells_of(tuned, display_size)
@@ -129,6 +129,7 @@ def write_edit_gallery(folder: Path, rows: list[tuple], seeds: list[int], displa
         table.append(f"<tr><th>{html.escape(label)}</th>{''.join(tds)}</tr>")
         grid_rows.append([cell for _, cell in named])
     path = write_atomic(folder / "grid.png", labelled_grid([r[0] for r in rows], grid_rows, seeds, heads))
+    heads = [h.replace("\n", ", ") for h in heads]
     page = (
         "<!doctype html><meta charset=utf-8><title>tuner gallery</title>"
         "<style>body{font-family:sans-serif}img{image-rendering:pixelated}th{text-align:left}</style>"

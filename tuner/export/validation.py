@@ -183,8 +183,8 @@ class ValidationGallery:
             return labelled_grid(self.prompts, rows, self.seeds)
         most = max(len(p["controls"]) for p in self.pairs)
         base = next((e for e in self._entries if e["step"] == 0), None) if step else None
-        heads = ["control"] * most + [f"base, seed {s}" for s in self.seeds] * (base is not None)
-        heads += [f"step {step}, seed {s}" for s in self.seeds] + ["target"]
+        heads = ["control"] * most + [f"base\nseed {s}" for s in self.seeds] * (base is not None)
+        heads += [f"step {step}\nseed {s}" for s in self.seeds] + ["target"]
         grid_rows = []
         for k, (pair, row) in enumerate(zip(self.pairs, rows)):
             cells = pair["images"] + [None] * (most - len(pair["images"]))
