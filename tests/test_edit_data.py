@@ -305,3 +305,42 @@ def test_edit_lora_trains_pairs_and_plain_images_and_its_adapter_changes_a_held_
     before = edit()
     pipe.load_lora_weights(str(run.dir / "diffusers"))
     assert np.abs(edit() - before).max() > 1e-3
+
+
+@pytest.mark.e2e
+def test_a_family_whose_text_encoder_reads_references_caches_each_prompt_with_them(tmp_path, monkeypatch):
+    """Qwen-Image-Edit (its text encoder reads the references): two control folders, targets with two, one and no
+    control; each (caption, references) is a prompt row of its own, with its own empty caption's row for dropout,
+    and batches carry as many references as their samples have."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from tuner.models import family_names
+    from tuner.models.tiny import make_tiny_pipeline
+
+    if "qwen_image_edit" not in family_names():
+        monkeypatch.setenv("TUNER_FAMILIES", "tuner.models.qwen_image_edit:QwenImageEdit")
+    from tuner.models.qwen_image_edit import QwenImageEdit
+
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 32 * 32)  # the pipeline's areas, small (the family reads them)
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 56 * 56)
+    calls = []
+    original = QwenImageEdit.predict
+
+    def predict(self, denoiser, noisy, timesteps, cond):
+        calls.append(sum(k.startswith("control_") for k in cond))
+        return original(self, denoiser, noisy, timesteps, cond)
+
+    monkeypatch.setattr(QwenImageEdit, "predict", predict)
+    tiny = make_tiny_pipeline(tmp_path / "pipe", family="qwen_image_edit")
+    targets, controls = _pair_dataset(tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    Image.new("RGB", (32, 32), (9, 99, 199)).save(second / "p0.png")
+    _, run = _train_edits(
+        tmp_path, tiny, "run", "model=qwen_image_edit", "model.max_sequence_length=128", "data.val_split=0",
+        f"data.controls=[{controls},{second}]", "data.caption_dropout=0.5", "validation.every=0",
+        "train.max_steps=4", "stages=[base,prepare,train]",
+    )  # fmt: skip
+    # p0 (two references), p1 and p2 (one each), p3 (none): four prompt rows and their four empty captions' rows
+    assert run.metrics["cache"]["entries"]["prompts"] == 8
+    assert set(calls) <= {0, 1, 2} and len(set(calls)) >= 2

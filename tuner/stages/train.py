@@ -194,8 +194,7 @@ def _sample_sets(run: Run, in_step: bool, bring: Callable[..., None]) -> SampleS
                          image_weight=image_weight, image_cond=image_cond, controls=controls))  # fmt: skip
     empty = None
     if in_prompt:  # each row's empty caption is the row of "" with its references
-        rows_of = list(caption_ids)
-        rows_of.append(("", ""))
+        rows_of = list(caption_ids) + ([] if ("", "") in caption_ids else [("", "")])
         texts = [text for text, _ in rows_of]
         empty = torch.tensor([caption_ids.get(("", ref), len(rows_of) - 1) for _, ref in rows_of])
     else:
