@@ -180,3 +180,90 @@ def test_generate_controls_on_a_family_without_references_is_refused(tiny_pipeli
                                f"generate.controls=[{control}]", f"output_dir={tmp_path / 'out'}"])  # fmt: skip
     with pytest.raises(ConfigError, match="model=sd15 reads no reference images"):
         validate(cfg)
+
+
+def pair_dataset(root):
+    """Four 32 px targets, three with a control (48 x 32) in a folder of their own and one plain; with
+    data.val_split=0.25 and seed 0 the held-out one is p0 (a pair)."""
+    targets, controls = root / "targets", root / "controls"
+    targets.mkdir()
+    controls.mkdir()
+    for i in range(4):
+        photo(32, 32, seed=i).save(targets / f"p{i}.png")
+        if i < 3:
+            photo(48, 32, seed=10 + i).save(controls / f"p{i}.png")
+    return targets, controls
+
+
+@pytest.mark.e2e
+def test_edit_lora_trains_pairs_and_shows_and_exports_the_edit(kontext, tmp_path):
+    """``recipe=edit_lora`` on pairs with an optional control and a plain image: the held-out loss is logged; the
+    validation page and the gallery show the held-out pair's control | base | fine-tuned | target; the exported
+    LoRA loaded by FluxKontextPipeline changes the edit of the held-out control, to the gallery's fine-tuned cell;
+    ``recipe=generate generate.controls=[...]`` with the run draws that edit too."""
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers import FluxKontextPipeline
+
+    from tuner.checks import validate
+    from tuner.compose import compose
+    from tuner.runner import run_recipe
+
+    family, _, _, folder = kontext
+    targets, controls = pair_dataset(tmp_path)
+    run = tmp_path / "run"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = compose("edit_lora", [
+        f"model.path={folder}", "model.control_auto_resize=false", f"model.max_sequence_length={LENGTH}",
+        "data.resolution=32", "data.bucket_step=16", f"data.instance_dir={targets}", f"data.controls=[{controls}]",
+        "data.instance_prompt=make it red", "data.val_split=0.25", "train.max_steps=3", "train.learning_rate=3e-2",
+        "validation.every=3", "validation.pairs=2", "validation.steps=2", "validation.seeds=[0]", "sample.seeds=[0,1]",
+        "sample.steps=2", "sample.display_size=32", "log.tensorboard=false", "export.formats=[diffusers]",
+        f"output_dir={run}",
+    ])  # fmt: skip
+    validate(cfg)
+    run_recipe(cfg)
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert "val_loss" in summary["validation"]
+    page = (run / "validation" / "index.html").read_text()
+    assert "p0.png (held out): make it red" in page and "<th>0 (base)</th>" in page and "<th>3</th>" in page
+    assert (run / "validation" / "pairs" / "p0_control0.png").is_file()
+    assert (run / "validation" / "pairs" / "p0_target.png").is_file() and (
+        run / "validation" / "step_000003.png"
+    ).is_file()
+    gallery = (run / "gallery" / "index.html").read_text()
+    assert "p0.png (held out): make it red" in gallery and "p1.png: make it red" in gallery
+    cells = run / "gallery" / "cells"
+
+    def cell(name):  # 32 px cells at display size 32: as drawn
+        return np.asarray(Image.open(cells / name), dtype=np.float32)
+
+    held_out = Image.open(controls / "p0.png")
+    pipe = FluxKontextPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+
+    def edit(seed):
+        return pipe(
+            prompt="make it red", image=held_out, height=32, width=32, max_area=32 * 32, _auto_resize=False,
+            num_inference_steps=2, guidance_scale=cfg.sample.guidance_scale, max_sequence_length=LENGTH,
+            generator=torch.Generator().manual_seed(seed), output_type="np",
+        ).images[0] * 255  # fmt: skip
+
+    base = edit(0)
+    assert np.abs(cell("row0_base_seed0.png") - base).max() <= 1
+    pipe.load_lora_weights(run / "diffusers")
+    tuned = edit(0)
+    assert np.abs(tuned - base).max() > 8  # the adapter changes the edit of the held-out control
+    assert np.abs(cell("row0_tuned_seed0.png") - tuned).max() <= 1
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    made = compose("generate", [
+        "model=flux_kontext", f"model.path={folder}", "model.control_auto_resize=false", "data.resolution=32",
+        f"model.max_sequence_length={LENGTH}", f"generate.adapters=[{{path:{run}}}]",
+        f"generate.controls=[{controls / 'p0.png'}]", 'generate.prompts=["make it red"]', "generate.steps=2",
+        f"generate.guidance_scale={cfg.sample.guidance_scale}", f"output_dir={tmp_path / 'edits'}",
+    ])  # fmt: skip
+    validate(made)
+    run_recipe(made)
+    drawn = np.asarray(Image.open(tmp_path / "edits" / "images" / "0000-seed0.png"), dtype=np.float32)
+    assert np.abs(drawn - tuned).max() <= 1
