@@ -24,6 +24,20 @@ def _session_home(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _small_edit_references():
+    """Qwen-Image-Edit-Plus's reference areas (1024² for its VAE, 384² for its text encoder: globals of the pipeline's
+    module, which the pipeline and tuner read when they run) made small for the session, as the tiny models are small:
+    a tiny pipeline's reference is then a few tokens, not 4,096 (3-4 s a call). tests/test_qwen_image_edit.py holds
+    tuner's rule equal to the pipeline's at whatever areas the module holds."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plus, "VAE_IMAGE_SIZE", 64 * 64)
+        patch.setattr(plus, "CONDITION_IMAGE_SIZE", 56 * 56)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _own_home(request, tmp_path_factory, monkeypatch):
     """Each test its own $TUNER_HOME (so its own cache of frozen outputs: tests do not see each other's

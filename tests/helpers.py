@@ -168,9 +168,28 @@ def train_in_process(tmp_path, tiny, *overrides, stages="[base,prepare,train,exp
 FORMATS = "export.formats=[diffusers,peft,merged]"
 
 
+def reference_call(family, size: int = 32) -> dict:
+    """The pipeline call's arguments that give a family whose pipeline only edits (``REFERENCES.required``) a gray
+    control of ``size`` px; none for the others."""
+    from PIL import Image
+
+    references = family.REFERENCES
+    if references is None or not references.required:
+        return {}
+    return references.call([Image.new("RGB", (size, size), (128, 128, 128))], size, size)
+
+
 def image_of(run, prompt):
-    """The run's own sample (in memory), as the gallery makes it, in [0, 1] (H, W, 3)."""
-    image = run.sample([prompt], [0], steps=3, guidance=3.0)[0]
+    """The run's own sample (in memory), as the gallery makes it, in [0, 1] (H, W, 3); a family that only edits
+    edits a gray control."""
+    if reference_call(run.family):
+        from tuner.sampling import sample_images
+
+        f, size = run.family, run.cfg.data.resolution
+        image = sample_images(run.pipe, [prompt], [0], size, 3, 3.0, decode=f.decode, guidance=f.guidance_kwargs,
+                              **f.call_kwargs(), **reference_call(f, size))[0]  # fmt: skip
+    else:
+        image = run.sample([prompt], [0], steps=3, guidance=3.0)[0]
     return ((image + 1) / 2).permute(1, 2, 0).numpy()
 
 

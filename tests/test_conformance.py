@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.helpers import PROMPT, image_of, train_in_process
+from tests.helpers import PROMPT, image_of, reference_call, train_in_process
 from tuner.models import family_names, get_family
 from tuner.models.base import Family
 
@@ -37,11 +37,12 @@ def te_lora(name: str) -> list[str]:
 
 
 def draw(family, pipe) -> np.ndarray:
-    """The gallery's image for PROMPT at seed 0 (3 steps, guidance 3), in [0, 1] (H, W, 3)."""
+    """The gallery's image for PROMPT at seed 0 (3 steps, guidance 3), in [0, 1] (H, W, 3); a family that only
+    edits edits a gray control (``reference_call``)."""
     from tuner.sampling import sample_images
 
     image = sample_images(pipe, [PROMPT], [0], 32, 3, 3.0, decode=family.decode, guidance=family.guidance_kwargs,
-                          **family.call_kwargs())[0]  # fmt: skip
+                          **family.call_kwargs(), **reference_call(family))[0]  # fmt: skip
     return ((image + 1) / 2).permute(1, 2, 0).numpy()
 
 

@@ -151,15 +151,13 @@ class QwenImageEdit(QwenImage):
     IMG2IMG = None  # its image input is the reference it edits, not an image-to-image start
     TOKENIZERS = ("tokenizer", "processor")  # the processor reads the references for Qwen2.5-VL (load_tokenizer)
     MAX_SEQUENCE_LENGTH = 1024  # tuner's cache length after the prefix: the pictures' tokens and the prompt's
-    # its LoRA files have Qwen-Image's module names (ComfyUI loads them alike): inspection tells them apart by their
-    # metadata only, so it claims no names or widths of its own
-    WIDTHS = frozenset()
-    SIGNS = None
-    SAMPLE_FILES = ()
+    # its adapter files are Qwen-Image's (the same modules, names and widths: SIGNS, WIDTHS, SAMPLE_FILES inherited),
+    # which recipe=inspect names as either family
     BASE_VERSION = "qwen_image_edit"
     MODELSPEC_ARCHITECTURE = "Qwen-Image-Edit-Plus"  # musubi-tuner's for 2509 (its 2511: Qwen-Image-Edit-2511)
     TINY_OPTIONS = ("model.max_sequence_length=128",)
-    CLIENTS = {}  # ComfyUI reads it as Qwen-Image (TextEncodeQwenImageEditPlus); no client check runs it here
+    # ComfyUI reads it as Qwen-Image (its edit prompts: TextEncodeQwenImageEditPlus); InvokeAI is not checked with it
+    CLIENTS = {"comfyui": {"model": "QwenImage"}}
 
     def __init__(self, model=None):
         super().__init__(model)
