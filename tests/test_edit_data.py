@@ -344,3 +344,44 @@ def test_a_family_whose_text_encoder_reads_references_caches_each_prompt_with_th
     # p0 (two references), p1 and p2 (one each), p3 (none): four prompt rows and their four empty captions' rows
     assert run.metrics["cache"]["entries"]["prompts"] == 8
     assert set(calls) <= {0, 1, 2} and len(set(calls)) >= 2
+
+
+def test_pairs_are_refused_where_the_family_cannot_read_them(tmp_path, monkeypatch):
+    """data.controls / data.pairs on a family without references, more folders than it reads, a folder or file
+    that is not there, and what a family whose text encoder reads its references cannot do: ConfigErrors naming
+    the key."""
+    from tuner.compose import compose
+    from tuner.errors import ConfigError
+    from tuner.models import family_names
+    from tuner.stages.data import _check_prepare
+
+    names = {"flux_kontext": "flux_kontext:FluxKontext", "qwen_image_edit": "qwen_image_edit:QwenImageEdit"}
+    missing = [f"tuner.models.{v}" for k, v in names.items() if k not in family_names()]
+    if missing:
+        monkeypatch.setenv("TUNER_FAMILIES", ",".join(missing))
+
+    from omegaconf import OmegaConf
+
+    base = [f"model.path={tmp_path}", f"data.instance_dir={tmp_path}", "data.instance_prompt=x"]
+    composed = {m: compose("lora", [*base, f"model={m}"]) for m in ("sd15", "flux_kontext", "qwen_image_edit")}
+
+    def check(*overrides):  # one composition per family, the other keys merged onto it
+        model = next((o.split("=")[1] for o in overrides if o.startswith("model=")), "sd15")
+        rest = [o for o in overrides if not o.startswith("model=")]
+        _check_prepare(OmegaConf.merge(composed[model], OmegaConf.from_dotlist(rest)))
+
+    with pytest.raises(ConfigError, match=r"data.controls: model=sd15 reads no reference images"):
+        check(f"data.controls=[{tmp_path}]")
+    with pytest.raises(ConfigError, match=r"data.pairs: model=sd15"):
+        check(f"data.pairs={tmp_path}/p.jsonl")
+    with pytest.raises(ConfigError, match=r"data.controls: 2 folders, but model=flux_kontext reads at most 1"):
+        check("model=flux_kontext", f"data.controls=[{tmp_path},{tmp_path}]")
+    with pytest.raises(ConfigError, match=r"data.controls\[0\]=.*gone: no such folder"):
+        check("model=flux_kontext", f"data.controls=[{tmp_path}/gone]")
+    with pytest.raises(ConfigError, match=r"data.pairs=.*p.jsonl: no such file"):
+        check("model=flux_kontext", f"data.pairs={tmp_path}/p.jsonl")
+    check("model=flux_kontext", f"data.controls=[{tmp_path}]", "data.shuffle_tags=true")  # its prompts read no image
+    with pytest.raises(ConfigError, match=r"data.shuffle_tags=true: model=qwen_image_edit's text encoder reads"):
+        check("model=qwen_image_edit", f"data.controls=[{tmp_path}]", "data.shuffle_tags=true")
+    with pytest.raises(ConfigError, match=r"text_encoder.train=lora: model=qwen_image_edit's text encoder reads"):
+        check("model=qwen_image_edit", f"data.controls=[{tmp_path}]", "text_encoder.train=lora")
