@@ -115,3 +115,65 @@ def test_predict_is_the_pipelines_transformer_call_with_references(families, nam
         plain = family.predict(pipe.transformer, noisy, t, cond)
         one = family.predict(pipe.transformer, noisy, t, {**cond, "control_0": controls["control_0"]})
     assert (plain - ours).abs().max() > 1e-4 and (one - ours).abs().max() > 1e-4  # each reference matters
+
+
+@pytest.mark.e2e
+def test_edit_lora_on_flux2_klein_trains_references_and_its_adapter_changes_an_edit(tmp_path, monkeypatch):
+    """recipe=edit_lora on a tiny Flux.2 klein: pairs with one or two references (64 px and more, as the pipeline
+    takes) and a plain image train and validate; each sample reaches predict with its references (their patches:
+    64x64 px -> 4x4, 80x64 -> 4x5) and the plain one without; the exported adapter, loaded by Flux2KleinPipeline,
+    changes an edit drawn from references."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tuner.checks import validate
+    from tuner.compose import compose
+    from tuner.models.flux2 import Flux2Klein
+    from tuner.models.tiny import make_tiny_pipeline
+    from tuner.runner import run_recipe
+
+    calls = []
+    original = Flux2Klein.predict
+
+    def predict(self, denoiser, noisy, timesteps, cond):  # the family's own, with what it was given noted
+        calls.append(tuple(tuple(v.shape[-2:]) for k, v in sorted(cond.items()) if k.startswith("control_")))
+        return original(self, denoiser, noisy, timesteps, cond)
+
+    monkeypatch.setattr(Flux2Klein, "predict", predict)
+    tiny = make_tiny_pipeline(tmp_path / "pipe", family="flux2_klein")
+    targets, first, second = tmp_path / "after", tmp_path / "before", tmp_path / "style"
+    for folder in (targets, first, second):
+        folder.mkdir()
+    for i, color in enumerate([(220, 30, 30), (30, 220, 30), (30, 30, 220), (200, 200, 30)]):
+        Image.new("RGB", (32, 32), color).save(targets / f"p{i}.png")
+        if i < 3:
+            photo(64, 64, seed=i).save(first / f"p{i}.png")
+        if i < 2:
+            photo(80, 64, seed=10 + i).save(second / f"p{i}.png")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = compose("edit_lora", [
+        "model=flux2_klein", f"model.path={tiny}", f"model.max_sequence_length={LENGTH}", "data.resolution=32",
+        "data.bucket_step=16",
+        f"data.instance_dir={targets}", f"data.controls=[{first},{second}]", "data.instance_prompt=make it odd",
+        "data.val_split=0.25", "train.max_steps=4", "train.learning_rate=5e-2", "validation.every=4",
+        "validation.pairs=1", "sample.steps=2", "log.tensorboard=false", "export.formats=[diffusers]",
+        f"output_dir={tmp_path / 'run'}", "stages=[base,prepare,train,export]",
+    ])  # fmt: skip
+    validate(cfg)
+    run = run_recipe(cfg)
+    assert set(calls) == {(), ((4, 4),), ((4, 4), (4, 5))}, calls  # trained or held out, each sample
+    assert (run.dir / "validation" / "index.html").is_file()
+    family = Flux2Klein(run.cfg.model)
+    pipe = family.load_pipeline(tiny)
+    pipe.set_progress_bar_config(disable=True)
+    references = [photo(64, 64, seed=0), photo(80, 64, seed=10)]
+
+    def edit():
+        call = family.REFERENCES.call(references, 32, 32)
+        generator = torch.Generator().manual_seed(0)
+        return pipe(**call, prompt="make it odd", num_inference_steps=2, guidance_scale=1.0, generator=generator,
+                    output_type="np").images[0]  # fmt: skip
+
+    before = edit()
+    pipe.load_lora_weights(str(run.dir / "diffusers"))
+    assert np.abs(edit() - before).max() > 1e-3

@@ -26,6 +26,10 @@ dequantized NF4 weight lives only inside its layer's call, counted as one layer'
 
 On a GPU (``--gpu``) the same reduced models also run one real step there, and the table prints
 ``torch.cuda.max_memory_allocated`` of it beside the plan of that depth.
+
+An edit family (``family.REFERENCES``) has rows with 1 and 3 reference images at 1024 px (as many as it takes):
+each reference's tokens join the target's in the denoiser's sequence (``inputs(..., references=n)``), so the
+step's activations grow with each (``--references N`` plans any row with N).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Setting:
     checkpointing: bool = True
     offload_blocks: int = 0
     targets: str = "attn_ff"
+    references: int = 0  # reference images beside the target (edit families): their tokens join the sequence
 
 
 def settings(family, rw) -> list[Setting]:
@@ -111,6 +116,11 @@ def settings(family, rw) -> list[Setting]:
             *rows,
             Setting(res, quantize_text_encoders="nf4", offload_blocks=every),
         ]
+    if family.REFERENCES is not None:  # edit rows: 1 and 3 references at 1024 px, bf16 and (a large model) NF4
+        for n in (n for n in (1, 3) if n <= family.REFERENCES.most):
+            rows.append(Setting(1024, references=n))
+            if rw.real is not None:
+                rows.append(Setting(1024, quantize="nf4", quantize_text_encoders="nf4", references=n))
     return rows
 
 
@@ -156,7 +166,7 @@ def _lora(denoiser, family, s: Setting):
 
 
 def _step(denoiser, rw, s: Setting, device_type: str) -> None:
-    inputs = rw.inputs(s.resolution, s.batch, torch.bfloat16)
+    inputs = rw.inputs(s.resolution, s.batch, torch.bfloat16, **({"references": s.references} if s.references else {}))
     with torch.autocast(device_type, dtype=torch.bfloat16):
         out = denoiser(**inputs, return_dict=False)[0]
     out.float().square().mean().backward()
@@ -317,6 +327,8 @@ def describe(s: Setting) -> str:
     parts.append("ckpt" if s.checkpointing else "no ckpt")
     if s.offload_blocks:
         parts.append(f"offload {s.offload_blocks}")
+    if s.references:
+        parts.append(f"+ {s.references} reference{'s' if s.references > 1 else ''}")
     return " ".join(parts)
 
 
@@ -330,6 +342,7 @@ def main() -> None:
     parser.add_argument("--quantize-text-encoders", choices=["nf4", "int8"])
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--offload-blocks", type=int, default=0)
+    parser.add_argument("--references", type=int, default=0, help="reference images beside the target (edit families)")
     parser.add_argument("--check", action="store_true", help="plan 3 units from 1 and 2, measure 3 (within 10%%)")
     parser.add_argument("--gpu", action="store_true", help="also run the reduced models on CUDA")
     args = parser.parse_args()
@@ -347,7 +360,7 @@ def main() -> None:
         if args.resolution:
             rows = [Setting(
                 args.resolution, args.batch, args.rank, args.quantize, args.quantize_text_encoders,
-                not args.no_checkpointing, args.offload_blocks,
+                not args.no_checkpointing, args.offload_blocks, references=args.references,
             )]  # fmt: skip
         if args.check and size:
             continue  # the check is the method's: each family's default size shows it

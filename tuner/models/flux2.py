@@ -217,7 +217,8 @@ class _Flux2(FlowFamily):
     # --- real widths ---------------------------------------------------------------------------------------
     def _real(self, heads, double, single, text, text_layers, guidance, published) -> RealWidths:
         """A Flux.2 transformer of ``heads`` x 128 wide with ``double`` double- and ``single`` single-stream blocks
-        (the unit: one double-stream block and single / double single-stream ones), a ``text``-wide encoder."""
+        (the unit: one double-stream block and single / double single-stream ones), a ``text``-wide encoder; the
+        inputs of a step with ``references`` images of the target's size (1 MP at 1024 px) beside the target."""
         per = single // double
 
         def transformer(n):
@@ -228,8 +229,8 @@ class _Flux2(FlowFamily):
                 guidance_embeds=guidance,
             )  # fmt: skip
 
-        def inputs(resolution, batch, dtype):
-            tokens, length = (resolution // 16) ** 2, 512
+        def inputs(resolution, batch, dtype, references: int = 0):  # each reference of the target's size
+            tokens, length = (resolution // 16) ** 2 * (1 + references), 512
             return {
                 "hidden_states": torch.randn(batch, tokens, 128, dtype=dtype),
                 "encoder_hidden_states": torch.randn(batch, length, 3 * text, dtype=dtype),

@@ -106,11 +106,12 @@ class FluxKontext(Flux):
         return {**parts, "vae": vae}
 
     def real_widths(self) -> RealWidths:
-        """Flux.1 dev's widths (FLUX.1-Kontext-dev's transformer is the same shape); each reference adds its tokens
-        to the sequence (``inputs(..., references=n)``: n references at the target's size, 1 MP as auto-resized)."""
+        """Flux.1 dev's widths (FLUX.1-Kontext-dev's transformer is the same shape, so the plan's first row and its
+        pin are Flux.1's); a reference adds its tokens to the sequence (``inputs(..., references=1)``: a reference
+        of the target's size, as a 1024 px target's auto-resized reference is)."""
         rw = super().real_widths()
 
-        def inputs(resolution, batch, dtype, references: int = 1):
+        def inputs(resolution, batch, dtype, references: int = 0):
             out = rw.inputs(resolution, batch, dtype)
             tokens = out["hidden_states"].shape[1] * (1 + references)
             hidden = torch.randn(batch, tokens, 64, dtype=dtype)
