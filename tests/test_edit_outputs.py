@@ -267,3 +267,55 @@ def test_edit_lora_trains_pairs_and_shows_and_exports_the_edit(kontext, tmp_path
     run_recipe(made)
     drawn = np.asarray(Image.open(tmp_path / "edits" / "images" / "0000-seed0.png"), dtype=np.float32)
     assert np.abs(drawn - tuned).max() <= 1
+
+
+@pytest.mark.e2e
+def test_a_family_that_only_edits_shows_pairs_of_several_controls_and_generate_needs_one(tmp_path, monkeypatch):
+    """Qwen-Image-Edit (``References.required``, up to three references): a pair with two controls and one with one
+    are drawn on the validation page and in the gallery (a blank cell where the second is absent); generate without
+    ``generate.controls`` is refused, naming the key."""
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
+
+    from tuner.checks import validate
+    from tuner.compose import compose
+    from tuner.models import family_names
+    from tuner.models.tiny import make_tiny_pipeline
+    from tuner.runner import run_recipe
+
+    if "qwen_image_edit" not in family_names():
+        monkeypatch.setenv("TUNER_FAMILIES", "tuner.models.qwen_image_edit:QwenImageEdit")
+    monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 32 * 32)  # the pipeline's areas, small (the family reads them)
+    monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 56 * 56)
+    tiny = make_tiny_pipeline(tmp_path / "pipe", family="qwen_image_edit")
+    targets, controls = pair_dataset(tmp_path)
+    second = tmp_path / "second"
+    second.mkdir()
+    photo(32, 32, seed=20).save(second / "p0.png")
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    run = tmp_path / "run"
+    cfg = compose("edit_lora", [
+        "model=qwen_image_edit", f"model.path={tiny}", "model.max_sequence_length=128", "data.resolution=32",
+        "data.bucket_step=16", f"data.instance_dir={targets}", f"data.controls=[{controls},{second}]",
+        "data.instance_prompt=make it red", "data.val_split=0.25", "train.max_steps=2", "validation.every=2",
+        "validation.pairs=2", "validation.steps=2", "validation.seeds=[0]", "sample.seeds=[0]", "sample.steps=2",
+        "sample.display_size=32", "log.tensorboard=false", "export.formats=[diffusers]", f"output_dir={run}",
+        f"home={tmp_path / 'home'}",
+    ])  # fmt: skip
+    validate(cfg)
+    run_recipe(cfg)
+    assert sorted(p.name for p in (run / "validation" / "pairs").iterdir()) == [
+        "p0_control0.png", "p0_control1.png", "p0_target.png", "p1_control0.png", "p1_target.png",
+    ]  # fmt: skip
+    page = (run / "gallery" / "index.html").read_text()
+    assert page.index("row0_control1.png") < page.index("row0_base_seed0.png")
+    assert "row1_control1.png" not in page and (run / "gallery" / "cells" / "row1_tuned_seed0.png").is_file()
+    grid = Image.open(run / "gallery" / "grid.png")
+    assert grid.size[0] == LABEL_WIDTH + 5 * (32 + PAD)  # control 1 | control 2 | base | fine-tuned | target
+    refused = compose("generate", [
+        "model=qwen_image_edit", f"model.path={tiny}", 'generate.prompts=["make it red"]', "data.resolution=32",
+        f"output_dir={tmp_path / 'edits'}",
+    ])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"generate.controls: model=qwen_image_edit's pipeline edits"):
+        validate(refused)
