@@ -295,6 +295,9 @@ def start(
 def _edit_monitor(cfg, folder, accelerator, trackers, edits: Edits, modules, parked, collective, measure) -> Monitor:
     """``start``'s monitor of an edit run: the fixed pairs edited at ``validation.seeds`` every step."""
     v, s = cfg.validation, cfg.sample
+    if edits.required and measure is not None and measure.scores:  # they sample the prompts alone
+        measure.scores = False
+        print("[tuner] validation: this family only edits: no sample metrics (the held-out loss stays)", flush=True)
     if not edits.pairs:
         print("[tuner] validation: no pair to edit (the prepared data has no control); no samples", flush=True)
         return Monitor(accelerator, trackers, measure=measure)
