@@ -184,3 +184,74 @@ def test_the_first_edit_is_refused_and_a_published_processor_folder_loads(qie, t
     saved = json.loads((tmp_path / "again" / "processor_config.json").read_text())
     assert saved["processor_class"] == "Qwen2VLProcessor"
     assert json.loads((folder / "model_index.json").read_text())["processor"] == ["transformers", "Qwen2VLProcessor"]
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype("uint8"))
+
+
+@pytest.mark.e2e
+def test_edit_lora_on_qwen_image_edit_trains_shows_and_exports_the_edit(qie, tmp_path):
+    """``recipe=edit_lora`` on pairs (one with two references), a plain image, one pair held out: the held-out loss
+    is logged; the gallery's fine-tuned edit of the held-out pair at two seeds is what QwenImageEditPlusPipeline draws
+    with the exported LoRA (diffusers' and kohya's files) and the same references; ``recipe=generate
+    generate.controls=[...]`` draws that edit too."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from tuner.checks import validate
+    from tuner.compose import compose
+    from tuner.runner import run_recipe
+
+    family, _, _, folder = qie
+    targets, first, second = (tmp_path / n for n in ("targets", "first", "second"))
+    for d in (targets, first, second):
+        d.mkdir()
+    for i in range(4):  # p0 held out (val_split 0.25, seed 0); p3 plain; p1 with two references
+        _photo(32, 32, i).save(targets / f"p{i}.png")
+        if i < 3:
+            _photo(48, 32, 10 + i).save(first / f"p{i}.png")
+    _photo(32, 48, 20).save(second / "p1.png")
+    run = tmp_path / "run"
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    cfg = compose("edit_lora", [
+        "model=qwen_image_edit", f"model.path={folder}", *family.TINY_OPTIONS, "data.resolution=32",
+        "data.bucket_step=16", f"data.instance_dir={targets}", f"data.controls=[{first},{second}]",
+        "data.instance_prompt=make it red",
+        "data.val_split=0.25", "train.max_steps=3", "train.learning_rate=5e-2", "validation.every=3",
+        "validation.pairs=1", "validation.steps=2", "validation.seeds=[0]", "sample.seeds=[0,1]", "sample.steps=2",
+        "sample.display_size=32", "log.tensorboard=false", "export.formats=[diffusers,kohya]", f"output_dir={run}",
+    ])  # fmt: skip
+    validate(cfg)
+    run_recipe(cfg)
+    summary = json.loads((run / "summary.json").read_text())["metrics"]
+    assert "val_loss" in summary["validation"]
+    assert "p0.png (held out): make it red" in (run / "gallery" / "index.html").read_text()
+    held_out = Image.open(first / "p0.png").convert("RGB")
+    cell = np.asarray(Image.open(run / "gallery" / "cells" / "row0_tuned_seed1.png"), dtype=np.float32)
+
+    def edit(pipe, seed):
+        return pipe(prompt="make it red", image=held_out, height=32, width=32, num_inference_steps=2,
+                    true_cfg_scale=cfg.sample.guidance_scale, generator=torch.Generator().manual_seed(seed),
+                    output_type="np").images[0] * 255  # fmt: skip
+
+    pipe = family.load_pipeline(folder)
+    pipe.set_progress_bar_config(disable=True)
+    base = edit(pipe, 1)
+    for lora in (run / "diffusers" / "pytorch_lora_weights.safetensors", run / "kohya" / "run.safetensors"):
+        pipe.load_lora_weights(lora.parent, weight_name=lora.name, adapter_name=lora.parent.name)
+        tuned = edit(pipe, 1)
+        assert np.abs(tuned - base).max() > 1 and np.abs(cell - tuned).max() <= 1, lora
+        pipe.delete_adapters(lora.parent.name)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    made = compose("generate", [
+        "model=qwen_image_edit", f"model.path={folder}", *family.TINY_OPTIONS, "data.resolution=32",
+        f"generate.adapters=[{{path:{run}}}]", f"generate.controls=[{first / 'p0.png'}]",
+        'generate.prompts=["make it red"]', "generate.steps=2", "generate.seed=1",
+        f"generate.guidance_scale={cfg.sample.guidance_scale}", f"output_dir={tmp_path / 'edits'}",
+    ])  # fmt: skip
+    validate(made)
+    run_recipe(made)
+    drawn = np.asarray(Image.open(next((tmp_path / "edits" / "images").glob("*seed1.png"))), dtype=np.float32)
+    assert np.abs(drawn - cell).max() <= 1

@@ -116,6 +116,8 @@ def sample_edits(pipe, references, pairs: list[Pair], seeds: list[int], resoluti
     ``resolution`` square). Returns one (len(seeds), 3, H, W) tensor in [-1, 1] per pair (their sizes differ).
     ``options`` go to ``sample_images`` (steps, guidance_scale, autocast, decode, guidance, the family's call)."""
     out = []
+    if references.batch is not None:  # its pipeline edits this many images a call at most
+        options = options | {"batch_size": min(options.get("batch_size", references.batch), references.batch)}
     for pair in pairs:
         height, width = pair.target.size[::-1] if pair.target is not None else (resolution, resolution)
         call = edit_call(references, pair.controls, height, width)

@@ -69,6 +69,7 @@ class EditReferences(References):
     most: int = 3
     required: bool = True
     in_prompt: bool = True
+    batch: int | None = 1  # the pipeline edits one image a call
 
     def vae_image(self, image: Image.Image) -> Image.Image:
         return _resize(image, plus.VAE_IMAGE_SIZE)

@@ -32,6 +32,7 @@ class References:
     most: int  # the most references one sample may have (entries of data.controls, or of a pair's controls)
     required: bool = False  # its pipeline cannot draw without one: validation and generate must give one
     in_prompt: bool = False  # its text encoder reads them too: a prompt's embeddings depend on its references
+    batch: int | None = None  # the most images its pipeline edits in one call (QwenImageEditPlusPipeline: 1); None: any
 
     def vae_image(self, image: Image.Image) -> Image.Image:
         """The control (RGB, as the user gave it) resized as the pipeline resizes a reference it VAE-encodes."""

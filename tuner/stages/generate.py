@@ -57,7 +57,9 @@ def generate(run: Run) -> None:
     try:
         pipe, refiner, user = _prepare(run)
         with tqdm(total=len(jobs), desc="generate") as bar:
-            for batch in gen.batches(jobs, g.batch_size):
+            references = run.family.REFERENCES if g.controls else None
+            most = references.batch if references is not None and references.batch else g.batch_size
+            for batch in gen.batches(jobs, min(g.batch_size, most)):  # its pipeline's most images a call
                 _draw(run, pipe, refiner, user, batch, folder, entries)
                 bar.update(len(batch))
     except KeyboardInterrupt:
