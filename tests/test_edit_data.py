@@ -21,6 +21,8 @@ class Squash(References):
     side: int = 16
 
     def vae_image(self, image):
+        if min(image.size) < 12:  # as Flux.2's pipelines refuse a reference under 64 px
+            raise ValueError("under 12 px")
         return image.resize((self.side, self.side), Image.Resampling.LANCZOS)
 
 
@@ -45,7 +47,8 @@ def _digest(folder):
 @pytest.fixture
 def pairs(tmp_path):
     """Targets and one control folder with every kind of pair: kept, optional control missing, control unreadable,
-    aspect far from the target's, a duplicate pair, the same target with another control, a control alone."""
+    aspect far from the target's, a duplicate pair, the same target with another control, a control alone, a control
+    the family's rule refuses."""
     targets, controls = tmp_path / "targets", tmp_path / "controls"
     targets.mkdir(), controls.mkdir()
     for name, color in [("a", (200, 0, 0)), ("b", (0, 200, 0)), ("c", (0, 0, 200)), ("d", (90, 90, 0))]:
@@ -59,6 +62,8 @@ def pairs(tmp_path):
     (controls / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (controls / "d.png").write_bytes(_png((90, 20), (1, 2, 3)))
     (controls / "orphan.png").write_bytes(_png((20, 20), (4, 5, 6)))
+    (targets / "g.png").write_bytes(_png((24, 20), (7, 7, 7)))
+    (controls / "g.png").write_bytes(_png((10, 10), (8, 8, 8)))
     return targets, controls
 
 
@@ -80,8 +85,9 @@ def test_prepare_names_every_pair_and_keeps_plain_images(pairs, tmp_path):
     assert by_target["d.png"]["reason"] == "control aspect far from the target's (over data.max_ratio)"
     assert by_target["e.png"]["reason"] == "duplicate pair" and by_target["f.png"]["status"] == "kept"
     assert by_target["data.controls[0]:orphan.png"]["reason"] == "control without a target"
+    assert by_target["g.png"]["reason"] == "control refused by the family's rule (under 12 px)"
     assert sorted(report.kept) == ["a.png", "b.png", "f.png"]
-    assert "pairs: 2 kept, 1 plain, 4 rejected" in report.summary()
+    assert "pairs: 2 kept, 1 plain, 5 rejected" in report.summary()
     assert json.loads((tmp_path / "out" / "report.json").read_text())["pairs"] == report.pairs
 
     rows = {r["source"]: r for r in load_prepared(tmp_path / "out")}

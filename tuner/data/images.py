@@ -199,8 +199,11 @@ def _controls(data: list[bytes | None], image_size, s: DataConfig, references: R
         ratio = (image.width / image.height) / (image_size[0] / image_size[1])
         if max(ratio, 1 / ratio) > s.max_ratio:  # the pipeline squashes a reference: a far aspect would be distorted
             raise Rejected("control aspect far from the target's (over data.max_ratio)")
-        vae.append(_png(references.vae_image(image)))
-        shown = references.prompt_image(image) if references.in_prompt else None
+        try:  # a pipeline's own refusal (Flux.2's of a reference under 64 px): the reason its rule gives
+            vae.append(_png(references.vae_image(image)))
+            shown = references.prompt_image(image) if references.in_prompt else None
+        except ValueError as why:
+            raise Rejected(f"control refused by the family's rule ({why})") from why
         if shown is not None:
             prompt.append(_png(shown))
         found.append(k)
