@@ -23,6 +23,7 @@ prompt needs, with or without torchvision; it saves as the class it stands in fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -192,6 +193,23 @@ class QwenImageEdit(QwenImage):
             "processor": edit_processor(tokenizer, images),
             "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER),
         }
+
+    def real_widths(self, size: str | None = None):
+        """Qwen-Image's widths (2509 and 2511 are its transformer), each reference's ~1024² latents (4,096 tokens)
+        beside the target's and its ~384² picture (188 tokens) in the prompt (``inputs(..., references=n)``)."""
+        widths = super().real_widths()
+        plain = widths.inputs
+
+        def inputs(resolution, batch, dtype, references: int = 0):
+            x = plain(resolution, batch, dtype)
+            side, text = resolution // 16, x["encoder_hidden_states"].shape[1] + 188 * references
+            x["hidden_states"] = torch.randn(batch, side * side + 4096 * references, 64, dtype=dtype)
+            x["encoder_hidden_states"] = torch.randn(batch, text, 3584, dtype=dtype)
+            x["encoder_hidden_states_mask"] = torch.ones(batch, text, dtype=torch.long)
+            x["img_shapes"] = [[(1, side, side), *[(1, 64, 64)] * references]] * batch
+            return x
+
+        return dataclasses.replace(widths, inputs=inputs)  # Qwen-Image's published figures and target
 
     # --- loading ---------------------------------------------------------------------------------
     def check_folder(self, path, allow_pickle: bool = False) -> Path:
