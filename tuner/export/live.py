@@ -73,7 +73,11 @@ class Gallery:
 
     def __init__(self, run, triggers: list[str]):
         self.run, self.prompts, self.rows = run, _prompts(run, triggers), []
-        if not self.prompts:
+        references = run.family.REFERENCES
+        if self.prompts and references is not None and references.required:  # its pipeline draws no prompt alone
+            print(f"[tuner] no gallery: model={run.cfg.model.family}'s pipeline only edits references", flush=True)
+            self.prompts = []
+        elif not self.prompts:
             print('[tuner] no gallery: no prompt (set sample.prompts=["a photo of ..."])', flush=True)
 
     def add(self, label: str, adapter: str | None = None, pipe=None) -> None:
