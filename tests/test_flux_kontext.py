@@ -1,7 +1,7 @@
 """Flux.1 Kontext against diffusers' own ``FluxKontextPipeline``, on a tiny pipeline of its real classes: a reference
 is resized as the pipeline resizes it (auto and own size), its latents and position ids join the target's as the
 pipeline joins them, ``predict`` is the pipeline's transformer call cut to the target's tokens, a sample without a
-reference is Flux.1's, and tuner's pipeline draws at the size it is asked (with or without a reference)."""
+reference is Flux.1's, and tuner's samples draw at the size they are asked (with or without a reference)."""
 
 import json
 
@@ -127,18 +127,24 @@ def test_predict_is_the_pipelines_transformer_call_with_the_reference(kontext):
     assert (plain - predicted[0]).abs().max() > 1e-4  # the reference matters
 
 
-def test_tuners_pipeline_draws_at_the_asked_size_and_saves_as_diffusers_class(kontext, tmp_path):
-    """diffusers' pipeline recomputes the size from max_area (1 MP); tuner's draws at height x width, with or
-    without a reference, and its folder is diffusers' FluxKontextPipeline."""
+def test_tuners_samples_draw_at_the_asked_size(kontext):
+    """The pipeline recomputes its size from max_area (1 MP unless given): tuner's samples, with or without a
+    reference, through tuner's pipeline class or diffusers' own, draw at the asked height x width; tuner's class is
+    saved as diffusers' and draws the asked size when called without max_area."""
+    from diffusers import FluxKontextPipeline
+
+    from tuner.sampling import sample_images
+
     family, _, pipe, folder = kontext
+    for call in ({"width": 48}, family.REFERENCES.call([photo(48, 32)], 32, 48)):
+        for pipeline in (pipe, FluxKontextPipeline.from_pipe(pipe)):  # tuner's class, diffusers' own
+            images = sample_images(pipeline, [PROMPT], [0], 32, 1, 3.0, decode=family.decode, **family.call_kwargs(),
+                                   **call)  # fmt: skip
+            assert images.shape == (1, 3, 32, 48)
     assert type(pipe).__name__ == "FluxKontextPipeline" and type(pipe).__module__ == "tuner.models.flux_kontext"
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxKontextPipeline"
-    for controls in ([], [photo(48, 32)]):
-        image = pipe(**family.REFERENCES.call(controls, 32, 48), prompt=PROMPT, num_inference_steps=1,
-                     max_sequence_length=LENGTH, output_type="pil").images[0]  # fmt: skip
-        assert image.size == (48, 32)
-    text_only = pipe(prompt=PROMPT, height=32, width=48, num_inference_steps=1, max_sequence_length=LENGTH).images[0]
-    assert text_only.size == (48, 32)
+    image = pipe(prompt=PROMPT, height=32, width=48, num_inference_steps=1, max_sequence_length=LENGTH).images[0]
+    assert image.size == (48, 32)  # tuner's class without max_area
 
 
 def test_the_rule_follows_the_model_section():

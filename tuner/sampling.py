@@ -58,6 +58,8 @@ def sample_images(
             if "image" in call and "height" not in call:  # the image's size, where the pipeline takes one
                 takes = "height" in inspect.signature(pipe.__call__).parameters
                 size = {"height": call["image"].height, "width": call["image"].width} if takes else {}
+            if "height" in size and "max_area" in inspect.signature(pipe.__call__).parameters:
+                size["max_area"] = size["height"] * size["width"]  # FluxKontextPipeline sizes by area (1 MP default)
             negative = {"negative_prompt": negative_prompts[chunk]} if negative_prompts else {}
             latents = pipe(
                 prompt=prompts[chunk],  # by name: Flux.2's pipelines take reference images first

@@ -15,7 +15,7 @@ reaches the text encoders. The pipeline:
 Training does the same with the target's noisy latents in front (``predict``), so a LoRA learns the edit the
 pipeline draws. A sample without a reference is a plain Flux.1 text-to-image sample, as the pipeline draws without
 ``image``. The target's size: the pipeline recomputes it from ``max_area`` (1024 x 1024 unless given) at the asked
-aspect; tuner's pipelines draw at the height and width they are asked (``max_area`` = height x width).
+aspect: tuner's pipeline class defaults ``max_area`` to height x width, and its samples pass it.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ class KontextReferences(References):
 
 class FluxKontextPipeline(_DiffusersKontext):
     """diffusers' ``FluxKontextPipeline`` drawing at the height and width it is given (``max_area`` defaults to their
-    product instead of 1024 x 1024, from which the pipeline would recompute the size): every tuner sample, with or
-    without a reference, at the run's resolution. It loads and saves as diffusers' class (same name)."""
+    product instead of 1024 x 1024, from which the pipeline would recompute the size), as every other family's
+    pipeline draws: the pipeline ``load_pipeline`` and ``pipeline`` build. It loads and saves as diffusers' class
+    (the same name in model_index.json); ``tuner.sampling`` passes ``max_area`` to diffusers' own class too."""
 
     def __call__(self, *args, height=None, width=None, max_area=None, **kwargs):
         if max_area is None:
@@ -82,6 +83,8 @@ class FluxKontext(Flux):
     NAME = "flux_kontext"
     PIPELINE = "FluxKontextPipeline"
     IMG2IMG = None  # its pipeline takes a reference to edit, not an init image to noise
+    # it always passes custom sigmas (and mu), which FlowMatchHeun's and DPM-Solver's set_timesteps lack
+    NO_SCHEDULERS = ("flow_heun", "flow_dpm++")
     # its LoRA files are Flux.1 dev's (the same transformer): recipe=inspect names both families for one
     MODELSPEC_ARCHITECTURE = "flux-1-dev"
     TINY_OPTIONS = ("model.max_sequence_length=32", "model.control_auto_resize=false")  # a tiny reference stays tiny
