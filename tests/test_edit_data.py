@@ -256,14 +256,11 @@ def test_edit_lora_trains_pairs_and_plain_images_and_its_adapter_changes_a_held_
 
     from tuner.data.prepare import load_prepared
     from tuner.data.prepared import control_keys, control_pixels
-    from tuner.models import family_names, get_family
+    from tuner.models import get_family
+    from tuner.models.flux_kontext import FluxKontext
     from tuner.models.tiny import make_tiny_pipeline
     from tuner.sampling import edit_pairs
     from tuner.training.cache import Store, fingerprint
-
-    if "flux_kontext" not in family_names():
-        monkeypatch.setenv("TUNER_FAMILIES", "tuner.models.flux_kontext:FluxKontext")
-    from tuner.models.flux_kontext import FluxKontext
 
     calls = []
     original = FluxKontext.predict
@@ -320,12 +317,8 @@ def test_a_family_whose_text_encoder_reads_references_caches_each_prompt_with_th
     and batches carry as many references as their samples have."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as plus
 
-    from tuner.models import family_names
-    from tuner.models.tiny import make_tiny_pipeline
-
-    if "qwen_image_edit" not in family_names():
-        monkeypatch.setenv("TUNER_FAMILIES", "tuner.models.qwen_image_edit:QwenImageEdit")
     from tuner.models.qwen_image_edit import QwenImageEdit
+    from tuner.models.tiny import make_tiny_pipeline
 
     monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 32 * 32)  # the pipeline's areas, small (the family reads them)
     monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 56 * 56)
@@ -356,38 +349,38 @@ def test_pairs_are_refused_where_the_family_cannot_read_them(tmp_path, monkeypat
     """data.controls / data.pairs on a family without references, more folders than it reads, a folder or file
     that is not there, and what a family whose text encoder reads its references cannot do: ConfigErrors naming
     the key."""
-    from tuner.compose import compose
-    from tuner.errors import ConfigError
-    from tuner.models import family_names
-    from tuner.stages.data import _check_prepare
-
-    names = {"flux_kontext": "flux_kontext:FluxKontext", "qwen_image_edit": "qwen_image_edit:QwenImageEdit"}
-    missing = [f"tuner.models.{v}" for k, v in names.items() if k not in family_names()]
-    if missing:
-        monkeypatch.setenv("TUNER_FAMILIES", ",".join(missing))
-
     from omegaconf import OmegaConf
 
+    from tuner.compose import compose
+    from tuner.errors import ConfigError
+    from tuner.models import family_names, get_family
+    from tuner.stages.data import _check_prepare
+
+    def first(test):  # the first registered family that is so: the check holds for any family like it
+        return next(n for n in family_names() if test(get_family(n).REFERENCES))
+
+    plain, one = first(lambda r: r is None), first(lambda r: r is not None and r.most == 1 and not r.in_prompt)
+    reads = first(lambda r: r is not None and r.in_prompt)
     base = [f"model.path={tmp_path}", f"data.instance_dir={tmp_path}", "data.instance_prompt=x"]
-    composed = {m: compose("lora", [*base, f"model={m}"]) for m in ("sd15", "flux_kontext", "qwen_image_edit")}
+    composed = {m: compose("lora", [*base, f"model={m}"]) for m in (plain, one, reads)}
 
     def check(*overrides):  # one composition per family, the other keys merged onto it
-        model = next((o.split("=")[1] for o in overrides if o.startswith("model=")), "sd15")
+        model = next((o.split("=")[1] for o in overrides if o.startswith("model=")), plain)
         rest = [o for o in overrides if not o.startswith("model=")]
         _check_prepare(OmegaConf.merge(composed[model], OmegaConf.from_dotlist(rest)))
 
-    with pytest.raises(ConfigError, match=r"data.controls: model=sd15 reads no reference images"):
+    with pytest.raises(ConfigError, match=rf"data.controls: model={plain} reads no reference images"):
         check(f"data.controls=[{tmp_path}]")
-    with pytest.raises(ConfigError, match=r"data.pairs: model=sd15"):
+    with pytest.raises(ConfigError, match=rf"data.pairs: model={plain}"):
         check(f"data.pairs={tmp_path}/p.jsonl")
-    with pytest.raises(ConfigError, match=r"data.controls: 2 folders, but model=flux_kontext reads at most 1"):
-        check("model=flux_kontext", f"data.controls=[{tmp_path},{tmp_path}]")
+    with pytest.raises(ConfigError, match=rf"data.controls: 2 folders, but model={one} reads at most 1"):
+        check(f"model={one}", f"data.controls=[{tmp_path},{tmp_path}]")
     with pytest.raises(ConfigError, match=r"data.controls\[0\]=.*gone: no such folder"):
-        check("model=flux_kontext", f"data.controls=[{tmp_path}/gone]")
+        check(f"model={one}", f"data.controls=[{tmp_path}/gone]")
     with pytest.raises(ConfigError, match=r"data.pairs=.*p.jsonl: no such file"):
-        check("model=flux_kontext", f"data.pairs={tmp_path}/p.jsonl")
-    check("model=flux_kontext", f"data.controls=[{tmp_path}]", "data.shuffle_tags=true")  # its prompts read no image
-    with pytest.raises(ConfigError, match=r"data.shuffle_tags=true: model=qwen_image_edit's text encoder reads"):
-        check("model=qwen_image_edit", f"data.controls=[{tmp_path}]", "data.shuffle_tags=true")
-    with pytest.raises(ConfigError, match=r"text_encoder.train=lora: model=qwen_image_edit's text encoder reads"):
-        check("model=qwen_image_edit", f"data.controls=[{tmp_path}]", "text_encoder.train=lora")
+        check(f"model={one}", f"data.pairs={tmp_path}/p.jsonl")
+    check(f"model={one}", f"data.controls=[{tmp_path}]", "data.shuffle_tags=true")  # its prompts read no image
+    with pytest.raises(ConfigError, match=rf"data.shuffle_tags=true: model={reads}'s text encoder reads"):
+        check(f"model={reads}", f"data.controls=[{tmp_path}]", "data.shuffle_tags=true")
+    with pytest.raises(ConfigError, match=rf"text_encoder.train=lora: model={reads}'s text encoder reads"):
+        check(f"model={reads}", f"data.controls=[{tmp_path}]", "text_encoder.train=lora")

@@ -279,12 +279,9 @@ def test_a_family_that_only_edits_shows_pairs_of_several_controls_and_generate_n
 
     from tuner.checks import validate
     from tuner.compose import compose
-    from tuner.models import family_names
     from tuner.models.tiny import make_tiny_pipeline
     from tuner.runner import run_recipe
 
-    if "qwen_image_edit" not in family_names():
-        monkeypatch.setenv("TUNER_FAMILIES", "tuner.models.qwen_image_edit:QwenImageEdit")
     monkeypatch.setattr(plus, "VAE_IMAGE_SIZE", 32 * 32)  # the pipeline's areas, small (the family reads them)
     monkeypatch.setattr(plus, "CONDITION_IMAGE_SIZE", 56 * 56)
     tiny = make_tiny_pipeline(tmp_path / "pipe", family="qwen_image_edit")

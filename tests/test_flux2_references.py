@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 
 from tests.helpers import PROMPT, tiny_family
+from tuner.models import family_names, get_family
 from tuner.models.flux2 import Flux2, Flux2References
 
-NAMES = ("flux2", "flux2_klein")
+NAMES = [n for n in family_names() if isinstance(get_family(n), Flux2)]  # dev and klein
 LENGTH = 64  # the tiny tokenizers' system message and prompt fit in 64 tokens
 
 

@@ -9,7 +9,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from tests.helpers import PROMPT
+from tests.helpers import PROMPT, reference_call
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
@@ -54,8 +54,12 @@ CASES = [
 
 
 def generate(tmp_path, folder, family, *overrides):
+    """recipe=generate; a family whose pipeline only edits edits a gray control (as ``reference_call``'s)."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    if reference_call(get_family(family)):
+        Image.new("RGB", (SIZE, SIZE), (128, 128, 128)).save(tmp_path / "gray.png")
+        overrides = (*overrides, f"generate.controls=[{tmp_path / 'gray.png'}]")
     cfg = compose(
         "generate",
         [
@@ -90,6 +94,7 @@ def reference(folder, family, scheduler: str, steps: int, **settings) -> np.ndar
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(0)]
     call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, generator=generator, **f.guidance_kwargs(3.0))
+    call |= reference_call(f, SIZE)
     return pipe(prompt=PROMPT, output_type="np", **call, **f.call_kwargs()).images[0][..., :3]  # 2.1's is RGBA
 
 

@@ -171,7 +171,8 @@ def test_the_core_does_not_know_the_digits_demo():
 # what the stage modules may import of tuner/stages/ besides library modules: the declaration machinery, which is no
 # stage. context.py holds the ``@stage`` declaration, ``Run`` (the state the stages share) and the results stages
 # return (Base, Subject, Adapted, Made, Exported); every stage imports it, and it calls no stage.
-STAGE_MACHINERY = {"tuner.stages.context"}
+# the stages' shared machinery, and the train stage's frozen work (a part of that stage, in a module of its own)
+STAGE_MACHINERY = {"tuner.stages.context", "tuner.stages.train_inputs"}
 
 
 def stage_calls(edges: dict[str, set[str]]) -> list[str]:

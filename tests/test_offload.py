@@ -155,7 +155,7 @@ def test_captions_are_encoded_a_few_at_a_time_to_what_one_batch_gives(tiny):
     import contextlib
 
     from tuner.models import get_family
-    from tuner.stages.train import PROMPTS_AT_ONCE, encode_captions
+    from tuner.stages.train_inputs import PROMPTS_AT_ONCE, encode_captions
 
     family = get_family("sdxl")
     c = family.load(tiny("sdxl"))

@@ -12,10 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from tuner.models import family_names
-
-pytestmark = pytest.mark.skipif("qwen_image_edit" not in family_names(), reason="qwen_image_edit is not registered")
-
 VAE_AREA, PROMPT_AREA = 64 * 64, 56 * 56
 
 

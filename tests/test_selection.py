@@ -11,10 +11,10 @@ import torch
 from tests.helpers import PROMPT, ROOT, adapter, assert_same, make_photos, train_in_process
 from tuner.checks import validate
 from tuner.compose import compose
+from tuner.data.apart import split
 from tuner.errors import ConfigError
 from tuner.export.charts import line_chart
 from tuner.scoring import FeatureModel, Scorer, mean_cosine, self_similarity
-from tuner.training.held_out import split
 from tuner.training.selection import Selection
 
 # 3 photos: one held out, two trained on; samples and the held-out loss at every second step

@@ -261,7 +261,7 @@ def encode_phase(rw, s: Setting, rates: dict) -> dict:
     encodes at once at this resolution, the text encoders a batch of captions at their lengths."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tuner.stages.train import PROMPTS_AT_ONCE
+    from tuner.stages.train_inputs import PROMPTS_AT_ONCE
     from tuner.training.batches import encode_batch
 
     with torch.device("meta"):

@@ -132,8 +132,8 @@ def edit_pairs(run_dir: Path, cfg, count: int) -> list[Pair]:
     """The pairs a run shows (the validation page, the gallery): up to ``count`` prepared pairs with controls, the
     held-out ones first (``data.val_split``'s, chosen as training chooses them, then ``data.val_dir``'s), then the
     first training ones. Each control is opened from its source (the prepared one where the file is gone)."""
+    from tuner.data.apart import split
     from tuner.data.prepare import load_prepared
-    from tuner.training.held_out import split
 
     held, kept = [], []
     for role in ("instance", "val"):

@@ -1,11 +1,14 @@
 """Held-out images (``data.val_dir``) stay apart from the images a run trains on: not the same folder, neither
 inside the other, and no file in both by content (sha256). Otherwise the "held-out" loss scores images the
-run trains on: a training loss, and checkpoints.select and train.early_stop would judge by it.
+run trains on: a training loss, and checkpoints.select and train.early_stop would judge by it. ``split`` chooses
+the images ``data.val_split`` holds out of a set, as training and the pages that show held-out pairs choose them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 from tuner.errors import ConfigError
 from tuner.files import file_sha256
@@ -88,3 +91,21 @@ def check_apart(d) -> None:
                 f"{more}, so the held-out loss would score images the run trains on; remove them from "
                 "data.val_dir (or hold some out with data.val_split instead)"
             )
+
+
+def split(n: int, share: float, seed: int, what: str) -> tuple[list[int], list[int]]:
+    """The images of a set of ``n`` kept for training and those held out (``share`` of them, at least one, chosen
+    by ``seed``), each in the set's order.
+
+    Raises:
+        ConfigError: the set is too small to keep an image on each side.
+    """
+    held = max(1, round(share * n))
+    if held >= n:
+        raise ConfigError(
+            f"data.val_split={share}: the {what} set has {n} image(s), too few to hold {held} out and train on the "
+            "rest; add images, lower data.val_split, or give held-out images in data.val_dir"
+        )
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    out = set(order[:held])
+    return [i for i in range(n) if i not in out], sorted(out)

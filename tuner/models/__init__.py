@@ -31,6 +31,8 @@ FAMILIES = {
     "krea2": "krea2:Krea2",
     "hidream": "hidream:HiDream",
     "ideogram4": "ideogram4:Ideogram4",
+    "flux_kontext": "flux_kontext:FluxKontext",
+    "qwen_image_edit": "qwen_image_edit:QwenImageEdit",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 

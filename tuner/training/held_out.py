@@ -13,28 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tuner.errors import ConfigError
 from tuner.models.base import tree_map
 from tuner.models.objectives import diffusion_loss
 from tuner.training.batches import ControlLatents, LatentCache, take
-
-
-def split(n: int, share: float, seed: int, what: str) -> tuple[list[int], list[int]]:
-    """The images of a set of ``n`` kept for training and those held out (``share`` of them, at least one, chosen
-    by ``seed``), each in the set's order.
-
-    Raises:
-        ConfigError: the set is too small to keep an image on each side.
-    """
-    held = max(1, round(share * n))
-    if held >= n:
-        raise ConfigError(
-            f"data.val_split={share}: the {what} set has {n} image(s), too few to hold {held} out and train on the "
-            "rest; add images, lower data.val_split, or give held-out images in data.val_dir"
-        )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    out = set(order[:held])
-    return [i for i in range(n) if i not in out], sorted(out)
 
 
 @dataclass
