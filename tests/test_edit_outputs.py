@@ -316,3 +316,20 @@ def test_a_family_that_only_edits_shows_pairs_of_several_controls_and_generate_n
     ])  # fmt: skip
     with pytest.raises(ConfigError, match=r"generate.controls: model=qwen_image_edit's pipeline edits"):
         validate(refused)
+
+
+def test_evaluate_is_refused_for_a_family_that_only_edits(tmp_path):
+    """recipe=evaluate samples prompts alone: for a family whose pipeline cannot draw without a reference it is
+    refused before loading, saying where its edits are measured; a family that also draws text alone takes it."""
+    from tuner.compose import compose
+    from tuner.models import family_names, get_family
+
+    refs = {n: get_family(n).REFERENCES for n in family_names()}
+    only_edits = next(n for n, r in refs.items() if r is not None and r.required)
+    also_draws = next(n for n, r in refs.items() if r is not None and not r.required)
+    args = [f"model.path={tmp_path}", "data.instance_prompt=x", "data.class_prompt=null"]
+    from tuner.stages.evaluate import _check_evaluate
+
+    with pytest.raises(ConfigError, match=f"model={only_edits}'s pipeline only edits reference images"):
+        _check_evaluate(compose("evaluate", [f"model={only_edits}", *args]))
+    _check_evaluate(compose("evaluate", [f"model={also_draws}", *args]))

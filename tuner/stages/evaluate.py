@@ -13,13 +13,22 @@ import json
 
 from tuner import scoring
 from tuner.data.prepared import subject_images
+from tuner.errors import ConfigError
 from tuner.export.live import with_and_without_adapter
 from tuner.files import write_atomic
+from tuner.models import get_family
 from tuner.stages.context import Run, stage
 
 
 def _check_evaluate(cfg) -> None:
     scoring.check(cfg)
+    references = get_family(cfg.model.family).REFERENCES if cfg.model.family else None
+    if references is not None and references.required:
+        raise ConfigError(
+            f"stages: evaluate samples prompts alone, and model={cfg.model.family}'s pipeline only edits reference "
+            "images: its edits are scored by the held-out loss (data.val_split) and shown on the validation page and "
+            "in the gallery (recipe=edit_lora); drop evaluate from stages"
+        )
 
 
 @stage(main_only=True, after=("base", "prepare", "train|load_adapter"), writes=("metrics.json",), check=_check_evaluate)
