@@ -194,23 +194,28 @@ class Flux(FlowFamily):
         b, ch, h, w = noisy.shape
         packed = FluxPipeline._pack_latents(noisy, b, ch, h, w)
         image_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        out = self.transformer_call(denoiser, packed, image_ids, timesteps, cond)
+        return FluxPipeline._unpack_latents(out, h, w, 1)  # (latent h, w) with a scale factor of 1
+
+    def transformer_call(self, denoiser, tokens, image_ids, timesteps, cond) -> torch.Tensor:
+        """The transformer on packed image tokens and their ids, as FluxPipeline calls it: the prompt's T5 states
+        with zero text ids, CLIP's pooled vector, ``timesteps / 1000``, the guidance embedding at
+        ``model.guidance`` where the model has one (dev; schnell has none); its output for every image token."""
         text = cond["prompt_embeds"]
-        text_ids = torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
         config = getattr(denoiser, "module", denoiser).config  # DistributedDataParallel wraps it
         guidance = None
         if config.guidance_embeds:
-            guidance = torch.full((b,), float(self.model.guidance), device=noisy.device)
-        out = denoiser(
-            hidden_states=packed,
-            timestep=timesteps.to(noisy.dtype) / 1000,
+            guidance = torch.full((tokens.shape[0],), float(self.model.guidance), device=tokens.device)
+        return denoiser(
+            hidden_states=tokens,
+            timestep=timesteps.to(tokens.dtype) / 1000,
             guidance=guidance,
             pooled_projections=cond["pooled"],
             encoder_hidden_states=text,
-            txt_ids=text_ids,
+            txt_ids=torch.zeros(text.shape[1], 3, device=tokens.device, dtype=tokens.dtype),
             img_ids=image_ids,
             return_dict=False,
         )[0]
-        return FluxPipeline._unpack_latents(out, h, w, 1)  # (latent h, w) with a scale factor of 1
 
     def decode(self, pipe, latents, height, width):
         return super().decode(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), height, width)

@@ -136,19 +136,5 @@ class FluxKontext(Flux):
         reference_ids = ids(b, rh // 2, rw // 2, noisy.device, noisy.dtype)
         reference_ids[..., 0] = 1
         image_ids = torch.cat([ids(b, h // 2, w // 2, noisy.device, noisy.dtype), reference_ids])
-        text = cond["prompt_embeds"]
-        config = getattr(denoiser, "module", denoiser).config  # DistributedDataParallel wraps it
-        guidance = None
-        if config.guidance_embeds:
-            guidance = torch.full((b,), float(self.model.guidance), device=noisy.device)
-        out = denoiser(
-            hidden_states=tokens,
-            timestep=timesteps.to(noisy.dtype) / 1000,
-            guidance=guidance,
-            pooled_projections=cond["pooled"],
-            encoder_hidden_states=text,
-            txt_ids=torch.zeros(text.shape[1], 3, device=noisy.device, dtype=noisy.dtype),
-            img_ids=image_ids,
-            return_dict=False,
-        )[0]
+        out = self.transformer_call(denoiser, tokens, image_ids, timesteps, cond)
         return _DiffusersKontext._unpack_latents(out[:, : (h // 2) * (w // 2)], h, w, 1)
