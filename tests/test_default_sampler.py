@@ -11,7 +11,7 @@ import torch
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 
-from tests.helpers import PROMPT
+from tests.helpers import PROMPT, reference_call
 from tuner.checks import validate
 from tuner.compose import compose
 from tuner.errors import ConfigError
@@ -22,9 +22,13 @@ SIZE, STEPS = 32, 3
 
 
 def generate(tmp_path, folder, family, *overrides, name="gen"):
-    """(the first image in [0, 1], its images.jsonl entry, the run's summary)."""
+    """(the first image in [0, 1], its images.jsonl entry, the run's summary); a family whose pipeline only edits
+    edits a gray control (as ``reference_call``'s)."""
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+    if reference_call(get_family(family)):
+        Image.new("RGB", (SIZE, SIZE), (128, 128, 128)).save(tmp_path / "gray.png")
+        overrides = (*overrides, f"generate.controls=[{tmp_path / 'gray.png'}]")
     cfg = compose(
         "generate",
         [
@@ -57,6 +61,7 @@ def own_pipeline(folder, family, scheduler=None) -> np.ndarray:
     pipe.set_progress_bar_config(disable=True)
     call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, **f.guidance_kwargs(3.0))
     generator = [torch.Generator().manual_seed(0)]
+    call |= reference_call(f, SIZE)
     image = pipe(prompt=PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs()).images[0]
     return image[..., :3]  # Qwen-Image 2.1 draws RGBA
 
