@@ -20,9 +20,10 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tests.helpers import reference_call
 from tuner.errors import ConfigError
 from tuner.export.lowrank import Factors, cut_delta, cut_factors, stack
-from tuner.models import family_names, get_family
+from tuner.models import families, family_names, get_family
 
 PROMPT = "a photo of sks ball"
 SAMPLE = ['sample.prompts=["a photo of sks ball"]', "sample.seeds=[0,1]", "sample.steps=3", "data.resolution=16"]
@@ -117,16 +118,11 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
     guidance = {"guidance_scale": 3.0} if "guidance_scale" in takes else {}
     if "guidance_schedule" in takes:  # Ideogram4Pipeline's default per-step schedule excludes a constant scale
         guidance["guidance_schedule"] = None
-    out = pipe(
-        prompt=PROMPT,
-        num_inference_steps=3,
-        height=size,
-        width=size,
-        generator=generator,
-        output_type="pt",
-        **guidance,
-    )
-    return out.images
+    call = dict(prompt=PROMPT, num_inference_steps=3, height=size, width=size, generator=generator, output_type="pt")
+    only_edits = [f for f in families() if f.PIPELINE == type(pipe).__name__ and reference_call(f)]
+    if only_edits:  # a pipeline that only edits edits a gray control
+        call |= reference_call(only_edits[0], size)
+    return pipe(**call, **guidance).images
 
 
 def deltas(base: Path, lora: Path) -> dict[str, torch.Tensor]:
