@@ -161,6 +161,25 @@ class SourceConfig(Source):
 
 
 @dataclass
+class VideoConfig:
+    """Clips (video files, animated GIFs, folders of frames), read when ``frames`` is set (tuner/data/video.py)."""
+
+    # frames per training window, a count the family's VAE takes: k * frame_step + 1 (Wan: 4k+1, e.g. 81);
+    # 0: images only (a video file is rejected by name)
+    frames: int = 0
+    frame_step: int = 4
+    # a clip shorter than frames keeps the longest k * frame_step + 1 frames it has when at least this many;
+    # null: frames (a shorter clip is rejected as too short)
+    min_frames: int | None = None
+    # the rate clips are resampled to, by timestamps (a variable-rate clip comes out even); null: each clip's own
+    fps: float | None = None
+    # windows cut from each clip, spread from its start to its end without overlapping; 1: its first frames
+    windows: int = 1
+    # the rate of a folder of frames (frame_0001.png, ...); null: data.video.fps, else 24
+    folder_fps: float | None = None
+
+
+@dataclass
 class DataConfig:
     # a folder of images (or any kind data.sources takes, detected) and the prompt of images without a caption
     instance_dir: str | None = None
@@ -210,6 +229,8 @@ class DataConfig:
     controls: list[str] = field(default_factory=list)
     pairs: str | None = None
     require_controls: bool = False
+    # clips beside images (an image is a one-frame clip): data.video.frames=81 reads them
+    video: VideoConfig = field(default_factory=VideoConfig)
 
 
 @dataclass
