@@ -117,6 +117,8 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
     guidance = {"guidance_scale": 3.0} if "guidance_scale" in takes else {}
     if "guidance_schedule" in takes:  # Ideogram4Pipeline's default per-step schedule excludes a constant scale
         guidance["guidance_schedule"] = None
+    if "num_frames" in takes:  # a video pipeline: a one-frame clip
+        guidance["num_frames"] = 1
     out = pipe(
         prompt=PROMPT,
         num_inference_steps=3,
@@ -126,7 +128,7 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
         output_type="pt",
         **guidance,
     )
-    return out.images
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 def deltas(base: Path, lora: Path) -> dict[str, torch.Tensor]:

@@ -158,6 +158,8 @@ class Family:
     # what its tiny pipeline (build_tiny) needs on the command line, beyond model=NAME and data.resolution=32
     TINY_OPTIONS: tuple[str, ...] = ()
     REFERENCES: References | None = None  # an edit family's reference images (tuner/models/references.py)
+    # the denoiser's submodules model.quantize leaves in full precision (ones its code reads a weight's dtype from)
+    QUANTIZE_KEEP: tuple[str, ...] = ()
 
     def __init__(self, model: ModelConfig | None = None):
         """``model``: the ``model`` section (zero_terminal_snr, timestep_shift, guidance, max_sequence_length,

@@ -118,6 +118,8 @@ class Wan(FlowFamily):
         {"diffusion_model.blocks.29.cross_attn.o": (4, 1536)},  # ComfyUI's own keys (1.3B)
     )
     TINY_OPTIONS = ("model.max_sequence_length=32",)
+    # its condition embedder casts the time to its time embedder's weight dtype: NF4's packed bytes would not do
+    QUANTIZE_KEEP = ("condition_embedder.time_embedder",)
     REAL_SIZES = ("1.3B",)
 
     # --- tiny and real-width models --------------------------------------------------------------------------
