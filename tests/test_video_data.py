@@ -27,16 +27,19 @@ def _grey(k: int, size=(40, 32)) -> np.ndarray:
 
 
 def write_clip(
-    path: Path, n: int, fps: int = 24, codec: str = "libx264", pts_ms: list[int] | None = None, size=(40, 32)
+    path: Path, n: int, fps: int = 24, codec: str = "libx264", pts_ms: list[int] | None = None, gop: int = 0
 ):
-    """``n`` frames at ``fps``, or at the given presentation times in milliseconds (a variable frame rate)."""
+    """``n`` frames at ``fps``, or at the given presentation times in milliseconds (a variable frame rate); ``gop``:
+    a keyframe every so many frames."""
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps, options={"crf": "1"} if codec == "libx264" else {})
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.width, stream.height, stream.pix_fmt = 40, 32, "yuv420p"
+        if gop:
+            stream.codec_context.gop_size = gop
         if pts_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         for k in range(n):
-            frame = av.VideoFrame.from_ndarray(_grey(k, size), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_grey(k), format="rgb24")
             if pts_ms is not None:
                 frame.pts, frame.time_base = pts_ms[k], Fraction(1, 1000)
             for packet in stream.encode(frame):
@@ -136,17 +139,18 @@ def test_prepare_reports_every_clip_and_stores_windows_as_frames(clips, tmp_path
 
 
 def test_windows_spread_and_a_window_decodes_only_its_frames(tmp_path):
-    path = write_clip(tmp_path / "long.mp4", 120, fps=30)
+    path = write_clip(tmp_path / "long.mp4", 240, fps=30, gop=12)
     d = DataConfig(resolution=16, video=VideoConfig(frames=5, windows=3))
-    report = prepare([Source(str(tmp_path / "long.mp4").rsplit("/", 1)[0])], tmp_path / "out", d, "x")
-    assert report.clips[0]["windows"] == [[0, 5], [58, 5], [115, 5]]
+    report = prepare([Source(str(tmp_path))], tmp_path / "out", d, "x")
+    assert report.clips[0]["windows"] == [[0, 5], [118, 5], [235, 5]]
     rows = load_prepared(tmp_path / "out")
-    assert [[index_of(f) % 32 for f in r["frames"]] for r in rows] == [
-        [k % 32 for k in range(s, s + 5)] for s in (0, 58, 115)
+    assert [[index_of(f) for f in r["frames"]] for r in rows] == [
+        [k % 32 for k in range(s, s + 5)] for s in (0, 118, 235)
     ]
     clip = Clip(path)
-    got = clip.frames({0, 1, 2, 3, 4}, lambda image: image.tobytes())
-    assert len(got) == 5 and clip.decoded <= 6  # the first window: 5 frames decoded, not 120
+    assert len(clip.frames({0, 1, 2, 3, 4}, lambda image: b"")) == 5 and clip.decoded == 5  # not 240
+    clip = Clip(path)  # a window far in: from the keyframe before it (every 12 frames), not from the start
+    assert len(clip.frames(set(range(118, 123)), lambda image: b"")) == 5 and clip.decoded <= 12 + 5
 
 
 def test_timing_windows_and_settings_rules():

@@ -108,7 +108,8 @@ class Report:
         if self.clips:
             kept = [c for c in self.clips if c["status"] == "kept"]
             parts = [f"{len(kept)} kept ({sum(len(c['windows']) for c in kept)} windows)"]
-            parts += [f"{sum(c['variable_rate'] for c in kept)} of variable frame rate resampled"]
+            variable = sum(c["variable_rate"] for c in kept)
+            parts += [f"{variable} of variable frame rate resampled"] if variable else []
             reasons: dict[str, int] = {}
             for c in self.clips:
                 if c["status"] == "rejected":

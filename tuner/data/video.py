@@ -39,6 +39,7 @@ from tuner.files import write_atomic
 
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 FOLDER_FPS = 24.0  # a folder of frames with neither data.video.folder_fps nor data.video.fps
+SEEK_GAP = 48  # wanted frames further apart than this are read in separate runs, seeking to the second
 VFR_TOLERANCE = 0.1  # frame intervals differing by more than this share of the mean: a variable frame rate
 _DIGITS = re.compile(r"(\d+)")
 
@@ -125,6 +126,7 @@ class Clip:
         self.path = path
         self.folder = path.is_dir()
         self.decoded = 0  # source frames decoded so far (the test of "never all of them")
+        self._first: int | None = None  # the first frame's presentation stamp, in the stream's time base
         if self.folder:
             self.files = frame_files(path)
             self.timing = Timing([k / folder_fps for k in range(len(self.files))], len(self.files) / folder_fps)
@@ -175,32 +177,41 @@ class Clip:
             return Timing(times, times[-1] + (last or 1.0))
 
     def frames(self, wanted: set[int], convert: Callable[[Image.Image], bytes]) -> dict[int, bytes]:
-        """``convert`` of each wanted source frame (by index in presentation order), decoding in order and
-        stopping after the last one wanted: only the converted frames are kept.
+        """``convert`` of each wanted source frame (by index in presentation order): only the converted frames are
+        kept. The wanted frames are read in runs (a window each, unless windows touch); a video seeks to the
+        keyframe before a run that starts past the beginning and decodes up to the run's last frame.
 
         Raises:
             Rejected: the stream breaks off before a wanted frame ("unreadable stream").
         """
         out: dict[int, bytes] = {}
-        if not wanted:
-            return out
-        for index, image in self._decode(max(wanted)):
-            if index in wanted:
-                out[index] = convert(image)
+        runs: list[list[int]] = []
+        for index in sorted(wanted):
+            if runs and index - runs[-1][-1] <= SEEK_GAP:
+                runs[-1].append(index)
+            else:
+                runs.append([index])
+        for run in runs:
+            needed = set(run)
+            for index, image in self._decode(run[0], run[-1]):
+                if index in needed:
+                    out[index] = convert(image())
         if len(out) < len(wanted):
             raise Rejected("unreadable stream")
         return out
 
-    def _decode(self, last: int) -> Iterator[tuple[int, Image.Image]]:
+    def _decode(self, first: int, last: int) -> Iterator[tuple[int, Callable[[], Image.Image]]]:
+        """Source frames ``first``..``last`` (and, for a video, those from the keyframe before ``first``) as
+        (index, a function giving the image): a frame nobody wants is never converted."""
         if self.folder:
-            for index, file in enumerate(self.files[: last + 1]):
+            for index in range(first, min(last + 1, len(self.files))):
                 self.decoded += 1
                 try:
-                    with Image.open(file) as image:
+                    with Image.open(self.files[index]) as image:
                         image.load()
-                        yield index, image
                 except (OSError, SyntaxError, ValueError) as e:
                     raise Rejected("unreadable frame") from e
+                yield index, lambda image=image: image
             return
         import av
 
@@ -209,22 +220,35 @@ class Clip:
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             base = float(stream.time_base or 0)
-            count = 0
+            timed = self._first is not None and base > 0
             try:
+                if first and timed:
+                    container.seek(self._first + int(times[first] / base), stream=stream, backward=True)
+                count = 0
                 for frame in container.decode(stream):
                     self.decoded += 1
-                    if frame.pts is not None and base and hasattr(self, "_first"):
+                    if timed and frame.pts is not None:
                         # by its time: a frame that failed to decode before it does not shift the others
-                        t = (frame.pts - self._first) * base
-                        index = max(0, bisect.bisect_right(times, t + 1e-9) - 1)
+                        index = max(0, bisect.bisect_right(times, (frame.pts - self._first) * base + 1e-9) - 1)
                     else:
                         index = count
+                    if count == 0 and index > first:  # the seek went past the run: read it from the start
+                        yield from self._decode_from_start(first, last)
+                        return
                     count += 1
-                    yield index, frame.to_image()
+                    if index >= first:
+                        yield index, frame.to_image
                     if index >= last:
                         return
             except av.error.FFmpegError as e:
                 raise Rejected("unreadable stream") from e
+
+    def _decode_from_start(self, first: int, last: int) -> Iterator[tuple[int, Callable[[], Image.Image]]]:
+        first_stamp, self._first = self._first, None  # untimed: count frames from the start
+        try:
+            yield from self._decode(first, last)
+        finally:
+            self._first = first_stamp
 
 
 def clip_sha(path: Path) -> str:
@@ -274,6 +298,8 @@ def read_clip(path: Path, d, seed: int, sha: str) -> dict:
     first: dict = {}
 
     def convert(image: Image.Image) -> bytes:
+        if image.width * image.height > d.max_pixels:
+            raise Rejected("decompression bomb (too many pixels)")
         if min(image.size) < d.min_side:
             raise Rejected(f"smaller than min_side={d.min_side}")
         rng = random.Random(f"{seed}:{sha}")  # the same crop for every frame of the clip
