@@ -28,14 +28,15 @@ Not here yet: image-to-video (first-frame conditioning), Wan 2.2's TI2V 5B and A
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import torch
 
 from tuner.models import tiny
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
-from tuner.models.objectives import FlowObjective
 from tuner.models.real import RealWidths
 
 # diffusers' module names -> the original WanModel's (ComfyUI's, musubi-tuner's, the single file's); the
@@ -82,7 +83,6 @@ class Wan(FlowFamily):
     DENOISER_CLASS = "WanTransformer3DModel"
     IMG2IMG = None  # WanVideoToVideoPipeline restyles clips; an image's init_image is not offered
     TEXT_ENCODERS = ("text_encoder",)  # UMT5-XXL's encoder
-    TRAINING_SCHEDULER = "UniPCMultistepScheduler"  # the folder's own; ``objective`` builds the training schedule
     LORA_TEXT_ENCODERS = ()  # UMT5 stays frozen: WanPipeline loads LoRAs into its transformers only
     EMBEDDINGS = {}
     EMBEDDING_REFUSAL = (
@@ -111,7 +111,12 @@ class Wan(FlowFamily):
     RESOLUTION_MULTIPLE = 16  # the VAE's x8 and the transformer's 2x2 patches
     WIDTHS = frozenset({1536, 5120})  # 1.3B's and 14B's transformer
     # its blocks by diffusers' names (attn1/attn2/ffn straight under blocks.N) and by the original's
-    SIGNS = r"(?<![a-z_])blocks_\d+_(attn[12]_to_|ffn_net_|self_attn_|cross_attn_|ffn_[02](\b|_|$))"
+    SIGNS = (
+        r"(?:^|\s)(?:transformer_|lora_unet_|diffusion_model_)blocks_\d+_"
+        r"(attn[12]_to_|ffn_net_|self_attn_|cross_attn_|ffn_[02])"
+    )
+    # the blocks of the MMDiT and DiT families (SD3 Medium is as wide as Wan 1.3B) and their attention's names
+    NEVER = r"(?<=[a-z]_)(transformer_blocks|joint_blocks|single_blocks|double_blocks)_\d|_attn_(to_|qkv)"
     SAMPLE_FILES = (
         {"transformer.blocks.0.attn1.to_q": (4, 5120), "transformer.blocks.0.ffn.net.0.proj": (4, 5120)},
         {"lora_unet_blocks_0_self_attn_q": (4, 5120), "lora_unet_blocks_0_cross_attn_k": (4, 5120)},  # musubi
@@ -191,20 +196,18 @@ class Wan(FlowFamily):
 
     # --- loading ---------------------------------------------------------------------------------------------
     def load(self, path, prediction_type=None, allow_pickle=False) -> Components:
-        """As every family's; the training schedule's shift is the folder's scheduler's ``flow_shift``, which the
-        flow samplers read as ``shift`` (the base's own UniPC keeps its config)."""
-        c = super().load(path, prediction_type, allow_pickle)
-        c.noise_scheduler.register_to_config(shift=float(c.noise_scheduler.config.get("flow_shift") or 1.0))
-        return c
-
-    def objective(self, c: Components):
-        """Flow matching over the plain schedule shifted by ``model.timestep_shift``, else the folder's flow shift."""
+        """As every family's; the training scheduler is flow matching's at the folder's ``flow_shift`` (its UniPC's
+        flow sigmas), and keeps that UniPC's settings, from which the base's own sampler is built again."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        m, steps = self.model, c.noise_scheduler.config.num_train_timesteps
-        schedule = FlowMatchEulerDiscreteScheduler(num_train_timesteps=steps, shift=c.noise_scheduler.config.shift)
-        return FlowObjective(schedule, self.predict, weighting=m.weighting_scheme, logit_mean=m.logit_mean,
-                             logit_std=m.logit_std, mode_scale=m.mode_scale, shift=m.timestep_shift)  # fmt: skip
+        c = super().load(path, prediction_type, allow_pickle)
+        saved = json.loads((Path(path).expanduser() / "scheduler" / "scheduler_config.json").read_text())
+        shift = float(saved.get("flow_shift") or saved.get("shift") or 1.0)
+        c.noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=saved.get("num_train_timesteps", 1000),
+                                                            shift=shift)  # fmt: skip
+        own = {k: v for k, v in saved.items() if not k.startswith("_") and k not in c.noise_scheduler.config}
+        c.noise_scheduler.register_to_config(**own)
+        return c
 
     # --- prompts ---------------------------------------------------------------------------------------------
     def tokenize(self, c: Components, prompts: list[str]) -> dict[str, torch.Tensor]:
