@@ -97,6 +97,23 @@ def test_native_names_are_the_ones_diffusers_single_file_converter_reads():
     assert native_name("blocks.3.ffn.net.0.proj") == "blocks.3.ffn.0"
 
 
+def test_a_wan_22_folder_is_refused_by_name(tmp_path, wan):
+    """A14B's two experts (boundary_ratio, transformer_2) and TI2V's per-token time are not Wan 2.1's pipeline."""
+    import json
+    import shutil
+
+    from tuner.errors import ConfigError
+
+    family, c, pipe, base = wan
+    for change, said in (({"boundary_ratio": 0.875}, "A14B"), ({"expand_timesteps": True}, "TI2V 5B")):
+        folder = shutil.copytree(base, tmp_path / said.replace(" ", "_"))
+        index = json.loads((folder / "model_index.json").read_text())
+        (folder / "model_index.json").write_text(json.dumps(index | change))
+        with pytest.raises(ConfigError, match=f"is Wan 2.2 {said}"):
+            family.check_folder(folder)
+    assert family.check_folder(base) == base
+
+
 @pytest.mark.e2e
 def test_the_kohya_file_patches_comfyuis_model_and_diffusers_reads_it_as_the_diffusers_file(tmp_path, wan):
     """ComfyUI reads ``lora_unet_<native module, dots as _>`` onto ``diffusion_model.<native module>.weight``: each

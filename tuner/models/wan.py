@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from tuner.errors import ConfigError
 from tuner.models import tiny
 from tuner.models.base import Components
 from tuner.models.flow import FlowFamily
@@ -195,6 +196,17 @@ class Wan(FlowFamily):
         return RealWidths(transformer, depth, inputs, text_encoders, vae, unit="a block", published=published)
 
     # --- loading ---------------------------------------------------------------------------------------------
+    def check_folder(self, path, allow_pickle: bool = False) -> Path:
+        """As every family's; a Wan 2.2 folder (A14B's two experts, TI2V 5B's per-token time) refused by name:
+        tuner trains Wan 2.1's single transformer so far."""
+        index = Path(path).expanduser() / "model_index.json"
+        config = json.loads(index.read_text()) if index.is_file() else {}
+        expert = config.get("transformer_2") not in (None, [None, None]) or config.get("boundary_ratio") is not None
+        if expert or config.get("expand_timesteps"):
+            what = "A14B's two experts (transformer_2, boundary_ratio)" if expert else "TI2V 5B (expand_timesteps)"
+            raise ConfigError(f"model.path={path} is Wan 2.2 {what}: model=wan trains Wan 2.1 T2V (1.3B, 14B) so far")
+        return super().check_folder(path, allow_pickle)
+
     def load(self, path, prediction_type=None, allow_pickle=False) -> Components:
         """As every family's; the training scheduler is flow matching's at the folder's ``flow_shift`` (its UniPC's
         flow sigmas), and keeps that UniPC's settings, from which the base's own sampler is built again."""
