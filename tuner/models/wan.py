@@ -144,6 +144,7 @@ class Wan(FlowFamily):
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])  # fmt: skip
+        vae.register_to_config(sample_size=32)  # what data.resolution defaults to on the tiny folder (Wan's: 480)
         torch.manual_seed(seed + 2)
         tokenizer = tiny.t5_tokenizer(64)
         config = UMT5Config(vocab_size=len(tokenizer) + 4, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
