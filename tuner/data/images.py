@@ -212,31 +212,18 @@ def _controls(data: list[bytes | None], image_size, s: DataConfig, references: R
     return {"controls": vae, "control_prompts": prompt, "control_found": found}
 
 
-def _is_clip(path: Path) -> bool:
-    """A video file, or an animated GIF (a still GIF stays an image)."""
-    from tuner.data.video import animated_gif
-
-    suffix = path.suffix.lower()
-    return suffix in VIDEO_SUFFIXES or (suffix == ".gif" and animated_gif(path))
-
-
 def process(
     item: Item, s: DataConfig, seed: int, cache: Path | None = None, references: References | None = None
 ) -> dict:
     """Read, check and standardize one input (runs in a worker process); never raises.
 
     Returns ``{"name", "reason"}`` for a rejected input, else the row's fields with the image as PNG
-    bytes. With ``data.video.frames`` set, a clip (a video file, an animated GIF, a folder of frames) goes to
-    ``tuner.data.video.process_clip``, which adds its windows' frames.
+    bytes (a clip, with ``data.video.frames`` set, is ``tuner.data.video.process_input``'s).
 
     A processed image is cached under ``cache`` by its content hash and the settings. An edit pair's
     controls (``item.controls``, prepared by ``references``' rule) come as ``controls``, ``control_prompts`` (PNG
     bytes) and ``control_found`` (which of the item's controls exist); one unreadable control rejects the pair.
     """
-    if s.video.frames and item.path is not None and (item.path.is_dir() or _is_clip(item.path)):
-        from tuner.data.video import process_clip
-
-        return process_clip(item, s, seed, cache)
     try:
         if item.rejected:
             raise Rejected(item.rejected)

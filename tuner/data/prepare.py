@@ -39,9 +39,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tuner.config import DataConfig
-from tuner.data.images import NearDuplicates, Rejected, image_key, process
+from tuner.data.images import NearDuplicates, Rejected, image_key
 from tuner.data.sources import Source, attach_controls, pairs_items, read_source
-from tuner.data.video import video_key
+from tuner.data.video import process_input, video_key
 from tuner.files import atomic_dir, inside, write_atomic
 from tuner.models.references import References
 
@@ -245,13 +245,13 @@ def prepare(
             with ProcessPoolExecutor(d.workers) as pool:
                 n = len(items)
                 yield from tqdm(
-                    pool.map(process, items, [d] * n, [seed] * n, [cache] * n, [references] * n, chunksize=8),
+                    pool.map(process_input, items, [d] * n, [seed] * n, [cache] * n, [references] * n, chunksize=8),
                     total=n,
                     desc=desc,
                     leave=False,
                 )
         else:
-            yield from (process(item, d, seed, cache, references) for item in tqdm(items, desc=desc, leave=False))
+            yield from (process_input(item, d, seed, cache, references) for item in tqdm(items, desc=desc, leave=False))
 
     def rows():
         """The kept images' rows; the report records each input kept or rejected, with its reason."""

@@ -58,10 +58,34 @@ def inside_root(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
-def _frame_folders(root: Path) -> list[Path]:
-    """The folders of frames under ``root`` (``tuner.data.video.is_frame_folder``), each one clip."""
-    from tuner.data.video import is_frame_folder
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_DIGITS = re.compile(r"(\d+)")
 
+
+def _natural(path: Path) -> list:
+    """frame_2 before frame_10."""
+    return [int(x) if x.isdigit() else x.lower() for x in _DIGITS.split(path.name)]
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """A folder's frames (image files, hidden ones left out) in natural order."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return sorted((p for p in files if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
+
+
+def is_frame_folder(folder: Path) -> bool:
+    """A folder of frames: no subfolders, at least two images, each name ending in a number (frame_0001.png);
+    captions beside them are allowed. Other folders stay folders of images."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if any(p.is_dir() for p in entries):
+        return False
+    frames = frame_files(folder)
+    others = [p for p in entries if p not in frames and p.suffix.lower() not in (".txt", ".caption")]
+    return len(frames) >= 2 and not others and all(p.stem[-1:].isdigit() for p in frames)
+
+
+def _frame_folders(root: Path) -> list[Path]:
+    """The folders of frames under ``root`` (``is_frame_folder``), each one clip (``tuner.data.video`` reads it)."""
     return sorted(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink() and is_frame_folder(p))
 
 

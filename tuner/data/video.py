@@ -26,44 +26,19 @@ import bisect
 import hashlib
 import json
 import random
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
-from tuner.data.images import Rejected, _png, _to_srgb_rgb, dhash, image_key, standardize
-from tuner.data.sources import Item, inside_root
+from tuner.data.images import VIDEO_SUFFIXES, Rejected, _png, _to_srgb_rgb, dhash, image_key, process, standardize
+from tuner.data.sources import Item, frame_files, inside_root
 from tuner.files import write_atomic
 
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 FOLDER_FPS = 24.0  # a folder of frames with neither data.video.folder_fps nor data.video.fps
 SEEK_GAP = 48  # wanted frames further apart than this are read in separate runs, seeking to the second
 VFR_TOLERANCE = 0.1  # frame intervals differing by more than this share of the mean: a variable frame rate
-_DIGITS = re.compile(r"(\d+)")
-
-
-def _natural(path: Path) -> list:
-    """frame_2 before frame_10."""
-    return [int(x) if x.isdigit() else x.lower() for x in _DIGITS.split(path.name)]
-
-
-def frame_files(folder: Path) -> list[Path]:
-    """A folder's frames (image files, hidden ones left out) in natural order."""
-    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
-    return sorted((p for p in files if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
-
-
-def is_frame_folder(folder: Path) -> bool:
-    """A folder of frames: no subfolders, at least two images, each name ending in a number (frame_0001.png);
-    captions beside them are allowed. Other folders stay folders of images."""
-    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
-    if any(p.is_dir() for p in entries):
-        return False
-    frames = frame_files(folder)
-    others = [p for p in entries if p not in frames and p.suffix.lower() not in (".txt", ".caption")]
-    return len(frames) >= 2 and not others and all(p.stem[-1:].isdigit() for p in frames)
 
 
 # ---------------------------------------------------------------- timing
@@ -270,6 +245,21 @@ def animated_gif(path: Path) -> bool:
             return getattr(image, "n_frames", 1) > 1
     except (OSError, SyntaxError, ValueError):
         return True  # let the video reader name what is wrong with it
+
+
+def _is_clip(path: Path) -> bool:
+    """A video file, or an animated GIF (a still GIF stays an image)."""
+    suffix = path.suffix.lower()
+    return suffix in VIDEO_SUFFIXES or (suffix == ".gif" and animated_gif(path))
+
+
+def process_input(item: Item, s, seed: int, cache: Path | None = None, references=None) -> dict:
+    """One input of prepare (runs in a worker process; never raises): with ``data.video.frames`` set, a clip (a
+    video file, an animated GIF, a folder of frames) is ``process_clip``'s, its windows' frames; anything else is
+    an image (``tuner.data.images.process``)."""
+    if s.video.frames and item.path is not None and (item.path.is_dir() or _is_clip(item.path)):
+        return process_clip(item, s, seed, cache)
+    return process(item, s, seed, cache, references)
 
 
 # ---------------------------------------------------------------- a clip's rows
