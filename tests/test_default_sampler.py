@@ -62,7 +62,8 @@ def own_pipeline(folder, family, scheduler=None) -> np.ndarray:
     call = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, **f.guidance_kwargs(3.0))
     generator = [torch.Generator().manual_seed(0)]
     call |= reference_call(f, SIZE)
-    image = pipe(prompt=PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs()).images[0]
+    out = pipe(prompt=PROMPT, output_type="np", generator=generator, **call, **f.call_kwargs())
+    image = out.frames[0, 0] if hasattr(out, "frames") else out.images[0]  # a video pipeline's: frame 0 of its clip
     return image[..., :3]  # Qwen-Image 2.1 draws RGBA
 
 
@@ -92,7 +93,9 @@ def test_with_no_sampler_named_generate_draws_what_the_folders_own_pipeline_draw
     got, entry, summary = generate(tmp_path, folder, family)
     close(got, own_pipeline(folder, family))
     saved = json.loads((folder / "model_index.json").read_text())["scheduler"][1]
-    short = [n for n, (cls, extra) in samplers.schedulers(get_family(family)).items() if cls == saved and not extra]
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())  # Wan's UniPC: flow sigmas
+    offered = samplers.schedulers(get_family(family)).items()
+    short = [n for n, (cls, extra) in offered if cls == saved and all(config.get(k) == v for k, v in extra.items())]
     assert (entry["scheduler"], entry["scheduler_from"]) == (short[0], "base")
     assert "the base's own scheduler" in summary["metrics"]["sampler"]
     assert f"[tuner] generate: sampler {short[0]} ({saved}), the base's own scheduler" in capsys.readouterr().out

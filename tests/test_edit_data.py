@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import pytest
 from PIL import Image
 
-from tuner.config import DataConfig
 from tuner.data.prepare import Source, load_prepared, prepare
+from tuner.data_config import DataConfig
 from tuner.models.references import References
 
 

@@ -88,14 +88,20 @@ def reference(folder, family, scheduler: str, steps: int, **settings) -> np.ndar
     f = get_family(family)
     pipe = f.load_pipeline(folder)
     cls, extra = REFERENCE[scheduler]
+    # the flow schedule's shift: a FlowMatch scheduler's, or the flow sigmas' of a folder saved with UniPC (Wan's)
+    shift = pipe.scheduler.config.get("shift") or pipe.scheduler.config.get("flow_shift", 1.0)
     if extra.get("use_flow_sigmas"):
-        extra = {**extra, "flow_shift": pipe.scheduler.config.shift}
+        extra = {**extra, "flow_shift": shift}
+    elif cls.startswith("FlowMatch"):
+        extra = {**extra, "shift": shift}
     pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **extra, **settings)
     pipe.set_progress_bar_config(disable=True)
     generator = [torch.Generator().manual_seed(0)]
     call = dict(height=SIZE, width=SIZE, num_inference_steps=steps, generator=generator, **f.guidance_kwargs(3.0))
     call |= reference_call(f, SIZE)
-    return pipe(prompt=PROMPT, output_type="np", **call, **f.call_kwargs()).images[0][..., :3]  # 2.1's is RGBA
+    out = pipe(prompt=PROMPT, output_type="np", **call, **f.call_kwargs())
+    images = out.frames[:, 0] if hasattr(out, "frames") else out.images  # a video pipeline's: frame 0 of each clip
+    return images[0][..., :3]  # 2.1's is RGBA
 
 
 @pytest.mark.parametrize("family, scheduler", CASES)

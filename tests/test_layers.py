@@ -31,6 +31,7 @@ LAYERS = {
     "tuner.files": 1,
     "tuner.choices": 1,
     "tuner.config": 1,
+    "tuner.data_config": 1,
     "tuner.output_config": 1,
     "tuner.compose": 1,
     "tuner.numbers": 1,

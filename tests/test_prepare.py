@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tuner.config import DataConfig
 from tuner.data.prepare import load_prepared, prepare_folder
+from tuner.data_config import DataConfig
 
 
 def _png(size=(40, 30), color=(200, 10, 10), mode="RGB") -> bytes:

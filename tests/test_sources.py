@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tuner.config import DataConfig
 from tuner.data.buckets import BucketSampler, BucketSettings, assign, bucket_sizes
 from tuner.data.prepare import Source, load_prepared, prepare
+from tuner.data_config import DataConfig
 
 
 def _png(size, color=(200, 10, 10)) -> bytes:

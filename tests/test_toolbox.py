@@ -118,11 +118,14 @@ def draw(pipe, size: int = 16) -> torch.Tensor:
     guidance = {"guidance_scale": 3.0} if "guidance_scale" in takes else {}
     if "guidance_schedule" in takes:  # Ideogram4Pipeline's default per-step schedule excludes a constant scale
         guidance["guidance_schedule"] = None
+    if "num_frames" in takes:  # a video pipeline: a one-frame clip
+        guidance["num_frames"] = 1
     call = dict(prompt=PROMPT, num_inference_steps=3, height=size, width=size, generator=generator, output_type="pt")
     only_edits = [f for f in families() if f.PIPELINE == type(pipe).__name__ and reference_call(f)]
     if only_edits:  # a pipeline that only edits edits a gray control
         call |= reference_call(only_edits[0], size)
-    return pipe(**call, **guidance).images
+    out = pipe(**call, **guidance)
+    return out.frames if hasattr(out, "frames") else out.images
 
 
 def deltas(base: Path, lora: Path) -> dict[str, torch.Tensor]:

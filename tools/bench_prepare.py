@@ -27,8 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tuner.config import DataConfig
 from tuner.data.prepare import Source, prepare  # noqa: E402
+from tuner.data_config import DataConfig
 
 
 def make_corpus(folder: Path, n: int, seed: int = 0) -> None:

@@ -61,7 +61,7 @@ def sample_images(
             if "height" in size and "max_area" in inspect.signature(pipe.__call__).parameters:
                 size["max_area"] = size["height"] * size["width"]  # FluxKontextPipeline sizes by area (1 MP default)
             negative = {"negative_prompt": negative_prompts[chunk]} if negative_prompts else {}
-            latents = pipe(
+            drawn = pipe(
                 prompt=prompts[chunk],  # by name: Flux.2's pipelines take reference images first
                 num_inference_steps=steps,
                 **(guidance(guidance_scale) if guidance else {"guidance_scale": guidance_scale}),
@@ -69,7 +69,8 @@ def sample_images(
                 output_type="latent",
                 **negative,
                 **(size | call),  # an edit's call names its size (the references are not its size)
-            ).images
+            )
+            latents = drawn.frames if hasattr(drawn, "frames") else drawn.images  # a video pipeline's are frames
         height, width_ = _drawn_size(call, resolution, width)
         images = decode(pipe, latents, height, width_)
         out.append(images.float().clamp(-1, 1).cpu())

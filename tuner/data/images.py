@@ -19,15 +19,17 @@ from pathlib import Path
 
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
-from tuner.config import DataConfig
 from tuner.data.buckets import BucketSettings, assign, bucket_sizes
 from tuner.data.sources import Control, Item, inside_root
+from tuner.data_config import DataConfig
 from tuner.files import write_atomic
 from tuner.models.references import References
 
 MAX_FILE_BYTES = 256 << 20
 # what PIL may decode; anything else it recognises (PSD, ICO, EPS, ...) is an unsupported format
 FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "BMP", "TIFF", "GIF"}
+# video files, read as clips when data.video.frames is set (tuner/data/video.py), as is an animated GIF
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".m4v", ".avi")
 
 
 def bucket_settings(d: DataConfig) -> BucketSettings:
@@ -216,13 +218,17 @@ def process(
     """Read, check and standardize one input (runs in a worker process); never raises.
 
     Returns ``{"name", "reason"}`` for a rejected input, else the row's fields with the image as PNG
-    bytes. A processed image is cached under ``cache`` by its content hash and the settings. An edit pair's
+    bytes (a clip, with ``data.video.frames`` set, is ``tuner.data.video.process_input``'s).
+
+    A processed image is cached under ``cache`` by its content hash and the settings. An edit pair's
     controls (``item.controls``, prepared by ``references``' rule) come as ``controls``, ``control_prompts`` (PNG
     bytes) and ``control_found`` (which of the item's controls exist); one unreadable control rejects the pair.
     """
     try:
         if item.rejected:
             raise Rejected(item.rejected)
+        if not s.video.frames and item.path is not None and item.path.suffix.lower() in VIDEO_SUFFIXES:
+            raise Rejected("a video (data.video.frames=0 reads images only)")
         data = _read(item)
         sha = hashlib.sha256(data).hexdigest()
         caption = item.caption

@@ -16,6 +16,13 @@ folders or ``data.pairs``' jsonl are prepared by the family's rule into the colu
 encodes), ``control_prompts`` (what its text encoder reads, for the families whose does) and ``control_sources``
 (the files as given, which sampling opens); a plain image has empty lists. The report's ``pairs`` names every
 pair: kept, kept without a control, or rejected with the reason, and every control that matches no target.
+
+Clips (``data.video.frames`` set; ``tuner/data/video.py``): a video file, an animated GIF or a folder of frames is
+one input, resampled to ``data.video.fps`` and cut into windows; each window is one row (named ``clip.mp4#START``)
+with the columns ``frames`` (every frame of the window, standardized as images are), ``fps`` and ``window``, and
+its first frame as ``image``. An image in such a dataset is a one-frame clip (``frames`` holds it, ``fps`` 0).
+The report's ``clips`` names every clip: kept (rates, frames, windows, variable rate) or rejected with the reason.
+An image dataset (``data.video.frames=0``) has exactly the columns it had.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tuner.config import DataConfig
-from tuner.data.images import NearDuplicates, Rejected, image_key, process
+from tuner.data.images import NearDuplicates, Rejected, image_key
 from tuner.data.sources import Source, attach_controls, pairs_items, read_source
+from tuner.data.video import process_input, video_key
+from tuner.data_config import DataConfig
 from tuner.files import atomic_dir, inside, write_atomic
 from tuner.models.references import References
 
@@ -53,6 +61,13 @@ class Report:
     sizes: dict[str, int] = field(default_factory=dict)
     # edit pairs: {"target", "controls": [names], "status": kept|plain|rejected, "reason"?, "missing"?: [names]}
     pairs: list[dict] = field(default_factory=list)
+    # clips (data.video): {"file", "status": kept|rejected, "reason"? | "source_fps", "fps", "frames" (after
+    # resampling), "windows": [[start, length]], "variable_rate"}
+    clips: list[dict] = field(default_factory=list)
+
+    def clip(self, path: str, entry: dict | None, reason: str | None = None) -> None:
+        status = {"status": "rejected", "reason": reason} if reason else {"status": "kept"}
+        self.clips.append({"file": path, **status, **{k: v for k, v in (entry or {}).items() if k != "decoded"}})
 
     def pair(self, target: str, controls: list[str], status: str, reason: str | None = None, missing=()) -> None:
         entry = {"target": target, "controls": controls, "status": status}
@@ -64,10 +79,14 @@ class Report:
         self.rejected.setdefault(reason, []).append(path)
         self.files.append({"file": path, "status": "rejected", "reason": reason})
 
-    def keep(self, path: str, bucket: tuple[int, int], original_size: tuple[int, int]) -> None:
+    def keep(self, path: str, bucket: tuple[int, int], original_size: tuple[int, int], frames: int = 0) -> None:
+        """One kept row; ``frames``: a clip window's frame count (1 for an image of a dataset with clips), which
+        the bucket's name then gives: 64x64x17."""
         self.kept.append(path)
-        self.files.append({"file": path, "status": "kept", "bucket": list(bucket)})
-        name = f"{bucket[0]}x{bucket[1]}"
+        self.files.append(
+            {"file": path, "status": "kept", "bucket": list(bucket)} | ({"frames": frames} if frames else {})
+        )
+        name = f"{bucket[0]}x{bucket[1]}" + (f"x{frames}" if frames else "")
         self.buckets[name] = self.buckets.get(name, 0) + 1
         side = min(original_size)
         bin_ = next((f"<{b}" for b in (64, 256, 512, 1024, 2048) if side < b), ">=2048")
@@ -86,6 +105,16 @@ class Report:
                 what = p["status"] + (" without a control" if p.get("missing") and p["status"] == "kept" else "")
                 counts[what] = counts.get(what, 0) + 1
             lines.append("  pairs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+        if self.clips:
+            kept = [c for c in self.clips if c["status"] == "kept"]
+            parts = [f"{len(kept)} kept ({sum(len(c['windows']) for c in kept)} windows)"]
+            variable = sum(c["variable_rate"] for c in kept)
+            parts += [f"{variable} of variable frame rate resampled"] if variable else []
+            reasons: dict[str, int] = {}
+            for c in self.clips:
+                if c["status"] == "rejected":
+                    reasons[c["reason"]] = reasons.get(c["reason"], 0) + 1
+            lines.append("  clips: " + ", ".join(parts + [f"{v} {k}" for k, v in sorted(reasons.items())]))
         return "\n".join(lines)
 
 
@@ -117,6 +146,8 @@ def _fingerprint(
     family also its controls (folders, pairs file) and its rule for them."""
     captions = {k: getattr(s, k) for k in ("caption_missing", "trigger", "trigger_policy", "near_duplicate_bits")}
     settings = [image_key(s, seed), captions, default_caption]
+    if s.video.frames:  # an image dataset's fingerprint stays what it was
+        settings.append(video_key(s.video))
     paths = [Path(x.path).expanduser().resolve() for x in sources]
     if references is not None:
         settings += [references.rule(), list(s.controls), s.pairs, s.require_controls]
@@ -133,10 +164,14 @@ def _fingerprint(
     return digest.hexdigest()
 
 
-def _features():
+def _features(video: bool = False):
+    """The dataset's columns; with clips (``video``) also ``frames`` (every frame of the window, an image's one
+    frame), ``fps`` (0 for an image) and ``window`` (the window's first frame on the resampled timeline)."""
     import datasets
 
     pair = datasets.Sequence(datasets.Value("int32"), length=2)
+    clips = {"frames": datasets.Sequence(datasets.Image()), "fps": datasets.Value("float32"),
+             "window": datasets.Value("int32")}  # fmt: skip
     return datasets.Features(
         {
             "image": datasets.Image(),
@@ -153,6 +188,7 @@ def _features():
             "control_prompts": datasets.Sequence(datasets.Image()),
             "control_sources": datasets.Sequence(datasets.Value("string")),
         }
+        | (clips if video else {})
     )
 
 
@@ -186,7 +222,7 @@ def prepare(
 
     items = []
     for k, source in enumerate(sources):
-        found = read_source(source)
+        found = read_source(source, clips=bool(d.video.frames))
         if len(sources) > 1:  # name each input by its source too
             for item in found:
                 item.name = f"{k}:{item.name}"
@@ -201,6 +237,7 @@ def prepare(
         source=", ".join([str(Path(x.path).expanduser().resolve()) for x in sources] + ([d.pairs] if d.pairs else []))
     )
     used: set[str] = set()
+    video = bool(d.video.frames)
 
     def processed():
         """Each input's result, in order, one at a time (never all of them in memory)."""
@@ -208,13 +245,13 @@ def prepare(
             with ProcessPoolExecutor(d.workers) as pool:
                 n = len(items)
                 yield from tqdm(
-                    pool.map(process, items, [d] * n, [seed] * n, [cache] * n, [references] * n, chunksize=8),
+                    pool.map(process_input, items, [d] * n, [seed] * n, [cache] * n, [references] * n, chunksize=8),
                     total=n,
                     desc=desc,
                     leave=False,
                 )
         else:
-            yield from (process(item, d, seed, cache, references) for item in tqdm(items, desc=desc, leave=False))
+            yield from (process_input(item, d, seed, cache, references) for item in tqdm(items, desc=desc, leave=False))
 
     def rows():
         """The kept images' rows; the report records each input kept or rejected, with its reason."""
@@ -228,6 +265,8 @@ def prepare(
             missing = [names[k] for k in range(len(names)) if k not in found]
             try:
                 if "reason" in result:
+                    if "clip" in result:
+                        report.clip(item.name, None, result["reason"])
                     raise Rejected(result["reason"])
                 if references is not None and len(names) > references.most:
                     raise Rejected(f"more controls than the family reads ({references.most})")
@@ -250,9 +289,14 @@ def prepare(
                 near.keep(result["dhash"])
             if names:
                 report.pair(item.name, [names[k] for k in found], "kept" if found else "plain", missing=missing)
-            report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]))
+            if "windows" in result:
+                report.clip(item.name, result["clip"])
+                yield from _window_rows(item, result, caption, report)
+                continue
+            report.keep(item.name, tuple(result["bucket"]), tuple(result["original_size"]), 1 if video else 0)
+            image = {"bytes": result["png"], "path": None}
             yield {
-                "image": {"bytes": result["png"], "path": None},
+                "image": image,
                 "caption": caption,
                 "source": item.name,
                 "sha256": result["sha256"],
@@ -265,7 +309,7 @@ def prepare(
                 "controls": [{"bytes": png, "path": None} for png in result["controls"]],
                 "control_prompts": [{"bytes": png, "path": None} for png in result["control_prompts"]],
                 "control_sources": [str(item.controls[k].path.resolve()) for k in found],
-            }
+            } | ({"frames": [image], "fps": 0.0, "window": 0} if video else {})
 
     (out / FINGERPRINT).unlink(missing_ok=True)  # until the new dataset and report are whole
     scratch = Path(tempfile.mkdtemp(dir=out, prefix=".rows-"))  # the Arrow writer's own files
@@ -274,12 +318,13 @@ def prepare(
             # rows written as they come (datasets' Arrow writer): the images are never all in memory
             try:
                 written = datasets.Dataset.from_generator(
-                    rows, features=_features(), cache_dir=str(scratch), fingerprint=fingerprint
+                    rows, features=_features(video), cache_dir=str(scratch), fingerprint=fingerprint
                 )
             except ValueError:  # datasets' generator refuses to write no rows: every input was rejected
                 if report.kept:
                     raise
-                written = datasets.Dataset.from_dict({k: [] for k in _features()}, features=_features())
+                features = _features(video)
+                written = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
             written.save_to_disk(str(tmp))
             del written
     finally:
@@ -290,6 +335,21 @@ def prepare(
     write_atomic(out / REPORT, json.dumps(asdict(report), indent=2))
     write_atomic(out / FINGERPRINT, fingerprint)
     return report
+
+
+def _window_rows(item, result: dict, caption: str, report: Report):
+    """A clip's rows, one per window: its frames, the poster (its first frame) as the image, named clip.mp4#START."""
+    for window in result["windows"]:
+        name = f"{item.name}#{window['start']}"
+        report.keep(name, tuple(result["bucket"]), tuple(result["original_size"]), len(window["frames"]))
+        frames = [{"bytes": png, "path": None} for png in window["frames"]]
+        yield {
+            "image": frames[0], "caption": caption, "source": name, "sha256": result["sha256"],
+            "original_size": result["original_size"], "crop": result["crop"], "bucket": result["bucket"],
+            "mask": None, "repeats": item.repeats, "weight": item.weight,
+            "controls": [], "control_prompts": [], "control_sources": [],
+            "frames": frames, "fps": result["clip"]["fps"], "window": window["start"],
+        }  # fmt: skip
 
 
 def prepare_folder(

@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tuner.config import Source
+from tuner.data_config import Source
 
 CAPTION_SUFFIXES = (".txt", ".caption")
 # photo.jpg's loss mask is photo.mask.png: white where the loss counts, black where it does not
@@ -58,13 +58,57 @@ def inside_root(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
-def _folder_items(root: Path, repeats: int, default_caption: str | None, prefix: str = "") -> list[Item]:
-    """Images under ``root`` with their sidecar captions and masks; stray sidecars and hidden files rejected."""
-    files = sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink())
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+_DIGITS = re.compile(r"(\d+)")
+
+
+def _natural(path: Path) -> list:
+    """frame_2 before frame_10."""
+    return [int(x) if x.isdigit() else x.lower() for x in _DIGITS.split(path.name)]
+
+
+def frame_files(folder: Path) -> list[Path]:
+    """A folder's frames (image files, hidden ones left out) in natural order."""
+    files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    return sorted((p for p in files if p.suffix.lower() in FRAME_SUFFIXES), key=_natural)
+
+
+def is_frame_folder(folder: Path) -> bool:
+    """A folder of frames: no subfolders, at least two images, each name ending in a number (frame_0001.png);
+    captions beside them are allowed. Other folders stay folders of images."""
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")]
+    if any(p.is_dir() for p in entries):
+        return False
+    frames = frame_files(folder)
+    others = [p for p in entries if p not in frames and p.suffix.lower() not in (".txt", ".caption")]
+    return len(frames) >= 2 and not others and all(p.stem[-1:].isdigit() for p in frames)
+
+
+def _frame_folders(root: Path) -> list[Path]:
+    """The folders of frames under ``root`` (``is_frame_folder``), each one clip (``tuner.data.video`` reads it)."""
+    return sorted(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink() and is_frame_folder(p))
+
+
+def _folder_items(
+    root: Path, repeats: int, default_caption: str | None, prefix: str = "", clips: bool = False
+) -> list[Item]:
+    """Images under ``root`` with their sidecar captions and masks; stray sidecars and hidden files rejected.
+    With ``clips`` (``data.video.frames`` set) a folder of frames is one input, its caption ``folder.txt`` beside
+    it or ``caption.txt`` in it."""
+    folders = _frame_folders(root) if clips else []
+    files = sorted(
+        p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and not any(p.is_relative_to(f) for f in folders)
+    )
     masks = {p for p in files if p.name.lower().endswith(MASK_SUFFIX)}
     images = [p for p in files if p not in masks and p.suffix.lower() not in CAPTION_SUFFIXES]
-    stems = {p.with_suffix("") for p in images}
+    stems = {p.with_suffix("") for p in images} | set(folders)
     items = []
+    for folder in folders:
+        inner = [folder / f"caption{x}" for x in CAPTION_SUFFIXES] + [folder.with_suffix(x) for x in CAPTION_SUFFIXES]
+        caption_path = next((p for p in inner if p.is_file()), None)
+        name = prefix + str(folder.relative_to(root)) + "/"
+        items.append(Item(name, path=folder, root=root, caption_path=caption_path, repeats=repeats,
+                          default_caption=default_caption))  # fmt: skip
     for path in files:
         name = prefix + str(path.relative_to(root))
         if path in masks or path.suffix.lower() in CAPTION_SUFFIXES:
@@ -90,14 +134,14 @@ def _folder_items(root: Path, repeats: int, default_caption: str | None, prefix:
     return items
 
 
-def _kohya_items(root: Path, source: Source) -> list[Item]:
+def _kohya_items(root: Path, source: Source, clips: bool = False) -> list[Item]:
     """kohya's layout: ``root/10_sks dog/*.png``: 10 repeats, "sks dog" the caption of uncaptioned images."""
     items = []
     for entry in sorted(root.iterdir()):
         match = KOHYA_FOLDER.match(entry.name)
         if entry.is_dir() and match:
             caption = source.caption or match.group(2).replace("_", " ").strip() or None
-            items += _folder_items(entry, int(match.group(1)), caption, prefix=f"{entry.name}/")
+            items += _folder_items(entry, int(match.group(1)), caption, prefix=f"{entry.name}/", clips=clips)
         elif not entry.name.startswith("."):
             items.append(Item(entry.name, rejected="not in an N_concept folder (kohya layout)"))
     return items
@@ -253,8 +297,8 @@ def detect_kind(path: Path) -> str:
     return "folder"
 
 
-def read_source(source: Source) -> list[Item]:
-    """The inputs of one source, each with its repeats and weight.
+def read_source(source: Source, clips: bool = False) -> list[Item]:
+    """The inputs of one source, each with its repeats and weight; with ``clips`` a folder of frames is one input.
 
     Raises:
         FileNotFoundError: the source's path does not exist.
@@ -264,13 +308,13 @@ def read_source(source: Source) -> list[Item]:
         raise FileNotFoundError(f"{source.path}: no such folder or file of images")
     kind = detect_kind(root) if source.kind == "auto" else source.kind
     if kind == "kohya":
-        items = _kohya_items(root, source)
+        items = _kohya_items(root, source, clips)
     elif kind == "imagefolder":
         items = _imagefolder_items(root, source)
     elif kind in ("hf", "parquet"):
         items = _table_items(source, root)
     else:
-        items = _folder_items(root, source.repeats, source.caption)
+        items = _folder_items(root, source.repeats, source.caption, clips=clips)
     for item in items:
         item.weight = source.weight
     return items

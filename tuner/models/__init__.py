@@ -33,6 +33,7 @@ FAMILIES = {
     "ideogram4": "ideogram4:Ideogram4",
     "flux_kontext": "flux_kontext:FluxKontext",
     "qwen_image_edit": "qwen_image_edit:QwenImageEdit",
+    "wan": "wan:Wan",
 }
 _REGISTERED: dict[str, type] = {}  # families added by register(), by name
 

@@ -134,9 +134,8 @@ class Family:
     KOHYA_V2 = False  # ss_v2: A1111 and Forge list a LoRA as SD2's by it
     DIFFUSERS_READS_KOHYA = True  # diffusers' load_lora_weights reads this family's kohya LoRA files
     KOHYA_READERS = "A1111 / Forge / ComfyUI / InvokeAI"  # the programs that read its kohya LoRA (the model card)
-    # what the clients that read its files call the family and its parts, as tests/test_clients.py checks them in
-    # those clients: ComfyUI's model class and CLIP keys, its tokenizer class, the keys its single-file loader may
-    # find missing (a regex), whether its conditioning takes the penultimate states; InvokeAI's base model type
+    # what the clients reading its files call it (tests/test_clients.py checks it there): ComfyUI's model class,
+    # CLIP keys, tokenizer class, keys its single-file loader may miss (a regex), penultimate states; InvokeAI's base
     CLIENTS: dict[str, dict] = {}
     # parts a format cannot hold for this family, beyond what the format itself cannot (tuner/export/formats.py)
     FORMAT_LIMITS: dict[str, set[str]] = {}
@@ -158,6 +157,7 @@ class Family:
     # what its tiny pipeline (build_tiny) needs on the command line, beyond model=NAME and data.resolution=32
     TINY_OPTIONS: tuple[str, ...] = ()
     REFERENCES: References | None = None  # an edit family's reference images (tuner/models/references.py)
+    QUANTIZE_KEEP: tuple[str, ...] = ()  # denoiser submodules model.quantize leaves whole (code reads their dtype)
 
     def __init__(self, model: ModelConfig | None = None):
         """``model``: the ``model`` section (zero_terminal_snr, timestep_shift, guidance, max_sequence_length,

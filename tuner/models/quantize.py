@@ -25,14 +25,17 @@ def available() -> str | None:
     return None
 
 
-def quantize_linears(module: torch.nn.Module, kind: str, device, compute_dtype=torch.float32) -> int:
+def quantize_linears(
+    module: torch.nn.Module, kind: str, device, compute_dtype=torch.float32, keep: tuple[str, ...] = ()
+) -> int:
     """Replace every ``torch.nn.Linear`` of ``module`` (weights of whole blocks) by bitsandbytes' layer of
-    ``kind``, quantized on ``device``; the number replaced."""
+    ``kind``, quantized on ``device``; the number replaced. ``keep``: submodules (by name) left as they are."""
     import bitsandbytes as bnb
 
     if kind not in Quantize.__members__:
         raise ValueError(f"quantize: {kind!r} is not one of {', '.join(Quantize.__members__)}")
     names = [n for n, m in module.named_modules() if type(m) is torch.nn.Linear and m.weight.numel() % BLOCK == 0]
+    names = [n for n in names if not any(n == k or n.startswith(f"{k}.") for k in keep)]
     for name in names:
         linear = module.get_submodule(name)
         bias = linear.bias is not None

@@ -248,7 +248,8 @@ class Run:
         dtype = MIXED_PRECISION_DTYPES[self.cfg.train.mixed_precision]
         for name, module in c.modules().items():
             if kinds.get(name):
-                count = quantize_linears(module, kinds[name], self.accelerator.device, dtype)
+                keep = self.family.QUANTIZE_KEEP if name == c.denoiser_name else ()
+                count = quantize_linears(module, kinds[name], self.accelerator.device, dtype, keep)
                 if self.accelerator.is_main_process:
                     print(f"[tuner] model: {name}'s {count} linear layers held as {kinds[name]}", flush=True)
 

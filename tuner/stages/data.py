@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from tuner.data.apart import check_apart
 from tuner.data.prepare import Source
 from tuner.data.prepare import prepare as prepare_sources
+from tuner.data.video import check as check_video
 from tuner.distributed import decide
 from tuner.errors import ConfigError
 from tuner.files import inside, write_atomic
@@ -112,6 +113,8 @@ def _check_prepare(cfg) -> None:
             f"data.bucket_step={d.bucket_step}: a multiple of 8 up to data.resolution={d.resolution}, "
             "with data.min_ratio <= 1 <= data.max_ratio"
         )
+    if problem := check_video(d.video):
+        raise ConfigError(problem)
     if d.buckets and d.crop == "none":
         raise ConfigError("data.crop=none squashes to a square: with data.buckets=true choose center or random")
 

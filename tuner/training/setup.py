@@ -328,7 +328,9 @@ def set_up(
     fused = FusedBackward(t.optimizer, groups, t.learning_rate, t.weight_decay) if t.fused_backward else None
     optimizer = fused or make_optimizer(t.optimizer, groups, t.learning_rate, t.weight_decay)
     lr_scheduler = make_lr_scheduler(t.lr_scheduler, optimizer, t.warmup_steps, t.max_steps)
-    if model.channels_last:  # before DDP wraps it: its gradient buckets follow the parameters' layout
+    # before DDP wraps it: its gradient buckets follow the parameters' layout; a video denoiser's 3D convolutions
+    # (Wan's patch embedding) have no channels-last layout of four dimensions, so it keeps the default one
+    if model.channels_last and all(p.dim() != 5 for p in model.denoiser.parameters()):
         model.denoiser.to(memory_format=torch.channels_last)
     # accelerate wraps (for several processes) only the modules with something to train; FSDP's are sharded
     names = [name for name in modules if trains[name]] if sharded is None else []
