@@ -239,3 +239,16 @@ def test_prepare_recipe_reads_data_video_keys(clips, tmp_path):
         "wave.webm",
     ]  # spin.gif (9 frames at 12.5 fps) and turn.mov (8 at 12) are short of 9 frames at 12 fps without min_frames
     assert "clips: 4 kept" in result.stdout
+
+
+def test_a_training_recipe_on_clips_is_refused_until_clips_train(tmp_path):
+    """Clips are prepared, not trained on yet: a training recipe with data.video.frames set is refused before
+    anything loads, naming the key, instead of training on each window's first frame alone."""
+    from tuner.compose import compose
+    from tuner.errors import ConfigError
+    from tuner.training.checks import check_train
+
+    args = [f"model.path={tmp_path}", f"data.instance_dir={tmp_path}", "data.instance_prompt=a clip"]
+    with pytest.raises(ConfigError, match=r"data.video.frames=9: training on clips is not built yet"):
+        check_train(compose("lora", [*args, "data.video.frames=9"]))
+    check_train(compose("lora", args))

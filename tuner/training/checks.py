@@ -14,6 +14,11 @@ from tuner.training import checkpoint_files
 def check_train(cfg) -> None:
     """What trains, how, and on what: the choices that do not fit together, and resume=."""
     d, t, a, te, emb = cfg.data, cfg.train, cfg.adapter, cfg.text_encoder, cfg.embedding
+    if d.video.frames:  # prepare reads clips; their latents do not reach training yet (issue #40)
+        raise ConfigError(
+            f"data.video.frames={d.video.frames}: training on clips is not built yet; recipe=prepare prepares and "
+            "reports them. Train on images (each a one-frame clip for model=wan) with data.video.frames=0"
+        )
     if t.max_timestep is not None and not 0 <= t.min_timestep < t.max_timestep:
         raise ConfigError(f"train.min_timestep={t.min_timestep} must be below train.max_timestep={t.max_timestep}")
     if t.lr_scheduler == "one_cycle" and t.warmup_steps >= t.max_steps:
