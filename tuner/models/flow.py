@@ -4,6 +4,9 @@ transformer trained by flow matching (``tuner.models.objectives.FlowObjective``)
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from tuner.errors import ConfigError
@@ -62,3 +65,36 @@ class FlowFamily(Family):
             texts, return_tensors="pt", padding="max_length", truncation=True, max_length=self.max_sequence_length
         )
         return {"text_encoder": inputs["input_ids"], "text_encoder_mask": inputs["attention_mask"]}
+
+
+class StandInProcessor:
+    """What a processor standing in for a transformers one that needs torchvision (Qwen-Image 2.1's Qwen3-VL,
+    Qwen-Image-Edit's Qwen2.5-VL) shares: put first among its bases. It saves the configs of the parts it leaves
+    out from the folder it was read from (``source``) beside its own, keeps ``source`` out of its own config, and
+    answers for its tokenizer's vocabulary; ``stand_in`` names it as the class it stands in for, so a folder tuner
+    writes names that class as a published one does."""
+
+    source: Path | None = None
+
+    def save_pretrained(self, save_directory, **kwargs):
+        out = super().save_pretrained(save_directory, **kwargs)
+        for file in Path(self.source).glob("*preprocessor_config.json") if self.source else ():
+            if not (Path(save_directory) / file.name).exists():
+                shutil.copyfile(file, Path(save_directory) / file.name)
+        return out
+
+    def to_dict(self):
+        return {k: v for k, v in super().to_dict().items() if k != "source"}
+
+    def get_vocab(self):
+        return self.tokenizer.get_vocab()
+
+    def __len__(self):
+        return len(self.tokenizer)
+
+    @staticmethod
+    def stand_in(cls, real):
+        """``cls`` under ``real``'s name and module."""
+        cls.__name__ = cls.__qualname__ = real.__name__
+        cls.__module__ = real.__module__
+        return cls

@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import torch
 
 from tuner.errors import ConfigError
 from tuner.models.base import Components
-from tuner.models.flow import FlowFamily
+from tuner.models.flow import FlowFamily, StandInProcessor
 from tuner.models.real import RealWidths
 
 SYSTEM = "Comprehend and analyze the provided prompt."  # QwenImage21Pipeline.sys_prompt
@@ -61,7 +60,7 @@ def _processor_class():
     ``Qwen3VLProcessor`` as a published one does (and holds its tokenizer and chat template)."""
     from transformers import Qwen3VLProcessor
 
-    class TextProcessor(Qwen3VLProcessor):
+    class TextProcessor(StandInProcessor, Qwen3VLProcessor):
         @classmethod
         def get_attributes(cls):
             return ["tokenizer"]
@@ -83,25 +82,7 @@ def _processor_class():
                 out["mm_token_type_ids"] = torch.zeros_like(out["input_ids"])
             return out
 
-        def save_pretrained(self, save_directory, **kwargs):
-            out = super().save_pretrained(save_directory, **kwargs)
-            for file in Path(self.source).glob("*preprocessor_config.json") if self.source else ():
-                if not (Path(save_directory) / file.name).exists():
-                    shutil.copyfile(file, Path(save_directory) / file.name)
-            return out
-
-        def to_dict(self):
-            return {k: v for k, v in super().to_dict().items() if k != "source"}
-
-        def get_vocab(self):
-            return self.tokenizer.get_vocab()
-
-        def __len__(self):
-            return len(self.tokenizer)
-
-    TextProcessor.__name__ = TextProcessor.__qualname__ = "Qwen3VLProcessor"
-    TextProcessor.__module__ = Qwen3VLProcessor.__module__
-    return TextProcessor
+    return StandInProcessor.stand_in(TextProcessor, Qwen3VLProcessor)
 
 
 def text_processor(tokenizer, chat_template: str | None = None, source: Path | None = None):

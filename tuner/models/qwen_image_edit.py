@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from PIL import Image
 
 from tuner.errors import ConfigError
 from tuner.models.base import Components
+from tuner.models.flow import StandInProcessor
 from tuner.models.qwen_image import SCHEDULER, SPECIAL, QwenImage, tiny_text_encoder
 from tuner.models.references import References
 
@@ -89,7 +89,7 @@ def _processor_class():
     from transformers import Qwen2VLProcessor
     from transformers.processing_utils import ProcessorMixin
 
-    class EditProcessor(Qwen2VLProcessor):
+    class EditProcessor(StandInProcessor, Qwen2VLProcessor):
         def __init__(self, image_processor, tokenizer, chat_template=None, source=None, **_):
             self.source = source  # the folder read: its video processor's config is saved again
             self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
@@ -98,24 +98,7 @@ def _processor_class():
             self.video_processor = None
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
-        def save_pretrained(self, save_directory, **kwargs):
-            out = super().save_pretrained(save_directory, **kwargs)
-            for file in Path(self.source).glob("video_preprocessor_config.json") if self.source else ():
-                shutil.copyfile(file, Path(save_directory) / file.name)
-            return out
-
-        def to_dict(self):
-            return {k: v for k, v in super().to_dict().items() if k != "source"}
-
-        def get_vocab(self):
-            return self.tokenizer.get_vocab()
-
-        def __len__(self):
-            return len(self.tokenizer)
-
-    EditProcessor.__name__ = EditProcessor.__qualname__ = "Qwen2VLProcessor"
-    EditProcessor.__module__ = Qwen2VLProcessor.__module__
-    return EditProcessor
+    return StandInProcessor.stand_in(EditProcessor, Qwen2VLProcessor)
 
 
 def edit_processor(tokenizer, image_processor, chat_template: str | None = None, source: Path | None = None):
