@@ -147,6 +147,7 @@ class QwenImage(FlowFamily):
         )  # fmt: skip
         torch.manual_seed(seed + 1)
         vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1)
+        vae.register_to_config(sample_size=32)  # what data.resolution defaults to on the tiny folder (Qwen's: 1024)
         torch.manual_seed(seed + 2)
         tokenizer = tiny_tokenizer()
         return {
